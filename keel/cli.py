@@ -1,0 +1,220 @@
+"""The `keel` command. Heavy libraries are imported inside each verb, so `keel validate` stays fast.
+
+Exit codes: 0 ok, 2 bad input (one line, no traceback unless --debug), 3 a quality gate failed,
+1 an unexpected error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from keel.errors import KeelError
+from keel.progress import console, out
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="keel: from a data set to a trained, evaluated transformer. Start with `keel quickstart`.")
+_state = {"debug": False}
+
+RECIPE = typer.Argument(..., help="a recipe .yaml file, or the name of a built-in recipe (see `keel ls`)")
+OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 data.max_train_samples=500")
+
+
+def _offline() -> None:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")) -> None:
+    _state["debug"] = debug
+    _offline()
+
+
+@app.command()
+def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Check a recipe (types, names, files, columns) without loading any model."""
+    from keel.data.load import check_data_config
+    from keel.models.registry import resolve_model
+    from keel.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    resolve_model(r.model.name)
+    check_data_config(r.data, r.task)
+    out.print(f"[green]ok[/] {recipe}: task {r.task}, model {r.model.name}, data {r.data.name or r.data.path}, "
+              f"sha256 {r.sha256()[:12]}")
+
+
+@app.command()
+def run(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
+        resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint")) -> None:
+    """Everything the recipe asks for: train, evaluate on the test split, write report.html."""
+    from keel.pipeline import full_run
+
+    r = _load(recipe, overrides)
+    run_dir = full_run(r, resume=resume)
+    _print_results(run_dir)
+
+
+@app.command()
+def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
+          resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint")) -> None:
+    """Train only; the model lands in RUN_DIR/model."""
+    from keel.pipeline import train_run
+
+    r = _load(recipe, overrides)
+    run_dir = train_run(r, resume=resume)
+    from keel.progress import is_main_process
+
+    if is_main_process():
+        out.print(f"trained: [bold]{run_dir}[/]   next: keel eval {run_dir}")
+
+
+@app.command("eval")
+def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
+          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file (recipe's column names)"),
+          as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
+    """Evaluate a run's model on its test split, or on a labelled file."""
+    from keel.evaluate import evaluate_run
+
+    result = evaluate_run(run_dir, data)
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    _print_eval(result)
+
+
+@app.command()
+def predict(run_dir: str = typer.Argument(..., help="a run directory"),
+            texts: List[str] = typer.Argument(..., help="one or more texts to classify"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
+    """Classify texts with a run's model."""
+    from rich.table import Table
+
+    from keel.evaluate import predict as _predict
+
+    results = _predict(run_dir, texts)
+    if as_json:
+        for r in results:
+            print(json.dumps(r))
+        return
+    table = Table("text", "label", "score")
+    for r in results:
+        table.add_row(r["text"][:80], r["label"], f"{r['score']:.3f}")
+    out.print(table)
+
+
+@app.command()
+def report(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
+    """(Re)build RUN_DIR/report.html from the files in the run directory."""
+    from pathlib import Path
+
+    from keel.report import write_report
+
+    if not Path(run_dir).is_dir():
+        raise KeelError(f"run directory '{run_dir}' not found")
+    out.print(f"wrote {write_report(run_dir)}")
+
+
+@app.command("ls")
+def ls() -> None:
+    """Built-in models, data sets and recipes."""
+    from rich.table import Table
+
+    from keel.data.builtin import DATASETS
+    from keel.models.registry import MODELS
+    from keel.recipe import builtin_recipes
+
+    t = Table("model", "kind", "params", "from package", "description", title="models")
+    for m in MODELS.values():
+        t.add_row(m.name, m.kind, m.params, m.source, m.description)
+    out.print(t)
+    t = Table("data set", "task", "license", "from package", "description", title="data sets")
+    for d in DATASETS.values():
+        t.add_row(d.name, d.task, d.license, d.package, d.description)
+    out.print(t)
+    t = Table("recipe", "file", title="recipes")
+    for name, path in builtin_recipes().items():
+        t.add_row(name, str(path))
+    out.print(t)
+    out.print("any local Hugging Face model folder works as model.name; any CSV/JSONL/Parquet file as data.path")
+
+
+@app.command()
+def quickstart(overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Fine-tune minilm-l6 on tweets-sentiment (about 5 minutes on 2 CPU cores) and report."""
+    from keel.pipeline import full_run
+
+    r = _load("quickstart", overrides)
+    run_dir = full_run(r)
+    _print_results(run_dir)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _load(recipe: str, overrides):
+    from keel.recipe import load_recipe
+
+    return load_recipe(recipe, overrides)
+
+
+def _print_eval(result: dict) -> None:
+    if "accuracy" in result:
+        base = result.get("baseline")
+        line = f"{result['split']}: accuracy [bold]{result['accuracy']:.4f}[/], macro-F1 [bold]{result['macro_f1']:.4f}[/] (n={result['n']})"
+        if base:
+            line += f"; majority-class baseline ('{base['label']}') accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}"
+        out.print(line)
+    else:
+        out.print(f"{result['split']}: loss {result['loss']:.4f}, perplexity {result.get('perplexity', float('nan')):.2f}")
+
+
+def _print_results(run_dir) -> None:
+    from keel.progress import is_main_process
+
+    if not is_main_process():
+        return
+    test = json.loads((run_dir / "eval" / "test.json").read_text())
+    _print_eval(test)
+    out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")
+    out.print("next:")
+    out.print(f"  keel predict {run_dir} \"I love my new self-driving car\"")
+    out.print(f"  keel eval {run_dir} --data my_labelled.csv")
+    out.print(f"  keel run my_recipe.yaml            (copy {run_dir / 'recipe.yaml'} and edit it)")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except KeelError as e:
+        if debug:
+            raise
+        console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; the last complete checkpoint is kept (resume with --resume)")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        console.print(f"[red]error:[/] unexpected {type(e).__name__}: {e}  (run again with --debug for the traceback)", soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

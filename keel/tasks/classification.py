@@ -1,0 +1,60 @@
+"""Sequence classification: a pretrained encoder with a fresh classification head."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODEL_COLUMNS = ("input_ids", "token_type_ids")
+
+
+def build_model(path: Path, labels: list[str]):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights newly initialized" is the point of fine-tuning
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def collate(rows: list[dict], tokenizer) -> dict:
+    """Pad a list of tokenized rows to the longest one. Shapes: (B, T)."""
+    feats = [{k: r[k] for k in MODEL_COLUMNS if k in r} for r in rows]
+    batch = tokenizer.pad(feats, return_tensors="pt")
+    if "label" in rows[0]:
+        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+    return dict(batch)
+
+
+@torch.no_grad()
+def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
+        batch = {k: v.to(device) for k, v in collate(list(rows), tokenizer).items() if k != "labels"}
+        with autocast():
+            out.append(model(**batch).logits.float().cpu())  # (B, C)
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
+
+
+def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> dict:
+    from keel.train.metrics import classification_metrics
+
+    logits = predict_logits(model, dataset, tokenizer, batch_size, device, autocast)
+    y_true = np.asarray(dataset["label"])
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)).item()) if len(y_true) else float("nan")
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    metrics = classification_metrics(y_true, logits.argmax(-1), labels)
+    return {"loss": loss, **metrics}

@@ -1,0 +1,304 @@
+"""The training loop, one for every task: accelerate underneath, exact resume on top.
+
+Read top to bottom: set-up (determinism, data, model, optimiser, schedule), optional resume from the
+last complete checkpoint, the epoch loop (micro-batches -> optimiser steps -> checkpoints), evaluation
+at each epoch end (best model, early stopping), then the final model in Hugging Face format.
+
+Data order is a pure function of (seed, epoch): each epoch draws ``randperm`` from a generator seeded
+with ``seed + epoch``, and a checkpoint stores the position in that order. With the RNG state of
+every process restored too, a resumed run replays exactly the steps the original would have taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from keel.data.prepare import prepare_data
+from keel.errors import CheckpointError, KeelError
+from keel.io import atomic_dir, atomic_write_json, verify_manifest
+from keel.models import model_dir
+from keel.progress import log, progress
+from keel.recipe import Recipe
+from keel.tasks import get_task
+from keel.train import checkpoint as ckpt
+from keel.train.metrics import MetricLog
+
+# Resuming may change only these fields; anything else would silently change the run.
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
+                     "train.checkpoint_every", "train.num_threads", "output.dir")
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """This process's micro-batches. The order is padded by wrapping so every process gets as many."""
+    if world > 1:
+        pad = (-len(order)) % world
+        order = order + order[:pad]
+        order = order[rank::world]
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def configure_determinism(recipe: Recipe) -> None:
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    if recipe.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    mp = recipe.train.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise KeelError("train.mixed_precision: fp16 needs a CUDA GPU; use train.mixed_precision=bf16 or no on CPU")
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def build_optimizer(model, recipe: Recipe):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.train.lr)
+
+
+def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
+    """Fields that differ between the checkpoint's recipe and this one; raises on ones that matter."""
+    import yaml
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    old, new = flat(yaml.safe_load(saved_yaml)), flat(recipe.model_dump(mode="json"))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    for key in changed:
+        if not key.startswith(RESUMABLE_CHANGES):
+            raise CheckpointError(f"cannot resume: {key} was {old.get(key)!r} in the checkpoint and is {new.get(key)!r} now; "
+                                  f"set {key}={old.get(key)} or start a new run")
+    return changed
+
+
+def param_fingerprint(model) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
+    """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model."""
+    from accelerate.utils import gather_object, set_seed
+    from transformers import AutoTokenizer, get_scheduler
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    configure_determinism(recipe)
+    accelerator = make_accelerator(recipe)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    cfg = recipe.train
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    set_seed(cfg.seed)
+
+    # -- data and model ---------------------------------------------------------------------------
+    path = model_dir(recipe.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with accelerator.main_process_first():
+        data = prepare_data(recipe, tokenizer)
+    train_ds, val_ds = data.splits["train"], data.splits["validation"]
+    task = get_task(recipe.task)
+    model = task.build_model(path, data.labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    micro_per_epoch = len(shard_batches(list(range(len(train_ds))), cfg.batch_size, rank, world))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
+                              num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+
+    # -- resume -----------------------------------------------------------------------------------
+    state = ckpt.TrainState()
+    restored_rng = None
+    if main:
+        dropped = ckpt.clean_partial(ckpt_root)
+        if dropped:
+            log(f"[yellow]removed {dropped} incomplete checkpoint folder(s) left by an interrupted run[/]")
+    accelerator.wait_for_everyone()
+    if resume:
+        found = ckpt.list_checkpoints(ckpt_root)
+        if not found:
+            raise CheckpointError(f"nothing to resume: {ckpt_root} has no complete checkpoint; run without --resume")
+        loaded = ckpt.load_checkpoint(found[-1], model, rank=rank, world_size=world)
+        changed = check_resume_compatible(loaded.recipe_yaml, recipe)
+        if changed:
+            log(f"[yellow]resuming with changed settings: {', '.join(changed)}[/]")
+        optimizer.load_state_dict(loaded.optimizer)
+        scheduler.load_state_dict(loaded.scheduler)
+        state, restored_rng = loaded.state, loaded.rng
+        log(f"resuming from {found[-1].name} (epoch {state.epoch + 1}, step {state.step})")
+        if state.finished:
+            log("that run had already finished; writing its final model again")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    metrics = MetricLog(run_dir, enabled=main, resume_step=state.step if resume else None)
+    if restored_rng is not None:
+        ckpt.restore_rng(*restored_rng)  # last, after everything that draws random numbers at set-up
+
+    metric_name = recipe.selection_metric
+    higher_is_better = metric_name != "loss"
+    recipe_yaml, recipe_sha = recipe.to_yaml(), recipe.sha256()
+
+    def save(reason: str) -> None:
+        rngs = gather_object([ckpt.capture_rng()])
+        if main:
+            ckpt.save_checkpoint(ckpt_root, accelerator.unwrap_model(model), optimizer.optimizer, scheduler, state,
+                                 recipe_yaml, recipe_sha, rngs)
+            ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
+        accelerator.wait_for_everyone()
+
+    def evaluate_epoch(epoch: int) -> None:
+        if len(val_ds) == 0:
+            return
+        result = task.evaluate(accelerator.unwrap_model(model), val_ds, tokenizer, cfg.eval_batch_size, device,
+                               accelerator.autocast)
+        model.train()
+        value = result[metric_name]
+        record = {"split": "validation", "step": state.step, "epoch": epoch + 1,
+                  **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
+        metrics.write(record)
+        improved = state.best_metric is None or (
+            value > state.best_metric + _min_delta(cfg) if higher_is_better else value < state.best_metric - _min_delta(cfg))
+        if improved:
+            state.best_metric, state.best_step, state.evals_without_improvement = float(value), state.step, 0
+            if main:
+                with atomic_dir(ckpt_root / "best") as tmp:
+                    from safetensors.torch import save_model
+
+                    save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+                    (tmp / "info.json").write_text(json.dumps({"step": state.step, metric_name: value}))
+        else:
+            state.evals_without_improvement += 1
+        accelerator.wait_for_everyone()
+        shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "accuracy", "macro_f1", "perplexity") if k in result)
+        log(f"epoch {epoch + 1}: validation {shown}" + (" [green](best)[/]" if improved else ""))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    model.train()
+    t0, samples_at_start = time.perf_counter(), state.samples_seen
+    with progress("step") as bar:
+        task_id = bar.add_task("training", total=total_steps, completed=min(state.step, total_steps), info="")
+        while not state.finished and state.epoch < cfg.epochs:
+            epoch = state.epoch
+            batches = shard_batches(epoch_order(len(train_ds), cfg.seed, epoch), cfg.batch_size, rank, world)
+            b = state.batch_in_epoch
+            while b < len(batches) and state.step < total_steps:
+                group = batches[b: min(b + cfg.grad_accum_steps, len(batches))]
+                running = torch.zeros((), device=device)
+                for i, idx in enumerate(group):
+                    sync = i == len(group) - 1
+                    with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
+                        batch = {k: v.to(device) for k, v in task.collate(list(train_ds.select(idx)), tokenizer).items()}
+                        with accelerator.autocast():
+                            loss = model(**batch).loss  # mean over this micro-batch
+                        accelerator.backward(loss / len(group))
+                    running += loss.detach().float() / len(group)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                b += len(group)
+                n_samples = sum(len(x) for x in group) * world
+                state.step, state.batch_in_epoch, state.samples_seen = state.step + 1, b, state.samples_seen + n_samples
+                step_loss = accelerator.reduce(running, "mean").item()
+                record = {"step": state.step, "epoch": epoch + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                          "samples": state.samples_seen}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                metrics.write(record)
+                bar.update(task_id, completed=state.step, info=f"epoch {epoch + 1}/{cfg.epochs} loss {step_loss:.4f}")
+                epoch_done = b >= len(batches) or state.step >= total_steps
+                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not epoch_done:
+                    save("step")
+            # epoch end (or max_steps): evaluate, pick the best, maybe stop, checkpoint
+            evaluate_epoch(epoch)
+            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            if cfg.early_stopping and state.evals_without_improvement >= cfg.early_stopping.patience:
+                state.stopped_early = True
+                log(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
+            state.finished = state.stopped_early or state.step >= total_steps or state.epoch >= cfg.epochs
+            save("epoch")
+    elapsed = time.perf_counter() - t0
+
+    # -- the final model --------------------------------------------------------------------------
+    final = accelerator.unwrap_model(model)
+    best = ckpt_root / "best"
+    if (best / "manifest.json").is_file():
+        from safetensors.torch import load_model
+
+        verify_manifest(best)
+        load_model(final, str(best / "model.safetensors"))
+    fingerprints = gather_object([param_fingerprint(final)])
+    summary = {
+        "steps": state.step, "epochs_done": state.epoch, "stopped_early": state.stopped_early,
+        "best_step": state.best_step, "best_metric": state.best_metric, "selection_metric": metric_name,
+        "train_seconds_this_session": round(elapsed, 2),
+        "samples_per_second": round((state.samples_seen - samples_at_start) / elapsed, 2) if elapsed > 0 else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "world_size": world, "labels": data.labels, "data": data.meta,
+    }
+    if main:
+        if world > 1:
+            same = len(set(fingerprints)) == 1
+            atomic_write_json(run_dir / "replicas.json", {"world_size": world, "sha256": fingerprints, "identical": same})
+            if not same:
+                raise KeelError(f"data-parallel replicas diverged ({world} processes); see {run_dir / 'replicas.json'}")
+        save_final_model(final, tokenizer, run_dir / "model", recipe, summary)
+        atomic_write_json(run_dir / "train.json", summary)
+    metrics.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _min_delta(cfg) -> float:
+    return cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+
+
+def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: dict) -> None:
+    """Hugging Face format (safetensors + tokenizer), plus keel.json; sealed with a manifest."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "keel.json").write_text(json.dumps({
+            "task": recipe.task, "labels": summary["labels"], "recipe_sha256": recipe.sha256(),
+            "base_model": recipe.model.name, "best_step": summary["best_step"],
+            "selection_metric": summary["selection_metric"], "best_metric": summary["best_metric"],
+        }, indent=2))
