@@ -124,17 +124,17 @@ def report(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
 @app.command("ls")
 def ls() -> None:
     """Built-in models, data sets and recipes."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from keel.data.builtin import DATASETS
     from keel.models.registry import MODELS
     from keel.recipe import builtin_recipes
 
-    t = Table("model", "kind", "params", "from package", "description", title="models")
+    t = Table(Column("model", no_wrap=True), "kind", "params", "from package", "description", title="models")
     for m in MODELS.values():
         t.add_row(m.name, m.kind, m.params, m.source, m.description)
     out.print(t)
-    t = Table("data set", "task", "license", "from package", "description", title="data sets")
+    t = Table(Column("data set", no_wrap=True), "task", "license", "from package", "description", title="data sets")
     for d in DATASETS.values():
         t.add_row(d.name, d.task, d.license, d.package, d.description)
     out.print(t)

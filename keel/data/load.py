@@ -82,8 +82,7 @@ def read_frame(cfg: DataConfig, task: str) -> tuple[pd.DataFrame, str, str]:
         digest = sha256_file(path)
         source = str(path)
     _check_columns(columns, list(frame.columns), source)
-    keep = {src: dst for dst, src in columns.items()}
-    frame = frame[list(keep)].rename(columns=keep) if len(set(keep)) == len(keep) else _copy_columns(frame, columns)
+    frame = _copy_columns(frame, columns)
     return frame, source, digest
 
 
@@ -166,6 +165,8 @@ def _read_file(path: Path, fmt: str) -> pd.DataFrame:
                                    cache_dir=str(cache_dir() / "hf-datasets"), **kwargs)
     except Exception as e:  # pyarrow / pandas parse errors come in many types
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if "corresponds to no data" in msg or "No columns to parse" in msg:
+            raise DataError(f"data: {path} has no usable rows; add examples to it") from None
         raise DataError(f"data: could not read {path} as {kind}: {msg[:200]}; check the file's format") from None
     return ds.to_pandas()
 
@@ -199,8 +200,9 @@ def _check_columns(columns: dict, available: list[str], source: str) -> None:
 
 
 def _copy_columns(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    """A frame of keel's roles; two roles may share a source column (crows-pairs: label and group)."""
     import pandas as pd
-    # Two roles may share a source column (crows-pairs uses bias_type as label and group).
+
     return pd.DataFrame({role: frame[src].values for role, src in columns.items()})
 
 

@@ -1,0 +1,80 @@
+"""Shared fixtures: offline environment, a private keel cache, and a helper that runs the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(OFFLINE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def keel_cache(tmp_path_factory) -> Path:
+    """One keel cache for the session (tiny models, tokenized data), away from the user's own."""
+    path = tmp_path_factory.mktemp("keel-cache")
+    os.environ["KEEL_CACHE_DIR"] = str(path)
+    return path
+
+
+def keel(*args: str, cwd: Path, check: bool = False, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m keel ARGS` as a user would, in ``cwd``."""
+    full_env = {**os.environ, **OFFLINE, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"keel {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+TINY_RECIPE = """
+name: tiny
+task: classification
+model: {{name: tiny-bert, max_length: 32}}
+data:
+  path: {data}
+  split: {{validation: 0.2, test: 0.2, seed: 0}}
+train:
+  epochs: {epochs}
+  batch_size: 8
+  lr: 3.0e-3
+  warmup_ratio: 0.0
+  checkpoint_every: {every}
+  keep_last_k: 3
+"""
+
+
+def write_toy_csv(path: Path, n: int = 120, seed: int = 0) -> Path:
+    """A learnable toy sentiment set: the label is given away by a word."""
+    import random
+
+    rng = random.Random(seed)
+    good = ["great", "lovely", "excellent", "wonderful", "happy"]
+    bad = ["awful", "terrible", "horrible", "sad", "broken"]
+    filler = ["the car", "this ride", "my trip", "the service", "that road", "our drive", "the bus", "a taxi"]
+    lines = ["text,label"]
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        word = rng.choice(good if label == "pos" else bad)
+        lines.append(f"{rng.choice(filler)} was {word} number {i},{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def toy_csv(tmp_path) -> Path:
+    return write_toy_csv(tmp_path / "toy.csv")
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, toy_csv):
+    def make(epochs: int = 2, every: int = 0, name: str = "tiny.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(TINY_RECIPE.format(data=toy_csv, epochs=epochs, every=every))
+        return p
+
+    return make

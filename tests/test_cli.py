@@ -1,0 +1,134 @@
+"""End-to-end: the real `keel` command on a tiny model and a toy CSV, as a user would run it."""
+
+import json
+
+import pytest
+
+from conftest import keel
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from conftest import TINY_RECIPE, write_toy_csv
+
+    work = tmp_path_factory.mktemp("run")
+    csv = write_toy_csv(work / "toy.csv", n=160)
+    (work / "tiny.yaml").write_text(TINY_RECIPE.format(data=csv, epochs=4, every=0))
+    proc = keel("run", "tiny.yaml", cwd=work, check=True)
+    return work, work / "runs" / "tiny", proc
+
+
+def test_run_writes_the_run_directory(finished_run):
+    work, run_dir, proc = finished_run
+    for rel in ["recipe.yaml", "run.json", "metrics.jsonl", "train.json", "report.html", "eval/test.json",
+                "model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/keel.json",
+                "model/manifest.json", "checkpoints/best/model.safetensors"]:
+        assert (run_dir / rel).is_file(), rel
+    assert list(run_dir.glob("checkpoints/step-*/manifest.json"))
+    assert not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.pkl"))
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and len(run["recipe_sha256"]) == 64
+    assert run["recipe_sha256"] in (run_dir / "recipe.yaml").read_text()
+    state = json.loads(next(run_dir.glob("checkpoints/step-*/state.json")).read_text())
+    assert state["recipe_sha256"] == run["recipe_sha256"]
+    assert "majority-class baseline" in proc.stdout and "keel predict" in proc.stdout
+
+
+def test_tiny_model_learns_the_toy_task(finished_run):
+    _, run_dir, _ = finished_run
+    test = json.loads((run_dir / "eval" / "test.json").read_text())
+    assert test["n"] == 32
+    assert test["accuracy"] > test["baseline"]["accuracy"] + 0.2  # a word gives the label away
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "split" not in r]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
+    assert len([r for r in records if r.get("split") == "validation"]) == 4
+
+
+def test_report_has_plots_and_baseline(finished_run):
+    _, run_dir, _ = finished_run
+    page = (run_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # curves + confusion matrix
+    assert "majority class" in page and "http" not in page.replace("http-equiv", "")  # self-contained
+
+
+def test_predict_and_eval(finished_run, tmp_path):
+    work, run_dir, _ = finished_run
+    proc = keel("predict", str(run_dir), "the car was great number 5", "the bus was awful number 8", "--json", cwd=work, check=True)
+    rows = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [r["label"] for r in rows] == ["pos", "neg"]
+    assert all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
+    other = tmp_path / "more.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"my trip was {w} number {i}", "label": lab})
+                               for i, (w, lab) in enumerate([("lovely", "pos"), ("sad", "neg"), ("happy", "pos"), ("broken", "neg")])))
+    proc = keel("eval", str(run_dir), "--data", str(other), "--json", cwd=work, check=True)
+    result = json.loads(proc.stdout)
+    assert result["n"] == 4 and result["accuracy"] >= 0.75
+    assert (run_dir / "eval" / "more.json").is_file()
+
+
+def test_a_second_run_never_overwrites(finished_run):
+    work, run_dir, _ = finished_run
+    before = (run_dir / "model" / "model.safetensors").read_bytes()
+    proc = keel("train", "tiny.yaml", "train.epochs=1", cwd=work, check=True)
+    assert (work / "runs" / "tiny-2" / "model").is_dir()
+    assert (run_dir / "model" / "model.safetensors").read_bytes() == before
+    assert "tiny-2" in proc.stdout
+
+
+def test_flipped_byte_in_final_model_is_refused(finished_run, tmp_path):
+    import shutil
+
+    work, run_dir, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    proc = keel("predict", str(copy), "hello", cwd=work)
+    assert proc.returncode == 2
+    assert "checksum mismatch" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ls_and_help(tmp_path):
+    proc = keel("ls", cwd=tmp_path, check=True)
+    for name in ["minilm-l6", "smollm2-135m", "tiny-bert", "tweets-sentiment", "crows-pairs", "bbq", "shakespeare", "quickstart"]:
+        assert name in proc.stdout
+    for verb in ["run", "validate", "train", "eval", "predict", "ls", "quickstart", "report"]:
+        assert keel(verb, "--help", cwd=tmp_path).returncode == 0
+
+
+BAD = [
+    ("missing data file", "data:\n  path: nowhere.csv\n", [], "data.path: file 'nowhere.csv' not found"),
+    ("unknown column", "data:\n  path: toy.csv\n  columns: {text: body}\n", [], "data.columns.text: column 'body'"),
+    ("empty data set", "data:\n  path: empty.csv\n", [], "no usable rows"),
+    ("unseen label", "data:\n  path: toy.csv\n  labels: [pos]\n", [], "label 'neg'"),
+    ("malformed YAML", "data: [\n", [], "malformed YAML"),
+    ("unknown recipe key", "data: {path: toy.csv}\ntrian: {}\n", [], "unknown key 'trian'"),
+    ("wrong type", "data: {path: toy.csv}\n", ["train.batch_size=big"], "train.batch_size"),
+    ("unknown model", "data: {path: toy.csv}\nmodel: {name: gpt-17}\n", [], "model.name: 'gpt-17'"),
+    ("fp16 on CPU", "data: {path: toy.csv}\nmodel: {name: tiny-bert}\n", ["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("case, recipe, overrides, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2(tmp_path, toy_csv, case, recipe, overrides, message):
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    (tmp_path / "r.yaml").write_text(recipe)
+    verb = "run" if case == "fp16 on CPU" else "train"
+    proc = keel(verb, "r.yaml", *overrides, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1
+    # --debug shows the traceback
+    if case == "missing data file":
+        assert "Traceback" in keel("--debug", verb, "r.yaml", cwd=tmp_path).stderr
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, tiny_recipe):
+    proc = keel("train", str(tiny_recipe()), "--resume", cwd=tmp_path)
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr
