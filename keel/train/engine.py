@@ -122,11 +122,11 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(cfg.seed)
 
     # -- data and model ---------------------------------------------------------------------------
-    path = model_dir(recipe.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the main process fills the caches; the others then read them
+        path = model_dir(recipe.model.name)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         data = prepare_data(recipe, tokenizer)
     train_ds, val_ds = data.splits["train"], data.splits["validation"]
     task = get_task(recipe.task)
