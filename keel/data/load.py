@@ -111,14 +111,21 @@ def load_splits(cfg: DataConfig, task: str) -> RawSplits:
         frame["label"] = frame["label"].map(_label_str)
         labels = _label_set(frame["label"], cfg.labels, source)
     train, validation, test = _split(frame, cfg, task, notes)
-    if cfg.max_train_samples and len(train) > cfg.max_train_samples:
-        train = train.iloc[: cfg.max_train_samples]
-    if cfg.max_eval_samples:
-        validation, test = validation.iloc[: cfg.max_eval_samples], test.iloc[: cfg.max_eval_samples]
+    if task == "classification":  # causal-lm caps count token blocks, applied after tokenizing
+        train, validation, test = cap_splits(train, validation, test, cfg)
     if len(train) == 0:
         raise DataError(f"data: the training split of {source} is empty; use more data or smaller data.split fractions")
     return RawSplits(train.reset_index(drop=True), validation.reset_index(drop=True), test.reset_index(drop=True),
                      labels, source, digest, notes)
+
+
+def cap_splits(train, validation, test, cfg: DataConfig):
+    """data.max_train_samples / max_eval_samples: the first rows of each (already shuffled) split."""
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        validation, test = validation[: cfg.max_eval_samples], test[: cfg.max_eval_samples]
+    return train, validation, test
 
 
 def read_eval_file(path: str, columns: dict, labels: list[str], fmt: str = "auto") -> pd.DataFrame:

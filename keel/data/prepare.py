@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.data.load import load_splits
+from keel.data.load import cap_splits, load_splits
 from keel.io import atomic_dir, cache_dir, sha256_file
 from keel.progress import log
 from keel.recipe import Recipe
@@ -69,6 +69,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
         log(f"data: {note}")
     tokenize = _classification if recipe.task == "classification" else _causal_lm
     splits = {s: tokenize(getattr(raw, s), tokenizer, recipe, raw.labels) for s in SPLITS}
+    if recipe.task == "causal-lm":
+        capped = cap_splits(*(list(range(len(splits[s]))) for s in SPLITS), recipe.data)
+        splits = {s: splits[s].select(ids) for s, ids in zip(SPLITS, capped)}
     meta = {"key": key, "source": raw.source, "content_sha256": raw.content_sha256, "labels": raw.labels,
             "counts": {s: len(d) for s, d in splits.items()}, "notes": raw.notes,
             "majority_label": _majority(raw.train, raw.labels) if recipe.task == "classification" else None}
