@@ -86,7 +86,11 @@ def train_run(recipe: Recipe, resume: bool = False) -> Path:
     log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume)
     t0 = time.perf_counter()
-    summary = train(recipe, run_dir, resume=resume)
+    try:
+        summary = train(recipe, run_dir, resume=resume)
+    except BaseException as e:
+        finish_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        raise
     finish_run(run_dir, status="trained", train=summary, train_wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir
 

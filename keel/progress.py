@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -30,8 +31,40 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.2f} {self.unit}/s" if speed else f"? {self.unit}/s", style="progress.data.speed")
 
 
-def progress(unit: str = "it", disable: bool = False) -> Progress:
-    """A bar with count, rate, elapsed time and ETA. Off on non-main ranks."""
+class _LineProgress:
+    """Progress for logs and pipes: a plain line at every 10% instead of a live bar."""
+
+    def __init__(self, unit: str, disable: bool):
+        self.unit, self.disable, self.tasks = unit, disable or not is_main_process(), {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
+        self.tasks[len(self.tasks)] = {"description": description, "total": max(total, 1), "start": time.perf_counter(),
+                                       "first": completed, "next": 0.1}
+        return len(self.tasks) - 1
+
+    def update(self, task_id: int, completed: int, info: str = "", **_) -> None:
+        t = self.tasks[task_id]
+        frac = completed / t["total"]
+        if self.disable or (frac < t["next"] and completed < t["total"]):
+            return
+        t["next"] = (int(frac * 10) + 1) / 10
+        elapsed = time.perf_counter() - t["start"]
+        rate = (completed - t["first"]) / elapsed if elapsed > 0 else 0.0
+        eta = (t["total"] - completed) / rate if rate > 0 else float("nan")
+        console.print(f"{t['description']}: {completed}/{t['total']} {self.unit}s ({rate:.2f} {self.unit}/s, "
+                      f"elapsed {elapsed:.0f}s, eta {eta:.0f}s) {info}")
+
+
+def progress(unit: str = "it", disable: bool = False):
+    """A live bar with count, rate, elapsed time and ETA on a terminal; plain lines otherwise."""
+    if not console.is_terminal:
+        return _LineProgress(unit, disable)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -43,7 +76,6 @@ def progress(unit: str = "it", disable: bool = False) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         disable=disable or not is_main_process(),
-        transient=not sys.stderr.isatty(),
         refresh_per_second=4,
     )
 

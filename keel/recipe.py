@@ -59,6 +59,7 @@ class DataConfig(Strict):
     name: str | None = Field(None, description="built-in data set (see `keel ls`)")
     path: str | None = Field(None, description="a .csv, .jsonl/.json or .parquet file")
     format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    encoding_errors: Literal["strict", "replace"] = Field("strict", description="CSV bytes that are not UTF-8: fail, or replace them")
     columns: Columns | None = Field(None, description="column mapping; defaults to the data set's own")
     labels: list[str] | None = Field(None, description="the label set, in order; default: sorted labels of the training split")
     split: SplitConfig = SplitConfig()

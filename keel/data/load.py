@@ -78,7 +78,7 @@ def read_frame(cfg: DataConfig, task: str) -> tuple[pd.DataFrame, str, str]:
         source = f"{cfg.name} (package {spec.package})"
     else:
         path = Path(cfg.path).expanduser()
-        frame = _read_file(path, cfg.format)
+        frame = _read_file(path, cfg.format, cfg.encoding_errors)
         digest = sha256_file(path)
         source = str(path)
     _check_columns(columns, list(frame.columns), source)
@@ -159,19 +159,26 @@ def _format_of(path: Path, fmt: str) -> str:
     return kind
 
 
-def _read_file(path: Path, fmt: str) -> pd.DataFrame:
+def _read_file(path: Path, fmt: str, encoding_errors: str = "strict") -> pd.DataFrame:
     """Read a user's file through `datasets` (the same loader people use for the Hub, on a local file)."""
     import datasets
 
     kind = _format_of(path, fmt)
     builder = {"csv": "csv", "jsonl": "json", "parquet": "parquet"}[kind]
     kwargs = {"sep": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if kind == "csv":
+        kwargs["encoding_errors"] = encoding_errors
     datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its "Failed to read" line would repeat ours
     try:
         ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
                                    cache_dir=str(cache_dir() / "hf-datasets"), **kwargs)
     except Exception as e:  # pyarrow / pandas parse errors come in many types
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        cause = e.__cause__ or e
+        if isinstance(cause, UnicodeDecodeError):
+            raise DataError(f"data: {path} is not valid UTF-8 (byte {cause.object[cause.start]:#x} at position {cause.start} "
+                            "of a line); re-save it as UTF-8 or set data.encoding_errors=replace") from None
+        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in msg or "No columns to parse" in msg:
             raise DataError(f"data: {path} has no usable rows; add examples to it") from None
         raise DataError(f"data: could not read {path} as {kind}: {msg[:200]}; check the file's format") from None

@@ -18,8 +18,8 @@ def build_model(path: Path, labels: list[str]):
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
 
 
-def collate(rows: list[dict], tokenizer) -> dict:
-    ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)  # (B, T): blocks share one length
+def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> dict:
+    ids = torch.tensor(columns["input_ids"], dtype=torch.long)  # (B, T): blocks share one length
     return {"input_ids": ids, "labels": ids.clone()}
 
 
@@ -28,7 +28,7 @@ def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullco
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = collate(list(dataset.select(range(start, min(start + batch_size, len(dataset))))), tokenizer)
+        batch = collate(dataset[start: start + batch_size], tokenizer)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss = model(**batch).loss.float().item()

@@ -28,12 +28,12 @@ def build_model(path: Path, labels: list[str]):
         hf_logging.set_verbosity(verbosity)
 
 
-def collate(rows: list[dict], tokenizer) -> dict:
-    """Pad a list of tokenized rows to the longest one. Shapes: (B, T)."""
-    feats = [{k: r[k] for k in MODEL_COLUMNS if k in r} for r in rows]
-    batch = tokenizer.pad(feats, return_tensors="pt")
-    if "label" in rows[0]:
-        batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=torch.long)
+def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> dict:
+    """Pad a batch (a dict of columns, as ``dataset[indices]`` returns) to its longest row. Shapes: (B, T)."""
+    batch = tokenizer.pad({k: columns[k] for k in MODEL_COLUMNS if k in columns}, return_tensors="pt",
+                          pad_to_multiple_of=pad_to_multiple_of)
+    if "label" in columns:
+        batch["labels"] = torch.tensor(columns["label"], dtype=torch.long)
     return dict(batch)
 
 
@@ -42,8 +42,8 @@ def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=
     model.eval()
     out = []
     for start in range(0, len(dataset), batch_size):
-        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-        batch = {k: v.to(device) for k, v in collate(list(rows), tokenizer).items() if k != "labels"}
+        columns = dataset[start: start + batch_size]
+        batch = {k: v.to(device) for k, v in collate(columns, tokenizer).items() if k != "labels"}
         with autocast():
             out.append(model(**batch).logits.float().cpu())  # (B, C)
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), dtype=np.float32)

@@ -75,7 +75,7 @@ def build_optimizer(model, recipe: Recipe):
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.train.lr)
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=torch.cuda.is_available())
 
 
 def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
@@ -168,6 +168,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
 
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    # On a GPU, a few padded lengths instead of one per batch: fused attention kernels (cuDNN) plan per shape.
+    pad_multiple = 16 if device.type == "cuda" else None
     metrics = MetricLog(run_dir, enabled=main, resume_step=state.step if resume else None)
     if restored_rng is not None:
         ckpt.restore_rng(*restored_rng)  # last, after everything that draws random numbers at set-up
@@ -225,7 +227,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                 for i, idx in enumerate(group):
                     sync = i == len(group) - 1
                     with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
-                        batch = {k: v.to(device) for k, v in task.collate(list(train_ds.select(idx)), tokenizer).items()}
+                        batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_ds[idx], tokenizer, pad_multiple).items()}
                         with accelerator.autocast():
                             loss = model(**batch).loss  # mean over this micro-batch
                         accelerator.backward(loss / len(group))
