@@ -51,10 +51,11 @@ class _LineProgress:
     def update(self, task_id: int, completed: int, info: str = "", **_) -> None:
         t = self.tasks[task_id]
         frac = completed / t["total"]
-        if self.disable or (frac < t["next"] and completed < t["total"]):
+        elapsed = time.perf_counter() - t["start"]
+        # quiet for work that finishes within a few seconds; then a line at every 10%
+        if self.disable or elapsed < 3 or (frac < t["next"] and completed < t["total"]):
             return
         t["next"] = (int(frac * 10) + 1) / 10
-        elapsed = time.perf_counter() - t["start"]
         rate = (completed - t["first"]) / elapsed if elapsed > 0 else 0.0
         eta = (t["total"] - completed) / rate if rate > 0 else float("nan")
         console.print(f"{t['description']}: {completed}/{t['total']} {self.unit}s ({rate:.2f} {self.unit}/s, "

@@ -109,6 +109,7 @@ def section_curves(run_dir: Path, ctx: dict) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     records = ctx["metrics"]
     steps = [r for r in records if "split" not in r]
@@ -133,6 +134,7 @@ def section_curves(run_dir: Path, ctx: dict) -> str | None:
     for k in keys:
         axes[1].plot([r["epoch"] for r in evals], [r[k] for r in evals], "o-", label=k)
     axes[1].set_xlabel("epoch")
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[1].set_title("validation")
     if keys:
         axes[1].legend()

@@ -39,13 +39,18 @@ def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> 
 
 @torch.no_grad()
 def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> np.ndarray:
+    from keel.progress import progress
+
     model.eval()
     out = []
-    for start in range(0, len(dataset), batch_size):
-        columns = dataset[start: start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(columns, tokenizer).items() if k != "labels"}
-        with autocast():
-            out.append(model(**batch).logits.float().cpu())  # (B, C)
+    with progress("example") as bar:
+        task = bar.add_task("evaluating", total=len(dataset), info="")
+        for start in range(0, len(dataset), batch_size):
+            columns = dataset[start: start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(columns, tokenizer).items() if k != "labels"}
+            with autocast():
+                out.append(model(**batch).logits.float().cpu())  # (B, C)
+            bar.update(task, completed=min(start + batch_size, len(dataset)))
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
 
 

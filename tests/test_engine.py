@@ -1,0 +1,54 @@
+"""Training-loop options, each through the real CLI on the tiny model."""
+
+import json
+import math
+
+import pytest
+
+from conftest import keel
+
+
+def records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(tmp_path, recipe, *overrides):
+    keel("train", str(recipe), "output.dir=runs/x", *overrides, cwd=tmp_path, check=True)
+    return records(tmp_path / "runs" / "x")
+
+
+def test_early_stopping(tmp_path, tiny_recipe):
+    # a learning rate this small cannot move macro-F1: no improvement after the first evaluation
+    recs = train(tmp_path, tiny_recipe(epochs=10), "train.lr=1e-12", "train.early_stopping.patience=2")
+    evals = [r for r in recs if r.get("split") == "validation"]
+    assert len(evals) == 3  # best at epoch 1, then 2 without improvement
+    summary = json.loads((tmp_path / "runs/x/train.json").read_text())
+    assert summary["stopped_early"] and summary["best_step"] == 9
+
+
+def test_gradient_accumulation_and_max_steps(tmp_path, tiny_recipe):
+    recs = train(tmp_path, tiny_recipe(epochs=3), "train.grad_accum_steps=2", "train.max_steps=7")
+    steps = [r for r in recs if "split" not in r]
+    assert [r["step"] for r in steps] == list(range(1, 8))
+    assert steps[0]["samples"] == 16  # two micro-batches of 8 per optimiser step
+    assert steps[4]["samples"] == 16 * 4 + 8  # 9 micro-batches per epoch: the epoch's last step has one
+
+
+def test_cosine_schedule_with_warmup(tmp_path, tiny_recipe):
+    recs = train(tmp_path, tiny_recipe(epochs=2), "train.schedule=cosine", "train.warmup_ratio=0.25", "train.lr=1e-3")
+    lrs = [r["lr"] for r in recs if "split" not in r]
+    total, warm = len(lrs), round(0.25 * len(lrs))
+    assert lrs[warm - 1] == pytest.approx(1e-3)  # peak at the end of warm-up
+    assert all(a < b for a, b in zip(lrs[: warm - 1], lrs[1:warm]))
+    k = total // 2 + warm // 2
+    assert lrs[k - 1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm))))
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bf16_autocast_on_cpu(tmp_path, tiny_recipe):
+    recs = train(tmp_path, tiny_recipe(epochs=1), "train.mixed_precision=bf16")
+    steps = [r for r in recs if "split" not in r]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    # weights are saved in full precision
+    cfg = json.loads((tmp_path / "runs/x/model/config.json").read_text())
+    assert cfg.get("dtype", cfg.get("torch_dtype")) in (None, "float32")
