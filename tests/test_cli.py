@@ -132,3 +132,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path, toy_csv, case, recipe, overrides
 def test_resume_without_a_run_is_a_clear_error(tmp_path, tiny_recipe):
     proc = keel("train", str(tiny_recipe()), "--resume", cwd=tmp_path)
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
+
+
+def test_a_local_model_folder_works_as_model_name(finished_run):
+    work, run_dir, _ = finished_run
+    proc = keel("train", "tiny.yaml", f"model.name={run_dir / 'model'}", "train.epochs=1", "output.dir=runs/from-folder",
+                cwd=work, check=True)
+    assert (work / "runs/from-folder/model/model.safetensors").is_file(), proc.stderr
+
+
+def test_a_model_folder_without_safetensors_is_refused(tmp_path, toy_csv):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    (tmp_path / "r.yaml").write_text(f"data: {{path: {toy_csv}}}\nmodel: {{name: {folder}}}\n")
+    proc = keel("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "safetensors only" in proc.stderr

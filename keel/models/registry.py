@@ -147,6 +147,9 @@ def resolve_model(name: str) -> tuple[str, ModelSpec | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise RecipeError(f"model.name: {path} has no config.json; point it at a Hugging Face model folder")
+        if not any(path.glob("*.safetensors")):
+            raise RecipeError(f"model.name: {path} has no .safetensors weights; keel loads safetensors only "
+                              "(re-save the model with save_pretrained(..., safe_serialization=True))")
         return str(path), None
     known = ", ".join(MODELS)
     raise RecipeError(f"model.name: '{name}' is neither a built-in model ({known}) nor a local model folder")

@@ -15,7 +15,7 @@ def build_model(path: Path, labels: list[str]):
     hf_logging.disable_progress_bar()
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
 
 
 def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> dict:

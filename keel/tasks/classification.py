@@ -23,7 +23,7 @@ def build_model(path: Path, labels: list[str]):
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, local_files_only=True)
+            label2id={name: i for i, name in enumerate(labels)}, local_files_only=True, use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -178,7 +178,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     higher_is_better = metric_name != "loss"
     recipe_yaml, recipe_sha = recipe.to_yaml(), recipe.sha256()
 
-    def save(reason: str) -> None:
+    def save() -> None:
         rngs = gather_object([ckpt.capture_rng()])
         if main:
             ckpt.save_checkpoint(ckpt_root, accelerator.unwrap_model(model), optimizer.optimizer, scheduler, state,
@@ -248,7 +248,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                 bar.update(task_id, completed=state.step, info=f"epoch {epoch + 1}/{cfg.epochs} loss {step_loss:.4f}")
                 epoch_done = b >= len(batches) or state.step >= total_steps
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not epoch_done:
-                    save("step")
+                    save()
             # epoch end (or max_steps): evaluate, pick the best, maybe stop, checkpoint
             evaluate_epoch(epoch)
             state.epoch, state.batch_in_epoch = epoch + 1, 0
@@ -256,7 +256,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                 state.stopped_early = True
                 log(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
             state.finished = state.stopped_early or state.step >= total_steps or state.epoch >= cfg.epochs
-            save("epoch")
+            save()
     elapsed = time.perf_counter() - t0
 
     # -- the final model --------------------------------------------------------------------------
