@@ -147,7 +147,7 @@ def ls() -> None:
 
 @app.command()
 def quickstart(overrides: Optional[List[str]] = OVERRIDES) -> None:
-    """Fine-tune minilm-l6 on tweets-sentiment (about 5 minutes on 2 CPU cores) and report."""
+    """Fine-tune minilm-l6 on 2,400 tweets (about 4 minutes on 2 CPU cores), evaluate, write the report."""
     from keel.pipeline import full_run
 
     r = _load("quickstart", overrides)
@@ -183,8 +183,11 @@ def _print_results(run_dir) -> None:
     _print_eval(test)
     out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")
     out.print("next:")
-    out.print(f"  keel predict {run_dir} \"I love my new self-driving car\"")
-    out.print(f"  keel eval {run_dir} --data my_labelled.csv")
+    if "accuracy" in test:
+        out.print(f"  keel predict {run_dir} \"I love my new self-driving car\"")
+        out.print(f"  keel eval {run_dir} --data my_labelled.csv")
+    else:
+        out.print(f"  keel eval {run_dir}")
     out.print(f"  keel run my_recipe.yaml            (copy {run_dir / 'recipe.yaml'} and edit it)")
 
 

@@ -62,8 +62,11 @@ class _LineProgress:
                       f"elapsed {elapsed:.0f}s, eta {eta:.0f}s) {info}")
 
 
-def progress(unit: str = "it", disable: bool = False):
-    """A live bar with count, rate, elapsed time and ETA on a terminal; plain lines otherwise."""
+def progress(unit: str = "it", disable: bool = False, transient: bool = False):
+    """A live bar with count, rate, elapsed time and ETA on a terminal; plain lines otherwise.
+
+    ``transient`` bars vanish when done (for short sub-steps such as an evaluation pass).
+    """
     if not console.is_terminal:
         return _LineProgress(unit, disable)
     return Progress(
@@ -77,6 +80,7 @@ def progress(unit: str = "it", disable: bool = False):
         TextColumn("{task.fields[info]}"),
         console=console,
         disable=disable or not is_main_process(),
+        transient=transient,
         refresh_per_second=4,
     )
 

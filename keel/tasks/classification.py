@@ -43,7 +43,7 @@ def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=
 
     model.eval()
     out = []
-    with progress("example") as bar:
+    with progress("example", transient=True) as bar:
         task = bar.add_task("evaluating", total=len(dataset), info="")
         for start in range(0, len(dataset), batch_size):
             columns = dataset[start: start + batch_size]
