@@ -135,6 +135,9 @@ def test_resume_with_another_model_shape_is_refused(reference):
     proc = keel("train", str(recipe), "output.dir=runs/shape", "model.max_length=48", "--resume", cwd=work)
     assert proc.returncode == 2
     assert "model.max_length was 32 in the checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    proc = keel("train", str(recipe), "output.dir=runs/shape", "model.name=tiny-llama", "--resume", cwd=work)
+    assert proc.returncode == 2
+    assert "model.name was 'tiny-bert' in the checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_corrupt_checkpoint_is_not_resumed(reference):

@@ -155,8 +155,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         found = ckpt.list_checkpoints(ckpt_root)
         if not found:
             raise CheckpointError(f"nothing to resume: {ckpt_root} has no complete checkpoint; run without --resume")
+        # settings first, so a changed model is named as the field that changed, not as a shape mismatch
+        changed = check_resume_compatible((found[-1] / "recipe.yaml").read_text(), recipe)
         loaded = ckpt.load_checkpoint(found[-1], model, rank=rank, world_size=world)
-        changed = check_resume_compatible(loaded.recipe_yaml, recipe)
         if changed:
             log(f"[yellow]resuming with changed settings: {', '.join(changed)}[/]")
         optimizer.load_state_dict(loaded.optimizer)
