@@ -77,12 +77,17 @@ def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
 
 @app.command("eval")
 def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
-          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file (recipe's column names)"),
+          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file"),
+          text_column: Optional[str] = typer.Option(None, help="text column of --data (default: the recipe's)"),
+          label_column: Optional[str] = typer.Option(None, help="label column of --data (default: the recipe's)"),
           as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
     """Evaluate a run's model on its test split, or on a labelled file."""
     from keel.evaluate import evaluate_run
 
-    result = evaluate_run(run_dir, data)
+    columns = {k: v for k, v in (("text", text_column), ("label", label_column)) if v}
+    if columns and not data:
+        raise KeelError("--text-column/--label-column go with --data FILE")
+    result = evaluate_run(run_dir, data, columns)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -91,13 +96,17 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
 
 @app.command()
 def predict(run_dir: str = typer.Argument(..., help="a run directory"),
-            texts: List[str] = typer.Argument(..., help="one or more texts to classify"),
+            texts: List[str] = typer.Argument(..., help="texts to classify; a single - reads one text per line from stdin"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
     """Classify texts with a run's model."""
     from rich.table import Table
 
     from keel.evaluate import predict as _predict
 
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise KeelError("predict: no text on stdin; pipe one text per line, or pass texts as arguments")
     results = _predict(run_dir, texts)
     if as_json:
         for r in results:

@@ -44,7 +44,7 @@ def load_trained(run_dir: str | Path) -> Trained:
     return Trained(model, tokenizer, info, recipe, run_dir)
 
 
-def evaluate_run(run_dir: str | Path, data_file: str | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dict | None = None) -> dict:
     """Metrics on the run's test split, or on a labelled file with the recipe's column names."""
     import numpy as np
     import torch
@@ -65,7 +65,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None) -> dict:
         if len(dataset) == 0:
             raise KeelError("the recipe has no test split (data.split.test is 0); pass --data FILE to evaluate on a file")
     else:
-        dataset, name = _file_dataset(t, data_file, labels), Path(data_file).stem
+        dataset, name = _file_dataset(t, data_file, labels, columns or {}), Path(data_file).stem
     result = task.evaluate(t.model, dataset, t.tokenizer, t.recipe.train.eval_batch_size, torch.device("cpu"))
     result = {"split": name, "source": data_file or "test split", **result}
     if t.info["task"] == "classification":
@@ -86,14 +86,14 @@ def _train_majority(t: Trained) -> str:
         return t.info["labels"][0]
 
 
-def _file_dataset(t: Trained, data_file: str, labels: list[str]):
+def _file_dataset(t: Trained, data_file: str, labels: list[str], columns: dict):
     import datasets
 
     from keel.data.load import column_mapping, read_eval_file
 
     if t.info["task"] != "classification":
         raise KeelError("--data is supported for classification runs; causal-lm runs evaluate on their test split")
-    frame = read_eval_file(data_file, column_mapping(t.recipe.data, "classification"), labels)
+    frame = read_eval_file(data_file, {**column_mapping(t.recipe.data, "classification"), **columns}, labels)
     index = {name: i for i, name in enumerate(labels)}
     enc = t.tokenizer(frame["text"].tolist(), truncation=True, max_length=t.recipe.model.max_length)
     cols = {"label": [index[x] for x in frame["label"]], "input_ids": enc["input_ids"]}

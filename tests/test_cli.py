@@ -1,6 +1,8 @@
 """End-to-end: the real `keel` command on a tiny model and a toy CSV, as a user would run it."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -59,6 +61,9 @@ def test_predict_and_eval(finished_run, tmp_path):
     rows = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [r["label"] for r in rows] == ["pos", "neg"]
     assert all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
+    piped = subprocess.run([sys.executable, "-m", "keel", "predict", str(run_dir), "-", "--json"], cwd=work, text=True,
+                           input="the car was great number 5\n\nthe bus was awful number 8\n", capture_output=True, check=True)
+    assert [json.loads(x)["label"] for x in piped.stdout.splitlines()] == ["pos", "neg"]
     other = tmp_path / "more.jsonl"
     other.write_text("\n".join(json.dumps({"text": f"my trip was {w} number {i}", "label": lab})
                                for i, (w, lab) in enumerate([("lovely", "pos"), ("sad", "neg"), ("happy", "pos"), ("broken", "neg")])))
@@ -66,6 +71,14 @@ def test_predict_and_eval(finished_run, tmp_path):
     result = json.loads(proc.stdout)
     assert result["n"] == 4 and result["accuracy"] >= 0.75
     assert (run_dir / "eval" / "more.json").is_file()
+    # another file's own column names
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("review,sentiment\nthe taxi was excellent number 3,pos\nthe road was horrible number 4,neg\n")
+    proc = keel("eval", str(run_dir), "--data", str(renamed), cwd=work)
+    assert proc.returncode == 2 and "pass --text-column" in proc.stderr
+    proc = keel("eval", str(run_dir), "--data", str(renamed), "--text-column", "review", "--label-column", "sentiment",
+                "--json", cwd=work, check=True)
+    assert json.loads(proc.stdout)["n"] == 2
 
 
 def test_a_second_run_never_overwrites(finished_run):

@@ -135,7 +135,10 @@ def read_eval_file(path: str, columns: dict, labels: list[str], fmt: str = "auto
         raise DataError(f"--data: file '{path}' not found; check the path")
     frame = _read_file(p, fmt)
     need = {k: v for k, v in columns.items() if k in ("text", "label")}
-    _check_columns(need, list(frame.columns), path)
+    for role, name in need.items():
+        if name not in frame.columns:
+            raise DataError(f"--data: column '{name}' is not in {path} (columns: {', '.join(map(str, frame.columns[:12]))}); "
+                            f"pass --{role}-column <one of those>")
     frame = frame[[need["text"], need["label"]]].set_axis(["text", "label"], axis=1).dropna()
     if len(frame) == 0:
         raise DataError(f"--data: {path} has no rows with both a text and a label")
