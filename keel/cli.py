@@ -188,22 +188,28 @@ def _print_results(run_dir) -> None:
 
     if not is_main_process():
         return
-    test = json.loads((run_dir / "eval" / "test.json").read_text())
-    _print_eval(test)
+    test_file = run_dir / "eval" / "test.json"
+    test = json.loads(test_file.read_text()) if test_file.exists() else {}
+    if test:
+        _print_eval(test)
     out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")
     out.print("next:")
-    if "accuracy" in test:
+    task = json.loads((run_dir / "model" / "keel.json").read_text())["task"]
+    if task == "classification":
         out.print(f"  keel predict {run_dir} \"I love my new self-driving car\"")
         out.print(f"  keel eval {run_dir} --data my_labelled.csv")
-    else:
+    elif test:
         out.print(f"  keel eval {run_dir}")
     out.print(f"  keel run my_recipe.yaml            (copy {run_dir / 'recipe.yaml'} and edit it)")
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv
+    args = sys.argv[1:]
+    debug = "--debug" in args
+    if debug:  # accepted anywhere on the line, not only before the verb
+        args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
-        app(standalone_mode=False)
+        app(args=args, prog_name="keel", standalone_mode=False)
     except KeelError as e:
         if debug:
             raise

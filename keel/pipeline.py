@@ -103,7 +103,10 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
     t0 = time.perf_counter()
     run_dir = train_run(recipe, resume)
     if is_main_process():
-        evaluate_run(run_dir)
+        if recipe.data.split.test > 0:
+            evaluate_run(run_dir)
+        else:
+            log("no test split (data.split.test is 0): skipping the test evaluation")
         write_report(run_dir)
         finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir

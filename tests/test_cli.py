@@ -140,6 +140,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, toy_csv, case, recipe, overrides
     # --debug shows the traceback
     if case == "missing data file":
         assert "Traceback" in keel("--debug", verb, "r.yaml", cwd=tmp_path).stderr
+        assert "Traceback" in keel(verb, "r.yaml", "--debug", cwd=tmp_path).stderr
 
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path, tiny_recipe):

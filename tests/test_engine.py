@@ -52,3 +52,12 @@ def test_bf16_autocast_on_cpu(tmp_path, tiny_recipe):
     # weights are saved in full precision
     cfg = json.loads((tmp_path / "runs/x/model/config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) in (None, "float32")
+
+
+def test_run_without_validation_or_test_split(tmp_path, tiny_recipe):
+    proc = keel("run", str(tiny_recipe(epochs=1)), "data.split.validation=0", "data.split.test=0", "output.dir=runs/x",
+                cwd=tmp_path, check=True)
+    run_dir = tmp_path / "runs" / "x"
+    assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "report.html").is_file()
+    assert not (run_dir / "eval" / "test.json").exists() and "skipping the test evaluation" in proc.stderr
+    assert not [r for r in records(run_dir) if r.get("split") == "validation"]

@@ -57,7 +57,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
     if (folder / "meta.json").is_file() and (folder / "manifest.json").is_file():
         try:
             meta = json.loads((folder / "meta.json").read_text())
-            splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+            splits = _load_splits(folder)
             log(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
             return Prepared(splits, meta["labels"], meta, cache_hit=True)
         except Exception:  # a damaged cache entry is rebuilt, never trusted
@@ -77,11 +77,22 @@ def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
             "majority_label": _majority(raw.train, raw.labels) if recipe.task == "classification" else None}
     with atomic_dir(folder) as tmp:
         for s, d in splits.items():
-            d.save_to_disk(str(tmp / s))
+            if len(d):  # datasets cannot read back an empty split; _load_splits recreates it
+                d.save_to_disk(str(tmp / s))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS}
+    splits = _load_splits(folder)
     log(f"data: {raw.source}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
     return Prepared(splits, raw.labels, meta, cache_hit=False)
+
+
+def _load_splits(folder: Path) -> dict:
+    import datasets
+
+    splits = {s: datasets.load_from_disk(str(folder / s)) for s in SPLITS if (folder / s).is_dir()}
+    for s in SPLITS:
+        if s not in splits:
+            splits[s] = splits["train"].select([])  # same columns, no rows
+    return {s: splits[s] for s in SPLITS}
 
 
 def _source_digest(recipe: Recipe):
@@ -112,6 +123,8 @@ def _classification(frame, tokenizer, recipe: Recipe, labels: list[str]):
     if "group" in frame.columns:
         cols["group"] = frame["group"].astype(str).tolist()
     ds = datasets.Dataset.from_dict(cols)
+    if not cols["text"]:  # an empty split (data.split.validation or test set to 0)
+        return ds.add_column("input_ids", [])
     enc = tokenizer(cols["text"], truncation=True, max_length=recipe.model.max_length)
     ds = ds.add_column("input_ids", enc["input_ids"])
     if "token_type_ids" in enc:
