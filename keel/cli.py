@@ -80,6 +80,7 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
           data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file"),
           text_column: Optional[str] = typer.Option(None, help="text column of --data (default: the recipe's)"),
           label_column: Optional[str] = typer.Option(None, help="label column of --data (default: the recipe's)"),
+          backend: str = typer.Option("torch", help="torch, onnx or onnx-int8 (after `keel export`)"),
           as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
     """Evaluate a run's model on its test split, or on a labelled file."""
     from keel.evaluate import evaluate_run
@@ -87,7 +88,7 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
     columns = {k: v for k, v in (("text", text_column), ("label", label_column)) if v}
     if columns and not data:
         raise KeelError("--text-column/--label-column go with --data FILE")
-    result = evaluate_run(run_dir, data, columns)
+    result = evaluate_run(run_dir, data, columns, backend)
     if as_json:
         out.print_json(json.dumps(result))
         return
@@ -97,6 +98,7 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
 @app.command()
 def predict(run_dir: str = typer.Argument(..., help="a run directory"),
             texts: List[str] = typer.Argument(..., help="texts to classify; a single - reads one text per line from stdin"),
+            backend: str = typer.Option("torch", help="torch, onnx or onnx-int8 (after `keel export`)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
     """Classify texts with a run's model."""
     from rich.table import Table
@@ -107,7 +109,7 @@ def predict(run_dir: str = typer.Argument(..., help="a run directory"),
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not texts:
             raise KeelError("predict: no text on stdin; pipe one text per line, or pass texts as arguments")
-    results = _predict(run_dir, texts)
+    results = _predict(run_dir, texts, backend=backend)
     if as_json:
         for r in results:
             print(json.dumps(r))
@@ -116,6 +118,21 @@ def predict(run_dir: str = typer.Argument(..., help="a run directory"),
     for r in results:
         table.add_row(r["text"][:80], r["label"], f"{r['score']:.3f}")
     out.print(table)
+
+
+@app.command()
+def export(run_dir: str = typer.Argument(..., help="a run directory"),
+           int8: bool = typer.Option(True, "--int8/--no-int8", help="also write an int8 ONNX Runtime model")) -> None:
+    """Export a classifier to ONNX (checked against PyTorch) and, by default, int8 for ONNX Runtime."""
+    from keel.export.onnx import FP32, INT8, export_dir, export_onnx
+
+    result = export_onnx(run_dir, int8=int8)
+    out.print(f"{export_dir(run_dir, FP32)}: {result[FP32]['bytes'] / 1e6:.1f} MB, "
+              f"max |logit diff| vs PyTorch {result[FP32]['max_abs_diff_vs_eager']:.1e}")
+    if INT8 in result:
+        out.print(f"{export_dir(run_dir, INT8)}: {result[INT8]['bytes'] / 1e6:.1f} MB, "
+                  f"logit cosine vs PyTorch {result[INT8]['logit_cosine_vs_eager']:.4f}")
+    out.print(f"next: keel eval {run_dir} --backend onnx-int8")
 
 
 @app.command()

@@ -21,9 +21,14 @@ class Trained:
     run_dir: Path
 
 
-def load_trained(run_dir: str | Path) -> Trained:
-    """The final model of a run. Every file is checked against the manifest before it is read."""
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
+def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
+    """The final model of a run (or its ONNX export). Every file is checked against its manifest first."""
     run_dir = Path(run_dir)
+    if backend not in BACKENDS:
+        raise KeelError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     folder = run_dir / "model"
     if not run_dir.is_dir():
         raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
@@ -38,13 +43,21 @@ def load_trained(run_dir: str | Path) -> Trained:
     from keel.tasks import get_task
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    task = get_task(info["task"])
-    model = task.build_model(folder, info.get("labels") or [])
+    if backend == "torch":
+        model = get_task(info["task"]).build_model(folder, info.get("labels") or [])
+    else:
+        from keel.export.onnx import OnnxClassifier, export_dir
+
+        onnx_folder = export_dir(run_dir, backend)
+        if not onnx_folder.is_dir():
+            raise CheckpointError(f"{run_dir} has no {backend} export yet; run `keel export {run_dir}` first")
+        model = OnnxClassifier(onnx_folder)
     model.eval()
     return Trained(model, tokenizer, info, recipe, run_dir)
 
 
-def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dict | None = None) -> dict:
+def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dict | None = None,
+                 backend: str = "torch") -> dict:
     """Metrics on the run's test split, or on a labelled file with the recipe's column names."""
     import numpy as np
     import torch
@@ -52,7 +65,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dic
     from keel.tasks import get_task
     from keel.train.metrics import majority_baseline
 
-    t = load_trained(run_dir)
+    t = load_trained(run_dir, backend)
     task = get_task(t.info["task"])
     labels = t.info.get("labels") or []
     majority_label = None
@@ -67,13 +80,14 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dic
     else:
         dataset, name = _file_dataset(t, data_file, labels, columns or {}), Path(data_file).stem
     result = task.evaluate(t.model, dataset, t.tokenizer, t.recipe.train.eval_batch_size, torch.device("cpu"))
-    result = {"split": name, "source": data_file or "test split", **result}
+    result = {"split": name, "source": data_file or "test split", "backend": backend, **result}
     if t.info["task"] == "classification":
         if majority_label is None:  # a file: the majority label of the training split still is the baseline
             majority_label = _train_majority(t)
         y = np.asarray(dataset["label"])
         result["baseline"] = majority_baseline(y, labels.index(majority_label), labels)
-    atomic_write_json(t.run_dir / "eval" / f"{name}.json", result)
+    suffix = "" if backend == "torch" else f".{backend}"
+    atomic_write_json(t.run_dir / "eval" / f"{name}{suffix}.json", result)
     return result
 
 
@@ -103,11 +117,11 @@ def _file_dataset(t: Trained, data_file: str, labels: list[str], columns: dict):
     return datasets.Dataset.from_dict(cols)
 
 
-def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32) -> list[dict]:
+def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch") -> list[dict]:
     """Label and class probabilities for each text (classification runs)."""
     import torch
 
-    t = load_trained(run_dir)
+    t = load_trained(run_dir, backend)
     if t.info["task"] != "classification":
         raise KeelError(f"keel predict works on classification runs; {run_dir} is a {t.info['task']} run")
     labels = t.info["labels"]

@@ -1,0 +1,179 @@
+"""ONNX export of a run's classifier, checked against eager PyTorch every time, and ONNX Runtime int8.
+
+    runs/<name>/export/onnx/        model.onnx + model.onnx.data (fp32), tokenizer, keel.json, manifest.json
+    runs/<name>/export/onnx-int8/   the same, weights int8 (onnxruntime.quantization.quantize_dynamic)
+
+The export uses torch's dynamo exporter with dynamic batch and sequence axes. Parity is measured on
+texts from the run's own data, padded to several lengths: fp32 must match eager within ``atol`` and int8
+must keep the logits' cosine similarity at or above ``min_cosine``; otherwise nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from keel.errors import KeelError
+from keel.io import atomic_dir, verify_manifest
+
+FP32, INT8 = "onnx", "onnx-int8"
+
+
+def export_dir(run_dir: Path, variant: str) -> Path:
+    return Path(run_dir) / "export" / variant
+
+
+def _parity_texts(trained, n: int = 16) -> list[str]:
+    """Texts of different lengths from the run's data; a fixed fallback if the data is gone."""
+    try:
+        from keel.data.prepare import prepare_data
+
+        data = prepare_data(trained.recipe, trained.tokenizer)
+        ds = data.splits["validation"] if len(data.splits["validation"]) else data.splits["train"]
+        texts = ds[: n]["text"]
+    except KeelError:
+        texts = []
+    return texts or ["a short one", "a somewhat longer sentence to check padding and masking", "x"]
+
+
+def _feeds(tokenizer, texts: list[str], names: list[str], max_length: int) -> dict:
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="np")
+    return {n: enc[n].astype(np.int64) for n in names}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter and quantizer narrate to stdout, warnings and the root logger; keep the terminal readable."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def input_names(tokenizer) -> list[str]:
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in tokenizer.model_input_names:
+        names.append("token_type_ids")
+    return names
+
+
+def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True) -> dict:
+    """Export the run's final model; returns the parity figures and sizes."""
+    import torch
+
+    from keel.evaluate import load_trained
+
+    t = load_trained(run_dir)
+    if t.info["task"] != "classification":
+        raise KeelError(f"keel export handles classification runs for now; {run_dir} is a {t.info['task']} run")
+    model, tok = t.model.float().eval(), t.tokenizer
+    names = input_names(tok)
+    texts = _parity_texts(t)
+    max_len = t.recipe.model.max_length
+    # several batch sizes and padded lengths, so the dynamic axes are exercised
+    checks = [_feeds(tok, texts[i: i + k], names, max_len) for i, k in ((0, 1), (1, 3), (0, len(texts)))]
+    with torch.no_grad():
+        eager = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in checks]
+
+    result: dict = {"inputs": names, "parity_batches": [f["input_ids"].shape for f in checks]}
+    fp32 = export_dir(run_dir, FP32)
+    with atomic_dir(fp32) as tmp:
+        example = tuple(torch.from_numpy(checks[-1][n]) for n in names)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(max_len, 8))
+        with _quiet():
+            torch.onnx.export(model, example, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+                              dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
+                              external_data=True, verbose=False)
+        diff = max(float(np.abs(_session(tmp / "model.onnx").run(None, f)[0] - e).max()) for f, e in zip(checks, eager))
+        if not diff <= atol:
+            raise KeelError(f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
+                            "report this model type, and serve it with the PyTorch backend meanwhile")
+        _copy_metadata(t, tmp, {"variant": FP32, "max_abs_diff_vs_eager": diff, "inputs": names})
+    result[FP32] = {"max_abs_diff_vs_eager": diff, "bytes": _size(fp32)}
+    if int8:
+        result[INT8] = quantize_int8(run_dir, checks, eager, min_cosine)
+    return result
+
+
+def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarray], min_cosine: float) -> dict:
+    """Dynamic int8 (weights int8, activations quantized on the fly) with ONNX Runtime's quantizer."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = export_dir(run_dir, FP32)
+    final = export_dir(run_dir, INT8)
+    with atomic_dir(final) as tmp:
+        with _quiet():
+            quantize_dynamic(str(src / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
+                             per_channel=True)
+        session = _session(tmp / "model.onnx")
+        cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(checks, eager))
+        if not cos >= min_cosine:
+            raise KeelError(f"int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
+                            "keep the fp32 export for this model")
+        for p in src.iterdir():
+            if p.name not in ("model.onnx", "model.onnx.data", "manifest.json", "keel.json"):
+                shutil.copy2(p, tmp / p.name)
+        meta = json.loads((src / "keel.json").read_text())
+        (tmp / "keel.json").write_text(json.dumps({**meta, "variant": INT8, "logit_cosine_vs_eager": cos}, indent=2))
+    return {"logit_cosine_vs_eager": cos, "bytes": _size(final)}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of a batch's logits taken as one vector: per-row cosines of near-zero logits say little."""
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def _copy_metadata(t, folder: Path, extra: dict) -> None:
+    t.tokenizer.save_pretrained(folder)
+    (folder / "keel.json").write_text(json.dumps({**t.info, **extra}, indent=2))
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session that quacks like a Hugging Face classifier where keel calls one:
+    ``model(**batch).logits``, ``model.config.id2label``, ``model.eval()``."""
+
+    def __init__(self, folder: Path):
+        from types import SimpleNamespace
+
+        verify_manifest(folder)
+        self.folder = folder
+        self.info = json.loads((folder / "keel.json").read_text())
+        self.session = _session(folder / "model.onnx")
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        labels = self.info["labels"]
+        self.config = SimpleNamespace(num_labels=len(labels), id2label=dict(enumerate(labels)))
+
+    def eval(self) -> "OnnxClassifier":
+        return self
+
+    def __call__(self, **batch):
+        """Tensors (B, T) by input name -> an object with ``.logits`` (B, C), a torch tensor."""
+        from types import SimpleNamespace
+
+        import torch
+
+        feeds = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.inputs}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feeds)[0]))

@@ -1,0 +1,98 @@
+"""ONNX export: parity with PyTorch, int8 within tolerance, and ONNX Runtime behind eval/predict."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_RECIPE, keel, write_toy_csv
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    work = tmp_path_factory.mktemp("export")
+    csv = write_toy_csv(work / "toy.csv", n=160)
+    (work / "tiny.yaml").write_text(TINY_RECIPE.format(data=csv, epochs=4, every=0))
+    keel("run", "tiny.yaml", cwd=work, check=True)
+    run_dir = work / "runs" / "tiny"
+    proc = keel("export", str(run_dir), cwd=work, check=True)
+    return work, run_dir, proc
+
+
+def test_export_writes_both_variants(exported):
+    _, run_dir, proc = exported
+    for variant in ("onnx", "onnx-int8"):
+        folder = run_dir / "export" / variant
+        assert {"model.onnx", "tokenizer.json", "keel.json", "manifest.json"} <= {p.name for p in folder.iterdir()}
+    assert "max |logit diff|" in proc.stdout and "Warning" not in proc.stderr
+    fp32 = sum(p.stat().st_size for p in (run_dir / "export/onnx").glob("model.onnx*"))
+    int8 = sum(p.stat().st_size for p in (run_dir / "export/onnx-int8").glob("model.onnx*"))
+    assert int8 < fp32 / 2.5
+
+
+def test_onnx_matches_pytorch_on_new_shapes(exported):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from keel.export.onnx import OnnxClassifier
+
+    _, run_dir, _ = exported
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    eager = AutoModelForSequenceClassification.from_pretrained(run_dir / "model").eval()
+    fp32, int8 = OnnxClassifier(run_dir / "export/onnx"), OnnxClassifier(run_dir / "export/onnx-int8")
+    texts = ["a new text of a length not seen in the export " * 2, "ok", "the bus was wonderful", "x y", "z"]
+    batch = tok(texts, padding=True, return_tensors="pt")  # batch 5, a longer sequence than the export saw
+    with torch.no_grad():
+        ref = eager(**batch).logits.numpy()
+    got = fp32(**batch).logits.numpy()
+    assert np.abs(got - ref).max() <= 1e-4
+    q = int8(**batch).logits.numpy()
+    assert np.abs(q - ref).max() <= 0.05 * np.abs(ref).max()  # int8 error small next to the logits' scale
+    # logit direction kept on texts like the training data (for texts the model is unsure of, the logits sit
+    # near zero and their cosine says little)
+    batch = tok([f"{a} was {w} number {i}" for i, (a, w) in enumerate([("my trip", "happy"), ("the road", "sad"),
+                                                                       ("a taxi", "lovely"), ("the car", "broken")])],
+                padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = eager(**batch).logits.numpy()
+    q = int8(**batch).logits.numpy()
+    cos = (q * ref).sum(-1) / (np.linalg.norm(q, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.99
+
+
+def test_eval_and_predict_through_onnx_runtime(exported):
+    work, run_dir, _ = exported
+    torch_eval = json.loads(keel("eval", str(run_dir), "--json", cwd=work, check=True).stdout)
+    onnx_eval = json.loads(keel("eval", str(run_dir), "--backend", "onnx", "--json", cwd=work, check=True).stdout)
+    int8_eval = json.loads(keel("eval", str(run_dir), "--backend", "onnx-int8", "--json", cwd=work, check=True).stdout)
+    assert onnx_eval["backend"] == "onnx" and onnx_eval["accuracy"] == torch_eval["accuracy"]
+    assert abs(int8_eval["accuracy"] - torch_eval["accuracy"]) <= 0.07
+    assert (run_dir / "eval" / "test.onnx-int8.json").is_file()
+    proc = keel("predict", str(run_dir), "the car was great number 5", "the bus was awful number 8", "--backend",
+                "onnx-int8", "--json", cwd=work, check=True)
+    assert [json.loads(x)["label"] for x in proc.stdout.splitlines()] == ["pos", "neg"]
+
+
+def test_corrupt_export_is_refused(exported, tmp_path):
+    import shutil
+
+    work, run_dir, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    data = copy / "export" / "onnx" / "model.onnx.data"
+    if not data.exists():
+        data = copy / "export" / "onnx" / "model.onnx"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    proc = keel("predict", str(copy), "hello", "--backend", "onnx", cwd=work)
+    assert proc.returncode == 2 and "checksum mismatch" in proc.stderr
+
+
+def test_backend_errors(exported, tmp_path, tiny_recipe):
+    work, run_dir, _ = exported
+    proc = keel("eval", str(run_dir), "--backend", "tensorrt", cwd=work)
+    assert proc.returncode == 2 and "--backend must be one of" in proc.stderr
+    keel("train", str(tiny_recipe(epochs=1)), "output.dir=runs/plain", cwd=tmp_path, check=True)
+    proc = keel("predict", "runs/plain", "hi", "--backend", "onnx", cwd=tmp_path)
+    assert proc.returncode == 2 and "keel export" in proc.stderr and "Traceback" not in proc.stderr
