@@ -11,6 +11,7 @@ every process restored too, a resumed run replays exactly the steps the original
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -286,6 +287,12 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         save_final_model(final, tokenizer, run_dir / "model", recipe, summary)
         atomic_write_json(run_dir / "train.json", summary)
     metrics.close()
+    accelerator.wait_for_everyone()
+    # Free the DDP wrapper (its gradient reducer holds the process group) while every process is still here,
+    # then tear the group down together: a gloo group freed after a peer has exited can hang on exit.
+    del model, optimizer
+    accelerator.free_memory()
+    gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
