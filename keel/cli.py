@@ -136,6 +136,29 @@ def export(run_dir: str = typer.Argument(..., help="a run directory"),
 
 
 @app.command()
+def bench(run_dir: str = typer.Argument(..., help="a run directory"),
+          n_latency: int = typer.Option(100, help="texts timed one by one for the batch-1 latency"),
+          n_eval: int = typer.Option(1000, help="test examples scored (and timed at batch 32)")) -> None:
+    """Measure every variant of a run's model (HF pipeline baseline, PyTorch, ONNX, ONNX int8) side by side."""
+    from rich.table import Table
+
+    from keel.export.bench import bench as _bench
+    from keel.report import write_report
+
+    result = _bench(run_dir, n_latency, n_eval)
+    table = Table("variant", "accuracy", "macro-F1", "MB on disk", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)",
+                  "peak RSS MB", "x faster p50", "x throughput", "x smaller")
+    for r in result["variants"]:
+        table.add_row(r["variant"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['disk_mb']:.1f}",
+                      f"{r['p50_ms_batch1']:.2f}", f"{r['p95_ms_batch1']:.2f}", f"{r['throughput_batch32']:.1f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['speedup_p50_vs_pipeline']:.2f}",
+                      f"{r['throughput_vs_pipeline']:.2f}", f"{r['smaller_vs_pipeline']:.2f}")
+    out.print(table)
+    out.print(f"ratios vs the fp32 model through transformers' pipeline; wrote {run_dir}/bench.json and "
+              f"{write_report(run_dir)}")
+
+
+@app.command()
 def report(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
     """(Re)build RUN_DIR/report.html from the files in the run directory."""
     from pathlib import Path

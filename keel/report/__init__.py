@@ -146,7 +146,36 @@ def section_recipe(run_dir: Path, ctx: dict) -> str:
     return f"<h2>Recipe</h2><pre>{html.escape(text)}</pre>"
 
 
-SECTIONS = [section_summary, section_test, section_curves, section_recipe]
+def section_bench(run_dir: Path, ctx: dict) -> str | None:
+    """`keel bench`: the variants side by side, and accuracy against latency (marker area = size on disk)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bench = _json(run_dir / "bench.json")
+    if not bench:
+        return None
+    rows = bench["variants"]
+    head = ("variant", "accuracy", "macro-F1", "MB", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)", "peak RSS MB",
+            "x faster", "x throughput", "x smaller")
+    keys = ("variant", "accuracy", "macro_f1", "disk_mb", "p50_ms_batch1", "p95_ms_batch1", "throughput_batch32",
+            "peak_rss_mb", "speedup_p50_vs_pipeline", "throughput_vs_pipeline", "smaller_vs_pipeline")
+    table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td class='num'>{_fmt(r[k])}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    biggest = max(r["disk_mb"] for r in rows) or 1
+    for r in rows:
+        ax.scatter(r["p50_ms_batch1"], r["accuracy"], s=60 + 900 * r["disk_mb"] / biggest, alpha=0.6)
+        ax.annotate(r["variant"], (r["p50_ms_batch1"], r["accuracy"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel("p50 latency at batch 1 (ms)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy vs latency (marker area = size on disk)")
+    return (f"<h2>Variants</h2><p>Ratios against the fp32 model run through transformers' "
+            f"<code>pipeline</code>, measured in the same session.</p>{table}{_png(fig)}")
+
+
+SECTIONS = [section_summary, section_test, section_curves, section_bench, section_recipe]
 
 
 def write_report(run_dir: str | Path) -> Path:
