@@ -165,9 +165,11 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
         "<tr>" + "".join(f"<td class='num'>{_fmt(r[k])}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
     fig, ax = plt.subplots(figsize=(6.5, 4))
     biggest = max(r["disk_mb"] for r in rows) or 1
-    for r in rows:
+    for i, r in enumerate(rows):
         ax.scatter(r["p50_ms_batch1"], r["accuracy"], s=60 + 900 * r["disk_mb"] / biggest, alpha=0.6)
-        ax.annotate(r["variant"], (r["p50_ms_batch1"], r["accuracy"]), textcoords="offset points", xytext=(6, 6))
+        ax.annotate(r["variant"], (r["p50_ms_batch1"], r["accuracy"]), textcoords="offset points",
+                    xytext=(8, 10 if i % 2 else -14))  # alternate above/below: variants often share a point
+    ax.margins(x=0.15, y=0.3)
     ax.set_xlabel("p50 latency at batch 1 (ms)")
     ax.set_ylabel("test accuracy")
     ax.set_title("accuracy vs latency (marker area = size on disk)")
