@@ -101,38 +101,37 @@ def _train_majority(t: Trained) -> str:
 
 
 def _file_dataset(t: Trained, data_file: str, labels: list[str], columns: dict):
-    import datasets
-
     from keel.data.load import column_mapping, read_eval_file
+    from keel.data.prepare import tokenize_classification
 
     if t.info["task"] != "classification":
         raise KeelError("--data is supported for classification runs; causal-lm runs evaluate on their test split")
     frame = read_eval_file(data_file, {**column_mapping(t.recipe.data, "classification"), **columns}, labels)
-    index = {name: i for i, name in enumerate(labels)}
-    enc = t.tokenizer(frame["text"].tolist(), truncation=True, max_length=t.recipe.model.max_length)
-    cols = {"label": [index[x] for x in frame["label"]], "input_ids": enc["input_ids"]}
-    if "token_type_ids" in enc:
-        cols["token_type_ids"] = enc["token_type_ids"]
     log(f"evaluating on {data_file} ({len(frame)} rows)")
-    return datasets.Dataset.from_dict(cols)
+    return tokenize_classification(frame, t.tokenizer, t.recipe, labels)
+
+
+def text_logits(t: Trained, texts: list[str]):
+    """Logits (B, C) for raw texts, through whichever backend ``t`` was loaded with."""
+    import torch
+
+    enc = t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return t.model(**enc).logits.float()
 
 
 def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch") -> list[dict]:
     """Label and class probabilities for each text (classification runs)."""
-    import torch
-
     t = load_trained(run_dir, backend)
     if t.info["task"] != "classification":
         raise KeelError(f"keel predict works on classification runs; {run_dir} is a {t.info['task']} run")
     labels = t.info["labels"]
     out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start: start + batch_size]
-            enc = t.tokenizer(chunk, truncation=True, max_length=t.recipe.model.max_length, padding=True, return_tensors="pt")
-            probs = t.model(**enc).logits.softmax(-1)  # (B, C)
-            for text, p in zip(chunk, probs):
-                i = int(p.argmax())
-                out.append({"text": text, "label": labels[i], "score": float(p[i]),
-                            "scores": {name: float(v) for name, v in zip(labels, p)}})
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start: start + batch_size]
+        probs = text_logits(t, chunk).softmax(-1)  # (B, C)
+        for text, p in zip(chunk, probs):
+            i = int(p.argmax())
+            out.append({"text": text, "label": labels[i], "score": float(p[i]),
+                        "scores": {name: float(v) for name, v in zip(labels, p)}})
     return out

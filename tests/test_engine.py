@@ -46,9 +46,14 @@ def test_cosine_schedule_with_warmup(tmp_path, tiny_recipe):
 
 
 def test_bf16_autocast_on_cpu(tmp_path, tiny_recipe):
-    recs = train(tmp_path, tiny_recipe(epochs=1), "train.mixed_precision=bf16")
+    recipe = tiny_recipe(epochs=1)
+    recs = train(tmp_path, recipe, "train.mixed_precision=bf16")
     steps = [r for r in recs if "split" not in r]
     assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    # autocast really ran: the same seed and data in fp32 give a different (unrounded) first loss
+    keel("train", str(recipe), "output.dir=runs/fp32", cwd=tmp_path, check=True)
+    fp32 = [r for r in records(tmp_path / "runs" / "fp32") if "split" not in r]
+    assert steps[0]["loss"] != fp32[0]["loss"] and abs(steps[0]["loss"] - fp32[0]["loss"]) < 0.05
     # weights are saved in full precision
     cfg = json.loads((tmp_path / "runs/x/model/config.json").read_text())
     assert cfg.get("dtype", cfg.get("torch_dtype")) in (None, "float32")

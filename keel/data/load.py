@@ -135,10 +135,7 @@ def read_eval_file(path: str, columns: dict, labels: list[str], fmt: str = "auto
         raise DataError(f"--data: file '{path}' not found; check the path")
     frame = _read_file(p, fmt)
     need = {k: v for k, v in columns.items() if k in ("text", "label")}
-    for role, name in need.items():
-        if name not in frame.columns:
-            raise DataError(f"--data: column '{name}' is not in {path} (columns: {', '.join(map(str, frame.columns[:12]))}); "
-                            f"pass --{role}-column <one of those>")
+    _check_columns(need, list(frame.columns), path, where="--data", fix="pass --{role}-column <one of those>")
     frame = frame[[need["text"], need["label"]]].set_axis(["text", "label"], axis=1).dropna()
     if len(frame) == 0:
         raise DataError(f"--data: {path} has no rows with both a text and a label")
@@ -208,12 +205,13 @@ def _peek_columns(path: Path, fmt: str) -> list[str] | None:
     return None
 
 
-def _check_columns(columns: dict, available: list[str], source: str) -> None:
+def _check_columns(columns: dict, available: list[str], source: str,
+                   where: str = "data.columns.{role}", fix: str = "set data.columns.{role}=<one of those>") -> None:
     for role, name in columns.items():
         if name not in available:
             shown = ", ".join(map(str, available[:12])) + (" ..." if len(available) > 12 else "")
-            raise DataError(f"data.columns.{role}: column '{name}' is not in {source} (columns: {shown}); "
-                            f"set data.columns.{role}=<one of those>")
+            raise DataError(f"{where.format(role=role)}: column '{name}' is not in {source} (columns: {shown}); "
+                            f"{fix.format(role=role)}")
 
 
 def _copy_columns(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:

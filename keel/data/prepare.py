@@ -67,7 +67,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
     raw = load_splits(recipe.data, recipe.task)
     for note in raw.notes:
         log(f"data: {note}")
-    tokenize = _classification if recipe.task == "classification" else _causal_lm
+    tokenize = tokenize_classification if recipe.task == "classification" else _causal_lm
     splits = {s: tokenize(getattr(raw, s), tokenizer, recipe, raw.labels) for s in SPLITS}
     if recipe.task == "causal-lm":
         capped = cap_splits(*(list(range(len(splits[s]))) for s in SPLITS), recipe.data)
@@ -115,7 +115,8 @@ def _majority(train, labels: list[str]) -> str:
     return train["label"].value_counts().idxmax() if len(train) else labels[0]
 
 
-def _classification(frame, tokenizer, recipe: Recipe, labels: list[str]):
+def tokenize_classification(frame, tokenizer, recipe: Recipe, labels: list[str]):
+    """A frame of text/label (and group) -> a Dataset with label ids and input_ids (unpadded)."""
     import datasets
 
     index = {name: i for i, name in enumerate(labels)}

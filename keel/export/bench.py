@@ -17,15 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
+from keel.export.onnx import export_dir, weights_bytes
 from keel.io import atomic_write_json
+from keel.progress import log
 
 VARIANTS = ("hf-pipeline", "torch", "onnx", "onnx-int8")
 
 
 def _weights_bytes(run_dir: Path, variant: str) -> int:
-    folder = run_dir / "model" if variant in ("hf-pipeline", "torch") else run_dir / "export" / variant
-    pattern = "*.safetensors" if variant in ("hf-pipeline", "torch") else "model.onnx*"
-    return sum(p.stat().st_size for p in folder.glob(pattern))
+    if variant in ("hf-pipeline", "torch"):
+        return sum(p.stat().st_size for p in (run_dir / "model").glob("*.safetensors"))
+    return weights_bytes(export_dir(run_dir, variant))
 
 
 def _param_count(folder: Path) -> int:
@@ -46,7 +48,7 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
     import torch
 
     from keel.data.prepare import prepare_data
-    from keel.evaluate import load_trained
+    from keel.evaluate import load_trained, text_logits
     from keel.train.metrics import classification_metrics
 
     torch.set_grad_enabled(False)
@@ -68,8 +70,7 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
             return np.array([[next(s["score"] for s in row if s["label"] == name) for name in labels] for row in out])
     else:
         def logits_of(batch: list[str]) -> np.ndarray:
-            enc = t.tokenizer(batch, truncation=True, max_length=max_len, padding=True, return_tensors="pt")
-            return t.model(**enc).logits.float().numpy()
+            return text_logits(t, batch).numpy()
 
     for text in texts[:5]:  # warm-up
         logits_of([text])
@@ -96,10 +97,8 @@ def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000) -> dict
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise KeelError(f"{run_dir} has no final model; train it first (`keel run RECIPE`)")
-    available = [v for v in VARIANTS if v in ("hf-pipeline", "torch") or (run_dir / "export" / v).is_dir()]
+    available = [v for v in VARIANTS if v in ("hf-pipeline", "torch") or export_dir(run_dir, v).is_dir()]
     rows = []
-    from keel.progress import log
-
     for variant in available:
         log(f"bench: measuring {variant}")
         proc = subprocess.run([sys.executable, "-m", "keel.export.bench", str(run_dir), variant, str(n_latency), str(n_eval)],

@@ -99,7 +99,7 @@ def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.9
             raise KeelError(f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
                             "report this model type, and serve it with the PyTorch backend meanwhile")
         _copy_metadata(t, tmp, {"variant": FP32, "max_abs_diff_vs_eager": diff, "inputs": names})
-    result[FP32] = {"max_abs_diff_vs_eager": diff, "bytes": _size(fp32)}
+    result[FP32] = {"max_abs_diff_vs_eager": diff, "bytes": weights_bytes(fp32)}
     if int8:
         result[INT8] = quantize_int8(run_dir, checks, eager, min_cosine)
     return result
@@ -125,7 +125,7 @@ def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarra
                 shutil.copy2(p, tmp / p.name)
         meta = json.loads((src / "keel.json").read_text())
         (tmp / "keel.json").write_text(json.dumps({**meta, "variant": INT8, "logit_cosine_vs_eager": cos}, indent=2))
-    return {"logit_cosine_vs_eager": cos, "bytes": _size(final)}
+    return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -139,7 +139,7 @@ def _copy_metadata(t, folder: Path, extra: dict) -> None:
     (folder / "keel.json").write_text(json.dumps({**t.info, **extra}, indent=2))
 
 
-def _size(folder: Path) -> int:
+def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
 
 
