@@ -80,7 +80,7 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
           data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file"),
           text_column: Optional[str] = typer.Option(None, help="text column of --data (default: the recipe's)"),
           label_column: Optional[str] = typer.Option(None, help="label column of --data (default: the recipe's)"),
-          backend: str = typer.Option("torch", help="torch, onnx or onnx-int8 (after `keel export`)"),
+          backend: str = typer.Option("torch", help="torch, onnx, onnx-int8 (after `keel export`) or a compressed variant such as pruned-onnx-int8 (see `keel bench`)"),
           as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
     """Evaluate a run's model on its test split, or on a labelled file."""
     from keel.evaluate import evaluate_run
@@ -98,7 +98,7 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
 @app.command()
 def predict(run_dir: str = typer.Argument(..., help="a run directory"),
             texts: List[str] = typer.Argument(..., help="texts to classify; a single - reads one text per line from stdin"),
-            backend: str = typer.Option("torch", help="torch, onnx or onnx-int8 (after `keel export`)"),
+            backend: str = typer.Option("torch", help="torch, onnx, onnx-int8 (after `keel export`) or a compressed variant such as pruned-onnx-int8 (see `keel bench`)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
     """Classify texts with a run's model."""
     from rich.table import Table
@@ -139,13 +139,74 @@ def export(run_dir: str = typer.Argument(..., help="a run directory"),
 def bench(run_dir: str = typer.Argument(..., help="a run directory"),
           n_latency: int = typer.Option(100, help="texts timed one by one for the batch-1 latency"),
           n_eval: int = typer.Option(1000, help="test examples scored (and timed at batch 32)")) -> None:
-    """Measure every variant of a run's model (HF pipeline baseline, PyTorch, ONNX, ONNX int8) side by side."""
-    from rich.table import Table
-
+    """Measure every variant of a run's model (HF pipeline baseline, PyTorch, ONNX, int8, compressed) side by side."""
     from keel.export.bench import bench as _bench
     from keel.report import write_report
 
-    result = _bench(run_dir, n_latency, n_eval)
+    _print_bench(_bench(run_dir, n_latency, n_eval))
+    out.print(f"ratios vs the fp32 teacher through transformers' pipeline; wrote {run_dir}/bench.json and "
+              f"{write_report(run_dir)}")
+
+
+# -- compression: each stage alone, or all of them with the budgeted pick ---------------------------
+
+COMPRESS_OVERRIDES = typer.Argument(None, help="compress.* overrides, e.g. compress.distill.layers=3 compress.prune.ffn=0.5")
+
+
+@app.command()
+def distill(run_dir: str = typer.Argument(..., help="a run directory (its model is the teacher)"),
+            overrides: Optional[List[str]] = COMPRESS_OVERRIDES) -> None:
+    """Distill the run's model into a smaller student (RUN_DIR/compress/student)."""
+    from keel.compress.stages import distill as _distill, run_recipe
+
+    folder = _distill(run_dir, run_recipe(run_dir, overrides))
+    out.print(f"student: [bold]{folder}[/]   next: keel eval {run_dir} --backend student-torch")
+
+
+@app.command()
+def prune(run_dir: str = typer.Argument(..., help="a run directory"),
+          overrides: Optional[List[str]] = COMPRESS_OVERRIDES) -> None:
+    """Prune the latest model (student, else teacher): heads/FFN neurons (structured) or weights (sparsity)."""
+    from keel.compress.stages import prune as _prune, run_recipe
+
+    folder = _prune(run_dir, run_recipe(run_dir, overrides))
+    out.print(f"pruned: [bold]{folder}[/]   next: keel eval {run_dir} --backend pruned-torch")
+
+
+@app.command()
+def quantize(run_dir: str = typer.Argument(..., help="a run directory"),
+             overrides: Optional[List[str]] = COMPRESS_OVERRIDES,
+             stage: Optional[str] = typer.Option(None, help="teacher, student or pruned (default: the latest)")) -> None:
+    """ONNX export + int8 (dynamic, and static when asked) of the latest model; torchao int8 when asked."""
+    from keel.compress.stages import quantize as _quantize, run_recipe
+
+    for variant in _quantize(run_dir, run_recipe(run_dir, overrides), stage):
+        out.print(f"  {variant}   (keel eval {run_dir} --backend {variant})")
+
+
+@app.command()
+def compress(run_dir: str = typer.Argument(..., help="a run directory"),
+             overrides: Optional[List[str]] = COMPRESS_OVERRIDES) -> None:
+    """Every stage in the recipe's compress section, the bench, and the deployable pick within compress.budget."""
+    from keel.compress.stages import compress as _compress
+    from keel.report import write_report
+
+    try:
+        record = _compress(run_dir, overrides)
+    finally:
+        from pathlib import Path
+
+        if (Path(run_dir) / "bench.json").is_file():
+            import json as _json
+
+            _print_bench(_json.loads((Path(run_dir) / "bench.json").read_text()))
+            write_report(run_dir)
+    out.print(f"deployable: [bold]{record['deployable']}[/]   (keel predict {run_dir} --backend {record['deployable']} \"...\")")
+
+
+def _print_bench(result: dict) -> None:
+    from rich.table import Table
+
     table = Table("variant", "accuracy", "macro-F1", "MB on disk", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)",
                   "peak RSS MB", "x faster p50", "x throughput", "x smaller")
     for r in result["variants"]:
@@ -154,8 +215,6 @@ def bench(run_dir: str = typer.Argument(..., help="a run directory"),
                       f"{r['peak_rss_mb']:.0f}", f"{r['speedup_p50_vs_pipeline']:.2f}",
                       f"{r['throughput_vs_pipeline']:.2f}", f"{r['smaller_vs_pipeline']:.2f}")
     out.print(table)
-    out.print(f"ratios vs the fp32 model through transformers' pipeline; wrote {run_dir}/bench.json and "
-              f"{write_report(run_dir)}")
 
 
 @app.command()

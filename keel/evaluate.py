@@ -21,17 +21,24 @@ class Trained:
     run_dir: Path
 
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-static-int8", "torchao-weight-only", "torchao-dynamic")
 
 
 def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
-    """The final model of a run (or its ONNX export). Every file is checked against its manifest first."""
+    """The final model of a run, one of its exports, or a compressed variant (``student-onnx-int8``, ...).
+    Every file is checked against its manifest first."""
     run_dir = Path(run_dir)
-    if backend not in BACKENDS:
-        raise KeelError(f"--backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    folder = run_dir / "model"
     if not run_dir.is_dir():
         raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
+    if backend not in BACKENDS:
+        from keel.compress.stages import variant_location
+
+        run_dir, backend = variant_location(run_dir, backend)
+        if backend not in BACKENDS:
+            raise KeelError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir} does not exist; run `keel compress` (or distill/prune) first")
+    folder = run_dir / "model"
     if not folder.is_dir():
         raise CheckpointError(f"{run_dir} has no final model yet (model/ is missing); finish training with "
                               f"`keel train RECIPE --resume`")
@@ -43,15 +50,19 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
     from keel.tasks import get_task
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if backend == "torch":
-        model = get_task(info["task"]).build_model(folder, info.get("labels") or [])
-    else:
+    if backend.startswith("onnx"):
         from keel.export.onnx import OnnxClassifier, export_dir
 
         onnx_folder = export_dir(run_dir, backend)
         if not onnx_folder.is_dir():
             raise CheckpointError(f"{run_dir} has no {backend} export yet; run `keel export {run_dir}` first")
         model = OnnxClassifier(onnx_folder)
+    else:
+        model = get_task(info["task"]).build_model(folder, info.get("labels") or [])
+        if backend.startswith("torchao-"):
+            from keel.compress.quantize import torchao_int8
+
+            model = torchao_int8(model, backend.removeprefix("torchao-"))
     model.eval()
     return Trained(model, tokenizer, info, recipe, run_dir)
 
@@ -120,6 +131,21 @@ def text_logits(t: Trained, texts: list[str]):
         return t.model(**enc).logits.float()
 
 
+def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
+    """Logits (N, C) in the order given, computed on batches of texts of similar length (less padding)."""
+    import torch
+
+    texts = list(texts)
+    lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    out = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        for i, row in zip(idx, text_logits(t, [texts[i] for i in idx])):
+            out[i] = row
+    return torch.stack(out) if out else torch.zeros((0, len(t.info.get("labels") or [])))
+
+
 def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch") -> list[dict]:
     """Label and class probabilities for each text (classification runs)."""
     t = load_trained(run_dir, backend)
@@ -127,11 +153,8 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend
         raise KeelError(f"keel predict works on classification runs; {run_dir} is a {t.info['task']} run")
     labels = t.info["labels"]
     out = []
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start: start + batch_size]
-        probs = text_logits(t, chunk).softmax(-1)  # (B, C)
-        for text, p in zip(chunk, probs):
-            i = int(p.argmax())
-            out.append({"text": text, "label": labels[i], "score": float(p[i]),
-                        "scores": {name: float(v) for name, v in zip(labels, p)}})
+    for text, p in zip(texts, batched_logits(t, texts, batch_size).softmax(-1)):  # (N, C)
+        i = int(p.argmax())
+        out.append({"text": text, "label": labels[i], "score": float(p[i]),
+                    "scores": {name: float(v) for name, v in zip(labels, p)}})
     return out

@@ -10,6 +10,9 @@ Run directory layout (later stages add to it):
       checkpoints/       step-XXXXXXXX/ (exact-resume state) and best/ (best weights so far)
       model/             the final model, Hugging Face format + keel.json + manifest.json
       eval/test.json     test metrics, confusion matrix, majority-class baseline
+      compress/          student/ and pruned/ (each a small run dir), deployable.json (see keel/compress)
+      export/            onnx/, onnx-int8/ of the teacher; compressed stages have their own export/
+      bench.json         every variant measured side by side
       report.html        one self-contained page
 """
 
@@ -96,7 +99,7 @@ def train_run(recipe: Recipe, resume: bool = False) -> Path:
 
 
 def full_run(recipe: Recipe, resume: bool = False) -> Path:
-    """Everything the recipe asks for (`keel run`): train, test-set evaluation, report."""
+    """Everything the recipe asks for (`keel run`): train, test-set evaluation, compression, report."""
     from keel.evaluate import evaluate_run
     from keel.report import write_report
 
@@ -107,6 +110,15 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
             evaluate_run(run_dir)
         else:
             log("no test split (data.split.test is 0): skipping the test evaluation")
+        if recipe.compress is not None:
+            from keel.compress.stages import compress
+
+            try:
+                compress(run_dir)
+            except KeelError as e:  # the report still shows what was measured before the budget said no
+                write_report(run_dir)
+                finish_run(run_dir, status="failed", error=str(e)[:500])
+                raise
         write_report(run_dir)
         finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir

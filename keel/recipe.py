@@ -109,6 +109,60 @@ class TrainConfig(Strict):
         return "no" if v is False else v
 
 
+class DistillConfig(Strict):
+    """Teacher (the run's model) -> a smaller student trained on labels and the teacher's soft outputs."""
+
+    student: str | None = Field(None, description="registry model or folder for the student; default: cut from the teacher")
+    layers: int | list[int] | None = Field(None, description="teacher layers the student keeps: a count (spread evenly) "
+                                           "or indices; default: every other layer")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label loss; 1 - alpha goes to the teacher's")
+    temperature: float = Field(2.0, gt=0.0)
+    hidden_weight: float = Field(0.0, ge=0.0, description="weight of hidden-state matching (same width only)")
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0.0, lt=1.0)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class PruneConfig(Strict):
+    """Pruning of the latest model (the student when there is one), then optional fine-tuning."""
+
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="share of attention heads removed in every layer")
+    ffn: float = Field(0.0, ge=0.0, lt=1.0, description="share of FFN neurons removed in every layer")
+    sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="unstructured: share of block weights zeroed")
+    vocab: bool = Field(False, description="keep only the embedding rows of tokens seen in the training split "
+                        "(classifiers; other tokens read as the unknown token)")
+    finetune_epochs: int = Field(1, ge=0, description="fine-tuning (with distillation when there is a teacher) after pruning")
+    lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class QuantizeConfig(Strict):
+    onnx: bool = Field(True, description="export to ONNX (fp32), checked against eager every time")
+    onnx_int8: bool = Field(True, description="ONNX Runtime dynamic int8")
+    onnx_static_int8: bool = Field(False, description="ONNX Runtime static int8 (QDQ), calibrated on training texts")
+    torch_int8: Literal["none", "weight-only", "dynamic"] = Field(
+        "none", description="torchao int8 for the PyTorch backend (dynamic has no fast CPU kernels)")
+    calibration_samples: int = Field(128, ge=8)
+
+
+class BudgetConfig(Strict):
+    max_accuracy_drop: float = Field(1.0, ge=0.0, description="points of accuracy below the fp32 teacher")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="p50 latency at batch 1")
+    max_size_mb: float | None = Field(None, gt=0.0, description="weights on disk")
+    prefer: Literal["latency", "size", "throughput"] = Field("latency", description="how to pick among variants in budget")
+
+
+class CompressConfig(Strict):
+    """`keel run` compresses after training when this section is present; `keel compress RUN_DIR` does it later."""
+
+    distill: DistillConfig | None = None
+    prune: PruneConfig | None = None
+    quantize: QuantizeConfig = QuantizeConfig()
+    budget: BudgetConfig = BudgetConfig()
+    bench_latency_samples: int = Field(100, ge=5, description="batch-1 requests timed per variant")
+    bench_eval_samples: int = Field(1000, ge=10, description="test examples scored per variant")
+
+
 class OutputConfig(Strict):
     dir: str | None = Field(None, description="run directory; default runs/<name> (a free -N suffix is added)")
 
@@ -121,6 +175,7 @@ class Recipe(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    compress: CompressConfig | None = None
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

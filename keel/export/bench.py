@@ -1,8 +1,10 @@
 """`keel bench RUN_DIR`: every variant of a run's classifier measured side by side on its test split.
 
-Variants: ``hf-pipeline`` (the fp32 model through transformers' plain ``pipeline("text-classification")``,
-the baseline for every ratio), ``torch`` (keel's own PyTorch path) and, after `keel export`, ``onnx`` and
-``onnx-int8``. Each variant is measured in a fresh process, so its peak RSS is its own.
+Variants: ``hf-pipeline`` (the fp32 teacher through transformers' plain ``pipeline("text-classification")``,
+the baseline for every ratio), then ``<stage>-<backend>`` for every model keel made: stages ``teacher``,
+``student``, ``pruned``; backends ``torch``, ``onnx``, ``onnx-int8``, ``onnx-static-int8``, ``torchao-*``.
+Each variant is measured in a fresh process, so its peak RSS is its own. keel's own variants score batches
+of texts of similar length (as `keel predict` and the server do); the pipeline batches as it comes.
 Figures: accuracy and macro-F1, parameters, size on disk, p50/p95 latency at batch 1, throughput at batch 32.
 """
 
@@ -21,13 +23,24 @@ from keel.export.onnx import export_dir, weights_bytes
 from keel.io import atomic_write_json
 from keel.progress import log
 
-VARIANTS = ("hf-pipeline", "torch", "onnx", "onnx-int8")
+def available_variants(run_dir: Path) -> list[str]:
+    """Every variant on disk: the teacher and each compression stage, with their exports."""
+    from keel.compress.stages import STAGES, stage_dir
+
+    out = []
+    for stage in ("teacher", *STAGES):
+        folder = stage_dir(run_dir, stage)
+        if (folder / "model").is_dir():
+            out.append(f"{stage}-torch")
+            out += [f"{stage}-{b}" for b in ("onnx", "onnx-int8", "onnx-static-int8") if export_dir(folder, b).is_dir()]
+    return out
 
 
-def _weights_bytes(run_dir: Path, variant: str) -> int:
-    if variant in ("hf-pipeline", "torch"):
-        return sum(p.stat().st_size for p in (run_dir / "model").glob("*.safetensors"))
-    return weights_bytes(export_dir(run_dir, variant))
+def _weights_bytes(folder: Path, backend: str) -> int:
+    """Weights on disk; torchao variants are quantized at load time, so theirs is the fp32 file they load."""
+    if backend == "torch" or backend.startswith("torchao-"):
+        return sum(p.stat().st_size for p in (folder / "model").glob("*.safetensors"))
+    return weights_bytes(export_dir(folder, backend))
 
 
 def _param_count(folder: Path) -> int:
@@ -43,16 +56,16 @@ def _param_count(folder: Path) -> int:
 
 def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) -> dict:
     """Runs inside the worker process: load one variant, then time and score it."""
-    import resource
-
     import torch
 
+    from keel.compress.stages import variant_location
     from keel.data.prepare import prepare_data
-    from keel.evaluate import load_trained, text_logits
+    from keel.evaluate import batched_logits, load_trained, text_logits
     from keel.train.metrics import classification_metrics
 
     torch.set_grad_enabled(False)
-    t = load_trained(run_dir, "torch" if variant == "hf-pipeline" else variant)
+    folder, backend = (run_dir, "torch") if variant == "hf-pipeline" else variant_location(run_dir, variant)
+    t = load_trained(folder, backend)
     test = prepare_data(t.recipe, t.tokenizer).splits["test"]
     if len(test) == 0:
         raise KeelError("keel bench needs a test split; this run's recipe has data.split.test = 0")
@@ -68,9 +81,15 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
         def logits_of(batch: list[str]) -> np.ndarray:
             out = pipe(batch, batch_size=len(batch), truncation=True, max_length=max_len)
             return np.array([[next(s["score"] for s in row if s["label"] == name) for name in labels] for row in out])
+
+        def score_all(all_texts: list[str]) -> np.ndarray:
+            return np.concatenate([logits_of(all_texts[i: i + 32]) for i in range(0, len(all_texts), 32)])
     else:
         def logits_of(batch: list[str]) -> np.ndarray:
             return text_logits(t, batch).numpy()
+
+        def score_all(all_texts: list[str]) -> np.ndarray:
+            return batched_logits(t, all_texts, 32).numpy()
 
     for text in texts[:5]:  # warm-up
         logits_of([text])
@@ -80,26 +99,35 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
         logits_of([text])
         lat.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    scores = [logits_of(texts[i: i + 32]) for i in range(0, len(texts), 32)]
+    pred = score_all(texts).argmax(-1)
     elapsed = time.perf_counter() - t0
-    pred = np.concatenate(scores).argmax(-1)
     m = classification_metrics(np.asarray(test["label"]), pred, labels)
-    params = _param_count(run_dir / "model")
+    params = _param_count(folder / "model")
     return {"variant": variant, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"], "params": params,
-            "disk_mb": _weights_bytes(run_dir, variant) / 1e6,
+            "disk_mb": _weights_bytes(folder, backend) / 1e6,
             "p50_ms_batch1": float(np.percentile(lat, 50) * 1e3), "p95_ms_batch1": float(np.percentile(lat, 95) * 1e3),
             "throughput_batch32": len(texts) / elapsed,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
 
 
-def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000) -> dict:
-    """Measure every available variant (each in its own process) and write RUN_DIR/bench.json."""
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM starts afresh at exec; ru_maxrss would carry the parent's peak over)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variants: list[str] | None = None) -> dict:
+    """Measure the HF-pipeline baseline and every variant (default: all on disk), each in its own process;
+    write RUN_DIR/bench.json."""
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise KeelError(f"{run_dir} has no final model; train it first (`keel run RECIPE`)")
-    available = [v for v in VARIANTS if v in ("hf-pipeline", "torch") or export_dir(run_dir, v).is_dir()]
     rows = []
-    for variant in available:
+    for variant in ["hf-pipeline", *(variants or available_variants(run_dir))]:
         log(f"bench: measuring {variant}")
         proc = subprocess.run([sys.executable, "-m", "keel.export.bench", str(run_dir), variant, str(n_latency), str(n_eval)],
                               capture_output=True, text=True)

@@ -23,7 +23,7 @@ import numpy as np
 from keel.errors import KeelError
 from keel.io import atomic_dir, verify_manifest
 
-FP32, INT8 = "onnx", "onnx-int8"
+FP32, INT8, STATIC_INT8 = "onnx", "onnx-int8", "onnx-static-int8"
 
 
 def export_dir(run_dir: Path, variant: str) -> Path:
@@ -125,6 +125,56 @@ def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarra
                 shutil.copy2(p, tmp / p.name)
         meta = json.loads((src / "keel.json").read_text())
         (tmp / "keel.json").write_text(json.dumps({**meta, "variant": INT8, "logit_cosine_vs_eager": cos}, indent=2))
+    return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
+
+
+def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, min_cosine: float = 0.99) -> dict:
+    """Static int8 (QDQ): activation ranges calibrated once on training texts, so no ranges are computed at run time.
+
+    Only MatMul/Gemm are quantized; softmax and layer norms stay fp32 (quantizing them costs a transformer its
+    accuracy for little speed). Checked like the dynamic variant: logit cosine vs eager >= ``min_cosine``.
+    """
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from keel.evaluate import load_trained
+
+    src = export_dir(run_dir, FP32)
+    if not (src / "model.onnx").is_file():
+        raise KeelError(f"{run_dir} has no fp32 ONNX export to calibrate; run `keel export {run_dir}` first")
+    t = load_trained(run_dir)
+    names, max_len = input_names(t.tokenizer), t.recipe.model.max_length
+    texts = _parity_texts(t, n=calibration_samples + 16)
+    calib, check = texts[16:] or texts, texts[:16]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([_feeds(t.tokenizer, calib[i: i + 8], names, max_len) for i in range(0, len(calib), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    final = export_dir(run_dir, STATIC_INT8)
+    with atomic_dir(final) as tmp:
+        with _quiet():
+            quantize_static(str(src / "model.onnx"), str(tmp / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            extra_options={"ActivationSymmetric": True})
+        feeds = [_feeds(t.tokenizer, check[i: i + k], names, max_len) for i, k in ((0, 1), (0, len(check)))]
+        with torch.no_grad():
+            eager = [t.model.float()(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in feeds]
+        session = _session(tmp / "model.onnx")
+        cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(feeds, eager))
+        if not cos >= min_cosine:
+            raise KeelError(f"static int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
+                            "use dynamic int8 (compress.quantize.onnx_static_int8=false)")
+        for p in src.iterdir():
+            if p.name not in ("model.onnx", "model.onnx.data", "manifest.json", "keel.json"):
+                shutil.copy2(p, tmp / p.name)
+        meta = json.loads((src / "keel.json").read_text())
+        (tmp / "keel.json").write_text(json.dumps({**meta, "variant": STATIC_INT8, "logit_cosine_vs_eager": cos,
+                                                   "calibration_texts": len(calib)}, indent=2))
     return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
 
 

@@ -15,6 +15,10 @@ def build_model(path: Path, labels: list[str]):
     hf_logging.disable_progress_bar()
     from transformers import AutoModelForCausalLM
 
+    from keel.compress.prune import is_resized, load_resized
+
+    if is_resized(path):  # a structurally pruned model: its matrices are smaller than its config says
+        return load_resized(AutoModelForCausalLM, path)
     return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
 
 

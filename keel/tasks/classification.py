@@ -18,6 +18,10 @@ def build_model(path: Path, labels: list[str]):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from keel.compress.prune import is_resized, load_resized
+
+    if is_resized(path):  # a structurally pruned model: its matrices are smaller than its config says
+        return load_resized(AutoModelForSequenceClassification, path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "some weights newly initialized" is the point of fine-tuning
     try:

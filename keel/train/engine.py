@@ -35,7 +35,7 @@ from keel.train.metrics import MetricLog
 
 # Resuming may change only these fields; anything else would silently change the run.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
-                     "train.checkpoint_every", "train.num_threads", "output.dir")
+                     "train.checkpoint_every", "train.num_threads", "output.dir", "compress")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -107,8 +107,14 @@ def param_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
-    """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model."""
+def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=None, loss_fn=None,
+          model_info: dict | None = None) -> dict:
+    """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model.
+
+    Later stages reuse the loop: ``build_model(path, labels)`` replaces the task's model builder (a student
+    cut from a teacher, a pruned model) and ``loss_fn(model, batch)`` the model's own loss (distillation);
+    ``model_info`` is added to the final model's keel.json.
+    """
     from accelerate.utils import gather_object, set_seed
     from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
@@ -131,7 +137,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
         data = prepare_data(recipe, tokenizer)
     train_ds, val_ds = data.splits["train"], data.splits["validation"]
     task = get_task(recipe.task)
-    model = task.build_model(path, data.labels)
+    model = (build_model or task.build_model)(path, data.labels)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -231,7 +237,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
                     with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
                         batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_ds[idx], tokenizer, pad_multiple).items()}
                         with accelerator.autocast():
-                            loss = model(**batch).loss  # mean over this micro-batch
+                            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss  # micro-batch mean
                         accelerator.backward(loss / len(group))
                     running += loss.detach().float() / len(group)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
@@ -284,7 +290,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             atomic_write_json(run_dir / "replicas.json", {"world_size": world, "sha256": fingerprints, "identical": same})
             if not same:
                 raise KeelError(f"data-parallel replicas diverged ({world} processes); see {run_dir / 'replicas.json'}")
-        save_final_model(final, tokenizer, run_dir / "model", recipe, summary)
+        save_final_model(final, tokenizer, run_dir / "model", recipe, summary, model_info)
         atomic_write_json(run_dir / "train.json", summary)
     metrics.close()
     accelerator.wait_for_everyone()
@@ -302,7 +308,7 @@ def _min_delta(cfg) -> float:
     return cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
 
 
-def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: dict) -> None:
+def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: dict, extra: dict | None = None) -> None:
     """Hugging Face format (safetensors + tokenizer), plus keel.json; sealed with a manifest."""
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
@@ -310,5 +316,5 @@ def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: di
         (tmp / "keel.json").write_text(json.dumps({
             "task": recipe.task, "labels": summary["labels"], "recipe_sha256": recipe.sha256(),
             "base_model": recipe.model.name, "best_step": summary["best_step"],
-            "selection_metric": summary["selection_metric"], "best_metric": summary["best_metric"],
+            "selection_metric": summary["selection_metric"], "best_metric": summary["best_metric"], **(extra or {}),
         }, indent=2))

@@ -1,0 +1,61 @@
+"""The budgeted pick: of every variant measured by `keel bench`, the one to deploy.
+
+A variant is within budget when its accuracy is at most ``max_accuracy_drop`` points below the fp32
+teacher's (measured in the same bench, through the plain Hugging Face pipeline), and, when set, its p50
+latency at batch 1 and its size on disk are under the caps. Among those, ``prefer`` decides: lowest
+latency (default), smallest size, or highest throughput. None within budget is an error (exit 3), with
+the closest misses named, so a pipeline cannot ship a model that lost too much.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from keel.errors import GateError
+from keel.io import atomic_write_json
+from keel.progress import log
+
+_SORT = {"latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
+         "size": lambda r: (r["disk_mb"], r["p50_ms_batch1"]),
+         "throughput": lambda r: (-r["throughput_batch32"], r["disk_mb"])}
+
+
+def misses(row: dict, budget) -> list[str]:
+    """Why a variant is outside the budget (empty when it is within)."""
+    out = []
+    if row["accuracy_drop_points"] > budget.max_accuracy_drop + 1e-9:
+        out.append(f"accuracy drop {row['accuracy_drop_points']:.2f} > {budget.max_accuracy_drop:g} points")
+    if budget.max_latency_ms is not None and row["p50_ms_batch1"] > budget.max_latency_ms:
+        out.append(f"p50 {row['p50_ms_batch1']:.2f} > {budget.max_latency_ms:g} ms")
+    if budget.max_size_mb is not None and row["disk_mb"] > budget.max_size_mb:
+        out.append(f"size {row['disk_mb']:.1f} > {budget.max_size_mb:g} MB")
+    return out
+
+
+def select(rows: list[dict], budget) -> tuple[dict | None, dict[str, list[str]]]:
+    """(the chosen row or None, why each other candidate was out). The HF-pipeline baseline is not a candidate."""
+    candidates = [r for r in rows if r["variant"] != "hf-pipeline"]
+    why = {r["variant"]: misses(r, budget) for r in candidates}
+    fits = [r for r in candidates if not why[r["variant"]]]
+    return (min(fits, key=_SORT[budget.prefer]) if fits else None), why
+
+
+def pick_deployable(run_dir: str | Path, bench_result: dict, budget) -> dict:
+    """Mark the deployable variant in RUN_DIR/compress/deployable.json; raise GateError when none fits."""
+    run_dir = Path(run_dir)
+    chosen, why = select(bench_result["variants"], budget)
+    record = {"budget": budget.model_dump(mode="json"), "deployable": chosen["variant"] if chosen else None,
+              "outside_budget": {k: v for k, v in why.items() if v}}
+    if chosen:
+        record["figures"] = chosen
+    atomic_write_json(run_dir / "compress" / "deployable.json", record)
+    if chosen is None:
+        closest = min(bench_result["variants"][1:], key=lambda r: r["accuracy_drop_points"], default=None)
+        hint = f"; closest: {closest['variant']} ({', '.join(why[closest['variant']])})" if closest else ""
+        raise GateError(f"no compressed variant is within compress.budget{hint}; relax the budget "
+                        "(e.g. compress.budget.max_accuracy_drop=2) or compress less (fewer pruned heads/neurons, "
+                        "more student layers)")
+    log(f"deployable: [bold]{chosen['variant']}[/] (accuracy {chosen['accuracy']:.4f}, "
+        f"{chosen['accuracy_drop_points']:+.2f} points drop, p50 {chosen['p50_ms_batch1']:.2f} ms, "
+        f"{chosen['disk_mb']:.1f} MB)")
+    return record

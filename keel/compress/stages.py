@@ -1,0 +1,256 @@
+"""The compression stages of a run, in order: distill -> prune -> quantize/export -> bench -> pick.
+
+Each training stage is a small run directory of its own inside the teacher's, trained by keel's engine
+(progress bar, evaluation, best model, checkpoints) and swapped into place only when complete:
+
+    runs/<name>/compress/student/   model/ recipe.yaml metrics.jsonl train.json [export/onnx*/]
+    runs/<name>/compress/pruned/    the same; its model/keel.json says "resized" when matrices shrank
+    runs/<name>/compress/deployable.json   the variant picked within compress.budget
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from keel.errors import KeelError
+from keel.io import atomic_write_text
+from keel.progress import log
+from keel.recipe import CompressConfig, Recipe, load_recipe
+
+STAGES = ("student", "pruned")
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) if stage == "teacher" else Path(run_dir) / "compress" / stage
+
+
+def latest_stage(run_dir: Path) -> str:
+    for stage in reversed(STAGES):
+        if (stage_dir(run_dir, stage) / "model" / "manifest.json").is_file():
+            return stage
+    return "teacher"
+
+
+def run_recipe(run_dir: Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise KeelError(f"{run_dir} is not a keel run directory (no recipe.yaml); pass the folder `keel run` printed")
+    return load_recipe(path, overrides)
+
+
+def compress_config(recipe: Recipe) -> CompressConfig:
+    return recipe.compress or CompressConfig()
+
+
+def _stage_recipe(recipe: Recipe, epochs: int, lr: float, max_steps: int | None) -> Recipe:
+    train = recipe.train.model_copy(update={"epochs": epochs, "lr": lr, "max_steps": max_steps, "early_stopping": None,
+                                            "checkpoint_every": 0})
+    return recipe.model_copy(update={"train": train, "output": recipe.output.model_copy(update={"dir": None})})
+
+
+def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn, info: dict,
+                 train_it: bool = True) -> Path:
+    """Train into a scratch folder next to the stage's, then swap it in: a failed stage leaves the old one."""
+    from keel.train.engine import save_final_model, train
+
+    final = stage_dir(run_dir, stage)
+    work = final.with_name(f".{stage}.partial-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
+        if train_it:
+            summary = train(recipe, work, build_model=build_model, loss_fn=loss_fn, model_info={"stage": stage, **info})
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is complete; its model/ is what counts
+        else:
+            from keel.evaluate import load_trained
+
+            teacher = load_trained(run_dir)
+            labels = teacher.info.get("labels") or []
+            summary = {"labels": labels, "best_step": None, "selection_metric": recipe.selection_metric, "best_metric": None}
+            save_final_model(build_model(None, labels), teacher.tokenizer, work / "model", recipe, summary,
+                             {"stage": stage, **info})
+        if final.exists():
+            old = final.with_name(f".{stage}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(work, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if summary["best_metric"] is not None:
+        log(f"{stage}: best validation {summary['selection_metric']} {summary['best_metric']:.4f} -> {final}")
+    return final
+
+
+def _teacher(run_dir: Path):
+    from keel.evaluate import load_trained
+
+    return load_trained(run_dir).model.float().eval()
+
+
+def _distiller(run_dir: Path, recipe: Recipe, cfg_alpha: float, temperature: float, hidden_weight: float, layer_map=None):
+    from keel.compress.distill import Distiller
+
+    return Distiller(_teacher(run_dir), cfg_alpha, temperature, hidden_weight, layer_map,
+                     causal=recipe.task == "causal-lm")
+
+
+def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
+    """Teacher (RUN_DIR/model) -> RUN_DIR/compress/student."""
+    from keel.compress.distill import check_smaller, layer_list, pick_layers, student_from_teacher
+    from keel.models import model_dir
+    from keel.tasks import get_task
+
+    run_dir = Path(run_dir)
+    recipe = recipe or run_recipe(run_dir)
+    cfg = compress_config(recipe).distill
+    if cfg is None:
+        from keel.recipe import DistillConfig
+
+        cfg = DistillConfig()
+    teacher = _teacher(run_dir)
+    layers, layer_map = None, None
+    if cfg.student is None:
+        layers = pick_layers(len(layer_list(teacher)), cfg.layers)
+        layer_map = layers
+        log(f"distill: student keeps teacher layers {layers} of {len(layer_list(teacher))}")
+        student = student_from_teacher(teacher, layers)
+    else:
+        if cfg.layers is not None:
+            raise KeelError("compress.distill: set either student (a model) or layers (cut from the teacher), not both")
+        student = get_task(recipe.task).build_model(model_dir(cfg.student), list(teacher.config.id2label.values())
+                                                    if recipe.task == "classification" else [])
+        if student.get_input_embeddings().num_embeddings < teacher.get_input_embeddings().num_embeddings:
+            raise KeelError(f"student {cfg.student} has a smaller vocabulary than the teacher; a student must share the "
+                            "teacher's tokenizer (or leave compress.distill.student unset to cut one from the teacher)")
+        log(f"distill: student {cfg.student}")
+    check_smaller(student, teacher)
+    loss = _distiller(run_dir, recipe, cfg.alpha, cfg.temperature, cfg.hidden_weight, layer_map)
+    stage_recipe = _stage_recipe(recipe, cfg.epochs, cfg.lr, cfg.max_steps)
+    info = {"distilled_from": str(run_dir), "teacher_layers_kept": layers,
+            "distill": cfg.model_dump(mode="json")}
+    return _train_stage(run_dir, "student", stage_recipe, lambda path, labels: student, loss, info)
+
+
+def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
+    """The latest model (student if any, else teacher) -> RUN_DIR/compress/pruned."""
+    from keel.compress import prune as P
+    from keel.evaluate import load_trained
+    from keel.recipe import PruneConfig
+
+    run_dir = Path(run_dir)
+    recipe = recipe or run_recipe(run_dir)
+    cfg = compress_config(recipe).prune or PruneConfig(ffn=0.5)
+    if not (cfg.heads or cfg.ffn or cfg.sparsity or cfg.vocab):
+        raise KeelError("compress.prune removes nothing; set heads, ffn, vocab (structured) or sparsity (unstructured)")
+    source = latest_stage(run_dir) if latest_stage(run_dir) != "pruned" else (
+        "student" if (stage_dir(run_dir, "student") / "model").is_dir() else "teacher")
+    model = load_trained(stage_dir(run_dir, source)).model.float()
+    before = sum(p.numel() for p in model.parameters())
+    info: dict = {"pruned_from": source}
+    if cfg.heads or cfg.ffn:
+        info["structured"] = P.structured_prune(model, cfg.heads, cfg.ffn)
+        info["resized"] = True
+    if cfg.vocab:
+        from keel.data.prepare import prepare_data
+
+        tok = load_trained(run_dir).tokenizer
+        seen = {i for ids in prepare_data(recipe, tok).splits["train"]["input_ids"] for i in ids}
+        info["vocab"] = P.trim_vocabulary(model, seen | set(tok.all_special_ids), tok.unk_token_id
+                                          if tok.unk_token_id is not None else tok.pad_token_id)
+        info["resized"] = True
+        log(f"prune: embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens "
+            "(those in the training split)")
+    if cfg.sparsity:
+        info["unstructured"] = P.global_magnitude_prune(model, cfg.sparsity)
+    after = sum(p.numel() for p in model.parameters())
+    info["params_before"], info["params_after"] = before, after
+    log(f"prune ({source}): {before:,} -> {after:,} parameters"
+        + (f", {info['unstructured']['sparsity']:.1%} of block weights zero" if cfg.sparsity else ""))
+
+    def build(path, labels):
+        if cfg.sparsity:
+            P.keep_zeros(model)
+        return model
+
+    loss = None
+    if (run_dir / "model").is_dir():  # recover with the teacher's help
+        d = compress_config(recipe).distill
+        loss = _distiller(run_dir, recipe, d.alpha if d else 0.5, d.temperature if d else 2.0, 0.0)
+    stage_recipe = _stage_recipe(recipe, max(cfg.finetune_epochs, 1), cfg.lr, cfg.max_steps)
+    final = _train_stage(run_dir, "pruned", stage_recipe, build, loss, info, train_it=cfg.finetune_epochs > 0)
+    if cfg.sparsity:
+        got = P.measured_sparsity(load_trained(final).model)
+        log(f"prune: {got:.2%} of block weights are zero after fine-tuning and reloading")
+    return final
+
+
+def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | None = None) -> list[str]:
+    """ONNX fp32 / int8 / static int8 exports of the latest stage; returns the variant names produced."""
+    from keel.export.onnx import export_onnx, quantize_static_int8
+
+    run_dir = Path(run_dir)
+    recipe = recipe or run_recipe(run_dir)
+    q = compress_config(recipe).quantize
+    stage = stage or latest_stage(run_dir)
+    folder = stage_dir(run_dir, stage)
+    produced = []
+    if q.onnx or q.onnx_int8 or q.onnx_static_int8:
+        if recipe.task != "classification":
+            raise KeelError("ONNX export covers classifiers; for causal LMs use compress.quantize.torch_int8 "
+                            "(torchao weight-only) and set onnx, onnx_int8 and onnx_static_int8 to false")
+        result = export_onnx(folder, int8=q.onnx_int8)
+        produced += [f"{stage}-onnx"] + ([f"{stage}-onnx-int8"] if q.onnx_int8 else [])
+        log(f"export ({stage}): ONNX fp32 max |diff| vs eager {result['onnx']['max_abs_diff_vs_eager']:.1e}")
+        if q.onnx_static_int8:
+            res = quantize_static_int8(folder, q.calibration_samples)
+            produced.append(f"{stage}-onnx-static-int8")
+            log(f"export ({stage}): static int8 logit cosine {res['logit_cosine_vs_eager']:.4f}")
+    if q.torch_int8 != "none":
+        produced.append(f"{stage}-torchao-{q.torch_int8}")
+    return produced
+
+
+def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """Every stage the recipe's compress section asks for, then the bench and the budgeted pick."""
+    from keel.compress.budget import pick_deployable
+    from keel.export.bench import bench
+
+    run_dir = Path(run_dir)
+    recipe = run_recipe(run_dir, overrides)
+    if not (run_dir / "model" / "manifest.json").is_file():
+        raise KeelError(f"{run_dir} has no final model to compress; finish training first (`keel train RECIPE --resume`)")
+    cfg = compress_config(recipe)
+    if cfg.distill:
+        distill(run_dir, recipe)
+    if cfg.prune:
+        prune(run_dir, recipe)
+    variants = ["teacher-torch"]
+    for stage in ("student", "pruned"):
+        if (stage_dir(run_dir, stage) / "model").is_dir():
+            variants.append(f"{stage}-torch")
+    variants += quantize(run_dir, recipe)
+    result = bench(run_dir, n_latency=cfg.bench_latency_samples, n_eval=cfg.bench_eval_samples, variants=variants)
+    return pick_deployable(run_dir, result, cfg.budget)
+
+
+def variant_location(run_dir: Path, variant: str) -> tuple[Path, str]:
+    """A variant name -> (the stage's run folder, the backend). Legacy names (torch, onnx, onnx-int8) are the teacher's."""
+    if variant in ("torch", "onnx", "onnx-int8", "onnx-static-int8") or variant.startswith("torchao-"):
+        return Path(run_dir), variant
+    stage, _, backend = variant.partition("-")
+    if stage not in ("teacher", *STAGES) or not backend:
+        raise KeelError(f"unknown variant {variant!r}; variants are <stage>-<backend> with stage teacher, student or "
+                        "pruned and backend torch, onnx, onnx-int8, onnx-static-int8, torchao-weight-only or torchao-dynamic")
+    return stage_dir(run_dir, stage), backend
+
+
+def deployable(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / "compress" / "deployable.json"
+    return json.loads(path.read_text()) if path.is_file() else None
