@@ -291,11 +291,19 @@ def _print_results(run_dir) -> None:
     test = json.loads(test_file.read_text()) if test_file.exists() else {}
     if test:
         _print_eval(test)
+    pick_file = run_dir / "compress" / "deployable.json"
+    pick = json.loads(pick_file.read_text()) if pick_file.exists() else {}
+    if pick.get("deployable"):
+        r = pick["figures"]
+        out.print(f"deployable model: [bold]{pick['deployable']}[/] (accuracy {r['accuracy']:.4f}, "
+                  f"{r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, {r['throughput_vs_pipeline']:.1f}x throughput, "
+                  f"{r['smaller_vs_pipeline']:.1f}x smaller than the teacher through the HF pipeline)")
     out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")
     out.print("next:")
     task = json.loads((run_dir / "model" / "keel.json").read_text())["task"]
     if task == "classification":
-        out.print(f"  keel predict {run_dir} \"I love my new self-driving car\"")
+        backend = f" --backend {pick['deployable']}" if pick.get("deployable") else ""
+        out.print(f"  keel predict {run_dir}{backend} \"I love my new self-driving car\"")
         out.print(f"  keel eval {run_dir} --data my_labelled.csv")
     elif test:
         out.print(f"  keel eval {run_dir}")

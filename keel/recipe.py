@@ -118,7 +118,10 @@ class DistillConfig(Strict):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label loss; 1 - alpha goes to the teacher's")
     temperature: float = Field(2.0, gt=0.0)
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of hidden-state matching (same width only)")
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(2, ge=0, description="0: only cut the student; the pruning stage's fine-tuning then distils it")
+    transfer_samples: int | None = Field(
+        None, ge=1, description="distil on this many training-split texts (a superset of the teacher's) labelled by the "
+        "teacher alone: alpha becomes 0, no label is read; also used by the pruning stage's fine-tuning")
     lr: float = Field(1e-4, gt=0.0, lt=1.0)
     max_steps: int | None = Field(None, ge=1)
 

@@ -195,7 +195,7 @@ def test_keel_run_compresses_exports_and_names_the_deployable_model(compressed_r
     info = json.loads((run / "compress" / "pruned" / "model" / "keel.json").read_text())
     assert info["resized"] and info["structured"]["heads_per_layer"] == [1]
     assert info["params_after"] < info["params_before"]
-    assert f"deployable: {rec['deployable']}" in proc.stdout.replace("\n", " ") or rec["deployable"] in proc.stdout
+    assert f"deployable model: {rec['deployable']}" in proc.stdout
     html = (run / "report.html").read_text()
     assert rec["deployable"] in html and "Pareto" in html
     # the deployable variant is usable by the other verbs
@@ -232,3 +232,25 @@ def test_bad_compression_input_gets_a_clear_error(compressed_run):
     assert nothing.returncode == 2 and "removes nothing" in nothing.stderr + nothing.stdout
     unknown = keel("predict", str(run), "x", "--backend", "pruned-onnx-int4", cwd=cwd, check=False)
     assert unknown.returncode == 2 and "backend" in unknown.stderr + unknown.stdout
+
+
+def test_logit_distillation_works_for_causal_lms():
+    from keel.compress.distill import Distiller
+    from keel.tasks import causal_lm
+
+    torch.manual_seed(0)
+    teacher = causal_lm.build_model(model_dir("tiny-llama"), []).eval()
+    student = student_from_teacher(teacher, [1])
+    assert student.config.num_hidden_layers == 1
+    ids = torch.randint(10, 1000, (2, 16))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    same = Distiller(teacher, alpha=0.0, temperature=2.0, causal=True)(teacher, batch)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    loss = Distiller(teacher, alpha=0.5, temperature=2.0, causal=True)(student.train(), batch)
+    loss.backward()
+    assert loss.item() > 0 and student.model.layers[0].mlp.down_proj.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is frozen
+    info = P.structured_prune(student, ffn=0.5)  # Llama FFN neurons shrink too
+    assert info["ffn_per_layer"] == [student.config.intermediate_size // 2]
+    with pytest.raises(KeelError, match="heads"):
+        P.structured_prune(student, heads=0.5)

@@ -103,16 +103,17 @@ def test_bench_measures_every_variant(exported):
     proc = keel("bench", str(run_dir), "--n-latency", "5", "--n-eval", "32", cwd=work, check=True)
     result = json.loads((run_dir / "bench.json").read_text())
     rows = {r["variant"]: r for r in result["variants"]}
-    assert list(rows) == ["hf-pipeline", "torch", "onnx", "onnx-int8"] and result["baseline"] == "hf-pipeline"
+    assert list(rows) == ["hf-pipeline", "teacher-torch", "teacher-onnx", "teacher-onnx-int8"]
+    assert result["baseline"] == "hf-pipeline"
     base = rows["hf-pipeline"]
     assert base["speedup_p50_vs_pipeline"] == 1 and base["smaller_vs_pipeline"] == 1
     for r in rows.values():
         assert r["n"] == 32 and 0 < r["p50_ms_batch1"] <= r["p95_ms_batch1"] and r["throughput_batch32"] > 0
         assert r["peak_rss_mb"] > 50 and r["params"] == base["params"] > 0
     # the same weights in fp32 give the same predictions whatever runs them
-    assert rows["torch"]["accuracy"] == rows["onnx"]["accuracy"] == base["accuracy"]
-    assert rows["onnx-int8"]["disk_mb"] < rows["onnx"]["disk_mb"] / 2.5
-    assert rows["onnx-int8"]["smaller_vs_pipeline"] > 2.5
+    assert rows["teacher-torch"]["accuracy"] == rows["teacher-onnx"]["accuracy"] == base["accuracy"]
+    assert rows["teacher-onnx-int8"]["disk_mb"] < rows["teacher-onnx"]["disk_mb"] / 2.5
+    assert rows["teacher-onnx-int8"]["smaller_vs_pipeline"] > 2.5
     page = (run_dir / "report.html").read_text()
-    assert "<h2>Variants</h2>" in page and page.count("data:image/png;base64,") >= 3
+    assert "Pareto" in page and page.count("data:image/png;base64,") >= 3
     assert "onnx-int8" in proc.stdout

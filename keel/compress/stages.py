@@ -48,7 +48,21 @@ def compress_config(recipe: Recipe) -> CompressConfig:
 def _stage_recipe(recipe: Recipe, epochs: int, lr: float, max_steps: int | None) -> Recipe:
     train = recipe.train.model_copy(update={"epochs": epochs, "lr": lr, "max_steps": max_steps, "early_stopping": None,
                                             "checkpoint_every": 0})
-    return recipe.model_copy(update={"train": train, "output": recipe.output.model_copy(update={"dir": None})})
+    update = {"train": train, "output": recipe.output.model_copy(update={"dir": None})}
+    transfer = _transfer_samples(recipe)
+    if transfer:  # a larger slice of the same shuffled training split: the teacher's texts and more
+        update["data"] = recipe.data.model_copy(update={"max_train_samples": transfer})
+    return recipe.model_copy(update=update)
+
+
+def _transfer_samples(recipe: Recipe) -> int | None:
+    d = compress_config(recipe).distill
+    return d.transfer_samples if d else None
+
+
+def _alpha(recipe: Recipe, alpha: float) -> float:
+    """With a transfer set the students learn from the teacher alone: labels beyond the teacher's are not used."""
+    return 0.0 if _transfer_samples(recipe) else alpha
 
 
 def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn, info: dict,
@@ -131,11 +145,12 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
                             "teacher's tokenizer (or leave compress.distill.student unset to cut one from the teacher)")
         log(f"distill: student {cfg.student}")
     check_smaller(student, teacher)
-    loss = _distiller(run_dir, recipe, cfg.alpha, cfg.temperature, cfg.hidden_weight, layer_map)
-    stage_recipe = _stage_recipe(recipe, cfg.epochs, cfg.lr, cfg.max_steps)
-    info = {"distilled_from": str(run_dir), "teacher_layers_kept": layers,
+    loss = _distiller(run_dir, recipe, _alpha(recipe, cfg.alpha), cfg.temperature, cfg.hidden_weight, layer_map)
+    stage_recipe = _stage_recipe(recipe, max(cfg.epochs, 1), cfg.lr, cfg.max_steps)
+    info = {"distilled_from": str(run_dir), "teacher_layers_kept": layers, "trained": cfg.epochs > 0,
             "distill": cfg.model_dump(mode="json")}
-    return _train_stage(run_dir, "student", stage_recipe, lambda path, labels: student, loss, info)
+    return _train_stage(run_dir, "student", stage_recipe, lambda path, labels: student, loss, info,
+                        train_it=cfg.epochs > 0)
 
 
 def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
@@ -153,15 +168,16 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         "student" if (stage_dir(run_dir, "student") / "model").is_dir() else "teacher")
     model = load_trained(stage_dir(run_dir, source)).model.float()
     before = sum(p.numel() for p in model.parameters())
-    info: dict = {"pruned_from": source}
+    info: dict = {"pruned_from": source, "trained": cfg.finetune_epochs > 0}
     if cfg.heads or cfg.ffn:
         info["structured"] = P.structured_prune(model, cfg.heads, cfg.ffn)
         info["resized"] = True
+    stage_recipe = _stage_recipe(recipe, max(cfg.finetune_epochs, 1), cfg.lr, cfg.max_steps)
     if cfg.vocab:
         from keel.data.prepare import prepare_data
 
         tok = load_trained(run_dir).tokenizer
-        seen = {i for ids in prepare_data(recipe, tok).splits["train"]["input_ids"] for i in ids}
+        seen = {i for ids in prepare_data(stage_recipe, tok).splits["train"]["input_ids"] for i in ids}
         info["vocab"] = P.trim_vocabulary(model, seen | set(tok.all_special_ids), tok.unk_token_id
                                           if tok.unk_token_id is not None else tok.pad_token_id)
         info["resized"] = True
@@ -182,8 +198,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     loss = None
     if (run_dir / "model").is_dir():  # recover with the teacher's help
         d = compress_config(recipe).distill
-        loss = _distiller(run_dir, recipe, d.alpha if d else 0.5, d.temperature if d else 2.0, 0.0)
-    stage_recipe = _stage_recipe(recipe, max(cfg.finetune_epochs, 1), cfg.lr, cfg.max_steps)
+        loss = _distiller(run_dir, recipe, _alpha(recipe, d.alpha if d else 0.5), d.temperature if d else 2.0, 0.0)
     final = _train_stage(run_dir, "pruned", stage_recipe, build, loss, info, train_it=cfg.finetune_epochs > 0)
     if cfg.sparsity:
         got = P.measured_sparsity(load_trained(final).model)
@@ -201,10 +216,14 @@ def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | Non
     stage = stage or latest_stage(run_dir)
     folder = stage_dir(run_dir, stage)
     produced = []
-    if q.onnx or q.onnx_int8 or q.onnx_static_int8:
-        if recipe.task != "classification":
+    onnx_fields = {"onnx", "onnx_int8", "onnx_static_int8"}
+    if recipe.task != "classification":
+        if any(getattr(q, f) for f in onnx_fields & q.model_fields_set):
             raise KeelError("ONNX export covers classifiers; for causal LMs use compress.quantize.torch_int8 "
-                            "(torchao weight-only) and set onnx, onnx_int8 and onnx_static_int8 to false")
+                            "(torchao weight-only) and leave the onnx fields unset")
+        mode = q.torch_int8 if "torch_int8" in q.model_fields_set else "weight-only"
+        return [f"{stage}-torchao-{mode}"] if mode != "none" else []
+    if q.onnx or q.onnx_int8 or q.onnx_static_int8:
         result = export_onnx(folder, int8=q.onnx_int8)
         produced += [f"{stage}-onnx"] + ([f"{stage}-onnx-int8"] if q.onnx_int8 else [])
         log(f"export ({stage}): ONNX fp32 max |diff| vs eager {result['onnx']['max_abs_diff_vs_eager']:.1e}")
@@ -227,13 +246,18 @@ def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     if not (run_dir / "model" / "manifest.json").is_file():
         raise KeelError(f"{run_dir} has no final model to compress; finish training first (`keel train RECIPE --resume`)")
     cfg = compress_config(recipe)
+    if recipe.task != "classification":
+        raise KeelError("keel compress (bench and budget) covers classifiers; for a causal LM run `keel distill` and "
+                        "`keel prune`, then compare perplexities with `keel eval RUN_DIR --backend student-torch` "
+                        "(or pruned-torch, teacher-torchao-weight-only)")
     if cfg.distill:
         distill(run_dir, recipe)
     if cfg.prune:
         prune(run_dir, recipe)
     variants = ["teacher-torch"]
     for stage in ("student", "pruned"):
-        if (stage_dir(run_dir, stage) / "model").is_dir():
+        info = stage_dir(run_dir, stage) / "model" / "keel.json"
+        if info.is_file() and json.loads(info.read_text()).get("trained", True):  # an untrained cut is not a candidate
             variants.append(f"{stage}-torch")
     variants += quantize(run_dir, recipe)
     result = bench(run_dir, n_latency=cfg.bench_latency_samples, n_eval=cfg.bench_eval_samples, variants=variants)

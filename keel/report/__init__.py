@@ -23,6 +23,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;border-bottom:1px soli
 th{background:#f5f6fa} .num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
 .good{color:#137333;font-weight:600} .bad{color:#b3261e;font-weight:600}
 pre{background:#f5f6fa;padding:.8em;overflow:auto;font-size:13px}
+tr.pick td{background:#e6f4ea;font-weight:600} p.pick{background:#e6f4ea;padding:.5em .8em} p.fail{background:#fce8e6;padding:.5em .8em}
 """
 
 
@@ -146,8 +147,47 @@ def section_recipe(run_dir: Path, ctx: dict) -> str:
     return f"<h2>Recipe</h2><pre>{html.escape(text)}</pre>"
 
 
+def _pareto(rows: list[dict]) -> list[dict]:
+    """Variants no other variant beats on both latency and accuracy, fastest first."""
+    front = [r for r in rows if not any(o["p50_ms_batch1"] <= r["p50_ms_batch1"] and o["accuracy"] >= r["accuracy"]
+                                        and (o["p50_ms_batch1"], o["accuracy"]) != (r["p50_ms_batch1"], r["accuracy"])
+                                        for o in rows)]
+    return sorted(front, key=lambda r: r["p50_ms_batch1"])
+
+
+def _stages_html(run_dir: Path) -> str:
+    """What each compression stage did, from the stages' own keel.json."""
+    items = []
+    for stage in ("student", "pruned"):
+        info = _json(run_dir / "compress" / stage / "model" / "keel.json")
+        if not info:
+            continue
+        if stage == "student":
+            d = info.get("distill", {})
+            kept = info.get("teacher_layers_kept")
+            what = (f"teacher layers {kept} kept" if kept else f"student {d.get('student')}") + (
+                f"; loss {d.get('alpha')} x CE + {1 - d.get('alpha', 0):g} x T\u00b2 KL at T = {d.get('temperature')}"
+                + (f" + {d.get('hidden_weight')} x hidden-state MSE" if d.get("hidden_weight") else ""))
+        else:
+            parts = [f"from the {info.get('pruned_from')}"]
+            st = info.get("structured") or {}
+            if st.get("heads_per_layer"):
+                parts.append(f"heads kept per layer {st['heads_per_layer']}")
+            if st.get("ffn_per_layer"):
+                parts.append(f"FFN neurons kept per layer {st['ffn_per_layer']}")
+            if info.get("vocab"):
+                parts.append(f"embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens")
+            if info.get("unstructured"):
+                parts.append(f"{info['unstructured']['sparsity']:.1%} of block weights zero")
+            parts.append(f"parameters {info['params_before']:,} -> {info['params_after']:,}")
+            what = "; ".join(parts)
+        items.append(f"<li><b>{stage}</b>: {html.escape(what)}</li>")
+    return f"<ul>{''.join(items)}</ul>" if items else ""
+
+
 def section_bench(run_dir: Path, ctx: dict) -> str | None:
-    """`keel bench`: the variants side by side, and accuracy against latency (marker area = size on disk)."""
+    """`keel bench`/`keel compress`: the variants side by side, the Pareto front of accuracy against latency
+    (marker area = size on disk), and the deployable pick within the budget."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,24 +197,49 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
     if not bench:
         return None
     rows = bench["variants"]
+    pick = _json(run_dir / "compress" / "deployable.json") or {}
+    chosen = pick.get("deployable")
     head = ("variant", "accuracy", "macro-F1", "MB", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)", "peak RSS MB",
             "x faster", "x throughput", "x smaller")
     keys = ("variant", "accuracy", "macro_f1", "disk_mb", "p50_ms_batch1", "p95_ms_batch1", "throughput_batch32",
             "peak_rss_mb", "speedup_p50_vs_pipeline", "throughput_vs_pipeline", "smaller_vs_pipeline")
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td class='num'>{_fmt(r[k])}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+        (f"<tr class='pick'>" if r["variant"] == chosen else "<tr>")
+        + "".join(f"<td class='num'>{_fmt(r[k])}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     biggest = max(r["disk_mb"] for r in rows) or 1
     for i, r in enumerate(rows):
-        ax.scatter(r["p50_ms_batch1"], r["accuracy"], s=60 + 900 * r["disk_mb"] / biggest, alpha=0.6)
-        ax.annotate(r["variant"], (r["p50_ms_batch1"], r["accuracy"]), textcoords="offset points",
-                    xytext=(8, 10 if i % 2 else -14))  # alternate above/below: variants often share a point
-    ax.margins(x=0.15, y=0.3)
-    ax.set_xlabel("p50 latency at batch 1 (ms)")
+        ax.scatter(r["p50_ms_batch1"], r["accuracy"], s=60 + 900 * r["disk_mb"] / biggest, alpha=0.55,
+                   edgecolors="black" if r["variant"] == chosen else "none", linewidths=2)
+        ax.annotate(r["variant"] + (" (deployable)" if r["variant"] == chosen else ""), (r["p50_ms_batch1"], r["accuracy"]),
+                    textcoords="offset points", xytext=(8, 10 if i % 2 else -14), fontsize=8)
+    front = _pareto(rows)
+    ax.step([r["p50_ms_batch1"] for r in front], [r["accuracy"] for r in front], where="post", color="grey",
+            linestyle="--", linewidth=1, label="Pareto front")
+    budget = pick.get("budget") or {}
+    base = rows[0]["accuracy"]
+    if "max_accuracy_drop" in budget:
+        ax.axhline(base - budget["max_accuracy_drop"] / 100, color="red", linewidth=0.8, linestyle=":",
+                   label=f"accuracy budget (-{budget['max_accuracy_drop']:g} points)")
+    ax.set_xscale("log")
+    ax.margins(x=0.2, y=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("p50 latency at batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("accuracy vs latency (marker area = size on disk)")
-    return (f"<h2>Variants</h2><p>Ratios against the fp32 model run through transformers' "
-            f"<code>pipeline</code>, measured in the same session.</p>{table}{_png(fig)}")
+    ax.set_title("accuracy vs latency: the Pareto front (marker area = size on disk)")
+    if chosen:
+        r = next(x for x in rows if x["variant"] == chosen)
+        verdict = (f"<p class='pick'>Deployable model: <b>{html.escape(chosen)}</b>: accuracy {_fmt(r['accuracy'])} "
+                   f"({r['accuracy_drop_points']:+.2f} points vs the teacher), {_fmt(r['speedup_p50_vs_pipeline'])}x lower "
+                   f"p50 latency, {_fmt(r['throughput_vs_pipeline'])}x throughput, {_fmt(r['smaller_vs_pipeline'])}x smaller. "
+                   f"Use it with <code>--backend {html.escape(chosen)}</code>.</p>")
+    elif pick:
+        verdict = "<p class='fail'>No variant is within the budget: " + html.escape(json.dumps(pick.get("budget"))) + "</p>"
+    else:
+        verdict = ""
+    return (f"<h2>Compression: variants and the Pareto front</h2>{verdict}{_stages_html(run_dir)}"
+            f"<p>Ratios against the fp32 teacher run through transformers' <code>pipeline</code>, measured in the same "
+            f"session, each variant in its own process.</p>{table}{_png(fig)}")
 
 
 SECTIONS = [section_summary, section_test, section_curves, section_bench, section_recipe]
