@@ -13,12 +13,21 @@ import torch
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A random 2-layer Llama with large weights: unlike the registry's tiny-llama (whose greedy output
+    repeats one token whatever the context), every token here depends on the whole context, so a wrong
+    mask, position or cache row changes the output."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from keel.models.registry import model_dir
 
-    folder = model_dir("tiny-llama")
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                         tie_word_embeddings=False, max_position_embeddings=512)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    return model, tok
 
 
 def _reference(model, tok, ids: list[int], max_new: int) -> list[int]:
