@@ -33,6 +33,7 @@ class State:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.ready = False
         self.draining = False
+        self.inflight = 0  # requests being answered (counted by the guard, streams included)
         self.batchers: dict[str, DynamicBatcher] = {}
         self.scheduler = None
         self.created = P.now()
@@ -136,7 +137,7 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
 
     add_generation_routes(app, state, ERRORS)
     KNOWN = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, key_digests, config.max_body_bytes)
+    return Guard(app, key_digests, config.max_body_bytes, state)
 
 
 def check_model(state: State, route: str, model: str | None) -> None:

@@ -40,7 +40,7 @@ def add_generation_routes(app: FastAPI, state, errors: dict) -> None:
         return await _serve(state, request, body, ids, body.max_completion_tokens or body.max_tokens, chat=True)
 
 
-def _limits(state, body, prompt_ids: list[list[int]], max_tokens: int | None) -> int:
+def _limits(state, body, prompt_ids: list[list[int]], max_tokens: int | None, chat: bool) -> int:
     """Check the request against serve.* and the model's context; return max new tokens per choice."""
     cfg = state.config
     if body.n > cfg.max_n:
@@ -64,7 +64,7 @@ def _limits(state, body, prompt_ids: list[list[int]], max_tokens: int | None) ->
     if longest + wanted > context:
         raise ServeError(400, f"this model's context is {context} tokens; the prompt has {longest} and max_tokens is "
                               f"{wanted}; shorten the prompt or lower max_tokens", "max_tokens" if max_tokens else
-                         "messages", "context_length_exceeded")
+                         ("messages" if chat else "prompt"), "context_length_exceeded")
     total = state.scheduler.waiting + body.n * len(prompt_ids)
     if total > cfg.max_queue:
         state.metrics.rejected.labels("queue_full").inc()
@@ -130,7 +130,7 @@ async def _collect(seqs, events, timeout_s, request):
 
 
 async def _serve(state, request, body, prompt_ids, max_tokens, chat: bool, echo=None):
-    max_new = _limits(state, body, prompt_ids, max_tokens)
+    max_new = _limits(state, body, prompt_ids, max_tokens, chat)
     n_prompt = sum(len(ids) for ids in prompt_ids)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     seqs, events = _submit(state, prompt_ids, body.n, max_new, body)

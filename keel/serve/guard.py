@@ -53,12 +53,25 @@ def key_ok(presented: str, digests: list[bytes]) -> bool:
 class Guard:
     """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body."""
 
-    def __init__(self, app, digests: list[bytes], max_body_bytes: int):
-        self.app, self.digests, self.max_body = app, digests, max_body_bytes
+    def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None):
+        self.app, self.digests, self.max_body, self.state = app, digests, max_body_bytes, state
 
     async def __call__(self, scope, receive, send):
+        """Counts requests in flight (the whole response, streamed bodies included) for the SIGTERM drain."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state is None:
+            return await self._guarded(scope, receive, send)
+        if self.state.draining and scope.get("path") not in OPEN_PATHS:
+            return await _reply(send, 503, "the server is shutting down; retry on another replica",
+                                code="draining", headers={"retry-after": "1", "connection": "close"})
+        self.state.inflight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.state.inflight -= 1
+
+    async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
         if self.digests and path not in OPEN_PATHS:

@@ -82,12 +82,13 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     uconfig = uvicorn.Config(asgi, log_level="info", access_log=config.log_text, ssl_certfile=ssl_certfile,
                              ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=int(config.timeout_s) + 5,
                              lifespan="on", server_header=False)
-    server = _DrainingServer(uconfig, fastapi_app.state.keel)
+    server = _DrainingServer(uconfig, fastapi_app.state.keel, config.timeout_s + 5)
     out.print(f"serving [bold]{engine.model_id}[/] ({engine.kind}, {engine.backend}) at [bold]{url}[/]  "
               f"docs: {url}/docs  keys: {'required' if digests else 'none (loopback only)'}")
     for line in usage_lines(url, engine.model_id, engine.routes, bool(digests)):
         out.print(line, markup=False, highlight=False)
     out.print("waiting for the model to warm up; /health/ready turns 200 when it has", markup=False)
+    out.file.flush()
     server.run(sockets=[sock])
 
 
@@ -118,21 +119,44 @@ def _quiet_logs(log_text: bool) -> None:
 
 
 def _make_server_class():
+    import contextlib
+    import threading
+    import time
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn's server, with /health/ready turning 503 the moment a shutdown signal arrives."""
+        """uvicorn's server with a drain: on the first SIGTERM/SIGINT /health/ready turns 503 and new requests
+        get 503 at once, while the requests already accepted run to the end (at most the grace period);
+        then uvicorn shuts down as usual. A second signal stops at once."""
 
-        def __init__(self, config, state):
+        def __init__(self, config, state, grace_s: float):
             super().__init__(config)
-            self.keel_state = state
+            self.keel_state, self.grace_s = state, grace_s
 
         def handle_exit(self, sig, frame):
+            if self.keel_state.draining:
+                return super().handle_exit(sig, frame)
             self.keel_state.draining = True
-            super().handle_exit(sig, frame)
+
+            def drain():
+                end = time.monotonic() + self.grace_s
+                while self.keel_state.inflight > 0 and time.monotonic() < end:
+                    time.sleep(0.05)
+                super(DrainingServer, self).handle_exit(sig, frame)
+
+            threading.Thread(target=drain, name="keel-drain", daemon=True).start()
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the captured SIGTERM after a graceful shutdown, which would end the process
+            # with 143; a drained server exits 0.
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
 
     return DrainingServer
 
 
-def _DrainingServer(config, state):
-    return _make_server_class()(config, state)
+def _DrainingServer(config, state, grace_s: float):
+    return _make_server_class()(config, state, grace_s)
