@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -80,15 +79,6 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     app.state.keel = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        route = request.url.path if request.url.path in KNOWN else "other"
-        response = await call_next(request)
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - start)
-        return response
-
     @app.get("/health/live", tags=["health"], summary="the process is up")
     async def live():
         return {"status": "ok"}
@@ -130,14 +120,21 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
                                   f"shorten embeddings); got {body.dimensions}", "dimensions", "invalid_value")
         rows = await state.batchers["embeddings"].submit(texts, config.timeout_s)
         n = sum(r["tokens"] for r in rows)
-        return P.EmbeddingResponse(data=[P.Embedding(index=i, embedding=r["embedding"]) for i, r in enumerate(rows)],
+        vectors = [r["embedding"] for r in rows]
+        if body.encoding_format == "base64":  # what the openai client asks for by default
+            import base64
+
+            import numpy as np
+
+            vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
+        return P.EmbeddingResponse(data=[P.Embedding(index=i, embedding=v) for i, v in enumerate(vectors)],
                                    model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n))
 
     from keel.serve.generate import add_generation_routes
 
     add_generation_routes(app, state, ERRORS)
-    KNOWN = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, key_digests, config.max_body_bytes, state)
+    known = {r.path for r in app.routes if hasattr(r, "path")}
+    return Guard(app, key_digests, config.max_body_bytes, state, metrics, known)
 
 
 def check_model(state: State, route: str, model: str | None) -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 
 from keel.errors import KeelError
@@ -53,23 +54,39 @@ def key_ok(presented: str, digests: list[bytes]) -> bool:
 class Guard:
     """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body."""
 
-    def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None):
+    def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None, metrics=None,
+                 known_paths: set | None = None):
         self.app, self.digests, self.max_body, self.state = app, digests, max_body_bytes, state
+        self.metrics, self.known = metrics, known_paths or set()
 
     async def __call__(self, scope, receive, send):
-        """Counts requests in flight (the whole response, streamed bodies included) for the SIGTERM drain."""
+        """Counts requests in flight (the whole response, streamed bodies included) for the SIGTERM drain,
+        and every answer (with its latency) for /metrics."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.state is None:
-            return await self._guarded(scope, receive, send)
-        if self.state.draining and scope.get("path") not in OPEN_PATHS:
-            return await _reply(send, 503, "the server is shutting down; retry on another replica",
-                                code="draining", headers={"retry-after": "1", "connection": "close"})
-        self.state.inflight += 1
-        try:
-            await self._guarded(scope, receive, send)
-        finally:
-            self.state.inflight -= 1
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        draining = self.state is not None and self.state.draining
+        if draining and scope.get("path") not in OPEN_PATHS:
+            await _reply(send_status, 503, "the server is shutting down; retry on another replica",
+                         code="draining", headers={"retry-after": "1", "connection": "close"})
+        else:
+            if self.state is not None:
+                self.state.inflight += 1
+            try:
+                await self._guarded(scope, receive, send_status)
+            finally:
+                if self.state is not None:
+                    self.state.inflight -= 1
+        if self.metrics is not None:
+            route = scope.get("path") if scope.get("path") in self.known else "other"
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
     async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}

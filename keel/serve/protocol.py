@@ -131,7 +131,7 @@ class ChatResponse(Response):
 class EmbeddingRequest(Request):
     input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
     model: str | None = Field(None, max_length=512)
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes")
     dimensions: int | None = Field(None, ge=1, description="accepted only when equal to the model's size")
     user: str | None = Field(None, max_length=256)
 
@@ -139,7 +139,7 @@ class EmbeddingRequest(Request):
 class Embedding(Response):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: Union[list[float], str]
 
 
 class EmbeddingResponse(Response):
