@@ -132,6 +132,8 @@ class ServeConfig(Strict):
     max_stop: int = Field(4, ge=0, le=16, description="stop sequences per request")
     timeout_s: float = Field(60.0, gt=0.0, description="per-request deadline: 504, or an SSE error event")
     log_text: bool = Field(False, description="log prompts and completions (off: only sizes and timings)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
+                                    "on a busy machine)")
 
 
 class Recipe(Strict):

@@ -168,7 +168,7 @@ async def _warm_up(state: State) -> None:
         from keel.serve.generate import run_to_end
 
         await run_to_end(state, [engine.prompt_ids("Hello")], max_new=2, temperature=0.0, top_p=1.0, seed=None,
-                         stops=[], n=1, timeout_s=state.config.timeout_s)
+                         stops=[], n=1, timeout_s=max(state.config.timeout_s, 120.0))
         return
     if "classify" in engine.routes:
         await loop.run_in_executor(None, engine.classify, ["warm up"])

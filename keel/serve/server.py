@@ -65,9 +65,11 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     check_bind(config.host, bool(digests), allow_no_auth)
     if bool(ssl_certfile) != bool(ssl_keyfile):
         raise KeelError("TLS needs both --ssl-certfile and --ssl-keyfile")
-    if device is None:
-        import torch
+    import torch
 
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sock = _bind(config.host, config.port)
     console.print(f"[dim]loading {target}[/]")
