@@ -124,3 +124,22 @@ def test_schemathesis_finds_no_server_error(clf, tmp_path):
          "--request-timeout", "30", "--no-color"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_the_printed_curl_and_python_examples_work(clf):
+    """What `keel serve` prints is pasted as is: the curl line and the openai snippet must both succeed."""
+    import re
+    import shlex
+
+    lines = clf.log.splitlines()
+    curl = next(line for line in lines if line.startswith("curl -s "))
+    start = lines.index("python - <<'EOF'")
+    snippet = "\n".join(lines[start + 1: lines.index("EOF", start)])
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"'label': '(pos|neg)'", proc.stdout) and proc.stdout.strip().splitlines()[-1] == "32"
+    args = shlex.split(curl)
+    url = next(a for a in args if a.startswith("http"))
+    body = args[args.index("-d") + 1]
+    r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["data"]) == 2

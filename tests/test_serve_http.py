@@ -219,3 +219,12 @@ def test_schemathesis_finds_no_server_error_on_generation_routes(lm, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert KEY not in lm.log
+
+
+def test_bad_serve_options_are_one_line_errors(tmp_path):
+    r = keel("serve", "tiny-llama", "--set", "serve.max_batch_size=0", cwd=tmp_path)
+    assert r.returncode == 2 and "serve.max_batch_size" in r.stderr and "Traceback" not in r.stderr
+    r = keel("serve", "tiny-llama", "--set", "train.lr=1", cwd=tmp_path)
+    assert r.returncode == 2 and "only serve.* keys" in r.stderr
+    r = keel("serve", str(tmp_path / "missing-run"), cwd=tmp_path)
+    assert r.returncode == 2 and "missing-run" in r.stderr and "Traceback" not in r.stderr

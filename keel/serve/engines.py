@@ -93,6 +93,16 @@ def _pick_backend(run_dir: Path, backend: str) -> str:
     return "torch"
 
 
+def check_target(target: str) -> None:
+    """Fail fast (before binding a port or loading anything) on a target that cannot be served."""
+    path = Path(target)
+    if path.is_dir() and ((path / "model" / "keel.json").is_file() or (path / "recipe.yaml").is_file()):
+        return
+    from keel.models.registry import resolve_model
+
+    resolve_model(target)
+
+
 def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engine:
     """A run directory, a registry model name or a local model folder -> a ready Engine."""
     path = Path(target)

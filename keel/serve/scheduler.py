@@ -104,6 +104,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """One token per row from logits (B, V), with each sequence's temperature, top_p and generator."""
     out = []
     greedy = logits.argmax(-1).tolist()
+    if all(s.temperature == 0.0 for s in seqs):
+        return greedy
+    logits = logits.float().cpu()  # per-sequence CPU generators: a seed gives the same text on any device
     for row, s in enumerate(seqs):
         if s.temperature == 0.0:
             out.append(greedy[row])

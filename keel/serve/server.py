@@ -58,8 +58,10 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     import uvicorn
 
     from keel.serve.app import build_app
-    from keel.serve.engines import load_engine
+    from keel.serve.engines import check_target, load_engine
     from keel.serve.guard import load_key_digests
+
+    check_target(target)
 
     digests = load_key_digests(key_file)
     check_bind(config.host, bool(digests), allow_no_auth)
