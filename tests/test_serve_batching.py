@@ -11,6 +11,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP barriers make a tiny model's steps 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     """A random 2-layer Llama with large weights: unlike the registry's tiny-llama (whose greedy output

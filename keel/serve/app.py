@@ -9,8 +9,8 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response as RawResponse
+from fastapi import FastAPI
+from fastapi.responses import Response as RawResponse
 
 from keel.serve import protocol as P
 from keel.serve.batching import DynamicBatcher
