@@ -75,8 +75,8 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sock = _bind(config.host, config.port)
     console.print(f"[dim]loading {target}[/]")
+    _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
     engine = load_engine(target, config.backend, device)
-    _quiet_logs(config.log_text)
     asgi = build_app(engine, config, digests)
     fastapi_app = asgi.app
     host, port = sock.getsockname()[:2]
