@@ -263,6 +263,41 @@ def quickstart(overrides: Optional[List[str]] = OVERRIDES) -> None:
     _print_results(run_dir)
 
 
+@app.command()
+def serve(target: str = typer.Argument(..., help="a run directory, or a model name (keel ls) or local model folder"),
+          recipe: Optional[str] = typer.Option(None, "--recipe", help="take the serve: section from this recipe "
+                                               "(default: the run directory's recipe.yaml)"),
+          overrides: Optional[List[str]] = typer.Option(None, "--set", help="serve.key=value, e.g. --set serve.max_batch_size=64"),
+          host: Optional[str] = typer.Option(None, help="bind address (serve.host; default 127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, help="port (serve.port; default 8000; 0 = any free port)"),
+          backend: Optional[str] = typer.Option(None, help="auto, torch, onnx or onnx-int8 (serve.backend)"),
+          api_key_file: Optional[str] = typer.Option(None, help="file with one API key per line (or set KEEL_API_KEYS)"),
+          allow_no_auth: bool = typer.Option(False, "--allow-no-auth", help="serve a non-loopback address without keys"),
+          ssl_certfile: Optional[str] = typer.Option(None, help="TLS certificate (PEM)"),
+          ssl_keyfile: Optional[str] = typer.Option(None, help="TLS private key (PEM)"),
+          device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)")) -> None:
+    """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
+    from pathlib import Path
+
+    from keel.recipe import apply_override, load_recipe, validate_recipe
+    from keel.serve.server import serve as _serve
+
+    raw_serve: dict = {}
+    source = Path(recipe) if recipe else Path(target) / "recipe.yaml"
+    if recipe or source.is_file():
+        raw_serve = load_recipe(source).serve.model_dump()
+    raw = {"serve": raw_serve}
+    for item in overrides or []:
+        if not item.startswith("serve."):
+            raise KeelError(f"--set {item}: only serve.* keys can be set here, e.g. --set serve.max_batch_size=64")
+        apply_override(raw, item)
+    for key, value in (("host", host), ("port", port), ("backend", backend)):
+        if value is not None:
+            raw["serve"][key] = value
+    config = validate_recipe({"data": {"name": "none"}, **raw}, source="serve options").serve
+    _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
+
+
 # -- helpers -------------------------------------------------------------------------------------
 
 def _load(recipe: str, overrides):

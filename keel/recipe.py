@@ -170,6 +170,29 @@ class OutputConfig(Strict):
     dir: str | None = Field(None, description="run directory; default runs/<name> (a free -N suffix is added)")
 
 
+class ServeConfig(Strict):
+    """`keel serve`: the OpenAI-compatible HTTP server. API keys never live here (KEEL_API_KEYS or --api-key-file)."""
+
+    host: str = Field("127.0.0.1", description="bind address; a non-loopback one needs API keys (or --allow-no-auth)")
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        "auto", description="classifiers: auto = onnx-int8, then onnx when exported, else torch")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="classify/embeddings: inputs per forward pass")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="classify/embeddings: wait for a fuller batch")
+    max_running: int = Field(16, ge=1, le=512, description="generation: sequences in the running decode batch")
+    max_queue: int = Field(256, ge=1, description="requests waiting beyond the running batch; more get 429")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="request bodies over this get 413, unread")
+    max_inputs: int = Field(256, ge=1, description="texts per classify/embeddings request")
+    max_tokens: int = Field(512, ge=1, description="upper bound on a request's max_tokens")
+    default_max_tokens: int = Field(64, ge=1)
+    max_n: int = Field(8, ge=1, le=128, description="choices per completion request")
+    max_stop: int = Field(4, ge=0, le=16, description="stop sequences per request")
+    timeout_s: float = Field(60.0, gt=0.0, description="per-request deadline: 504, or an SSE error event")
+    log_text: bool = Field(False, description="log prompts and completions (off: only sizes and timings)")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
+                                    "on a busy machine)")
+
+
 class Recipe(Strict):
     """A whole run."""
 
@@ -180,6 +203,7 @@ class Recipe(Strict):
     train: TrainConfig = TrainConfig()
     compress: CompressConfig | None = None
     output: OutputConfig = OutputConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> "Recipe":

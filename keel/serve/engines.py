@@ -1,0 +1,161 @@
+"""What `keel serve` can load, and the model calls behind each route.
+
+- a classification run directory: /v1/classify (ONNX Runtime when `keel export` ran, else PyTorch) and
+  /v1/embeddings (mean-pooled encoder states, PyTorch);
+- an encoder by registry name or folder (minilm-l6, tiny-bert): /v1/embeddings;
+- a causal-LM run directory, registry name (smollm2-135m, tiny-llama) or folder: completions and chat.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from keel.errors import KeelError
+
+ROUTES_BY_KIND = {"classifier": ("classify", "embeddings"), "encoder": ("embeddings",),
+                  "causal-lm": ("completions", "chat")}
+
+
+@dataclass
+class Engine:
+    """The loaded model and what it serves."""
+
+    model_id: str
+    kind: str  # classifier | encoder | causal-lm
+    tokenizer: object
+    max_length: int
+    backend: str = "torch"
+    classifier: object = None  # model(**enc).logits
+    encoder: object = None  # model(**enc).last_hidden_state
+    lm: object = None
+    labels: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        return ROUTES_BY_KIND[self.kind]
+
+    # -- classify / embeddings: texts -> rows (run in the batcher's worker thread) -------------------
+
+    def _encode(self, texts: list[str]):
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+
+    def classify(self, texts: list[str]) -> list[dict]:
+        import torch
+
+        enc = self._encode(texts)
+        with torch.inference_mode():
+            probs = self.classifier(**enc).logits.float().softmax(-1)  # (B, C)
+        n_tokens = enc["attention_mask"].sum(-1).tolist()
+        rows = []
+        for p, n in zip(probs.tolist(), n_tokens):
+            i = max(range(len(p)), key=p.__getitem__)
+            rows.append({"label": self.labels[i], "score": p[i], "scores": dict(zip(self.labels, p)), "tokens": n})
+        return rows
+
+    def embed(self, texts: list[str]) -> list[dict]:
+        import torch
+
+        enc = self._encode(texts)
+        with torch.inference_mode():
+            states = self.encoder(**enc).last_hidden_state.float()  # (B, T, E)
+            mask = enc["attention_mask"][..., None].float()  # (B, T, 1)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, E)
+        return [{"embedding": e, "tokens": n} for e, n in zip(pooled.tolist(), enc["attention_mask"].sum(-1).tolist())]
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    # -- generation --------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.prompt_ids(text)
+
+
+def _pick_backend(run_dir: Path, backend: str) -> str:
+    if backend != "auto":
+        return backend
+    from keel.export.onnx import export_dir
+
+    for name in ("onnx-int8", "onnx"):
+        if (export_dir(run_dir, name) / "manifest.json").is_file():
+            return name
+    return "torch"
+
+
+def check_target(target: str) -> None:
+    """Fail fast (before binding a port or loading anything) on a target that cannot be served."""
+    path = Path(target)
+    if path.is_dir() and ((path / "model" / "keel.json").is_file() or (path / "recipe.yaml").is_file()):
+        return
+    from keel.models.registry import resolve_model
+
+    resolve_model(target)
+
+
+def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engine:
+    """A run directory, a registry model name or a local model folder -> a ready Engine."""
+    path = Path(target)
+    if path.is_dir() and (path / "model" / "keel.json").is_file():
+        return _load_run(path, backend, device)
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        raise KeelError(f"{target} has no final model yet (model/ is missing); finish training with keel train --resume")
+    from keel.models.registry import model_dir, resolve_model
+
+    name, spec = resolve_model(target)
+    folder = model_dir(target)
+    model_type = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    is_lm = (spec.kind == "causal-lm") if spec else any(a.endswith("ForCausalLM") for a in model_type)
+    model_id = spec.name if spec else folder.name
+    return _load_lm(folder, model_id, device) if is_lm else _load_encoder(folder, model_id)
+
+
+def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
+    from keel.evaluate import load_trained
+
+    info = json.loads((run_dir / "model" / "keel.json").read_text())
+    model_id = run_dir.name
+    if info["task"] == "causal-lm":
+        if backend not in ("auto", "torch"):
+            raise KeelError(f"serve.backend={backend} is for classifiers; {run_dir} is a causal-lm run (use torch)")
+        return _load_lm(run_dir / "model", model_id, device)
+    chosen = _pick_backend(run_dir, backend)
+    t = load_trained(run_dir, chosen)  # checks every file against its manifest
+    from transformers import AutoModel
+
+    encoder = t.model.base_model if chosen == "torch" else AutoModel.from_pretrained(
+        run_dir / "model", local_files_only=True, use_safetensors=True)
+    encoder.eval()
+    return Engine(model_id, "classifier", t.tokenizer, t.recipe.model.max_length, chosen, classifier=t.model,
+                  encoder=encoder, labels=list(info["labels"]))
+
+
+def _load_encoder(folder: Path, model_id: str) -> Engine:
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    return Engine(model_id, "encoder", tok, min(512, int(getattr(encoder.config, "max_position_embeddings", 512))),
+                  encoder=encoder)
+
+
+def _load_lm(folder: Path, model_id: str, device: str) -> Engine:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+    lm = lm.to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    context = int(getattr(lm.config, "max_position_embeddings", 2048))
+    return Engine(model_id, "causal-lm", tok, context, "torch", lm=lm, device=device)

@@ -1,0 +1,83 @@
+"""Every error the server answers is OpenAI's envelope: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+         415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+
+
+class ServeError(Exception):
+    """An error with its HTTP status, for the envelope."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(envelope(status, message, param, code), status_code=status, headers=headers)
+
+
+def _validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """The first problem as (message, param, code); ``param`` is the dotted path inside the body."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None, "invalid_value"
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    # Union members add their type name to the path ("prompt.str"); keep the field path only.
+    loc = [p for p in loc if p not in ("str", "list[str]", "function-after[...]") and not p.startswith("list[")]
+    param = ".".join(loc) or None
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return "the body is not valid JSON; send a JSON object", None, "invalid_json"
+    if kind == "extra_forbidden":
+        return f"unknown field '{param}'; remove it (see /docs for the accepted fields)", param, "unknown_field"
+    if kind == "missing":
+        return f"'{param}' is required", param, "missing_field"
+    if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "the body must be a JSON object", None, "invalid_type"
+    return f"{param or 'body'}: {err.get('msg', 'invalid value')}", param, "invalid_value"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        message, param, code = _validation(exc)
+        return error_response(400, message, param, code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, None, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # Only the exception's type reaches the client and the log; never the request text.
+        import logging
+
+        logging.getLogger("keel.serve").error("unexpected %s on %s", type(exc).__name__, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__})", None, "internal_error")

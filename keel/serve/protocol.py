@@ -1,0 +1,190 @@
+"""The OpenAI wire format (and keel's /v1/classify): pydantic types that validate requests and document the API.
+
+Requests forbid unknown fields, so a typo is a 400 naming the field rather than a silently ignored option.
+Bounds that depend on the server's settings (max_tokens, n, stop, inputs per request) are checked in
+``limits.py`` against ``ServeConfig``; the bounds here are the ones OpenAI documents.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+class ErrorBody(Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Response):
+    error: ErrorBody
+
+
+# -- shared ----------------------------------------------------------------------------------------
+
+class StreamOptions(Request):
+    include_usage: bool = False
+
+
+class Usage(Response):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class SamplingFields(Request):
+    """What completions and chat share: the sampling knobs of OpenAI's API."""
+
+    model: str | None = Field(None, max_length=512, description="optional; the served model's id")
+    max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default: serve.default_max_tokens)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: Union[str, list[str], None] = Field(None, description="up to serve.max_stop strings that end a choice")
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted for compatibility; only 0 is supported")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted for compatibility; only 0 is supported")
+    user: str | None = Field(None, max_length=256)
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+# -- completions -------------------------------------------------------------------------------------
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str]] = Field(..., description="a text, or a list of texts (one choice set each)")
+    echo: bool = False
+
+
+class CompletionChoice(Response):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# -- chat -------------------------------------------------------------------------------------------
+
+class ChatMessage(Request):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str = Field(..., max_length=1_000_000)
+    name: str | None = Field(None, max_length=256)
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+
+
+class ChatChoiceMessage(Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(Response):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatResponse(Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+# -- embeddings and classification -------------------------------------------------------------------
+
+class EmbeddingRequest(Request):
+    input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
+    model: str | None = Field(None, max_length=512)
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes")
+    dimensions: int | None = Field(None, ge=1, description="accepted only when equal to the model's size")
+    user: str | None = Field(None, max_length=256)
+
+
+class Embedding(Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingResponse(Response):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ClassifyRequest(Request):
+    input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
+    model: str | None = Field(None, max_length=512)
+
+
+class Classification(Response):
+    index: int
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyResponse(Response):
+    object: Literal["list"] = "list"
+    data: list[Classification]
+    model: str
+    usage: Usage
+
+
+# -- models -----------------------------------------------------------------------------------------
+
+class ModelCard(Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "keel"
+
+
+class ModelList(Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())

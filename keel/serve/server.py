@@ -1,0 +1,166 @@
+"""`keel serve`: load the model, check the bind and keys, print how to call it, run uvicorn until SIGTERM.
+
+On SIGTERM (or Ctrl-C) /health/ready turns 503 at once, uvicorn stops accepting connections, the requests
+already accepted finish (up to serve.timeout_s), and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+from keel.errors import KeelError
+from keel.progress import console, out
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, has_keys: bool, allow_no_auth: bool) -> None:
+    if not has_keys and not is_loopback(host) and not allow_no_auth:
+        raise KeelError(f"refusing to serve on {host} without API keys; set KEEL_API_KEYS or --api-key-file, "
+                        "or pass --allow-no-auth if the network is trusted")
+
+
+def usage_lines(url: str, model_id: str, routes: tuple[str, ...], has_keys: bool) -> list[str]:
+    """A ready-to-paste curl and openai example for the loaded model."""
+    auth_h = ' -H "Authorization: Bearer $KEEL_API_KEY"' if has_keys else ""
+    key = 'os.environ["KEEL_API_KEY"]' if has_keys else '"none"'
+    if "chat" in routes:
+        curl = (f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth_h} "
+                f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+                f"\"max_tokens\": 32}}'")
+        call = (f"print(client.chat.completions.create(model=\"{model_id}\", max_tokens=32, "
+                f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)")
+    elif "classify" in routes:
+        curl = (f"curl -s {url}/v1/classify -H 'Content-Type: application/json'{auth_h} "
+                f"-d '{{\"input\": [\"I love my new self-driving car\", \"the ride was awful\"]}}'")
+        call = (f"print(client.post(\"/classify\", cast_to=dict, body={{\"input\": [\"I love my new self-driving car\"]}}))"
+                f"\nprint(len(client.embeddings.create(model=\"{model_id}\", input=\"hello\").data[0].embedding))")
+    else:
+        curl = (f"curl -s {url}/v1/embeddings -H 'Content-Type: application/json'{auth_h} "
+                f"-d '{{\"input\": [\"hello world\"]}}'")
+        call = f"print(len(client.embeddings.create(model=\"{model_id}\", input=\"hello\").data[0].embedding))"
+    py = (f"python - <<'EOF'\nimport os\nfrom openai import OpenAI\n"
+          f"client = OpenAI(base_url=\"{url}/v1\", api_key={key})\n{call}\nEOF")
+    return [curl, py]
+
+
+def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool = False,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, device: str | None = None) -> None:
+    import uvicorn
+
+    from keel.serve.app import build_app
+    from keel.serve.engines import check_target, load_engine
+    from keel.serve.guard import load_key_digests
+
+    check_target(target)
+
+    digests = load_key_digests(key_file)
+    check_bind(config.host, bool(digests), allow_no_auth)
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise KeelError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    import torch
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sock = _bind(config.host, config.port)
+    console.print(f"[dim]loading {target}[/]")
+    _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
+    engine = load_engine(target, config.backend, device)
+    asgi = build_app(engine, config, digests)
+    fastapi_app = asgi.app
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if ssl_certfile else "http"
+    shown = f"[{host}]" if ":" in host else host
+    url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}"
+    uconfig = uvicorn.Config(asgi, log_level="info", access_log=config.log_text, ssl_certfile=ssl_certfile,
+                             ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=int(config.timeout_s) + 5,
+                             lifespan="on", server_header=False)
+    server = _DrainingServer(uconfig, fastapi_app.state.keel, config.timeout_s + 5)
+    out.print(f"serving [bold]{engine.model_id}[/] ({engine.kind}, {engine.backend}) at [bold]{url}[/]  "
+              f"docs: {url}/docs  keys: {'required' if digests else 'none (loopback only)'}")
+    for line in usage_lines(url, engine.model_id, engine.routes, bool(digests)):
+        out.print(line, markup=False, highlight=False)
+    out.print("waiting for the model to warm up; /health/ready turns 200 when it has", markup=False)
+    out.file.flush()
+    server.run(sockets=[sock])
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise KeelError(f"cannot bind {host}:{port} ({e.strerror}); pick another --port (0 = any free port)") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _quiet_logs(log_text: bool) -> None:
+    """Request lines carry no bodies, but access logs stay off unless serve.log_text is set."""
+    logging.getLogger("keel.serve").setLevel(logging.INFO)
+    if not logging.getLogger("keel.serve").handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logging.getLogger("keel.serve").addHandler(handler)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _make_server_class():
+    import contextlib
+    import threading
+    import time
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server with a drain: on the first SIGTERM/SIGINT /health/ready turns 503 and new requests
+        get 503 at once, while the requests already accepted run to the end (at most the grace period);
+        then uvicorn shuts down as usual. A second signal stops at once."""
+
+        def __init__(self, config, state, grace_s: float):
+            super().__init__(config)
+            self.keel_state, self.grace_s = state, grace_s
+
+        def handle_exit(self, sig, frame):
+            if self.keel_state.draining:
+                return super().handle_exit(sig, frame)
+            self.keel_state.draining = True
+
+            def drain():
+                end = time.monotonic() + self.grace_s
+                while self.keel_state.inflight > 0 and time.monotonic() < end:
+                    time.sleep(0.05)
+                super(DrainingServer, self).handle_exit(sig, frame)
+
+            threading.Thread(target=drain, name="keel-drain", daemon=True).start()
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the captured SIGTERM after a graceful shutdown, which would end the process
+            # with 143; a drained server exits 0.
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return DrainingServer
+
+
+def _DrainingServer(config, state, grace_s: float):
+    return _make_server_class()(config, state, grace_s)

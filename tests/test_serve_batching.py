@@ -1,0 +1,179 @@
+"""The batching engines against oracles: continuous batching == HF generate per prompt; dynamic batching ==
+one text at a time, with texts that arrive together sharing a forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP barriers make a tiny model's steps 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A random 2-layer Llama with large weights: unlike the registry's tiny-llama (whose greedy output
+    repeats one token whatever the context), every token here depends on the whole context, so a wrong
+    mask, position or cache row changes the output."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from keel.models.registry import model_dir
+
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                         tie_word_embeddings=False, max_position_embeddings=512)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    return model, tok
+
+
+def _reference(model, tok, ids: list[int], max_new: int) -> list[int]:
+    """Greedy decoding with no cache and no batch: the whole sequence through the model at every step."""
+    seq = list(ids)
+    with torch.inference_mode():
+        for _ in range(max_new):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def _collector():
+    got, done, lock = {}, {}, threading.Lock()
+
+    def emit(index, kind, payload):
+        with lock:
+            if kind == "done":
+                done[index] = payload
+            elif kind == "error":
+                done[index] = {"error": payload}
+
+    return got, done, emit
+
+
+def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm):
+    """Prompts of different lengths join a running batch at different steps and leave at different
+    lengths; every one must decode exactly what HF generate gives it alone (greedy)."""
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    model, tok = tiny_lm
+    sched = Scheduler(model, tok, max_running=4)
+    sched.eos = set()  # random weights: run every sequence to its full length
+    prompts = ["Hello there", "A much longer prompt about the sea, the ships and the harbour at night",
+               "One", "Two words", "The quick brown fox jumps over the lazy dog again and again", "x y z"]
+    lengths = [12, 5, 20, 3, 9, 15]
+    _, done, emit = _collector()
+    seqs = [Sequence(tok(p)["input_ids"], n, temperature=0.0, index=i, emit=emit) for i, (p, n) in
+            enumerate(zip(prompts, lengths))]
+    sched.start()
+    try:
+        for i, s in enumerate(seqs):  # staggered arrivals: later ones join a batch that is mid-decode
+            sched.submit([s])
+            time.sleep(0.02 * (i % 3))
+        deadline = time.time() + 60
+        while len(done) < len(seqs) and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        sched.stop()
+    assert len(done) == len(seqs), done
+    for s, n in zip(seqs, lengths):
+        assert done[s.index] == {"finish_reason": "length", "completion_tokens": n}
+        assert s.out_ids == _reference(model, tok, s.prompt_ids, n), f"sequence {s.index} diverged"
+
+
+def test_cancelled_sequence_leaves_the_batch(tiny_lm):
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    model, tok = tiny_lm
+    sched = Scheduler(model, tok, max_running=4)
+    sched.eos = set()
+    _, done, emit = _collector()
+    long = Sequence(tok("cancel me")["input_ids"], 400, temperature=0.0, index=0, emit=emit)
+    short = Sequence(tok("keep me")["input_ids"], 30, temperature=0.0, index=1, emit=emit)
+    sched.start()
+    try:
+        sched.submit([long, short])
+        while len(long.out_ids) < 5:
+            time.sleep(0.005)
+        long.cancelled = True
+        deadline = time.time() + 30
+        while 1 not in done and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert sched.running == 0
+    finally:
+        sched.stop()
+    assert 0 not in done and len(long.out_ids) < 400
+    assert short.out_ids == _reference(model, tok, short.prompt_ids, 30)
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(tiny_lm):
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    model, tok = tiny_lm
+    ids = tok("Once upon a time")["input_ids"]
+
+    def run(extra: int) -> list[int]:
+        sched = Scheduler(model, tok, max_running=8)
+        sched.eos = set()
+        _, done, emit = _collector()
+        target = Sequence(ids, 15, temperature=0.9, top_p=0.9, seed=123, index=0, emit=emit)
+        others = [Sequence(tok(f"other prompt {k}")["input_ids"], 15, temperature=1.0, seed=k, index=k + 1, emit=emit)
+                  for k in range(extra)]
+        sched.start()
+        try:
+            sched.submit(others + [target])
+            while len(done) < extra + 1:
+                time.sleep(0.01)
+        finally:
+            sched.stop()
+        return target.out_ids
+
+    alone, crowded = run(0), run(5)
+    assert alone == crowded
+    assert len(set(alone)) > 1  # it did sample
+
+
+def test_dynamic_batcher_shares_forward_passes_and_keeps_order():
+    from keel.serve.batching import DynamicBatcher
+    from keel.serve.errors import ServeError
+
+    calls = []
+
+    def fn(texts):
+        calls.append(len(texts))
+        time.sleep(0.01)
+        return [t.upper() for t in texts]
+
+    async def main():
+        b = DynamicBatcher(fn, "classify", max_batch_size=8, max_wait_ms=20, max_queue=64)
+        b.start()
+        try:
+            jobs = [b.submit([f"text {i}", f"more {i}"], timeout_s=10) for i in range(12)]
+            results = await asyncio.gather(*jobs)
+            full = DynamicBatcher(fn, "classify", max_batch_size=8, max_wait_ms=50, max_queue=1)
+            full.start()
+            first = asyncio.ensure_future(full.submit(["a"], timeout_s=10))
+            await asyncio.sleep(0)
+            with pytest.raises(ServeError) as e:
+                await full.submit(["b"], timeout_s=10)
+            await first
+            await full.stop()
+            return results, e.value
+        finally:
+            await b.stop()
+
+    results, err = asyncio.run(main())
+    assert results == [[f"TEXT {i}", f"MORE {i}"] for i in range(12)]
+    assert sum(calls[:-1]) == 24 and max(calls) == 8 and len(calls) - 1 < 24  # batched, never over the cap
+    assert err.status == 429 and err.headers["Retry-After"]

@@ -1,0 +1,145 @@
+"""`keel serve RUN_DIR` on an exported classification run (ONNX Runtime int8 by default): classify and
+embeddings against in-process oracles, the openai client, a 2,000-request load test, schemathesis fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import TINY_RECIPE, write_toy_csv
+from serve_helpers import Server
+
+TEXTS = ["the car was great number 1", "this ride was awful number 2", "my trip was lovely", "a taxi was broken"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A trained and exported tiny classification run (in-process: the same code `keel train` and
+    `keel export` run, without two interpreter start-ups)."""
+    from keel.export.onnx import export_onnx
+    from keel.pipeline import train_run
+    from keel.recipe import load_recipe
+
+    work = tmp_path_factory.mktemp("serve-clf")
+    csv = write_toy_csv(work / "toy.csv", n=120)
+    (work / "tiny.yaml").write_text(TINY_RECIPE.format(data=csv, epochs=1, every=0))
+    run = train_run(load_recipe(work / "tiny.yaml", [f"output.dir={work / 'runs' / 'tiny'}", "train.max_steps=3"]))
+    export_onnx(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def clf(run_dir):
+    server = Server(str(run_dir), "--set", "serve.max_wait_ms=10", "--set", "serve.max_queue=1024", "--set",
+                    "serve.num_threads=1")
+    yield server
+    server.stop()
+
+
+def test_serves_the_int8_export_by_default_and_says_how_to_call_it(clf):
+    assert "(classifier, onnx-int8)" in clf.log
+    assert "curl -s http://127.0.0.1:" in clf.log and "from openai import OpenAI" in clf.log
+
+
+def test_classify_matches_keel_predict(clf, run_dir):
+    from keel.evaluate import predict
+
+    r = httpx.post(f"{clf.url}/v1/classify", json={"input": TEXTS, "model": "tiny"}, timeout=30)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    expected = predict(run_dir, TEXTS, backend="onnx-int8")
+    assert [d["index"] for d in data] == list(range(len(TEXTS)))
+    assert [d["label"] for d in data] == [e["label"] for e in expected]
+    for d, e in zip(data, expected):
+        assert set(d["scores"]) == {"neg", "pos"} and abs(sum(d["scores"].values()) - 1) < 1e-5
+        assert d["score"] == pytest.approx(e["score"], abs=1e-5)
+
+
+def test_embeddings_with_the_openai_client_are_mean_pooled_encoder_states(clf, run_dir):
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModel, AutoTokenizer
+
+    client = OpenAI(base_url=f"{clf.url}/v1", api_key="unused", max_retries=0)
+    res = client.embeddings.create(model="tiny", input=TEXTS[:2])
+    got = np.array([d.embedding for d in res.data])  # (2, E)
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    enc = AutoModel.from_pretrained(run_dir / "model").eval()
+    batch = tok(TEXTS[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = enc(**batch).last_hidden_state  # (2, T, E)
+    mask = batch["attention_mask"][..., None]
+    want = ((states * mask).sum(1) / mask.sum(1)).numpy()
+    assert got.shape == (2, enc.config.hidden_size)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert res.usage.prompt_tokens == int(batch["attention_mask"].sum())
+    single = client.embeddings.create(model="tiny", input=TEXTS[0]).data[0].embedding
+    np.testing.assert_allclose(single, got[0], atol=1e-4)  # padding in a batch does not change a row
+
+
+def test_generation_routes_on_a_classifier_are_a_clear_400(clf):
+    r = httpx.post(f"{clf.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_route"
+    assert "/v1/classify" in r.json()["error"]["message"]
+
+
+def test_load_2000_requests_at_concurrency_64_without_a_5xx(clf):
+    """Each request is one text; the dynamic batcher must group them (mean batch size > 1)."""
+    async def main():
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=clf.url, limits=limits, timeout=60) as http:
+            sem = asyncio.Semaphore(64)
+            statuses, errors = [], []
+
+            async def one(i):
+                async with sem:
+                    path = "/v1/classify" if i % 2 else "/v1/embeddings"
+                    try:
+                        r = await http.post(path, json={"input": f"request {i} was great"})
+                        statuses.append(r.status_code)
+                    except httpx.HTTPError as e:
+                        errors.append(repr(e))
+
+            await asyncio.gather(*(one(i) for i in range(2000)))
+            return statuses, errors
+
+    before_n = clf.metric("keel_batch_size_count")
+    statuses, errors = asyncio.run(main())
+    assert errors == [] and len(statuses) == 2000
+    assert statuses.count(200) == 2000, {s: statuses.count(s) for s in set(statuses)}
+    batches = clf.metric("keel_batch_size_count") - before_n
+    assert batches < 0.8 * 2000  # requests shared forward passes
+
+
+def test_schemathesis_finds_no_server_error(clf, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{clf.url}/openapi.json", "--checks",
+         "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+         "--max-examples", "30", "--phases", "examples,coverage,fuzzing", "--generation-deterministic",
+         "--request-timeout", "30", "--no-color"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+
+
+def test_the_printed_curl_and_python_examples_work(clf):
+    """What `keel serve` prints is pasted as is: the curl line and the openai snippet must both succeed."""
+    import re
+    import shlex
+
+    lines = clf.log.splitlines()
+    curl = next(line for line in lines if line.startswith("curl -s "))
+    start = lines.index("python - <<'EOF'")
+    snippet = "\n".join(lines[start + 1: lines.index("EOF", start)])
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"'label': '(pos|neg)'", proc.stdout) and proc.stdout.strip().splitlines()[-1] == "32"
+    args = shlex.split(curl)
+    url = next(a for a in args if a.startswith("http"))
+    body = args[args.index("-d") + 1]
+    r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
