@@ -100,6 +100,10 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
     from keel.evaluate import evaluate_run
     from keel.report import write_report
 
+    if recipe.sft is not None or recipe.align is not None:  # generative fine-tuning and alignment: TRL trainers
+        from keel.align.run import generative_run
+
+        return generative_run(recipe, resume)
     t0 = time.perf_counter()
     run_dir = train_run(recipe, resume)
     if is_main_process():
@@ -107,6 +111,10 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
             evaluate_run(run_dir)
         else:
             log("no test split (data.split.test is 0): skipping the test evaluation")
+        if recipe.task == "causal-lm":
+            from keel.pretrain import write_samples
+
+            write_samples(run_dir, recipe)
         write_report(run_dir)
         finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir
