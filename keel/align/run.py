@@ -23,6 +23,7 @@ def generative_run(recipe: Recipe, resume: bool = False) -> Path:
 
     if resume:
         raise KeelError("--resume is not supported for sft / align recipes; run the recipe again (a new run directory)")
+    _check_data(recipe)  # bad data fails before a run directory is made
     run_dir = resolve_run_dir(recipe, resume=False)
     log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume=False)
@@ -43,6 +44,20 @@ def generative_run(recipe: Recipe, resume: bool = False) -> Path:
     return run_dir
 
 
+def _check_data(recipe: Recipe) -> None:
+    from keel.align.prefs import check_source, read_preferences
+
+    check_source(recipe)
+    if recipe.data.path is None:
+        return
+    if recipe.align is not None:
+        read_preferences(recipe.data.path)
+    else:
+        from keel.sft import read_chat_jsonl
+
+        read_chat_jsonl(recipe.data.path, use_chat=False)
+
+
 def write_logs(run_dir: Path, logs: list[dict]) -> None:
     atomic_write_text(run_dir / "train_logs.jsonl", "".join(json.dumps(r) + "\n" for r in logs))
 
@@ -51,8 +66,10 @@ def load_base(recipe: Recipe):
     import torch
     from transformers import AutoTokenizer
 
+    from keel.align.trainers import quiet
     from keel.models import model_dir
 
+    quiet()
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     base = model_dir(recipe.model.name)

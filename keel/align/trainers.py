@@ -27,12 +27,13 @@ def _progress_callback(label: str, total: int, logs: list[dict]):
             self._task = self._bar.add_task(label, total=total, info="")
 
         def on_log(self, args, state, control, logs=None, **kw):
+            self._step = state.global_step
             if logs and "train_runtime" not in logs:
                 logs_list.append({"stage": label, "step": state.global_step, **{k: float(v) for k, v in logs.items()
                                                                                if isinstance(v, (int, float))}})
                 shown = logs.get("loss")
                 if shown is not None:
-                    self._bar.update(self._task, info=f"loss {float(shown):.4f}")
+                    self._bar.update(self._task, completed=state.global_step, info=f"loss {float(shown):.4f}")
 
         def on_step_end(self, args, state, control, **kw):
             self._bar.update(self._task, completed=state.global_step)
@@ -44,14 +45,37 @@ def _progress_callback(label: str, total: int, logs: list[dict]):
     return KeelProgress()
 
 
+def quiet() -> None:
+    """No per-map progress bars or load reports from the libraries: keel prints its own progress."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")
+
+
 def common_args(steps: int, lr: float, batch_size: int, seed: int, mixed_precision: str, workdir: str) -> dict:
     """Arguments every TRL config here shares: keel owns saving, logging and progress."""
+    quiet()
     cuda = torch.cuda.is_available()
     return dict(output_dir=workdir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
                 seed=seed, bf16=cuda and mixed_precision == "bf16", fp16=cuda and mixed_precision == "fp16",
                 gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
                 disable_tqdm=True, use_cpu=not cuda, lr_scheduler_type="linear", warmup_steps=0,
                 dataloader_num_workers=0)
+
+
+def run_trainer(trainer):
+    """Train with keel's progress bar only (transformers would also print every log record)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
 
 
 def peft_config(lora, task_type: str = "CAUSAL_LM"):
@@ -84,7 +108,7 @@ def train_reward_model(base: Path, tokenizer, pairs: list[dict], steps: int, lr:
         args = RewardConfig(**common_args(steps, lr, batch_size, seed, mixed_precision, work), max_length=max_length)
         trainer = RewardTrainer(model=model, args=args, train_dataset=_dataset(pairs), processing_class=tokenizer,
                                 callbacks=[_progress_callback("reward model", steps, logs)])
-        trainer.train()
+        run_trainer(trainer)
     return trainer.model.eval(), logs
 
 
@@ -134,7 +158,7 @@ def train_dpo(base: Path, tokenizer, pairs: list[dict], cfg, steps: int, lr: flo
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(pairs),
                              processing_class=tokenizer, peft_config=peft_config(cfg.lora),
                              callbacks=[_progress_callback("DPO", steps, logs)])
-        trainer.train()
+        run_trainer(trainer)
     return trainer.model, logs
 
 
@@ -158,7 +182,7 @@ def train_rl(base: Path, tokenizer, prompts: list[str], reward_model, cfg, steps
         trainer = Trainer(model=model, reward_funcs=reward_model, reward_processing_classes=tokenizer, args=args,
                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
                           peft_config=peft_config(cfg.lora), callbacks=[_progress_callback(cfg.method.upper(), steps, logs)])
-        trainer.train()
+        run_trainer(trainer)
     return trainer.model, logs
 
 

@@ -71,7 +71,7 @@ def sft_run(recipe, run_dir: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from keel.align.run import load_base, write_logs
-    from keel.align.trainers import _progress_callback, common_args, load_policy, peft_config
+    from keel.align.trainers import _progress_callback, common_args, load_policy, peft_config, run_trainer
     from keel.train.engine import save_final_model
 
     if recipe.data.path is None:
@@ -103,7 +103,7 @@ def sft_run(recipe, run_dir: Path) -> dict:
                              peft_config=peft_config(cfg.lora) if cfg.method == "lora" else None,
                              callbacks=[_progress_callback("SFT", steps, logs)])
         before = trainer.evaluate()["eval_loss"] if test else None
-        trainer.train()
+        run_trainer(trainer)
         after = trainer.evaluate()["eval_loss"] if test else None
     trained = trainer.model
     if cfg.method == "lora":
