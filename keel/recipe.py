@@ -133,6 +133,8 @@ class LoraConfig(Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt, or all-linear")
+    layers: int | None = Field(None, ge=1, description="adapt only the top N transformer blocks (backward stops there: "
+                                                        "much faster on a CPU); null = all blocks")
 
 
 class SFTConfig(Strict):
@@ -151,6 +153,7 @@ class AlignConfig(Strict):
     lora: LoraConfig | None = Field(LoraConfig(r=16, alpha=32.0), description="train the policy as a LoRA adapter (merged at the end); null = full")
     reward_steps: int = Field(60, ge=1, description="optimiser steps of reward-model training")
     reward_lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    reward_layers: int | None = Field(None, ge=1, description="train only the reward model's top N blocks and its head; null = all")
     policy_steps: int = Field(30, ge=1, description="optimiser steps of DPO / RL")
     num_generations: int = Field(4, ge=2, description="RL: completions sampled per prompt")
     max_new_tokens: int = Field(16, ge=1, le=512, description="RL sampling and win-rate generations")

@@ -97,7 +97,8 @@ def align_run(recipe: Recipe, run_dir: Path) -> dict:
 
     # 1. reward model, and its accuracy on held-out pairs
     rm, rm_logs = trainers.train_reward_model(base, tokenizer, train_pairs, cfg.reward_steps, cfg.reward_lr,
-                                              tr.batch_size, tr.seed, recipe.model.max_length, tr.mixed_precision)
+                                              tr.batch_size, tr.seed, recipe.model.max_length, tr.mixed_precision,
+                                              cfg.reward_layers)
     logs += rm_logs
     rm_accuracy = trainers.pairwise_accuracy(rm, tokenizer, held_out)
     log(f"reward model: held-out pairwise accuracy {rm_accuracy:.3f}")

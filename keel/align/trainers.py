@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from keel.errors import KeelError
 from keel.progress import progress
 
 
@@ -78,13 +79,33 @@ def run_trainer(trainer):
     return trainer
 
 
-def peft_config(lora, task_type: str = "CAUSAL_LM"):
+def peft_config(lora, model=None, task_type: str = "CAUSAL_LM"):
     if lora is None:
         return None
     from peft import LoraConfig
 
+    layers, targets = None, lora.target_modules
+    if lora.layers is not None and model is not None:
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - lora.layers), n))
+        if targets == "all-linear":  # peft takes a layer subset only with named modules: every Linear of a block
+            block = model.base_model.layers[0]
+            targets = sorted({name.split(".")[-1] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
-                      target_modules=lora.target_modules)
+                      target_modules=targets, layers_to_transform=layers)
+
+
+def freeze_below_top(model, top: int | None) -> None:
+    """Train only the top ``top`` transformer blocks and what sits above them (norm, head)."""
+    if top is None:
+        return
+    blocks = model.base_model.layers if hasattr(model.base_model, "layers") else None
+    if blocks is None:
+        raise KeelError("align.reward_layers works with Llama-style models (model.layers); set it to null")
+    keep = {id(p) for block in list(blocks)[-top:] for p in block.parameters()}
+    keep |= {id(p) for p in model.base_model.norm.parameters()} | {id(p) for p in model.score.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
 
 
 def _dataset(rows: list[dict], keys=("prompt", "chosen", "rejected")):
@@ -94,7 +115,7 @@ def _dataset(rows: list[dict], keys=("prompt", "chosen", "rejected")):
 
 
 def train_reward_model(base: Path, tokenizer, pairs: list[dict], steps: int, lr: float, batch_size: int, seed: int,
-                       max_length: int, mixed_precision: str = "no"):
+                       max_length: int, mixed_precision: str = "no", top_layers: int | None = None):
     """A scalar-head reward model (Bradley-Terry loss on chosen vs rejected), fully fine-tuned. -> (model, logs)."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -103,6 +124,7 @@ def train_reward_model(base: Path, tokenizer, pairs: list[dict], steps: int, lr:
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, local_files_only=True,
                                                                use_safetensors=True)
     model.config.pad_token_id = tokenizer.pad_token_id
+    freeze_below_top(model, top_layers)
     logs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
         args = RewardConfig(**common_args(steps, lr, batch_size, seed, mixed_precision, work), max_length=max_length)
@@ -156,7 +178,7 @@ def train_dpo(base: Path, tokenizer, pairs: list[dict], cfg, steps: int, lr: flo
         args = DPOConfig(**common_args(steps, lr, batch_size, seed, mixed_precision, work), beta=cfg.beta,
                          max_length=max_length)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(pairs),
-                             processing_class=tokenizer, peft_config=peft_config(cfg.lora),
+                             processing_class=tokenizer, peft_config=peft_config(cfg.lora, model),
                              callbacks=[_progress_callback("DPO", steps, logs)])
         run_trainer(trainer)
     return trainer.model, logs
@@ -181,7 +203,7 @@ def train_rl(base: Path, tokenizer, prompts: list[str], reward_model, cfg, steps
                       temperature=1.0, log_completions=False)
         trainer = Trainer(model=model, reward_funcs=reward_model, reward_processing_classes=tokenizer, args=args,
                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          peft_config=peft_config(cfg.lora), callbacks=[_progress_callback(cfg.method.upper(), steps, logs)])
+                          peft_config=peft_config(cfg.lora, model), callbacks=[_progress_callback(cfg.method.upper(), steps, logs)])
         run_trainer(trainer)
     return trainer.model, logs
 

@@ -100,7 +100,7 @@ def sft_run(recipe, run_dir: Path) -> dict:
                          completion_only_loss=True, packing=False, per_device_eval_batch_size=tr.eval_batch_size)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds(train), eval_dataset=ds(test) if test else None,
                              processing_class=tokenizer,
-                             peft_config=peft_config(cfg.lora) if cfg.method == "lora" else None,
+                             peft_config=peft_config(cfg.lora, model) if cfg.method == "lora" else None,
                              callbacks=[_progress_callback("SFT", steps, logs)])
         before = trainer.evaluate()["eval_loss"] if test else None
         run_trainer(trainer)
