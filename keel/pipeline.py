@@ -82,6 +82,11 @@ def train_run(recipe: Recipe, resume: bool = False) -> Path:
     """Training only (`keel train`)."""
     from keel.train.engine import train
 
+    if recipe.sft is not None or recipe.align is not None:  # one linear script, training and its figures
+        from keel.align.run import generative_run
+
+        return generative_run(recipe, resume)
+
     run_dir = resolve_run_dir(recipe, resume)
     log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume)
