@@ -16,33 +16,33 @@ from keel.errors import KeelError
 from keel.progress import progress
 
 
-def _progress_callback(label: str, total: int, logs: list[dict]):
+def _progress_callback(label: str, total: int, records: list[dict]):
+    """A keel progress bar for a transformers Trainer; every logged record is appended to ``records``."""
     from transformers import TrainerCallback
 
     class KeelProgress(TrainerCallback):
-        """A keel progress bar for a transformers Trainer, and every logged record kept in ``logs``."""
+        bar = None
 
         def on_train_begin(self, args, state, control, **kw):
             self._cm = progress("step")
-            self._bar = self._cm.__enter__()
-            self._task = self._bar.add_task(label, total=total, info="")
+            self.bar = self._cm.__enter__()
+            self.task = self.bar.add_task(label, total=total, info="")
 
         def on_log(self, args, state, control, logs=None, **kw):
-            self._step = state.global_step
-            if logs and "train_runtime" not in logs:
-                logs_list.append({"stage": label, "step": state.global_step, **{k: float(v) for k, v in logs.items()
-                                                                               if isinstance(v, (int, float))}})
-                shown = logs.get("loss")
-                if shown is not None:
-                    self._bar.update(self._task, completed=state.global_step, info=f"loss {float(shown):.4f}")
+            if not logs or "train_runtime" in logs:
+                return
+            records.append({"stage": label, "step": state.global_step,
+                            **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}})
+            if self.bar is not None and "loss" in logs:
+                self.bar.update(self.task, completed=state.global_step, info=f"loss {float(logs['loss']):.4f}")
 
         def on_step_end(self, args, state, control, **kw):
-            self._bar.update(self._task, completed=state.global_step)
+            self.bar.update(self.task, completed=state.global_step)
 
         def on_train_end(self, args, state, control, **kw):
             self._cm.__exit__(None, None, None)
+            self.bar = None
 
-    logs_list = logs
     return KeelProgress()
 
 
