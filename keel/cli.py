@@ -44,8 +44,18 @@ def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -
     from keel.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
-    resolve_model(r.model.name)
-    check_data_config(r.data, r.task)
+    if r.model.init == "scratch":
+        from keel.pretrain import check_preset
+
+        check_preset(r.model.name)
+    else:
+        resolve_model(r.model.name)
+    if r.sft is not None or r.align is not None:
+        from keel.align.prefs import check_source
+
+        check_source(r)  # preference or chat JSONL: its own fields, checked when read
+    else:
+        check_data_config(r.data, r.task)
     out.print(f"[green]ok[/] {recipe}: task {r.task}, model {r.model.name}, data {r.data.name or r.data.path}, "
               f"sha256 {r.sha256()[:12]}")
 

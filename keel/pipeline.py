@@ -85,6 +85,11 @@ def train_run(recipe: Recipe, resume: bool = False) -> Path:
     """Training only (`keel train`)."""
     from keel.train.engine import train
 
+    if recipe.sft is not None or recipe.align is not None:  # one linear script, training and its figures
+        from keel.align.run import generative_run
+
+        return generative_run(recipe, resume)
+
     run_dir = resolve_run_dir(recipe, resume)
     log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume)
@@ -103,6 +108,10 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
     from keel.evaluate import evaluate_run
     from keel.report import write_report
 
+    if recipe.sft is not None or recipe.align is not None:  # generative fine-tuning and alignment: TRL trainers
+        from keel.align.run import generative_run
+
+        return generative_run(recipe, resume)
     t0 = time.perf_counter()
     run_dir = train_run(recipe, resume)
     if is_main_process():
@@ -110,6 +119,10 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
             evaluate_run(run_dir)
         else:
             log("no test split (data.split.test is 0): skipping the test evaluation")
+        if recipe.task == "causal-lm":
+            from keel.pretrain import write_samples
+
+            write_samples(run_dir, recipe)
         if recipe.compress is not None:
             from keel.compress.stages import compress
 

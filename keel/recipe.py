@@ -30,6 +30,8 @@ class ModelConfig(Strict):
 
     name: str = Field("minilm-l6", description="registry name (see `keel ls`) or a local Hugging Face model folder")
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example; longer texts are truncated")
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="scratch: random weights of the size preset model.name, with a tokenizer trained on the data (see pretrain)")
 
 
 class Columns(Strict):
@@ -191,6 +193,51 @@ class ServeConfig(Strict):
     log_text: bool = Field(False, description="log prompts and completions (off: only sizes and timings)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
                                     "on a busy machine)")
+# -- generative models (issue 6): pretraining from scratch, supervised fine-tuning, alignment ------------------
+
+class PretrainConfig(Strict):
+    """model.init: scratch: a byte-level BPE tokenizer trained on the training split, random weights of a preset."""
+
+    vocab_size: int = Field(4096, ge=260, le=262144, description="BPE vocabulary, including the 256 bytes and special tokens")
+    min_frequency: int = Field(2, ge=1, description="merges seen fewer times than this are not learned")
+    samples: int = Field(3, ge=0, le=32, description="sample generations from the test split's openings, for the report")
+    sample_tokens: int = Field(48, ge=1, le=1024)
+    compile: bool = Field(True, description="torch.compile the model when training on a CUDA GPU (ignored on CPU)")
+
+
+class LoraConfig(Strict):
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or all-linear")
+    layers: int | None = Field(None, ge=1, description="adapt only the top N transformer blocks (backward stops there: "
+                                                        "much faster on a CPU); null = all blocks")
+
+
+class SFTConfig(Strict):
+    """Supervised fine-tuning on chat/instruction JSONL (`messages`, or `prompt` + `response`): loss on responses only."""
+
+    method: Literal["full", "lora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    merge: bool = Field(True, description="merge the LoRA adapter into the weights of model/ (for export and serving)")
+
+
+class AlignConfig(Strict):
+    """Alignment from preferences (`prompt`, `chosen`, `rejected`; or data.name: crows-pairs): reward model + DPO or RL."""
+
+    method: Literal["dpo", "grpo", "rloo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0, description="strength of the KL pull to the frozen reference model")
+    lora: LoraConfig | None = Field(LoraConfig(r=16, alpha=32.0), description="train the policy as a LoRA adapter (merged at the end); null = full")
+    reward_steps: int = Field(60, ge=1, description="optimiser steps of reward-model training")
+    reward_lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    reward_layers: int | None = Field(None, ge=1, description="train only the reward model's top N blocks and its head; null = all")
+    policy_steps: int = Field(30, ge=1, description="optimiser steps of DPO / RL")
+    num_generations: int = Field(4, ge=2, description="RL: completions sampled per prompt")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="RL sampling and win-rate generations")
+    eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs scored before/after")
+    win_rate_prompts: int = Field(32, ge=1)
+    perplexity_blocks: int = Field(16, ge=0, description="held-out Shakespeare blocks for the alignment tax; 0 = skip")
 
 
 class Recipe(Strict):
@@ -204,11 +251,18 @@ class Recipe(Strict):
     compress: CompressConfig | None = None
     output: OutputConfig = OutputConfig()
     serve: ServeConfig = ServeConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig | None = None
+    align: AlignConfig | None = None
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> "Recipe":
         if self.task == "causal-lm" and self.train.metric in ("accuracy", "macro_f1"):
             raise ValueError(f"train.metric '{self.train.metric}' is for classification; use train.metric=loss for causal-lm")
+        if (self.model.init == "scratch" or self.sft or self.align) and self.task != "causal-lm":
+            raise ValueError("model.init: scratch, sft and align are for causal language models; set task: causal-lm")
+        if self.sft and self.align:
+            raise ValueError("a recipe has either an sft or an align section, not both; run them as two recipes")
         return self
 
     @property

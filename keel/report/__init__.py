@@ -242,7 +242,10 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
             f"session, each variant in its own process.</p>{table}{_png(fig)}")
 
 
-SECTIONS = [section_summary, section_test, section_curves, section_bench, section_recipe]
+from keel.report.generative import section_align, section_samples, section_sft  # noqa: E402
+
+SECTIONS = [section_summary, section_test, section_curves, section_samples, section_sft, section_align, section_bench,
+            section_recipe]
 
 
 def write_report(run_dir: str | Path) -> Path:

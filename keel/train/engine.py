@@ -130,7 +130,12 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
 
     # -- data and model ---------------------------------------------------------------------------
     with accelerator.main_process_first():  # the main process fills the caches; the others then read them
-        path = model_dir(recipe.model.name)
+        if recipe.model.init == "scratch":
+            from keel.pretrain import scratch_model_dir
+
+            path = scratch_model_dir(recipe)  # a trained tokenizer and random weights of a size preset
+        else:
+            path = model_dir(recipe.model.name)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -176,6 +181,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
 
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
+    if recipe.model.init == "scratch" and recipe.pretrain.compile and device.type == "cuda":
+        model = torch.compile(model)  # pretraining on a GPU: fused kernels; unwrap_model() strips it for saving
     # On a GPU, a few padded lengths instead of one per batch: fused attention kernels (cuDNN) plan per shape.
     pad_multiple = 16 if device.type == "cuda" else None
     metrics = MetricLog(run_dir, enabled=main, resume_step=state.step if resume else None)
@@ -249,7 +256,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
                 state.step, state.batch_in_epoch, state.samples_seen = state.step + 1, b, state.samples_seen + n_samples
                 step_loss = accelerator.reduce(running, "mean").item()
                 record = {"step": state.step, "epoch": epoch + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                          "samples": state.samples_seen}
+                          "samples": state.samples_seen, "seconds": round(time.perf_counter() - t0, 4)}
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 metrics.write(record)
