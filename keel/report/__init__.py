@@ -179,6 +179,10 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
 
 SECTIONS = [section_summary, section_test, section_curves, section_bench, section_recipe]
 
+from keel.federated.report import section_federated  # noqa: E402  (federated runs: rounds and privacy)
+
+SECTIONS.insert(SECTIONS.index(section_recipe), section_federated)
+
 
 def write_report(run_dir: str | Path) -> Path:
     import yaml
