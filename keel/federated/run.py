@@ -40,7 +40,11 @@ def _fed(recipe: Recipe):
 
 
 def _quiet_flower(debug: bool = False) -> None:
-    logging.getLogger("flwr").setLevel(logging.INFO if debug else logging.WARNING)
+    """Flower logs every protocol step (and deprecation notices); keel logs one line per round instead."""
+    import os
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("flwr").setLevel(logging.INFO if debug else logging.ERROR)
 
 
 def data_recipe(recipe: Recipe) -> Recipe:
