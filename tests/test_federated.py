@@ -7,6 +7,7 @@ test_federated_e2e.py.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -252,3 +253,75 @@ def test_recipe_section_is_checked():
     with pytest.raises(RecipeError, match="dp.epsilon"):
         validate_recipe({**base, "federated": {"dp": {"mode": "central"}}})
     assert load_recipe("federated").federated.sites == 10
+
+
+class Sampler:
+    """Stands in for Flower's ClientManager: every site is available."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def num_available(self) -> int:
+        return self.n
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        return [Proxy(str(i)) for i in range(num_clients)]
+
+
+def drive(c, clients, crash_after: int | None = None) -> None:
+    """What Flower's server loop does with a strategy, in one process: init, then fit/aggregate/evaluate per round."""
+    from flwr.common import parameters_to_ndarrays
+
+    guard = c.strategy()
+    params = guard.initialize_parameters(None)
+    guard.evaluate(0, params)
+    for rnd in range(1, c.remaining + 1):
+        results = []
+        for proxy, ins in guard.configure_fit(rnd, params, Sampler(len(clients))):
+            arrays, n, metrics = clients[int(proxy.cid)].fit(parameters_to_ndarrays(ins.parameters), ins.config)
+            results.append(fit_res(arrays, n, metrics["site"]))
+        new, _ = guard.aggregate_fit(rnd, results, [])
+        params = new or params
+        guard.evaluate(rnd, params)
+        if crash_after == rnd + c.offset:
+            raise KeyboardInterrupt("server killed")
+
+
+def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv, monkeypatch):
+    from keel.federated import run as fed_run
+    from keel.federated.site import make_client
+
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "fed.yaml"
+    p.write_text(FED_RECIPE.format(data=toy_csv, sites=2))
+    recipe = load_recipe(p)
+
+    def body_for(crash_after):
+        def body(s, c):
+            parts = fed_run.site_partitions(s)
+            rows = [s.data.splits["train"].select(r) for r in parts]
+            clients = [make_client(f"site-{i}", lambda labels, i=i: (fed_run.build_model(s, labels), s.tokenizer, rows[i]),
+                                   fed_run.site_settings(recipe)) for i in range(len(parts))]
+            drive(c, clients, crash_after)
+        return body
+
+    with pytest.raises(KeyboardInterrupt):
+        fed_run._run(recipe, False, body_for(crash_after=1))
+    run = tmp_path / "runs" / "fed"
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / "model").exists()
+    kept = load_round_state(run)
+    assert kept["round"] == 1
+
+    fed_run._run(recipe, True, body_for(crash_after=None))  # the restarted server
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    info = json.loads((run / "train.json").read_text())
+    assert info["rounds_done"] == 2 and info["rounds_skipped"] == 0
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert (run / "eval" / "test.json").is_file() and "Federated rounds" in (run / "report.html").read_text()
+
+
+def load_round_state(run) -> dict:
+    last = sorted((run / "federated").glob("round-*"))[-1]
+    return json.loads((last / "state.json").read_text())

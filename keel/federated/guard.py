@@ -3,7 +3,8 @@
 ``Guard`` wraps the strategy Flower runs (FedAvg, FedProx, FedAdam, Krum, trimmed mean, optionally inside
 Flower's DP wrapper) and adds, per round:
 - validation of every update: number of arrays, dtype, shape, finite values, L2 norm of the change; a bad
-  update is dropped and its site named in the log;
+  update is dropped and its site named in the log (under SecAgg+ the server only ever holds the sum, so
+  the check applies to the aggregate and a bad one skips the round);
 - a minimum completion rate: too few usable updates (drop-outs + rejections) and the round is skipped,
   the global model stays as it was, and the skip is logged;
 - the privacy budget: no round starts that would spend more than federated.dp.epsilon;
@@ -112,6 +113,8 @@ class Guard(_strategy_base()):
         from flwr.common import parameters_to_ndarrays
 
         r = server_round + self.offset
+        if self.fed.secagg.enabled and results:
+            results = self._secagg_sum(r, results)
         kept, rejected = [], []
         for proxy, res in results:
             site = str(res.metrics.get("site", getattr(proxy, "cid", "?")))
@@ -141,6 +144,23 @@ class Guard(_strategy_base()):
             info["train_loss"] = sum(n * v for n, v in losses) / max(1, sum(n for n, _ in losses))
         self._round_info = info
         return params, metrics
+
+    def _secagg_sum(self, r: int, results):
+        """Under SecAgg+ every result carries the same unmasked aggregate (the server sees nothing else).
+
+        It is dequantized as float64: cast back to the model's dtypes, then it is validated like one update.
+        Per-site checks are impossible by design here; a bad aggregate skips the round.
+        """
+        from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+
+        arrays = parameters_to_ndarrays(results[0][1].parameters)
+        if len(arrays) == len(self._reference):
+            arrays = [a.astype(ref.dtype, copy=False) if a.shape == ref.shape else a for a, ref in zip(arrays, self._reference)]
+        params = ndarrays_to_parameters(arrays)
+        for i, (_, res) in enumerate(results):
+            res.parameters = params
+            res.metrics = {**res.metrics, "site": res.metrics.get("site", f"aggregate-{i}")}
+        return results
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []
