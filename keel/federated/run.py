@@ -310,7 +310,10 @@ def _sim_site(recipe_json: str, pid: int, threads: int):
         rows = s.data.splits["train"].select(parts[pid])
 
         def load(labels):
-            return build_model(s, labels or s.data.labels), s.tokenizer, rows
+            # one model per worker process, shared by the sites it plays: every fit starts by loading the weights
+            if ("model", recipe_json) not in _SITE_CACHE:
+                _SITE_CACHE[("model", recipe_json)] = build_model(s, labels or s.data.labels)
+            return _SITE_CACHE[("model", recipe_json)], s.tokenizer, rows
 
         _SITE_CACHE[key] = make_client(f"site-{pid}", load, site_settings(s.recipe))
     return _SITE_CACHE[key]
