@@ -33,7 +33,7 @@ ROUNDS_DIR = "federated"
 
 def _fed(recipe: Recipe):
     if recipe.federated is None:
-        raise KeelError("the recipe has no federated: section; add one (see `keel federate federated` for the built-in example)")
+        raise KeelError("the recipe has no federated: section; add one (the built-in recipe `federated` is an example: keel ls)")
     if recipe.task != "classification":
         raise KeelError(f"keel federate trains classifiers; this recipe's task is {recipe.task}")
     return recipe.federated
