@@ -38,24 +38,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_pids() -> set[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return {line.split()[0] for line in out.splitlines() if "raylet" in line or "gcs_server" in line or "ray::" in line}
+def ray_sessions() -> set[str]:
+    """Ray's session folders: each simulation starts one, and every Ray process names its own in its arguments."""
+    import glob
+
+    return {os.path.basename(p) for p in glob.glob("/tmp/ray/session_2*")}
 
 
-def ray_leftovers(before: set[str]) -> set[str]:
-    """Ray processes that appeared during a test and are still alive (a few seconds' grace to exit)."""
+def ray_leftovers(before: set[str]) -> list[str]:
+    """Processes of Ray sessions started during a test that are still alive (a few seconds' grace to exit)."""
+    new = ray_sessions() - before
+    left: list[str] = []
     for _ in range(10):
-        left = ray_pids() - before
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        left = [line[:120] for line in ps if any(s in line for s in new)]
         if not left:
-            return left
+            break
         time.sleep(1)
     return left
 
 
 def test_simulation_with_secagg(tmp_path):
     """`keel federate` with SecAgg+ on 3 simulated sites (Flower's simulation engine); eval and report work."""
-    before = ray_pids()
+    before = ray_sessions()
     data = write_toy_csv(tmp_path / "toy.csv", n=160)
     recipe = tmp_path / "fed.yaml"
     recipe.write_text(RECIPE.format(data=data, sites=3, rounds=1, port=free_port()))
@@ -113,7 +118,7 @@ def test_secagg_aggregate_equals_the_plain_weighted_sum():
     from keel.federated.guard import Guard, build_strategy
     from keel.recipe import FederatedConfig
 
-    before = ray_pids()
+    before = ray_sessions()
     fed = FederatedConfig(sites=3, rounds=1, min_fit_clients=3, min_available_clients=3, min_completion=1.0,
                           secagg={"enabled": True})
     sites = [FixedSite(i) for i in range(3)]

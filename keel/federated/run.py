@@ -446,10 +446,38 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     log(f"site {name}: joining {server} ({'TLS' if root else 'insecure'})")
     from flwr.client import start_client
 
-    start_client(server_address=server, client=counted.to_client(), insecure=root is None,
-                 root_certificates=root, max_wait_time=float(recipe.federated.server.round_timeout or 600))
+    wait = float(recipe.federated.server.round_timeout or 600)
+    _wait_for_server(server, wait)
+    try:
+        start_client(server_address=server, client=counted.to_client(), insecure=root is None,
+                     root_certificates=root, max_wait_time=wait)
+    except Exception as e:  # grpc's errors carry a status; show it in one line
+        if type(e).__name__ != "_MultiThreadedRendezvous" and "grpc" not in type(e).__module__:
+            raise
+        detail = getattr(e, "details", lambda: str(e))()
+        raise KeelError(f"site {name}: lost the server {server} ({detail}); check that `keel federate serve` runs "
+                        f"there, then join again") from None
     log(f"site {name}: done after {counted.rounds} rounds")
     return counted.rounds
+
+
+def _wait_for_server(server: str, timeout: float) -> None:
+    """Flower's gRPC client gives up at once on a refused connection: wait here until the server listens."""
+    import socket
+
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise KeelError(f"--server must be HOST:PORT, e.g. 127.0.0.1:9092; got {server!r}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise KeelError(f"no server answered at {server} for {timeout:.0f}s; start `keel federate serve` "
+                                f"there first (federated.server.round_timeout sets how long a site waits)") from None
+            time.sleep(1.0)
 
 
 def _CountRounds(client):
