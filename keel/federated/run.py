@@ -144,6 +144,9 @@ class Coordinator:
 
         self.s, self.run_dir, self.fed = s, run_dir, s.recipe.federated
         self.labels = s.data.labels
+        import torch
+
+        torch.manual_seed(s.recipe.train.seed)  # the fresh classification head: the same start on every run
         self.model = build_model(s, self.labels)
         self.specs = weight_specs(self.model)
         self.root = run_dir / ROUNDS_DIR
