@@ -201,4 +201,6 @@ def test_join_reports_a_missing_file_and_serve_refuses_secagg(tmp_path):
     assert r.returncode == 2 and "--site-data: file 'nope.csv' not found" in r.stderr and "Traceback" not in r.stderr
     r = keel("federate", "serve", str(recipe), "federated.secagg.enabled=true", cwd=tmp_path)
     assert r.returncode == 2 and "secagg" in r.stderr and "Traceback" not in r.stderr
+    r = keel("federate", str(recipe), "federated.partition.kind=column", "federated.partition.column=region", cwd=tmp_path)
+    assert r.returncode == 2 and "federated.partition.column: column 'region' is not in" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started

@@ -55,8 +55,15 @@ def data_recipe(recipe: Recipe) -> Recipe:
     from keel.data.load import column_mapping
     from keel.recipe import Columns
 
+    from keel.data.load import check_data_config
+
     cols = {**column_mapping(recipe.data, recipe.task), "group": fed.partition.column}
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"columns": Columns(**cols)})})
+    out = recipe.model_copy(update={"data": recipe.data.model_copy(update={"columns": Columns(**cols)})})
+    try:
+        check_data_config(out.data, out.task)
+    except KeelError as e:  # name the field the user set
+        raise type(e)(str(e).replace("data.columns.group", "federated.partition.column")) from None
+    return out
 
 
 @dataclass
@@ -272,6 +279,7 @@ def _finish_run(recipe: Recipe, run_dir: Path, c: Coordinator, t0: float) -> Pat
 
 
 def _run(recipe: Recipe, resume: bool, body) -> Path:
+    data_recipe(recipe)  # a wrong site column fails before any folder is made
     run_dir = resolve_run_dir(recipe, resume)
     log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume)
