@@ -239,6 +239,37 @@ def report(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
     out.print(f"wrote {write_report(run_dir)}")
 
 
+@app.command(help="Federated learning with Flower. `keel federate RECIPE` simulates every site on this machine; "
+                  "`keel federate serve RECIPE` runs the server and `keel federate join RECIPE --site-data FILE "
+                  "--server HOST:PORT` one site, as separate processes.")
+def federate(args: List[str] = typer.Argument(..., metavar="[serve|join] RECIPE [key.path=value ...]"),
+             resume: bool = typer.Option(False, "--resume", help="continue after the last completed round"),
+             site_data: Optional[str] = typer.Option(None, "--site-data", help="join: this site's labelled file"),
+             server: Optional[str] = typer.Option(None, "--server", help="join: the server's HOST:PORT"),
+             site_name: Optional[str] = typer.Option(None, "--site-name", help="join: the name the server logs (default: the file's name)"),
+             root_certificate: Optional[str] = typer.Option(None, "--root-certificate", help="join: CA certificate (PEM) for TLS"),
+             address: Optional[str] = typer.Option(None, "--address", help="serve: HOST:PORT to listen on (default federated.server.address)")) -> None:
+    mode = args[0] if args[0] in ("serve", "join") else "simulate"
+    rest = args[1:] if mode != "simulate" else args
+    if not rest:
+        raise KeelError(f"keel federate {mode}: pass a recipe, e.g. keel federate {mode} federated")
+    r = _load(rest[0], rest[1:])
+    from keel.federated import run as fed_run
+
+    if mode == "join":
+        if not site_data or not server:
+            raise KeelError("keel federate join needs --site-data FILE and --server HOST:PORT")
+        fed_run.join(r, site_data, server, site_name, root_certificate, debug=_state["debug"])
+        return
+    if site_data or server:
+        raise KeelError("--site-data and --server go with `keel federate join`")
+    if mode == "serve":
+        run_dir = fed_run.serve(r, resume=resume, address=address, debug=_state["debug"])
+    else:
+        run_dir = fed_run.simulate(r, resume=resume, debug=_state["debug"])
+    _print_results(run_dir)
+
+
 @app.command("ls")
 def ls() -> None:
     """Built-in models, data sets and recipes."""

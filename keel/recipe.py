@@ -238,6 +238,73 @@ class AlignConfig(Strict):
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs scored before/after")
     win_rate_prompts: int = Field(32, ge=1)
     perplexity_blocks: int = Field(16, ge=0, description="held-out Shakespeare blocks for the alignment tax; 0 = skip")
+class FederatedConfig(Strict):
+    """Federated learning with Flower (`keel federate`): sites, strategy, rounds, SecAgg+, DP, validation."""
+
+    class Partition(Strict):
+        kind: Literal["iid", "dirichlet", "column"] = Field("iid", description="how the simulation splits the data into sites")
+        alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration for label skew (smaller = more skew)")
+        column: str | None = Field(None, description="for kind=column: one site per value of this source column")
+        seed: int = 0
+
+    class Strategy(Strict):
+        name: Literal["fedavg", "fedprox", "fedadam", "krum", "trimmed-mean"] = "fedavg"
+        proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term")
+        server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate (eta)")
+        num_malicious: int = Field(0, ge=0, description="Krum: poisoned sites to tolerate")
+        trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed mean: fraction cut at each end")
+
+    class SecAgg(Strict):
+        enabled: bool = False
+        num_shares: int = Field(3, ge=2)
+        reconstruction_threshold: int = Field(2, ge=2)
+        clipping_range: float = Field(8.0, gt=0.0, description="values are clipped to +-this before quantization")
+        quantization_range: int = Field(4194304, ge=2)
+
+    class DP(Strict):
+        mode: Literal["none", "central", "local"] = Field("none", description="central: clip at the site, noise at the server")
+        epsilon: float | None = Field(None, gt=0.0, description="privacy budget; the noise is calibrated to it and enforced")
+        delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/(10 * sites)")
+        clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound on each site's update")
+        noise_multiplier: float | None = Field(None, ge=0.0, description="set it instead of epsilon (central mode)")
+
+    class Server(Strict):
+        address: str = Field("127.0.0.1:9092", description="HOST:PORT that `keel federate serve` listens on")
+        root_certificate: str | None = Field(None, description="CA certificate (PEM) for TLS")
+        certificate: str | None = Field(None, description="server certificate (PEM), with private_key")
+        private_key: str | None = Field(None, description="server private key (PEM); a path, never the key itself")
+        round_timeout: float | None = Field(600.0, gt=0.0, description="seconds a round waits for its sites")
+
+    sites: int = Field(10, ge=1, le=1_000_000, description="simulated sites (simulation) or expected sites (serve)")
+    rounds: int = Field(5, ge=1)
+    fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of sites sampled per round")
+    min_fit_clients: int = Field(2, ge=1)
+    min_available_clients: int = Field(2, ge=1)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="cap on local optimiser steps per round")
+    local_optimizer: Literal["adamw", "sgd"] = "adamw"
+    local_lr: float | None = Field(None, gt=0.0, lt=1.0, description="default: train.lr")
+    min_completion: float = Field(0.5, gt=0.0, le=1.0, description="a round needs this share of its sampled sites, else it is skipped")
+    max_update_norm: float | None = Field(None, gt=0.0, description="updates with a larger L2 norm are rejected")
+    partition: Partition = Partition()
+    strategy: Strategy = Strategy()
+    secagg: SecAgg = SecAgg()
+    dp: DP = DP()
+    server: Server = Server()
+    num_cpus: int = Field(2, ge=1, description="CPUs the simulation may use (Ray)")
+    cpus_per_site: float = Field(1.0, gt=0.0, description="CPUs each simulated site takes (sites run in parallel up to num_cpus / this)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FederatedConfig":
+        if self.partition.kind == "column" and not self.partition.column:
+            raise ValueError("partition.kind=column needs partition.column (the source column that names the site)")
+        if self.secagg.enabled and self.secagg.reconstruction_threshold > self.secagg.num_shares:
+            raise ValueError("secagg.reconstruction_threshold must be <= secagg.num_shares")
+        if self.dp.mode == "local" and self.dp.epsilon is None:
+            raise ValueError("dp.mode=local needs dp.epsilon (the per-round budget of each site's update)")
+        if self.dp.mode == "central" and self.dp.epsilon is None and self.dp.noise_multiplier is None:
+            raise ValueError("dp.mode=central needs dp.epsilon (a budget) or dp.noise_multiplier")
+        return self
 
 
 class Recipe(Strict):
@@ -254,6 +321,7 @@ class Recipe(Strict):
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig | None = None
     align: AlignConfig | None = None
+    federated: FederatedConfig | None = Field(None, description="federated learning across sites (keel federate)")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> "Recipe":

@@ -247,6 +247,10 @@ from keel.report.generative import section_align, section_samples, section_sft  
 SECTIONS = [section_summary, section_test, section_curves, section_samples, section_sft, section_align, section_bench,
             section_recipe]
 
+from keel.federated.report import section_federated  # noqa: E402  (federated runs: rounds and privacy)
+
+SECTIONS.insert(SECTIONS.index(section_recipe), section_federated)
+
 
 def write_report(run_dir: str | Path) -> Path:
     import yaml

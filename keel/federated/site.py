@@ -1,0 +1,129 @@
+"""What runs at a site: the global weights in, local training on the site's own rows, the new weights out.
+
+Only arrays travel (Flower serializes numpy arrays as raw bytes); the rows never leave the site. With
+DP on, the site clips its own update (and, for local DP, adds its own noise) before anything is sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from keel.train.engine import epoch_order
+
+
+def get_weights(model) -> list[np.ndarray]:
+    """The trainable tensors, in a fixed order, as float32 arrays (what a site sends)."""
+    return [p.detach().cpu().numpy().copy() for _, p in model.named_parameters()]
+
+
+def weight_specs(model) -> list[tuple[str, tuple, str]]:
+    return [(name, tuple(p.shape), "float32") for name, p in model.named_parameters()]
+
+
+@torch.no_grad()
+def set_weights(model, arrays: list[np.ndarray]) -> None:
+    params = list(model.named_parameters())
+    if len(arrays) != len(params):
+        raise ValueError(f"got {len(arrays)} arrays for a model with {len(params)} parameter tensors")
+    for (name, p), a in zip(params, arrays):
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(f"{name}: shape {tuple(a.shape)} does not fit {tuple(p.shape)}")
+        p.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
+
+
+def local_train(model, dataset, tokenizer, *, epochs: int, batch_size: int, lr: float, optimizer: str = "adamw",
+                max_grad_norm: float | None = None, seed: int = 0, max_steps: int | None = None,
+                proximal_mu: float = 0.0) -> dict:
+    """Train ``model`` in place on ``dataset`` (a tokenized split); returns the mean loss and the step count.
+
+    FedProx adds (mu / 2) * ||w - w_global||^2 to the loss, with w_global the weights the round started from.
+    """
+    from keel.tasks.classification import collate
+
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    steps, total = 0, 0.0
+    for epoch in range(epochs):
+        order = epoch_order(len(dataset), seed, epoch)
+        for start in range(0, len(order), batch_size):
+            if max_steps is not None and steps >= max_steps:
+                break
+            batch = collate(dataset[order[start: start + batch_size]], tokenizer)
+            loss = model(**batch).loss  # mean over the batch
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            steps, total = steps + 1, total + float(loss.detach())
+    return {"loss": total / max(steps, 1), "steps": steps}
+
+
+def privatize(new: list[np.ndarray], start: list[np.ndarray], config: dict) -> list[np.ndarray]:
+    """Client-side DP with Flower's own helpers: clip the update to ``clipping_norm``; local DP also adds noise."""
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.supercore.differential_privacy import add_localdp_gaussian_noise_to_params, compute_clip_model_update
+
+    if "clipping_norm" not in config:
+        return new
+    compute_clip_model_update(new, start, float(config["clipping_norm"]))  # in place: start + clipped update
+    if "local_epsilon" in config:
+        # sensitivity of one clipped update is the clipping norm
+        params = add_localdp_gaussian_noise_to_params(ndarrays_to_parameters(new), float(config["clipping_norm"]),
+                                                      float(config["local_epsilon"]), float(config["local_delta"]))
+        new = parameters_to_ndarrays(params)
+    return new
+
+
+def make_client(site: str, load, settings: dict):
+    """A Flower NumPyClient for one site.
+
+    ``load(labels) -> (model, tokenizer, dataset)`` runs once, at the first round: the server sends the label
+    set in the round's config, so every site maps labels to the same head rows even if it lacks some of them.
+    ``settings``: batch_size, lr, optimizer, max_grad_norm, seed, local_epochs.
+    """
+    import json
+
+    from flwr.client import NumPyClient
+
+    state: dict = {}
+
+    def ensure(config) -> tuple:
+        if "model" not in state:
+            labels = json.loads(config["labels"]) if "labels" in config else None
+            state["model"], state["tokenizer"], state["dataset"] = load(labels)
+        return state["model"], state["tokenizer"], state["dataset"]
+
+    class KeelSite(NumPyClient):
+        def get_parameters(self, config):
+            return get_weights(ensure(config)[0])
+
+        def fit(self, parameters, config):
+            model, tokenizer, dataset = ensure(config)
+            set_weights(model, parameters)
+            rnd = int(config.get("round", 0))
+            stats = local_train(
+                model, dataset, tokenizer, epochs=int(config.get("local_epochs", settings["local_epochs"])),
+                batch_size=settings["batch_size"], lr=settings["lr"], optimizer=settings["optimizer"],
+                max_grad_norm=settings["max_grad_norm"], seed=settings["seed"] * 1_000_003 + rnd,
+                max_steps=int(config["local_steps"]) if config.get("local_steps") else None,
+                proximal_mu=float(config.get("proximal_mu", 0.0)))
+            new = privatize(get_weights(model), parameters, config)
+            # Under central DP every site weighs the same: the noise is calibrated to the mean of clipped updates.
+            n = 1 if config.get("uniform_weights") else len(dataset)
+            return new, n, {"site": site, "loss": stats["loss"], "steps": stats["steps"]}
+
+        def evaluate(self, parameters, config):
+            from keel.tasks.classification import evaluate
+
+            model, tokenizer, dataset = ensure(config)
+            set_weights(model, parameters)
+            r = evaluate(model, dataset, tokenizer, 64, torch.device("cpu"))
+            return r["loss"], len(dataset), {"site": site, "accuracy": r["accuracy"]}
+
+    return KeelSite()
