@@ -311,7 +311,7 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
           overrides: Optional[List[str]] = typer.Option(None, "--set", help="serve.key=value, e.g. --set serve.max_batch_size=64"),
           host: Optional[str] = typer.Option(None, help="bind address (serve.host; default 127.0.0.1)"),
           port: Optional[int] = typer.Option(None, help="port (serve.port; default 8000; 0 = any free port)"),
-          backend: Optional[str] = typer.Option(None, help="auto, torch, onnx or onnx-int8 (serve.backend)"),
+          backend: Optional[str] = typer.Option(None, help="auto (the deployable variant, else onnx-int8, onnx, torch) or a variant name (serve.backend)"),
           api_key_file: Optional[str] = typer.Option(None, help="file with one API key per line (or set KEEL_API_KEYS)"),
           allow_no_auth: bool = typer.Option(False, "--allow-no-auth", help="serve a non-loopback address without keys"),
           ssl_certfile: Optional[str] = typer.Option(None, help="TLS certificate (PEM)"),

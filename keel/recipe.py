@@ -177,8 +177,9 @@ class ServeConfig(Strict):
 
     host: str = Field("127.0.0.1", description="bind address; a non-loopback one needs API keys (or --allow-no-auth)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
-    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
-        "auto", description="classifiers: auto = onnx-int8, then onnx when exported, else torch")
+    backend: str = Field(
+        "auto", description="classifiers: auto = the deployable variant picked by `keel compress`, else onnx-int8, "
+        "then onnx when exported, else torch; or any variant name (e.g. pruned-onnx-int8, see `keel bench`)")
     max_batch_size: int = Field(32, ge=1, le=1024, description="classify/embeddings: inputs per forward pass")
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="classify/embeddings: wait for a fuller batch")
     max_running: int = Field(16, ge=1, le=512, description="generation: sequences in the running decode batch")

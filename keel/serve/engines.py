@@ -85,7 +85,12 @@ class Engine:
 def _pick_backend(run_dir: Path, backend: str) -> str:
     if backend != "auto":
         return backend
+    from keel.compress.stages import deployable
     from keel.export.onnx import export_dir
+
+    picked = (deployable(run_dir) or {}).get("deployable")
+    if picked:  # the variant `keel compress` measured and chose within its budget
+        return picked
 
     for name in ("onnx-int8", "onnx"):
         if (export_dir(run_dir, name) / "manifest.json").is_file():
