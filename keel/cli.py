@@ -215,10 +215,10 @@ def compress(run_dir: str = typer.Argument(..., help="a run directory"),
 
 
 def _print_bench(result: dict) -> None:
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("variant", "accuracy", "macro-F1", "MB on disk", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)",
-                  "peak RSS MB", "x faster p50", "x throughput", "x smaller")
+    table = Table(Column("variant", overflow="fold"), "accuracy", "macro-F1", "MB on disk", "p50 ms (b=1)",
+                  "p95 ms (b=1)", "samples/s (b=32)", "peak RSS MB", "x faster p50", "x throughput", "x smaller")
     for r in result["variants"]:
         table.add_row(r["variant"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['disk_mb']:.1f}",
                       f"{r['p50_ms_batch1']:.2f}", f"{r['p95_ms_batch1']:.2f}", f"{r['throughput_batch32']:.1f}",

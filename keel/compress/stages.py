@@ -270,8 +270,9 @@ def variant_location(run_dir: Path, variant: str) -> tuple[Path, str]:
         return Path(run_dir), variant
     stage, _, backend = variant.partition("-")
     if stage not in ("teacher", *STAGES) or not backend:
-        raise KeelError(f"unknown variant {variant!r}; variants are <stage>-<backend> with stage teacher, student or "
-                        "pruned and backend torch, onnx, onnx-int8, onnx-static-int8, torchao-weight-only or torchao-dynamic")
+        raise KeelError(f"--backend must be one of torch, onnx, onnx-int8, onnx-static-int8, torchao-weight-only, "
+                        f"torchao-dynamic, or a variant <stage>-<backend> with stage teacher, student or pruned "
+                        f"(see `keel bench`); got {variant!r}")
     return stage_dir(run_dir, stage), backend
 
 
