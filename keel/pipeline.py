@@ -107,6 +107,29 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
             evaluate_run(run_dir)
         else:
             log("no test split (data.split.test is 0): skipping the test evaluation")
+        gate_error = _audit_stage(recipe, run_dir)
         write_report(run_dir)
+        if gate_error is not None:
+            finish_run(run_dir, status="gate failed", error=str(gate_error)[:500],
+                       wall_seconds=round(time.perf_counter() - t0, 1))
+            raise gate_error
         finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir
+
+
+def _audit_stage(recipe: Recipe, run_dir: Path):
+    """Explanations, fairness audit and model card (keel.trust); returns a failed gate instead of raising it,
+    so the report is still written first."""
+    from keel.errors import GateError
+    from keel.trust.card import write_model_card
+
+    if recipe.audit is None or recipe.task != "classification":
+        write_model_card(run_dir)
+        return None
+    from keel.trust.audit import run_audit
+
+    try:
+        run_audit(run_dir)
+    except GateError as e:
+        return e
+    return None

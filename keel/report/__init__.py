@@ -23,6 +23,7 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;border-bottom:1px soli
 th{background:#f5f6fa} .num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
 .good{color:#137333;font-weight:600} .bad{color:#b3261e;font-weight:600}
 pre{background:#f5f6fa;padding:.8em;overflow:auto;font-size:13px}
+.tok{padding:0 1px;border-radius:2px}
 """
 
 
@@ -177,7 +178,10 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
             f"<code>pipeline</code>, measured in the same session.</p>{table}{_png(fig)}")
 
 
-SECTIONS = [section_summary, section_test, section_curves, section_bench, section_recipe]
+from keel.report import trust as _trust  # noqa: E402  (data, fairness, explanations, privacy, environment)
+
+SECTIONS = [section_summary, _trust.section_data, section_test, section_curves, section_bench, _trust.section_fairness,
+            _trust.section_explain, _trust.section_privacy, _trust.section_environment, section_recipe]
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -109,6 +109,10 @@ def param_fingerprint(model) -> str:
 
 def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
     """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model."""
+    if recipe.train.privacy is not None:  # DP-SGD has its own loop: Poisson batches, per-example clipping, accountant
+        from keel.trust.privacy import train_private
+
+        return train_private(recipe, run_dir, resume)
     from accelerate.utils import gather_object, set_seed
     from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
@@ -130,6 +134,10 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False) -> dict:
             tokenizer.pad_token = tokenizer.eos_token
         data = prepare_data(recipe, tokenizer)
     train_ds, val_ds = data.splits["train"], data.splits["validation"]
+    if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
+        from keel.trust.cda import augment  # training-time fairness mitigation
+
+        train_ds = augment(train_ds, tokenizer, recipe)
     task = get_task(recipe.task)
     model = task.build_model(path, data.labels)
     if model.config.pad_token_id is None:
