@@ -61,7 +61,7 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
             exps = ex.explain(model, tok, texts, e, max_len, rollout=e.attention_rollout,
                               on_batch=lambda n: bar.update(task, completed=n))
         gap = np.array([x.delta for x in exps])
-        change = np.array([abs(sum(x.attributions) + x.delta) for x in exps])  # |p(x) - p(baseline)|
+        change = np.array([abs(sum(x.attributions) - x.delta) for x in exps])  # |p(x) - p(baseline)|
         faith = ex.faithfulness(model, tok, exps, e.top_k, e.seed, max_len)
         doc = {"n": len(exps), "n_steps": e.n_steps, "method": "integrated gradients (Captum) on word embeddings",
                "completeness": {"mean_abs_delta": float(np.abs(gap).mean()),

@@ -26,7 +26,7 @@ class Explanation:
     attributions: list[float]  # one per token, toward ``label``
     label: str
     score: float  # p(label | text)
-    delta: float  # completeness gap: p(x) - p(baseline) - sum(attributions)
+    delta: float  # completeness gap (Captum's sign): sum(attributions) - (p(x) - p(baseline))
     rollout: list[float] | None = None
     content: list[bool] = field(default_factory=list)  # False for special tokens ([CLS], [SEP])
 
@@ -35,7 +35,7 @@ class Explanation:
 
 
 def _forward_prob(model):
-    def f(input_ids, attention_mask, target_index=None):
+    def f(input_ids, attention_mask):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits.float().softmax(-1)  # (B, C)
 
     return f

@@ -125,26 +125,23 @@ def memberships(texts: list[str], column: list[str] | None, cats: list[str]) -> 
     return masks
 
 
-class _ScoreAsEstimator:
+def _score_estimator():
     """A fitted 'estimator' whose input is already the model's P(positive): ThresholdOptimizer(prefit=True)."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
 
-    classes_ = np.array([0, 1])
+    class ScoreAsEstimator(ClassifierMixin, BaseEstimator):
+        def fit(self, X, y):
+            self.classes_ = np.array([0, 1])
+            return self
 
-    def fit(self, X, y):
-        return self
+        def predict_proba(self, X):
+            s = np.asarray(X, dtype=float).reshape(-1)
+            return np.stack([1 - s, s], axis=1)
 
-    def predict_proba(self, X):
-        s = np.asarray(X, dtype=float).reshape(-1)
-        return np.stack([1 - s, s], axis=1)
+        def predict(self, X):
+            return (np.asarray(X, dtype=float).reshape(-1) >= 0.5).astype(int)
 
-    def predict(self, X):
-        return (np.asarray(X, dtype=float).reshape(-1) >= 0.5).astype(int)
-
-    def __sklearn_is_fitted__(self):
-        return True
-
-    def get_params(self, deep=True):
-        return {}
+    return ScoreAsEstimator().fit(None, None)
 
 
 def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: int, seed: int = 0) -> dict:
@@ -161,7 +158,7 @@ def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: 
     if len(usable) < 2:
         return {"applied": False, "reason": f"fewer than 2 groups with {min_group_size}+ examples of both outcomes "
                                             f"in the fitting split"}
-    opt = ThresholdOptimizer(estimator=_ScoreAsEstimator(), constraints=constraint, objective="accuracy_score", prefit=True,
+    opt = ThresholdOptimizer(estimator=_score_estimator(), constraints=constraint, objective="accuracy_score", prefit=True,
                              predict_method="predict_proba")
     m = np.isin(fit["group"], usable)
     opt.fit(fit["score"][m].reshape(-1, 1), fit["y"][m], sensitive_features=fit["group"][m])
