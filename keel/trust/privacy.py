@@ -62,7 +62,10 @@ def poisson_batch(n: int, q: float, seed: int, step: int) -> list[int]:
 def check_model(model) -> None:
     from opacus.validators import ModuleValidator
 
+    was_training = model.training
+    model.train()  # Opacus also insists on train mode; that is not the model's fault
     errors = ModuleValidator.validate(model, strict=False)
+    model.train(was_training)
     if errors:
         first = str(errors[0]).splitlines()[0]
         raise RecipeError(f"train.privacy: this model cannot be trained with DP-SGD ({first}); "
@@ -183,6 +186,9 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
         sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=q,
                                            steps=planned, accountant=p.accountant))
     allowed = steps_within_budget(p.accountant, sigma, q, p.delta, p.target_epsilon, planned)
+    if allowed == 0:
+        raise RecipeError(f"train.privacy: one step at sigma {sigma:g} and q {q:.4g} already spends more than epsilon "
+                          f"{p.target_epsilon}; raise train.privacy.noise_multiplier or target_epsilon")
     if allowed < planned:
         log(f"[yellow]privacy budget: epsilon {p.target_epsilon} allows {allowed} of the {planned} planned steps "
             f"at sigma {sigma:.4f}; training stops at step {allowed}[/]")
@@ -233,7 +239,7 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
         log(f"epoch {epoch + 1}: validation {metric_name} {value:.4f}" + (" [green](best)[/]" if better else ""))
 
     stop = min(planned, allowed)
-    order = None
+    state.finished = state.stopped_early or state.step >= stop  # a resume with more epochs continues, within budget
     t0, start_step = time.perf_counter(), state.step
     with progress("step") as bar:
         bar_id = bar.add_task("DP training", total=stop, completed=min(state.step, stop), info="")
