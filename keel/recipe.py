@@ -89,6 +89,9 @@ class PrivacyConfig(Strict):
     noise_multiplier: float | None = Field(
         None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget")
     poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N")
+    freeze_embeddings: bool = Field(
+        True, description="train without the token/position embedding tables: their per-example gradients are the "
+                          "largest (vocab x hidden per example) and the noise added to them the most")
 
 
 class TrainConfig(Strict):

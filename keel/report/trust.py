@@ -162,6 +162,17 @@ def section_explain(run_dir: Path, ctx: dict) -> str | None:
         out.append(_table(["", "comprehensiveness (higher is better)", "sufficiency (lower is better)"],
                           [["integrated gradients", fa["comprehensiveness"], fa["sufficiency"]],
                            [f"{fa['k']} random tokens", fa["comprehensiveness_random"], fa["sufficiency_random"]]]))
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 2.8))
+        for i, (name, a, b) in enumerate((("comprehensiveness", fa["comprehensiveness"], fa["comprehensiveness_random"]),
+                                          ("sufficiency", fa["sufficiency"], fa["sufficiency_random"]))):
+            ax.bar([i - 0.18], [a], width=0.36, color="#2e7d32", label="top-k by attribution" if i == 0 else None)
+            ax.bar([i + 0.18], [b], width=0.36, color="#9e9e9e", label="k random tokens" if i == 0 else None)
+        ax.set_xticks([0, 1], ["comprehensiveness\n(higher is better)", "sufficiency\n(lower is better)"])
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_ylabel("drop in p(predicted class)")
+        ax.legend(fontsize=8)
+        out.append(_h()._png(fig))
     gi = doc.get("global_importance") or {}
     if gi:
         out.append("<h3>Global importance: tokens that push most toward each predicted class</h3>")

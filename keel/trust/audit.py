@@ -118,11 +118,11 @@ def _log_fairness(doc: dict) -> None:
     for attr, r in doc["attributes"].items():
         if r["ranked_groups"]:
             dp, eo = r["demographic_parity_difference"], r["equalized_odds_difference"]
-            log(f"fairness [{attr}]: groups {', '.join(r['ranked_groups'])}; demographic parity difference "
+            log(f"fairness ({attr}): groups {', '.join(r['ranked_groups'])}; demographic parity difference "
                 f"{'n/a' if dp is None else f'{dp:.3f}'}, equalized odds difference {'n/a' if eo is None else f'{eo:.3f}'}")
         else:
             small = [f"{g['group']} ({g['n']})" for g in r["groups"] if g["group"] not in ("none", "several")]
-            log(f"fairness [{attr}]: no group with {doc['min_group_size']}+ examples to rank"
+            log(f"fairness ({attr}): no group with {doc['min_group_size']}+ examples to rank"
                 + (f"; flagged: {', '.join(small)}" if small else ""))
     cf = (doc.get("counterfactual") or {}).get("all")
     if cf and cf["n"]:

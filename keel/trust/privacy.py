@@ -155,6 +155,11 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     check_model(model)
+    if p.freeze_embeddings:
+        frozen = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        for m in frozen:
+            m.weight.requires_grad_(False)
+        log(f"DP-SGD: {len(frozen)} embedding tables frozen (train.privacy.freeze_embeddings)")
 
     q = cfg.batch_size / n
     steps_per_epoch = math.ceil(n / cfg.batch_size)
