@@ -35,7 +35,7 @@ from keel.train.metrics import MetricLog
 
 # Resuming may change only these fields; anything else would silently change the run.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
-                     "train.checkpoint_every", "train.num_threads", "output.dir")
+                     "train.checkpoint_every", "train.num_threads", "output.dir", "audit.explain", "audit.gates")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
