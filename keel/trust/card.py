@@ -99,6 +99,8 @@ def model_card(run_dir: Path) -> str:
         L += [f"Explanations on {exp.get('n')} test texts: completeness |delta| mean {_f(exp['completeness']['mean_abs_delta'], 6)}; "
               f"top-{fa.get('k')} comprehensiveness {_f(fa.get('comprehensiveness'))} (random {_f(fa.get('comprehensiveness_random'))}), "
               f"sufficiency {_f(fa.get('sufficiency'))} (random {_f(fa.get('sufficiency_random'))}).", ""]
+    if not (test or fair or exp):
+        L += ["No test evaluation or audit recorded in this run yet (`keel eval RUN_DIR`, `keel audit RUN_DIR`).", ""]
     L += ["## Ethical considerations", "",
           "- The identity-term lexicon finds groups by the words a text uses, not by who wrote it or who it is about; "
           "it misses groups named otherwise and mislabels ambiguous words (e.g. 'white', 'old').",
