@@ -98,20 +98,23 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
         out.append(_table(["group", "n", "accuracy", "selection rate", "TPR", "FPR", "note"],
                           [[g["group"], g["n"], g["accuracy"], g["selection_rate"], g["tpr"], g["fpr"],
                             g["flag"] or ("" if g["ranked"] else "not ranked")] for g in r["groups"]]))
-    ranked = {a: [g for g in r["groups"] if g["ranked"]] for a, r in doc["attributes"].items()}
-    ranked = {a: gs for a, gs in ranked.items() if gs}
-    if ranked:
+    # every named group is plotted; groups below min_group_size are pale and hatched (flagged, not ranked)
+    shown = {a: [g for g in r["groups"] if g["group"] not in ("none", "several")] for a, r in doc["attributes"].items()}
+    shown = {a: gs for a, gs in shown.items() if gs}
+    if shown:
         plt = _plt()
-        fig, axes = plt.subplots(1, len(ranked), figsize=(4.2 * len(ranked), 3.2), squeeze=False)
-        for ax, (attr, gs) in zip(axes[0], ranked.items()):
-            x = range(len(gs))
-            for k, (key, off) in enumerate((("selection_rate", -0.27), ("tpr", 0.0), ("fpr", 0.27))):
-                ax.bar([i + off for i in x], [g[key] or 0 for g in gs], width=0.27, label=key)
-            ax.set_xticks(list(x), [g["group"] for g in gs], rotation=20, ha="right")
-            ax.set_title(attr)
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.2), squeeze=False)
+        colors = {"selection_rate": "#1f77b4", "tpr": "#2ca02c", "fpr": "#d62728"}
+        for ax, (attr, gs) in zip(axes[0], shown.items()):
+            for i, g in enumerate(gs):
+                for key, off in (("selection_rate", -0.27), ("tpr", 0.0), ("fpr", 0.27)):
+                    ax.bar(i + off, g[key] or 0, width=0.27, color=colors[key], alpha=1.0 if g["ranked"] else 0.35,
+                           hatch=None if g["ranked"] else "//", label=key if i == 0 else None)
+            ax.set_xticks(range(len(gs)), [f"{g['group']}\n(n={g['n']})" for g in gs], rotation=20, ha="right", fontsize=8)
+            ax.set_title(attr, fontsize=10)
             ax.set_ylim(0, 1)
-        axes[0][0].legend(fontsize=8)
-        out.append(_h()._png(fig))
+        axes[0][0].legend(fontsize=7)
+        out.append(_h()._png(fig) + "<p class='sub'>pale, hatched bars: groups too small to rank.</p>")
     subs = doc.get("subgroup_aucs") or []
     if subs:
         out.append(f"<h3>Subgroup AUCs (Borkan et al. 2019)</h3><p>overall AUC {_h()._fmt(doc.get('overall_auc'))}; "
