@@ -56,6 +56,10 @@ def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -
         check_source(r)  # preference or chat JSONL: its own fields, checked when read
     else:
         check_data_config(r.data, r.task)
+    if r.train.privacy is not None:  # delta below 1/N, no BatchNorm, one process (keel/trust/privacy.py)
+        from keel.trust.privacy import check_privacy_recipe
+
+        check_privacy_recipe(r)
     out.print(f"[green]ok[/] {recipe}: task {r.task}, model {r.model.name}, data {r.data.name or r.data.path}, "
               f"sha256 {r.sha256()[:12]}")
 
@@ -337,6 +341,53 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
             raw["serve"][key] = value
     config = validate_recipe({"data": {"name": "none"}, **raw}, source="serve options").serve
     _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
+# -- trust: explanations and fairness audits (keel/trust) -----------------------------------------
+
+@app.command()
+def explain(run_dir: str = typer.Argument(..., help="a run directory"),
+            texts: List[str] = typer.Argument(..., help="texts to explain; a single - reads one text per line from stdin"),
+            steps: int = typer.Option(32, help="integrated-gradients steps"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
+    """Token attributions (integrated gradients): which words pushed the prediction, coloured in the terminal."""
+    from keel.evaluate import load_trained
+    from keel.trust.explain import integrated_gradients, render_terminal
+
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not texts:
+            raise KeelError("explain: no text on stdin; pipe one text per line, or pass texts as arguments")
+    if steps < 2:
+        raise KeelError(f"--steps must be at least 2; got {steps}")
+    t = load_trained(run_dir)
+    if t.info["task"] != "classification":
+        raise KeelError(f"keel explain works on classification runs; {run_dir} is a {t.info['task']} run")
+    for i in range(0, len(texts), 16):
+        for e in integrated_gradients(t.model, t.tokenizer, texts[i: i + 16], n_steps=steps,
+                                      max_length=t.recipe.model.max_length):
+            if as_json:
+                print(json.dumps({k: v for k, v in e.to_json().items() if k != "rollout"}))
+            else:
+                out.print(f"[bold]{e.label}[/] ({e.score:.3f})  ", render_terminal(e),
+                          f"  [dim]completeness delta {e.delta:+.1e}[/]")
+    if not as_json:
+        out.print("[dim]green: toward the predicted label, red: against it[/]")
+
+
+@app.command()
+def audit(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
+    """Explanations and a fairness audit of a run (the recipe's audit section, or defaults); exit 3 if a gate fails."""
+    from pathlib import Path
+
+    from keel.report import write_report
+    from keel.trust.audit import run_audit
+
+    if not Path(run_dir).is_dir():
+        raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
+    try:
+        run_audit(run_dir)
+    finally:
+        if (Path(run_dir) / "audit").is_dir():
+            out.print(f"wrote {Path(run_dir) / 'audit'}/, {Path(run_dir) / 'model' / 'MODEL_CARD.md'} and {write_report(run_dir)}")
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -123,7 +123,8 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
             from keel.pretrain import write_samples
 
             write_samples(run_dir, recipe)
-        if recipe.compress is not None:
+        gate_error = _audit_stage(recipe, run_dir)
+        if recipe.compress is not None and gate_error is None:  # a model that failed its audit is not compressed
             from keel.compress.stages import compress
 
             try:
@@ -133,5 +134,27 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
                 finish_run(run_dir, status="failed", error=str(e)[:500])
                 raise
         write_report(run_dir)
+        if gate_error is not None:
+            finish_run(run_dir, status="gate failed", error=str(gate_error)[:500],
+                       wall_seconds=round(time.perf_counter() - t0, 1))
+            raise gate_error
         finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir
+
+
+def _audit_stage(recipe: Recipe, run_dir: Path):
+    """Explanations, fairness audit and model card (keel.trust); returns a failed gate instead of raising it,
+    so the report is still written first."""
+    from keel.errors import GateError
+    from keel.trust.card import write_model_card
+
+    if recipe.audit is None or recipe.task != "classification":
+        write_model_card(run_dir)
+        return None
+    from keel.trust.audit import run_audit
+
+    try:
+        run_audit(run_dir)
+    except GateError as e:
+        return e
+    return None

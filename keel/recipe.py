@@ -81,6 +81,21 @@ class EarlyStopping(Strict):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class PrivacyConfig(Strict):
+    """DP-SGD (Opacus): per-example clipping, Gaussian noise, Poisson sampling, a privacy accountant."""
+
+    target_epsilon: float = Field(8.0, gt=0.0, description="the budget; training stops at the last step within it")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="must be below 1/N (N = training examples)")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example gradient clipping bound")
+    accountant: Literal["prv", "rdp"] = "prv"
+    noise_multiplier: float | None = Field(
+        None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget")
+    poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N")
+    freeze_embeddings: bool = Field(
+        True, description="train without the token/position embedding tables: their per-example gradients are the "
+                          "largest (vocab x hidden per example) and the noise added to them the most")
+
+
 class TrainConfig(Strict):
     """The training loop: optimiser, schedule, precision, evaluation and checkpoints."""
 
@@ -103,6 +118,7 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0, description="optimiser steps between checkpoints; 0 = each epoch")
     keep_last_k: int = Field(2, ge=1)
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
+    privacy: PrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -166,6 +182,53 @@ class CompressConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     bench_latency_samples: int = Field(100, ge=5, description="batch-1 requests timed per variant")
     bench_eval_samples: int = Field(1000, ge=10, description="test examples scored per variant")
+class ExplainConfig(Strict):
+    """Token attributions (Captum integrated gradients), attention rollout, global importance, faithfulness."""
+
+    n_steps: int = Field(32, ge=2, le=1024, description="integrated-gradients steps (Riemann trapezoid)")
+    internal_batch_size: int = Field(64, ge=1, description="interpolated inputs per forward pass")
+    max_examples: int = Field(64, ge=1, description="test texts explained for global importance and faithfulness")
+    top_k: int = Field(3, ge=1, description="tokens removed/kept for ERASER comprehensiveness and sufficiency")
+    top_tokens: int = Field(10, ge=1, description="tokens listed per class in the global importance")
+    heatmaps: int = Field(8, ge=0, description="explained texts shown as heatmaps in the report")
+    attention_rollout: bool = True
+    seed: int = 0
+
+
+class FairnessGates(Strict):
+    """Thresholds that fail the run (exit code 3) when crossed."""
+
+    max_demographic_parity_difference: float | None = Field(None, ge=0.0, le=1.0)
+    max_equalized_odds_difference: float | None = Field(None, ge=0.0, le=1.0)
+    min_group_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    min_subgroup_auc: float | None = Field(None, ge=0.0, le=1.0)
+    max_counterfactual_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class FairnessConfig(Strict):
+    """Per-group metrics (Fairlearn), Borkan AUCs, counterfactual swaps, mitigation."""
+
+    groups: Literal["lexicon", "column"] = Field(
+        "lexicon", description="identity terms found in the text (keel's lexicon), or the data.columns.group column")
+    categories: list[str] | None = Field(None, description="lexicon categories to audit; default: all")
+    positive_label: str | None = Field(
+        None, description="the outcome whose rates are compared; default: 'positive' if a label, else the last label")
+    min_group_size: int = Field(30, ge=1, description="smaller groups are flagged, not ranked")
+    max_examples: int | None = Field(2000, ge=1, description="cap on the audited split")
+    split: Literal["test", "validation"] = "test"
+    counterfactual: bool = True
+    mitigation: Literal["none", "threshold-optimizer", "counterfactual-augmentation"] = "none"
+    constraint: Literal["demographic_parity", "equalized_odds", "true_positive_rate_parity"] = Field(
+        "equalized_odds", description="what the threshold optimizer equalizes")
+    baseline_run: str | None = Field(None, description="a run without mitigation, shown side by side")
+
+
+class AuditConfig(Strict):
+    """What `keel audit` (and `keel run`) check after training."""
+
+    explain: ExplainConfig | None = None
+    fairness: FairnessConfig | None = None
+    gates: FairnessGates = FairnessGates()
 
 
 class OutputConfig(Strict):
@@ -323,6 +386,7 @@ class Recipe(Strict):
     sft: SFTConfig | None = None
     align: AlignConfig | None = None
     federated: FederatedConfig | None = Field(None, description="federated learning across sites (keel federate)")
+    audit: AuditConfig | None = Field(None, description="explanations, fairness audit and gates")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> "Recipe":

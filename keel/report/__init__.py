@@ -24,6 +24,7 @@ th{background:#f5f6fa} .num{text-align:right;font-variant-numeric:tabular-nums} 
 .good{color:#137333;font-weight:600} .bad{color:#b3261e;font-weight:600}
 pre{background:#f5f6fa;padding:.8em;overflow:auto;font-size:13px}
 tr.pick td{background:#e6f4ea;font-weight:600} p.pick{background:#e6f4ea;padding:.5em .8em} p.fail{background:#fce8e6;padding:.5em .8em}
+.tok{padding:0 1px;border-radius:2px}
 """
 
 
@@ -242,10 +243,12 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
             f"session, each variant in its own process.</p>{table}{_png(fig)}")
 
 
+from keel.report import trust as _trust  # noqa: E402  (data, fairness, explanations, privacy, environment)
 from keel.report.generative import section_align, section_samples, section_sft  # noqa: E402
 
-SECTIONS = [section_summary, section_test, section_curves, section_samples, section_sft, section_align, section_bench,
-            section_recipe]
+SECTIONS = [section_summary, _trust.section_data, section_test, section_curves, section_samples, section_sft,
+            section_align, section_bench, _trust.section_fairness, _trust.section_explain, _trust.section_privacy,
+            _trust.section_environment, section_recipe]
 
 from keel.federated.report import section_federated  # noqa: E402  (federated runs: rounds and privacy)
 

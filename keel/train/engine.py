@@ -35,7 +35,8 @@ from keel.train.metrics import MetricLog
 
 # Resuming may change only these fields; anything else would silently change the run.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
-                     "train.checkpoint_every", "train.num_threads", "output.dir", "compress", "serve")
+                     "train.checkpoint_every", "train.num_threads", "output.dir", "compress", "serve", "audit.explain",
+                     "audit.gates")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -115,6 +116,13 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
     cut from a teacher, a pruned model) and ``loss_fn(model, batch)`` the model's own loss (distillation);
     ``model_info`` is added to the final model's keel.json.
     """
+    if recipe.train.privacy is not None:  # DP-SGD has its own loop: Poisson batches, per-example clipping, accountant
+        if build_model or loss_fn:
+            raise KeelError("training stages after a differentially private run would spend privacy outside its "
+                            "accountant; compress a DP model by quantization only (unset compress.distill/prune)")
+        from keel.trust.privacy import train_private
+
+        return train_private(recipe, run_dir, resume)
     from accelerate.utils import gather_object, set_seed
     from transformers import AutoTokenizer, get_scheduler
     from transformers.utils import logging as hf_logging
@@ -141,6 +149,10 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
             tokenizer.pad_token = tokenizer.eos_token
         data = prepare_data(recipe, tokenizer)
     train_ds, val_ds = data.splits["train"], data.splits["validation"]
+    if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
+        from keel.trust.cda import augment  # training-time fairness mitigation
+
+        train_ds = augment(train_ds, tokenizer, recipe)
     task = get_task(recipe.task)
     model = (build_model or task.build_model)(path, data.labels)
     if model.config.pad_token_id is None:
