@@ -27,7 +27,7 @@ MAX_DROP = 1.0
 
 def main(argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    run_dir = Path(argv[0]).resolve() if argv and not "=" in argv[0] else None
+    run_dir = Path(argv[0]).resolve() if argv and "=" not in argv[0] else None
     overrides = [a for a in argv if "=" in a]
     work = tempfile.mkdtemp(prefix="keel-compress-bench-")
     t0 = time.perf_counter()
@@ -52,7 +52,8 @@ def main(argv: list[str]) -> dict:
     print(f"\ndeployable: {pick.get('deployable')}; targets met: {verdict}")
     import torch
 
-    result = {"command": " ".join(["python", "benchmarks/compress_quickstart.py", *argv]), "exit_code": proc.returncode,
+    shown = (["runs/quickstart"] if argv and "=" not in argv[0] else []) + overrides  # no local paths in results
+    result = {"command": " ".join(["python", "benchmarks/compress_quickstart.py", *shown]), "exit_code": proc.returncode,
               "wall_seconds": round(wall, 1), "deployable": pick.get("deployable"), "targets": TARGETS,
               "max_accuracy_drop": MAX_DROP, "targets_met": verdict, "variants": rows,
               "stages": {s: json.loads(p.read_text()) for s in ("student", "pruned")

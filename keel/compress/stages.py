@@ -11,12 +11,11 @@ Each training stage is a small run directory of its own inside the teacher's, tr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.io import atomic_write_text
+from keel.io import atomic_dir, atomic_write_text
 from keel.progress import log
 from keel.recipe import CompressConfig, Recipe, load_recipe
 
@@ -71,10 +70,7 @@ def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn
     from keel.train.engine import save_final_model, train
 
     final = stage_dir(run_dir, stage)
-    work = final.with_name(f".{stage}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    try:
+    with atomic_dir(final) as work:
         atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
         if train_it:
             summary = train(recipe, work, build_model=build_model, loss_fn=loss_fn, model_info={"stage": stage, **info})
@@ -87,16 +83,6 @@ def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn
             summary = {"labels": labels, "best_step": None, "selection_metric": recipe.selection_metric, "best_metric": None}
             save_final_model(build_model(None, labels), teacher.tokenizer, work / "model", recipe, summary,
                              {"stage": stage, **info})
-        if final.exists():
-            old = final.with_name(f".{stage}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(work, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, final)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     if summary["best_metric"] is not None:
         log(f"{stage}: best validation {summary['selection_metric']} {summary['best_metric']:.4f} -> {final}")
     return final
