@@ -120,11 +120,7 @@ def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarra
         if not cos >= min_cosine:
             raise KeelError(f"int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
                             "keep the fp32 export for this model")
-        for p in src.iterdir():
-            if p.name not in ("model.onnx", "model.onnx.data", "manifest.json", "keel.json"):
-                shutil.copy2(p, tmp / p.name)
-        meta = json.loads((src / "keel.json").read_text())
-        (tmp / "keel.json").write_text(json.dumps({**meta, "variant": INT8, "logit_cosine_vs_eager": cos}, indent=2))
+        _copy_beside(src, tmp, {"variant": INT8, "logit_cosine_vs_eager": cos})
     return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
 
 
@@ -169,13 +165,17 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
         if not cos >= min_cosine:
             raise KeelError(f"static int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
                             "use dynamic int8 (compress.quantize.onnx_static_int8=false)")
-        for p in src.iterdir():
-            if p.name not in ("model.onnx", "model.onnx.data", "manifest.json", "keel.json"):
-                shutil.copy2(p, tmp / p.name)
-        meta = json.loads((src / "keel.json").read_text())
-        (tmp / "keel.json").write_text(json.dumps({**meta, "variant": STATIC_INT8, "logit_cosine_vs_eager": cos,
-                                                   "calibration_texts": len(calib)}, indent=2))
+        _copy_beside(src, tmp, {"variant": STATIC_INT8, "logit_cosine_vs_eager": cos, "calibration_texts": len(calib)})
     return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
+
+
+def _copy_beside(src: Path, dst: Path, extra: dict) -> None:
+    """A quantized export's companions: the fp32 export's tokenizer files, and its keel.json plus ``extra``."""
+    for p in src.iterdir():
+        if p.name not in ("model.onnx", "model.onnx.data", "manifest.json", "keel.json"):
+            shutil.copy2(p, dst / p.name)
+    meta = json.loads((src / "keel.json").read_text())
+    (dst / "keel.json").write_text(json.dumps({**meta, **extra}, indent=2))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
