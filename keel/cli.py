@@ -221,7 +221,8 @@ def compress(run_dir: str = typer.Argument(..., help="a run directory"),
 def _print_bench(result: dict) -> None:
     from rich.table import Column, Table
 
-    table = Table(Column("variant", overflow="fold"), "accuracy", "macro-F1", "MB on disk", "p50 ms (b=1)",
+    names = [r["variant"] for r in result["variants"]]
+    table = Table(Column("variant", no_wrap=True, min_width=max(map(len, names))), "accuracy", "macro-F1", "MB on disk", "p50 ms (b=1)",
                   "p95 ms (b=1)", "samples/s (b=32)", "peak RSS MB", "x faster p50", "x throughput", "x smaller")
     for r in result["variants"]:
         table.add_row(r["variant"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", f"{r['disk_mb']:.1f}",
