@@ -53,10 +53,12 @@ def section_summary(run_dir: Path, ctx: dict) -> str:
     rows = [("recipe sha256", info.get("recipe_sha256", "?")[:16]), ("task", info.get("task")),
             ("model", ctx["recipe"].get("model", {}).get("name")),
             ("data", (train.get("data") or {}).get("source")),
-            ("examples (train / validation / test)", " / ".join(str(v) for v in ((train.get("data") or {}).get("counts") or {}).values())),
+            ("examples (train / validation / test)", " / ".join(str(((train.get("data") or {}).get("counts") or {}).get(k, "?"))
+                                                             for k in ("train", "validation", "test"))),
             ("optimiser steps", train.get("steps")), ("best step", train.get("best_step")),
             ("training throughput", f"{train.get('samples_per_second')} samples/s"),
-            ("peak memory (RSS)", f"{train.get('peak_rss_mb')} MB"), ("wall time", f"{info.get('wall_seconds', '?')} s")]
+            ("peak memory (RSS)", f"{train.get('peak_rss_mb')} MB"), ("wall time", f"{info['wall_seconds']} s" if "wall_seconds" in info
+                                                        else f"training {info.get('train_wall_seconds', '?')} s")]
     return "<h2>Run</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
