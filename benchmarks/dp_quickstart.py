@@ -1,6 +1,6 @@
 """DP-SGD at epsilon = 8 vs the same non-private run, on the quickstart recipe (tweets-sentiment, MiniLM).
 
-Both runs go through the real CLI (`keel run quickstart ...`) with the audit section switched off, in fresh folders.
+Both runs go through the real CLI (`keel run quickstart ...`) with the audit and compress sections switched off, in fresh folders.
 Prints a table and writes benchmarks/results/dp-quickstart-<device>.json: seconds per optimiser step, their
 ratio, test accuracy / macro-F1 and the accuracy gap, and the privacy figures of the DP run.
 
@@ -31,7 +31,7 @@ RESULTS = Path(__file__).parent / "results"
 def one_run(work: str, name: str, overrides: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "keel", "run", "quickstart", "audit=null", f"output.dir=runs/{name}",
+    proc = subprocess.run([sys.executable, "-m", "keel", "run", "quickstart", "audit=null", "compress=null", f"output.dir=runs/{name}",
                            *overrides], cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"keel run ({name}) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
