@@ -40,43 +40,65 @@ def one_run(work: str, name: str, overrides: list[str]) -> dict:
     test = json.loads((run_dir / "eval" / "test.json").read_text())
     return {"wall_seconds": round(time.perf_counter() - t0, 1), "steps": train["steps"],
             "seconds_per_step": round(train["train_seconds_this_session"] / max(1, train["steps"]), 4),
+            "ms_per_example": round(1e3 / train["samples_per_second"], 3),
+            "validation_score": train["best_metric"],
             "test_accuracy": round(test["accuracy"], 4), "test_macro_f1": round(test["macro_f1"], 4),
             "test_n": test["n"], "privacy": train.get("privacy")}
 
 
-def main(extra: list[str]) -> dict:
+def main() -> dict:
+    import argparse
+
     import torch
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="key=value for both runs")
+    ap.add_argument("--dp", action="append", default=[], metavar="K=V,K=V",
+                    help="a DP variant: overrides for the private run only (repeat for several; the one with the best "
+                         "validation score is the headline, so the test split never picks it)")
+    ap.add_argument("--tag", default=None, help="results/dp-quickstart-<tag>.json")
+    args = ap.parse_args()
+    extra = args.overrides
+    variants = [v.split(",") for v in args.dp] or [[]]
     dp_overrides = ["train.privacy.target_epsilon=8", "train.privacy.delta=1e-5"]
     with tempfile.TemporaryDirectory() as work:
         base = one_run(work, "nonprivate", extra)
-        dp = one_run(work, "dp-eps8", [*dp_overrides, *extra])
+        dps = [one_run(work, f"dp-eps8-{i}", [*dp_overrides, *extra, *v]) for i, v in enumerate(variants)]
+    for d, v in zip(dps, variants):
+        d["dp_overrides"] = v
+        print(f"DP {' '.join(v) or '(same settings)'}: validation {d['validation_score']:.4f}, test accuracy "
+              f"{d['test_accuracy']:.4f}, epsilon {d['privacy']['epsilon']:.3f}", flush=True)
+    dp = max(dps, key=lambda d: d["validation_score"])
     row = {
         "nonprivate_seconds_per_step": base["seconds_per_step"], "dp_seconds_per_step": dp["seconds_per_step"],
         "step_time_ratio": round(dp["seconds_per_step"] / base["seconds_per_step"], 2),
+        "nonprivate_ms_per_example": base["ms_per_example"], "dp_ms_per_example": dp["ms_per_example"],
+        "example_time_ratio": round(dp["ms_per_example"] / base["ms_per_example"], 2),
         "nonprivate_test_accuracy": base["test_accuracy"], "dp_test_accuracy": dp["test_accuracy"],
         "accuracy_gap_points": round(100 * (base["test_accuracy"] - dp["test_accuracy"]), 1),
         "nonprivate_test_macro_f1": base["test_macro_f1"], "dp_test_macro_f1": dp["test_macro_f1"],
         "steps": [base["steps"], dp["steps"]], "test_n": base["test_n"],
         "dp_epsilon": round(dp["privacy"]["epsilon"], 3), "dp_delta": dp["privacy"]["delta"],
         "dp_noise_multiplier": round(dp["privacy"]["noise_multiplier"], 4), "dp_sample_rate": round(dp["privacy"]["sample_rate"], 5),
-        "dp_accountant": dp["privacy"]["accountant"],
+        "dp_accountant": dp["privacy"]["accountant"], "dp_overrides": dp["dp_overrides"],
         "wall_seconds": [base["wall_seconds"], dp["wall_seconds"]],
+        "variants": [{k: d[k] for k in ("dp_overrides", "validation_score", "test_accuracy", "test_macro_f1", "steps",
+                                          "seconds_per_step", "ms_per_example", "wall_seconds")} for d in dps],
         "overrides": extra, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
         "torch": torch.__version__, "python": platform.python_version(),
-        "command": " ".join(["python benchmarks/dp_quickstart.py", *extra]),
+        "command": " ".join(["python benchmarks/dp_quickstart.py", *sys.argv[1:]]),
     }
     width = max(map(len, row))
     for k, v in row.items():
-        print(f"{k:<{width}}  {v}")
+        if k != "variants":
+            print(f"{k:<{width}}  {v}")
     RESULTS.mkdir(exist_ok=True)
-    tag = "gpu" if torch.cuda.is_available() else "cpu"
-    suffix = "" if not extra else "-short"
-    out = RESULTS / f"dp-quickstart{suffix}-{tag}.json"
+    tag = args.tag or (("gpu" if torch.cuda.is_available() else "cpu") + ("-short" if extra else ""))
+    out = RESULTS / f"dp-quickstart-{tag}.json"
     out.write_text(json.dumps(row, indent=2) + "\n")
     print(f"wrote {out}")
     return row
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -91,12 +91,13 @@ def run_one(args, batch: int, work: Path, peak: float) -> dict:
         sys.exit(f"keel train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "split" not in r]
-    a, b = steps[args.warmup - 1], steps[-1]
-    tokens = (b["step"] - a["step"]) * batch * args.seq
-    tok_s = tokens / (b["seconds"] - a["seconds"])
+    # Steps after the warm-up, leaving out the ones that straddle an epoch end (validation and a checkpoint happen there).
+    timed = [(a, b) for a, b in zip(steps[args.warmup - 1:], steps[args.warmup:]) if a["epoch"] == b["epoch"]]
+    tokens = len(timed) * batch * args.seq
+    tok_s = tokens / sum(b["seconds"] - a["seconds"] for a, b in timed)
     fpt, n, shape = flops_per_token(out / "model", args.seq)
     return {"preset": args.preset, **shape, "seq": args.seq, "batch": batch, "precision": args.precision,
-            "compile": not args.no_compile, "params_without_wpe": n, "steps_timed": b["step"] - a["step"],
+            "compile": not args.no_compile, "params_without_wpe": n, "steps_timed": len(timed),
             "tokens_per_s": round(tok_s, 1), "flops_per_token": fpt, "achieved_tflops": round(tok_s * fpt / 1e12, 2),
             "peak_tflops": round(peak / 1e12, 1), "mfu": round(tok_s * fpt / peak, 4),
             "final_loss": steps[-1]["loss"], "first_loss": steps[0]["loss"]}
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--keep", type=Path, default=None, help="copy the last run's model folder here (for serving benchmarks)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak_dtype = torch.bfloat16 if device == "cuda" and args.precision == "bf16" else torch.float32
@@ -121,6 +123,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for batch in args.batch:
             records.append(run_one(args, batch, Path(work), peak))
+        if args.keep:
+            import shutil
+
+            shutil.copytree(Path(work) / f"run-{args.batch[-1]}" / "model", args.keep, dirs_exist_ok=True)
     print(f"{'batch':>5} {'tokens/s':>12} {'TFLOP/s':>9} {'peak':>7} {'MFU':>6}  ({args.preset}, seq {args.seq}, {name})")
     for r in records:
         print(f"{r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['achieved_tflops']:>9.2f} {r['peak_tflops']:>7.1f} {r['mfu']:>6.1%}")

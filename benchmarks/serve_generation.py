@@ -33,7 +33,8 @@ def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]}. Once upon a time," for i in range(n)]
 
 
-def sequential_generate(model_name: str, texts: list[str], tokens: int, threads: int | None) -> dict:
+def sequential_generate(model_name: str, texts: list[str], tokens: int, threads: int | None,
+                        static_cache: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -43,16 +44,25 @@ def sequential_generate(model_name: str, texts: list[str], tokens: int, threads:
         torch.set_num_threads(threads)
     folder = model_dir(model_name)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as keel serve: bf16 on a GPU, fp32 on a CPU
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    extra = {"cache_implementation": "static"} if static_cache else {}
     with torch.inference_mode():
-        model.generate(**tok("warm up", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+        for _ in range(2 if static_cache else 1):  # the static cache compiles on first use
+            model.generate(**tok("warm up", return_tensors="pt").to(device), max_new_tokens=tokens, do_sample=False,
+                           **extra)
         new, t0 = 0, time.perf_counter()
         for text in texts:
-            enc = tok(text, return_tensors="pt")
-            out = model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            enc = tok(text, return_tensors="pt").to(device)
+            out = model.generate(**enc, max_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, **extra)
             new += out.shape[1] - enc["input_ids"].shape[1]
+        if device == "cuda":
+            torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    return {"new_tokens": new, "wall_s": wall, "tokens_per_s": new / wall}
+    return {"new_tokens": new, "wall_s": wall, "tokens_per_s": new / wall,
+            "cache": "static" if static_cache else "dynamic", "dtype": str(dtype).removeprefix("torch.")}
 
 
 async def concurrent_streams(url: str, texts: list[str], tokens: int) -> dict:
@@ -91,10 +101,14 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (serve.num_threads)")
+    p.add_argument("--static-cache", action="store_true", help="also time HF generate with its static KV cache")
     args = p.parse_args()
     os.environ.update(OFFLINE)
     texts = prompts(args.streams)
     base = sequential_generate(args.model, texts, args.tokens, args.threads)
+    static = sequential_generate(args.model, texts, args.tokens, args.threads, True) if args.static_cache else None
+    if static:
+        print(f"sequential generate, static cache {static['tokens_per_s']:8.1f} tok/s", flush=True)
     print(f"sequential generate  {base['tokens_per_s']:8.1f} tok/s  ({base['new_tokens']} tokens in {base['wall_s']:.1f} s)",
           flush=True)
     sets = [f"serve.max_running={args.streams}", f"serve.max_tokens={max(args.tokens, 64)}"]
@@ -112,11 +126,11 @@ def main() -> None:
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
     result = {"benchmark": "serve_generation", "model": args.model, "streams": args.streams,
-              "max_new_tokens": args.tokens, "device": device, "cpu_count": os.cpu_count(), "threads": args.threads,
-              "sequential_generate": base, "keel_serve": ours, "speedup_tokens_per_s": round(speedup, 3),
+              "max_new_tokens": args.tokens, "device": torch.cuda.get_device_name() if device == "gpu" else device, "cpu_count": os.cpu_count(), "threads": args.threads,
+              "sequential_generate": base, "sequential_generate_static_cache": static, "keel_serve": ours, "speedup_tokens_per_s": round(speedup, 3),
               "meets_target": speedup >= 5}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve-generation-{device}.json"
+    out = RESULTS / (f"serve-generation-{device}.json" if device == "cpu" else f"serve-generation-gpu-s{args.streams}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

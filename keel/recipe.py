@@ -91,6 +91,9 @@ class PrivacyConfig(Strict):
     noise_multiplier: float | None = Field(
         None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget")
     poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N")
+    max_physical_batch_size: int = Field(
+        32, ge=1, description="examples per forward/backward pass; a larger logical batch is processed in chunks "
+                              "(per-example gradients take batch x trainable parameters of memory)")
     freeze_embeddings: bool = Field(
         True, description="train without the token/position embedding tables: their per-example gradients are the "
                           "largest (vocab x hidden per example) and the noise added to them the most")
@@ -243,7 +246,10 @@ class ServeConfig(Strict):
     backend: str = Field(
         "auto", description="classifiers: auto = the deployable variant picked by `keel compress`, else onnx-int8, "
         "then onnx when exported, else torch; or any variant name (e.g. pruned-onnx-int8, see `keel bench`)")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="classify/embeddings: inputs per forward pass")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="classify/embeddings: inputs gathered into one batch")
+    forward_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="classify/embeddings: a batch runs as length-sorted forward passes of this "
+                                         "many inputs; default: 8 on a CPU, the whole batch on a GPU")
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="classify/embeddings: wait for a fuller batch")
     max_running: int = Field(16, ge=1, le=512, description="generation: sequences in the running decode batch")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond the running batch; more get 429")

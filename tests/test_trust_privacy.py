@@ -92,3 +92,28 @@ def test_sigma_is_calibrated_to_the_budget(dp_work):
     card = (dp_work / "runs/dp-cal/model/MODEL_CARD.md").read_text()
     assert "DP-SGD" in card and f"{p['noise_multiplier']:.4f}" in card
     assert "Traceback" not in proc.stderr
+
+
+def test_a_logical_batch_in_chunks_gets_the_same_clipped_gradient():
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 3
+
+    def update(chunk_size):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 3)
+        gs = GradSampleModule(net)
+        opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5,
+                          expected_batch_size=10)
+        before = net.weight.detach().clone()
+        loss = privacy.clipped_backward(opt, list(range(10)), chunk_size,
+                                        lambda c: torch.nn.functional.cross_entropy(gs(x[c]), y[c]))
+        opt.step()
+        return net.weight.detach() - before, loss
+
+    whole, loss_whole = update(10)
+    chunked, loss_chunked = update(3)
+    assert whole.abs().sum() > 0
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    assert loss_chunked == pytest.approx(loss_whole, rel=1e-5)

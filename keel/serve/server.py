@@ -77,6 +77,7 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     console.print(f"[dim]loading {target}[/]")
     _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
     engine = load_engine(target, config.backend, device)
+    engine.forward_batch_size = config.forward_batch_size or (8 if engine.device == "cpu" else None)
     asgi = build_app(engine, config, digests)
     fastapi_app = asgi.app
     host, port = sock.getsockname()[:2]

@@ -36,7 +36,7 @@ from keel.train.metrics import MetricLog
 # Resuming may change only these fields; anything else would silently change the run.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
                      "train.checkpoint_every", "train.num_threads", "output.dir", "compress", "serve", "audit.explain",
-                     "audit.gates")
+                     "audit.gates", "train.privacy.max_physical_batch_size")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

@@ -72,6 +72,25 @@ def check_model(model) -> None:
                           "pick a model without BatchNorm (e.g. a transformer with LayerNorm)")
 
 
+def clipped_backward(dp_opt, idx: list[int], chunk_size: int, loss_of) -> float:
+    """Backward passes over ``idx`` in chunks of ``chunk_size``; returns the batch's mean loss.
+
+    Each chunk's per-example gradients are clipped and summed into the optimiser, then dropped (Opacus' skipped
+    steps), so memory holds one chunk's per-example gradients; the caller's ``dp_opt.step()`` adds the noise once.
+    """
+    total = 0.0
+    chunks = [idx[i: i + chunk_size] for i in range(0, len(idx), chunk_size)]
+    for c, chunk in enumerate(chunks):
+        loss = loss_of(chunk)
+        loss.backward()
+        total += float(loss.detach()) * len(chunk) / len(idx)
+        if c < len(chunks) - 1:
+            dp_opt.signal_skip_step(do_skip=True)
+            dp_opt.step()  # clip and accumulate this chunk; no noise, no update
+            dp_opt.zero_grad(set_to_none=True)
+    return total
+
+
 def check_privacy_recipe(recipe, n_train: int | None = None) -> None:
     """The checks `keel validate` runs for train.privacy (fast: the model is built on the meta device)."""
     p, cfg = recipe.train.privacy, recipe.train
@@ -259,10 +278,13 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
                 k = state.step % steps_per_epoch
                 idx = order[k * cfg.batch_size: (k + 1) * cfg.batch_size]
             if idx:
-                batch = {k: v.to(device) for k, v in task.collate(train_ds[idx], tokenizer).items()}
-                loss = gs_model(**_per_example_inputs(batch, model)).loss  # mean over this batch
-                loss.backward()
-                step_loss = float(loss.detach())
+                # A logical (Poisson) batch in physical chunks: each chunk's per-example gradients are clipped and
+                # summed, then dropped (Opacus' skipped steps); noise is added once, after the last chunk.
+                def chunk_loss(chunk):
+                    batch = {k: v.to(device) for k, v in task.collate(train_ds[chunk], tokenizer).items()}
+                    return gs_model(**_per_example_inputs(batch, model)).loss  # mean over this chunk
+
+                step_loss = clipped_backward(dp_opt, idx, p.max_physical_batch_size, chunk_loss)
             else:  # an empty Poisson batch still takes a (noise-only) step: the accountant counts it
                 for prm in dp_opt.params:
                     prm.grad_sample = torch.zeros((0, *prm.shape), device=prm.device)
