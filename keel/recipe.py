@@ -255,6 +255,7 @@ class ServeConfig(Strict):
     max_queue: int = Field(256, ge=1, description="requests waiting beyond the running batch; more get 429")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="request bodies over this get 413, unread")
     max_inputs: int = Field(256, ge=1, description="texts per classify/embeddings request")
+    max_explain_inputs: int = Field(16, ge=1, description="texts per classify request with explain: true")
     max_tokens: int = Field(512, ge=1, description="upper bound on a request's max_tokens")
     default_max_tokens: int = Field(64, ge=1)
     max_n: int = Field(8, ge=1, le=128, description="choices per completion request")

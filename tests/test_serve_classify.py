@@ -60,6 +60,26 @@ def test_classify_matches_keel_predict(clf, run_dir):
         assert d["score"] == pytest.approx(e["score"], abs=1e-5)
 
 
+def test_classify_explains_the_served_label_on_request(clf, run_dir):
+    r = httpx.post(f"{clf.url}/v1/classify", json={"input": TEXTS[:2], "explain": True, "explain_steps": 64}, timeout=60)
+    assert r.status_code == 200, r.text
+    from keel.evaluate import load_trained
+    from keel.trust.explain import integrated_gradients
+
+    teacher = load_trained(run_dir, "torch")  # the served variant is ONNX int8: gradients come from its torch weights
+    for d in r.json()["data"]:
+        e = d["explanation"]
+        assert e["model"] == "torch" and len(e["tokens"]) == len(e["attributions"]) and e["tokens"][0] == "[CLS]"
+        target = int(teacher.model.config.label2id[d["label"]])
+        [oracle] = integrated_gradients(teacher.model, teacher.tokenizer, [TEXTS[d["index"]]], [target], 64)
+        assert e["attributions"] == pytest.approx(oracle.attributions, abs=1e-5)
+        assert abs(e["delta"]) < 0.01  # completeness: the attributions add up to p(x) - p(baseline)
+    plain = httpx.post(f"{clf.url}/v1/classify", json={"input": TEXTS[:1]}, timeout=30).json()["data"][0]
+    assert "explanation" not in plain
+    too_many = httpx.post(f"{clf.url}/v1/classify", json={"input": ["a"] * 17, "explain": True}, timeout=30)
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "input"
+
+
 def test_embeddings_with_the_openai_client_are_mean_pooled_encoder_states(clf, run_dir):
     import torch
     from openai import OpenAI

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -35,6 +36,7 @@ class State:
         self.inflight = 0  # requests being answered (counted by the guard, streams included)
         self.batchers: dict[str, DynamicBatcher] = {}
         self.scheduler = None
+        self.pool = None  # the model's one worker thread (set at start-up)
         self.created = P.now()
 
 
@@ -47,6 +49,7 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="keel-model")  # one model, one thread at a time
+        state.pool = pool
         if "classify" in engine.routes:
             state.batchers["classify"] = DynamicBatcher(engine.classify, "classify", config.max_batch_size,
                                                         config.max_wait_ms, config.max_queue, metrics, pool)
@@ -101,13 +104,29 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     async def models():
         return P.ModelList(data=[P.ModelCard(id=engine.model_id, created=state.created)])
 
-    @app.post("/v1/classify", response_model=P.ClassifyResponse, tags=["keel"], responses=ERRORS,
+    @app.post("/v1/classify", response_model=P.ClassifyResponse, response_model_exclude_none=True, tags=["keel"],
+              responses=ERRORS,
               summary="labels and class probabilities for one or more texts (dynamically batched)")
     async def classify(body: P.ClassifyRequest):
         texts = _texts(state, "classify", body.model, body.input)
+        if body.explain and len(texts) > config.max_explain_inputs:
+            raise ServeError(400, f"explain: true takes at most {config.max_explain_inputs} inputs per request "
+                                  f"(serve.max_explain_inputs); got {len(texts)}", "input", "too_many_inputs")
+        started = time.monotonic()
         rows = await state.batchers["classify"].submit(texts, config.timeout_s)
-        data = [P.Classification(index=i, label=r["label"], score=r["score"], scores=r["scores"])
-                for i, r in enumerate(rows)]
+        explanations = [None] * len(rows)
+        if body.explain:  # heavy (n_steps forward and backward passes): outside the batcher, on the model thread
+            left = config.timeout_s - (time.monotonic() - started)
+            work = asyncio.get_running_loop().run_in_executor(
+                state.pool, engine.explain, texts, [r["label"] for r in rows], body.explain_steps)
+            try:
+                explanations = await asyncio.wait_for(work, max(left, 0.001))
+            except asyncio.TimeoutError:
+                raise ServeError(504, f"the explanation did not finish within {config.timeout_s:g} s (serve.timeout_s); "
+                                      "send fewer texts or lower explain_steps", code="timeout") from None
+        data = [P.Classification(index=i, label=r["label"], score=r["score"], scores=r["scores"],
+                                 explanation=P.Explanation(**e) if e else None)
+                for i, (r, e) in enumerate(zip(rows, explanations))]
         n = sum(r["tokens"] for r in rows)
         return P.ClassifyResponse(data=data, model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n))
 

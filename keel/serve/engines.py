@@ -33,6 +33,8 @@ class Engine:
     labels: list[str] = field(default_factory=list)
     device: str = "cpu"
     forward_batch_size: int | None = None  # classify/embeddings: texts per forward pass (None: all at once)
+    run_dir: Path | None = None  # a classification run: where explanations load their PyTorch model from
+    _explainer: object = None
 
     @property
     def routes(self) -> tuple[str, ...]:
@@ -78,6 +80,32 @@ class Engine:
             for i, e, n in zip(idx, pooled.tolist(), enc["attention_mask"].sum(-1).tolist()):
                 rows[i] = {"embedding": e, "tokens": n}
         return rows
+
+    def explain(self, texts: list[str], labels: list[str], n_steps: int) -> list[dict]:
+        """Integrated gradients toward each text's served label, computed on the PyTorch model of the served
+        variant (an ONNX variant's own torch weights: the same stage, before export)."""
+        from keel.trust.explain import integrated_gradients
+
+        model, name = self._explainer_model()
+        ids = [int(model.config.label2id[label]) for label in labels]
+        exps = integrated_gradients(model, self.tokenizer, texts, ids, n_steps, max_length=self.max_length)
+        return [{"tokens": e.tokens, "attributions": e.attributions, "delta": e.delta, "model": name} for e in exps]
+
+    def _explainer_model(self):
+        if self._explainer is None:
+            torch_variant = self.backend
+            for suffix in ("onnx-static-int8", "onnx-int8", "onnx", "torchao-weight-only", "torchao-dynamic"):
+                if torch_variant.endswith(suffix):
+                    torch_variant = torch_variant[: -len(suffix)] + "torch"
+                    break
+            if torch_variant == self.backend and self.backend.endswith("torch"):
+                model = self.classifier
+            else:
+                from keel.evaluate import load_trained
+
+                model = load_trained(self.run_dir, torch_variant).model
+            self._explainer = (model, torch_variant)
+        return self._explainer
 
     @property
     def embedding_size(self) -> int:
@@ -159,7 +187,7 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
         run_dir / "model", local_files_only=True, use_safetensors=True)
     encoder.eval()
     return Engine(model_id, "classifier", t.tokenizer, t.recipe.model.max_length, chosen, classifier=t.model,
-                  encoder=encoder, labels=list(info["labels"]))
+                  encoder=encoder, labels=list(info["labels"]), run_dir=run_dir)
 
 
 def _load_encoder(folder: Path, model_id: str) -> Engine:

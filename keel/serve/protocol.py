@@ -152,6 +152,17 @@ class EmbeddingResponse(Response):
 class ClassifyRequest(Request):
     input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
     model: str | None = Field(None, max_length=512)
+    explain: bool = Field(False, description="also return integrated-gradients token attributions toward each "
+                                             "predicted label (serve.max_explain_inputs texts at most)")
+    explain_steps: int = Field(32, ge=4, le=256, description="integrated-gradients steps (more: a smaller delta)")
+
+
+class Explanation(Response):
+    tokens: list[str]
+    attributions: list[float] = Field(..., description="one per token, toward the predicted label; they sum to "
+                                                       "p(label | text) - p(label | baseline) up to delta")
+    delta: float = Field(..., description="completeness gap of the integral approximation")
+    model: str = Field(..., description="the PyTorch model the gradients come from (ONNX has none)")
 
 
 class Classification(Response):
@@ -159,6 +170,7 @@ class Classification(Response):
     label: str
     score: float
     scores: dict[str, float]
+    explanation: Explanation | None = None
 
 
 class ClassifyResponse(Response):

@@ -108,6 +108,35 @@ def param_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def load_data_and_model(recipe: Recipe, build_model=None):
+    """(tokenizer, prepared data, training split, model) as the recipe says.
+
+    The training split gets counterfactual copies when the recipe asks for that fairness mitigation;
+    ``build_model(path, labels)`` replaces the task's model builder. Shared by the engine and DP-SGD.
+    """
+    from transformers import AutoTokenizer
+
+    if recipe.model.init == "scratch":
+        from keel.pretrain import scratch_model_dir
+
+        path = scratch_model_dir(recipe)  # a trained tokenizer and random weights of a size preset
+    else:
+        path = model_dir(recipe.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = prepare_data(recipe, tokenizer)
+    train_ds = data.splits["train"]
+    if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
+        from keel.trust.cda import augment  # training-time fairness mitigation
+
+        train_ds = augment(train_ds, tokenizer, recipe)
+    model = (build_model or get_task(recipe.task).build_model)(path, data.labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, data, train_ds, model
+
+
 def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=None, loss_fn=None,
           model_info: dict | None = None) -> dict:
     """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model.
@@ -124,7 +153,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
 
         return train_private(recipe, run_dir, resume)
     from accelerate.utils import gather_object, set_seed
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -138,25 +167,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
 
     # -- data and model ---------------------------------------------------------------------------
     with accelerator.main_process_first():  # the main process fills the caches; the others then read them
-        if recipe.model.init == "scratch":
-            from keel.pretrain import scratch_model_dir
-
-            path = scratch_model_dir(recipe)  # a trained tokenizer and random weights of a size preset
-        else:
-            path = model_dir(recipe.model.name)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        data = prepare_data(recipe, tokenizer)
-    train_ds, val_ds = data.splits["train"], data.splits["validation"]
-    if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
-        from keel.trust.cda import augment  # training-time fairness mitigation
-
-        train_ds = augment(train_ds, tokenizer, recipe)
-    task = get_task(recipe.task)
-    model = (build_model or task.build_model)(path, data.labels)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer, data, train_ds, model = load_data_and_model(recipe, build_model)
+    val_ds, task = data.splits["validation"], get_task(recipe.task)
 
     micro_per_epoch = len(shard_batches(list(range(len(train_ds))), cfg.batch_size, rank, world))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)

@@ -140,15 +140,14 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     from accelerate.utils import set_seed
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
-    from keel.data.prepare import prepare_data
     from keel.io import atomic_dir, atomic_write_json, verify_manifest
-    from keel.models import model_dir
     from keel.tasks import get_task
     from keel.train import checkpoint as ckpt
-    from keel.train.engine import build_optimizer, check_resume_compatible, configure_determinism, save_final_model
+    from keel.train.engine import (build_optimizer, check_resume_compatible, configure_determinism,
+                                   load_data_and_model, save_final_model)
     from keel.train.metrics import MetricLog
 
     hf_logging.disable_progress_bar()
@@ -157,22 +156,9 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(cfg.seed)
     run_dir, ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = model_dir(recipe.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data = prepare_data(recipe, tokenizer)
-    train_ds, val_ds = data.splits["train"], data.splits["validation"]
-    if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
-        from keel.trust.cda import augment
-
-        train_ds = augment(train_ds, tokenizer, recipe)
-    n = len(train_ds)
+    tokenizer, data, train_ds, model = load_data_and_model(recipe)
+    val_ds, task, n = data.splits["validation"], get_task(recipe.task), len(train_ds)
     check_privacy_recipe(recipe, n)
-    task = get_task(recipe.task)
-    model = task.build_model(path, data.labels)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     check_model(model)
     if p.freeze_embeddings:
         frozen = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
