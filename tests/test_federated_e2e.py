@@ -154,15 +154,54 @@ def test_secagg_aggregate_equals_the_plain_weighted_sum():
     assert not ray_leftovers(before)
 
 
-def test_two_sites_over_loopback_grpc(tmp_path):
-    """`keel federate serve` and two `keel federate join` processes, each site with its own file."""
+def write_certificates(folder) -> dict[str, str]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, ca: bool):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                             x509.DNSName("localhost")]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keel test CA")])
+    ca = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
+    server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key, ca=False)
+    files = {"root_certificate": ca.public_bytes(serialization.Encoding.PEM),
+             "certificate": server.public_bytes(serialization.Encoding.PEM),
+             "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption())}
+    for name, pem in files.items():
+        (folder / f"{name}.pem").write_bytes(pem)
+    return {name: str(folder / f"{name}.pem") for name in files}
+
+
+def test_two_sites_over_loopback_grpc_with_tls(tmp_path):
+    """`keel federate serve` and two `keel federate join` processes, each site with its own file, over TLS."""
     data = write_toy_csv(tmp_path / "toy.csv", n=160)
     lines = data.read_text().splitlines()
     (tmp_path / "north.csv").write_text("\n".join([lines[0], *lines[1:61]]) + "\n")
     (tmp_path / "south.csv").write_text("\n".join([lines[0], *lines[61:121]]) + "\n")
     port = free_port()
     recipe = tmp_path / "fed.yaml"
-    recipe.write_text(RECIPE.format(data=data, sites=2, rounds=2, port=port))
+    pems = write_certificates(tmp_path)
+    recipe.write_text(RECIPE.format(data=data, sites=2, rounds=2, port=port).replace(
+        f'server: {{address: "127.0.0.1:{port}"}}',
+        f'server: {{address: "127.0.0.1:{port}", root_certificate: {pems["root_certificate"]}, '
+        f'certificate: {pems["certificate"]}, private_key: {pems["private_key"]}}}'))
     env = {**os.environ, **OFFLINE}
     cmd = [sys.executable, "-m", "keel", "federate"]
     server = subprocess.Popen([*cmd, "serve", str(recipe)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -175,9 +214,11 @@ def test_two_sites_over_loopback_grpc(tmp_path):
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         out, err = server.communicate(timeout=420)
         assert server.returncode == 0, err[-3000:]
+        assert f"serving on 127.0.0.1:{port} (TLS)" in err
         for p, name in zip(sites, ("north", "south")):
             _, site_err = p.communicate(timeout=60)
             assert p.returncode == 0, site_err[-2000:]
+            assert f"joining 127.0.0.1:{port} (TLS)" in site_err
             assert f"site {name}: 60 rows from {name}.csv" in site_err
             assert f"site {name}: done after 2 rounds" in site_err
     finally:
