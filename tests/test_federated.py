@@ -287,14 +287,15 @@ def drive(c, clients, crash_after: int | None = None) -> None:
             raise KeyboardInterrupt("server killed")
 
 
-def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv, monkeypatch):
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv, monkeypatch, strategy):
     from keel.federated import run as fed_run
     from keel.federated.site import make_client
 
     monkeypatch.chdir(tmp_path)
     p = tmp_path / "fed.yaml"
     p.write_text(FED_RECIPE.format(data=toy_csv, sites=2))
-    recipe = load_recipe(p)
+    recipe = load_recipe(p, [f"federated.strategy.name={strategy}"])
 
     def body_for(crash_after):
         def body(s, c):
@@ -320,6 +321,18 @@ def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv
     assert info["rounds_done"] == 2 and info["rounds_skipped"] == 0
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert (run / "eval" / "test.json").is_file() and "Federated rounds" in (run / "report.html").read_text()
+    # The restarted run ends with the model an uninterrupted run gets (for FedAdam: its server moments survived).
+    from safetensors.numpy import load_file
+
+    moments = sorted((run / "federated").glob("round-*"))[-1] / "server_moments.safetensors"
+    assert moments.is_file() == (strategy == "fedadam")
+    straight = load_recipe(p, [f"federated.strategy.name={strategy}", "output.dir=runs/straight"])
+    fed_run._run(straight, False, body_for(crash_after=None))
+    resumed, uninterrupted = (load_file(str(tmp_path / "runs" / d / "model" / "model.safetensors"))
+                              for d in ("fed", "straight"))
+    assert sorted(resumed) == sorted(uninterrupted)
+    for k in resumed:
+        np.testing.assert_allclose(resumed[k], uninterrupted[k], atol=1e-6)
 
 
 def load_round_state(run) -> dict:

@@ -133,7 +133,12 @@ class Guard(_strategy_base()):
             self._round_info = info
             return None, {}
         dropped = list(failures) + [RuntimeError(f"rejected {s}") for s in rejected]
-        params, metrics = self.inner.aggregate_fit(server_round, kept, dropped)
+        params, metrics = self.inner.aggregate_fit(r, kept, dropped)  # the run's round: FedAdam's bias correction uses it
+        if params is not None:  # FedAdam computes in float64: the global model keeps the model's own dtypes
+            from flwr.common import ndarrays_to_parameters
+
+            params = ndarrays_to_parameters([a.astype(ref.dtype, copy=False) for a, ref in
+                                             zip(parameters_to_ndarrays(params), self._reference)])
         if params is None:
             info["skipped"] = "the strategy returned no aggregate"
             log(f"round {r}: [yellow]skipped[/]: {info['skipped']} ({len(dropped)} failures)")

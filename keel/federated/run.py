@@ -107,12 +107,15 @@ def site_settings(recipe: Recipe) -> dict:
 
 # -- round checkpoints ------------------------------------------------------------------------------
 
-def save_round(root: Path, r: int, specs, arrays, state: dict, keep: int) -> None:
+def save_round(root: Path, r: int, specs, arrays, state: dict, keep: int, moments: dict | None = None) -> None:
+    """Round ``r``'s global weights, JSON state and the server optimiser's moments (FedAdam), sealed together."""
     import numpy as np
     from safetensors.numpy import save_file
 
     with atomic_dir(root / f"round-{r:05d}") as tmp:
         save_file({name: np.ascontiguousarray(a) for (name, _, _), a in zip(specs, arrays)}, str(tmp / "weights.safetensors"))
+        if moments:
+            save_file({k: np.ascontiguousarray(a) for k, a in moments.items()}, str(tmp / "server_moments.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"round": r, **state}, indent=2))
     for old in sorted(root.glob("round-*"))[:-keep]:
         import shutil
@@ -138,7 +141,29 @@ def load_round(root: Path, specs) -> tuple[list, dict] | None:
         if tuple(a.shape) != shape:
             raise CheckpointError(f"{done[-1]}: {n} has shape {tuple(a.shape)}, the model needs {shape}; "
                                   f"resume with the original model settings")
-    return arrays, json.loads((done[-1] / "state.json").read_text())
+    state = json.loads((done[-1] / "state.json").read_text())
+    if (done[-1] / "server_moments.safetensors").is_file():
+        state["server_moments"] = load_file(str(done[-1] / "server_moments.safetensors"))
+    return arrays, state
+
+
+SERVER_STATE = ("m_t", "v_t", "current_weights")  # FedOpt's moments and its float64 copy of the global model
+
+
+def server_moments(strategy) -> dict:
+    """A FedOpt strategy's (FedAdam's) optimiser state as named arrays; {} for strategies without one."""
+    inner = getattr(strategy, "strategy", strategy)  # under Flower's central-DP wrapper
+    if getattr(inner, "m_t", None) is None:
+        return {}
+    return {f"{name}.{i}": a for name in SERVER_STATE for i, a in enumerate(getattr(inner, name, None) or [])}
+
+
+def restore_moments(strategy, moments: dict) -> None:
+    inner = getattr(strategy, "strategy", strategy)
+    for name in SERVER_STATE:
+        keys = sorted((k for k in moments if k.startswith(name + ".")), key=lambda k: int(k.rsplit(".", 1)[1]))
+        if keys:
+            setattr(inner, name, [moments[k] for k in keys])
 
 
 # -- the server side ----------------------------------------------------------------------------------
@@ -159,6 +184,8 @@ class Coordinator:
         self.root = run_dir / ROUNDS_DIR
         self.dp_plan = privacy.plan(self.fed, sites_per_round(self.fed))
         self.offset, self.dp_rounds, self.history = 0, 0, []
+        self.moments: dict = {}  # a restarted FedAdam server goes on with its moments, not fresh ones
+        self.inner = None
         self.initial = get_weights(self.model)
         if resume:
             found = load_round(self.root, self.specs)
@@ -166,6 +193,7 @@ class Coordinator:
                 raise CheckpointError(f"nothing to resume: {self.root} has no complete round; run without --resume")
             self.initial, st = found
             self.offset, self.dp_rounds, self.history = st["round"], st.get("dp_rounds", 0), st.get("history", [])
+            self.moments = st.get("server_moments", {})
             log(f"resuming after round {self.offset} of {self.fed.rounds}")
         self.metrics = MetricLog(run_dir, resume_step=self.offset if resume else None)
         self.t0 = time.perf_counter()
@@ -185,7 +213,8 @@ class Coordinator:
             if self.dp_plan["mode"] == "local":
                 fit_config.update({"clipping_norm": self.dp_plan["clipping_norm"],
                                    "local_epsilon": self.dp_plan["round_epsilon"], "local_delta": self.dp_plan["round_delta"]})
-        inner = build_strategy(fed, self.initial, self.dp_plan)
+        inner = self.inner = build_strategy(fed, self.initial, self.dp_plan)
+        restore_moments(inner, self.moments)
         return Guard(inner, fed, fit_config=fit_config, on_round=self.on_round, offset=self.offset,
                      dp_plan=self.dp_plan, dp_rounds=self.dp_rounds)
 
@@ -207,7 +236,7 @@ class Coordinator:
         self.metrics.write(record)
         self.history.append(record)
         save_round(self.root, r, self.specs, arrays, {"dp_rounds": info.get("dp_rounds", 0), "history": self.history},
-                   keep=self.s.recipe.train.keep_last_k)
+                   keep=self.s.recipe.train.keep_last_k, moments=server_moments(self.inner) if self.inner else None)
         self.dp_rounds = info.get("dp_rounds", self.dp_rounds)
         self.final = arrays
         shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "accuracy", "macro_f1") if k in result)

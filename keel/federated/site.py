@@ -46,21 +46,23 @@ def local_train(model, dataset, tokenizer, *, epochs: int, batch_size: int, lr: 
     opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     steps, total = 0, 0.0
-    for epoch in range(epochs):
-        order = epoch_order(len(dataset), seed, epoch)
-        for start in range(0, len(order), batch_size):
-            if max_steps is not None and steps >= max_steps:
-                break
-            batch = collate(dataset[order[start: start + batch_size]], tokenizer)
-            loss = model(**batch).loss  # mean over the batch
-            if anchor is not None:
-                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            steps, total = steps + 1, total + float(loss.detach())
+    with torch.random.fork_rng(devices=[]):  # dropout seeded per (site, round): a resumed run trains the same
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            order = epoch_order(len(dataset), seed, epoch)
+            for start in range(0, len(order), batch_size):
+                if max_steps is not None and steps >= max_steps:
+                    break
+                batch = collate(dataset[order[start: start + batch_size]], tokenizer)
+                loss = model(**batch).loss  # mean over the batch
+                if anchor is not None:
+                    loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                steps, total = steps + 1, total + float(loss.detach())
     return {"loss": total / max(steps, 1), "steps": steps}
 
 
