@@ -262,6 +262,14 @@ def variant_location(run_dir: Path, variant: str) -> tuple[Path, str]:
     return stage_dir(run_dir, stage), backend
 
 
+def torch_twin(variant: str) -> str:
+    """The PyTorch variant a quantized or exported one was made from (``pruned-onnx-int8`` -> ``pruned-torch``)."""
+    for suffix in ("onnx-static-int8", "onnx-int8", "onnx", "torchao-weight-only", "torchao-dynamic"):
+        if variant.endswith(suffix):
+            return variant[: -len(suffix)] + "torch"
+    return variant
+
+
 def deployable(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / "compress" / "deployable.json"
     return json.loads(path.read_text()) if path.is_file() else None

@@ -93,12 +93,10 @@ class Engine:
 
     def _explainer_model(self):
         if self._explainer is None:
-            torch_variant = self.backend
-            for suffix in ("onnx-static-int8", "onnx-int8", "onnx", "torchao-weight-only", "torchao-dynamic"):
-                if torch_variant.endswith(suffix):
-                    torch_variant = torch_variant[: -len(suffix)] + "torch"
-                    break
-            if torch_variant == self.backend and self.backend.endswith("torch"):
+            from keel.compress.stages import torch_twin
+
+            torch_variant = torch_twin(self.backend)
+            if torch_variant == self.backend:
                 model = self.classifier
             else:
                 from keel.evaluate import load_trained
