@@ -6,7 +6,10 @@ prints the table and writes benchmarks/results/compress-quickstart-cpu.json.
 
     .venv/bin/python benchmarks/compress_quickstart.py                  # trains the teacher too (~10 min)
     .venv/bin/python benchmarks/compress_quickstart.py runs/quickstart  # compress an existing run
-    .venv/bin/python benchmarks/compress_quickstart.py runs/quickstart compress.prune.ffn=0.25
+    .venv/bin/python benchmarks/compress_quickstart.py runs/quickstart compress.prune.ffn=0.25 --tag ffn25
+
+Every variant is scored on the whole test split (1,000 tweets) and timed on 100 texts unless the overrides say
+otherwise; `--tag NAME` writes results/compress-quickstart-NAME-cpu.json.
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ MAX_DROP = 1.0
 
 def main(argv: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    tag = None
+    if "--tag" in argv:
+        i = argv.index("--tag")
+        tag, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     run_dir = Path(argv[0]).resolve() if argv and "=" not in argv[0] else None
     overrides = [a for a in argv if "=" in a]
+    for key, value in (("compress.bench_eval_samples", 1000), ("compress.bench_latency_samples", 100)):
+        if not any(o.startswith(key + "=") for o in overrides):
+            overrides.append(f"{key}={value}")
     work = tempfile.mkdtemp(prefix="keel-compress-bench-")
     t0 = time.perf_counter()
     if run_dir is None:
@@ -53,6 +63,7 @@ def main(argv: list[str]) -> dict:
     import torch
 
     shown = (["runs/quickstart"] if argv and "=" not in argv[0] else []) + overrides  # no local paths in results
+    shown += ["--tag", tag] if tag else []
     result = {"command": " ".join(["python", "benchmarks/compress_quickstart.py", *shown]), "exit_code": proc.returncode,
               "wall_seconds": round(wall, 1), "deployable": pick.get("deployable"), "targets": TARGETS,
               "max_accuracy_drop": MAX_DROP, "targets_met": verdict, "variants": rows,
@@ -61,7 +72,7 @@ def main(argv: list[str]) -> dict:
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()}}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "compress-quickstart-cpu.json"
+    out = RESULTS / f"compress-quickstart-{tag + '-' if tag else ''}cpu.json"
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return result

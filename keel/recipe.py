@@ -167,6 +167,8 @@ class QuantizeConfig(Strict):
     torch_int8: Literal["none", "weight-only", "dynamic"] = Field(
         "none", description="torchao int8 for the PyTorch backend (dynamic has no fast CPU kernels)")
     calibration_samples: int = Field(128, ge=8)
+    teacher: bool = Field(True, description="export the teacher the same way as the latest stage, so the budget can "
+                          "fall back to a quantized model that was not cut or retrained")
 
 
 class BudgetConfig(Strict):
