@@ -118,3 +118,26 @@ def test_tokenized_cache_is_reused(tmp_path, toy_csv, capsys):
     # editing the file changes its content hash: no stale cache
     toy_csv.write_text(toy_csv.read_text().replace("number 1,", "number one,"))
     assert not prepare_data(recipe, tok).cache_hit
+
+
+def test_evaluation_scores_in_length_order_but_returns_dataset_order():
+    """Evaluation batches rows of similar length; each row's logits still land on its own row."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from keel.models import model_dir
+    from keel.tasks.classification import build_model, collate, predict_logits
+
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    texts = [" ".join(["word"] * (1 + (7 * i) % 13)) + f" {i}" for i in range(24)]  # lengths out of order
+    test = Dataset.from_dict({**tok(texts), "label": [i % 2 for i in range(24)]})
+    torch.manual_seed(0)
+    model = build_model(model_dir("tiny-bert"), ["neg", "pos"]).eval()
+    batched = predict_logits(model, test, tok, 5, torch.device("cpu"))
+    with torch.no_grad():
+        alone = np.concatenate([model(**{k: v for k, v in collate(test[i: i + 1], tok).items() if k != "labels"}).logits.numpy()
+                                for i in range(len(test))])
+    assert batched.shape == (24, 2)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)

@@ -66,3 +66,37 @@ def test_run_without_validation_or_test_split(tmp_path, tiny_recipe):
     assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "report.html").is_file()
     assert not (run_dir / "eval" / "test.json").exists() and "skipping the test evaluation" in proc.stderr
     assert not [r for r in records(run_dir) if r.get("split") == "validation"]
+
+
+def test_length_grouped_order_batches_similar_lengths():
+    import random
+
+    from keel.train.engine import epoch_order, shard_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 64) for _ in range(1000)]
+    order = epoch_order(len(lengths), 42, 0, lengths, 16)
+    assert sorted(order) == list(range(1000))  # every example, once
+    assert order == epoch_order(len(lengths), 42, 0, lengths, 16)  # seeded: a resumed run replays it
+    assert order != epoch_order(len(lengths), 42, 1, lengths, 16)  # reshuffled every epoch
+    batches = shard_batches(order, 16, 0, 1)
+    padded = lambda bs: sum(max(lengths[i] for i in b) * len(b) for b in bs)  # noqa: E731
+    random_batches = shard_batches(epoch_order(len(lengths), 42, 0), 16, 0, 1)
+    assert padded(batches) < 1.1 * sum(lengths) < padded(random_batches)
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch first: out of memory early
+
+
+def test_group_by_length_trains_and_old_checkpoints_still_resume(tmp_path, tiny_recipe):
+    from keel.recipe import load_recipe
+    from keel.train.engine import check_resume_compatible
+
+    recs = train(tmp_path, tiny_recipe(epochs=1), "train.group_by_length=true")
+    steps = [r for r in recs if "split" not in r]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    # a checkpoint written before the field existed resumes: the absent field reads as its default
+    recipe = load_recipe(str(tiny_recipe(epochs=1)))
+    saved = (tmp_path / "runs/x/recipe.yaml").read_text().replace("  group_by_length: true\n", "")
+    assert "group_by_length:" not in saved
+    assert "train.group_by_length" not in check_resume_compatible(saved, recipe)
+    with pytest.raises(Exception, match="train.group_by_length"):
+        check_resume_compatible((tmp_path / "runs/x/recipe.yaml").read_text(), recipe)

@@ -38,6 +38,8 @@ def test_hash_is_stable_and_tracks_changes(tmp_path):
     ("data: {name: tweets-sentiment}\n", ["train"], "is not key.path=value"),
     ("data: {name: tweets-sentiment}\n", ["train.lr=1", "train.lr.x=1"], "'train.lr' is a value"),
     ("task: causal-lm\ndata: {name: shakespeare}\ntrain: {metric: accuracy}\n", [], "use train.metric=loss"),
+    ("data: {name: tweets-sentiment}\ntrain: {privacy: {target_epsilon: 8}}\n", ["train.group_by_length=true"],
+     "set train.group_by_length=false"),
 ])
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, expected):
     p = write(tmp_path, text)

@@ -113,3 +113,15 @@ def test_faithfulness_prefers_attributed_tokens_over_random(tiny):
     assert faithfulness(model, tok, worst, k=1, seed=0)["comprehensiveness"] < f["comprehensiveness"]
     gi = global_importance(exps, top=3, min_count=1)
     assert gi and all(len(rows) <= 3 for rows in gi.values())
+
+
+def test_probabilities_come_back_in_text_order(tiny):
+    from keel.trust.explain import probabilities
+
+    model, tok = tiny
+    texts = [t * (1 + i % 3) for i, t in enumerate(TEXTS * 3)]  # lengths out of order
+    batched = probabilities(model, tok, texts, max_length=64, batch_size=5)
+    alone = np.concatenate([probabilities(model, tok, [t], max_length=64) for t in texts])
+    assert batched.shape == (len(texts), 2)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert not np.allclose(batched[0], batched[1])  # the texts do score differently

@@ -43,19 +43,25 @@ def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> 
 
 @torch.no_grad()
 def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> np.ndarray:
+    """Logits (N, C) in dataset order. Rows are scored in batches of similar length, so little is padding."""
     from keel.progress import progress
 
     model.eval()
+    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
     out = []
     with progress("example", transient=True) as bar:
         task = bar.add_task("evaluating", total=len(dataset), info="")
-        for start in range(0, len(dataset), batch_size):
-            columns = dataset[start: start + batch_size]
+        for start in range(0, len(order), batch_size):
+            columns = dataset[order[start: start + batch_size].tolist()]
             batch = {k: v.to(device) for k, v in collate(columns, tokenizer).items() if k != "labels"}
             with autocast():
                 out.append(model(**batch).logits.float().cpu())  # (B, C)
             bar.update(task, completed=min(start + batch_size, len(dataset)))
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
+    if not out:
+        return np.zeros((0, model.config.num_labels), dtype=np.float32)
+    logits = np.empty((len(order), out[0].shape[-1]), dtype=np.float32)
+    logits[order] = torch.cat(out).numpy()
+    return logits
 
 
 def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> dict:

@@ -28,7 +28,7 @@ from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
 from keel.models import model_dir
 from keel.progress import log, progress
-from keel.recipe import Recipe
+from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
 from keel.train.metrics import MetricLog
@@ -39,9 +39,15 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", 
                      "audit.gates", "train.privacy.max_physical_batch_size")
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch_size: int = 1) -> list[int]:
+    """This epoch's example order: a seeded shuffle, or with ``lengths`` transformers' length-grouped shuffle
+    (runs of ``batch_size`` examples of similar length, the longest first)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return torch.randperm(n, generator=g).tolist()
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    return get_length_grouped_indices(lengths, batch_size, generator=g)
 
 
 def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
@@ -91,7 +97,12 @@ def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
             out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
         return out
 
-    old, new = flat(yaml.safe_load(saved_yaml)), flat(recipe.model_dump(mode="json"))
+    saved = yaml.safe_load(saved_yaml)
+    try:  # read with today's defaults, so a field added since the checkpoint counts as unchanged at its default
+        saved = validate_recipe(saved).model_dump(mode="json")
+    except KeelError:
+        pass
+    old, new = flat(saved), flat(recipe.model_dump(mode="json"))
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     for key in changed:
         if not key.startswith(RESUMABLE_CHANGES):
@@ -170,6 +181,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         tokenizer, data, train_ds, model = load_data_and_model(recipe, build_model)
     val_ds, task = data.splits["validation"], get_task(recipe.task)
 
+    lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.group_by_length else None
     micro_per_epoch = len(shard_batches(list(range(len(train_ds))), cfg.batch_size, rank, world))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
     total_steps = cfg.epochs * steps_per_epoch
@@ -258,7 +270,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         task_id = bar.add_task("training", total=total_steps, completed=min(state.step, total_steps), info="")
         while not state.finished and state.epoch < cfg.epochs:
             epoch = state.epoch
-            batches = shard_batches(epoch_order(len(train_ds), cfg.seed, epoch), cfg.batch_size, rank, world)
+            order = epoch_order(len(train_ds), cfg.seed, epoch, lengths, cfg.batch_size * world)
+            batches = shard_batches(order, cfg.batch_size, rank, world)
             b = state.batch_in_epoch
             while b < len(batches) and state.step < total_steps:
                 group = batches[b: min(b + cfg.grad_accum_steps, len(batches))]

@@ -52,13 +52,17 @@ def _special_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def probabilities(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) in the order of ``texts``, scored in batches of similar length."""
     model.eval()
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = _encode(tokenizer, texts[i: i + batch_size], max_length)
-        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1))
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.num_labels), dtype=np.float32)
+    probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        enc = _encode(tokenizer, [texts[j] for j in idx], max_length)
+        probs[idx] = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1).numpy()
+    return probs
 
 
 def integrated_gradients(model, tokenizer, texts: list[str], targets: list[int] | None = None, n_steps: int = 32,
