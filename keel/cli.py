@@ -152,12 +152,13 @@ def export(run_dir: str = typer.Argument(..., help="a run directory"),
 @app.command()
 def bench(run_dir: str = typer.Argument(..., help="a run directory"),
           n_latency: int = typer.Option(100, help="texts timed one by one for the batch-1 latency"),
-          n_eval: int = typer.Option(1000, help="test examples scored (and timed at batch 32)")) -> None:
+          n_eval: int = typer.Option(1000, help="test examples scored (and timed at batch 32)"),
+          rounds: int = typer.Option(1, min=1, max=10, help="measure every variant this many times, keep its best timings")) -> None:
     """Measure every variant of a run's model (HF pipeline baseline, PyTorch, ONNX, int8, compressed) side by side."""
     from keel.export.bench import bench as _bench
     from keel.report import write_report
 
-    _print_bench(_bench(run_dir, n_latency, n_eval))
+    _print_bench(_bench(run_dir, n_latency, n_eval, rounds=rounds))
     out.print(f"ratios vs the fp32 teacher through transformers' pipeline; wrote {run_dir}/bench.json and "
               f"{write_report(run_dir)}")
 

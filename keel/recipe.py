@@ -197,6 +197,8 @@ class CompressConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     bench_latency_samples: int = Field(100, ge=5, description="batch-1 requests timed per variant")
     bench_eval_samples: int = Field(1000, ge=10, description="test examples scored per variant")
+    bench_rounds: int = Field(1, ge=1, le=10, description="times every variant is measured (round after round); "
+                              "each keeps its best timings, so a shared machine's slow spells skew no ratio")
 class ExplainConfig(Strict):
     """Token attributions (Captum integrated gradients), attention rollout, global importance, faithfulness."""
 

@@ -162,6 +162,32 @@ def test_budget_picks_the_right_variant_on_fabricated_measurements(tmp_path):
     assert json.loads((tmp_path / "compress" / "deployable.json").read_text())["deployable"] is None
 
 
+def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
+    """Measured twice, round after round: each variant keeps its lowest latencies and highest throughput."""
+    from keel.export import bench as B
+
+    (tmp_path / "model").mkdir()
+    slow_spell = {("hf-pipeline", 0): 2.0, ("pruned-onnx-int8", 1): 3.0}  # (variant, round) -> slowdown
+    calls = []
+
+    def measure(run_dir, variant, n_latency, n_eval):
+        k = sum(v == variant for v in calls)
+        calls.append(variant)
+        f = slow_spell.get((variant, k), 1.0)
+        p50, thr = {"hf-pipeline": (20.0, 80.0), "pruned-onnx-int8": (2.5, 640.0)}[variant]
+        return {"variant": variant, "accuracy": 0.74, "macro_f1": 0.7, "disk_mb": 90.0 if variant == "hf-pipeline" else 9.0,
+                "p50_ms_batch1": p50 * f, "p95_ms_batch1": 2 * p50 * f, "throughput_batch32": thr / f, "peak_rss_mb": 500.0}
+
+    monkeypatch.setattr(B, "_measure", measure)
+    result = B.bench(tmp_path, variants=["pruned-onnx-int8"], rounds=2)
+    assert calls == ["hf-pipeline", "pruned-onnx-int8"] * 2  # interleaved, not one variant twice in a row
+    base, pruned = result["variants"]
+    assert (base["p50_ms_batch1"], base["throughput_batch32"]) == (20.0, 80.0)  # round 1's slow spell is dropped
+    assert (pruned["p50_ms_batch1"], pruned["throughput_batch32"]) == (2.5, 640.0)
+    assert pruned["speedup_p50_vs_pipeline"] == 8.0 and pruned["throughput_vs_pipeline"] == 8.0
+    assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 2
+
+
 # -- end to end, through the CLI ---------------------------------------------------------------------------
 
 COMPRESS = """compress:

@@ -248,7 +248,8 @@ def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     variants += quantize(run_dir, recipe)
     if cfg.quantize.teacher and latest_stage(run_dir) != "teacher":
         variants += quantize(run_dir, recipe, stage="teacher")
-    result = bench(run_dir, n_latency=cfg.bench_latency_samples, n_eval=cfg.bench_eval_samples, variants=variants)
+    result = bench(run_dir, n_latency=cfg.bench_latency_samples, n_eval=cfg.bench_eval_samples, variants=variants,
+                   rounds=cfg.bench_rounds)
     return pick_deployable(run_dir, result, cfg.budget)
 
 

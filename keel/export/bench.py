@@ -120,30 +120,52 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variants: list[str] | None = None) -> dict:
+def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variants: list[str] | None = None,
+          rounds: int = 1) -> dict:
     """Measure the HF-pipeline baseline and every variant (default: all on disk), each in its own process;
-    write RUN_DIR/bench.json."""
+    write RUN_DIR/bench.json.
+
+    With ``rounds`` > 1 every variant is measured that many times, round after round, and keeps its best timings
+    (lowest latencies, highest throughput), as ``timeit`` does: on a shared machine a slow spell then costs the
+    baseline and the variants alike instead of skewing one ratio.
+    """
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
-        raise KeelError(f"{run_dir} has no final model; train it first (`keel run RECIPE`)")
-    rows = []
-    for variant in ["hf-pipeline", *(variants or available_variants(run_dir))]:
-        log(f"bench: measuring {variant}")
-        proc = subprocess.run([sys.executable, "-m", "keel.export.bench", str(run_dir), variant, str(n_latency), str(n_eval)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise KeelError(f"bench: measuring {variant} failed: {tail}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        raise KeelError(f"{run_dir} has no final model; train it first (`keel train RECIPE`)")
+    names = ["hf-pipeline", *(variants or available_variants(run_dir))]
+    best: dict[str, dict] = {}
+    for k in range(rounds):
+        for variant in names:
+            log(f"bench: measuring {variant}" + (f" (round {k + 1} of {rounds})" if rounds > 1 else ""))
+            row = _measure(run_dir, variant, n_latency, n_eval)
+            best[variant] = _faster(best[variant], row) if variant in best else row
+    rows = [best[v] for v in names]
     base = rows[0]
     for r in rows:
         r["speedup_p50_vs_pipeline"] = base["p50_ms_batch1"] / r["p50_ms_batch1"]
         r["throughput_vs_pipeline"] = r["throughput_batch32"] / base["throughput_batch32"]
         r["smaller_vs_pipeline"] = base["disk_mb"] / r["disk_mb"]
         r["accuracy_drop_points"] = (base["accuracy"] - r["accuracy"]) * 100
-    result = {"baseline": base["variant"], "variants": rows, "n_latency": n_latency}
+    result = {"baseline": base["variant"], "variants": rows, "n_latency": n_latency, "rounds": rounds}
     atomic_write_json(run_dir / "bench.json", result)
     return result
+
+
+def _measure(run_dir: Path, variant: str, n_latency: int, n_eval: int) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "keel.export.bench", str(run_dir), variant, str(n_latency), str(n_eval)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KeelError(f"bench: measuring {variant} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _faster(a: dict, b: dict) -> dict:
+    """Two measurements of one variant -> its best timings (scores are the same: the model is)."""
+    return {**a, "p50_ms_batch1": min(a["p50_ms_batch1"], b["p50_ms_batch1"]),
+            "p95_ms_batch1": min(a["p95_ms_batch1"], b["p95_ms_batch1"]),
+            "throughput_batch32": max(a["throughput_batch32"], b["throughput_batch32"]),
+            "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
 
 
 if __name__ == "__main__":  # the worker: one variant, JSON on the last line of stdout
