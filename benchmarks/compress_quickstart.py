@@ -50,6 +50,8 @@ def main(argv: list[str]) -> dict:
         cmd = [sys.executable, "-m", "keel", "compress", str(run_dir), *overrides]
     proc = subprocess.run(cmd, cwd=work, env=env, text=True)
     wall = time.perf_counter() - t0
+    if proc.returncode != 0:  # the run directory may still hold an earlier bench: write nothing from it
+        sys.exit(f"keel {cmd[3]} exited {proc.returncode}; no results written")
     bench = json.loads((run_dir / "bench.json").read_text())
     pick = json.loads((run_dir / "compress" / "deployable.json").read_text())
     rows = bench["variants"]
