@@ -107,8 +107,8 @@ class TrainConfig(Strict):
     batch_size: int = Field(16, ge=1, description="examples per process per micro-batch")
     grad_accum_steps: int = Field(1, ge=1)
     eval_batch_size: int = Field(64, ge=1)
-    group_by_length: bool = Field(False, description="batch examples of similar length (shuffled in groups of 50 "
-                                  "batches, as transformers' Trainer does): less padding, faster epochs on texts of "
+    group_by_length: bool = Field(False, description="batch examples of similar length (shuffled, then sorted "
+                                  "within groups of up to 50 batches, as transformers' Trainer does): less padding, faster epochs on texts of "
                                   "mixed length")
     lr: float = Field(5e-5, gt=0.0, lt=1.0)
     weight_decay: float = Field(0.01, ge=0.0)

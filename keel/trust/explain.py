@@ -52,7 +52,6 @@ def _special_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def probabilities(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, C) in the order of ``texts``, scored in batches of similar length."""
     model.eval()
