@@ -424,7 +424,9 @@ def _print_results(run_dir) -> None:
     pick = json.loads(pick_file.read_text()) if pick_file.exists() else {}
     if pick.get("deployable"):
         r = pick["figures"]
-        out.print(f"deployable model: [bold]{pick['deployable']}[/] (accuracy {r['accuracy']:.4f}, "
+        scored = f" on {r['n']:,} test examples" if "n" in r else ""
+        out.print(f"deployable model: [bold]{pick['deployable']}[/] (accuracy {r['accuracy']:.4f}{scored}, "
+                  f"{r['accuracy_drop_points']:.1f} points below the teacher, "
                   f"{r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, {r['throughput_vs_pipeline']:.1f}x throughput, "
                   f"{r['smaller_vs_pipeline']:.1f}x smaller than the teacher through the HF pipeline)")
     out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")
