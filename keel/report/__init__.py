@@ -48,6 +48,15 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
+_DIGITS = {"disk_mb": 1, "p50_ms_batch1": 2, "p95_ms_batch1": 2, "throughput_batch32": 1, "peak_rss_mb": 0,
+           "speedup_p50_vs_pipeline": 2, "throughput_vs_pipeline": 2, "smaller_vs_pipeline": 2}
+
+
+def _cell(key: str, v) -> str:
+    """A bench table cell: scores to 4 places, sizes, times and ratios to the places that mean something."""
+    return f"{v:.{_DIGITS[key]}f}" if isinstance(v, float) and key in _DIGITS else _fmt(v)
+
+
 def section_summary(run_dir: Path, ctx: dict) -> str:
     info, train = ctx["run"], ctx["run"].get("train", {})
     rows = [("recipe sha256", info.get("recipe_sha256", "?")[:16]), ("task", info.get("task")),
@@ -208,7 +217,7 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
             "peak_rss_mb", "speedup_p50_vs_pipeline", "throughput_vs_pipeline", "smaller_vs_pipeline")
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
         (f"<tr class='pick'>" if r["variant"] == chosen else "<tr>")
-        + "".join(f"<td class='num'>{_fmt(r[k])}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
+        + "".join(f"<td class='num'>{_cell(k, r[k])}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
     fig, ax = plt.subplots(figsize=(7, 4.2))
     biggest = max(r["disk_mb"] for r in rows) or 1
     for i, r in enumerate(rows):
@@ -232,9 +241,11 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
     ax.set_title("accuracy vs latency: the Pareto front (marker area = size on disk)")
     if chosen:
         r = next(x for x in rows if x["variant"] == chosen)
+        drop = r["accuracy_drop_points"]
+        side = f"{drop:.2f} points below the teacher" if drop > 0 else f"{-drop:.2f} points above the teacher" if drop else "as the teacher"
         verdict = (f"<p class='pick'>Deployable model: <b>{html.escape(chosen)}</b>: accuracy {_fmt(r['accuracy'])} "
-                   f"({r['accuracy_drop_points']:+.2f} points vs the teacher), {_fmt(r['speedup_p50_vs_pipeline'])}x lower "
-                   f"p50 latency, {_fmt(r['throughput_vs_pipeline'])}x throughput, {_fmt(r['smaller_vs_pipeline'])}x smaller. "
+                   f"on {r.get('n', '?')} test examples ({side}), {r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, "
+                   f"{r['throughput_vs_pipeline']:.1f}x throughput, {r['smaller_vs_pipeline']:.1f}x smaller. "
                    f"Use it with <code>--backend {html.escape(chosen)}</code>.</p>")
     elif pick:
         verdict = "<p class='fail'>No variant is within the budget: " + html.escape(json.dumps(pick.get("budget"))) + "</p>"
@@ -242,7 +253,8 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
         verdict = ""
     return (f"<h2>Compression: variants and the Pareto front</h2>{verdict}{_stages_html(run_dir)}"
             f"<p>Ratios against the fp32 teacher run through transformers' <code>pipeline</code>, measured in the same "
-            f"session, each variant in its own process.</p>{table}{_png(fig)}")
+            f"session, each variant in its own process"
+            + (f", best timings of {bench['rounds']} rounds" if bench.get("rounds", 1) > 1 else "") + f".</p>{table}{_png(fig)}")
 
 
 from keel.report import trust as _trust  # noqa: E402  (data, fairness, explanations, privacy, environment)
