@@ -63,15 +63,14 @@ def write_logs(run_dir: Path, logs: list[dict]) -> None:
 
 
 def load_base(recipe: Recipe):
-    import torch
     from transformers import AutoTokenizer
 
     from keel.align.trainers import quiet
     from keel.models import model_dir
+    from keel.train.engine import set_threads
 
     quiet()
-    if recipe.train.num_threads:
-        torch.set_num_threads(recipe.train.num_threads)
+    set_threads(recipe)
     base = model_dir(recipe.model.name)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token is None:

@@ -27,6 +27,7 @@ from keel.io import atomic_dir, atomic_write_json, verify_manifest
 from keel.pipeline import finish_run, resolve_run_dir, start_run
 from keel.progress import log, progress
 from keel.recipe import Recipe
+from keel.train.engine import set_threads
 
 ROUNDS_DIR = "federated"
 
@@ -420,18 +421,10 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
     return p.read_bytes()
 
 
-def _threads(recipe: Recipe) -> None:
-    """train.num_threads for a server or a site process (several on one machine: 1 each avoids oversubscription)."""
-    if recipe.train.num_threads:
-        import torch
-
-        torch.set_num_threads(recipe.train.num_threads)
-
-
 def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debug: bool = False) -> Path:
     """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`."""
     fed = _fed(recipe)
-    _threads(recipe)
+    set_threads(recipe)
     if fed.secagg.enabled:
         raise KeelError("federated.secagg runs in simulation (`keel federate RECIPE`); Flower 1.41's gRPC server for "
                         "separate processes has no SecAgg+: set federated.secagg.enabled=false for serve")
@@ -465,7 +458,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     from keel.recipe import DataConfig
 
     _fed(recipe)
-    _threads(recipe)
+    set_threads(recipe)
     path = Path(site_data).expanduser()
     if not path.is_file():
         raise KeelError(f"--site-data: file '{site_data}' not found; pass this site's CSV/JSONL/Parquet file")

@@ -59,9 +59,14 @@ def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> l
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def configure_determinism(recipe: Recipe) -> None:
+def set_threads(recipe: Recipe) -> None:
+    """train.num_threads (default: torch's choice); 1 each when several processes share one machine."""
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
+
+
+def configure_determinism(recipe: Recipe) -> None:
+    set_threads(recipe)
     if recipe.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
