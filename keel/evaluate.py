@@ -135,12 +135,12 @@ def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
     """Logits (N, C) in the order given, computed on batches of texts of similar length (less padding)."""
     import torch
 
+    from keel.tasks.classification import length_batches
+
     texts = list(texts)
     lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
     out = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
+    for idx in length_batches(lengths, batch_size):
         for i, row in zip(idx, text_logits(t, [texts[i] for i in idx])):
             out[i] = row
     return torch.stack(out) if out else torch.zeros((0, len(t.info.get("labels") or [])))

@@ -41,26 +41,29 @@ def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> 
     return dict(batch)
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length (shortest first), so little of each padded batch is padding;
+    callers put each batch's results back at these indices."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> np.ndarray:
     """Logits (N, C) in dataset order. Rows are scored in batches of similar length, so little is padding."""
     from keel.progress import progress
 
     model.eval()
-    order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
-    out = []
+    logits = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
     with progress("example", transient=True) as bar:
         task = bar.add_task("evaluating", total=len(dataset), info="")
-        for start in range(0, len(order), batch_size):
-            columns = dataset[order[start: start + batch_size].tolist()]
-            batch = {k: v.to(device) for k, v in collate(columns, tokenizer).items() if k != "labels"}
+        done = 0
+        for idx in length_batches([len(ids) for ids in dataset["input_ids"]], batch_size):
+            batch = {k: v.to(device) for k, v in collate(dataset[idx], tokenizer).items() if k != "labels"}
             with autocast():
-                out.append(model(**batch).logits.float().cpu())  # (B, C)
-            bar.update(task, completed=min(start + batch_size, len(dataset)))
-    if not out:
-        return np.zeros((0, model.config.num_labels), dtype=np.float32)
-    logits = np.empty((len(order), out[0].shape[-1]), dtype=np.float32)
-    logits[order] = torch.cat(out).numpy()
+                logits[idx] = model(**batch).logits.float().cpu().numpy()  # (B, C)
+            done += len(idx)
+            bar.update(task, completed=done)
     return logits
 
 

@@ -55,10 +55,10 @@ def _special_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 def probabilities(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, C) in the order of ``texts``, scored in batches of similar length."""
     model.eval()
+    from keel.tasks.classification import length_batches
+
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for i in range(0, len(order), batch_size):
-        idx = order[i: i + batch_size]
+    for idx in length_batches([len(t) for t in texts], batch_size):
         enc = _encode(tokenizer, [texts[j] for j in idx], max_length)
         probs[idx] = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1).numpy()
     return probs
