@@ -412,6 +412,7 @@ def _print_eval(result: dict) -> None:
 
 
 def _print_results(run_dir) -> None:
+    from keel.compress.budget import versus_teacher
     from keel.progress import is_main_process
 
     if not is_main_process():
@@ -426,7 +427,7 @@ def _print_results(run_dir) -> None:
         r = pick["figures"]
         scored = f" on {r['n']:,} test examples" if "n" in r else ""
         out.print(f"deployable model: [bold]{pick['deployable']}[/] (accuracy {r['accuracy']:.4f}{scored}, "
-                  f"{r['accuracy_drop_points']:.1f} points below the teacher, "
+                  f"{versus_teacher(r['accuracy_drop_points'])}, "
                   f"{r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, {r['throughput_vs_pipeline']:.1f}x throughput, "
                   f"{r['smaller_vs_pipeline']:.1f}x smaller than the teacher through the HF pipeline)")
     out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")

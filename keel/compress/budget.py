@@ -20,6 +20,14 @@ _SORT = {"latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
          "throughput": lambda r: (-r["throughput_batch32"], r["disk_mb"])}
 
 
+def versus_teacher(drop_points: float, places: int = 1) -> str:
+    """How a variant's accuracy compares with the teacher's, in words: '0.4 points below the teacher'."""
+    if round(drop_points, places) == 0:
+        return "as accurate as the teacher"
+    side = "below" if drop_points > 0 else "above"
+    return f"{abs(drop_points):.{places}f} points {side} the teacher"
+
+
 def misses(row: dict, budget) -> list[str]:
     """Why a variant is outside the budget (empty when it is within)."""
     out = []

@@ -13,6 +13,7 @@ import io
 import json
 from pathlib import Path
 
+from keel.compress.budget import versus_teacher
 from keel.io import atomic_write_text
 from keel.train.metrics import read_metrics
 
@@ -242,7 +243,7 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
     if chosen:
         r = next(x for x in rows if x["variant"] == chosen)
         drop = r["accuracy_drop_points"]
-        side = f"{drop:.2f} points below the teacher" if drop > 0 else f"{-drop:.2f} points above the teacher" if drop else "as the teacher"
+        side = versus_teacher(drop, places=2)
         verdict = (f"<p class='pick'>Deployable model: <b>{html.escape(chosen)}</b>: accuracy {_fmt(r['accuracy'])} "
                    f"on {r.get('n', '?')} test examples ({side}), {r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, "
                    f"{r['throughput_vs_pipeline']:.1f}x throughput, {r['smaller_vs_pipeline']:.1f}x smaller. "
