@@ -39,27 +39,11 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show full traceback
 @app.command()
 def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Check a recipe (types, names, files, columns) without loading any model."""
-    from keel.data.load import check_data_config
-    from keel.models.registry import resolve_model
+    from keel.pipeline import check_recipe
     from keel.recipe import load_recipe
 
     r = load_recipe(recipe, overrides)
-    if r.model.init == "scratch":
-        from keel.pretrain import check_preset
-
-        check_preset(r.model.name)
-    else:
-        resolve_model(r.model.name)
-    if r.sft is not None or r.align is not None:
-        from keel.align.prefs import check_source
-
-        check_source(r)  # preference or chat JSONL: its own fields, checked when read
-    else:
-        check_data_config(r.data, r.task)
-    if r.train.privacy is not None:  # delta below 1/N, no BatchNorm, one process (keel/trust/privacy.py)
-        from keel.trust.privacy import check_privacy_recipe
-
-        check_privacy_recipe(r)
+    check_recipe(r)
     out.print(f"[green]ok[/] {recipe}: task {r.task}, model {r.model.name}, data {r.data.name or r.data.path}, "
               f"sha256 {r.sha256()[:12]}")
 

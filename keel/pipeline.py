@@ -30,6 +30,31 @@ from keel.progress import is_main_process, log
 from keel.recipe import Recipe
 
 
+def check_recipe(r: Recipe) -> None:
+    """The cheap checks (names, files, columns, privacy settings) that need no model loaded: `keel validate`, and
+    `keel train`/`keel run` before they create a run directory, so a typo costs a second and leaves nothing behind."""
+    from keel.models.registry import resolve_model
+
+    if r.model.init == "scratch":
+        from keel.pretrain import check_preset
+
+        check_preset(r.model.name)
+    else:
+        resolve_model(r.model.name)
+    if r.sft is not None or r.align is not None:
+        from keel.align.prefs import check_source
+
+        check_source(r)  # preference or chat JSONL: its own fields, checked when read
+    else:
+        from keel.data.load import check_data_config
+
+        check_data_config(r.data, r.task)
+    if r.train.privacy is not None:  # delta below 1/N, no BatchNorm, one process (keel/trust/privacy.py)
+        from keel.trust.privacy import check_privacy_recipe
+
+        check_privacy_recipe(r)
+
+
 def resolve_run_dir(recipe: Recipe, resume: bool) -> Path:
     """Fresh runs never overwrite: runs/<name> or the first free runs/<name>-N. Resume takes the latest."""
     base = Path("runs") / recipe.name
@@ -83,6 +108,11 @@ def _read_json(path: Path) -> dict:
 
 def train_run(recipe: Recipe, resume: bool = False) -> Path:
     """Training only (`keel train`)."""
+    check_recipe(recipe)
+    return _train_run(recipe, resume)
+
+
+def _train_run(recipe: Recipe, resume: bool) -> Path:
     from keel.train.engine import train
 
     if recipe.sft is not None or recipe.align is not None:  # one linear script, training and its figures
@@ -108,12 +138,13 @@ def full_run(recipe: Recipe, resume: bool = False) -> Path:
     from keel.evaluate import evaluate_run
     from keel.report import write_report
 
+    check_recipe(recipe)
     if recipe.sft is not None or recipe.align is not None:  # generative fine-tuning and alignment: TRL trainers
         from keel.align.run import generative_run
 
         return generative_run(recipe, resume)
     t0 = time.perf_counter()
-    run_dir = train_run(recipe, resume)
+    run_dir = _train_run(recipe, resume)
     if is_main_process():
         if recipe.data.split.test > 0:
             evaluate_run(run_dir)

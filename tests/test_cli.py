@@ -125,6 +125,9 @@ BAD = [
     ("fp16 on CPU", "data: {path: toy.csv}\nmodel: {name: tiny-bert}\n", ["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
 ]
 
+CAUGHT_BEFORE_THE_RUN = {"missing data file", "unknown column", "malformed YAML", "unknown recipe key", "wrong type",
+                         "unknown model"}
+
 
 @pytest.mark.parametrize("case, recipe, overrides, message", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_is_one_line_exit_2(tmp_path, toy_csv, case, recipe, overrides, message):
@@ -137,6 +140,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, toy_csv, case, recipe, overrides
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1
+    if case in CAUGHT_BEFORE_THE_RUN:  # checked before a run directory exists: a retry is not runs/tiny-2
+        assert not (tmp_path / "runs").exists()
     # --debug shows the traceback
     if case == "missing data file":
         assert "Traceback" in keel("--debug", verb, "r.yaml", cwd=tmp_path).stderr
