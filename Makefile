@@ -28,8 +28,12 @@ $(STAMP): requirements.txt constraints.txt requirements-assets.txt pyproject.tom
 demo: $(STAMP)
 	$(VENV)/bin/keel quickstart
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), a test file per process: most of a test's time is a
+# `keel` subprocess importing torch, which one core does alone.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf runs .pytest_cache
