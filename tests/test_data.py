@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from keel.data.load import load_splits, read_eval_file
+from keel.data.load import check_data_config, load_splits, read_eval_file
 from keel.errors import DataError, RecipeError
 from keel.recipe import DataConfig
 
@@ -35,6 +35,9 @@ def test_user_files_with_column_mapping(tmp_path, frame, suffix):
     assert set(s.train.columns) == {"text", "label", "group"}
     # no text in two splits
     assert not set(s.train.text) & set(s.test.text) and not set(s.train.text) & set(s.validation.text)
+    # `keel validate` (and train/run before making a run directory) finds a wrong column without reading the rows
+    with pytest.raises(DataError, match="column 'body' is not in .*review, stars, city"):
+        check_data_config(cfg(path=str(path), columns={"text": "body", "label": "stars"}), "classification")
 
 
 def test_split_is_deterministic_and_seeded(tmp_path, frame):

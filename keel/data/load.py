@@ -186,11 +186,18 @@ def _read_file(path: Path, fmt: str, encoding_errors: str = "strict") -> pd.Data
 
 
 def _peek_columns(path: Path, fmt: str) -> list[str] | None:
-    """Column names without reading the whole file (CSV and JSONL); None when that is not cheap."""
+    """Column names without reading the whole file (CSV, JSONL, the Parquet schema); None when that is not cheap."""
     import csv
     import json
 
     kind = _format_of(path, fmt)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except (OSError, ValueError) as e:
+            raise DataError(f"data: could not read {path} as parquet: {str(e)[:200]}; check the file's format") from None
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             if kind == "csv":
