@@ -117,3 +117,13 @@ def test_bench_measures_every_variant(exported):
     page = (run_dir / "report.html").read_text()
     assert "Pareto" in page and page.count("data:image/png;base64,") >= 3
     assert "onnx-int8" in proc.stdout
+
+
+def test_a_measurement_that_fails_is_one_clear_error_and_the_next_one_still_runs(exported):
+    from keel.errors import KeelError
+    from keel.export import bench as B
+
+    _, run_dir, _ = exported
+    with pytest.raises(KeelError, match="measuring teacher-onnx-int4 failed: --backend must be one of"):
+        B._measure(run_dir, "teacher-onnx-int4", 2, 8)
+    assert B._measure(run_dir, "teacher-onnx", 2, 8)["n"] == 8  # the fork server outlived the failed child

@@ -3,7 +3,7 @@
 Variants: ``hf-pipeline`` (the fp32 teacher through transformers' plain ``pipeline("text-classification")``,
 the baseline for every ratio), then ``<stage>-<backend>`` for every model keel made: stages ``teacher``,
 ``student``, ``pruned``; backends ``torch``, ``onnx``, ``onnx-int8``, ``onnx-static-int8``, ``torchao-*``.
-Each variant is measured in a fresh process (forked from one that did the imports), so its peak RSS is its own.
+Each variant is measured in a fresh process (forked from a server that did the imports), so its peak RSS is its own.
 keel's own variants score batches of texts of similar length (as `keel predict` and the server do); the pipeline
 batches as it comes.
 Figures: accuracy and macro-F1, parameters, size on disk, p50/p95 latency at batch 1, throughput at batch 32.
@@ -11,6 +11,10 @@ Figures: accuracy and macro-F1, parameters, size on disk, p50/p95 latency at bat
 
 from __future__ import annotations
 
+import atexit
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -149,57 +153,66 @@ def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variant
     return result
 
 
-# The heavy imports every measurement needs, done once in a fork server; each variant is then measured in a
-# fresh child forked from it: its own process (its own peak RSS, nothing left over from the variant before) without
-# paying ~6 s of imports per variant. Nothing in the server runs torch or ONNX Runtime, so no thread pool is forked.
+# Each variant is measured in a fresh process, so its peak RSS and its warm caches are its own. Starting Python and
+# importing torch, transformers and ONNX Runtime costs ~6 s per process, so one fork server does the imports once
+# and forks a child per measurement. Nothing in the server runs torch or ONNX Runtime: no thread pool is forked.
 _PRELOAD = ["numpy", "torch", "transformers", "datasets", "sklearn.metrics", "onnxruntime", "keel.evaluate",
             "keel.data.prepare", "keel.compress.stages"]
-_context = None
-
-
-def _worker_context():
-    global _context
-    if _context is None:
-        import multiprocessing
-
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
-    return _context
-
-
-def _worker(conn, run_dir: Path, variant: str, n_latency: int, n_eval: int) -> None:
-    import os
-
-    quiet = os.open(os.devnull, os.O_WRONLY)  # loading logs and library warnings: the parent reports the figures
-    os.dup2(quiet, 1)
-    os.dup2(quiet, 2)
-    try:
-        conn.send(("ok", measure_variant(run_dir, variant, n_latency, n_eval)))
-    except KeelError as e:
-        conn.send(("error", str(e)))
-    except Exception as e:  # noqa: BLE001  (reported by the parent as one line)
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-    finally:
-        conn.close()
+_server: subprocess.Popen | None = None
 
 
 def _measure(run_dir: Path, variant: str, n_latency: int, n_eval: int) -> dict:
-    ctx = _worker_context()
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, run_dir, variant, n_latency, n_eval), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        status, payload = receive.recv()
-    except EOFError:  # the child died without a word (killed, out of memory)
-        proc.join()
-        raise KeelError(f"bench: measuring {variant} failed: its process exited with code {proc.exitcode}") from None
-    finally:
-        receive.close()
-    proc.join()
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, "-m", "keel.export.bench"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        atexit.register(_server.stdin.close)  # the server exits when its input ends
+    _server.stdin.write(json.dumps([str(run_dir), variant, n_latency, n_eval]) + "\n")
+    _server.stdin.flush()
+    answer = _server.stdout.readline()
+    if not answer:
+        raise KeelError(f"bench: measuring {variant} failed: the measuring process exited with code {_server.wait()}")
+    status, payload = json.loads(answer)
     if status != "ok":
         raise KeelError(f"bench: measuring {variant} failed: {payload}")
     return payload
+
+
+def _serve() -> None:
+    """The fork server: one JSON request per input line, one JSON answer per output line."""
+    import importlib
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in _PRELOAD:
+        importlib.import_module(name)
+    answers = os.fdopen(os.dup(1), "w")
+    quiet = os.open(os.devnull, os.O_WRONLY)  # loading logs and library warnings: the parent reports the figures
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    while line := sys.stdin.readline():
+        run, variant, n_latency, n_eval = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, answer, and leave without running the server's clean-up
+            os.close(read_end)
+            try:
+                answer = ["ok", measure_variant(Path(run), variant, n_latency, n_eval)]
+            except KeelError as e:
+                answer = ["error", str(e)]
+            except Exception as e:  # noqa: BLE001  (one line for the parent; a traceback would go nowhere)
+                answer = ["error", f"{type(e).__name__}: {e}"]
+            with os.fdopen(write_end, "w") as out:
+                out.write(json.dumps(answer))
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as result:
+            answer = result.read()
+        _, status = os.waitpid(pid, 0)
+        if not answer:  # killed (out of memory, a signal) before it could answer
+            answer = json.dumps(["error", f"its process ended with exit status {os.waitstatus_to_exitcode(status)}"])
+        answers.write(answer + "\n")
+        answers.flush()
 
 
 def _faster(a: dict, b: dict) -> dict:
@@ -208,3 +221,7 @@ def _faster(a: dict, b: dict) -> dict:
             "p95_ms_batch1": min(a["p95_ms_batch1"], b["p95_ms_batch1"]),
             "throughput_batch32": max(a["throughput_batch32"], b["throughput_batch32"]),
             "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
+
+
+if __name__ == "__main__":
+    _serve()
