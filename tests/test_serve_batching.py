@@ -61,11 +61,13 @@ def _collector():
     return got, done, emit
 
 
-def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm):
+@pytest.mark.parametrize("min_room", [64, 1], ids=["room to spare", "buffers regrown"])
+def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm, min_room, monkeypatch):
     """Prompts of different lengths join a running batch at different steps and leave at different
     lengths; every one must decode exactly what HF generate gives it alone (greedy)."""
-    from keel.serve.scheduler import Scheduler, Sequence
+    from keel.serve.scheduler import GrowingLayer, Scheduler, Sequence
 
+    monkeypatch.setattr(GrowingLayer, "min_room", min_room)
     model, tok = tiny_lm
     sched = Scheduler(model, tok, max_running=4)
     sched.eos = set()  # random weights: run every sequence to its full length
@@ -89,6 +91,26 @@ def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm):
     for s, n in zip(seqs, lengths):
         assert done[s.index] == {"finish_reason": "length", "completion_tokens": n}
         assert s.out_ids == _reference(model, tok, s.prompt_ids, n), f"sequence {s.index} diverged"
+
+
+def test_growing_layer_appends_in_place_and_adopts_replaced_rows():
+    from keel.serve.scheduler import GrowingLayer
+
+    layer = GrowingLayer()
+    k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    keys, values = layer.update(k, v)
+    storage = keys.data_ptr()
+    k1, v1 = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    keys, values = layer.update(k1, v1)
+    assert keys.data_ptr() == storage  # a decode step writes into the same buffer: nothing copied
+    torch.testing.assert_close(keys, torch.cat([k, k1], 2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat([v, v1], 2), rtol=0, atol=0)
+    layer.keys, layer.values = keys[:1, :, 2:], values[:1, :, 2:]  # a leave and a trim, done from outside
+    k2, v2 = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)
+    keys, values = layer.update(k2, v2)
+    torch.testing.assert_close(keys, torch.cat([k[:1, :, 2:], k1[:1], k2], 2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat([v[:1, :, 2:], v1[:1], v2], 2), rtol=0, atol=0)
+    assert layer.get_seq_length() == 5
 
 
 def test_cancelled_sequence_leaves_the_batch(tiny_lm):

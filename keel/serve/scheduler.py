@@ -16,8 +16,12 @@ Each sequence keeps its own position ids, sampling settings and ``torch.Generato
 reproducible whatever else is in the batch). It runs on one thread; requests talk to it through
 thread-safe queues and get their events on an asyncio queue.
 
-Not done yet: a static KV cache and CUDA graphs for the GPU (the dynamic cache re-allocates every step, so GPU
-decode is bound by launch overhead); sliding-window models are refused.
+The cache's layers keep their keys and values in buffers with room to grow (``GrowingLayer``): a decode step
+writes its token in place, where transformers' ``DynamicLayer`` copies the whole cache (``torch.cat``) at every
+step and layer; a join or a leave still rebuilds the rows, once.
+
+Not done yet: a static-shape cache and CUDA graphs for the GPU (decode there is bound by launch overhead);
+sliding-window models are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 # Rows: B sequences in the running batch; L: cache length (with left padding); H: KV heads; D: head size.
 
@@ -63,6 +69,55 @@ class Batch:
 
     def __len__(self):
         return len(self.seqs)
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values (B, H, L, D) are the first L columns of a buffer with spare room.
+
+    ``update`` writes the new columns in place and returns views; when the buffer is full, or ``keys`` was
+    replaced from outside (a join, a leave, the prefill's clean-up), the rows move to a new buffer with room
+    for ``max(min_room, L // 2)`` more columns. Amortized, a decode step copies one column, not L.
+    """
+
+    min_room = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        end = n + key_states.shape[-2]
+        buf = getattr(self, "_key_buf", None)
+        fits = buf is not None and end <= buf.shape[-2]
+        if not (fits and _is_head_of(self.keys, buf) and _is_head_of(self.values, self._value_buf)):
+            room = end + max(self.min_room, end // 2)
+            self._key_buf = _with_room(self.keys, key_states, room)
+            self._value_buf = _with_room(self.values, value_states, room)
+        self._key_buf[:, :, n:end] = key_states
+        self._value_buf[:, :, n:end] = value_states
+        self.keys, self.values = self._key_buf[:, :, :end], self._value_buf[:, :, :end]
+        return self.keys, self.values
+
+
+def _is_head_of(view: torch.Tensor, buf: torch.Tensor) -> bool:
+    """``view`` is ``buf[:, :, :L]`` (the same storage, rows and strides)."""
+    return (view.dim() == 4 and view.data_ptr() == buf.data_ptr() and view.shape[:2] == buf.shape[:2]
+            and view.shape[3] == buf.shape[3] and view.stride() == buf.stride())
+
+
+def _with_room(old: torch.Tensor, new: torch.Tensor, columns: int) -> torch.Tensor:
+    """A (B, H, columns, D) buffer starting with ``old``'s columns (if any)."""
+    B, H, _, D = new.shape
+    buf = new.new_empty((B, H, columns, D))
+    if old.dim() == 4 and old.shape[-2]:
+        buf[:, :, :old.shape[-2]] = old
+    return buf
+
+
+def new_cache(config) -> DynamicCache:
+    """transformers' ``DynamicCache`` with ``GrowingLayer``s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() for _ in cache.layers]
+    return cache
 
 
 def _layers(cache):
@@ -135,8 +190,6 @@ class Scheduler:
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {e for e in eos + [tokenizer.eos_token_id] if e is not None}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        from transformers import DynamicCache
-
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
             from keel.errors import KeelError
 
@@ -200,8 +253,6 @@ class Scheduler:
         return new
 
     def _prefill(self, seqs: list[Sequence]) -> Batch:
-        from transformers import DynamicCache
-
         T = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # (b, T), left-padded
         mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (b, T)
@@ -212,7 +263,7 @@ class Scheduler:
                 s.generator = torch.Generator().manual_seed(s.seed)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T)
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
         keep = mask.bool()[:, None, :, None]  # (b, 1, T, 1)
