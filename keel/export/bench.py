@@ -167,9 +167,12 @@ def _measure(run_dir: Path, variant: str, n_latency: int, n_eval: int) -> dict:
         _server = subprocess.Popen([sys.executable, "-m", "keel.export.bench"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         atexit.register(_server.stdin.close)  # the server exits when its input ends
-    _server.stdin.write(json.dumps([str(run_dir), variant, n_latency, n_eval]) + "\n")
-    _server.stdin.flush()
-    answer = _server.stdout.readline()
+    try:
+        _server.stdin.write(json.dumps([str(run_dir), variant, n_latency, n_eval]) + "\n")
+        _server.stdin.flush()
+        answer = _server.stdout.readline()
+    except BrokenPipeError:  # the server itself died (killed): reported below with its exit code
+        answer = ""
     if not answer:
         raise KeelError(f"bench: measuring {variant} failed: the measuring process exited with code {_server.wait()}")
     status, payload = json.loads(answer)
