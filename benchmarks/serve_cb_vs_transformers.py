@@ -9,14 +9,12 @@ sides, so both generate streams x tokens. Writes benchmarks/results/serve-cb-vs-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from serve_common import decode_all, write_result
 
 
 def main() -> None:
@@ -30,26 +28,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from keel.models.registry import model_dir
-    from keel.serve.scheduler import Scheduler, Sequence
 
     folder = model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     prompts = [tok(f"Write a short story about topic {i}. Once upon a time,")["input_ids"] for i in range(args.streams)]
 
-    sched = Scheduler(model, tok, args.streams)
-    sched.eos = set()
-    done = []
-    seqs = [Sequence(ids, args.tokens, temperature=0.0, index=i,
-                     emit=lambda i, kind, _: done.append(i) if kind == "done" else None) for i, ids in enumerate(prompts)]
-    sched.start()
-    t0 = time.perf_counter()
-    sched.submit(seqs)
-    while len(done) < len(seqs):
-        time.sleep(0.002)
-    keel_s = time.perf_counter() - t0
-    sched.stop()
-    keel_tokens = sum(len(s.out_ids) for s in seqs)
+    keel_s, outputs = decode_all(model, tok, prompts, args.tokens)
+    keel_tokens = sum(map(len, outputs))
 
     config = GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     t0 = time.perf_counter()
@@ -62,12 +48,10 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:30s} {r['tokens_per_s']:9.1f} tok/s  ({r['tokens']} tokens in {r['wall_s']:.2f} s)")
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    RESULTS.mkdir(exist_ok=True)
-    out_file = RESULTS / f"serve-cb-vs-transformers-{device}.json"
-    out_file.write_text(json.dumps({"benchmark": "serve_cb_vs_transformers", "model": args.model,
-                                    "streams": args.streams, "max_new_tokens": args.tokens, "threads": args.threads,
-                                    "cpu_count": os.cpu_count(), "device": device, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {out_file}")
+    write_result(f"serve-cb-vs-transformers-{device}", {
+        "benchmark": "serve_cb_vs_transformers", "model": args.model, "streams": args.streams,
+        "max_new_tokens": args.tokens, "threads": args.threads, "cpu_count": os.cpu_count(), "device": device,
+        "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ import asyncio
 import json
 import platform
 import time
-from pathlib import Path
 
-from serve_common import KeelServer, percentile
+from serve_common import KeelServer, percentile, write_result
 
-RESULTS = Path(__file__).parent / "results"
 WORDS = ("the self-driving car took me home safely tonight and the ride was smooth but a little slow near the "
          "bridge where traffic always piles up after work").split()
 
@@ -91,10 +89,7 @@ def main() -> None:
               "concurrency": args.concurrency, "device": device, "cpu_count": __import__("os").cpu_count(),
               "machine": platform.machine(), "rows": rows, "speedup_requests_per_s": round(speedup, 3),
               "p95_ratio": round(p95_ratio, 3), "meets_target": speedup >= 3 and p95_ratio <= 1.2}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve-classify-{device}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(f"serve-classify-{device}", result)
 
 
 if __name__ == "__main__":

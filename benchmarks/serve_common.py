@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import httpx
 
+RESULTS = Path(__file__).parent / "results"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -46,3 +50,40 @@ class KeelServer:
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
+
+
+def write_result(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json, and say so."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+def decode_all(model, tok, prompts: list[list[int]], new_tokens: int, device: str = "cpu") -> tuple[float, list[list[int]]]:
+    """Every prompt submitted at once to keel's continuous-batching scheduler, in this process, greedy, each run to
+    its full length (EOS ignored): (seconds, the new token ids of each prompt)."""
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    done, lock = {}, threading.Lock()
+
+    def emit(index, kind, payload):
+        if kind in ("done", "error"):
+            with lock:
+                done[index] = (kind, payload)
+
+    sched = Scheduler(model, tok, max_running=len(prompts), device=device)
+    sched.eos = set()
+    seqs = [Sequence(ids, new_tokens, temperature=0.0, index=i, emit=emit) for i, ids in enumerate(prompts)]
+    sched.start()
+    t0 = time.perf_counter()
+    sched.submit(seqs)
+    while len(done) < len(seqs):
+        time.sleep(0.002)
+    seconds = time.perf_counter() - t0
+    sched.stop()
+    failed = [payload for kind, payload in done.values() if kind == "error"]
+    if failed:
+        raise SystemExit(f"generation failed: {failed[0]}")
+    return seconds, [s.out_ids for s in seqs]

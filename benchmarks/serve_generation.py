@@ -16,13 +16,11 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 
 import httpx
 
-from serve_common import OFFLINE, KeelServer, percentile
+from serve_common import OFFLINE, KeelServer, percentile, write_result
 
-RESULTS = Path(__file__).parent / "results"
 TOPICS = ["the sea", "a long train journey", "the first snow of winter", "a market at dawn", "an old lighthouse",
           "a chess game", "learning to sail", "a quiet library", "the city at night", "a mountain village",
           "a broken clock", "the last day of summer", "a letter from a friend", "a garden in spring",
@@ -129,10 +127,7 @@ def main() -> None:
               "max_new_tokens": args.tokens, "device": torch.cuda.get_device_name() if device == "gpu" else device, "cpu_count": os.cpu_count(), "threads": args.threads,
               "sequential_generate": base, "sequential_generate_static_cache": static, "keel_serve": ours, "speedup_tokens_per_s": round(speedup, 3),
               "meets_target": speedup >= 5}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / (f"serve-generation-{device}.json" if device == "cpu" else f"serve-generation-gpu-s{args.streams}.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(f"serve-generation-{device}" if device == "cpu" else f"serve-generation-gpu-s{args.streams}", result)
 
 
 if __name__ == "__main__":

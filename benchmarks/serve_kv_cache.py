@@ -12,44 +12,17 @@ Prints a table and writes benchmarks/results/serve-kv-cache-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import threading
-import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from keel.models.registry import model_dir
 from keel.serve import scheduler as S
+from serve_common import decode_all, write_result
 
-RESULTS = Path(__file__).parent / "results"
 WORDS = "the sea and the ships in the harbour at night under a quiet sky with the lights of the town".split()
-
-
-def run(model, tok, prompts: list[list[int]], new_tokens: int, device: str) -> tuple[float, list[list[int]]]:
-    done, lock = {}, threading.Lock()
-
-    def emit(index, kind, payload):
-        if kind in ("done", "error"):
-            with lock:
-                done[index] = payload
-
-    sched = S.Scheduler(model, tok, max_running=len(prompts), device=device)
-    sched.eos = set()  # every stream runs to its full length
-    seqs = [S.Sequence(p, new_tokens, temperature=0.0, index=i, emit=emit) for i, p in enumerate(prompts)]
-    sched.start()
-    t0 = time.perf_counter()
-    sched.submit(seqs)
-    while len(done) < len(seqs):
-        time.sleep(0.005)
-    wall = time.perf_counter() - t0
-    sched.stop()
-    if any("error" in d or not isinstance(d, dict) for d in done.values()):
-        raise SystemExit(f"generation failed: {done}")
-    return len(seqs) * new_tokens / wall, [s.out_ids for s in seqs]
 
 
 def main() -> None:
@@ -77,8 +50,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, factory in (("DynamicLayer", plain), ("GrowingLayer", growing)):
                 S.new_cache = factory
-                rate, outputs[name] = run(model, tok, prompts, new_tokens, device)
-                best[name] = max(best.get(name, 0.0), rate)
+                seconds, outputs[name] = decode_all(model, tok, prompts, new_tokens, device)
+                best[name] = max(best.get(name, 0.0), len(prompts) * new_tokens / seconds)
         S.new_cache = growing
         if outputs["DynamicLayer"] != outputs["GrowingLayer"]:
             raise SystemExit("the two caches decoded different tokens")
@@ -91,10 +64,7 @@ def main() -> None:
               f"({row['speedup']:.2f}x)", flush=True)
     result = {"benchmark": "serve_kv_cache", "model": args.model, "device": device, "threads": args.threads,
               "cpu_count": os.cpu_count(), "machine": platform.machine(), "rounds": args.rounds, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve-kv-cache-{device}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(f"serve-kv-cache-{device}", result)
 
 
 if __name__ == "__main__":
