@@ -181,8 +181,12 @@ def _read_file(path: Path, fmt: str, encoding_errors: str = "strict") -> pd.Data
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in msg or "No columns to parse" in msg:
             raise DataError(f"data: {path} has no usable rows; add examples to it") from None
-        raise DataError(f"data: could not read {path} as {kind}: {msg[:200]}; check the file's format") from None
+        raise _unreadable(path, kind, msg) from None
     return ds.to_pandas()
+
+
+def _unreadable(path: Path, kind: str, why: str) -> DataError:
+    return DataError(f"data: could not read {path} as {kind}: {why[:200]}; check the file's format")
 
 
 def _peek_columns(path: Path, fmt: str) -> list[str] | None:
@@ -197,7 +201,7 @@ def _peek_columns(path: Path, fmt: str) -> list[str] | None:
         try:
             return list(pq.read_schema(path).names)
         except (OSError, ValueError) as e:
-            raise DataError(f"data: could not read {path} as parquet: {str(e)[:200]}; check the file's format") from None
+            raise _unreadable(path, kind, str(e)) from None
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
             if kind == "csv":
