@@ -52,7 +52,7 @@ class SamplingFields(Request):
 
     model: str | None = Field(None, max_length=512, description="optional; the served model's id")
     max_tokens: int | None = Field(None, ge=1, description="new tokens per choice (default: serve.default_max_tokens)")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or anything under 1e-5) = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
     stop: Union[str, list[str], None] = Field(None, description="up to serve.max_stop strings that end a choice")

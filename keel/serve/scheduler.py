@@ -16,6 +16,13 @@ Each sequence keeps its own position ids, sampling settings and ``torch.Generato
 reproducible whatever else is in the batch). It runs on one thread; requests talk to it through
 thread-safe queues and get their events on an asyncio queue.
 
+One sequence never fails another: sampling, detokenization, stop strings and event delivery run row by row,
+and a row that fails (NaN logits, say) ends alone with an error event and a logged traceback; newcomers whose
+joint prefill fails are prefilled again one by one, so only the one that cannot be prefilled fails. A failed
+decode step (out of memory, say) is the only failure that ends every running sequence, since its forward
+pass is shared: that is logged with its traceback too. Logs name sequences by request id and index, never
+by their text.
+
 The cache's layers keep their keys and values in buffers with room to grow (``GrowingLayer``): a decode step
 writes its token in place, where transformers' ``DynamicLayer`` copies the whole cache (``torch.cat``) at every
 step and layer; a join or a leave still rebuilds the rows, once.
@@ -26,6 +33,7 @@ sliding-window models are refused.
 
 from __future__ import annotations
 
+import logging
 import queue as thread_queue
 import threading
 import time
@@ -35,7 +43,13 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+logger = logging.getLogger(__name__)
+
 # Rows: B sequences in the running batch; L: cache length (with left padding); H: KV heads; D: head size.
+
+# A temperature under this samples greedily: logits / T loses all precision long before float32 overflows to
+# inf (T = 1e-45 is a float32 subnormal; T = 1e-46 is 0), and the distribution is one-hot well before 1e-5.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -51,6 +65,7 @@ class Sequence:
     index: int = 0
     emit: object = None  # callable(index, kind, payload), thread-safe; set by the server
     cancelled: bool = False
+    request_id: str = ""  # for the logs (never the text)
     # state, owned by the scheduler thread
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -159,25 +174,34 @@ def keep_rows(batch: Batch, keep: list[int]) -> Batch:
                  batch.positions.index_select(0, idx), [batch.seqs[i] for i in keep])
 
 
+def is_greedy(s: Sequence) -> bool:
+    return s.temperature < GREEDY_BELOW
+
+
+def sample_row(logits: torch.Tensor, s: Sequence) -> int:
+    """One token from one row's float32 CPU logits (V,), with the sequence's temperature, top_p and generator.
+
+    Raises when the row cannot be sampled (NaN or +inf logits); the caller fails that sequence alone.
+    """
+    if is_greedy(s):
+        return int(logits.argmax())
+    # Shifted so that the best logit is exactly 0 and every other one is <= 0: exp never overflows.
+    probs = torch.softmax((logits - logits.max()) / s.temperature, -1)  # (V,)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cut = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=s.generator))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """One token per row from logits (B, V), with each sequence's temperature, top_p and generator."""
-    out = []
     greedy = logits.argmax(-1).tolist()
-    if all(s.temperature == 0.0 for s in seqs):
+    if all(is_greedy(s) for s in seqs):
         return greedy
     logits = logits.float().cpu()  # per-sequence CPU generators: a seed gives the same text on any device
-    for row, s in enumerate(seqs):
-        if s.temperature == 0.0:
-            out.append(greedy[row])
-            continue
-        probs = torch.softmax(logits[row].float() / s.temperature, -1)  # (V,)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            cut = sorted_p.cumsum(0) - sorted_p > s.top_p  # keep the smallest set whose mass reaches top_p
-            sorted_p[cut] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
-    return out
+    return [greedy[row] if is_greedy(s) else sample_row(logits[row], s) for row, s in enumerate(seqs)]
 
 
 class Scheduler:
@@ -196,7 +220,8 @@ class Scheduler:
             raise KeelError(f"{type(model).__name__} uses sliding-window attention, which keel serve's scheduler "
                             "does not support yet; serve a full-attention model (Llama, GPT-2, SmolLM2)")
         self.inbox: thread_queue.Queue = thread_queue.Queue()
-        self.waiting = 0  # submitted, not yet running (read by the server for the queue bound)
+        self.waiting = 0  # submitted, not yet running (the queue bound); changed under _lock only
+        self._lock = threading.Lock()  # the server's thread adds to ``waiting``, the scheduler's subtracts
         self.running = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keel-generate", daemon=True)
@@ -210,9 +235,20 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     def submit(self, seqs: list[Sequence]) -> None:
-        self.waiting += len(seqs)
+        with self._lock:
+            self.waiting += len(seqs)
         for s in seqs:
             self.inbox.put(s)
+
+    def try_submit(self, seqs: list[Sequence], max_waiting: int) -> bool:
+        """Submit unless ``waiting`` would pass ``max_waiting`` (checked and counted in one step); False then."""
+        with self._lock:
+            if self.waiting + len(seqs) > max_waiting:
+                return False
+            self.waiting += len(seqs)
+        for s in seqs:
+            self.inbox.put(s)
+        return True
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -223,13 +259,18 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     if new:
-                        batch = merge(batch, self._prefill(new))
+                        joined = self._join(new)
+                        if joined is not None:
+                            batch = merge(batch, joined)
                     if batch is not None and len(batch):
                         batch = self._step(batch)
             except Exception as e:  # a failed step fails its sequences, not the server
-                for s in (batch.seqs if batch else []) + new:
-                    if s.finish_reason is None:
-                        s.emit(s.index, "error", f"generation failed ({type(e).__name__})")
+                failed = list({id(s): s for s in (batch.seqs if batch else []) + new
+                               if s.finish_reason is None}.values())
+                logger.exception("a decode step failed (%s); its %d running sequences end with an error",
+                                 type(e).__name__, len(failed))
+                for s in failed:
+                    self._fail(s, e)
                 batch = None
             self.running = len(batch) if batch else 0
             if self.metrics:
@@ -246,13 +287,36 @@ class Scheduler:
                 break
             if s is None:
                 break
-            self.waiting -= 1
+            with self._lock:
+                self.waiting -= 1
             if s.cancelled:
                 continue
             new.append(s)
         return new
 
-    def _prefill(self, seqs: list[Sequence]) -> Batch:
+    def _join(self, seqs: list[Sequence]) -> Batch | None:
+        """Prefill newcomers together; when that fails, one by one, so that only the one that fails ends."""
+        try:
+            batch, logits = self._prefill(seqs)
+        except Exception as e:
+            if len(seqs) == 1:
+                logger.exception("the prefill of sequence %d of %s failed (%s); it ends with an error",
+                                 seqs[0].index, seqs[0].request_id or "a request", type(e).__name__)
+                self._fail(seqs[0], e)
+                return None
+            logger.warning("a joint prefill of %d sequences failed (%s); prefilling them one by one",
+                           len(seqs), type(e).__name__)
+        else:
+            return self._advance(batch, logits)
+        joined = None
+        for s in seqs:
+            if s.finish_reason is None:
+                one = self._join([s])
+                joined = one if joined is None else (merge(joined, one) if one is not None else joined)
+        return joined
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[Batch, torch.Tensor]:
+        """The newcomers' forward pass: their batch and last logits (b, V); nothing is sent to anyone yet."""
         T = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # (b, T), left-padded
         mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (b, T)
@@ -274,7 +338,7 @@ class Scheduler:
             self.metrics.prompt_tokens.inc(int(mask.sum()))
         batch = Batch(cache, mask, torch.zeros(len(seqs), dtype=torch.long, device=self.device),
                       mask.sum(-1), seqs)
-        return self._advance(batch, logits)
+        return batch, logits
 
     def _step(self, batch: Batch) -> Batch:
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)  # (B, L+1)
@@ -287,12 +351,26 @@ class Scheduler:
         return self._advance(batch, logits)
 
     def _advance(self, batch: Batch, logits: torch.Tensor) -> Batch:
-        """Sample the next token of every row, send text, and drop the rows that are done."""
-        tokens = sample(logits, batch.seqs)
+        """Sample the next token of every row, send text, and drop the rows that are done (or failed).
+
+        Row by row: a row that cannot be sampled, detokenized or delivered fails alone.
+        """
+        tokens = logits.argmax(-1).tolist()  # greedy rows, and the fed-back token of a failed row
+        nan = torch.isnan(logits).any(-1).tolist()
+        sampled = None if all(is_greedy(s) for s in batch.seqs) else logits.float().cpu()
         keep = []
-        for row, (s, tok) in enumerate(zip(batch.seqs, tokens)):
-            if not s.cancelled:
-                self._append(s, tok)
+        for row, s in enumerate(batch.seqs):
+            try:
+                if nan[row]:
+                    raise FloatingPointError("the model's logits for this sequence are NaN")
+                if sampled is not None and not is_greedy(s):
+                    tokens[row] = sample_row(sampled[row], s)
+                if not s.cancelled:
+                    self._append(s, tokens[row])
+            except Exception as e:
+                logger.exception("sequence %d of %s failed (%s); the %d others in the batch go on", s.index,
+                                 s.request_id or "a request", type(e).__name__, len(batch) - 1)
+                self._fail(s, e)
             if s.cancelled or s.finish_reason is not None:
                 continue
             keep.append(row)
@@ -321,6 +399,14 @@ class Scheduler:
             s.finish_reason = "length"
             return self._flush(s, final=True)
         self._flush(s, final=False)
+
+    def _fail(self, s: Sequence, e: Exception) -> None:
+        """End ``s`` with an error event (its type only: the details are in the log)."""
+        s.finish_reason = "error"
+        try:
+            s.emit(s.index, "error", f"generation failed ({type(e).__name__})")
+        except Exception:  # its client's event loop is gone: nobody is left to tell
+            logger.exception("could not report the failure of sequence %d of %s", s.index, s.request_id or "a request")
 
     def _flush(self, s: Sequence, final: bool) -> None:
         # Hold back what could still turn out to be the start of a stop string.
