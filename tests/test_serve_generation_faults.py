@@ -143,6 +143,65 @@ def test_a_prompt_that_cannot_be_prefilled_fails_alone_even_in_a_joint_prefill(t
     assert any(r.exc_info and "cmpl-bad" in r.getMessage() for r in caplog.records)
 
 
+def test_a_failed_decode_step_is_logged_and_the_scheduler_goes_on(tiny_lm, caplog):
+    """A step's forward pass is shared, so its failure (out of memory, say) ends every running sequence:
+    each gets an error event, the traceback is logged, and the next request is served as usual."""
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    model, tok = tiny_lm
+    sched = Scheduler(model, tok, max_running=8)
+    sched.eos = set()
+    calls, real = [], sched._step
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return real(batch)
+
+    sched._step = flaky
+    first = [Sequence(tok(p)["input_ids"], 10, temperature=0.0, index=i) for i, p in enumerate(["Hi", "There"])]
+    with caplog.at_level(logging.INFO, logger="keel.serve"):
+        done = _run(sched, first)
+    assert done == {0: {"error": "generation failed (RuntimeError)"}, 1: {"error": "generation failed (RuntimeError)"}}
+    step_logs = [r for r in caplog.records if r.exc_info and "decode step failed" in r.getMessage()]
+    assert len(step_logs) == 1 and step_logs[0].exc_info[0] is RuntimeError
+    sched = Scheduler(model, tok, max_running=8)  # a stopped thread cannot restart: the same model, a new loop
+    sched.eos = set()
+    sched._step = flaky  # its 4th call onwards: no more failures
+    later = Sequence(tok("Again")["input_ids"], 6, temperature=0.0)
+    assert _run(sched, [later]) == {0: {"finish_reason": "length", "completion_tokens": 6}}
+    assert later.out_ids == _reference(model, later.prompt_ids, 6)
+
+
+def test_cancelled_waiting_sequences_free_their_places_while_the_batch_is_full(tiny_lm):
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    model, tok = tiny_lm
+    sched = Scheduler(model, tok, max_running=1)
+    sched.eos = set()
+    running = Sequence(tok("keep going")["input_ids"], 5000, temperature=0.0, emit=lambda *a: None)
+    waiting = [Sequence(tok(f"wait {i}")["input_ids"], 4, temperature=0.0, emit=lambda *a: None) for i in range(5)]
+    sched.start()
+    try:
+        sched.submit([running])
+        while not running.out_ids:
+            time.sleep(0.005)
+        sched.submit(waiting)
+        time.sleep(0.1)
+        assert sched.waiting == 5  # no room: they wait
+        for s in waiting:
+            s.cancelled = True  # their clients went away
+        end = time.time() + 10
+        while sched.waiting and time.time() < end:
+            time.sleep(0.01)
+        assert sched.waiting == 0 and running.finish_reason is None  # freed while the batch is still full
+    finally:
+        running.cancelled = True
+        sched.stop()
+    assert not any(s.out_ids for s in waiting)
+
+
 def test_try_submit_checks_the_room_and_counts_in_one_step(tiny_lm):
     """The bound is checked and the choices counted under the scheduler's lock (the scheduler's thread
     subtracts from the same count): a refused request leaves nothing behind."""

@@ -37,6 +37,7 @@ import logging
 import queue as thread_queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -222,6 +223,7 @@ class Scheduler:
         self.inbox: thread_queue.Queue = thread_queue.Queue()
         self.waiting = 0  # submitted, not yet running (the queue bound); changed under _lock only
         self._lock = threading.Lock()  # the server's thread adds to ``waiting``, the scheduler's subtracts
+        self._pending: deque[Sequence] = deque()  # taken from the inbox, not yet running (scheduler thread only)
         self.running = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keel-generate", daemon=True)
@@ -278,20 +280,28 @@ class Scheduler:
                 self.metrics.queue_depth.labels("generate").set(self.waiting)
 
     def _admit(self, block: bool) -> list[Sequence]:
-        new: list[Sequence] = []
-        room = self.max_running - self.running
-        while len(new) < room:
+        """The oldest waiting sequences, as many as the running batch has room for.
+
+        Cancelled ones leave the queue (and its count) at every step, even while the batch is full: a client that
+        went away or timed out does not hold places that others would get a 429 for.
+        """
+        if block and not self._pending:
             try:
-                s = self.inbox.get(timeout=0.1) if block and not new else self.inbox.get_nowait()
+                self._pending.append(self.inbox.get(timeout=0.1))
+            except thread_queue.Empty:
+                return []
+        while True:
+            try:
+                self._pending.append(self.inbox.get_nowait())
             except thread_queue.Empty:
                 break
-            if s is None:
-                break
+        live = [s for s in self._pending if s is not None and not s.cancelled]  # None: stop()'s wake-up
+        dropped = sum(s is not None for s in self._pending) - len(live)
+        room = max(0, self.max_running - self.running)
+        new, self._pending = live[:room], deque(live[room:])
+        if new or dropped:
             with self._lock:
-                self.waiting -= 1
-            if s.cancelled:
-                continue
-            new.append(s)
+                self.waiting -= len(new) + dropped
         return new
 
     def _join(self, seqs: list[Sequence]) -> Batch | None:
