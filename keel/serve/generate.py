@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,8 @@ from fastapi.responses import StreamingResponse
 from keel.serve import protocol as P
 from keel.serve.errors import ServeError, envelope
 from keel.serve.scheduler import Sequence
+
+logger = logging.getLogger(__name__)
 
 
 def add_generation_routes(app: FastAPI, state, errors: dict) -> None:
@@ -140,11 +143,14 @@ async def _watch_disconnect(request, events: asyncio.Queue) -> None:
     The body has been read by then, so the next ASGI message is ``http.disconnect`` (or the end of the response,
     after which this task is cancelled).
     """
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            events.put_nowait((None, "disconnect", None))
-            return
+    try:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                events.put_nowait((None, "disconnect", None))
+                return
+    except Exception:  # a server that cannot say: the deadline still ends the work
+        logger.exception("cannot watch the connection of a generation request")
 
 
 async def _collect(seqs, events, timeout_s, request):

@@ -48,8 +48,8 @@ logger = logging.getLogger(__name__)
 
 # Rows: B sequences in the running batch; L: cache length (with left padding); H: KV heads; D: head size.
 
-# A temperature under this samples greedily: logits / T loses all precision long before float32 overflows to
-# inf (T = 1e-45 is a float32 subnormal; T = 1e-46 is 0), and the distribution is one-hot well before 1e-5.
+# A temperature under this samples greedily. Far below it logits / T overflows float32 (T = 1e-45 is a subnormal,
+# 1e-46 rounds to 0), which made softmax NaN and failed the batch; and at it the distribution is one-hot anyway.
 GREEDY_BELOW = 1e-5
 
 
@@ -269,7 +269,7 @@ class Scheduler:
             except Exception as e:  # a failed step fails its sequences, not the server
                 failed = list({id(s): s for s in (batch.seqs if batch else []) + new
                                if s.finish_reason is None}.values())
-                logger.exception("a decode step failed (%s); its %d running sequences end with an error",
+                logger.exception("a decode step failed (%s); its %d sequences end with an error",
                                  type(e).__name__, len(failed))
                 for s in failed:
                     self._fail(s, e)
@@ -371,17 +371,18 @@ class Scheduler:
         keep = []
         for row, s in enumerate(batch.seqs):
             try:
+                if s.cancelled:
+                    continue
                 if nan[row]:
                     raise FloatingPointError("the model's logits for this sequence are NaN")
                 if sampled is not None and not is_greedy(s):
                     tokens[row] = sample_row(sampled[row], s)
-                if not s.cancelled:
-                    self._append(s, tokens[row])
+                self._append(s, tokens[row])
             except Exception as e:
                 logger.exception("sequence %d of %s failed (%s); the %d others in the batch go on", s.index,
                                  s.request_id or "a request", type(e).__name__, len(batch) - 1)
                 self._fail(s, e)
-            if s.cancelled or s.finish_reason is not None:
+            if s.finish_reason is not None:
                 continue
             keep.append(row)
         if self.metrics:
