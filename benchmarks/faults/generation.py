@@ -9,6 +9,8 @@ Against a real `keel serve tiny-llama` (a tiny random causal LM, offline) over H
   429 that a client would retry forever;
 - a non-streaming client that disconnects mid-generation: its sequence must leave the running batch (the running
   gauge drops to 0 long before max_tokens would be reached), measured on /metrics;
+- 4 queued clients that go away while the running batch is full: their places are free for the next client at once
+  (it used to get 429 until the running sequence ended);
 - a prompt that alone fills the context: context_length_exceeded must name `prompt`, not `max_tokens`;
 - 1.8 MB of chat messages: templating and tokenizing them must not stall the event loop (/health/live keeps
   answering meanwhile).
@@ -108,11 +110,7 @@ def disconnect(url: str) -> Row:
     """A raw socket sends a non-streaming request and closes after 0.5 s, while tokens are still coming."""
     wait_idle(url)
     before = metric(url, "keel_generated_tokens_total")
-    body = json.dumps({"prompt": "Hello", "max_tokens": 500, "n": 8, "temperature": 0}).encode()
-    u = urlparse(url)
-    sock = socket.create_connection((u.hostname, u.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = _raw_post(url, {"prompt": "Hello", "max_tokens": 500, "n": 8, "temperature": 0})
     t0 = time.monotonic()
     while metric(url, "keel_running_sequences") == 0 and time.monotonic() - t0 < 30:
         time.sleep(0.02)
@@ -126,6 +124,48 @@ def disconnect(url: str) -> Row:
                "its sequences stop at once (< 3 s, not all tokens)",
                f"running -> 0 {idle_after:.1f} s after the disconnect; {generated} of {8 * 500} tokens generated",
                stopped)
+
+
+def _raw_post(url: str, body: dict) -> socket.socket:
+    u = urlparse(url)
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((u.hostname, u.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    return sock
+
+
+def queued_clients_leave(url: str) -> Row:
+    """With the running batch full, 4 queued clients go away; their places must be free for the next client.
+
+    Valid only while the running sequence is still running when the next client comes (else the queue drains
+    anyway): up to 3 tries for one that is.
+    """
+    for _ in range(3):
+        results: list = []
+        started = threading.Event()
+        runner = threading.Thread(target=stream_outcome, args=(url, {"prompt": "Keep going", "max_tokens": 500,
+                                                                     "temperature": 0}, results, started))
+        runner.start()
+        started.wait(60)
+        queued = [_raw_post(url, {"prompt": f"queued {i}", "max_tokens": 4}) for i in range(4)]
+        end = time.monotonic() + 10
+        while metric(url, "keel_queue_depth") < 4 and time.monotonic() < end:
+            time.sleep(0.01)
+        depth = metric(url, "keel_queue_depth")
+        for sock in queued:
+            sock.close()
+        time.sleep(0.2)
+        valid = not results  # the running sequence has not ended
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "next", "max_tokens": 4}, timeout=120)
+        runner.join(120)
+        wait_idle(url)
+        if valid:
+            break
+    return Row("4 queued clients disconnect while the batch is full (max_running=1, max_queue=4)",
+               "the next client is served (not 429)",
+               f"queue depth {depth:g} -> next client HTTP {r.status_code}" + ("" if valid else " (batch ended first)"),
+               valid and depth == 4 and r.status_code == 200)
 
 
 def prompt_too_long(url: str) -> Row:
@@ -186,6 +226,11 @@ def main() -> None:
         rows.append(disconnect(server.url))
         rows.append(prompt_too_long(server.url))
         rows.append(big_chat_blocks_loop(server.url))
+    finally:
+        server.stop()
+    server = KeelServer("tiny-llama", "serve.num_threads=1", "serve.max_running=1", "serve.max_queue=4")
+    try:
+        rows.append(queued_clients_leave(server.url))
     finally:
         server.stop()
     report("generation", rows)
