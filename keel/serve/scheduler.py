@@ -365,8 +365,8 @@ class Scheduler:
 
         Row by row: a row that cannot be sampled, detokenized or delivered fails alone.
         """
-        tokens = logits.argmax(-1).tolist()  # greedy rows, and the fed-back token of a failed row
-        nan = torch.isnan(logits).any(-1).tolist()
+        # greedy tokens (also the fed-back token of a failed row) and NaN rows, in one device-to-host copy
+        tokens, nan = torch.stack([logits.argmax(-1), torch.isnan(logits).any(-1).long()]).tolist()  # (2, B)
         sampled = None if all(is_greedy(s) for s in batch.seqs) else logits.float().cpu()
         keep = []
         for row, s in enumerate(batch.seqs):
