@@ -269,6 +269,36 @@ def test_local_dp_site_adds_its_own_noise_and_the_server_refuses_a_site_without_
     assert "reports local DP noise std" in capsys.readouterr().err
     assert "train_loss" not in guard._round_info  # the sites' losses are not released under DP
 
+    # a site's spend counts when it is asked (the round may still be skipped), and the budget check sees it
+    from flwr.common import ndarrays_to_parameters
+
+    guard.dp_rounds = 0
+    guard.configure_fit(1, ndarrays_to_parameters(start), Sampler(4))
+    guard.aggregate_fit(1, [], [TimeoutError("all gone")])
+    assert guard.dp_rounds == 1 and "skipped" in guard._round_info
+    assert guard.configure_fit(2, ndarrays_to_parameters(start), Sampler(4))  # round 2 of 2: within the budget
+    assert guard.configure_fit(3, ndarrays_to_parameters(start), Sampler(4)) == []  # a third would spend more
+
+
+def test_local_dp_site_sends_no_more_noised_updates_than_its_budget(monkeypatch):
+    import torch
+
+    from keel.federated import privacy, site
+    from keel.recipe import FederatedConfig
+
+    monkeypatch.setattr(site, "local_train", lambda *a, **k: {"loss": 0.5, "steps": 3})
+    local = privacy.local_noise(FederatedConfig(sites=4, rounds=2, dp={"mode": "local", "epsilon": 4.0}))
+    model = torch.nn.Linear(3, 2)
+    client = site.make_client("north", lambda labels: (model, None, list(range(7))),
+                              {"batch_size": 2, "lr": 0.1, "optimizer": "sgd", "max_grad_norm": None, "seed": 0,
+                               "local_epochs": 1, "local_dp": local})
+    start = site.get_weights(model)
+    for _ in range(2):
+        arrays, n, metrics = client.fit(start, {})
+        assert n == 1 and metrics == {"site": "north", "dp_noise_std": local["noise_std"]}  # no rows, loss or steps
+    with pytest.raises(KeelError, match="local DP budget spent"):
+        client.fit(start, {})
+
 
 def _central(sites=3, **dp):
     from keel.federated import privacy

@@ -131,6 +131,8 @@ class Guard(_strategy_base()):
         for _, ins in instructions:
             ins.config.update({**self.fit_config, "round": r})
         self._sampled = len(instructions)
+        if instructions and self.dp_plan and self.dp_plan["mode"] == "local":
+            self.dp_rounds += 1  # each asked site releases a noised update now, whatever the server does with it
         if not instructions:
             self._round_info = {"sampled": 0, "completed": 0, "skipped": "no site sampled"}
             log(f"round {r}: [yellow]skipped[/]: no site sampled; the global model is unchanged")
@@ -198,7 +200,7 @@ class Guard(_strategy_base()):
         if params is None:
             info["skipped"] = "the strategy returned no aggregate"
             log(f"round {r}: [yellow]skipped[/]: {info['skipped']} ({len(dropped)} failures)")
-        elif self.dp_plan:
+        elif self.central_dp:
             self.dp_rounds += 1
         losses = [(res.num_examples, float(res.metrics["loss"])) for _, res in kept if "loss" in res.metrics]
         if losses and not self.dp_plan:  # under DP the sites' own losses are not released

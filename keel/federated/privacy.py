@@ -22,7 +22,8 @@ multiplier taken from its own recipe (never from the server). Two datasets of on
 to 2C apart, so the sensitivity is 2C and the std is z * 2C. The rounds compose as R Gaussian mechanisms
 (sample rate 1: the server sees who took part, so sampling does not amplify); z is calibrated with the same RDP
 accountant, which is valid at every epsilon (the classic sqrt(2 ln(1.25/delta)) / epsilon bound is valid only for
-epsilon <= 1). The figure is each site's worst case: a site sampled in every round.
+epsilon <= 1). The figure is each site's worst case: a site asked in every round (a round counts when the sites are
+asked, skipped or not); each site also refuses to send more than ``federated.rounds`` noised updates.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def local_noise(cfg) -> dict | None:
     z = noise_for_budget(cfg.dp.epsilon, _delta(cfg), 1.0, cfg.rounds)
     sensitivity = 2 * cfg.dp.clipping_norm  # any two datasets of the site: two clipped updates, each within C of 0
     return {"clipping_norm": cfg.dp.clipping_norm, "noise_multiplier": z, "sensitivity": sensitivity,
-            "noise_std": z * sensitivity}
+            "noise_std": z * sensitivity, "releases": cfg.rounds}
 
 
 def plan(cfg, sites_per_round: int) -> dict | None:
