@@ -350,6 +350,18 @@ def test_central_dp_round_with_a_dropout_completes_and_spends_epsilon_once(capsy
     assert params is None and guard.dp_rounds == 1
 
 
+def test_central_dp_under_secagg_sums_the_surviving_sites_with_the_fixed_denominator():
+    guard, p, ref, _ = _central(sites=4, noise_multiplier=1e-5, clipping_norm=1.0)
+    guard.fed = guard.fed.model_copy(update={"secagg": guard.fed.secagg.model_copy(update={"enabled": True})})
+    mean = [np.full(a.shape, 0.01, np.float32) for a in ref]  # what SecAgg+ unmasks: the mean of 3 surviving sites
+    params, _ = guard.aggregate_fit(1, [fit_res(mean, 1, f"s{i}") for i in range(3)], [TimeoutError("dropped")])
+    for got in arrays_of(params):  # sum = 3 * mean, over m = 4 planned sites
+        np.testing.assert_allclose(got, 0.0075, atol=1e-4)
+    big = [np.full(a.shape, 1.0, np.float32) for a in ref]  # a mean of norm > C: some site did not clip
+    params, _ = guard.aggregate_fit(2, [fit_res(big, 1, f"s{i}") for i in range(4)], [])
+    assert params is None and len(guard._round_info["rejected"]) == 4
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_central_dp_noise_has_the_planned_std_and_comes_before_the_server_optimizer(strategy):
     guard, p, ref, _ = _central(sites=2, noise_multiplier=2.0, clipping_norm=1.0, strategy=strategy)
