@@ -305,3 +305,9 @@ def test_dp_noise_reaches_the_aggregate_and_sites_clip(tmp_path, mode):
     assert records[1]["epsilon"] == pytest.approx(p["epsilon_spent"])
     if mode == "local":
         assert p["epsilon_spent"] <= 8.0 * (1 + 1e-6)
+    # the report (and a model card) show client-level DP, not the DP-SGD section that reads other fields
+    from keel.trust.card import privacy_lines
+
+    page = (run / "report.html").read_text()
+    assert "Federated rounds" in page and "<h2>Privacy" not in page
+    assert f"{mode} client-level differential privacy" in privacy_lines(p)[0]
