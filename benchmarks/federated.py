@@ -72,6 +72,9 @@ def federated_row(work: Path, name: str, base: str, fed: str, overrides: list[st
     if "privacy" in train:
         row["epsilon_spent"] = round(train["privacy"]["epsilon_spent"], 3)
         row["noise_multiplier"] = round(train["privacy"]["noise_multiplier"], 3)
+        row["delta"] = train["privacy"]["delta"]
+        row["noise_std"] = round(train["privacy"]["noise_std"], 5)
+        row["rounds_with_noise"] = train["privacy"]["rounds_with_noise"]
     return row
 
 
@@ -102,6 +105,9 @@ def main(a) -> dict:
             out["dp_eps8"] = federated_row(work, "dp", base, fed, ["federated.dp.mode=central", "federated.dp.epsilon=8",
                                                                     f"federated.dp.clipping_norm={a.clip}"])
             out["dp_eps8_accuracy_gap"] = round(out["fedavg"]["accuracy"] - out["dp_eps8"]["accuracy"], 4)
+            out["dp_local_eps8"] = federated_row(work, "dplocal", base, fed, ["federated.dp.mode=local", "federated.dp.epsilon=8",
+                                                                         f"federated.dp.clipping_norm={a.clip}"])
+            out["dp_local_eps8_accuracy_gap"] = round(out["fedavg"]["accuracy"] - out["dp_local_eps8"]["accuracy"], 4)
         if "scale" in a.only:
             out["scale"] = []
             for n in a.scale:
@@ -127,12 +133,13 @@ def table(out: dict) -> None:
     print(f"\nfederated figures: {out['model']}, tweets-sentiment, {out['samples']} training tweets, 10 sites, "
           f"Dirichlet alpha 0.5, {out['rounds']} rounds (load average at start {out['machine']['load_avg_at_start']:.1f})")
     print(f"{'setting':<28}{'test acc':>10}{'macro-F1':>10}{'s/round':>10}{'wall s':>9}{'epsilon':>9}")
-    for key in ("centralized", "fedavg", "secagg", "dp_eps8"):
+    for key in ("centralized", "fedavg", "secagg", "dp_eps8", "dp_local_eps8"):
         r = out.get(key)
         if r:
             print(f"{key:<28}{r['accuracy']:>10.4f}{r['macro_f1']:>10.4f}{str(r.get('seconds_per_round', '-')):>10}"
                   f"{r['wall_seconds']:>9.1f}{str(r.get('epsilon_spent', '-')):>9}")
-    for k in ("fedavg_vs_centralized_accuracy", "secagg_time_per_round_ratio", "dp_eps8_accuracy_gap"):
+    for k in ("fedavg_vs_centralized_accuracy", "secagg_time_per_round_ratio", "dp_eps8_accuracy_gap",
+              "dp_local_eps8_accuracy_gap"):
         if k in out:
             print(f"{k}: {out[k]}")
     for r in out.get("scale", []):

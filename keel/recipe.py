@@ -389,7 +389,29 @@ class FederatedConfig(Strict):
             raise ValueError("dp.mode=local needs dp.epsilon (the per-round budget of each site's update)")
         if self.dp.mode == "central" and self.dp.epsilon is None and self.dp.noise_multiplier is None:
             raise ValueError("dp.mode=central needs dp.epsilon (a budget) or dp.noise_multiplier")
+        self._dp_accountable()
         return self
+
+    def _dp_accountable(self) -> None:
+        """Only settings whose privacy keel can state (keel/federated/privacy.py); checked here, without torch."""
+        dp = self.dp
+        if dp.mode == "none":
+            return
+        if dp.delta is not None and dp.delta >= 1.0 / self.sites:
+            raise ValueError(f"dp.delta={dp.delta:g} is not below 1/sites={1 / self.sites:g}; a delta that large allows "
+                             f"naming a site outright: lower it (default 1/(10*sites))")
+        if dp.noise_multiplier is not None and dp.mode == "local":
+            raise ValueError("dp.noise_multiplier is for dp.mode=central; local DP calibrates each site's noise to "
+                             "dp.epsilon")
+        if dp.noise_multiplier == 0:
+            raise ValueError("dp.noise_multiplier=0 adds no noise (clipping alone is not DP); set it above 0 or set "
+                             "dp.epsilon instead")
+        if dp.mode == "central" and self.strategy.name in ("krum", "trimmed-mean"):
+            why = ("Krum returns one site's update" if self.strategy.name == "krum" else
+                   "the trimmed mean cuts each coordinate by the other sites' values")
+            raise ValueError(f"strategy.name={self.strategy.name} with dp.mode=central: {why}, so one site can move "
+                             f"the result by more than clipping_norm/m and keel cannot calibrate the noise; use "
+                             f"strategy.name fedavg, fedprox or fedadam, or dp.mode=local (sites add their own noise)")
 
 
 class Recipe(Strict):

@@ -194,7 +194,8 @@ def test_dp_noise_spends_the_budget_and_rounds_stop_there():
 
     fed = FederatedConfig(sites=10, rounds=5, fraction_fit=0.5, dp={"mode": "central", "epsilon": 8.0})
     p = privacy.plan(fed, 5)
-    assert p["delta"] == pytest.approx(0.01) and p["sample_rate"] == 0.5
+    assert p["delta"] == pytest.approx(0.01) and p["sample_rate"] == 0.5 and p["sampling"] == "poisson"
+    assert p["noise_std"] == pytest.approx(p["noise_multiplier"] * 1.0 / 5)  # z * C / m
     eps = privacy.spent(p, 5)
     assert 7.5 < eps <= 8.0
     assert privacy.spent(p, 2) < privacy.spent(p, 3) < eps
@@ -203,20 +204,230 @@ def test_dp_noise_spends_the_budget_and_rounds_stop_there():
     p_small = {**p, "noise_multiplier": p["noise_multiplier"] * 0.8}
     allowed = sum(privacy.round_allowed(p_small, r) for r in range(5))
     assert 0 < allowed < 5
-    with pytest.raises(KeelError, match="delta"):
-        privacy.plan(FederatedConfig(sites=10, dp={"mode": "central", "epsilon": 8.0, "delta": 0.2}), 5)
-    local = privacy.plan(FederatedConfig(sites=10, rounds=4, dp={"mode": "local", "epsilon": 8.0}), 10)
-    assert local["round_epsilon"] == 2.0 and privacy.spent(local, 4) == 8.0
+    # Opacus's own figure for the same (z, q, steps, delta): the accountant is Opacus's, not a copy
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    for _ in range(5):
+        acc.step(noise_multiplier=p["noise_multiplier"], sample_rate=0.5)
+    assert eps == pytest.approx(acc.get_epsilon(0.01), rel=1e-9)
 
 
-def test_site_clips_its_update_for_central_dp():
+def _gdp_delta(eps: float, mu: float) -> float:
+    """The exact (eps, delta) profile of a mu-GDP mechanism, e.g. R Gaussian releases of std sigma and sensitivity
+    s compose to mu = sqrt(R) * s / sigma (Balle & Wang 2018, Thm. 8; Dong, Roth & Su 2019, Cor. 2.13)."""
+    import math
+
+    from scipy.stats import norm
+
+    return float(norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2))
+
+
+def test_local_dp_noise_meets_its_budget_exactly_where_the_classic_bound_did_not():
+    import math
+
+    from keel.federated import privacy
+    from keel.recipe import FederatedConfig
+
+    for eps, rounds in ((8.0, 4), (0.5, 4), (30.0, 2)):  # 2 per round (the README's), below 1, and far above
+        fed = FederatedConfig(sites=10, rounds=rounds, dp={"mode": "local", "epsilon": eps, "clipping_norm": 0.5})
+        p = privacy.plan(fed, 10)
+        assert p["sensitivity"] == 1.0 and p["noise_std"] == pytest.approx(p["noise_multiplier"] * 1.0)
+        assert 0.95 * eps < privacy.spent(p, rounds) <= eps * (1 + 1e-6)
+        # the oracle: the exact privacy profile of `rounds` Gaussian releases; RDP is an upper bound on it
+        exact = _gdp_delta(eps, math.sqrt(rounds) * p["sensitivity"] / p["noise_std"])
+        assert exact <= p["delta"]
+    # The old per-site noise, sqrt(2 ln(1.25 / delta_r)) * C / eps_r per round, is not (eps, delta)-DP for one site's
+    # data at the README's 2 per round: two of a site's datasets give clipped updates 2C apart.
+    eps_r, delta_r = 2.0, 0.01 / 4
+    old_std = math.sqrt(2 * math.log(1.25 / delta_r)) * 0.5 / eps_r
+    assert _gdp_delta(eps_r, 1.0 / old_std) > 10 * delta_r
+
+
+def test_local_dp_site_adds_its_own_noise_and_the_server_refuses_a_site_without_it(capsys):
+    from keel.federated import privacy
+    from keel.federated.guard import Guard, build_strategy
     from keel.federated.site import privatize
+    from keel.recipe import FederatedConfig
 
-    start = [np.zeros(4, np.float32)]
-    new = [np.array([3.0, 4.0, 0.0, 0.0], np.float32)]  # norm 5
-    clipped = privatize([a.copy() for a in new], start, {"clipping_norm": 1.0})
-    assert np.linalg.norm(clipped[0]) == pytest.approx(1.0, rel=1e-6)
-    np.testing.assert_allclose(privatize([a.copy() for a in new], start, {}), new)
+    fed = FederatedConfig(sites=4, rounds=2, min_completion=0.2, dp={"mode": "local", "epsilon": 4.0, "clipping_norm": 1.0})
+    local = privacy.local_noise(fed)
+    start = [np.zeros(20000, np.float32)]
+    sent = privatize([np.full(20000, 10.0, np.float32)], start, {"clipping_norm": 100.0}, local)  # its own C, not the server's
+    assert np.std(sent[0]) == pytest.approx(local["noise_std"], rel=0.03)
+    assert np.mean(sent[0]) == pytest.approx(1.0 / np.sqrt(20000), abs=4 * local["noise_std"] / np.sqrt(20000))
+
+    p = privacy.plan(fed, 4)
+    guard = Guard(build_strategy(fed, start, p), fed, fit_config={}, on_round=lambda *a: (0.0, {}), dp_plan=p)
+    guard._reference, guard._sampled = start, 3
+    honest = fit_res(sent, 1, "honest")
+    honest[1].metrics = {"site": "honest", "dp_noise_std": local["noise_std"], "loss": 1.0}
+    weak = fit_res(sent, 1, "weak")
+    weak[1].metrics = {"site": "weak", "dp_noise_std": local["noise_std"] / 2}
+    params, _ = guard.aggregate_fit(1, [honest, weak, fit_res(sent, 1, "silent")], [])
+    assert params is not None and guard._round_info["rejected"] == ["weak", "silent"]
+    assert "reports local DP noise std" in capsys.readouterr().err
+    assert "train_loss" not in guard._round_info  # the sites' losses are not released under DP
+
+    # a site's spend counts when it is asked (the round may still be skipped), and the budget check sees it
+    from flwr.common import ndarrays_to_parameters
+
+    guard.dp_rounds = 0
+    guard.configure_fit(1, ndarrays_to_parameters(start), Sampler(4))
+    guard.aggregate_fit(1, [], [TimeoutError("all gone")])
+    assert guard.dp_rounds == 1 and "skipped" in guard._round_info
+    assert guard.configure_fit(2, ndarrays_to_parameters(start), Sampler(4))  # round 2 of 2: within the budget
+    assert guard.configure_fit(3, ndarrays_to_parameters(start), Sampler(4)) == []  # a third would spend more
+
+
+def test_local_dp_site_sends_no_more_noised_updates_than_its_budget(monkeypatch):
+    import torch
+
+    from keel.federated import privacy, site
+    from keel.recipe import FederatedConfig
+
+    monkeypatch.setattr(site, "local_train", lambda *a, **k: {"loss": 0.5, "steps": 3})
+    local = privacy.local_noise(FederatedConfig(sites=4, rounds=2, dp={"mode": "local", "epsilon": 4.0}))
+    model = torch.nn.Linear(3, 2)
+    client = site.make_client("north", lambda labels: (model, None, list(range(7))),
+                              {"batch_size": 2, "lr": 0.1, "optimizer": "sgd", "max_grad_norm": None, "seed": 0,
+                               "local_epochs": 1, "local_dp": local})
+    start = site.get_weights(model)
+    for _ in range(2):
+        arrays, n, metrics = client.fit(start, {})
+        assert n == 1 and metrics == {"site": "north", "dp_noise_std": local["noise_std"]}  # no rows, loss or steps
+    with pytest.raises(KeelError, match="local DP budget spent"):
+        client.fit(start, {})
+
+
+def _central(sites=3, **dp):
+    from keel.federated import privacy
+    from keel.federated.guard import Guard, build_strategy, sites_per_round
+    from keel.recipe import FederatedConfig
+
+    strategy = dp.pop("strategy", "fedavg")
+    fed = FederatedConfig(sites=sites, rounds=3, min_fit_clients=2, min_available_clients=2, min_completion=0.5,
+                          strategy={"name": strategy}, dp={"mode": "central", **dp})
+    p = privacy.plan(fed, sites_per_round(fed))
+    seen = {}
+
+    def on_round(r, arrays, info):
+        seen[r] = (arrays, info)
+        return 0.0, {}
+
+    ref = [np.zeros((30, 40), np.float32), np.zeros(50, np.float32)]
+    guard = Guard(build_strategy(fed, ref, p), fed, fit_config={}, on_round=on_round, dp_plan=p)
+    guard._reference, guard._sampled = ref, sites
+    return guard, p, ref, seen
+
+
+def test_central_dp_round_with_a_dropout_completes_and_spends_epsilon_once(capsys):
+    from flwr.common import ndarrays_to_parameters
+
+    from keel.federated import privacy
+
+    guard, p, ref, seen = _central(sites=3, noise_multiplier=1e-4, clipping_norm=1.0)
+    rng = np.random.default_rng(0)
+    ups = [[rng.normal(size=a.shape).astype(np.float32) for a in ref] for _ in range(2)]
+    ups = [[(a * (0.5 / np.sqrt(sum(float((b ** 2).sum()) for b in u)))).astype(np.float32) for a in u] for u in ups]  # norm 0.5
+    unclipped = [3 * a for a in ups[0]]
+    results = [fit_res(ups[0], 1, "a"), fit_res(ups[1], 1, "b"), fit_res(unclipped, 1, "greedy")]
+    params, _ = guard.aggregate_fit(1, results, [TimeoutError("site c dropped out")])
+    assert params is not None, "a drop-out under central DP must not cost the round"
+    got = arrays_of(params)
+    for layer in range(2):  # the fixed denominator: m = 3 planned sites, the drop-out and the rejected one add 0
+        np.testing.assert_allclose(got[layer], (ups[0][layer] + ups[1][layer]) / 3, atol=5e-4)
+    assert guard._round_info["rejected"] == ["greedy"] and guard._round_info["failed"] == 1
+    assert "did not clip" in capsys.readouterr().err
+    assert guard._round_info["max_update_norm"] == pytest.approx(1.5, rel=1e-5)
+    guard.evaluate(1, ndarrays_to_parameters(got))
+    assert guard.dp_rounds == 1 and seen[1][1]["epsilon"] == pytest.approx(privacy.spent(p, 1))
+    assert seen[1][1]["dp_rounds"] == 1
+
+    # below min_completion the round is skipped and nothing is spent
+    guard._sampled = 3
+    params, _ = guard.aggregate_fit(2, [fit_res(ups[0], 1, "a")], [TimeoutError("b"), TimeoutError("c")])
+    assert params is None and guard.dp_rounds == 1
+
+
+def test_central_dp_under_secagg_sums_the_surviving_sites_with_the_fixed_denominator():
+    guard, p, ref, _ = _central(sites=4, noise_multiplier=1e-5, clipping_norm=1.0)
+    guard.fed = guard.fed.model_copy(update={"secagg": guard.fed.secagg.model_copy(update={"enabled": True})})
+    mean = [np.full(a.shape, 0.01, np.float32) for a in ref]  # what SecAgg+ unmasks: the mean of 3 surviving sites
+    params, _ = guard.aggregate_fit(1, [fit_res(mean, 1, f"s{i}") for i in range(3)], [TimeoutError("dropped")])
+    for got in arrays_of(params):  # sum = 3 * mean, over m = 4 planned sites
+        np.testing.assert_allclose(got, 0.0075, atol=1e-4)
+    big = [np.full(a.shape, 1.0, np.float32) for a in ref]  # a mean of norm > C: some site did not clip
+    params, _ = guard.aggregate_fit(2, [fit_res(big, 1, f"s{i}") for i in range(4)], [])
+    assert params is None and len(guard._round_info["rejected"]) == 4
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_central_dp_noise_has_the_planned_std_and_comes_before_the_server_optimizer(strategy):
+    guard, p, ref, _ = _central(sites=2, noise_multiplier=2.0, clipping_norm=1.0, strategy=strategy)
+    zero = [a.copy() for a in ref]
+    params, _ = guard.aggregate_fit(1, [fit_res(zero, 1, "a"), fit_res(zero, 1, "b")], [])
+    moved = np.concatenate([a.ravel() for a in arrays_of(params)])
+    if strategy == "fedavg":  # z * C / m on every coordinate: 2 * 1 / 2
+        assert p["noise_std"] == 1.0 and np.std(moved) == pytest.approx(1.0, rel=0.05)
+    else:  # FedAdam's first step is about server_lr * sign(noised mean): the noise went in before it
+        assert 0.5 * guard.fed.strategy.server_lr < np.max(np.abs(moved)) <= 1.01 * guard.fed.strategy.server_lr
+
+
+def test_central_dp_samples_each_site_independently():
+    from keel.federated.guard import Guard, build_strategy, sites_per_round
+    from keel.federated import privacy
+    from keel.recipe import FederatedConfig
+
+    class Manager(Sampler):
+        def all(self):
+            return {str(i): Proxy(str(i)) for i in range(self.n)}
+
+    fed = FederatedConfig(sites=400, rounds=3, fraction_fit=0.25, dp={"mode": "central", "noise_multiplier": 1.0})
+    p = privacy.plan(fed, sites_per_round(fed))
+    ref = [np.zeros(3, np.float32)]
+    guard = Guard(build_strategy(fed, ref, p), fed, fit_config={"clipping_norm": 1.0}, on_round=lambda *a: (0.0, {}),
+                  dp_plan=p)
+    from flwr.common import ndarrays_to_parameters
+
+    counts = [len(guard.configure_fit(r, ndarrays_to_parameters(ref), Manager(400))) for r in range(1, 7)]
+    assert len(set(counts)) > 1, "a fixed number of sites per round is not the Poisson sampling RDP accounts for"
+    assert all(100 - 4 * 8.7 < c < 100 + 4 * 8.7 for c in counts)  # Binomial(400, 0.25): mean 100, std 8.7
+    ins = guard.configure_fit(7, ndarrays_to_parameters(ref), Manager(400))
+    assert all(i.config["clipping_norm"] == 1.0 for _, i in ins)
+
+
+def test_central_dp_refuses_strategies_it_cannot_account_for(tmp_path, toy_csv):
+    from conftest import keel
+
+    recipe = tmp_path / "fed.yaml"
+    recipe.write_text(FED_RECIPE.format(data=toy_csv, sites=4))
+    central = ["federated.dp.mode=central", "federated.dp.epsilon=8"]
+    for name in ("krum", "trimmed-mean"):
+        r = keel("validate", str(recipe), *central, f"federated.strategy.name={name}", cwd=tmp_path)
+        assert r.returncode == 2 and f"strategy.name={name} with dp.mode=central" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    r = keel("validate", str(recipe), "federated.dp.mode=local", "federated.dp.epsilon=8", "federated.strategy.name=krum",
+             cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # local DP: the server's rule is post-processing of noised updates
+    for bad, why in (("federated.dp.delta=0.3", "not below 1/sites"), ("federated.dp.noise_multiplier=0", "adds no noise")):
+        r = keel("validate", str(recipe), "federated.dp.mode=central", "federated.dp.epsilon=8", bad, cwd=tmp_path)
+        assert r.returncode == 2 and why in r.stderr, r.stderr
+
+
+def test_validate_of_a_federated_dp_recipe_imports_no_torch(tmp_path, toy_csv):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "fed.yaml"
+    recipe.write_text(FED_RECIPE.format(data=toy_csv, sites=4))
+    code = ("import sys\nfrom keel.cli import app\n"
+            f"try:\n    app(['validate', {str(recipe)!r}, 'federated.dp.mode=central', 'federated.dp.epsilon=8', "
+            "'federated.strategy.name=fedadam'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'opacus', 'flwr', 'transformers')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_round_checkpoints_resume_and_refuse_another_model(tmp_path):
@@ -252,6 +463,8 @@ def test_recipe_section_is_checked():
         validate_recipe({**base, "federated": {"partition": {"kind": "column"}}})
     with pytest.raises(RecipeError, match="dp.epsilon"):
         validate_recipe({**base, "federated": {"dp": {"mode": "central"}}})
+    with pytest.raises(RecipeError, match="dp.delta=0.2 is not below 1/sites"):
+        validate_recipe({**base, "federated": {"sites": 10, "dp": {"mode": "central", "epsilon": 8.0, "delta": 0.2}}})
     assert load_recipe("federated").federated.sites == 10
 
 

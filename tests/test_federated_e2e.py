@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import OFFLINE, keel, write_toy_csv
 
 RECIPE = """
@@ -245,3 +246,68 @@ def test_join_reports_a_missing_file_and_serve_refuses_secagg(tmp_path):
     r = keel("federate", str(recipe), "federated.partition.kind=column", "federated.partition.column=region", cwd=tmp_path)
     assert r.returncode == 2 and "federated.partition.column: column 'region' is not in" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+DP_RECIPE = RECIPE + """  local_optimizer: sgd
+  local_lr: 0.5
+  local_steps: 2
+  min_completion: 1.0
+  dp: {{mode: {mode}, clipping_norm: 0.05, {budget}}}
+"""
+
+
+def _weights(run, r: int) -> np.ndarray:
+    from safetensors.numpy import load_file
+
+    w = load_file(str(run / "federated" / f"round-{r:05d}" / "weights.safetensors"))
+    return np.concatenate([w[k].ravel().astype(np.float64) for k in sorted(w)])
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_dp_noise_reaches_the_aggregate_and_sites_clip(tmp_path, mode):
+    """`keel federate` under DP: the aggregate moves from the last global model by the planned noise, the updates
+    that reach the server are clipped to dp.clipping_norm, and the epsilon spent is the accountant's.
+
+    Local steps at lr 0.5 move every site far beyond the clipping norm 0.05, so a clipped mean moves the ~10^5
+    weights by at most 0.05 in L2 norm: next to noise of std ~0.03 per weight it is invisible (< 1e-4 relative),
+    while without the noise the spread would be ~1e-4, and without the clipping the server rejects every site.
+    """
+    from keel.federated import privacy
+    from keel.recipe import load_recipe
+
+    data = write_toy_csv(tmp_path / "toy.csv", n=120)
+    recipe = tmp_path / "fed.yaml"
+    budget = "noise_multiplier: 1.0" if mode == "central" else "epsilon: 8.0"
+    recipe.write_text(DP_RECIPE.format(data=data, sites=2, rounds=1, port=free_port(), mode=mode, budget=budget))
+    r = keel("federate", str(recipe), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "fedtiny"
+    fed = load_recipe(recipe).federated
+    plan = privacy.plan(fed, 2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["completed"] == 2 and records[1]["rejected"] == [] and not records[1].get("skipped")
+    assert "train_loss" not in records[1]
+    moved = _weights(run, 1) - _weights(run, 0)
+    if mode == "central":
+        assert 0.05 * 0.999 < records[1]["max_update_norm"] <= 0.05 * (1 + 1e-3)  # what reached the server
+        planned = plan["noise_std"]  # z * C / m = 1 * 0.05 / 2
+        assert planned == pytest.approx(0.025)
+    else:
+        planned = plan["noise_std"] / np.sqrt(2)  # the mean of two sites' own noise
+        assert plan["noise_std"] == pytest.approx(plan["noise_multiplier"] * 2 * 0.05)
+    assert moved.size > 50_000
+    assert np.std(moved) == pytest.approx(planned, rel=0.02)
+    assert abs(np.mean(moved)) < 5 * planned / np.sqrt(moved.size)
+    p = json.loads((run / "train.json").read_text())["privacy"]
+    assert p["mode"] == mode and p["rounds_with_noise"] == 1
+    assert p["epsilon_spent"] == pytest.approx(privacy.epsilon_spent(plan["noise_multiplier"], plan["sample_rate"], 1,
+                                                                     plan["delta"]))
+    assert records[1]["epsilon"] == pytest.approx(p["epsilon_spent"])
+    if mode == "local":
+        assert p["epsilon_spent"] <= 8.0 * (1 + 1e-6)
+    # the report (and a model card) show client-level DP, not the DP-SGD section that reads other fields
+    from keel.trust.card import privacy_lines
+
+    page = (run / "report.html").read_text()
+    assert "Federated rounds" in page and "<h2>Privacy" not in page
+    assert f"{mode} client-level differential privacy" in privacy_lines(p)[0]

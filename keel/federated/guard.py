@@ -1,12 +1,14 @@
 """The server side's glue around a Flower strategy: what keel checks before anything is averaged.
 
-``Guard`` wraps the strategy Flower runs (FedAvg, FedProx, FedAdam, Krum, trimmed mean, optionally inside
-Flower's DP wrapper) and adds, per round:
+``Guard`` wraps the strategy Flower runs (FedAvg, FedProx, FedAdam, Krum, trimmed mean) and adds, per round:
 - validation of every update: number of arrays, dtype, shape, finite values, L2 norm of the change; a bad
   update is dropped and its site named in the log (under SecAgg+ the server only ever holds the sum, so
   the check applies to the aggregate and a bad one skips the round);
 - a minimum completion rate: too few usable updates (drop-outs + rejections) and the round is skipped,
   the global model stays as it was, and the skip is logged;
+- central DP (privacy.py): Poisson sampling of the sites, a per-site clipping check, the noised fixed-denominator
+  sum of the clipped updates handed to the inner strategy as the round's one update (so FedAdam steps on the
+  noised mean); drop-outs and rejected updates are zero terms of that sum;
 - the privacy budget: no round starts that would spend more than federated.dp.epsilon;
 - after each round, the caller's ``on_round`` (evaluation, metrics, the round checkpoint).
 """
@@ -14,6 +16,7 @@ Flower's DP wrapper) and adds, per round:
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from typing import Callable
 
@@ -60,16 +63,31 @@ def build_strategy(fed, initial: list[np.ndarray], dp_plan: dict | None):
         inner = S.Krum(**common, num_malicious_clients=st.num_malicious, num_clients_to_keep=0)
     else:
         inner = S.FedTrimmedAvg(**common, beta=st.trim_beta)
-    if dp_plan and dp_plan["mode"] == "central":
-        inner = S.DifferentialPrivacyClientSideFixedClipping(
-            inner, noise_multiplier=dp_plan["noise_multiplier"], clipping_norm=dp_plan["clipping_norm"],
-            num_sampled_clients=dp_plan["sites_per_round"])
+    # Central DP is not Flower's DifferentialPrivacyClientSideFixedClipping: that wrapper drops a round at the first
+    # failure and adds its noise after the inner strategy (after FedAdam's step). Guard noises the sum itself.
     return inner
 
 
 def sites_per_round(fed) -> int:
     """How many sites Flower's samplers pick per round (as FedAvg.num_fit_clients computes it)."""
     return max(int(fed.sites * fed.fraction_fit), fed.min_fit_clients)
+
+
+def update_norm(arrays: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum((a.astype(np.float64) - r.astype(np.float64)) ** 2)) for a, r in zip(arrays, reference)))
+
+
+class _Chosen:
+    """A ClientManager stand-in that hands the inner strategy the sites keel sampled (it builds their FitIns)."""
+
+    def __init__(self, available: int, chosen: list):
+        self.available, self.chosen = available, chosen
+
+    def num_available(self) -> int:
+        return self.available
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        return list(self.chosen)
 
 
 def _strategy_base():
@@ -92,6 +110,10 @@ class Guard(_strategy_base()):
     def initialize_parameters(self, client_manager):
         return self.inner.initialize_parameters(client_manager)
 
+    @property
+    def central_dp(self) -> bool:
+        return bool(self.dp_plan) and self.dp_plan["mode"] == "central"
+
     def configure_fit(self, server_round, parameters, client_manager):
         from flwr.common import parameters_to_ndarrays
 
@@ -103,22 +125,53 @@ class Guard(_strategy_base()):
                 f"federated.dp.epsilon={self.dp_plan['epsilon_budget']:g}[/]")
             return []
         self._reference = parameters_to_ndarrays(parameters)
+        if self.central_dp and self.dp_plan["sample_rate"] < 1.0:
+            client_manager = self._poisson(client_manager)
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         for _, ins in instructions:
             ins.config.update({**self.fit_config, "round": r})
         self._sampled = len(instructions)
+        if instructions and self.dp_plan and self.dp_plan["mode"] == "local":
+            self.dp_rounds += 1  # each asked site releases a noised update now, whatever the server does with it
+        if not instructions:
+            self._round_info = {"sampled": 0, "completed": 0, "skipped": "no site sampled"}
+            log(f"round {r}: [yellow]skipped[/]: no site sampled; the global model is unchanged")
         return instructions
+
+    def _poisson(self, client_manager) -> _Chosen:
+        """Every available site independently with probability q: the sampling the RDP accountant assumes.
+
+        The draw uses the operating system's randomness: amplification by sampling needs a sample nobody can
+        predict from the recipe.
+        """
+        if hasattr(client_manager, "wait_for"):
+            client_manager.wait_for(self.fed.min_available_clients, timeout=self.fed.server.round_timeout or 86400)
+        available = sorted(client_manager.all().values(), key=lambda c: str(c.cid))
+        draw = secrets.SystemRandom()
+        chosen = [c for c in available if draw.random() < self.dp_plan["sample_rate"]]
+        return _Chosen(len(available), chosen)
 
     def aggregate_fit(self, server_round, results, failures):
         from flwr.common import parameters_to_ndarrays
 
         r = server_round + self.offset
-        if self.fed.secagg.enabled and results:
+        secagg = self.fed.secagg.enabled
+        if secagg and results:
             results = self._secagg_sum(r, results)
-        kept, rejected = [], []
+        clip = self.dp_plan["clipping_norm"] * (1 + privacy.CLIP_TOLERANCE) if self.central_dp else None
+        kept, rejected, norms = [], [], []
         for proxy, res in results:
             site = str(res.metrics.get("site", getattr(proxy, "cid", "?")))
-            why = check_update(parameters_to_ndarrays(res.parameters), self._reference, self.fed.max_update_norm)
+            arrays = parameters_to_ndarrays(res.parameters)
+            why = check_update(arrays, self._reference, self.fed.max_update_norm)
+            if why is None and clip is not None:
+                norms.append(update_norm(arrays, self._reference))
+                if norms[-1] > clip:
+                    why = (f"{'the aggregate of' if secagg else 'update'} norm {norms[-1]:.4g} is over "
+                           f"federated.dp.clipping_norm={self.dp_plan['clipping_norm']:g}: "
+                           f"{'some site' if secagg else 'the site'} did not clip, so central DP cannot count it")
+            if why is None and self.dp_plan and self.dp_plan["mode"] == "local":
+                why = self._check_local_noise(res.metrics)
             if why:
                 log(f"round {r}: [red]rejected the update of site {site}[/]: {why}")
                 rejected.append(site)
@@ -126,6 +179,8 @@ class Guard(_strategy_base()):
                 kept.append((proxy, res))
         needed = max(1, math.ceil(self.fed.min_completion * self._sampled))
         info = {"sampled": self._sampled, "completed": len(kept), "failed": len(failures), "rejected": rejected}
+        if norms:  # what reached the server, before any re-clipping: the report's evidence that sites clip
+            info["max_update_norm"] = max(norms)
         if len(kept) < needed:
             info["skipped"] = f"{len(kept)} usable updates of {self._sampled} sampled, {needed} needed"
             log(f"round {r}: [yellow]skipped[/]: {info['skipped']} (federated.min_completion="
@@ -133,6 +188,9 @@ class Guard(_strategy_base()):
             self._round_info = info
             return None, {}
         dropped = list(failures) + [RuntimeError(f"rejected {s}") for s in rejected]
+        if self.central_dp:
+            # one update, the noised mean, replaces the sites' updates: drop-outs are already zero terms of it
+            kept, dropped = [self._noised_mean(kept, secagg)], []
         params, metrics = self.inner.aggregate_fit(r, kept, dropped)  # the run's round: FedAdam's bias correction uses it
         if params is not None:  # FedAdam computes in float64: the global model keeps the model's own dtypes
             from flwr.common import ndarrays_to_parameters
@@ -142,13 +200,46 @@ class Guard(_strategy_base()):
         if params is None:
             info["skipped"] = "the strategy returned no aggregate"
             log(f"round {r}: [yellow]skipped[/]: {info['skipped']} ({len(dropped)} failures)")
-        elif self.dp_plan:
+        elif self.central_dp:
             self.dp_rounds += 1
         losses = [(res.num_examples, float(res.metrics["loss"])) for _, res in kept if "loss" in res.metrics]
-        if losses:
+        if losses and not self.dp_plan:  # under DP the sites' own losses are not released
             info["train_loss"] = sum(n * v for n, v in losses) / max(1, sum(n for n, _ in losses))
         self._round_info = info
         return params, metrics
+
+    def _noised_mean(self, kept, secagg: bool):
+        """``w + (sum of clipped updates + N(0, (z C)^2 I)) / m``, m = the planned sites per round (privacy.py)."""
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+        p = self.dp_plan
+        c, m = p["clipping_norm"], p["sites_per_round"]
+        ref = [a.astype(np.float64) for a in self._reference]
+        total = [np.zeros_like(a) for a in ref]
+        # Under SecAgg+ every result holds the same mean of the k surviving sites: the sum is k times its update.
+        updates = [parameters_to_ndarrays(kept[0][1].parameters)] * len(kept) if secagg else \
+            [parameters_to_ndarrays(res.parameters) for _, res in kept]
+        for arrays in updates:
+            delta = [a.astype(np.float64) - w for a, w in zip(arrays, ref)]
+            norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta))
+            scale = 1.0 if secagg else min(1.0, c / norm) if norm > 0 else 1.0  # exact: the bound holds in float64
+            for t, d in zip(total, delta):
+                t += scale * d
+        rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy every round; never the recipe seed
+        std = p["noise_multiplier"] * c
+        noised = [(w + (t + rng.normal(0.0, std, size=t.shape)) / m).astype(a.dtype)
+                  for w, t, a in zip(ref, total, self._reference)]
+        res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(noised), num_examples=1, metrics={})
+        return kept[0][0], res
+
+    def _check_local_noise(self, metrics) -> str | None:
+        """Local DP: the site says which noise it added; less than the recipe plans (or none) is refused."""
+        planned = self.dp_plan["noise_std"]
+        got = metrics.get("dp_noise_std")
+        if got is None or float(got) < planned * (1 - 1e-9):
+            return (f"it reports local DP noise std {got}, the recipe plans {planned:.4g} (federated.dp.mode=local): "
+                    f"run the site with the same recipe")
+        return None
 
     def _secagg_sum(self, r: int, results):
         """Under SecAgg+ every result carries the same unmasked aggregate (the server sees nothing else).

@@ -43,9 +43,13 @@ def section_federated(run_dir: Path, ctx: dict) -> str | None:
         rows += [("differential privacy", p["mode"]), ("epsilon spent", f"{p['epsilon_spent']:.3f}"),
                  ("epsilon budget", p.get("epsilon_budget")), ("delta", f"{p['delta']:.2g}"),
                  ("clipping norm", p["clipping_norm"])]
+        rows += [("noise multiplier", f"{p['noise_multiplier']:.3f}"), ("rounds with noise", p["rounds_with_noise"]),
+                 ("accountant", f"{p.get('accountant', 'rdp').upper()} (Opacus), each site's whole data is the unit")]
         if p["mode"] == "central":
-            rows += [("noise multiplier", f"{p['noise_multiplier']:.3f}"), ("sites per round", p["sites_per_round"]),
-                     ("rounds with noise", p["rounds_with_noise"])]
+            rows += [("noise std on the mean", f"{p['noise_std']:.4g} (z * C / m)"),
+                     ("sites per round (m)", f"{p['sites_per_round']}, each sampled with probability {p['sample_rate']:.3g}")]
+        else:
+            rows += [("noise std per site", f"{p['noise_std']:.4g} (z * sensitivity {p['sensitivity']:g})")]
     rejected = [(r["round"], s) for r in rounds for s in r.get("rejected", [])]
     table = "<table>" + "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>"
     notes = ""

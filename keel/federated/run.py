@@ -103,7 +103,8 @@ def site_partitions(s: Setup) -> list[list[int]]:
 def site_settings(recipe: Recipe) -> dict:
     fed, t = recipe.federated, recipe.train
     return {"batch_size": t.batch_size, "lr": fed.local_lr or t.lr, "optimizer": fed.local_optimizer,
-            "max_grad_norm": t.max_grad_norm, "seed": t.seed, "local_epochs": fed.local_epochs}
+            "max_grad_norm": t.max_grad_norm, "seed": t.seed, "local_epochs": fed.local_epochs,
+            "local_dp": privacy.local_noise(fed)}
 
 
 # -- round checkpoints ------------------------------------------------------------------------------
@@ -209,11 +210,10 @@ class Coordinator:
         fit_config = {"local_epochs": fed.local_epochs, "labels": json.dumps(self.labels)}
         if fed.local_steps:
             fit_config["local_steps"] = fed.local_steps
-        if self.dp_plan:
-            fit_config["uniform_weights"] = self.dp_plan["mode"] == "central"
-            if self.dp_plan["mode"] == "local":
-                fit_config.update({"clipping_norm": self.dp_plan["clipping_norm"],
-                                   "local_epsilon": self.dp_plan["round_epsilon"], "local_delta": self.dp_plan["round_delta"]})
+        if self.dp_plan:  # local DP: each site takes its clipping and noise from its own recipe (site_settings)
+            fit_config["uniform_weights"] = True
+            if self.dp_plan["mode"] == "central":
+                fit_config["clipping_norm"] = self.dp_plan["clipping_norm"]
         inner = self.inner = build_strategy(fed, self.initial, self.dp_plan)
         restore_moments(inner, self.moments)
         return Guard(inner, fed, fit_config=fit_config, on_round=self.on_round, offset=self.offset,
@@ -291,8 +291,10 @@ def _announce(c: Coordinator) -> None:
             f"{p['sites_per_round']} of {c.fed.sites} sites per round: epsilon {eps:.3f} at delta {p['delta']:.2g} "
             f"after {c.fed.rounds} rounds" + (f" (budget {p['epsilon_budget']:g})" if p["epsilon_budget"] else ""))
     else:
-        log(f"DP (local): each site clips to {p['clipping_norm']:g} and adds noise for epsilon {p['round_epsilon']:.3g} "
-            f"per round; {p['epsilon_budget']:g} over {c.fed.rounds} rounds at delta {p['delta']:.2g}")
+        log(f"DP (local): each site clips to {p['clipping_norm']:g} and adds Gaussian noise of std {p['noise_std']:.4g} "
+            f"(noise multiplier {p['noise_multiplier']:.3f} on sensitivity {p['sensitivity']:g}): epsilon "
+            f"{privacy.spent(p, c.fed.rounds):.3f} per site at delta {p['delta']:.2g} after {c.fed.rounds} rounds "
+            f"(budget {p['epsilon_budget']:g})")
 
 
 def _finish_run(recipe: Recipe, run_dir: Path, c: Coordinator, t0: float) -> Path:

@@ -66,19 +66,25 @@ def local_train(model, dataset, tokenizer, *, epochs: int, batch_size: int, lr: 
     return {"loss": total / max(steps, 1), "steps": steps}
 
 
-def privatize(new: list[np.ndarray], start: list[np.ndarray], config: dict) -> list[np.ndarray]:
-    """Client-side DP with Flower's own helpers: clip the update to ``clipping_norm``; local DP also adds noise."""
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.supercore.differential_privacy import add_localdp_gaussian_noise_to_params, compute_clip_model_update
+def privatize(new: list[np.ndarray], start: list[np.ndarray], config: dict, local: dict | None = None) -> list[np.ndarray]:
+    """Client-side DP: clip the update to the clipping norm; local DP also adds Gaussian noise.
 
-    if "clipping_norm" not in config:
+    ``config``: the server's round config (central DP sends ``clipping_norm``). ``local``: this site's own local-DP
+    settings (privacy.local_noise of its recipe), which the server cannot weaken.
+    """
+    clip = local["clipping_norm"] if local else config.get("clipping_norm")
+    if clip is None:
         return new
-    compute_clip_model_update(new, start, float(config["clipping_norm"]))  # in place: start + clipped update
-    if "local_epsilon" in config:
-        # sensitivity of one clipped update is the clipping norm
-        params = add_localdp_gaussian_noise_to_params(ndarrays_to_parameters(new), float(config["clipping_norm"]),
-                                                      float(config["local_epsilon"]), float(config["local_delta"]))
-        new = parameters_to_ndarrays(params)
+    # Flower's compute_clip_model_update divides by the norm (a site that did not move fails): clip here, in float64
+    update = [a.astype(np.float64) - b.astype(np.float64) for a, b in zip(new, start)]
+    norm = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
+    scale = min(1.0, float(clip) / norm) if norm > 0 else 1.0
+    new = [(b.astype(np.float64) + scale * u).astype(a.dtype) for a, b, u in zip(new, start, update)]
+    if local:
+        import secrets
+
+        rng = np.random.default_rng(secrets.randbits(128))  # OS entropy, never the recipe seed
+        new = [(a + rng.normal(0.0, local["noise_std"], size=a.shape)).astype(a.dtype) for a in new]
     return new
 
 
@@ -106,6 +112,12 @@ def make_client(site: str, load, settings: dict):
             return get_weights(ensure(config)[0])
 
         def fit(self, parameters, config):
+            local = settings.get("local_dp")
+            if local and state.get("releases", 0) >= local["releases"]:
+                from keel.errors import KeelError
+
+                raise KeelError(f"site {site}: local DP budget spent ({local['releases']} noised updates sent, "
+                                f"federated.rounds); it sends no more")
             model, tokenizer, dataset = ensure(config)
             set_weights(model, parameters)
             rnd = int(config.get("round", 0))
@@ -115,8 +127,12 @@ def make_client(site: str, load, settings: dict):
                 max_grad_norm=settings["max_grad_norm"], seed=settings["seed"] * 1_000_003 + rnd,
                 max_steps=int(config["local_steps"]) if config.get("local_steps") else None,
                 proximal_mu=float(config.get("proximal_mu", 0.0)))
-            new = privatize(get_weights(model), parameters, config)
-            # Under central DP every site weighs the same: the noise is calibrated to the mean of clipped updates.
+            new = privatize(get_weights(model), parameters, config, local)
+            # Under DP every site weighs the same (the noise is calibrated to a sum of clipped updates), and a site
+            # under local DP sends nothing un-noised about its data: no row count, loss or step count.
+            if local:
+                state["releases"] = state.get("releases", 0) + 1
+                return new, 1, {"site": site, "dp_noise_std": local["noise_std"]}
             n = 1 if config.get("uniform_weights") else len(dataset)
             return new, n, {"site": site, "loss": stats["loss"], "steps": stats["steps"]}
 

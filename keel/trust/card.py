@@ -25,6 +25,11 @@ def _f(v, digits: int = 4) -> str:
 def privacy_lines(p: dict) -> list[str]:
     if not p:
         return ["Trained without differential privacy: the weights may memorize individual training examples."]
+    if p.get("mode") in ("central", "local"):  # keel federate: client-level DP (keel/federated/privacy.py)
+        return [f"Trained federated with {p['mode']} client-level differential privacy: (epsilon = "
+                f"{_f(p['epsilon_spent'], 3)}, delta = {p['delta']:g}) for each site's whole data, RDP accountant; "
+                f"noise multiplier {_f(p['noise_multiplier'], 4)}, clipping norm {p['clipping_norm']}, "
+                f"{p['rounds_with_noise']} rounds with noise; budget epsilon = {p.get('epsilon_budget')}."]
     return [f"Trained with DP-SGD (Opacus): (epsilon = {_f(p['epsilon'], 3)}, delta = {p['delta']:g})-differential "
             f"privacy for each training example, {p['accountant'].upper()} accountant; noise multiplier sigma = "
             f"{_f(p['noise_multiplier'], 4)}, sampling rate q = {_f(p['sample_rate'], 5)} (Poisson), {p['steps']} steps, "
