@@ -72,14 +72,39 @@ def test_counterfactual_swaps_are_symmetric():
             for x, y in ((a, b), (b, a)):
                 for form in (str.lower, str.title, str.upper):
                     text = f"{form(x)} said so."
-                    swapped, n = lexicon.swap_terms(text, cats)
-                    assert n == 1 and swapped == f"{form(y)} said so."
-                    assert lexicon.swap_terms(swapped, cats)[0] == text
+                    swap = lexicon.swap_terms(text, cats)
+                    assert swap.n == 1 and swap.text == f"{form(y)} said so."
+                    assert lexicon.swap_terms(swap.text, cats).text == text
     text = "She told his Mother that Christians and Muslims in the church are young; history is Shell's."
-    once, n = lexicon.swap_terms(text, cats)
-    assert n == 7 and "history" in once and "Shell" in once  # whole words only
-    assert lexicon.swap_terms(once, cats)[0] == text
-    assert lexicon.swap_terms("nothing to see here", cats) == ("nothing to see here", 0)
+    once = lexicon.swap_terms(text, cats)
+    assert once.n == 7 and "history" in once.text and "Shell" in once.text  # whole words only
+    assert once.text.startswith("He told her Father")
+    assert lexicon.swap_terms(once.text, cats).text == text
+    assert lexicon.swap_terms("nothing to see here", cats) == ("nothing to see here", 0, ())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("his mother called", "her father called"),            # determiner his -> her (not 'hers father')
+    ("her mother called", "his father called"),            # determiner her -> his
+    ("I saw her.", "I saw him."),                          # object her -> him
+    ("he told her about it", "she told him about it"),
+    ("I saw him yesterday", "I saw her yesterday"),
+    ("the book is his.", "the book is hers."),             # standalone his -> hers
+    ("the book is hers", "the book is his"),
+    ("His and hers", "Hers and his"),
+    ("she loves her own dog", "he loves his own dog"),
+    ("HER DOG BARKED", "HIS DOG BARKED"),
+])
+def test_pronouns_swap_by_their_role(text, expected):
+    swap = lexicon.swap_terms(text, lexicon.categories())
+    assert swap.text == expected and not swap.ambiguous
+
+
+def test_a_pronoun_of_ambiguous_role_gets_no_counterfactual():
+    # 'gave her flowers': 'him flowers' or 'his flowers'? No grammatical swap can be sure: skipped, and counted
+    swap = lexicon.swap_terms("I gave her flowers", lexicon.categories())
+    assert swap.text is None and swap.n == 0 and swap.ambiguous == ("her",)
+    assert lexicon.swap_terms("I gave her flowers", ["religion"]) == ("I gave her flowers", 0, ())  # gender not swapped
 
 
 def test_lexicon_groups_and_unknown_category():
@@ -125,14 +150,16 @@ def test_audit_end_to_end_on_arrays_and_gates():
 
 
 def test_counterfactual_flip_rate_with_a_biased_scorer():
-    texts = ["he drove the car", "she drove the car", "the car is fine", "his mother called"]
+    texts = ["he drove the car", "she drove the car", "the car is fine", "his mother called", "we gave her flowers"]
 
-    def biased(batch):  # P(pos) depends only on whether 'she'/'her'/'mother' appears
-        s = np.array([0.2 if any(w in t.split() for w in ("she", "her", "mother")) else 0.8 for t in batch])
+    def biased(batch):  # P(pos) depends only on whether 'she'/'mother' appears
+        s = np.array([0.2 if any(w in t.split() for w in ("she", "mother")) else 0.8 for t in batch])
         return np.stack([1 - s, s], axis=1)
 
     out = fair.counterfactual(texts, biased(texts), biased, lexicon.categories(), pos=1)
     assert out["gender"]["n"] == 3 and out["religion"]["n"] == 0
-    # he->she flips, she->he flips, 'his mother' -> 'hers father' flips (mother present before only)
+    assert out["gender"]["ambiguous"] == 1  # 'gave her flowers' is left out, and counted
+    # he->she flips, she->he flips, 'his mother' -> 'her father' flips (mother present before only)
     assert out["gender"]["flip_rate"] == pytest.approx(1.0)
     assert out["gender"]["mean_score_change"] == pytest.approx((-0.6 + 0.6 + 0.6) / 3)
+    assert {e["counterfactual"] for e in out["gender"]["examples"]} >= {"her father called"}

@@ -90,9 +90,12 @@ def counterfactual(texts: list[str], probs: np.ndarray, predict_proba, cats: lis
     out = {}
     for cat in [*cats, "all"]:
         use = cats if cat == "all" else [cat]
-        swapped = [(i, s) for i, (s, n) in enumerate(lexicon.swap_terms(t, use) for t in texts) if n]
+        swaps = [lexicon.swap_terms(t, use) for t in texts]
+        swapped = [(i, sw.text) for i, sw in enumerate(swaps) if sw.n]
+        ambiguous = sum(1 for sw in swaps if sw.ambiguous)  # left out: no grammatical counterfactual
         if not swapped:
-            out[cat] = {"n": 0, "flip_rate": None, "mean_score_change": None, "mean_abs_score_change": None, "examples": []}
+            out[cat] = {"n": 0, "ambiguous": ambiguous, "flip_rate": None, "mean_score_change": None,
+                        "mean_abs_score_change": None, "examples": []}
             continue
         idx = np.array([i for i, _ in swapped])
         new = predict_proba([s for _, s in swapped])  # (n, C)
@@ -100,7 +103,7 @@ def counterfactual(texts: list[str], probs: np.ndarray, predict_proba, cats: lis
         delta = new[:, pos] - probs[idx, pos]
         examples = [{"text": texts[i], "counterfactual": s, "before": float(probs[i, pos]), "after": float(new[k, pos])}
                     for k, (i, s) in enumerate(swapped) if flips[k]][:5]
-        out[cat] = {"n": len(idx), "flip_rate": _num(flips.mean()), "mean_score_change": _num(delta.mean()),
+        out[cat] = {"n": len(idx), "ambiguous": ambiguous, "flip_rate": _num(flips.mean()), "mean_score_change": _num(delta.mean()),
                     "mean_abs_score_change": _num(np.abs(delta).mean()), "examples": examples}
     return out
 
