@@ -163,3 +163,48 @@ def test_counterfactual_flip_rate_with_a_biased_scorer():
     assert out["gender"]["flip_rate"] == pytest.approx(1.0)
     assert out["gender"]["mean_score_change"] == pytest.approx((-0.6 + 0.6 + 0.6) / 3)
     assert {e["counterfactual"] for e in out["gender"]["examples"]} >= {"her father called"}
+
+
+def test_gates_with_nothing_to_measure_are_named():
+    y, p, g = planted()
+    probs = np.stack([1 - p * 0.8 - 0.1, p * 0.8 + 0.1], axis=1)  # (N, 2)
+    texts = [f"text {i}" for i in range(len(y))]
+    doc = fair.audit(texts, y, probs, ["neg", "pos"], FairnessConfig(groups="column", min_group_size=50,
+                                                                      counterfactual=False), None, column=list(g))
+    gates = FairnessGates(max_equalized_odds_difference=0.1, min_subgroup_auc=0.5, max_counterfactual_flip_rate=0.1)
+    assert fair.check_gates(doc, gates) == []  # nothing crossed ...
+    lines = fair.unmeasurable_gates(doc, gates)  # ... because nothing could be measured
+    assert len(lines) == 3
+    assert lines[0].startswith("audit.gates.max_equalized_odds_difference: no attribute has two groups with 50+")
+    assert "a 40" in lines[0] and "counterfactual is off" in lines[2]
+    ok = fair.audit(texts, y, probs, ["neg", "pos"], FairnessConfig(groups="column", min_group_size=30,
+                                                                     counterfactual=False), None, column=list(g))
+    assert fair.unmeasurable_gates(ok, FairnessGates(max_equalized_odds_difference=0.1)) == []
+    assert fair.unmeasurable_gates(ok, FairnessGates()) == []
+
+
+def test_stored_thresholds_rebuild_fairlearns_own_decision_rule():
+    import json
+
+    from fairlearn.postprocessing import ThresholdOptimizer
+
+    from keel.trust import mitigation
+
+    rng = np.random.default_rng(2)
+    n = 600
+    g = np.where(rng.random(n) < 0.5, "female", "male")
+    y = rng.integers(0, 2, n)
+    s = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.15, n) + np.where(g == "male", -0.2, 0.0), 0, 1)
+    opt = ThresholdOptimizer(estimator=fair._score_estimator(), constraints="equalized_odds", prefit=True,
+                             predict_method="predict_proba").fit(s.reshape(-1, 1), y, sensitive_features=g)
+    doc = json.loads(json.dumps({"thresholds": mitigation.interpolation_json(opt)}))  # through JSON, as stored
+    rebuilt = mitigation.thresholder(doc)
+    probe = np.linspace(0, 1, 101)
+    for group in ("female", "male"):
+        sens = np.full(len(probe), group)
+        expected = opt._pmf_predict(probe.reshape(-1, 1), sensitive_features=sens)
+        np.testing.assert_allclose(rebuilt._pmf_predict(probe.reshape(-1, 1), sensitive_features=sens), expected)
+    texts = [f"text {i}" for i in range(n)]
+    d = mitigation.decide(rebuilt, list(g), texts, s, ["female", "male"])
+    assert set(d) <= {0, 1} and (d == mitigation.decide(rebuilt, list(g), texts, s, ["female", "male"])).all()
+    assert (mitigation.decide(rebuilt, ["none"] * n, texts, s, ["female", "male"]) == -1).all()  # no group: untouched

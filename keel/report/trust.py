@@ -84,7 +84,10 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
     gates = _h()._json(run_dir / "audit" / "gates.json") or {}
     for fail in gates.get("failures", []):
         out.append(f"<p class='bad'>gate failed: {html.escape(fail)}</p>")
-    if gates.get("checked") and not gates.get("failures"):
+    for line in gates.get("unmeasurable", []):
+        verdict = "gate not evaluated (warn)" if gates.get("on_unmeasurable") == "warn" else "gate failed, nothing to measure"
+        out.append(f"<p class='bad'>{verdict}: {html.escape(line)}</p>")
+    if gates.get("checked") and not gates.get("failures") and not gates.get("unmeasurable"):
         out.append(f"<p class='good'>all gates hold: {html.escape(json.dumps(gates['checked']))}</p>")
     base = doc.get("baseline")
     for attr, r in doc["attributes"].items():
@@ -145,6 +148,10 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
                                 b["worst_group_accuracy"]],
                                ["after", a["demographic_parity_difference"], a["equalized_odds_difference"], a["binary_accuracy"],
                                 a["worst_group_accuracy"]]]))
+        from keel.trust.mitigation import served_statement
+
+        served = (mit.get("served") or {}).get("applied")
+        out.append(f"<p class='{'good' if served else 'bad'}'>{html.escape(served_statement(run_dir, mit))}</p>")
     return "".join(out)
 
 
