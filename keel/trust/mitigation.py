@@ -118,6 +118,9 @@ class Mitigator:
         fair = _read(run_dir / "audit" / "fairness.json")
         mit = (fair or {}).get("mitigation")
         if not mit:
+            if _asks_for_thresholds(run_dir):
+                return cls(None, {"applied": False, "reason": "the run asks for audit.fairness.mitigation="
+                                  "threshold-optimizer but has not been audited yet; run `keel audit` on it"})
             return None
         served = mit.get("served") or {}
         if not served.get("applied"):
@@ -193,3 +196,14 @@ def served_statement(run_dir: Path, mit: dict | None) -> str | None:
         line += (f" `keel serve` picks the {backend} variant by default, so the served model is unmitigated unless "
                  "serve.backend=torch or onnx.")
     return line
+
+
+def _asks_for_thresholds(run_dir: Path) -> bool:
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    fairness = ((recipe.get("audit") or {}).get("fairness") or {}) if isinstance(recipe, dict) else {}
+    return isinstance(fairness, dict) and fairness.get("mitigation") == "threshold-optimizer"
