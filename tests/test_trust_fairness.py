@@ -94,6 +94,7 @@ def test_counterfactual_swaps_are_symmetric():
     ("His and hers", "Hers and his"),
     ("she loves her own dog", "he loves his own dog"),
     ("HER DOG BARKED", "HIS DOG BARKED"),
+    ("she fed her 3 cats", "he fed his 3 cats"),
 ])
 def test_pronouns_swap_by_their_role(text, expected):
     swap = lexicon.swap_terms(text, lexicon.categories())

@@ -79,7 +79,7 @@ call calls called keep keeps kept want wants wanted get gets got find finds foun
 bring brings brought buy buys bought offer offered pay paid owe owed wish wished lend lent promise promised
 remind reminded allow allowed force forced need needed expect expected wake woke drive drove
 """.split())
-_NEXT_WORD = re.compile(r"\s*([A-Za-z][\w'-]*)")
+_NEXT_WORD = re.compile(r"\s*([A-Za-z0-9][\w'-]*)")
 _PREV_WORD = re.compile(r"([A-Za-z][\w'-]*)\s*$")
 
 
