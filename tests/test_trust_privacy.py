@@ -193,3 +193,14 @@ def test_dp_with_counterfactual_augmentation_accounts_per_person(dp_work):
 
     card = model_card(dp_work / "runs/dp-cda")
     assert "privacy for each person" in card and "counterfactual copy" in card and "96 persons" in card
+
+
+def test_the_card_names_the_unit_the_guarantee_protects():
+    from keel.trust.card import privacy_lines
+
+    base = {"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1, "sample_rate": 0.01,
+            "steps": 10, "max_grad_norm": 1.0, "target_epsilon": 3.0}
+    assert "privacy for each training example" in privacy_lines(base)[0]
+    assert "privacy for each training block of tokens" in privacy_lines({**base, "unit": "block"})[0]
+    person = privacy_lines({**base, "unit": "person", "persons": 96, "rows": 150, "row_clip": 0.5})[0]
+    assert "privacy for each person" in person and "clipped at 0.5000" in person and "(Poisson, of persons)" in person

@@ -28,7 +28,10 @@ def privacy_lines(p: dict) -> list[str]:
     per_person = p.get("unit") == "person"
     unit = ("for each person (a training text and its counterfactual copy count as one: the two are sampled together "
             f"and each is clipped at {_f(p.get('row_clip'), 4)}, so together they stay within {p['max_grad_norm']}; "
-            f"{p.get('persons')} persons, {p.get('rows')} rows)") if per_person else "for each training example"
+            f"{p.get('persons')} persons, {p.get('rows')} rows)") if per_person else (
+        "for each training block of tokens (documents are joined and cut into blocks: a document that spans several "
+        "blocks, or text repeated across documents, is protected less)" if p.get("unit") == "block"
+        else "for each training example")
     return [f"Trained with DP-SGD (Opacus): (epsilon = {_f(p['epsilon'], 3)}, delta = {p['delta']:g})-differential "
             f"privacy {unit}, {p['accountant'].upper()} accountant; noise multiplier sigma = "
             f"{_f(p['noise_multiplier'], 4)}, sampling rate q = {_f(p['sample_rate'], 5)} (Poisson, of "

@@ -343,7 +343,9 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
                 "sample_rate": q, "steps": state.step, "planned_steps": planned, "steps_within_budget": allowed,
                 "budget_exhausted": allowed < planned and state.step >= allowed, "accountant": p.accountant,
                 "max_grad_norm": p.max_grad_norm, "poisson_sampling": p.poisson_sampling,
-                "unit": "person" if per_person > 1 else "example", "persons": n, "rows": len(train_ds),
+                # a causal LM trains on blocks of max_length tokens cut from joined documents: the guarantee is per block
+                "unit": "person" if per_person > 1 else ("block" if recipe.task == "causal-lm" else "example"),
+                "persons": n, "rows": len(train_ds),
                 "rows_per_person": per_person, "row_clip": p.max_grad_norm / per_person,
                 "history": [list(h) for h in accountant.history]}
 
