@@ -152,9 +152,14 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend
     if t.info["task"] != "classification":
         raise KeelError(f"keel predict works on classification runs; {run_dir} is a {t.info['task']} run")
     labels = t.info["labels"]
+    from keel.trust.mitigation import Mitigator  # the audit's per-group thresholds, where they apply to this model
+
+    mitigator = Mitigator.for_run(run_dir, backend)
+    probs = batched_logits(t, texts, batch_size).softmax(-1)  # (N, C)
+    picked, mitigation = mitigator.apply(texts, probs.numpy(), labels) if mitigator else (probs.argmax(-1).tolist(), None)
     out = []
-    for text, p in zip(texts, batched_logits(t, texts, batch_size).softmax(-1)):  # (N, C)
-        i = int(p.argmax())
+    for k, (text, p, i) in enumerate(zip(texts, probs, picked)):
         out.append({"text": text, "label": labels[i], "score": float(p[i]),
-                    "scores": {name: float(v) for name, v in zip(labels, p)}})
+                    "scores": {name: float(v) for name, v in zip(labels, p)},
+                    **({"mitigation": mitigation[k]} if mitigation else {})})
     return out

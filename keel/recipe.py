@@ -90,13 +90,25 @@ class PrivacyConfig(Strict):
     accountant: Literal["prv", "rdp"] = "prv"
     noise_multiplier: float | None = Field(
         None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget")
-    poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N")
+    poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N "
+                                   "(the only sampling keel's accountants account for; false is refused)")
     max_physical_batch_size: int = Field(
         32, ge=1, description="examples per forward/backward pass; a larger logical batch is processed in chunks "
                               "(per-example gradients take batch x trainable parameters of memory)")
     freeze_embeddings: bool = Field(
         True, description="train without the token/position embedding tables: their per-example gradients are the "
                           "largest (vocab x hidden per example) and the noise added to them the most")
+
+    @field_validator("poisson_sampling")
+    @classmethod
+    def _poisson_only(cls, v: bool) -> bool:
+        # Shuffled fixed-size batches are not what the PRV/RDP accountants analyse (they assume Poisson
+        # subsampling); reporting their epsilon for such a run would state a guarantee the run does not have.
+        if not v:
+            raise ValueError("fixed-size shuffled batches have no accountant in keel (the PRV and RDP accountants "
+                             "assume Poisson sampling, and their epsilon would not hold); set "
+                             "train.privacy.poisson_sampling=true")
+        return v
 
 
 class TrainConfig(Strict):
@@ -220,6 +232,13 @@ class FairnessGates(Strict):
     min_group_accuracy: float | None = Field(None, ge=0.0, le=1.0)
     min_subgroup_auc: float | None = Field(None, ge=0.0, le=1.0)
     max_counterfactual_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+    on_unmeasurable: Literal["fail", "warn"] = Field(
+        "fail", description="a gate with nothing to measure (every group below min_group_size, no swappable text) "
+                            "fails the run; warn: it is reported as not evaluated and the run goes on")
+
+    def thresholds(self) -> dict:
+        """The gates that are set: name -> threshold."""
+        return {k: v for k, v in self.model_dump().items() if k != "on_unmeasurable" and v is not None}
 
 
 class FairnessConfig(Strict):
@@ -246,6 +265,14 @@ class AuditConfig(Strict):
     explain: ExplainConfig | None = None
     fairness: FairnessConfig | None = None
     gates: FairnessGates = FairnessGates()
+
+    @model_validator(mode="after")
+    def _gates_need_fairness(self) -> "AuditConfig":
+        if self.gates.thresholds() and self.fairness is None:
+            raise ValueError(f"audit.gates ({', '.join(self.gates.thresholds())}) measure the fairness audit, which "
+                             "this recipe leaves out; add audit.fairness (e.g. audit.fairness.groups=lexicon) or "
+                             "remove the gates")
+        return self
 
 
 class OutputConfig(Strict):

@@ -113,6 +113,65 @@ def test_fairness_gate_fails_the_run_with_exit_3(audited):
     again = keel("audit", str(run_dir), cwd=work)
     assert again.returncode == 3 and "max_demographic_parity_difference" in again.stderr and "Traceback" not in again.stderr
     assert "MODEL_CARD.md" in again.stdout
+    # groups from a data column: a served request does not carry the column, so the served model is unmitigated,
+    # and the card, the report and every prediction say so
+    assert not (run_dir / "audit/thresholds.json").exists()
+    card = (run_dir / "model/MODEL_CARD.md").read_text()
+    assert "The served model is unmitigated" in card and "data column" in card
+    assert "The served model is unmitigated" in (run_dir / "report.html").read_text()
+    rows = _predict(work, run_dir, ["she said the ride was great"])
+    assert rows[0]["mitigation"]["applied"] is False and "data column" in rows[0]["mitigation"]["reason"]
+
+
+def _predict(work, run_dir, texts):
+    import os
+    import sys
+
+    from conftest import OFFLINE
+
+    proc = subprocess.run([sys.executable, "-m", "keel", "predict", str(run_dir), "-", "--json"], cwd=work,
+                          input="\n".join(texts) + "\n", capture_output=True, text=True,
+                          env={**os.environ, **OFFLINE}, timeout=300, check=True)
+    return [json.loads(x) for x in proc.stdout.splitlines()]
+
+
+def test_predict_and_serve_apply_the_audits_thresholds(audited):
+    import httpx
+
+    from keel.data.load import load_splits
+    from keel.recipe import load_recipe
+    from keel.trust import lexicon
+    from serve_helpers import Server
+
+    work, run_dir, _ = audited
+    fair = json.loads((run_dir / "audit/fairness.json").read_text())
+    mit = fair["mitigation"]
+    assert mit["applied"] and mit["served"]["applied"] and (run_dir / "audit/thresholds.json").is_file()
+    # `keel predict` on the audited texts gives exactly the decisions the report shows after mitigation
+    texts = list(load_splits(load_recipe(run_dir / "recipe.yaml").data, "classification").test["text"])
+    assert len(texts) == fair["n"]
+    rows = _predict(work, run_dir, texts)
+    attr, pos = mit["attribute"], fair["positive_label"]
+    groups = [lexicon.group_label(t, attr) for t in texts]
+    for g in mit["after"]["groups"]:
+        picked = [r["label"] == pos for r, grp in zip(rows, groups) if grp == g["group"]]
+        assert sum(picked) / len(picked) == pytest.approx(g["selection_rate"]), g
+    assert all(r["mitigation"]["applied"] == (grp in mit["groups"]) for r, grp in zip(rows, groups))
+    card = (run_dir / "model/MODEL_CARD.md").read_text()
+    assert "`keel predict` and `keel serve` apply these per-group thresholds" in card
+    # `keel serve` applies the same thresholds on the served scores and reports it per text
+    mentioned = next(t for t, grp in zip(texts, groups) if grp in mit["groups"])
+    plain = "the rider said the ride was great number 1"
+    server = Server(str(run_dir), cwd=work)
+    try:
+        body = httpx.post(f"{server.url}/v1/classify", json={"input": [mentioned, plain]}, timeout=60).json()
+    finally:
+        server.stop()
+    served, other = body["data"]
+    assert served["mitigation"]["applied"] and served["mitigation"]["attribute"] == attr
+    assert served["label"] == _predict(work, run_dir, [mentioned])[0]["label"]
+    assert other["mitigation"] == {"applied": False, "attribute": attr, "group": "none",
+                                   "reason": other["mitigation"]["reason"]}
 
 
 # -- the report in a real browser ----------------------------------------------------------------
@@ -158,3 +217,36 @@ def test_report_renders_in_headless_chromium(audited, tmp_path):
     console_errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("ERROR" in ln or "Uncaught" in ln)]
     assert console_errors == []
     assert "net::ERR" not in proc.stderr  # no request left the page
+
+
+def test_a_gate_with_nothing_to_measure_fails_unless_told_to_warn(audited):
+    import yaml
+
+    work, _, _ = audited
+    proc = keel("run", "fair.yaml", "audit.fairness.min_group_size=1000", "audit.gates.max_equalized_odds_difference=0.1",
+                "audit.explain=null", "output.dir=runs/unmeasurable", cwd=work)
+    assert proc.returncode == 3, proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert "gate cannot be evaluated: audit.gates.max_equalized_odds_difference: no attribute has two groups with " \
+           "1000+ examples" in err and "on_unmeasurable=warn" in err and "Traceback" not in proc.stderr
+    run_dir = work / "runs/unmeasurable"
+    gates = json.loads((run_dir / "audit/gates.json").read_text())
+    assert gates["failures"] == [] and len(gates["unmeasurable"]) == 1
+    page = (run_dir / "report.html").read_text()
+    assert "all gates hold" not in page and "nothing to measure" in page
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "gate failed"
+    # the recipe says so explicitly: the run goes on, and the report says the gate was not evaluated
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["audit"]["gates"]["on_unmeasurable"] = "warn"
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    again = keel("audit", str(run_dir), cwd=work)
+    assert again.returncode == 0, again.stderr
+    assert "gate not evaluated" in again.stderr
+    page = (run_dir / "report.html").read_text()
+    assert "all gates hold" not in page and "gate not evaluated (warn)" in page
+
+
+def test_gates_without_a_fairness_audit_are_refused(audited):
+    work, _, _ = audited
+    proc = keel("validate", "fair.yaml", "audit.fairness=null", "audit.gates.max_equalized_odds_difference=0.1", cwd=work)
+    assert proc.returncode == 2 and "audit.gates" in proc.stderr and "audit.fairness" in proc.stderr

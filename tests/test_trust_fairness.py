@@ -72,14 +72,40 @@ def test_counterfactual_swaps_are_symmetric():
             for x, y in ((a, b), (b, a)):
                 for form in (str.lower, str.title, str.upper):
                     text = f"{form(x)} said so."
-                    swapped, n = lexicon.swap_terms(text, cats)
-                    assert n == 1 and swapped == f"{form(y)} said so."
-                    assert lexicon.swap_terms(swapped, cats)[0] == text
+                    swap = lexicon.swap_terms(text, cats)
+                    assert swap.n == 1 and swap.text == f"{form(y)} said so."
+                    assert lexicon.swap_terms(swap.text, cats).text == text
     text = "She told his Mother that Christians and Muslims in the church are young; history is Shell's."
-    once, n = lexicon.swap_terms(text, cats)
-    assert n == 7 and "history" in once and "Shell" in once  # whole words only
-    assert lexicon.swap_terms(once, cats)[0] == text
-    assert lexicon.swap_terms("nothing to see here", cats) == ("nothing to see here", 0)
+    once = lexicon.swap_terms(text, cats)
+    assert once.n == 7 and "history" in once.text and "Shell" in once.text  # whole words only
+    assert once.text.startswith("He told her Father")
+    assert lexicon.swap_terms(once.text, cats).text == text
+    assert lexicon.swap_terms("nothing to see here", cats) == ("nothing to see here", 0, ())
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("his mother called", "her father called"),            # determiner his -> her (not 'hers father')
+    ("her mother called", "his father called"),            # determiner her -> his
+    ("I saw her.", "I saw him."),                          # object her -> him
+    ("he told her about it", "she told him about it"),
+    ("I saw him yesterday", "I saw her yesterday"),
+    ("the book is his.", "the book is hers."),             # standalone his -> hers
+    ("the book is hers", "the book is his"),
+    ("His and hers", "Hers and his"),
+    ("she loves her own dog", "he loves his own dog"),
+    ("HER DOG BARKED", "HIS DOG BARKED"),
+    ("she fed her 3 cats", "he fed his 3 cats"),
+])
+def test_pronouns_swap_by_their_role(text, expected):
+    swap = lexicon.swap_terms(text, lexicon.categories())
+    assert swap.text == expected and not swap.ambiguous
+
+
+def test_a_pronoun_of_ambiguous_role_gets_no_counterfactual():
+    # 'gave her flowers': 'him flowers' or 'his flowers'? No grammatical swap can be sure: skipped, and counted
+    swap = lexicon.swap_terms("I gave her flowers", lexicon.categories())
+    assert swap.text is None and swap.n == 0 and swap.ambiguous == ("her",)
+    assert lexicon.swap_terms("I gave her flowers", ["religion"]) == ("I gave her flowers", 0, ())  # gender not swapped
 
 
 def test_lexicon_groups_and_unknown_category():
@@ -125,14 +151,61 @@ def test_audit_end_to_end_on_arrays_and_gates():
 
 
 def test_counterfactual_flip_rate_with_a_biased_scorer():
-    texts = ["he drove the car", "she drove the car", "the car is fine", "his mother called"]
+    texts = ["he drove the car", "she drove the car", "the car is fine", "his mother called", "we gave her flowers"]
 
-    def biased(batch):  # P(pos) depends only on whether 'she'/'her'/'mother' appears
-        s = np.array([0.2 if any(w in t.split() for w in ("she", "her", "mother")) else 0.8 for t in batch])
+    def biased(batch):  # P(pos) depends only on whether 'she'/'mother' appears
+        s = np.array([0.2 if any(w in t.split() for w in ("she", "mother")) else 0.8 for t in batch])
         return np.stack([1 - s, s], axis=1)
 
     out = fair.counterfactual(texts, biased(texts), biased, lexicon.categories(), pos=1)
     assert out["gender"]["n"] == 3 and out["religion"]["n"] == 0
-    # he->she flips, she->he flips, 'his mother' -> 'hers father' flips (mother present before only)
+    assert out["gender"]["ambiguous"] == 1  # 'gave her flowers' is left out, and counted
+    # he->she flips, she->he flips, 'his mother' -> 'her father' flips (mother present before only)
     assert out["gender"]["flip_rate"] == pytest.approx(1.0)
     assert out["gender"]["mean_score_change"] == pytest.approx((-0.6 + 0.6 + 0.6) / 3)
+    assert {e["counterfactual"] for e in out["gender"]["examples"]} >= {"her father called"}
+
+
+def test_gates_with_nothing_to_measure_are_named():
+    y, p, g = planted()
+    probs = np.stack([1 - p * 0.8 - 0.1, p * 0.8 + 0.1], axis=1)  # (N, 2)
+    texts = [f"text {i}" for i in range(len(y))]
+    doc = fair.audit(texts, y, probs, ["neg", "pos"], FairnessConfig(groups="column", min_group_size=50,
+                                                                      counterfactual=False), None, column=list(g))
+    gates = FairnessGates(max_equalized_odds_difference=0.1, min_subgroup_auc=0.5, max_counterfactual_flip_rate=0.1)
+    assert fair.check_gates(doc, gates) == []  # nothing crossed ...
+    lines = fair.unmeasurable_gates(doc, gates)  # ... because nothing could be measured
+    assert len(lines) == 3
+    assert lines[0].startswith("audit.gates.max_equalized_odds_difference: no attribute has two groups with 50+")
+    assert "a 40" in lines[0] and "counterfactual is off" in lines[2]
+    ok = fair.audit(texts, y, probs, ["neg", "pos"], FairnessConfig(groups="column", min_group_size=30,
+                                                                     counterfactual=False), None, column=list(g))
+    assert fair.unmeasurable_gates(ok, FairnessGates(max_equalized_odds_difference=0.1)) == []
+    assert fair.unmeasurable_gates(ok, FairnessGates()) == []
+
+
+def test_stored_thresholds_rebuild_fairlearns_own_decision_rule():
+    import json
+
+    from fairlearn.postprocessing import ThresholdOptimizer
+
+    from keel.trust import mitigation
+
+    rng = np.random.default_rng(2)
+    n = 600
+    g = np.where(rng.random(n) < 0.5, "female", "male")
+    y = rng.integers(0, 2, n)
+    s = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.15, n) + np.where(g == "male", -0.2, 0.0), 0, 1)
+    opt = ThresholdOptimizer(estimator=fair._score_estimator(), constraints="equalized_odds", prefit=True,
+                             predict_method="predict_proba").fit(s.reshape(-1, 1), y, sensitive_features=g)
+    doc = json.loads(json.dumps({"thresholds": mitigation.interpolation_json(opt)}))  # through JSON, as stored
+    rebuilt = mitigation.thresholder(doc)
+    probe = np.linspace(0, 1, 101)
+    for group in ("female", "male"):
+        sens = np.full(len(probe), group)
+        expected = opt._pmf_predict(probe.reshape(-1, 1), sensitive_features=sens)
+        np.testing.assert_allclose(rebuilt._pmf_predict(probe.reshape(-1, 1), sensitive_features=sens), expected)
+    texts = [f"text {i}" for i in range(n)]
+    d = mitigation.decide(rebuilt, list(g), texts, s, ["female", "male"])
+    assert set(d) <= {0, 1} and (d == mitigation.decide(rebuilt, list(g), texts, s, ["female", "male"])).all()
+    assert (mitigation.decide(rebuilt, ["none"] * n, texts, s, ["female", "male"]) == -1).all()  # no group: untouched

@@ -117,3 +117,90 @@ def test_a_logical_batch_in_chunks_gets_the_same_clipped_gradient():
     assert whole.abs().sum() > 0
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
     assert loss_chunked == pytest.approx(loss_whole, rel=1e-5)
+
+
+def _validate_in_process(work, *overrides) -> str:
+    """`keel validate` run in a fresh interpreter; prints which heavy modules it imported."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import OFFLINE
+
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['keel', 'validate', 'tiny.yaml', *{list(overrides)!r}]\n"
+            "try:\n    runpy.run_module('keel', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+            "print('imported:', sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **OFFLINE})
+    return proc.stdout + proc.stderr
+
+
+def test_validate_on_a_dp_recipe_imports_no_torch(dp_work):
+    ok = _validate_in_process(dp_work, *DP)
+    assert "ok tiny.yaml" in ok and "imported: []" in ok, ok
+    refused = _validate_in_process(dp_work, "train.privacy.delta=0.05")  # decided by reading the whole file
+    assert "1/N" in refused and "imported: []" in refused, refused
+
+
+def test_fixed_size_batches_are_refused_not_reported_as_poisson(dp_work):
+    proc = keel("validate", "tiny.yaml", *DP, "train.privacy.poisson_sampling=false", cwd=dp_work)
+    assert proc.returncode == 2 and "train.privacy.poisson_sampling" in proc.stderr and "Poisson" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = keel("train", "tiny.yaml", *DP, "train.privacy.poisson_sampling=false", "output.dir=runs/fixed", cwd=dp_work)
+    assert proc.returncode == 2 and not (dp_work / "runs/fixed").exists()
+
+
+def test_person_level_clipping_bounds_a_persons_rows_together():
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1, bias=False)
+    gs = GradSampleModule(net)
+    C, sigma = 0.5, 1.3
+    args = privacy.dp_optimizer_args(sigma, C, 2)
+    opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), **args, expected_batch_size=1)
+    assert opt.noise_multiplier * opt.max_grad_norm == pytest.approx(sigma * C)  # the noise is sigma * C
+    opt.noise_multiplier = 0.0  # measure the clipped sum alone
+    x = torch.full((2, 4), 100.0)  # one person's text and its copy, both with huge gradients in the same direction
+    before = net.weight.detach().clone()
+    gs(x).mean().backward()
+    opt.step()
+    assert float((net.weight.detach() - before).norm()) == pytest.approx(C, rel=1e-4)  # C/2 + C/2, not 2C
+
+
+PEOPLE = ["he", "she", "my mother", "my father", "a christian", "a muslim", "the driver", "the rider"]
+
+
+def test_dp_with_counterfactual_augmentation_accounts_per_person(dp_work):
+    import random
+
+    rng = random.Random(0)
+    rows = ["text,label"] + [f"{rng.choice(PEOPLE)} said the ride was {'great' if i % 2 == 0 else 'awful'} number {i},"
+                             f"{'pos' if i % 2 == 0 else 'neg'}" for i in range(160)]
+    (dp_work / "people.csv").write_text("\n".join(rows) + "\n")
+    proc = keel("train", "tiny.yaml", *DP, f"data.path={dp_work / 'people.csv'}", "train.epochs=1",
+                "audit.fairness.mitigation=counterfactual-augmentation", "output.dir=runs/dp-cda", cwd=dp_work, check=True)
+    p = json.loads((dp_work / "runs/dp-cda/train.json").read_text())["privacy"]
+    n = 96  # persons: the training texts before augmentation
+    assert p["unit"] == "person" and p["persons"] == n and n < p["rows"] < 2 * n and p["rows_per_person"] == 2
+    assert p["sample_rate"] == pytest.approx(8 / n) and p["steps"] == 12  # q and the epoch count persons, not rows
+    assert p["row_clip"] == pytest.approx(0.5)
+    assert p["epsilon"] == pytest.approx(privacy.epsilon_after("rdp", 1.0, 8 / n, 12, 1e-3))
+    assert "privacy is per person" in proc.stderr
+    from keel.trust.card import model_card
+
+    card = model_card(dp_work / "runs/dp-cda")
+    assert "privacy for each person" in card and "counterfactual copy" in card and "96 persons" in card
+
+
+def test_the_card_names_the_unit_the_guarantee_protects():
+    from keel.trust.card import privacy_lines
+
+    base = {"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1, "sample_rate": 0.01,
+            "steps": 10, "max_grad_norm": 1.0, "target_epsilon": 3.0}
+    assert "privacy for each training example" in privacy_lines(base)[0]
+    assert "privacy for each training block of tokens" in privacy_lines({**base, "unit": "block"})[0]
+    person = privacy_lines({**base, "unit": "person", "persons": 96, "rows": 150, "row_clip": 0.5})[0]
+    assert "privacy for each person" in person and "clipped at 0.5000" in person and "(Poisson, of persons)" in person

@@ -84,7 +84,10 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
     gates = _h()._json(run_dir / "audit" / "gates.json") or {}
     for fail in gates.get("failures", []):
         out.append(f"<p class='bad'>gate failed: {html.escape(fail)}</p>")
-    if gates.get("checked") and not gates.get("failures"):
+    for line in gates.get("unmeasurable", []):
+        verdict = "gate not evaluated (warn)" if gates.get("on_unmeasurable") == "warn" else "gate failed, nothing to measure"
+        out.append(f"<p class='bad'>{verdict}: {html.escape(line)}</p>")
+    if gates.get("checked") and not gates.get("failures") and not gates.get("unmeasurable"):
         out.append(f"<p class='good'>all gates hold: {html.escape(json.dumps(gates['checked']))}</p>")
     base = doc.get("baseline")
     for attr, r in doc["attributes"].items():
@@ -145,6 +148,10 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
                                 b["worst_group_accuracy"]],
                                ["after", a["demographic_parity_difference"], a["equalized_odds_difference"], a["binary_accuracy"],
                                 a["worst_group_accuracy"]]]))
+        from keel.trust.mitigation import SOUND_BACKENDS, default_serve_backend, served_statement
+
+        served = (mit.get("served") or {}).get("applied") and default_serve_backend(run_dir) in SOUND_BACKENDS
+        out.append(f"<p class='{'good' if served else 'bad'}'>{html.escape(served_statement(run_dir, mit))}</p>")
     return "".join(out)
 
 
@@ -203,6 +210,9 @@ def section_privacy(run_dir: Path, ctx: dict) -> str | None:
             ["noise multiplier (sigma)", p["noise_multiplier"]], ["sampling rate q", p["sample_rate"]],
             ["steps", p["steps"]], ["planned steps", p["planned_steps"]], ["max grad norm", p["max_grad_norm"]],
             ["accountant", p["accountant"]], ["Poisson sampling", p["poisson_sampling"]]]
+    if p.get("unit") == "person":  # counterfactual copies: the guarantee is per person, each row clipped at C/k
+        rows += [["privacy unit", "person (a text and its counterfactual copy)"], ["persons (N)", p["persons"]],
+                 ["rows", p["rows"]], ["clip per row", p["row_clip"]]]
     return (f"<h2>Privacy</h2><p>{html.escape(privacy_lines(p)[0])}</p>"
             + "<table>" + "".join(f"<tr><th>{k}</th><td class='num'>{_h()._fmt(v)}</td></tr>" for k, v in rows) + "</table>")
 

@@ -125,7 +125,7 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
                 raise ServeError(504, f"the explanation did not finish within {config.timeout_s:g} s (serve.timeout_s); "
                                       "send fewer texts or lower explain_steps", code="timeout") from None
         data = [P.Classification(index=i, label=r["label"], score=r["score"], scores=r["scores"],
-                                 explanation=P.Explanation(**e) if e else None)
+                                 explanation=P.Explanation(**e) if e else None, mitigation=r.get("mitigation"))
                 for i, (r, e) in enumerate(zip(rows, explanations))]
         n = sum(r["tokens"] for r in rows)
         return P.ClassifyResponse(data=data, model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n))

@@ -34,6 +34,7 @@ class Engine:
     device: str = "cpu"
     forward_batch_size: int | None = None  # classify/embeddings: texts per forward pass (None: all at once)
     run_dir: Path | None = None  # a classification run: where explanations load their PyTorch model from
+    mitigator: object = None  # the audit's per-group thresholds (keel/trust/mitigation.py), when the run has them
     _explainer: object = None
 
     @property
@@ -66,6 +67,10 @@ class Engine:
             for i, p, n in zip(idx, probs.tolist(), enc["attention_mask"].sum(-1).tolist()):
                 best = max(range(len(p)), key=p.__getitem__)
                 rows[i] = {"label": self.labels[best], "score": p[best], "scores": dict(zip(self.labels, p)), "tokens": n}
+        if self.mitigator is not None:  # applied on the served scores, reported per text
+            picked, info = self.mitigator.apply(texts, [list(r["scores"].values()) for r in rows], self.labels)
+            for r, k, m in zip(rows, picked, info):
+                r.update(label=self.labels[k], score=r["scores"][self.labels[k]], mitigation=m)
         return rows
 
     def embed(self, texts: list[str]) -> list[dict]:
@@ -184,8 +189,11 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
     encoder = t.model.base_model if chosen == "torch" else AutoModel.from_pretrained(
         run_dir / "model", local_files_only=True, use_safetensors=True)
     encoder.eval()
+    from keel.trust.mitigation import Mitigator
+
     return Engine(model_id, "classifier", t.tokenizer, t.recipe.model.max_length, chosen, classifier=t.model,
-                  encoder=encoder, labels=list(info["labels"]), run_dir=run_dir)
+                  encoder=encoder, labels=list(info["labels"]), run_dir=run_dir,
+                  mitigator=Mitigator.for_run(run_dir, chosen))
 
 
 def _load_encoder(folder: Path, model_id: str) -> Engine:

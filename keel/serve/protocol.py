@@ -165,12 +165,21 @@ class Explanation(Response):
     model: str = Field(..., description="the PyTorch model the gradients come from (ONNX has none)")
 
 
+class Mitigation(Response):
+    applied: bool = Field(..., description="whether the audit's per-group thresholds decided this label")
+    attribute: str | None = Field(None, description="the lexicon attribute the thresholds equalize (e.g. gender)")
+    group: str | None = Field(None, description="the group the lexicon finds in this text")
+    changed: bool | None = Field(None, description="the thresholds changed the model's own label")
+    reason: str | None = Field(None, description="why the thresholds were not applied")
+
+
 class Classification(Response):
     index: int
     label: str
     score: float
     scores: dict[str, float]
     explanation: Explanation | None = None
+    mitigation: Mitigation | None = None
 
 
 class ClassifyResponse(Response):

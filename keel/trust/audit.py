@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rich.markup import escape
 
 from keel.errors import GateError, KeelError, RecipeError
 from keel.io import atomic_write_json
@@ -98,33 +99,47 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
                 raise RecipeError(f"audit.fairness.baseline_run: {base} not found; run `keel audit {f.baseline_run}` first")
             doc["baseline"] = {"run": f.baseline_run, **json.loads(base.read_text())}
             doc["baseline"].pop("baseline", None)
+        if f.mitigation == "threshold-optimizer":
+            from keel.trust.mitigation import write_thresholds
+
+            write_thresholds(run_dir, doc["mitigation"], doc["positive_label"])  # what predict and serve apply
         atomic_write_json(run_dir / "audit" / "fairness.json", doc)
         result["fairness"] = doc
         _log_fairness(doc)
     failures = fair.check_gates(result.get("fairness"), cfg.gates)
-    gates = {"failures": failures, "checked": {k: v for k, v in cfg.gates.model_dump().items() if v is not None}}
+    unmeasurable = fair.unmeasurable_gates(result.get("fairness"), cfg.gates)
+    gates = {"failures": failures, "unmeasurable": unmeasurable, "on_unmeasurable": cfg.gates.on_unmeasurable,
+             "checked": cfg.gates.thresholds()}
     atomic_write_json(run_dir / "audit" / "gates.json", gates)
     result["gates"] = gates
+    for line in unmeasurable:
+        log(f"[yellow]gate not evaluated: {escape(line)}[/]")
     from keel.trust.card import write_model_card
 
     write_model_card(run_dir)
     if failures and check_gates:
         raise GateError("fairness gate failed: " + "; ".join(failures) + f" (details: {run_dir / 'audit'}; "
                         "mitigate with audit.fairness.mitigation, or change the threshold in audit.gates)")
+    if unmeasurable and cfg.gates.on_unmeasurable == "fail" and check_gates:
+        raise GateError("fairness gate cannot be evaluated: " + "; ".join(unmeasurable) + "; audit more examples "
+                        "(audit.fairness.max_examples, a larger split), lower audit.fairness.min_group_size, or set "
+                        "audit.gates.on_unmeasurable=warn to go on without it")
     return result
 
 
 def _log_fairness(doc: dict) -> None:
+    # group names may come from a data column: escaped, never read as console markup
     for attr, r in doc["attributes"].items():
         if r["ranked_groups"]:
             dp, eo = r["demographic_parity_difference"], r["equalized_odds_difference"]
-            log(f"fairness ({attr}): groups {', '.join(r['ranked_groups'])}; demographic parity difference "
+            log(f"fairness ({escape(attr)}): groups {escape(', '.join(r['ranked_groups']))}; demographic parity difference "
                 f"{'n/a' if dp is None else f'{dp:.3f}'}, equalized odds difference {'n/a' if eo is None else f'{eo:.3f}'}")
         else:
             small = [f"{g['group']} ({g['n']})" for g in r["groups"] if g["group"] not in ("none", "several")]
-            log(f"fairness ({attr}): no group with {doc['min_group_size']}+ examples to rank"
-                + (f"; flagged: {', '.join(small)}" if small else ""))
+            log(f"fairness ({escape(attr)}): no group with {doc['min_group_size']}+ examples to rank"
+                + (f"; flagged: {escape(', '.join(small))}" if small else ""))
     cf = (doc.get("counterfactual") or {}).get("all")
     if cf and cf["n"]:
         log(f"counterfactual swaps: {cf['n']} texts, flip rate {cf['flip_rate']:.3f}, mean |score change| "
-            f"{cf['mean_abs_score_change']:.4f}")
+            f"{cf['mean_abs_score_change']:.4f}" + (f"; {cf['ambiguous']} texts left out (a pronoun of ambiguous role)"
+                                                    if cf.get("ambiguous") else ""))

@@ -30,11 +30,19 @@ def privacy_lines(p: dict) -> list[str]:
                 f"{_f(p['epsilon_spent'], 3)}, delta = {p['delta']:g}) for each site's whole data, RDP accountant; "
                 f"noise multiplier {_f(p['noise_multiplier'], 4)}, clipping norm {p['clipping_norm']}, "
                 f"{p['rounds_with_noise']} rounds with noise; budget epsilon = {p.get('epsilon_budget')}."]
+    per_person = p.get("unit") == "person"
+    unit = ("for each person (a training text and its counterfactual copy count as one: the two are sampled together "
+            f"and each is clipped at {_f(p.get('row_clip'), 4)}, so together they stay within {p['max_grad_norm']}; "
+            f"{p.get('persons')} persons, {p.get('rows')} rows)") if per_person else (
+        "for each training block of tokens (documents are joined and cut into blocks: a document that spans several "
+        "blocks, or text repeated across documents, is protected less)" if p.get("unit") == "block"
+        else "for each training example")
     return [f"Trained with DP-SGD (Opacus): (epsilon = {_f(p['epsilon'], 3)}, delta = {p['delta']:g})-differential "
-            f"privacy for each training example, {p['accountant'].upper()} accountant; noise multiplier sigma = "
-            f"{_f(p['noise_multiplier'], 4)}, sampling rate q = {_f(p['sample_rate'], 5)} (Poisson), {p['steps']} steps, "
-            f"per-example clipping at {p['max_grad_norm']}; budget epsilon = {p['target_epsilon']}"
-            + (" (training stopped early at the budget)." if p.get("budget_exhausted") else ".")]
+            f"privacy {unit}, {p['accountant'].upper()} accountant; noise multiplier sigma = "
+            f"{_f(p['noise_multiplier'], 4)}, sampling rate q = {_f(p['sample_rate'], 5)} (Poisson, of "
+            f"{'persons' if per_person else 'examples'}), {p['steps']} steps, "
+            f"per-{'person' if per_person else 'example'} clipping at {p['max_grad_norm']}; budget epsilon = "
+            f"{p['target_epsilon']}" + (" (training stopped early at the budget)." if p.get("budget_exhausted") else ".")]
 
 
 def model_card(run_dir: Path) -> str:
@@ -98,6 +106,10 @@ def model_card(run_dir: Path) -> str:
             L += ["", f"Mitigation (ThresholdOptimizer, {mit['constraint']}, on {mit['attribute']}): equalized odds "
                       f"difference {_f(b['equalized_odds_difference'])} -> {_f(a['equalized_odds_difference'])}, "
                       f"binary accuracy {_f(b['binary_accuracy'])} -> {_f(a['binary_accuracy'])}."]
+        if mit:
+            from keel.trust.mitigation import served_statement
+
+            L += ["", served_statement(run_dir, mit)]
         L.append("")
     if exp:
         fa = exp.get("faithfulness") or {}

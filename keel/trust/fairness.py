@@ -90,9 +90,12 @@ def counterfactual(texts: list[str], probs: np.ndarray, predict_proba, cats: lis
     out = {}
     for cat in [*cats, "all"]:
         use = cats if cat == "all" else [cat]
-        swapped = [(i, s) for i, (s, n) in enumerate(lexicon.swap_terms(t, use) for t in texts) if n]
+        swaps = [lexicon.swap_terms(t, use) for t in texts]
+        swapped = [(i, sw.text) for i, sw in enumerate(swaps) if sw.n]
+        ambiguous = sum(1 for sw in swaps if sw.ambiguous)  # left out: no grammatical counterfactual
         if not swapped:
-            out[cat] = {"n": 0, "flip_rate": None, "mean_score_change": None, "mean_abs_score_change": None, "examples": []}
+            out[cat] = {"n": 0, "ambiguous": ambiguous, "flip_rate": None, "mean_score_change": None,
+                        "mean_abs_score_change": None, "examples": []}
             continue
         idx = np.array([i for i, _ in swapped])
         new = predict_proba([s for _, s in swapped])  # (n, C)
@@ -100,7 +103,7 @@ def counterfactual(texts: list[str], probs: np.ndarray, predict_proba, cats: lis
         delta = new[:, pos] - probs[idx, pos]
         examples = [{"text": texts[i], "counterfactual": s, "before": float(probs[i, pos]), "after": float(new[k, pos])}
                     for k, (i, s) in enumerate(swapped) if flips[k]][:5]
-        out[cat] = {"n": len(idx), "flip_rate": _num(flips.mean()), "mean_score_change": _num(delta.mean()),
+        out[cat] = {"n": len(idx), "ambiguous": ambiguous, "flip_rate": _num(flips.mean()), "mean_score_change": _num(delta.mean()),
                     "mean_abs_score_change": _num(np.abs(delta).mean()), "examples": examples}
     return out
 
@@ -165,13 +168,20 @@ def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: 
     before = (test["score"] >= 0.5).astype(int) if "pred" not in test else test["pred"]
     after = before.copy()
     t = np.isin(test["group"], usable)
-    if t.any():
+    if t.any() and "texts" in test:  # each text's draw comes from the text: what `keel predict` / `keel serve` give
+        from keel.trust.mitigation import decide
+
+        d = decide(opt.interpolated_thresholder_, list(test["group"]), test["texts"], test["score"], usable)
+        after[t] = d[t]
+    elif t.any():
         after[t] = opt.predict(test["score"][t].reshape(-1, 1), sensitive_features=test["group"][t], random_state=seed)
     y = test["y"]
     sens = test["group"]
+    from keel.trust.mitigation import interpolation_json
+
     return {"applied": True, "constraint": constraint, "groups": usable,
             "before": group_table(y, before, sens, 1, min_group_size),
-            "after": group_table(y, after, sens, 1, min_group_size)}
+            "after": group_table(y, after, sens, 1, min_group_size), "thresholds": interpolation_json(opt)}
 
 
 def audit(texts: list[str], y_true: np.ndarray, probs: np.ndarray, labels: list[str], cfg, predict_proba,
@@ -206,9 +216,11 @@ def _mitigate(result, y_bin, probs, pos, texts, column, cats, cfg, fit_split) ->
     attrs = [(a, r["equalized_odds_difference"]) for a, r in result["attributes"].items()
              if r["equalized_odds_difference"] is not None]
     if not attrs:
-        return {"applied": False, "reason": "no attribute has two groups large enough to compare"}
+        reason = "no attribute has two groups large enough to compare"
+        return {"applied": False, "reason": reason, "served": {"applied": False, "reason": f"no thresholds were "
+                                                                                             f"fitted ({reason})"}}
     attr = max(attrs, key=lambda x: x[1])[0]
-    test = {"y": y_bin, "score": probs[:, pos], "pred": (probs.argmax(-1) == pos).astype(int),
+    test = {"y": y_bin, "score": probs[:, pos], "pred": (probs.argmax(-1) == pos).astype(int), "texts": list(texts),
             "group": sensitive_features(texts, column, cats if column is None else [])[attr]}
     if fit_split is None or not len(fit_split["texts"]):
         fit, note = test, "fitted on the audited split itself (no validation split): optimistic"
@@ -219,11 +231,57 @@ def _mitigate(result, y_bin, probs, pos, texts, column, cats, cfg, fit_split) ->
                "group": sensitive_features(fit_split["texts"], fcol, cats if fcol is None else [])[attr]}
         note = "fitted on the validation split, measured on the audited split"
     out = threshold_optimizer(fit, test, cfg.constraint, cfg.min_group_size)
-    return {"attribute": attr, "note": note, **out}
+    if not out["applied"]:
+        served = {"applied": False, "reason": f"no thresholds were fitted ({out['reason']})"}
+    elif column is not None:
+        served = {"applied": False, "reason": "the groups come from the data column data.columns.group, which a "
+                                              "served request does not carry"}
+    else:
+        served = {"applied": True}
+    return {"attribute": attr, "note": note, **out, "served": served}
+
+
+def _named_groups(fair: dict) -> str:
+    """The largest named groups per attribute, for a message on why nothing could be ranked."""
+    parts = []
+    for attr, r in fair.get("attributes", {}).items():
+        named = [g for g in r["groups"] if g["group"] not in BUCKETS]
+        named.sort(key=lambda g: -g["n"])
+        parts.append(f"{attr}: " + (", ".join(f"{g['group']} {g['n']}" for g in named[:3]) or "no group named"))
+    return "; ".join(parts) or "no attribute"
+
+
+def unmeasurable_gates(fair: dict | None, gates) -> list[str]:
+    """Each gate that is set but has nothing to measure, as one sentence naming the gate and why."""
+    set_gates = gates.thresholds()
+    if not set_gates:
+        return []
+    if fair is None:
+        return [f"audit.gates.{g}: no fairness audit ran" for g in set_gates]
+    m = fair.get("min_group_size")
+    out = []
+    no_pairs = f"no attribute has two groups with {m}+ examples ({_named_groups(fair)})"
+    for key in ("demographic_parity_difference", "equalized_odds_difference"):
+        if f"max_{key}" in set_gates and all(r.get(key) is None for r in fair["attributes"].values()):
+            out.append(f"audit.gates.max_{key}: {no_pairs}")
+    if "min_group_accuracy" in set_gates and all(r.get("worst_group_accuracy") is None
+                                                 for r in fair["attributes"].values()):
+        out.append(f"audit.gates.min_group_accuracy: no group with {m}+ examples ({_named_groups(fair)})")
+    if "min_subgroup_auc" in set_gates and not any(s["flag"] is None and s["subgroup_auc"] is not None
+                                                   for s in fair.get("subgroup_aucs", [])):
+        out.append(f"audit.gates.min_subgroup_auc: no subgroup with {m}+ examples of both outcomes")
+    if "max_counterfactual_flip_rate" in set_gates:
+        cf = fair.get("counterfactual")
+        if cf is None:
+            out.append("audit.gates.max_counterfactual_flip_rate: audit.fairness.counterfactual is off")
+        elif (cf.get("all") or {}).get("flip_rate") is None:
+            out.append("audit.gates.max_counterfactual_flip_rate: no audited text has a swappable identity term")
+    return out
 
 
 def check_gates(fair: dict | None, gates) -> list[str]:
-    """Each crossed threshold as one sentence; empty when every gate holds (or has nothing to measure)."""
+    """Each crossed threshold as one sentence; empty when every gate holds. A gate with nothing to measure is not
+    crossed: ``unmeasurable_gates`` names those, and the audit fails on them unless told to warn."""
     if fair is None:
         return []
     failures = []

@@ -6,6 +6,7 @@ import json
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from keel.errors import RecipeError
 
@@ -55,13 +56,40 @@ def group_label(text: str, category: str) -> str:
     return found[0] if len(found) == 1 else ("none" if not found else "several")
 
 
+# The gender pronouns are not a one-to-one swap: "her" is both "his" (determiner: her mother -> his father) and
+# "him" (object: told her. -> told him.), "his" both "her" (his car) and "hers" (the car is his). They are swapped
+# by their role, read off the next word; where the role cannot be told, the text is skipped and counted.
+PRONOUNS = ("her", "his", "him", "hers")
+# Words that cannot follow a determiner: after "her" they mean an object, after "his" a standalone pronoun.
+NOT_AFTER_DETERMINER = frozenset("""
+a an the this that these those to in on at for from with without about into onto of by as like than over under
+after before through during since until around off up down out away back behind near and or but nor so because
+if when while where although though unless whether i you he she it we they me him her us them my your our their
+its his hers some any all what who whom which how why something anything everything nothing is was are were be
+been am will would can could should shall may might must do does did has have had not very too again now then
+here there today yesterday tonight tomorrow once twice anyway already yet still also just really always never
+ever alone enough please
+""".split())
+# After these verbs "her <word>" may be an object followed by a second object or a complement ("gave her flowers",
+# "made her happy", "saw her leave") as well as a determiner ("gave her book away"): ambiguous.
+OBJECT_VERBS = frozenset("""
+give gives gave given giving tell tells told telling show shows showed shown send sends sent ask asks asked
+make makes made making let lets letting help helps helped see sees saw seen watch watched hear hears heard
+call calls called keep keeps kept want wants wanted get gets got find finds found leave leaves left teach taught
+bring brings brought buy buys bought offer offered pay paid owe owed wish wished lend lent promise promised
+remind reminded allow allowed force forced need needed expect expected wake woke drive drove
+""".split())
+_NEXT_WORD = re.compile(r"\s*([A-Za-z0-9][\w'-]*)")
+_PREV_WORD = re.compile(r"([A-Za-z][\w'-]*)\s*$")
+
+
 @lru_cache(maxsize=None)
 def _swap_table(cats: tuple[str, ...]) -> tuple[dict[str, str], re.Pattern]:
     table: dict[str, str] = {}
     for c in cats:
         for a, b in load_lexicon()["swaps"][c]:
             table[a], table[b] = b, a
-    return table, _words(table)
+    return table, _words([*table, *(PRONOUNS if "gender" in cats else ())])
 
 
 def _same_case(src: str, word: str) -> str:
@@ -72,17 +100,55 @@ def _same_case(src: str, word: str) -> str:
     return word
 
 
-def swap_terms(text: str, cats: list[str] | tuple[str, ...]) -> tuple[str, int]:
-    """The counterfactual text (every swappable identity term replaced by its pair) and the number swapped.
+def _pronoun(word: str, text: str, start: int, end: int, table: dict[str, str]) -> str | None:
+    """The counterpart of a gender pronoun at text[start:end] by its role; None when the role is ambiguous."""
+    if word == "him":
+        return "her"
+    if word == "hers":
+        return "his"
+    nxt = _NEXT_WORD.match(text, end)
+    follower = nxt.group(1).lower() if nxt else None  # None: the text ends or punctuation follows
+    determiner = follower is not None and follower not in NOT_AFTER_DETERMINER
+    if word == "his":
+        return "her" if determiner else "hers"
+    if not determiner:
+        return "him"
+    prev = _PREV_WORD.search(text, 0, start)
+    if follower in table or follower == "own" or not (prev and prev.group(1).lower() in OBJECT_VERBS):
+        return "his"
+    return None
 
-    The swap is an involution: ``swap_terms(swap_terms(t)[0])[0] == t`` for lower-, title- and upper-case terms.
+
+class Swap(NamedTuple):
+    """A counterfactual: the swapped text (None when a pronoun's role is ambiguous), terms swapped, ambiguous words."""
+
+    text: str | None
+    n: int
+    ambiguous: tuple[str, ...] = ()
+
+
+def swap_terms(text: str, cats: list[str] | tuple[str, ...]) -> Swap:
+    """The counterfactual text (every swappable identity term replaced by its counterpart) and the number swapped.
+
+    Pairs swap both ways, so ``swap_terms(swap_terms(t).text).text == t`` for them in lower, title and upper case;
+    her/his/him/hers swap by their role (her mother -> his father, told her. -> told him., the car is his. -> the
+    car is hers.). A text with a pronoun whose role cannot be told ("gave her flowers") gets no counterfactual:
+    ``text`` is None, ``n`` 0, and ``ambiguous`` names the words, so callers skip it and count it.
     """
     table, pattern = _swap_table(tuple(cats))
-    count = 0
+    count, ambiguous = 0, []
 
     def repl(m: re.Match) -> str:
         nonlocal count
+        word = m.group(0).lower()
+        other = _pronoun(word, m.string, m.start(), m.end(), table) if word in PRONOUNS else table[word]
+        if other is None:
+            ambiguous.append(m.group(0))
+            return m.group(0)
         count += 1
-        return _same_case(m.group(0), table[m.group(0).lower()])
+        return _same_case(m.group(0), other)
 
-    return pattern.sub(repl, text), count
+    swapped = pattern.sub(repl, text)
+    if ambiguous:
+        return Swap(None, 0, tuple(ambiguous))
+    return Swap(swapped, count)

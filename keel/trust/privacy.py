@@ -10,8 +10,18 @@ The budget is enforced: before training, the last step whose epsilon stays withi
 is found with the accountant; training stops there and says so. sigma and the accountant history
 live in every checkpoint (JSON, in ``state.extra``), so a resumed run keeps the same sigma and budget.
 
+With counterfactual augmentation (``audit.fairness.mitigation: counterfactual-augmentation``) a person's text
+and its swapped copy are two rows: the guarantee is kept per person, not per row. Persons (the original
+training texts) are Poisson-sampled, each with all of their rows; every row is clipped at ``max_grad_norm / k``
+(k = 2 rows per person at most), so one person's rows together move the sum by at most ``max_grad_norm``; the
+noise stays sigma * max_grad_norm. That is the subsampled Gaussian mechanism over persons, so q = batch_size / N,
+the ``delta < 1/N`` check and epsilon all use N = persons, not rows.
+
 Not supported (refused with a message): several processes, mixed precision, gradient accumulation
-(the Poisson batch is the logical batch), BatchNorm (mixes examples, so per-example gradients are undefined).
+(the Poisson batch is the logical batch), BatchNorm (mixes examples, so per-example gradients are undefined),
+fixed-size shuffled batches (``poisson_sampling: false``: no accountant here analyses them).
+
+This module imports torch only inside the functions that train, so ``keel validate`` stays fast.
 """
 
 from __future__ import annotations
@@ -22,9 +32,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
-from keel.errors import CheckpointError, RecipeError
+from keel.errors import CheckpointError, KeelError, RecipeError
 from keel.progress import log, progress
 
 
@@ -55,6 +63,8 @@ def steps_within_budget(kind: str, sigma: float, q: float, delta: float, target:
 
 def poisson_batch(n: int, q: float, seed: int, step: int) -> list[int]:
     """Indices of step ``step``'s batch: each of the n examples independently with probability q."""
+    import torch
+
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     return torch.nonzero(torch.rand(n, generator=g) < q).flatten().tolist()
 
@@ -91,8 +101,20 @@ def clipped_backward(dp_opt, idx: list[int], chunk_size: int, loss_of) -> float:
     return total
 
 
+# Model families whose layers are all per-example (LayerNorm / RMSNorm, no BatchNorm): `keel validate` passes them
+# without building the model; any other family is checked on the real model when training starts.
+PER_EXAMPLE_FAMILIES = frozenset({
+    "bert", "distilbert", "roberta", "xlm-roberta", "camembert", "albert", "electra", "deberta", "deberta-v2",
+    "mpnet", "ernie", "modernbert", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2",
+    "gpt_neox", "opt", "smollm3"})
+
+
 def check_privacy_recipe(recipe, n_train: int | None = None) -> None:
-    """The checks `keel validate` runs for train.privacy (fast: the model is built on the meta device)."""
+    """The checks `keel validate` runs for train.privacy; no torch, no model built.
+
+    ``n_train`` is the exact number of persons (training texts before any augmentation); without it the data file's
+    row count bounds it from above (a cheap read), and the file is read in full only when the bound cannot decide.
+    """
     p, cfg = recipe.train.privacy, recipe.train
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RecipeError("train.privacy runs in one process; launch without torchrun/accelerate")
@@ -101,31 +123,126 @@ def check_privacy_recipe(recipe, n_train: int | None = None) -> None:
     if cfg.grad_accum_steps != 1:
         raise RecipeError("train.privacy: the Poisson batch is the logical batch; set train.grad_accum_steps=1 "
                           "and raise train.batch_size instead")
-    if n_train is None:
-        from keel.data.load import load_splits
+    if not p.poisson_sampling:  # the recipe schema refuses it too; a hand-built config must not slip through
+        raise RecipeError("train.privacy.poisson_sampling=false has no accountant in keel; set it to true")
+    exact = n_train is not None
+    if not exact:
+        bound = train_rows_upper_bound(recipe)
+        if bound is not None and 0 < bound and p.delta < 1.0 / bound and cfg.batch_size < bound:
+            n_train = bound  # delta < 1/bound <= 1/N holds; the batch size is checked exactly when training starts
+        else:
+            from keel.data.load import load_splits
 
-        n_train = len(load_splits(recipe.data, recipe.task).train)
+            n_train, exact = len(load_splits(recipe.data, recipe.task).train), True
     if n_train == 0:
         raise RecipeError("train.privacy: the training split is empty")
-    if p.delta >= 1.0 / n_train:
+    if exact and p.delta >= 1.0 / n_train:
         raise RecipeError(f"train.privacy.delta = {p.delta:g} is not below 1/N = {1.0 / n_train:.3g} (N = {n_train} "
                           f"training examples): such a delta allows leaking whole examples; set train.privacy.delta="
                           f"{10 ** math.floor(math.log10(0.1 / n_train)):g}")
-    if cfg.batch_size >= n_train:
+    if exact and cfg.batch_size >= n_train:
         raise RecipeError(f"train.privacy: train.batch_size {cfg.batch_size} must be below the {n_train} training examples")
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForCausalLM
+    check_architecture(recipe)
 
-    from keel.models import model_dir
 
-    config = AutoConfig.from_pretrained(model_dir(recipe.model.name))
-    auto = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
-    with torch.device("meta"):
-        check_model(auto.from_config(config))
+def train_rows_upper_bound(recipe) -> int | None:
+    """An upper bound on the training split's size from the data file's row count, or None when not cheap.
+
+    Dropping empty and repeated texts only removes rows, and the split's train share never shrinks when rows are
+    added, so the split arithmetic on the file's rows bounds N from above.
+    """
+    d = recipe.data
+    if recipe.task != "classification" or d.path is None:
+        return None
+    from keel.data.load import FORMATS
+
+    path = Path(d.path).expanduser()
+    kind = d.format if d.format != "auto" else FORMATS.get(path.suffix.lower())
+    try:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_metadata(path).num_rows
+        elif kind == "csv":
+            import csv
+
+            with open(path, encoding="utf-8", errors="replace", newline="") as f:
+                rows = sum(1 for _ in csv.reader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")) - 1
+        elif kind == "jsonl":
+            with open(path, encoding="utf-8", errors="replace") as f:
+                first = f.read(1).lstrip()
+                if first == "[":
+                    return None  # a JSON array, not lines
+                f.seek(0)
+                rows = sum(1 for line in f if line.strip())
+        else:
+            return None
+    except Exception:  # noqa: BLE001  (any trouble: the exact read decides, and names the problem)
+        return None
+    s = d.split
+    rest = rows - (round(rows * s.test) if s.test else 0)
+    frac = s.validation / (1 - s.test) if s.test < 1 else 0
+    n = rest - (round(rest * frac) if frac else 0)
+    return max(0, min(n, d.max_train_samples) if d.max_train_samples else n)
+
+
+def check_architecture(recipe) -> None:
+    """BatchNorm mixes the examples of a batch, so per-example gradients (and DP-SGD) are undefined for it.
+
+    Built-in models and the families in PER_EXAMPLE_FAMILIES pass from config.json alone; for any other model the
+    real modules are checked when training starts (``check_model``), before the first step.
+    """
+    import json
+
+    from keel.models.registry import resolve_model
+
+    name, spec = resolve_model(recipe.model.name)
+    if spec is not None or recipe.model.init == "scratch":
+        return  # keel's own models: transformers with LayerNorm / RMSNorm
+    try:
+        model_type = json.loads((Path(name) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    if model_type not in PER_EXAMPLE_FAMILIES:
+        log(f"train.privacy: model type {model_type!r} is checked for BatchNorm when training starts")
+
+
+def dp_optimizer_args(sigma: float, max_grad_norm: float, rows_per_person: int) -> dict:
+    """DPOptimizer settings that give (sigma, q)-subsampled-Gaussian privacy per person of up to k rows.
+
+    Opacus clips each row at ``max_grad_norm`` and adds noise of std ``noise_multiplier * max_grad_norm``: rows
+    clipped at C/k with noise multiplier k * sigma give a person sensitivity k * C/k = C and noise std sigma * C.
+    """
+    k = rows_per_person
+    return {"noise_multiplier": sigma * k, "max_grad_norm": max_grad_norm / k}
+
+
+def person_rows(original, train_ds, recipe) -> list[list[int]]:
+    """For each person (a row of the original training split), the rows of ``train_ds`` that come from them.
+
+    Counterfactual augmentation appends one swapped copy per text that names a group, in the original order
+    (``keel.trust.cda.swap_sources``); any other difference in length is a mismatch keel refuses to account for.
+    """
+    n, rows = len(original), len(train_ds)
+    out = [[i] for i in range(n)]
+    if rows == n:
+        return out
+    from keel.trust.cda import swap_sources
+
+    sources = [i for i, _ in swap_sources(list(original["text"]), recipe)]
+    if n + len(sources) != rows:
+        raise KeelError(f"train.privacy: {rows} training rows do not match {n} texts plus {len(sources)} "
+                              "counterfactual copies; privacy cannot be accounted per person")
+    for j, i in enumerate(sources):
+        out[i].append(n + j)
+    return out
 
 
 def _per_example_inputs(batch: dict, model) -> dict:
     """Batch-expanded position (and token-type) ids: per-example gradients of the position embeddings
     need a batch dimension on their input (Opacus: 'stack expects each tensor to be equal size')."""
+    import torch
+
     B, T = batch["input_ids"].shape
     batch["position_ids"] = torch.arange(T, device=batch["input_ids"].device).unsqueeze(0).repeat(B, 1)  # (B, T)
     if getattr(model.config, "type_vocab_size", 0) and "token_type_ids" not in batch:
@@ -137,6 +254,7 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     """DP-SGD training per the recipe; the same run-directory layout and summary as the engine, plus ``privacy``."""
     import resource
 
+    import torch
     from accelerate.utils import set_seed
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -157,7 +275,9 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     run_dir, ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, data, train_ds, model = load_data_and_model(recipe)
-    val_ds, task, n = data.splits["validation"], get_task(recipe.task), len(train_ds)
+    val_ds, task = data.splits["validation"], get_task(recipe.task)
+    rows_of = person_rows(data.splits["train"], train_ds, recipe)  # person -> their rows (a text + its swapped copy)
+    n, per_person = len(rows_of), max(len(r) for r in rows_of)  # N counts persons, not augmented rows
     check_privacy_recipe(recipe, n)
     check_model(model)
     if p.freeze_embeddings:
@@ -207,8 +327,9 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     model.to(device)
     model.train()
     gs_model = GradSampleModule(model)
-    dp_opt = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=p.max_grad_norm,
-                         expected_batch_size=cfg.batch_size)
+    # Each row is clipped at C/k, so a person's k rows move the sum by at most C; the noise std stays sigma * C.
+    dp_opt = DPOptimizer(optimizer, **dp_optimizer_args(sigma, p.max_grad_norm, per_person),
+                         expected_batch_size=max(1, round(q * len(train_ds))))
     metrics = MetricLog(run_dir, enabled=True, resume_step=state.step if resume else None)
     if restored_rng is not None:
         ckpt.restore_rng(*restored_rng)  # the noise comes from torch's global RNG: restored, it replays
@@ -222,6 +343,10 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
                 "sample_rate": q, "steps": state.step, "planned_steps": planned, "steps_within_budget": allowed,
                 "budget_exhausted": allowed < planned and state.step >= allowed, "accountant": p.accountant,
                 "max_grad_norm": p.max_grad_norm, "poisson_sampling": p.poisson_sampling,
+                # a causal LM trains on blocks of max_length tokens cut from joined documents: the guarantee is per block
+                "unit": "person" if per_person > 1 else ("block" if recipe.task == "causal-lm" else "example"),
+                "persons": n, "rows": len(train_ds),
+                "rows_per_person": per_person, "row_clip": p.max_grad_norm / per_person,
                 "history": [list(h) for h in accountant.history]}
 
     def save() -> None:
@@ -255,14 +380,7 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
         bar_id = bar.add_task("DP training", total=stop, completed=min(state.step, stop), info="")
         while state.step < stop and not state.finished:
             epoch = state.step // steps_per_epoch
-            if p.poisson_sampling:
-                idx = poisson_batch(n, q, cfg.seed, state.step)
-            else:  # fixed-size shuffled batches; the accounting still assumes Poisson sampling
-                from keel.train.engine import epoch_order
-
-                order = epoch_order(n, cfg.seed, epoch)
-                k = state.step % steps_per_epoch
-                idx = order[k * cfg.batch_size: (k + 1) * cfg.batch_size]
+            idx = [r for i in poisson_batch(n, q, cfg.seed, state.step) for r in rows_of[i]]  # persons, all rows
             if idx:
                 # A logical (Poisson) batch in physical chunks: each chunk's per-example gradients are clipped and
                 # summed, then dropped (Opacus' skipped steps); noise is added once, after the last chunk.
@@ -301,6 +419,10 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
             f"<= {p.target_epsilon}[/]")
     log(f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {sigma:.4f}, q {q:.5f}, "
         f"{state.step} steps ({p.accountant} accountant)")
+    if per_person > 1:
+        log(f"privacy is per person: {n} persons, {len(train_ds)} rows with their counterfactual copies, each row "
+            f"clipped at {p.max_grad_norm / per_person:g} so a person's {per_person} rows together stay within "
+            f"{p.max_grad_norm:g}")
     if (ckpt_root / "best" / "manifest.json").is_file():
         from safetensors.torch import load_model
 
