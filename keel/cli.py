@@ -437,7 +437,8 @@ def main() -> None:
     if debug:  # accepted anywhere on the line, not only before the verb
         args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
-        app(args=args, prog_name="keel", standalone_mode=False)
+        if app(args=args, prog_name="keel", standalone_mode=False) == 130:
+            raise KeyboardInterrupt  # typer returns Ctrl-C as exit code 130 when not standalone: not a success
     except KeelError as e:
         if debug:
             raise

@@ -93,6 +93,7 @@ def test_site_manager_bounds_the_wait_and_names_the_sites_that_left():
     assert time.monotonic() - t0 < 5
     assert "round 5 needs 2 sites" in str(e.value) and "south[bold] (round 4)" in str(e.value)
     assert "federated.server.round_timeout" in str(e.value) and "--resume" in str(e.value)
+    assert "south" not in e.value.for_sites and "join again when the server resumes" in e.value.for_sites
 
 
 def _popen(args, cwd, env):
@@ -138,7 +139,9 @@ def test_a_failed_site_ends_the_run_with_its_name_and_strangers_are_refused(tmp_
         assert "Traceback" not in outs["odd"]
         for n in ("north", "south"):
             assert sites[n].returncode == 2, outs[n][-2000:]
-            assert f"site {n}: the server ended the run after this site trained 1 rounds: round 2 needs 3" in outs[n]
+            told = [line for line in outs[n].splitlines() if line.startswith("error:")]
+            assert len(told) == 1 and f"site {n}: the server ended the run after this site trained 1 rounds: round 2 " \
+                "needs 3 sites" in told[0] and "odd" not in told[0], outs[n][-2000:]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -146,3 +149,30 @@ def test_a_failed_site_ends_the_run_with_its_name_and_strangers_are_refused(tmp_
                 p.wait(timeout=20)
     rounds = sorted(p.name for p in (tmp_path / "runs" / "fedtiny" / "federated").glob("round-*"))
     assert rounds[-1] == "round-00001"  # the completed round is saved for --resume
+
+
+def test_sigterm_marks_the_run_failed_and_resumable(tmp_path):
+    """Flower's signal handler is gone with start_server: keel's own turns SIGTERM into a marked, resumable stop."""
+    import json
+
+    recipe, port, _ = _recipe(tmp_path)
+    server = _popen(["federate", "serve", str(recipe)], tmp_path, {**os.environ, **OFFLINE})
+    try:
+        deadline = time.monotonic() + 240
+        lines = []
+        while time.monotonic() < deadline:
+            line = server.stderr.readline()
+            lines.append(line)
+            if "round 0 (initial model)" in line or not line:
+                break
+        assert any("round 0" in x for x in lines), "".join(lines)[-2000:]
+        time.sleep(1)
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=20)
+    assert server.returncode == 130 and "interrupted" in err, err[-2000:]
+    info = json.loads((tmp_path / "runs" / "fedtiny" / "run.json").read_text())
+    assert info["status"] == "failed"

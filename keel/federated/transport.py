@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import signal
 import threading
 from collections import namedtuple
 from contextlib import contextmanager
@@ -115,6 +116,10 @@ def _digest(value: str) -> bytes:
 class TooFewSites(KeelError):
     """Fewer sites than a round needs stayed connected for federated.server.round_timeout."""
 
+    def __init__(self, message: str, for_sites: str = ""):
+        super().__init__(message)
+        self.for_sites = for_sites or message
+
 
 def _server_interceptor(secret: str):
     import grpc
@@ -180,15 +185,18 @@ class SiteManager(SimpleClientManager):
     def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
         if super().wait_for(num_clients, timeout=min(float(timeout), self.wait_s)):
             return True
-        raise TooFewSites(self.too_few(num_clients))
+        raise TooFewSites(self.too_few(num_clients), self.too_few(num_clients, for_sites=True))
 
-    def too_few(self, num_clients: int) -> str:
+    def too_few(self, num_clients: int, for_sites: bool = False) -> str:
+        """Why the run ends; the sites' version names no other site."""
+        now = f"{len(self)} {'is' if len(self) == 1 else 'are'} connected" if self.names else "no site joined"
+        head = (f"round {self.round} needs {num_clients} sites (federated.min_available_clients) but {now} after "
+                f"waiting {self.wait_s:g}s (federated.server.round_timeout)")
+        if for_sites:
+            return f"{head}; join again when the server resumes the run"
         gone = ", ".join(f"{n} (round {r})" for n, r in self.left)
-        why = f"; sites that left: {gone}" if gone else ""
-        return (f"round {self.round} needs {num_clients} sites (federated.min_available_clients) but "
-                f"{len(self)} stayed connected for {self.wait_s:g}s (federated.server.round_timeout){why}. "
-                f"The completed rounds are saved: fix the sites, then `keel federate serve RECIPE --resume` "
-                f"and join them again")
+        return (f"{head}{'; sites that left: ' + gone if gone else ''}. The completed rounds are saved: fix the "
+                f"sites, then `keel federate serve RECIPE --resume` and join them again")
 
 
 def _servicer(manager):
@@ -242,17 +250,25 @@ def run_server(address: str, strategy, *, num_rounds: int, round_timeout: float 
     except RuntimeError as e:  # grpc could not bind
         raise KeelError(f"cannot listen on {address} ({e}); check federated.server.address / --address") from None
     grpc_server.start()
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends the run like Ctrl-C: marked, resumable
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_fl(server=server, config=ServerConfig(num_rounds=num_rounds, round_timeout=round_timeout))
-    except TooFewSites as e:
-        log(f"[red]ending the run[/]: {escape(str(e))}")
+    except TooFewSites as e:  # the CLI prints the reason; the sites still connected hear it first
         manager.closing = True
-        _tell_sites(manager, str(e))
+        _tell_sites(manager, e.for_sites)
         server.disconnect_all_clients(timeout=10)
         raise
     finally:
         manager.closing = True
         grpc_server.stop(grace=1)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
 
 
 # -- the site -----------------------------------------------------------------------------------------
