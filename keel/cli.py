@@ -238,7 +238,10 @@ def federate(args: List[str] = typer.Argument(..., metavar="[serve|join] RECIPE 
              server: Optional[str] = typer.Option(None, "--server", help="join: the server's HOST:PORT"),
              site_name: Optional[str] = typer.Option(None, "--site-name", help="join: the name the server logs (default: the file's name)"),
              root_certificate: Optional[str] = typer.Option(None, "--root-certificate", help="join: CA certificate (PEM) for TLS"),
-             address: Optional[str] = typer.Option(None, "--address", help="serve: HOST:PORT to listen on (default federated.server.address)")) -> None:
+             address: Optional[str] = typer.Option(None, "--address", help="serve: HOST:PORT to listen on (default federated.server.address)"),
+             secret_file: Optional[str] = typer.Option(None, "--secret-file", help="serve/join: file with the federation's site secret (or set KEEL_FEDERATION_SECRET)"),
+             allow_insecure: bool = typer.Option(False, "--allow-insecure", help="serve/join: plain gRPC on a non-loopback address"),
+             allow_no_auth: bool = typer.Option(False, "--allow-no-auth", help="serve: a non-loopback address without a site secret")) -> None:
     mode = args[0] if args[0] in ("serve", "join") else "simulate"
     rest = args[1:] if mode != "simulate" else args
     if not rest:
@@ -249,12 +252,14 @@ def federate(args: List[str] = typer.Argument(..., metavar="[serve|join] RECIPE 
     if mode == "join":
         if not site_data or not server:
             raise KeelError("keel federate join needs --site-data FILE and --server HOST:PORT")
-        fed_run.join(r, site_data, server, site_name, root_certificate, debug=_state["debug"])
+        fed_run.join(r, site_data, server, site_name, root_certificate, debug=_state["debug"], secret_file=secret_file,
+                     allow_insecure=allow_insecure)
         return
     if site_data or server:
         raise KeelError("--site-data and --server go with `keel federate join`")
     if mode == "serve":
-        run_dir = fed_run.serve(r, resume=resume, address=address, debug=_state["debug"])
+        run_dir = fed_run.serve(r, resume=resume, address=address, debug=_state["debug"], secret_file=secret_file,
+                                allow_insecure=allow_insecure, allow_no_auth=allow_no_auth)
     else:
         run_dir = fed_run.simulate(r, resume=resume, debug=_state["debug"])
     _print_results(run_dir)
@@ -432,7 +437,8 @@ def main() -> None:
     if debug:  # accepted anywhere on the line, not only before the verb
         args = ["--debug", *[a for a in args if a != "--debug"]]
     try:
-        app(args=args, prog_name="keel", standalone_mode=False)
+        if app(args=args, prog_name="keel", standalone_mode=False) == 130:
+            raise KeyboardInterrupt  # typer returns Ctrl-C as exit code 130 when not standalone: not a success
     except KeelError as e:
         if debug:
             raise

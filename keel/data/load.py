@@ -128,8 +128,8 @@ def cap_splits(train, validation, test, cfg: DataConfig):
     return train, validation, test
 
 
-def read_eval_file(path: str, columns: dict, labels: list[str], fmt: str = "auto") -> pd.DataFrame:
-    """A user's labelled file for `keel eval --data`, checked against the model's label set."""
+def read_eval_file(path: str, columns: dict, labels: list[str] | None, fmt: str = "auto") -> pd.DataFrame:
+    """A user's labelled file for `keel eval --data`, checked against the model's label set (None: any labels)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"--data: file '{path}' not found; check the path")
@@ -141,7 +141,7 @@ def read_eval_file(path: str, columns: dict, labels: list[str], fmt: str = "auto
         raise DataError(f"--data: {path} has no rows with both a text and a label")
     frame["text"] = frame["text"].astype(str)
     frame["label"] = frame["label"].map(_label_str)
-    unseen = sorted(set(frame["label"]) - set(labels))
+    unseen = sorted(set(frame["label"]) - set(labels if labels is not None else frame["label"]))
     if unseen:
         raise DataError(f"--data: label {unseen[0]!r} in {path} is not one the model knows ({', '.join(labels)}); "
                         "map those rows to a known label or drop them")

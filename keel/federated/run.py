@@ -423,8 +423,15 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
     return p.read_bytes()
 
 
-def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debug: bool = False) -> Path:
-    """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`."""
+def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debug: bool = False,
+          secret_file: str | None = None, allow_insecure: bool = False, allow_no_auth: bool = False) -> Path:
+    """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`.
+
+    A non-loopback address needs TLS and a site secret unless ``allow_insecure`` / ``allow_no_auth`` say the
+    network is trusted; with a secret, only sites that send it can join (see transport.py).
+    """
+    from keel.federated import transport
+
     fed = _fed(recipe)
     set_threads(recipe)
     if fed.secagg.enabled:
@@ -436,26 +443,46 @@ def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debu
         raise KeelError("TLS needs all three of federated.server.root_certificate, certificate and private_key")
     certificates = tuple(_read_pem(p, n) for p, n in zip(pems, ("root_certificate", "certificate", "private_key"))) if all(pems) else None
     address = address or srv.address
+    secret = transport.load_secret(secret_file)
+    transport.check_serve(address, certificates is not None, secret, allow_insecure, allow_no_auth)
     _quiet_flower(debug)
 
     def body(s: Setup, c: Coordinator) -> None:
-        from flwr.server import ServerConfig, start_server
-
-        log(f"serving on {address} ({'TLS' if certificates else 'insecure: loopback or a trusted network only'}); "
-            f"waiting for {fed.min_available_clients} sites")
-        start_server(server_address=address, strategy=c.strategy(), certificates=certificates,
-                     config=ServerConfig(num_rounds=c.remaining, round_timeout=srv.round_timeout))
+        tls = "TLS" if certificates else "insecure: loopback or a trusted network only"
+        log(f"serving on {address} ({tls}), {'sites need the federation secret' if secret else 'no site secret'}; "
+            f"waiting up to {float(srv.round_timeout or 600):g}s for {fed.min_available_clients} sites")
+        transport.run_server(address, c.strategy(), num_rounds=c.remaining, round_timeout=srv.round_timeout,
+                             needed=fed.min_available_clients, offset=c.offset, certificates=certificates, secret=secret)
 
     return _run(recipe, resume, body)
 
 
+def _site_frame(path: Path, columns: dict, labels: list[str] | None):
+    """This site's rows, read and checked (columns, rows, and with ``labels`` the label set); errors name --site-data."""
+    from keel.data.load import read_eval_file
+
+    try:
+        return read_eval_file(str(path), columns, labels)
+    except KeelError as e:
+        import re
+
+        msg = re.sub(r"pass --(\w+)-column <one of those>", r"set data.columns.\1 in the recipe to one of those", str(e))
+        raise type(e)(msg.replace("--data:", "--site-data:")) from None
+
+
 def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = None,
-         root_certificate: str | None = None, debug: bool = False) -> int:
-    """`keel federate join`: train on one local file for the server at ``server``; returns the rounds trained."""
+         root_certificate: str | None = None, debug: bool = False, secret_file: str | None = None,
+         allow_insecure: bool = False) -> int:
+    """`keel federate join`: train on one local file for the server at ``server``; returns the rounds trained.
+
+    The file is read and checked before the site connects, so a malformed one stops here (exit 2) and never
+    holds up the federation.
+    """
     from transformers import AutoTokenizer
 
-    from keel.data.load import column_mapping, read_eval_file
+    from keel.data.load import column_mapping
     from keel.data.prepare import tokenize_classification
+    from keel.federated import transport
     from keel.models import model_dir
     from keel.recipe import DataConfig
 
@@ -465,58 +492,81 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     if not path.is_file():
         raise KeelError(f"--site-data: file '{site_data}' not found; pass this site's CSV/JSONL/Parquet file")
     root = _read_pem(root_certificate or recipe.federated.server.root_certificate, "root certificate")
+    secret = transport.load_secret(secret_file)
+    transport.check_join(server, root is not None, secret, allow_insecure)
     name = site_name or path.stem
+    columns = column_mapping(recipe.data if recipe.data.path or recipe.data.name else DataConfig(path=str(path)),
+                             "classification")
+    frame = _site_frame(path, columns, None)  # before connecting: a file that cannot be trained on stops here
+    if recipe.data.max_train_samples:
+        frame = frame[: recipe.data.max_train_samples]
+    log(f"site {name}: {len(frame)} rows from {path}")
     _quiet_flower(debug)
     model_path = model_dir(recipe.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    columns = column_mapping(recipe.data if recipe.data.path or recipe.data.name else DataConfig(path=str(path)),
-                             "classification")
-    frame_holder: dict = {}
 
     def load(labels):
         from keel.tasks import get_task
 
         if labels is None:
             raise KeelError("the server sent no label set; start it with `keel federate serve` from the same keel")
-        frame = read_eval_file(str(path), columns, labels)
+        checked = _site_frame(path, columns, labels)  # the server's label set is known only now
         if recipe.data.max_train_samples:
-            frame = frame[: recipe.data.max_train_samples]
-        frame_holder["n"] = len(frame)
-        log(f"site {name}: {len(frame)} rows from {path}")
-        ds = tokenize_classification(frame, tokenizer, recipe, labels)
+            checked = checked[: recipe.data.max_train_samples]
+        ds = tokenize_classification(checked, tokenizer, recipe, labels)
         return get_task("classification").build_model(model_path, labels), tokenizer, ds
 
     client = make_client(name, load, site_settings(recipe))
     counted = _CountRounds(client)
-    log(f"site {name}: joining {server} ({'TLS' if root else 'insecure'})")
+    log(f"site {name}: joining {server} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}")
+    import grpc
     from flwr.client import start_client
 
     wait = float(recipe.federated.server.round_timeout or 600)
     _wait_for_server(server, wait)
+    flwr_log = logging.getLogger("flwr")
+    hide = _HideKeelErrors()
+    if not debug:
+        flwr_log.addFilter(hide)  # keel's own errors are one line below, not Flower's traceback
     try:
-        start_client(server_address=server, client=counted.to_client(), insecure=root is None,
-                     root_certificates=root, max_wait_time=wait)
-    except Exception as e:  # grpc's errors carry a status; show it in one line
-        if type(e).__name__ != "_MultiThreadedRendezvous" and "grpc" not in type(e).__module__:
-            raise
-        detail = getattr(e, "details", lambda: str(e))()
+        with transport.site_metadata(name, secret):
+            start_client(server_address=server, client=counted.to_client(), insecure=root is None,
+                         root_certificates=root, max_wait_time=wait)
+    except KeelError as e:
+        raise type(e)(f"site {name}: {e}") from None
+    except grpc.RpcError as e:  # grpc's errors carry a status; show it in one line
+        code, detail = getattr(e, "code", lambda: None)(), getattr(e, "details", lambda: str(e))()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise KeelError(f"site {name}: the server {server} refused this site ({detail})") from None
         raise KeelError(f"site {name}: lost the server {server} ({detail}); check that `keel federate serve` runs "
                         f"there, then join again") from None
+    finally:
+        flwr_log.removeFilter(hide)
+    if client.ended:
+        raise KeelError(f"site {name}: the server ended the run after this site trained {counted.rounds} rounds: "
+                        f"{client.ended}")
     log(f"site {name}: done after {counted.rounds} rounds")
     return counted.rounds
+
+
+class _HideKeelErrors(logging.Filter):
+    """Flower logs a client's exception with its traceback before re-raising it; keel reports its own in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], KeelError))
 
 
 def _wait_for_server(server: str, timeout: float) -> None:
     """Flower's gRPC client gives up at once on a refused connection: wait here until the server listens."""
     import socket
 
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit():
-        raise KeelError(f"--server must be HOST:PORT, e.g. 127.0.0.1:9092; got {server!r}")
+    from keel.federated.transport import split_address
+
+    host, port = split_address(server, "--server")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            with socket.create_connection((host, port), timeout=5):
                 return
         except OSError:
             if time.monotonic() > deadline:

@@ -108,6 +108,15 @@ def make_client(site: str, load, settings: dict):
         return state["model"], state["tokenizer"], state["dataset"]
 
     class KeelSite(NumPyClient):
+        ended = ""  # why the server ended the run early, if it did (`keel federate join` exits 2 with it)
+
+        def get_properties(self, config):
+            from keel.federated.transport import END_KEY
+
+            if END_KEY in config:
+                self.ended = str(config[END_KEY])
+            return {}
+
         def get_parameters(self, config):
             return get_weights(ensure(config)[0])
 
