@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from keel.federated import privacy
-from keel.progress import log
+from keel.progress import esc, log
 
 
 def check_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float | None = None) -> str | None:
@@ -120,7 +120,7 @@ class Guard(_strategy_base()):
             site = str(res.metrics.get("site", getattr(proxy, "cid", "?")))
             why = check_update(parameters_to_ndarrays(res.parameters), self._reference, self.fed.max_update_norm)
             if why:
-                log(f"round {r}: [red]rejected the update of site {site}[/]: {why}")
+                log(f"round {r}: [red]rejected the update of site {esc(site)}[/]: {esc(why)}")
                 rejected.append(site)
             else:
                 kept.append((proxy, res))

@@ -156,7 +156,7 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(cfg.seed)
     run_dir, ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, data, train_ds, model = load_data_and_model(recipe)
+    tokenizer, data, train_ds, model = load_data_and_model(recipe, run_dir=run_dir)
     val_ds, task, n = data.splits["validation"], get_task(recipe.task), len(train_ds)
     check_privacy_recipe(recipe, n)
     check_model(model)
