@@ -5,6 +5,8 @@ Run directory layout (later stages add to it):
     runs/<name>/
       recipe.yaml        the resolved recipe (its SHA-256 is in run.json and every checkpoint)
       run.json           recipe hash, keel version, status, timings
+      splits/            the train/validation/test rows, frozen at training time (keel/data/splits.py): every
+                         later stage reads these, never data.path again
       metrics.jsonl      one record per optimiser step and per evaluation
       tensorboard/       the same metrics for TensorBoard
       checkpoints/       step-XXXXXXXX/ (exact-resume state) and best/ (best weights so far)

@@ -199,3 +199,24 @@ def test_sft_lora_without_merge_ends_with_exit_0(tmp_path):
     assert (run / "adapter").is_dir() and not (run / "model").exists()
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
     assert "adapter" in proc.stdout
+
+
+def test_a_report_section_that_fails_says_so(finished_run, tmp_path):
+    """A broken section is shown as broken (its traceback logged), not left out; the rest of the page is built."""
+    import shutil
+
+    work, run_dir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "bench.json").write_text(json.dumps({"variants": [{"variant": "torch"}]}))  # no figures: a KeyError
+    shutil.rmtree(copy / "splits")  # and the data section cannot show its splits (the source is unrecorded)
+    (copy / "data_summary.json").unlink(missing_ok=True)
+    (copy / "train.json").write_text("{}")
+    proc = keel("report", str(copy), cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    page = (copy / "report.html").read_text()
+    assert "<h2>Bench</h2><p class='fail'>This section could not be built: KeyError" in page
+    assert "<h2>Data</h2><p class='fail'>This section could not be built: DataError" in page
+    assert "<h2>Test set</h2>" in page  # the other sections are still there
+    assert "the bench section" in proc.stderr and "--debug" in proc.stderr
+    assert "Traceback" in keel("report", str(copy), "--debug", cwd=tmp_path).stderr

@@ -195,3 +195,27 @@ def test_a_run_without_frozen_splits_refuses_a_changed_source(tmp_path, toy_csv)
     toy_csv.write_text(toy_csv.read_text().replace("number 1,", "number one,"))
     with pytest.raises(DataError, match="cannot be shown to be the one it was trained on"):
         prepare_data(recipe, tok, run_dir)
+
+
+def test_training_freezes_once_and_a_resume_warns_about_a_changed_source(tmp_path, toy_csv, capsys):
+    from transformers import AutoTokenizer
+
+    from keel.data.prepare import prepare_data
+    from keel.models import model_dir
+    from keel.recipe import validate_recipe
+
+    recipe = validate_recipe({"data": {"path": str(toy_csv)}, "model": {"name": "tiny-bert", "max_length": 16}})
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = prepare_data(recipe, tok, run_dir, freeze=True)
+    assert (run_dir / "splits" / "manifest.json").is_file()
+    toy_csv.write_text("text,label\n" + "".join(f"a new text {i},{'ab'[i % 2]}\n" for i in range(50)))
+    capsys.readouterr()
+    resumed = prepare_data(recipe, tok, run_dir, freeze=True)
+    assert "changed since this run froze its splits" in capsys.readouterr().err
+    later = prepare_data(recipe, tok, run_dir)  # eval, audit, ...: the frozen rows, no warning needed
+    assert "changed since" not in capsys.readouterr().err
+    for got in (resumed, later):
+        assert got.splits["test"]["text"] == first.splits["test"]["text"]
+        assert got.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
