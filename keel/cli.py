@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from keel.errors import KeelError
-from keel.progress import console, out
+from keel.progress import console, esc, out, safe_print
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="keel: from a data set to a trained, evaluated transformer. Start with `keel quickstart`.")
@@ -34,6 +34,9 @@ def _offline() -> None:
 def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")) -> None:
     _state["debug"] = debug
     _offline()
+    from keel.progress import setup_logging
+
+    setup_logging(debug)
 
 
 @app.command()
@@ -44,7 +47,7 @@ def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -
 
     r = load_recipe(recipe, overrides)
     check_recipe(r)
-    out.print(f"[green]ok[/] {recipe}: task {r.task}, model {r.model.name}, data {r.data.name or r.data.path}, "
+    out.print(f"[green]ok[/] {esc(recipe)}: task {r.task}, model {esc(r.model.name)}, data {esc(r.data.name or r.data.path)}, "
               f"sha256 {r.sha256()[:12]}")
 
 
@@ -70,7 +73,7 @@ def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
     from keel.progress import is_main_process
 
     if is_main_process():
-        out.print(f"trained: [bold]{run_dir}[/]   next: keel eval {run_dir}")
+        out.print(f"trained: [bold]{esc(run_dir)}[/]   next: keel eval {esc(run_dir)}")
 
 
 @app.command("eval")
@@ -112,9 +115,11 @@ def predict(run_dir: str = typer.Argument(..., help="a run directory"),
         for r in results:
             print(json.dumps(r))
         return
+    from rich.text import Text
+
     table = Table("text", "label", "score")
-    for r in results:
-        table.add_row(r["text"][:80], r["label"], f"{r['score']:.3f}")
+    for r in results:  # Text cells: texts and labels are printed as typed, never parsed as markup
+        table.add_row(Text(r["text"][:80]), Text(r["label"]), f"{r['score']:.3f}")
     out.print(table)
 
 
@@ -125,12 +130,12 @@ def export(run_dir: str = typer.Argument(..., help="a run directory"),
     from keel.export.onnx import FP32, INT8, export_dir, export_onnx
 
     result = export_onnx(run_dir, int8=int8)
-    out.print(f"{export_dir(run_dir, FP32)}: {result[FP32]['bytes'] / 1e6:.1f} MB, "
+    out.print(f"{esc(export_dir(run_dir, FP32))}: {result[FP32]['bytes'] / 1e6:.1f} MB, "
               f"max |logit diff| vs PyTorch {result[FP32]['max_abs_diff_vs_eager']:.1e}")
     if INT8 in result:
-        out.print(f"{export_dir(run_dir, INT8)}: {result[INT8]['bytes'] / 1e6:.1f} MB, "
+        out.print(f"{esc(export_dir(run_dir, INT8))}: {result[INT8]['bytes'] / 1e6:.1f} MB, "
                   f"logit cosine vs PyTorch {result[INT8]['logit_cosine_vs_eager']:.4f}")
-    out.print(f"next: keel eval {run_dir} --backend onnx-int8")
+    out.print(f"next: keel eval {esc(run_dir)} --backend onnx-int8")
 
 
 @app.command()
@@ -143,8 +148,8 @@ def bench(run_dir: str = typer.Argument(..., help="a run directory"),
     from keel.report import write_report
 
     _print_bench(_bench(run_dir, n_latency, n_eval, rounds=rounds))
-    out.print(f"ratios vs the fp32 teacher through transformers' pipeline; wrote {run_dir}/bench.json and "
-              f"{write_report(run_dir)}")
+    out.print(f"ratios vs the fp32 teacher through transformers' pipeline; wrote {esc(run_dir)}/bench.json and "
+              f"{esc(write_report(run_dir))}")
 
 
 # -- compression: each stage alone, or all of them with the budgeted pick ---------------------------
@@ -159,7 +164,7 @@ def distill(run_dir: str = typer.Argument(..., help="a run directory (its model 
     from keel.compress.stages import distill as _distill, run_recipe
 
     folder = _distill(run_dir, run_recipe(run_dir, overrides))
-    out.print(f"student: [bold]{folder}[/]   next: keel eval {run_dir} --backend student-torch")
+    out.print(f"student: [bold]{esc(folder)}[/]   next: keel eval {esc(run_dir)} --backend student-torch")
 
 
 @app.command()
@@ -169,7 +174,7 @@ def prune(run_dir: str = typer.Argument(..., help="a run directory"),
     from keel.compress.stages import prune as _prune, run_recipe
 
     folder = _prune(run_dir, run_recipe(run_dir, overrides))
-    out.print(f"pruned: [bold]{folder}[/]   next: keel eval {run_dir} --backend pruned-torch")
+    out.print(f"pruned: [bold]{esc(folder)}[/]   next: keel eval {esc(run_dir)} --backend pruned-torch")
 
 
 @app.command()
@@ -180,7 +185,7 @@ def quantize(run_dir: str = typer.Argument(..., help="a run directory"),
     from keel.compress.stages import quantize as _quantize, run_recipe
 
     for variant in _quantize(run_dir, run_recipe(run_dir, overrides), stage):
-        out.print(f"  {variant}   (keel eval {run_dir} --backend {variant})")
+        out.print(f"  {variant}   (keel eval {esc(run_dir)} --backend {variant})")
 
 
 @app.command()
@@ -200,7 +205,7 @@ def compress(run_dir: str = typer.Argument(..., help="a run directory"),
 
             _print_bench(_json.loads((Path(run_dir) / "bench.json").read_text()))
             write_report(run_dir)
-    out.print(f"deployable: [bold]{record['deployable']}[/]   (keel predict {run_dir} --backend {record['deployable']} \"...\")")
+    out.print(f"deployable: [bold]{record['deployable']}[/]   (keel predict {esc(run_dir)} --backend {record['deployable']} \"...\")")
 
 
 def _print_bench(result: dict) -> None:
@@ -226,7 +231,7 @@ def report(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
 
     if not Path(run_dir).is_dir():
         raise KeelError(f"run directory '{run_dir}' not found")
-    out.print(f"wrote {write_report(run_dir)}")
+    out.print(f"wrote {esc(write_report(run_dir))}")
 
 
 @app.command(help="Federated learning with Flower. `keel federate RECIPE` simulates every site on this machine; "
@@ -358,7 +363,7 @@ def explain(run_dir: str = typer.Argument(..., help="a run directory"),
             if as_json:
                 print(json.dumps({k: v for k, v in e.to_json().items() if k != "rollout"}))
             else:
-                out.print(f"[bold]{e.label}[/] ({e.score:.3f})  ", render_terminal(e),
+                out.print(f"[bold]{esc(e.label)}[/] ({e.score:.3f})  ", render_terminal(e),
                           f"  [dim]completeness delta {e.delta:+.1e}[/]")
     if not as_json:
         out.print("[dim]green: toward the predicted label, red: against it[/]")
@@ -378,7 +383,8 @@ def audit(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
         run_audit(run_dir)
     finally:
         if (Path(run_dir) / "audit").is_dir():
-            out.print(f"wrote {Path(run_dir) / 'audit'}/, {Path(run_dir) / 'model' / 'MODEL_CARD.md'} and {write_report(run_dir)}")
+            out.print(f"wrote {esc(Path(run_dir) / 'audit')}/, {esc(Path(run_dir) / 'model' / 'MODEL_CARD.md')} and "
+                      f"{esc(write_report(run_dir))}")
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -392,12 +398,12 @@ def _load(recipe: str, overrides):
 def _print_eval(result: dict) -> None:
     if "accuracy" in result:
         base = result.get("baseline")
-        line = f"{result['split']}: accuracy [bold]{result['accuracy']:.4f}[/], macro-F1 [bold]{result['macro_f1']:.4f}[/] (n={result['n']})"
+        line = f"{esc(result['split'])}: accuracy [bold]{result['accuracy']:.4f}[/], macro-F1 [bold]{result['macro_f1']:.4f}[/] (n={result['n']})"
         if base:
-            line += f"; majority-class baseline ('{base['label']}') accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}"
+            line += f"; majority-class baseline ('{esc(base['label'])}') accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}"
         out.print(line)
     else:
-        out.print(f"{result['split']}: loss {result['loss']:.4f}, perplexity {result.get('perplexity', float('nan')):.2f}")
+        out.print(f"{esc(result['split'])}: loss {result['loss']:.4f}, perplexity {result.get('perplexity', float('nan')):.2f}")
 
 
 def _print_results(run_dir) -> None:
@@ -419,16 +425,20 @@ def _print_results(run_dir) -> None:
                   f"{versus_teacher(r['accuracy_drop_points'])}, "
                   f"{r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, {r['throughput_vs_pipeline']:.1f}x throughput, "
                   f"{r['smaller_vs_pipeline']:.1f}x smaller than the teacher through the HF pipeline)")
-    out.print(f"run directory: [bold]{run_dir}[/]   report: {run_dir / 'report.html'}")
+    shown = esc(run_dir)
+    out.print(f"run directory: [bold]{shown}[/]   report: {esc(run_dir / 'report.html')}")
     out.print("next:")
-    task = json.loads((run_dir / "model" / "keel.json").read_text())["task"]
+    info_file = run_dir / "model" / "keel.json"  # absent when sft.merge is false: the run ends with its adapter
+    task = json.loads(info_file.read_text())["task"] if info_file.is_file() else None
     if task == "classification":
         backend = f" --backend {pick['deployable']}" if pick.get("deployable") else ""
-        out.print(f"  keel predict {run_dir}{backend} \"I love my new self-driving car\"")
-        out.print(f"  keel eval {run_dir} --data my_labelled.csv")
+        out.print(f"  keel predict {shown}{backend} \"I love my new self-driving car\"")
+        out.print(f"  keel eval {shown} --data my_labelled.csv")
+    elif task is None and (run_dir / "adapter").is_dir():
+        out.print(f"  the LoRA adapter is in {esc(run_dir / 'adapter')} (set sft.merge=true for a merged model/)")
     elif test:
-        out.print(f"  keel eval {run_dir}")
-    out.print(f"  keel run my_recipe.yaml            (copy {run_dir / 'recipe.yaml'} and edit it)")
+        out.print(f"  keel eval {shown}")
+    out.print(f"  keel run my_recipe.yaml            (copy {esc(run_dir / 'recipe.yaml')} and edit it)")
 
 
 def main() -> None:
@@ -442,7 +452,7 @@ def main() -> None:
     except KeelError as e:
         if debug:
             raise
-        console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        safe_print(console, f"[red]error:[/] {esc(e)}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]; the last complete checkpoint is kept (resume with --resume)")
@@ -459,7 +469,8 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
-        console.print(f"[red]error:[/] unexpected {type(e).__name__}: {e}  (run again with --debug for the traceback)", soft_wrap=True)
+        safe_print(console, f"[red]error:[/] unexpected {type(e).__name__}: {esc(e)}  (run again with --debug for the traceback)",
+                   soft_wrap=True)
         sys.exit(1)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_write_json, verify_manifest
-from keel.progress import log
+from keel.progress import esc, log
 from keel.recipe import Recipe, load_recipe
 
 
@@ -83,7 +83,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dic
     if data_file is None:
         from keel.data.prepare import prepare_data
 
-        data = prepare_data(t.recipe, t.tokenizer)
+        data = prepare_data(t.recipe, t.tokenizer, t.run_dir)  # the splits frozen at training time
         dataset, name = data.splits["test"], "test"
         majority_label = data.meta.get("majority_label")
         if len(dataset) == 0:
@@ -106,7 +106,7 @@ def _train_majority(t: Trained) -> str:
     try:
         from keel.data.prepare import prepare_data
 
-        return prepare_data(t.recipe, t.tokenizer).meta["majority_label"]
+        return prepare_data(t.recipe, t.tokenizer, t.run_dir).meta["majority_label"]
     except KeelError:  # the training data is gone: fall back to the first label
         return t.info["labels"][0]
 
@@ -118,7 +118,7 @@ def _file_dataset(t: Trained, data_file: str, labels: list[str], columns: dict):
     if t.info["task"] != "classification":
         raise KeelError("--data is supported for classification runs; causal-lm runs evaluate on their test split")
     frame = read_eval_file(data_file, {**column_mapping(t.recipe.data, "classification"), **columns}, labels)
-    log(f"evaluating on {data_file} ({len(frame)} rows)")
+    log(f"evaluating on {esc(data_file)} ({len(frame)} rows)")
     return tokenize_classification(frame, t.tokenizer, t.recipe, labels)
 
 

@@ -5,6 +5,8 @@ Run directory layout (later stages add to it):
     runs/<name>/
       recipe.yaml        the resolved recipe (its SHA-256 is in run.json and every checkpoint)
       run.json           recipe hash, keel version, status, timings
+      splits/            the train/validation/test rows, frozen at training time (keel/data/splits.py): every
+                         later stage reads these, never data.path again
       metrics.jsonl      one record per optimiser step and per evaluation
       tensorboard/       the same metrics for TensorBoard
       checkpoints/       step-XXXXXXXX/ (exact-resume state) and best/ (best weights so far)
@@ -26,7 +28,7 @@ from pathlib import Path
 from keel import __version__
 from keel.errors import KeelError
 from keel.io import atomic_write_json, atomic_write_text
-from keel.progress import is_main_process, log
+from keel.progress import esc, is_main_process, log
 from keel.recipe import Recipe
 
 
@@ -56,15 +58,15 @@ def check_recipe(r: Recipe) -> None:
 
 
 def resolve_run_dir(recipe: Recipe, resume: bool) -> Path:
-    """Fresh runs never overwrite: runs/<name> or the first free runs/<name>-N. Resume takes the latest."""
+    """Fresh runs never overwrite: runs/<name> or the first free runs/<name>-N. Resume takes the one the recipe
+    started last (recorded in runs/.<name>.latest; a folder's mtime moves whenever `keel report` or `keel eval`
+    writes into an older run)."""
     base = Path("runs") / recipe.name
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if recipe.output.dir:
         path = Path(recipe.output.dir)
     elif resume:
-        existing = [p for p in [base, *base.parent.glob(f"{recipe.name}-*")]
-                    if p.is_dir() and (p == base or p.name[len(recipe.name) + 1:].isdigit())]
-        path = max(existing, key=lambda p: p.stat().st_mtime) if existing else base
+        path = _latest_run(recipe.name, base)
     elif distributed:
         path = base  # every process must agree on the folder without talking
     else:
@@ -79,10 +81,29 @@ def resolve_run_dir(recipe: Recipe, resume: bool) -> Path:
     return path
 
 
+def _latest_run(name: str, base: Path) -> Path:
+    """The run a recipe of this name started last: the recorded one, else the latest `started` in run.json."""
+    try:
+        recorded = base.parent / Path((base.parent / f".{name}.latest").read_text().strip()).name
+        if recorded.is_dir():
+            return recorded
+    except OSError:
+        pass
+    existing = [p for p in [base, *base.parent.glob(f"{name}-*")]
+                if p.is_dir() and (p == base or p.name[len(name) + 1:].isdigit())]
+
+    def started(p: Path):
+        return str(_read_json(p / "run.json").get("started", "")), 1 if p == base else int(p.name[len(name) + 1:])
+
+    return max(existing, key=started) if existing else base
+
+
 def start_run(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     if not is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and not recipe.output.dir:  # what `--resume` continues (see resolve_run_dir)
+        atomic_write_text(run_dir.parent / f".{recipe.name}.latest", run_dir.name + "\n")
     atomic_write_text(run_dir / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml())
     info = _read_json(run_dir / "run.json")
     info.update({"recipe_sha256": recipe.sha256(), "keel_version": __version__, "name": recipe.name, "task": recipe.task,
@@ -121,7 +142,7 @@ def _train_run(recipe: Recipe, resume: bool) -> Path:
         return generative_run(recipe, resume)
 
     run_dir = resolve_run_dir(recipe, resume)
-    log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
+    log(f"run directory: [bold]{esc(run_dir)}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume)
     t0 = time.perf_counter()
     try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
 
 from rich.console import Console
+from rich.markup import MarkupError, escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
@@ -85,6 +87,48 @@ def progress(unit: str = "it", disable: bool = False, transient: bool = False):
     )
 
 
+def esc(value) -> str:
+    """A string from outside (a label, a text, a file or site name, an error message) made safe to place inside
+    keel's own rich markup: ``[/b]`` or ``[red]x[/red]`` in it print as typed."""
+    return escape(str(value))
+
+
 def log(message: str) -> None:
+    """A line on the console; ``message`` is rich markup, so anything from outside in it goes through ``esc``."""
     if is_main_process():
-        console.print(message)
+        safe_print(console, message)
+
+
+def safe_print(target: Console, *parts, **kwargs) -> None:
+    """``target.print``, falling back to plain text if a string from outside slipped into the markup unescaped:
+    a stray ``[/x]`` must not turn a finished run (or an error message) into a traceback."""
+    try:
+        target.print(*parts, **kwargs)
+    except MarkupError:
+        target.print(*parts, **{**kwargs, "markup": False})
+
+
+class _NoTraceback(logging.Filter):
+    """Without --debug the terminal gets the message of a ``logger.exception`` and a hint, not the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.msg, record.args = f"{record.getMessage()}  (run again with --debug for the traceback)", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def setup_logging(debug: bool = False) -> None:
+    """keel's loggers (``logging.getLogger(__name__)``) print on the console through rich, never parsed as markup."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("keel")
+    if any(isinstance(h, RichHandler) for h in root.handlers):
+        return
+    handler = RichHandler(console=console, markup=False, show_time=False, show_path=False, rich_tracebacks=False)
+    handler.setLevel(logging.DEBUG if debug else logging.WARNING)
+    handler.addFilter(lambda record: not record.name.startswith("keel.serve"))  # the server has its own handler
+    if not debug:
+        handler.addFilter(_NoTraceback())
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -168,3 +168,55 @@ def test_a_model_folder_without_safetensors_is_refused(tmp_path, toy_csv):
     (tmp_path / "r.yaml").write_text(f"data: {{path: {toy_csv}}}\nmodel: {{name: {folder}}}\n")
     proc = keel("validate", "r.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and "safetensors only" in proc.stderr
+
+
+def test_resume_continues_the_run_the_recipe_started_last(tmp_path, tiny_recipe):
+    """Not the folder with the newest mtime: `keel report` on an older run writes into it."""
+    recipe = str(tiny_recipe(epochs=1))
+    for _ in range(2):  # runs/tiny, then runs/tiny-2
+        keel("train", recipe, "train.max_steps=2", cwd=tmp_path, check=True)
+    older, newer = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny-2"
+    keel("report", str(older), cwd=tmp_path, check=True)
+    assert older.stat().st_mtime >= newer.stat().st_mtime  # what the old rule went by
+    proc = keel("train", recipe, "train.max_steps=2", "--resume", cwd=tmp_path, check=True)
+    assert "tiny-2" in proc.stderr + proc.stdout
+    assert json.loads((newer / "run.json").read_text())["resumed"] is True
+    assert json.loads((older / "run.json").read_text())["resumed"] is False
+
+
+def test_sft_lora_without_merge_ends_with_exit_0(tmp_path):
+    """sft.merge: false leaves adapter/ and no model/; the run still ends as a success."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                          {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(20)]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "sft.yaml").write_text(
+        "name: sft\ntask: causal-lm\nmodel: {name: tiny-llama, max_length: 64}\n"
+        "data: {path: chats.jsonl, split: {validation: 0.0, test: 0.2, seed: 0}}\n"
+        "sft: {method: lora, merge: false, lora: {r: 4, alpha: 8.0}}\ntrain: {epochs: 1, batch_size: 8, lr: 1.0e-2}\n")
+    proc = keel("run", "sft.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "sft"
+    assert (run / "adapter").is_dir() and not (run / "model").exists()
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+    assert "adapter" in proc.stdout
+
+
+def test_a_report_section_that_fails_says_so(finished_run, tmp_path):
+    """A broken section is shown as broken (its traceback logged), not left out; the rest of the page is built."""
+    import shutil
+
+    work, run_dir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "bench.json").write_text(json.dumps({"variants": [{"variant": "torch"}]}))  # no figures: a KeyError
+    shutil.rmtree(copy / "splits", ignore_errors=True)  # and the data section cannot show its splits (the source is unrecorded)
+    (copy / "data_summary.json").unlink(missing_ok=True)
+    (copy / "train.json").write_text("{}")
+    proc = keel("report", str(copy), cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    page = (copy / "report.html").read_text()
+    assert "<h2>Bench</h2><p class='fail'>This section could not be built: KeyError" in page
+    assert "<h2>Data</h2><p class='fail'>This section could not be built: DataError" in page
+    assert "<h2>Test set</h2>" in page  # the other sections are still there
+    assert "the bench section" in proc.stderr and "--debug" in proc.stderr
+    assert "Traceback" in keel("report", str(copy), "--debug", cwd=tmp_path).stderr

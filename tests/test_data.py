@@ -144,3 +144,78 @@ def test_evaluation_scores_in_length_order_but_returns_dataset_order():
                                 for i in range(len(test))])
     assert batched.shape == (24, 2)
     np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_later_stages_read_the_splits_frozen_at_training_time(tmp_path):
+    """eval and report use RUN_DIR/splits: an edited, then moved source changes nothing, from any folder."""
+    from conftest import TINY_RECIPE, keel, write_toy_csv
+
+    work, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    csv = write_toy_csv(work / "toy.csv", n=100)
+    (work / "r.yaml").write_text(TINY_RECIPE.format(data="toy.csv", epochs=1, every=0))  # relative to the project
+    keel("train", "r.yaml", cwd=work, check=True)
+    run_dir = work / "runs" / "tiny"
+    frozen = {s: pd.read_parquet(run_dir / "splits" / f"{s}.parquet") for s in ("train", "validation", "test")}
+    assert [len(f) for f in frozen.values()] == [60, 20, 20]
+    assert not set(frozen["train"]["text"]) & set(frozen["test"]["text"])
+    before = json.loads(keel("eval", "runs/tiny", "--json", cwd=work, check=True).stdout)
+
+    lines = csv.read_text().splitlines()  # the source is edited (rows reordered, more rows), then moved away
+    csv.write_text("\n".join([lines[0], *reversed(lines[1:]), "an added row was great number 1000,pos"]) + "\n")
+    csv.rename(work / "moved.csv")
+    after = json.loads(keel("eval", str(run_dir), "--json", cwd=elsewhere, check=True).stdout)
+    assert [after[k] for k in ("n", "loss", "confusion")] == [before[k] for k in ("n", "loss", "confusion")]
+    keel("report", str(run_dir), cwd=elsewhere, check=True)
+    page = (run_dir / "report.html").read_text()
+    assert "<h2>Data</h2>" in page and "could not be built" not in page
+
+    (run_dir / "splits" / "test.parquet").write_bytes((run_dir / "splits" / "test.parquet").read_bytes() + b"x")
+    proc = keel("eval", str(run_dir), cwd=elsewhere)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "checksum mismatch" in proc.stderr and "test.parquet" in proc.stderr
+
+
+def test_a_run_without_frozen_splits_refuses_a_changed_source(tmp_path, toy_csv):
+    """Runs from before frozen splits re-split their source only if it is the file they were trained on."""
+    from transformers import AutoTokenizer
+
+    from keel.data.prepare import prepare_data
+    from keel.io import sha256_file
+    from keel.models import model_dir
+    from keel.recipe import validate_recipe
+
+    recipe = validate_recipe({"data": {"path": str(toy_csv)}, "model": {"name": "tiny-bert", "max_length": 16}})
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    (run_dir / "train.json").write_text(json.dumps({"data": {"content_sha256": sha256_file(toy_csv)}}))
+    assert len(prepare_data(recipe, tok, run_dir).splits["test"]) > 0  # unchanged: re-split, the same rows
+    assert not (run_dir / "splits").exists()  # nothing is written into a finished run
+    toy_csv.write_text(toy_csv.read_text().replace("number 1,", "number one,"))
+    with pytest.raises(DataError, match="cannot be shown to be the one it was trained on"):
+        prepare_data(recipe, tok, run_dir)
+
+
+def test_training_freezes_once_and_a_resume_warns_about_a_changed_source(tmp_path, toy_csv, capsys):
+    from transformers import AutoTokenizer
+
+    from keel.data.prepare import prepare_data
+    from keel.models import model_dir
+    from keel.recipe import validate_recipe
+
+    recipe = validate_recipe({"data": {"path": str(toy_csv)}, "model": {"name": "tiny-bert", "max_length": 16}})
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    first = prepare_data(recipe, tok, run_dir, freeze=True)
+    assert (run_dir / "splits" / "manifest.json").is_file()
+    toy_csv.write_text("text,label\n" + "".join(f"a new text {i},{'ab'[i % 2]}\n" for i in range(50)))
+    capsys.readouterr()
+    resumed = prepare_data(recipe, tok, run_dir, freeze=True)
+    assert "changed since this run froze its splits" in capsys.readouterr().err
+    later = prepare_data(recipe, tok, run_dir)  # eval, audit, ...: the frozen rows, no warning needed
+    assert "changed since" not in capsys.readouterr().err
+    for got in (resumed, later):
+        assert got.splits["test"]["text"] == first.splits["test"]["text"]
+        assert got.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]

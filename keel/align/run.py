@@ -13,7 +13,7 @@ from pathlib import Path
 
 from keel.errors import KeelError
 from keel.io import atomic_dir, atomic_write_json, atomic_write_text
-from keel.progress import log
+from keel.progress import esc, log
 from keel.recipe import Recipe
 
 
@@ -25,7 +25,7 @@ def generative_run(recipe: Recipe, resume: bool = False) -> Path:
         raise KeelError("--resume is not supported for sft / align recipes; run the recipe again (a new run directory)")
     _check_data(recipe)  # bad data fails before a run directory is made
     run_dir = resolve_run_dir(recipe, resume=False)
-    log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
+    log(f"run directory: [bold]{esc(run_dir)}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume=False)
     t0 = time.perf_counter()
     try:

@@ -163,7 +163,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         from keel.data.prepare import prepare_data
 
         tok = load_trained(run_dir).tokenizer
-        seen = {i for ids in prepare_data(stage_recipe, tok).splits["train"]["input_ids"] for i in ids}
+        seen = {i for ids in prepare_data(stage_recipe, tok, run_dir).splits["train"]["input_ids"] for i in ids}
         info["vocab"] = P.trim_vocabulary(model, seen | set(tok.all_special_ids), tok.unk_token_id
                                           if tok.unk_token_id is not None else tok.pad_token_id)
         info["resized"] = True

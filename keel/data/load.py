@@ -35,6 +35,7 @@ class RawSplits:
     source: str
     content_sha256: str
     notes: list[str] = field(default_factory=list)
+    frozen_sha256: str | None = None  # set when read from a run directory's frozen splits (keel/data/splits.py)
 
 
 def column_mapping(cfg: DataConfig, task: str) -> dict:
@@ -84,6 +85,18 @@ def read_frame(cfg: DataConfig, task: str) -> tuple[pd.DataFrame, str, str]:
     _check_columns(columns, list(frame.columns), source)
     frame = _copy_columns(frame, columns)
     return frame, source, digest
+
+
+def source_digest(cfg: DataConfig) -> tuple[str, str]:
+    """The content hash of the source files and their display name, without reading them as data."""
+    if cfg.name is not None:
+        if cfg.name not in DATASETS:
+            raise RecipeError(f"data.name: unknown data set '{cfg.name}'")
+        return _hash_files(DATASETS[cfg.name].paths()), cfg.name
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path: file '{cfg.path}' not found; check the path (relative to where you run keel)")
+    return sha256_file(path), str(path)
 
 
 def load_splits(cfg: DataConfig, task: str) -> RawSplits:
@@ -161,6 +174,8 @@ def _format_of(path: Path, fmt: str) -> str:
 
 def _read_file(path: Path, fmt: str, encoding_errors: str = "strict") -> pd.DataFrame:
     """Read a user's file through `datasets` (the same loader people use for the Hub, on a local file)."""
+    import glob
+
     import datasets
 
     kind = _format_of(path, fmt)
@@ -171,7 +186,8 @@ def _read_file(path: Path, fmt: str, encoding_errors: str = "strict") -> pd.Data
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its "Failed to read" line would repeat ours
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
+        # data_files is a glob pattern: a name with [ ] * ? must match only itself
+        ds = datasets.load_dataset(builder, data_files=glob.escape(str(path.resolve())), split="train",
                                    cache_dir=str(cache_dir() / "hf-datasets"), **kwargs)
     except Exception as e:  # pyarrow / pandas parse errors come in many types
         cause = e.__cause__ or e

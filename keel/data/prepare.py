@@ -14,7 +14,7 @@ from pathlib import Path
 
 from keel.data.load import cap_splits, load_splits
 from keel.io import atomic_dir, cache_dir, sha256_file
-from keel.progress import log
+from keel.progress import esc, log
 from keel.recipe import Recipe
 
 PREP_VERSION = 1
@@ -44,11 +44,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
+def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, freeze: bool = False) -> Prepared:
+    """Tokenized splits. With ``run_dir``, the splits frozen in that run directory (see keel/data/splits.py);
+    ``freeze`` (training) splits the source and freezes it there first when the run has none yet."""
     import datasets
 
     datasets.disable_progress_bars()
-    _, _, content = _source_digest(recipe)
+    raw = None
+    if run_dir is not None:
+        from keel.data.splits import run_splits
+
+        raw = run_splits(recipe, run_dir, freeze_missing=freeze)
+    content = (raw.frozen_sha256 or raw.content_sha256) if raw is not None else _source_digest(recipe)[2]
     key_obj = {"v": PREP_VERSION, "content": content, "data": recipe.data.model_dump(mode="json"),
                "task": recipe.task, "max_length": recipe.model.max_length,
                "tokenizer": tokenizer_fingerprint(tokenizer)}
@@ -64,15 +71,17 @@ def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
             log(f"[yellow]data: tokenized cache {key[:12]} is unreadable; rebuilding it[/]")
 
     t0 = time.perf_counter()
-    raw = load_splits(recipe.data, recipe.task)
+    if raw is None:
+        raw = load_splits(recipe.data, recipe.task)
     for note in raw.notes:
-        log(f"data: {note}")
+        log(f"data: {esc(note)}")
     tokenize = tokenize_classification if recipe.task == "classification" else _causal_lm
     splits = {s: tokenize(getattr(raw, s), tokenizer, recipe, raw.labels) for s in SPLITS}
     if recipe.task == "causal-lm":
         capped = cap_splits(*(list(range(len(splits[s]))) for s in SPLITS), recipe.data)
         splits = {s: splits[s].select(ids) for s, ids in zip(SPLITS, capped)}
     meta = {"key": key, "source": raw.source, "content_sha256": raw.content_sha256, "labels": raw.labels,
+            "frozen_sha256": raw.frozen_sha256,
             "counts": {s: len(d) for s, d in splits.items()}, "notes": raw.notes,
             "majority_label": _majority(raw.train, raw.labels) if recipe.task == "classification" else None}
     with atomic_dir(folder) as tmp:
@@ -81,7 +90,7 @@ def prepare_data(recipe: Recipe, tokenizer) -> Prepared:
                 d.save_to_disk(str(tmp / s))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     splits = _load_splits(folder)
-    log(f"data: {raw.source}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
+    log(f"data: {esc(raw.source)}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
     return Prepared(splits, raw.labels, meta, cache_hit=False)
 
 

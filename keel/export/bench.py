@@ -68,7 +68,7 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
     torch.set_grad_enabled(False)
     folder, backend = (run_dir, "torch") if variant == "hf-pipeline" else variant_location(run_dir, variant)
     t = load_trained(folder, backend)
-    test = prepare_data(t.recipe, t.tokenizer).splits["test"]
+    test = prepare_data(t.recipe, t.tokenizer, t.run_dir).splits["test"]  # frozen at training time
     if len(test) == 0:
         raise KeelError("keel bench needs a test split; this run's recipe has data.split.test = 0")
     test = test.select(range(min(n_eval, len(test))))

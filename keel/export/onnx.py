@@ -35,7 +35,7 @@ def _parity_texts(trained, n: int = 16) -> list[str]:
     try:
         from keel.data.prepare import prepare_data
 
-        data = prepare_data(trained.recipe, trained.tokenizer)
+        data = prepare_data(trained.recipe, trained.tokenizer, trained.run_dir)
         ds = data.splits["validation"] if len(data.splits["validation"]) else data.splits["train"]
         texts = ds[: n]["text"]
     except KeelError:

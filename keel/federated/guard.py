@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from keel.federated import privacy
-from keel.progress import log
+from keel.progress import esc, log
 
 
 def check_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float | None = None) -> str | None:
@@ -173,7 +173,7 @@ class Guard(_strategy_base()):
             if why is None and self.dp_plan and self.dp_plan["mode"] == "local":
                 why = self._check_local_noise(res.metrics)
             if why:
-                log(f"round {r}: [red]rejected the update of site {site}[/]: {why}")
+                log(f"round {r}: [red]rejected the update of site {esc(site)}[/]: {esc(why)}")
                 rejected.append(site)
             else:
                 kept.append((proxy, res))

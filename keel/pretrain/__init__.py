@@ -125,7 +125,7 @@ def write_samples(run_dir: Path, recipe) -> list[dict]:
     folder = Path(run_dir) / "model"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
-    data = prepare_data(recipe, tokenizer)
+    data = prepare_data(recipe, tokenizer, run_dir)  # the splits frozen at training time
     source = data.splits["test"] if len(data.splits["test"]) else data.splits["validation"]
     stride = max(1, len(source) // max(n, 1))
     samples = []

@@ -11,11 +11,14 @@ import base64
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
 from keel.io import atomic_write_text
 from keel.train.metrics import read_metrics
+
+logger = logging.getLogger(__name__)
 
 CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1d2330}
@@ -270,6 +273,18 @@ from keel.federated.report import section_federated  # noqa: E402  (federated ru
 SECTIONS.insert(SECTIONS.index(section_recipe), section_federated)
 
 
+def _build(section, run_dir: Path, ctx: dict) -> str | None:
+    """One section's HTML; a section that fails says so in its place (and the traceback goes to the log)."""
+    try:
+        return section(run_dir, ctx)
+    except Exception as e:
+        name = section.__name__.removeprefix("section_").replace("_", " ")
+        logger.exception("report: the %s section of %s could not be built", name, run_dir)
+        why = f"{type(e).__name__}: {e}"
+        return (f"<h2>{html.escape(name.capitalize())}</h2><p class='fail'>This section could not be built: "
+                f"{html.escape(why[:500])}. Fix the cause, then rebuild the page with <code>keel report</code>.</p>")
+
+
 def write_report(run_dir: str | Path) -> Path:
     import yaml
 
@@ -277,7 +292,7 @@ def write_report(run_dir: str | Path) -> Path:
     recipe_path = run_dir / "recipe.yaml"
     ctx = {"run": _json(run_dir / "run.json") or {}, "metrics": read_metrics(run_dir),
            "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.exists() else {}}
-    body = [s for s in (section(run_dir, ctx) for section in SECTIONS) if s]
+    body = [s for s in (_build(section, run_dir, ctx) for section in SECTIONS) if s]
     title = html.escape(ctx["run"].get("name", run_dir.name))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>keel report: {title}</title>"
             f"<style>{CSS}</style></head><body><h1>keel report: {title}</h1>"

@@ -36,18 +36,16 @@ def data_summary(run_dir: Path) -> dict | None:
     doc = _h()._json(path)
     if doc or not (run_dir / "model").is_dir():
         return doc
-    try:
-        import numpy as np
-        from transformers import AutoTokenizer
+    import numpy as np
+    from transformers import AutoTokenizer
 
-        from keel.data.prepare import prepare_data
-        from keel.io import atomic_write_json
-        from keel.recipe import load_recipe
+    from keel.data.prepare import prepare_data
+    from keel.io import atomic_write_json
+    from keel.recipe import load_recipe
 
-        recipe = load_recipe(run_dir / "recipe.yaml")
-        data = prepare_data(recipe, AutoTokenizer.from_pretrained(run_dir / "model"))
-    except Exception:  # the data is gone or unreadable: the section is left out, the report still builds
-        return None
+    # the splits frozen in the run directory; a failure here is shown in the report as this section's (write_report)
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    data = prepare_data(recipe, AutoTokenizer.from_pretrained(run_dir / "model"), run_dir)
     doc = {"source": data.meta.get("source"), "labels": data.labels, "splits": {}}
     for name, ds in data.splits.items():
         lengths = np.asarray([len(x) for x in ds["input_ids"]]) if len(ds) else np.zeros(0)

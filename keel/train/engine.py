@@ -124,7 +124,7 @@ def param_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def load_data_and_model(recipe: Recipe, build_model=None):
+def load_data_and_model(recipe: Recipe, build_model=None, run_dir: Path | None = None):
     """(tokenizer, prepared data, training split, model) as the recipe says.
 
     The training split gets counterfactual copies when the recipe asks for that fairness mitigation;
@@ -141,7 +141,7 @@ def load_data_and_model(recipe: Recipe, build_model=None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    data = prepare_data(recipe, tokenizer)
+    data = prepare_data(recipe, tokenizer, run_dir, freeze=run_dir is not None)  # frozen in run_dir/splits
     train_ds = data.splits["train"]
     if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
         from keel.trust.cda import augment  # training-time fairness mitigation
@@ -183,7 +183,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
 
     # -- data and model ---------------------------------------------------------------------------
     with accelerator.main_process_first():  # the main process fills the caches; the others then read them
-        tokenizer, data, train_ds, model = load_data_and_model(recipe, build_model)
+        tokenizer, data, train_ds, model = load_data_and_model(recipe, build_model, run_dir)
     val_ds, task = data.splits["validation"], get_task(recipe.task)
 
     lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.group_by_length else None

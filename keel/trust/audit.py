@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from keel.errors import GateError, KeelError, RecipeError
 from keel.io import atomic_write_json
-from keel.progress import log, progress
+from keel.progress import esc, log, progress
 from keel.recipe import AuditConfig, ExplainConfig, FairnessConfig
 
 
@@ -21,10 +21,10 @@ def audit_config(recipe) -> AuditConfig:
     return recipe.audit or AuditConfig(explain=ExplainConfig(), fairness=FairnessConfig())
 
 
-def _split(recipe, tokenizer, name: str, cap: int | None, need_group: bool):
+def _split(recipe, tokenizer, name: str, cap: int | None, need_group: bool, run_dir=None):
     from keel.data.prepare import prepare_data
 
-    ds = prepare_data(recipe, tokenizer).splits[name]
+    ds = prepare_data(recipe, tokenizer, run_dir).splits[name]  # the run's frozen splits
     if cap is not None and len(ds) > cap:
         ds = ds.select(range(cap))
     texts, y = list(ds["text"]), np.asarray(ds["label"])
@@ -54,7 +54,7 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
     if cfg.explain:
         t0 = time.perf_counter()
         e = cfg.explain
-        texts, _, _ = _split(t.recipe, tok, "test", e.max_examples, False)
+        texts, _, _ = _split(t.recipe, tok, "test", e.max_examples, False, run_dir)
         if not texts:
             raise KeelError("audit.explain needs test examples; set data.split.test above 0")
         with progress("text") as bar:
@@ -79,7 +79,7 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
     if cfg.fairness:
         t0 = time.perf_counter()
         f = cfg.fairness
-        texts, y, column = _split(t.recipe, tok, f.split, f.max_examples, f.groups == "column")
+        texts, y, column = _split(t.recipe, tok, f.split, f.max_examples, f.groups == "column", run_dir)
         if not texts:
             raise KeelError(f"audit.fairness needs a non-empty {f.split} split; set data.split.{f.split} above 0")
 
@@ -89,7 +89,7 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
         probs = predict_proba(texts)
         fit_split = None
         if f.mitigation == "threshold-optimizer" and f.split == "test":
-            vt, vy, vcol = _split(t.recipe, tok, "validation", f.max_examples, f.groups == "column")
+            vt, vy, vcol = _split(t.recipe, tok, "validation", f.max_examples, f.groups == "column", run_dir)
             fit_split = {"texts": vt, "y": vy, "column": vcol, "probs": predict_proba(vt) if vt else None}
         doc = fair.audit(texts, y, probs, labels, f, predict_proba, column, fit_split)
         doc["split"], doc["seconds"] = f.split, round(time.perf_counter() - t0, 1)

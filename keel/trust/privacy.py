@@ -274,7 +274,7 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     set_seed(cfg.seed)
     run_dir, ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, data, train_ds, model = load_data_and_model(recipe)
+    tokenizer, data, train_ds, model = load_data_and_model(recipe, run_dir=run_dir)
     val_ds, task = data.splits["validation"], get_task(recipe.task)
     rows_of = person_rows(data.splits["train"], train_ds, recipe)  # person -> their rows (a text + its swapped copy)
     n, per_person = len(rows_of), max(len(r) for r in rows_of)  # N counts persons, not augmented rows
