@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from keel.errors import GateError, KeelError, RecipeError
 from keel.io import atomic_write_json
-from keel.progress import esc, log, progress
+from keel.progress import log, progress
 from keel.recipe import AuditConfig, ExplainConfig, FairnessConfig
 
 
