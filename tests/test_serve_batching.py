@@ -271,3 +271,32 @@ def test_explain_queue_is_bounded_stops_at_the_deadline_and_gives_way():
     late, full, stopped_at = asyncio.run(main())
     assert late.status == 504 and late.code == "timeout" and stopped_at < 10_000
     assert full.status == 429 and full.headers["Retry-After"]
+
+
+def test_an_unexpected_server_error_logs_its_traceback_but_no_request_text(caplog):
+    """Through the real app (lifespan, guard, batcher, error handlers) on an engine that fails on one input."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from keel.recipe import ServeConfig
+    from keel.serve.app import build_app
+    from keel.serve.engines import Engine
+
+    class Failing(Engine):
+        def embed(self, texts):
+            if any("boom" in t for t in texts):
+                raise RuntimeError("the encoder broke")
+            return [{"embedding": [0.5, 0.25], "tokens": 1} for _ in texts]
+
+    engine = Failing("fake", "encoder", tokenizer=None, max_length=8)
+    with caplog.at_level(logging.INFO, logger="keel"):
+        with TestClient(build_app(engine, ServeConfig(), []), raise_server_exceptions=False) as client:
+            ok = client.post("/v1/embeddings", json={"input": "fine"})
+            bad = client.post("/v1/embeddings", json={"input": ["fine", "boom secret-words"]})
+    assert ok.status_code == 200 and bad.status_code == 500
+    assert bad.json()["error"] == {"message": "internal error (RuntimeError)", "type": "server_error", "param": None,
+                                   "code": "internal_error"}
+    [record] = [r for r in caplog.records if r.name.startswith("keel") and r.levelno >= logging.ERROR]
+    assert record.exc_info and "the encoder broke" in caplog.text and "in embed" in caplog.text  # the traceback
+    assert "secret-words" not in caplog.text
