@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -180,7 +182,7 @@ class ExplainQueue:
                  max_pause_s: float = 0.1):
         self.fn, self.max_queue, self.metrics = fn, max_queue, metrics
         self.yield_to, self.max_pause = yield_to, max_pause_s
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="keel-explain")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="keel-explain", initializer=_background_priority)
         self._cancels: set[threading.Event] = set()
 
     @property
@@ -226,3 +228,14 @@ class ExplainQueue:
     def _gauge(self) -> None:
         if self.metrics:
             self.metrics.queue_depth.labels(self.kind).set(self.depth)
+
+
+def _background_priority() -> None:
+    """Nice the explain thread (Linux nices threads one by one): when the CPU is short, the classify thread and
+    the event loop run first. Measured on a busy 2-core machine, 16 x 256-step explanations beside tiny classify
+    requests: the worst tiny request went from 1.8-2.5 s to 0.4-1.2 s."""
+    if sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except OSError:  # not allowed here: the explain thread runs at the normal priority
+            pass

@@ -93,11 +93,11 @@ class Engine:
         """
         from keel.trust.explain import integrated_gradients
 
-        model, name = self._explainer_model()
+        model, tokenizer, name = self._explainer_model()
         ids = [int(model.config.label2id[label]) for label in labels]
         self._explain_checkpoint = checkpoint
         try:
-            exps = integrated_gradients(model, self.tokenizer, texts, ids, n_steps, max_length=self.max_length)
+            exps = integrated_gradients(model, tokenizer, texts, ids, n_steps, max_length=self.max_length)
         finally:
             self._explain_checkpoint = None
         return [{"tokens": e.tokens, "attributions": e.attributions, "delta": e.delta, "model": name} for e in exps]
@@ -109,10 +109,11 @@ class Engine:
 
             torch_variant = torch_twin(self.backend)
             # Its own copy even for a torch variant: attribution hooks the embedding layer, which must not
-            # touch the classify traffic that runs on the served model in another thread at the same time.
-            model = load_trained(self.run_dir, torch_variant).model
-            model.register_forward_pre_hook(self._at_checkpoint)
-            self._explainer = (model, torch_variant)
+            # touch the classify traffic that runs on the served model in another thread at the same time; and
+            # its own tokenizer (a fast tokenizer's padding/truncation state is not safe to share across threads).
+            twin = load_trained(self.run_dir, torch_variant)
+            twin.model.register_forward_pre_hook(self._at_checkpoint)
+            self._explainer = (twin.model, twin.tokenizer, torch_variant)
         return self._explainer
 
     def _at_checkpoint(self, module, args):
