@@ -56,7 +56,8 @@ def key_ok(presented: str, digests: list[bytes]) -> bool:
 
 
 class Guard:
-    """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body."""
+    """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body, 408 for a
+    body that does not arrive within ``read_timeout_s``."""
 
     def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None, metrics=None,
                  known_paths: set | None = None, read_timeout_s: float = 10.0):
@@ -140,10 +141,6 @@ class Guard:
         chunks, seen, more = [], 0, True
         end = time.monotonic() + self.read_timeout
         while more:
-            if self.state is not None and self.state.draining:
-                await _reply(send, 503, "the server is shutting down; retry on another replica", code="draining",
-                             headers={"retry-after": "1", "connection": "close"})
-                return None
             left = end - time.monotonic()
             if left <= 0:
                 await _reply(send, 408, f"the request body did not arrive within {self.read_timeout:g} s "
@@ -152,6 +149,10 @@ class Guard:
             try:  # short waits, so that a drain is noticed; an unfinished receive loses nothing
                 message = await asyncio.wait_for(receive(), min(left, 0.25))
             except asyncio.TimeoutError:
+                if self.state is not None and self.state.draining:  # a slow body is not an accepted request
+                    await _reply(send, 503, "the server is shutting down; retry on another replica",
+                                 code="draining", headers={"retry-after": "1", "connection": "close"})
+                    return None
                 continue
             if message["type"] != "http.request":
                 return None
