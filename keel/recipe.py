@@ -302,6 +302,10 @@ class ServeConfig(Strict):
     max_n: int = Field(8, ge=1, le=128, description="choices per completion request")
     max_stop: int = Field(4, ge=0, le=16, description="stop sequences per request")
     timeout_s: float = Field(60.0, gt=0.0, description="per-request deadline: 504, or an SSE error event")
+    read_timeout_s: float = Field(10.0, gt=0.0, description="a request's headers, then its body, must arrive within "
+                                  "this: else 408 (a slow client holds no connection and no drain)")
+    drain_timeout: float = Field(30.0, gt=0.0, description="SIGTERM: seconds the accepted requests get to finish "
+                                 "before the process exits (what is still running then is cut)")
     log_text: bool = Field(False, description="log prompts and completions (off: only sizes and timings)")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
                                     "on a busy machine)")

@@ -199,3 +199,104 @@ def test_dynamic_batcher_shares_forward_passes_and_keeps_order():
     assert results == [[f"TEXT {i}", f"MORE {i}"] for i in range(12)]
     assert sum(calls[:-1]) == 24 and max(calls) == 8 and len(calls) - 1 < 24  # batched, never over the cap
     assert err.status == 429 and err.headers["Retry-After"]
+
+
+def test_a_batch_that_raises_fails_only_the_request_that_caused_it():
+    from keel.serve.batching import DynamicBatcher
+
+    calls = []
+
+    def fn(texts):
+        calls.append(list(texts))
+        if any("poison" in t for t in texts):
+            raise ValueError("cannot encode")
+        return [t.upper() for t in texts]
+
+    async def main():
+        b = DynamicBatcher(fn, "classify", max_batch_size=16, max_wait_ms=50, max_queue=64)
+        b.start()
+        try:
+            jobs = [b.submit([f"text {i}", f"more {i}"] if i != 3 else ["fine", "poison"], timeout_s=10)
+                    for i in range(6)]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+        finally:
+            await b.stop()
+
+    results = asyncio.run(main())
+    assert isinstance(results[3], ValueError)
+    assert [r for i, r in enumerate(results) if i != 3] == [[f"TEXT {i}", f"MORE {i}"] for i in range(6) if i != 3]
+    assert len(calls[0]) == 12  # they did share a batch before it was split up
+
+
+def test_explain_queue_is_bounded_stops_at_the_deadline_and_gives_way():
+    from keel.serve.batching import ExplainQueue
+    from keel.serve.errors import ServeError
+
+    steps, busy = [], [False]
+    done = threading.Event()
+
+    def work(n, checkpoint):
+        try:
+            for k in range(n):
+                checkpoint()
+                steps.append(k)
+                time.sleep(0.01)
+            return n
+        finally:
+            done.set()
+
+    async def main():
+        q = ExplainQueue(work, max_queue=1, yield_to=lambda: busy[0], max_pause_s=30)
+        try:
+            with pytest.raises(ServeError) as late:
+                await q.submit(0.3, 10_000)
+            assert done.wait(5)  # the abandoned work stopped at its next checkpoint
+            stopped_at = len(steps)
+            await asyncio.sleep(0.1)
+            assert len(steps) == stopped_at
+            steps.clear()
+            busy[0] = True  # other traffic is waiting: the work gives way
+            long = asyncio.ensure_future(q.submit(60, 30))
+            await asyncio.sleep(0.05)
+            with pytest.raises(ServeError) as full:  # one waiting or running is the bound here
+                await q.submit(5, 1)
+            await asyncio.sleep(0.3)
+            assert steps == []
+            busy[0] = False
+            assert await long == 30 and len(steps) == 30
+            return late.value, full.value, stopped_at
+        finally:
+            q.stop()
+
+    late, full, stopped_at = asyncio.run(main())
+    assert late.status == 504 and late.code == "timeout" and stopped_at < 10_000
+    assert full.status == 429 and full.headers["Retry-After"]
+
+
+def test_an_unexpected_server_error_logs_its_traceback_but_no_request_text(caplog):
+    """Through the real app (lifespan, guard, batcher, error handlers) on an engine that fails on one input."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from keel.recipe import ServeConfig
+    from keel.serve.app import build_app
+    from keel.serve.engines import Engine
+
+    class Failing(Engine):
+        def embed(self, texts):
+            if any("boom" in t for t in texts):
+                raise RuntimeError("the encoder broke")
+            return [{"embedding": [0.5, 0.25], "tokens": 1} for _ in texts]
+
+    engine = Failing("fake", "encoder", tokenizer=None, max_length=8)
+    with caplog.at_level(logging.INFO, logger="keel"):
+        with TestClient(build_app(engine, ServeConfig(), []), raise_server_exceptions=False) as client:
+            ok = client.post("/v1/embeddings", json={"input": "fine"})
+            bad = client.post("/v1/embeddings", json={"input": ["fine", "boom secret-words"]})
+    assert ok.status_code == 200 and bad.status_code == 500
+    assert bad.json()["error"] == {"message": "internal error (RuntimeError)", "type": "server_error", "param": None,
+                                   "code": "internal_error"}
+    [record] = [r for r in caplog.records if r.name.startswith("keel") and r.levelno >= logging.ERROR]
+    assert record.exc_info and "the encoder broke" in caplog.text and "in embed" in caplog.text  # the traceback
+    assert "secret-words" not in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -163,3 +164,128 @@ def test_the_printed_curl_and_python_examples_work(clf):
     body = args[args.index("-d") + 1]
     r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 200 and len(r.json()["data"]) == 2
+
+
+def _raw(texts) -> bytes:
+    """A classify/embeddings body as the client sent it: json.dumps writes a lone surrogate as valid JSON."""
+    import json
+
+    return json.dumps({"input": texts}).encode()
+
+
+def test_lone_surrogates_are_a_400_naming_input_and_fail_no_one_else(clf):
+    """One client sends "\\ud800" (valid JSON, not text) among normal traffic that shares its batches."""
+    poison = [("/v1/classify", _raw("bad \ud800 text")), ("/v1/embeddings", _raw(["fine", "bad \udfff"])),
+              ("/v1/classify", b'{"input": ["\\ud83d"], "explain": true}')]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=clf.url, timeout=60) as http:
+            async def one(path, raw):
+                return path, raw, await http.post(path, content=raw, headers={"Content-Type": "application/json"})
+
+            normal = [(("/v1/classify", "/v1/embeddings")[i % 2], _raw(f"request {i} was great")) for i in range(24)]
+            mixed = normal[:12] + poison * 2 + normal[12:]
+            return await asyncio.gather(*(one(p, r) for p, r in mixed))
+
+    replies = asyncio.run(main())
+    for path, raw, r in replies:
+        if (path, raw) in poison:
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "input" and err["code"] == "invalid_value" and "surrogate" in err["message"]
+        else:
+            assert r.status_code == 200, r.text
+    assert "Traceback" not in clf.log
+
+
+def test_explain_runs_apart_from_classify_traffic(clf):
+    """A heavy explain request (16 texts x 256 steps) does not hold the classify requests sent after it."""
+    async def main():
+        async with httpx.AsyncClient(base_url=clf.url, timeout=120) as http:
+            heavy = asyncio.ensure_future(http.post("/v1/classify", json={
+                "input": [f"{TEXTS[i % 4]} " * 8 for i in range(16)], "explain": True, "explain_steps": 256}))
+            for _ in range(200):  # until it is past its classification, explaining
+                if heavy.done() or clf.metric('keel_queue_depth{kind="explain"}') >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            light = [await http.post("/v1/classify", json={"input": "a tiny one"}) for _ in range(3)]
+            heavy_done_first = heavy.done()
+            return light, heavy_done_first, await heavy
+
+    light, heavy_done_first, heavy = asyncio.run(main())
+    assert [r.status_code for r in light] == [200] * 3 and heavy.status_code == 200, heavy.text
+    assert not heavy_done_first  # the tiny requests were answered while the explanation ran
+    assert len(heavy.json()["data"]) == 16 and all(d["explanation"] for d in heavy.json()["data"])
+
+
+@pytest.fixture(scope="module")
+def short(run_dir):
+    """The same run with a 1 s deadline and a 1 s read timeout."""
+    server = Server(str(run_dir), "--set", "serve.timeout_s=1", "--set", "serve.read_timeout_s=1",
+                    "--set", "serve.num_threads=1", "--set", "serve.backend=torch")
+    yield server
+    server.stop()
+
+
+def test_an_explanation_past_its_deadline_is_a_504_and_its_work_stops(short):
+    heavy = {"input": [f"{TEXTS[i % 4]} " * 8 for i in range(16)], "explain": True, "explain_steps": 256}
+    r = httpx.post(f"{short.url}/v1/classify", json=heavy, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    # The abandoned work stopped: a light explanation right behind it is not stuck behind it past its own deadline.
+    light = httpx.post(f"{short.url}/v1/classify", json={"input": "a light one", "explain": True, "explain_steps": 4},
+                       timeout=60)
+    assert light.status_code == 200, light.text
+    assert light.json()["data"][0]["explanation"]["model"] == "torch"
+
+
+def _exchange(url: str, raw: bytes, timeout: float = 30) -> tuple[str, dict]:
+    import json
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(raw)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, body = reply.decode().split("\r\n\r\n", 1)
+    assert "content-type: application/json" in head.lower(), head
+    return head.split("\r\n")[0], json.loads(body)
+
+
+def test_slow_or_broken_requests_get_json_errors_and_hold_no_connection(short):
+    status, body = _exchange(short.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                        b"Content-Length: 100\r\n\r\n{\"input\": ")
+    assert status.startswith("HTTP/1.1 408") and body["error"]["code"] == "body_timeout"
+    status, body = _exchange(short.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-")
+    assert status.startswith("HTTP/1.1 408") and body["error"]["code"] == "header_timeout"
+    for raw in (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+                b"BREW /v1/classify HTTP/1.1\r\nHost: x\r\n\r\n"):
+        status, body = _exchange(short.url, raw)
+        assert status.startswith("HTTP/1.1 400") and body["error"]["code"] == "invalid_http", raw
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert httpx.post(f"{short.url}/v1/classify", json={"input": "still fine"}, timeout=30).status_code == 200
+
+
+def test_sigterm_with_a_client_still_sending_its_body_exits_within_the_drain(run_dir):
+    """A client holding an unfinished body is not in flight: it gets 503, and the process exits 0 within
+    serve.drain_timeout (+ margin) although serve.read_timeout_s would let it send for a minute."""
+    import signal
+    import socket
+
+    server = Server(str(run_dir), "--set", "serve.read_timeout_s=60", "--set", "serve.drain_timeout=2",
+                    "--set", "serve.num_threads=1")
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        slow = socket.create_connection((host, int(port)), timeout=30)
+        slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"input\": ")
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=25)  # the old drain waited timeout_s + 5 s twice
+        reply = slow.recv(65536).decode()
+        slow.close()
+    finally:
+        server.stop()
+    assert code == 0, server.log[-2000:]
+    assert reply.startswith("HTTP/1.1 503") and '"draining"' in reply

@@ -4,6 +4,7 @@ completions, chat, streaming, auth over every route, limits and error envelopes,
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from conftest import keel
+from conftest import OFFLINE, keel
 from serve_helpers import Server
 
 KEY, KEY2 = "test-key-0123456789", "second-key-abcdefgh"
@@ -151,6 +152,25 @@ def test_malformed_bodies_are_4xx_envelopes(lm):
     assert r.status_code == 405 and "error" in r.json()
 
 
+def test_empty_undecodable_and_unparsable_requests_say_what_is_wrong(lm):
+    r = httpx.post(f"{lm.url}/v1/completions", content=b"", headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_body" and "None" not in r.text
+    r = httpx.post(f"{lm.url}/v1/completions", content=b'{"prompt": "\xff"}',
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    host, port = lm.url.removeprefix("http://").split(":")
+    for raw in (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 12x\r\n\r\n",
+                b"FETCH /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"):  # refused by the HTTP parser, before the app
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(raw)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        head, body = reply.decode().split("\r\n\r\n", 1)
+        assert head.startswith("HTTP/1.1 400") and "content-type: application/json" in head.lower(), reply
+        assert json.loads(body)["error"]["code"] == "invalid_http"
+
+
 def test_a_20mb_body_is_refused_before_it_is_read(lm):
     host, port = lm.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -207,6 +227,18 @@ def test_metrics_count_requests_latency_and_batches(lm, client):
 def test_refuses_a_public_bind_without_keys(tmp_path):
     r = keel("serve", "tiny-llama", "--host", "0.0.0.0", "--port", "0", cwd=tmp_path, env={"KEEL_API_KEYS": ""})
     assert r.returncode == 2 and "without API keys" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_public_bind_without_keys_does_not_claim_loopback_only(tmp_path):
+    cmd = [sys.executable, "-m", "keel", "serve", "tiny-llama", "--host", "0.0.0.0", "--port", "0", "--allow-no-auth"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **OFFLINE, "KEEL_API_KEYS": ""})
+    try:
+        line = next((ln for ln in proc.stdout if ln.startswith("serving ")), "")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "keys: none" in line and "loopback only" not in line and "0.0.0.0" in line and "--allow-no-auth" in line
 
 
 def test_schemathesis_finds_no_server_error_on_generation_routes(lm, tmp_path):

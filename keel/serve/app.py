@@ -14,17 +14,18 @@ from fastapi import FastAPI
 from fastapi.responses import Response as RawResponse
 
 from keel.serve import protocol as P
-from keel.serve.batching import DynamicBatcher
+from keel.serve.batching import DynamicBatcher, ExplainQueue
 from keel.serve.engines import Engine
 from keel.serve.errors import ServeError, error_response, install_error_handlers
 from keel.serve.guard import Guard
 from keel.serve.metrics import Metrics
 
-log = logging.getLogger("keel.serve")
+logger = logging.getLogger(__name__)
 
 ERRORS = {code: {"model": P.ErrorResponse, "description": text} for code, text in [
     (400, "invalid request (the envelope names the offending param)"), (401, "missing or invalid API key"),
-    (404, "unknown model or route"), (413, "body over serve.max_body_bytes"), (415, "body is not JSON"),
+    (404, "unknown model or route"), (408, "body not sent within serve.read_timeout_s"),
+    (413, "body over serve.max_body_bytes"), (415, "body is not JSON"),
     (429, "queue full; retry after Retry-After seconds"), (504, "deadline (serve.timeout_s) passed")]}
 
 
@@ -35,6 +36,8 @@ class State:
         self.draining = False
         self.inflight = 0  # requests being answered (counted by the guard, streams included)
         self.batchers: dict[str, DynamicBatcher] = {}
+        self.explainer: ExplainQueue | None = None  # explain: true work, on its own thread and queue
+        self.explain_error: str | None = None  # why explain: true is off, when it is
         self.scheduler = None
         self.pool = None  # the model's one worker thread (set at start-up)
         self.created = P.now()
@@ -48,7 +51,7 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     async def lifespan(app: FastAPI):
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(1, thread_name_prefix="keel-model")  # one model, one thread at a time
+        pool = ThreadPoolExecutor(1, thread_name_prefix="keel-model")  # classify and embeddings take turns
         state.pool = pool
         if "classify" in engine.routes:
             state.batchers["classify"] = DynamicBatcher(engine.classify, "classify", config.max_batch_size,
@@ -58,6 +61,9 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
                                                           config.max_wait_ms, config.max_queue, metrics, pool)
         for b in state.batchers.values():
             b.start()
+        if "classify" in engine.routes:
+            state.explainer = ExplainQueue(engine.explain, config.max_queue, metrics,
+                                           yield_to=lambda: any(b.depth for b in state.batchers.values()))
         if engine.kind == "causal-lm":
             from keel.serve.scheduler import Scheduler
 
@@ -65,13 +71,15 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
             state.scheduler.start()
         await _warm_up(state)
         state.ready = True
-        log.info("ready: %s (%s, %s backend)", engine.model_id, engine.kind, engine.backend)
+        logger.info("ready: %s (%s, %s backend)", engine.model_id, engine.kind, engine.backend)
         try:
             yield
         finally:
             state.ready = False
             for b in state.batchers.values():
                 await b.stop()
+            if state.explainer:
+                state.explainer.stop()
             if state.scheduler:
                 await asyncio.get_running_loop().run_in_executor(None, state.scheduler.stop)
             pool.shutdown(wait=False)
@@ -109,21 +117,17 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
               summary="labels and class probabilities for one or more texts (dynamically batched)")
     async def classify(body: P.ClassifyRequest):
         texts = _texts(state, "classify", body.model, body.input)
+        if body.explain and state.explain_error:
+            raise ServeError(400, state.explain_error, "explain", "unsupported_value")
         if body.explain and len(texts) > config.max_explain_inputs:
             raise ServeError(400, f"explain: true takes at most {config.max_explain_inputs} inputs per request "
                                   f"(serve.max_explain_inputs); got {len(texts)}", "input", "too_many_inputs")
         started = time.monotonic()
         rows = await state.batchers["classify"].submit(texts, config.timeout_s)
         explanations = [None] * len(rows)
-        if body.explain:  # heavy (n_steps forward and backward passes): outside the batcher, on the model thread
+        if body.explain:  # heavy (n_steps forward and backward passes): its own queue and thread
             left = config.timeout_s - (time.monotonic() - started)
-            work = asyncio.get_running_loop().run_in_executor(
-                state.pool, engine.explain, texts, [r["label"] for r in rows], body.explain_steps)
-            try:
-                explanations = await asyncio.wait_for(work, max(left, 0.001))
-            except asyncio.TimeoutError:
-                raise ServeError(504, f"the explanation did not finish within {config.timeout_s:g} s (serve.timeout_s); "
-                                      "send fewer texts or lower explain_steps", code="timeout") from None
+            explanations = await state.explainer.submit(left, texts, [r["label"] for r in rows], body.explain_steps)
         data = [P.Classification(index=i, label=r["label"], score=r["score"], scores=r["scores"],
                                  explanation=P.Explanation(**e) if e else None, mitigation=r.get("mitigation"))
                 for i, (r, e) in enumerate(zip(rows, explanations))]
@@ -153,7 +157,7 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
 
     add_generation_routes(app, state, ERRORS)
     known = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, key_digests, config.max_body_bytes, state, metrics, known)
+    return Guard(app, key_digests, config.max_body_bytes, state, metrics, known, config.read_timeout_s)
 
 
 def check_model(state: State, route: str, model: str | None) -> None:
@@ -191,4 +195,11 @@ async def _warm_up(state: State) -> None:
         return
     if "classify" in engine.routes:
         await loop.run_in_executor(None, engine.classify, ["warm up"])
+        # Loads the PyTorch model explanations run on, so the first explain request does not stall the classify
+        # traffic beside it with imports and a model load; a run that cannot explain serves without explain.
+        try:
+            await loop.run_in_executor(state.explainer.executor, engine.explain, ["warm up"], engine.labels[:1], 4)
+        except Exception as e:
+            logger.exception("explain: true is off for this model: its PyTorch weights did not load")
+            state.explain_error = f"explain: true is not available for this model ({type(e).__name__}); see the log"
     await loop.run_in_executor(None, engine.embed, ["warm up"])

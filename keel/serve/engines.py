@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from keel.errors import KeelError
 
@@ -36,6 +37,7 @@ class Engine:
     run_dir: Path | None = None  # a classification run: where explanations load their PyTorch model from
     mitigator: object = None  # the audit's per-group thresholds (keel/trust/mitigation.py), when the run has them
     _explainer: object = None
+    _explain_checkpoint: Callable[[], None] | None = None  # set while an explanation runs (explain thread)
 
     @property
     def routes(self) -> tuple[str, ...]:
@@ -86,29 +88,42 @@ class Engine:
                 rows[i] = {"embedding": e, "tokens": n}
         return rows
 
-    def explain(self, texts: list[str], labels: list[str], n_steps: int) -> list[dict]:
+    def explain(self, texts: list[str], labels: list[str], n_steps: int,
+                checkpoint: Callable[[], None] | None = None) -> list[dict]:
         """Integrated gradients toward each text's served label, computed on the PyTorch model of the served
-        variant (an ONNX variant's own torch weights: the same stage, before export)."""
+        variant (an ONNX variant's own torch weights: the same stage, before export).
+
+        ``checkpoint()`` runs before every forward pass: it may wait (to give way to other traffic) or raise
+        (to stop work nobody waits for any more); its exception propagates.
+        """
         from keel.trust.explain import integrated_gradients
 
-        model, name = self._explainer_model()
+        model, tokenizer, name = self._explainer_model()
         ids = [int(model.config.label2id[label]) for label in labels]
-        exps = integrated_gradients(model, self.tokenizer, texts, ids, n_steps, max_length=self.max_length)
+        self._explain_checkpoint = checkpoint
+        try:
+            exps = integrated_gradients(model, tokenizer, texts, ids, n_steps, max_length=self.max_length)
+        finally:
+            self._explain_checkpoint = None
         return [{"tokens": e.tokens, "attributions": e.attributions, "delta": e.delta, "model": name} for e in exps]
 
     def _explainer_model(self):
         if self._explainer is None:
             from keel.compress.stages import torch_twin
+            from keel.evaluate import load_trained
 
             torch_variant = torch_twin(self.backend)
-            if torch_variant == self.backend:
-                model = self.classifier
-            else:
-                from keel.evaluate import load_trained
-
-                model = load_trained(self.run_dir, torch_variant).model
-            self._explainer = (model, torch_variant)
+            # Its own copy even for a torch variant: attribution hooks the embedding layer, which must not
+            # touch the classify traffic that runs on the served model in another thread at the same time; and
+            # its own tokenizer (a fast tokenizer's padding/truncation state is not safe to share across threads).
+            twin = load_trained(self.run_dir, torch_variant)
+            twin.model.register_forward_pre_hook(self._at_checkpoint)
+            self._explainer = (twin.model, twin.tokenizer, torch_variant)
         return self._explainer
+
+    def _at_checkpoint(self, module, args):
+        if self._explain_checkpoint is not None:
+            self._explain_checkpoint()
 
     @property
     def embedding_size(self) -> int:

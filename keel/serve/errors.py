@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+logger = logging.getLogger(__name__)
+
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
          415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
 
 
@@ -47,11 +51,14 @@ def _validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
         return "the body is not valid JSON; send a JSON object", None, "invalid_json"
     if kind == "extra_forbidden":
         return f"unknown field '{param}'; remove it (see /docs for the accepted fields)", param, "unknown_field"
+    if kind == "missing" and param is None:
+        return "the body is empty (or null); send a JSON object (see /docs)", None, "missing_body"
     if kind == "missing":
         return f"'{param}' is required", param, "missing_field"
     if param is None and kind in ("model_attributes_type", "dict_type", "model_type"):
         return "the body must be a JSON object", None, "invalid_type"
-    return f"{param or 'body'}: {err.get('msg', 'invalid value')}", param, "invalid_value"
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return f"{param or 'body'}: {msg}", param, "invalid_value"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -70,14 +77,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.url.path}; see /docs for the API"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # not UTF-8
+            return error_response(400, "the body is not valid JSON in UTF-8; send a JSON object", None, "invalid_json")
         else:
             message = str(exc.detail)
         return error_response(exc.status_code, message, None, None, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        # Only the exception's type reaches the client and the log; never the request text.
-        import logging
-
-        logging.getLogger("keel.serve").error("unexpected %s on %s", type(exc).__name__, request.url.path)
+        # The client hears the exception's type only; the log gets the traceback too (never the request body).
+        logger.error("unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
         return error_response(500, f"internal error ({type(exc).__name__})", None, "internal_error")

@@ -1,11 +1,15 @@
-"""What every request passes before a route sees it: API keys, the body-size limit, the content type.
+"""What every request passes before a route sees it: API keys, the body-size limit, the content type, the
+body's read deadline.
 
 A pure ASGI middleware, so a 20 MB body is refused from its Content-Length (or, when chunked, as soon as
-the running count passes the limit) without ever being read into memory.
+the running count passes the limit) without ever being read into memory. The body is read whole before the
+route runs, within ``read_timeout_s``: a client that never finishes its body gets 408 and does not count as
+in flight (it would hold up a SIGTERM drain), and one still sending when the drain starts gets 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -52,16 +56,16 @@ def key_ok(presented: str, digests: list[bytes]) -> bool:
 
 
 class Guard:
-    """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body."""
+    """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body, 408 for a
+    body that does not arrive within ``read_timeout_s``."""
 
     def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None, metrics=None,
-                 known_paths: set | None = None):
+                 known_paths: set | None = None, read_timeout_s: float = 10.0):
         self.app, self.digests, self.max_body, self.state = app, digests, max_body_bytes, state
-        self.metrics, self.known = metrics, known_paths or set()
+        self.metrics, self.known, self.read_timeout = metrics, known_paths or set(), read_timeout_s
 
     async def __call__(self, scope, receive, send):
-        """Counts requests in flight (the whole response, streamed bodies included) for the SIGTERM drain,
-        and every answer (with its latency) for /metrics."""
+        """Counts every answer (with its latency) for /metrics."""
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
@@ -76,13 +80,7 @@ class Guard:
             await _reply(send_status, 503, "the server is shutting down; retry on another replica",
                          code="draining", headers={"retry-after": "1", "connection": "close"})
         else:
-            if self.state is not None:
-                self.state.inflight += 1
-            try:
-                await self._guarded(scope, receive, send_status)
-            finally:
-                if self.state is not None:
-                    self.state.inflight -= 1
+            await self._guarded(scope, receive, send_status)
         if self.metrics is not None:
             route = scope.get("path") if scope.get("path") in self.known else "other"
             self.metrics.requests.labels(route, str(status[0])).inc()
@@ -114,26 +112,58 @@ class Guard:
                 return await _reply(send, 415, f"Content-Type must be application/json; got '{ctype or 'none'}'",
                                     code="unsupported_media_type")
 
-        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            # Chunked: read at most the limit (bounded memory), then replay it to the app.
-            chunks, seen, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    return await _reply(send, 413, f"request body is over the limit of {self.max_body} bytes "
-                                                   "(serve.max_body_bytes)", code="body_too_large")
-                chunks.append(message.get("body", b""))
-                more = message.get("more_body", False)
-            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        if scope.get("method") in ("POST", "PUT", "PATCH") and length != "0":
+            body = await self._read_body(receive, send)
+            if body is None:
+                return
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
 
             async def replay_receive():
                 return replay.pop() if replay else await receive()
 
-            return await self.app(scope, replay_receive, send)
-        await self.app(scope, receive, send)
+            return await self._in_flight(scope, replay_receive, send)
+        await self._in_flight(scope, receive, send)
+
+    async def _in_flight(self, scope, receive, send):
+        """The request counts as in flight (for the SIGTERM drain) from here to the end of its response,
+        streamed bodies included."""
+        if self.state is not None:
+            self.state.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if self.state is not None:
+                self.state.inflight -= 1
+
+    async def _read_body(self, receive, send) -> bytes | None:
+        """The whole body (at most the limit: bounded memory, chunked or not), or None when the client left
+        or was answered (413 over the limit, 408 past serve.read_timeout_s, 503 once the drain started)."""
+        chunks, seen, more = [], 0, True
+        end = time.monotonic() + self.read_timeout
+        while more:
+            left = end - time.monotonic()
+            if left <= 0:
+                await _reply(send, 408, f"the request body did not arrive within {self.read_timeout:g} s "
+                                        "(serve.read_timeout_s)", code="body_timeout", headers={"connection": "close"})
+                return None
+            try:  # short waits, so that a drain is noticed; an unfinished receive loses nothing
+                message = await asyncio.wait_for(receive(), min(left, 0.25))
+            except asyncio.TimeoutError:
+                if self.state is not None and self.state.draining:  # a slow body is not an accepted request
+                    await _reply(send, 503, "the server is shutting down; retry on another replica",
+                                 code="draining", headers={"retry-after": "1", "connection": "close"})
+                    return None
+                continue
+            if message["type"] != "http.request":
+                return None
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                await _reply(send, 413, f"request body is over the limit of {self.max_body} bytes "
+                                        "(serve.max_body_bytes)", code="body_too_large")
+                return None
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        return b"".join(chunks)
 
 
 async def _reply(send, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Request(BaseModel):
@@ -128,8 +128,25 @@ class ChatResponse(Response):
 
 # -- embeddings and classification -------------------------------------------------------------------
 
-class EmbeddingRequest(Request):
+def encodable_texts(value: Union[str, list[str]]) -> Union[str, list[str]]:
+    """Refuse a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer would raise on it."""
+    for i, text in enumerate([value] if isinstance(value, str) else value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = "" if isinstance(value, str) else f"text {i} "
+            raise ValueError(f"{where}has a lone surrogate (\\ud800-\\udfff without its pair) at character {e.start}; "
+                             "send valid Unicode text") from None
+    return value
+
+
+class TextInput(Request):
     input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
+
+    _encodable = field_validator("input")(encodable_texts)
+
+
+class EmbeddingRequest(TextInput):
     model: str | None = Field(None, max_length=512)
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes")
     dimensions: int | None = Field(None, ge=1, description="accepted only when equal to the model's size")
@@ -149,8 +166,7 @@ class EmbeddingResponse(Response):
     usage: Usage
 
 
-class ClassifyRequest(Request):
-    input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
+class ClassifyRequest(TextInput):
     model: str | None = Field(None, max_length=512)
     explain: bool = Field(False, description="also return integrated-gradients token attributions toward each "
                                              "predicted label (serve.max_explain_inputs texts at most)")

@@ -1,7 +1,9 @@
 """`keel serve`: load the model, check the bind and keys, print how to call it, run uvicorn until SIGTERM.
 
 On SIGTERM (or Ctrl-C) /health/ready turns 503 at once, uvicorn stops accepting connections, the requests
-already accepted finish (up to serve.timeout_s), and the process exits 0.
+already accepted finish (up to serve.drain_timeout in all), and the process exits 0. A client whose headers or
+body do not arrive within serve.read_timeout_s gets 408 and its connection is closed; one that cannot be parsed
+gets a 400 in the same JSON envelope as every other error.
 """
 
 from __future__ import annotations
@@ -85,16 +87,90 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     shown = f"[{host}]" if ":" in host else host
     url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}"
     uconfig = uvicorn.Config(asgi, log_level="info", access_log=config.log_text, ssl_certfile=ssl_certfile,
-                             ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=int(config.timeout_s) + 5,
-                             lifespan="on", server_header=False)
-    server = _DrainingServer(uconfig, fastapi_app.state.keel, config.timeout_s + 5)
+                             ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=config.drain_timeout,
+                             lifespan="on", server_header=False, http=_protocol_class(config.read_timeout_s))
+    server = _DrainingServer(uconfig, fastapi_app.state.keel, config.drain_timeout)
     out.print(f"serving [bold]{engine.model_id}[/] ({engine.kind}, {engine.backend}) at [bold]{url}[/]  "
-              f"docs: {url}/docs  keys: {'required' if digests else 'none (loopback only)'}")
+              f"docs: {url}/docs  keys: {keys_note(host, bool(digests))}")
     for line in usage_lines(url, engine.model_id, engine.routes, bool(digests)):
         out.print(line, markup=False, highlight=False)
     out.print("waiting for the model to warm up; /health/ready turns 200 when it has", markup=False)
     out.file.flush()
     server.run(sockets=[sock])
+
+
+def keys_note(host: str, has_keys: bool) -> str:
+    if has_keys:
+        return "required"
+    if is_loopback(host):
+        return "none (loopback only)"
+    return f"none: anyone who can reach {host} can call it (--allow-no-auth)"
+
+
+def _protocol_class(read_timeout_s: float):
+    """uvicorn's HTTP protocol with a deadline for each request's headers, and JSON errors from the parser.
+
+    uvicorn has no header timeout: a client that sends half a request line holds its connection forever.
+    Here the headers must be complete ``read_timeout_s`` after the connection opened or the previous response
+    ended (idle keep-alive connections are closed earlier by uvicorn's own keep-alive timeout).
+    """
+    import json
+
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools not installed: uvicorn's pure-Python parser
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    from keel.serve.errors import envelope
+
+    class KeelHTTPProtocol(Base):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._keel_bytes = False  # bytes of a request whose headers are not complete yet
+            self._keel_timer = self.loop.call_later(read_timeout_s, self._keel_headers_late)
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._keel_bytes = True
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._keel_bytes = False
+            self._keel_rearm()
+
+        def connection_lost(self, exc):
+            self._keel_timer.cancel()
+            super().connection_lost(exc)
+
+        def _keel_rearm(self) -> None:
+            self._keel_timer.cancel()
+            if not self.transport.is_closing():
+                self._keel_timer = self.loop.call_later(read_timeout_s, self._keel_headers_late)
+
+        def _keel_headers_late(self) -> None:
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:  # a request is being answered
+                return self._keel_rearm()
+            if self._keel_bytes:
+                self._keel_send(408, f"the request headers did not arrive within {read_timeout_s:g} s "
+                                     "(serve.read_timeout_s)", "header_timeout")
+            else:
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            self._keel_send(400, "the HTTP request could not be parsed (request line, method, header or "
+                                 "Content-Length); send a valid HTTP/1.1 request", "invalid_http")
+
+        def _keel_send(self, status: int, message: str, code: str) -> None:
+            body = json.dumps(envelope(status, message, None, code)).encode()
+            reason = {400: b"Bad Request", 408: b"Request Timeout"}[status]
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+            self.transport.close()
+
+    return KeelHTTPProtocol
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -132,8 +208,8 @@ def _make_server_class():
 
     class DrainingServer(uvicorn.Server):
         """uvicorn's server with a drain: on the first SIGTERM/SIGINT /health/ready turns 503 and new requests
-        get 503 at once, while the requests already accepted run to the end (at most the grace period);
-        then uvicorn shuts down as usual. A second signal stops at once."""
+        get 503 at once, while the requests already accepted run to the end (serve.drain_timeout in all,
+        uvicorn's own shutdown included); then the process exits. A second signal stops at once."""
 
         def __init__(self, config, state, grace_s: float):
             super().__init__(config)
@@ -148,6 +224,8 @@ def _make_server_class():
                 end = time.monotonic() + self.grace_s
                 while self.keel_state.inflight > 0 and time.monotonic() < end:
                     time.sleep(0.05)
+                # uvicorn's own graceful shutdown gets what is left of the one drain budget, not a second one.
+                self.config.timeout_graceful_shutdown = max(end - time.monotonic(), 0.5)
                 super(DrainingServer, self).handle_exit(sig, frame)
 
             threading.Thread(target=drain, name="keel-drain", daemon=True).start()
