@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
-from keel.io import atomic_write_text
+from keel.io import atomic_write_text, writes_run
 from keel.train.metrics import read_metrics
 
 CSS = """
@@ -270,6 +270,7 @@ from keel.federated.report import section_federated  # noqa: E402  (federated ru
 SECTIONS.insert(SECTIONS.index(section_recipe), section_federated)
 
 
+@writes_run
 def write_report(run_dir: str | Path) -> Path:
     import yaml
 

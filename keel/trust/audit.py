@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import GateError, KeelError, RecipeError
-from keel.io import atomic_write_json
+from keel.io import atomic_write_json, writes_run
 from keel.progress import log, progress
 from keel.recipe import AuditConfig, ExplainConfig, FairnessConfig
 
@@ -36,6 +36,7 @@ def _split(recipe, tokenizer, name: str, cap: int | None, need_group: bool):
     return texts, y, column
 
 
+@writes_run
 def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
     """Run the recipe's audit on ``run_dir``; raises GateError (exit 3) after writing everything if a gate fails."""
     from keel.evaluate import load_trained
