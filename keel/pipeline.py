@@ -14,6 +14,7 @@ Run directory layout (later stages add to it):
       export/            onnx/, onnx-int8/ of the teacher; compressed stages have their own export/
       bench.json         every variant measured side by side
       report.html        one self-contained page
+      .keel.lock         while a process writes to the run: its PID and command (keel.io.acquire_run_lock)
 """
 
 from __future__ import annotations
