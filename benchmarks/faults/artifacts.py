@@ -62,7 +62,12 @@ def serve(run: Path, *args: str, cwd: Path) -> tuple[int | None, str]:
     return proc.returncode, "".join(lines)
 
 
+WORK: list[str] = []  # the scratch folder, left out of the messages shown
+
+
 def last_error(text: str) -> str:
+    for work in WORK:
+        text = text.replace(work + "/", "")
     found = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("error:")]
     return (found[-1][:110] + "...") if found else ""
 
@@ -237,6 +242,7 @@ def writer_rows(work: Path, base: Path, recipe: Path) -> list[Row]:
 
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="keel-faults-artifacts-"))
+    WORK.append(str(work))
     os.environ.setdefault("KEEL_CACHE_DIR", str(work / "cache"))
     ENV["KEEL_CACHE_DIR"] = os.environ["KEEL_CACHE_DIR"]
     t0 = time.time()
