@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.errors import CheckpointError, KeelError
-from keel.io import atomic_write_json, verify_manifest
+from keel.io import atomic_write_json, verify_manifest, writes_run
 from keel.progress import esc, log
-from keel.recipe import Recipe, load_recipe
+from keel.recipe import Recipe, load_recipe, validate_recipe
 
 
 @dataclass
@@ -42,9 +42,8 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
     if not folder.is_dir():
         raise CheckpointError(f"{run_dir} has no final model yet (model/ is missing); finish training with "
                               f"`keel train RECIPE --resume`")
-    verify_manifest(folder)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    info = json.loads((folder / "keel.json").read_text())
+    info = verified_model(run_dir)
+    recipe = sealed_recipe(run_dir, info)
     from transformers import AutoTokenizer
 
     from keel.tasks import get_task
@@ -67,6 +66,50 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
     return Trained(model, tokenizer, info, recipe, run_dir)
 
 
+def verified_model(run_dir: Path) -> dict:
+    """Check RUN/model against its manifest (every file, and no file it does not list); returns its keel.json."""
+    folder = Path(run_dir) / "model"
+    verify_manifest(folder)
+    return json.loads((folder / "keel.json").read_text())
+
+
+def sealed_recipe(run_dir: Path, info: dict) -> Recipe:
+    """The recipe the model was sealed with (in model/keel.json), which decides how it is run (max_length, ...).
+    The run's recipe.yaml must say the same: an edited or missing one is refused, never silently used or ignored."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; restore it (the model in {Path(run_dir) / 'model'} was sealed with "
+                              "its recipe) or train a new run")
+    current = load_recipe(path)
+    if "recipe" not in info:  # sealed by an older keel: the recipe's hash in keel.json covers it
+        if info.get("recipe_sha256") != current.sha256():
+            raise CheckpointError(f"{path} is not the recipe {Path(run_dir) / 'model'} was sealed with (sha256 "
+                                  f"{current.sha256()[:12]} vs {str(info.get('recipe_sha256'))[:12]}); restore it or "
+                                  "train a new run")
+        return current
+    sealed = validate_recipe(info["recipe"], source=f"{Path(run_dir) / 'model' / 'keel.json'} recipe")
+    changed = _first_change(sealed.model_dump(mode="json"), current.model_dump(mode="json"))
+    if changed:
+        key, old, new = changed
+        raise CheckpointError(f"{path} was changed after the model was sealed: {key} is {new!r} there and {old!r} in "
+                              f"the recipe sealed in {Path(run_dir) / 'model' / 'keel.json'}; restore it, or train a "
+                              "new run with the new settings")
+    return sealed
+
+
+def _first_change(old: dict, new: dict, prefix: str = "") -> tuple[str, object, object] | None:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _first_change(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
+@writes_run
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dict | None = None,
                  backend: str = "torch") -> dict:
     """Metrics on the run's test split, or on a labelled file with the recipe's column names."""

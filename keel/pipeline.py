@@ -16,6 +16,7 @@ Run directory layout (later stages add to it):
       export/            onnx/, onnx-int8/ of the teacher; compressed stages have their own export/
       bench.json         every variant measured side by side
       report.html        one self-contained page
+      .keel.lock         while a process writes to the run: its PID and command (keel.io.acquire_run_lock)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from keel import __version__
 from keel.errors import KeelError
-from keel.io import atomic_write_json, atomic_write_text
+from keel.io import LOCK, acquire_run_lock, atomic_write_json, atomic_write_text, release_run_lock
 from keel.progress import esc, is_main_process, log
 from keel.recipe import Recipe
 
@@ -76,7 +77,7 @@ def resolve_run_dir(recipe: Recipe, resume: bool) -> Path:
     if resume:
         if not path.is_dir():
             raise KeelError(f"nothing to resume: {path} does not exist; run without --resume")
-    elif is_main_process() and path.is_dir() and any(path.iterdir()):
+    elif is_main_process() and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         raise KeelError(f"{path} already holds a run; pass --resume to continue it, or set output.dir to a new folder")
     return path
 
@@ -98,10 +99,16 @@ def _latest_run(name: str, base: Path) -> Path:
     return max(existing, key=started) if existing else base
 
 
+_STARTED: list[Path] = []  # run directories whose writer lock start_run took in this process
+
+
 def start_run(recipe: Recipe, run_dir: Path, resume: bool) -> None:
     if not is_main_process():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir not in _STARTED:  # one writer per run directory, until the run ends (or this process does)
+        acquire_run_lock(run_dir)
+        _STARTED.append(run_dir)
     if not resume and not recipe.output.dir:  # what `--resume` continues (see resolve_run_dir)
         atomic_write_text(run_dir.parent / f".{recipe.name}.latest", run_dir.name + "\n")
     atomic_write_text(run_dir / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml())
@@ -127,6 +134,23 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _ends_runs(fn):
+    """The run directories ``fn`` started are unlocked when it returns or fails."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        started = len(_STARTED)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            while len(_STARTED) > started:
+                release_run_lock(_STARTED.pop())
+
+    return wrapper
+
+
+@_ends_runs
 def train_run(recipe: Recipe, resume: bool = False) -> Path:
     """Training only (`keel train`)."""
     check_recipe(recipe)
@@ -154,6 +178,7 @@ def _train_run(recipe: Recipe, resume: bool) -> Path:
     return run_dir
 
 
+@_ends_runs
 def full_run(recipe: Recipe, resume: bool = False) -> Path:
     """Everything the recipe asks for (`keel run`): train, test-set evaluation, compression, report."""
     from keel.evaluate import evaluate_run

@@ -110,3 +110,43 @@ def test_wrong_shape_is_a_clear_error(tmp_path):
     other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     with pytest.raises(CheckpointError, match="do not fit this model"):
         ckpt.load_checkpoint(path, other)
+
+
+def test_a_sealed_folder_holds_only_its_listed_files(tmp_path):
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    folder = tmp_path / "model"
+    verify_manifest(folder)
+    (folder / "MODEL_CARD.md").write_text("# card\n")  # written by later stages, read by no loader
+    verify_manifest(folder)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="sub/adapter_config.json is not part of the sealed folder"):
+        verify_manifest(folder)
+
+
+def test_resume_point_falls_back_past_a_corrupt_checkpoint_and_names_it(tmp_path, capsys):
+    m, opt, sched = tiny_model()
+    save(tmp_path, m, opt, sched, step=3)
+    newest = save(tmp_path, m, opt, sched, step=5)
+    (newest / "stray.bin").write_bytes(b"x")  # a file the manifest does not list: not intact
+    loaded = ckpt.resume_point(tmp_path, m, recipe=None)
+    assert loaded.state.step == 3 and loaded.path.name == "step-00000003"
+    out = "".join(capsys.readouterr())
+    assert "skipping checkpoint step-00000005" in out and "stray.bin" in out
+    assert ckpt.resume_point(tmp_path / "none", m, recipe=None) is None  # nothing checkpointed
+    (tmp_path / "step-00000003" / "state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no intact checkpoint .* step-00000005 .* step-00000003"):
+        ckpt.resume_point(tmp_path, m, recipe=None)
+
+
+def test_a_changed_setting_is_not_a_reason_to_fall_back(tmp_path):
+    m, opt, sched = tiny_model()
+    save(tmp_path, m, opt, sched, step=3)
+    save(tmp_path, m, opt, sched, step=5)
+
+    def check(saved_yaml, recipe):
+        raise CheckpointError("cannot resume: model.name changed")
+
+    with pytest.raises(CheckpointError, match="model.name changed"):
+        ckpt.resume_point(tmp_path, m, recipe=None, check=check)

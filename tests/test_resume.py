@@ -140,15 +140,39 @@ def test_resume_with_another_model_shape_is_refused(reference):
     assert "model.name was 'tiny-bert' in the checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_corrupt_checkpoint_is_not_resumed(reference):
-    work, recipe, _ = reference
+def test_a_corrupt_latest_checkpoint_is_skipped_and_resume_falls_back(reference):
+    """The newest checkpoint fails its manifest: resume names it, takes the one before, and replays to the same curve."""
+    work, recipe, expected = reference
     import shutil
 
     shutil.copytree(work / "runs" / "reference", work / "runs" / "corrupt")
-    last = sorted((work / "runs/corrupt/checkpoints").glob("step-*"))[-1]
+    run = work / "runs" / "corrupt"
+    shutil.rmtree(run / "model")
+    *_, before, last = sorted((run / "checkpoints").glob("step-*"))
     opt = last / "optimizer.safetensors"
     data = bytearray(opt.read_bytes())
     data[-1] ^= 0xFF
     opt.write_bytes(bytes(data))
     proc = keel("train", str(recipe), "output.dir=runs/corrupt", "--resume", cwd=work)
-    assert proc.returncode == 2 and "checksum mismatch" in proc.stderr
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert f"skipping checkpoint {last.name}" in text and "checksum mismatch" in text
+    assert f"resuming from {before.name}" in text
+    assert losses(run) == expected
+
+
+def test_no_intact_checkpoint_left_is_refused_not_restarted(reference):
+    work, recipe, _ = reference
+    import shutil
+
+    run = work / "runs" / "allbad"
+    shutil.copytree(work / "runs" / "reference", run)
+    shutil.rmtree(run / "model")
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        (ckpt / "manifest.json").write_text("{")
+    proc = keel("train", str(recipe), "output.dir=runs/allbad", "--resume", cwd=work)
+    assert proc.returncode == 2 and "no intact checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    shutil.rmtree(run / "checkpoints")
+    (run / "model").mkdir()
+    proc = keel("train", str(recipe), "output.dir=runs/allbad", "--resume", cwd=work)
+    assert proc.returncode == 2 and "has a final model but no checkpoint" in proc.stderr

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.io import atomic_dir, atomic_write_text
+from keel.io import atomic_dir, atomic_write_text, writes_run
 from keel.progress import log
 from keel.recipe import CompressConfig, Recipe, load_recipe
 
@@ -101,6 +101,7 @@ def _distiller(run_dir: Path, recipe: Recipe, cfg_alpha: float, temperature: flo
                      causal=recipe.task == "causal-lm")
 
 
+@writes_run
 def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     """Teacher (RUN_DIR/model) -> RUN_DIR/compress/student."""
     from keel.compress.distill import check_smaller, layer_list, pick_layers, student_from_teacher
@@ -139,6 +140,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
                         train_it=cfg.epochs > 0)
 
 
+@writes_run
 def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     """The latest model (student if any, else teacher) -> RUN_DIR/compress/pruned."""
     from keel.compress import prune as P
@@ -192,6 +194,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     return final
 
 
+@writes_run
 def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | None = None) -> list[str]:
     """ONNX fp32 / int8 / static int8 exports of the latest stage; returns the variant names produced."""
     from keel.export.onnx import export_onnx, quantize_static_int8
@@ -226,6 +229,7 @@ def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | Non
     return produced
 
 
+@writes_run
 def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     """Every stage the recipe's compress section asks for, then the bench and the budgeted pick."""
     from keel.compress.budget import pick_deployable

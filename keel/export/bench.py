@@ -22,7 +22,7 @@ import numpy as np
 
 from keel.errors import KeelError
 from keel.export.onnx import export_dir, weights_bytes
-from keel.io import atomic_write_json
+from keel.io import atomic_write_json, writes_run
 from keel.progress import log
 
 def available_variants(run_dir: Path) -> list[str]:
@@ -122,6 +122,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@writes_run
 def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variants: list[str] | None = None,
           rounds: int = 1) -> dict:
     """Measure the HF-pipeline baseline and every variant (default: all on disk), each in its own process;

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.io import atomic_dir, verify_manifest
+from keel.io import atomic_dir, verify_manifest, writes_run
 
 FP32, INT8, STATIC_INT8 = "onnx", "onnx-int8", "onnx-static-int8"
 
@@ -67,6 +67,7 @@ def input_names(tokenizer) -> list[str]:
     return names
 
 
+@writes_run
 def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True) -> dict:
     """Export the run's final model; returns the parity figures and sizes."""
     import torch

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
-from keel.io import atomic_write_text
+from keel.io import atomic_write_text, writes_run
 from keel.train.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -285,6 +285,7 @@ def _build(section, run_dir: Path, ctx: dict) -> str | None:
                 f"{html.escape(why[:500])}. Fix the cause, then rebuild the page with <code>keel report</code>.</p>")
 
 
+@writes_run
 def write_report(run_dir: str | Path) -> Path:
     import yaml
 

@@ -179,6 +179,7 @@ def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engi
 
     name, spec = resolve_model(target)
     folder = model_dir(target)
+    _verify_folder(folder)
     model_type = json.loads((folder / "config.json").read_text()).get("architectures") or []
     keel_json = folder / "keel.json"  # a run's model folder says what it is
     task = json.loads(keel_json.read_text()).get("task") if keel_json.is_file() else None
@@ -188,21 +189,30 @@ def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engi
     return _load_lm(folder, model_id, device) if is_lm else _load_encoder(folder, model_id)
 
 
-def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
-    from keel.evaluate import load_trained
+def _verify_folder(folder: Path) -> None:
+    """A folder keel sealed (a run's model/, a converted model in the cache) is checked against its manifest before
+    anything in it is read; a keel model folder without one (keel.json but no manifest) is refused. A plain Hugging
+    Face folder of the user's, or a package's, has no manifest to check and is loaded as it is."""
+    from keel.io import MANIFEST, verify_manifest
 
-    info = json.loads((run_dir / "model" / "keel.json").read_text())
+    if (folder / MANIFEST).is_file() or (folder / "keel.json").is_file():
+        verify_manifest(folder)
+
+
+def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
+    from keel.evaluate import load_trained, sealed_recipe, verified_model
+
+    info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name
     if info["task"] == "causal-lm":
         if backend not in ("auto", "torch"):
             raise KeelError(f"serve.backend={backend} is for classifiers; {run_dir} is a causal-lm run (use torch)")
+        sealed_recipe(run_dir, info)
         return _load_lm(run_dir / "model", model_id, device)
     chosen = _pick_backend(run_dir, backend)
     t = load_trained(run_dir, chosen)  # checks every file against its manifest
-    from transformers import AutoModel
-
-    encoder = t.model.base_model if chosen == "torch" else AutoModel.from_pretrained(
-        run_dir / "model", local_files_only=True, use_safetensors=True)
+    # /v1/embeddings: the teacher's encoder, loaded (and checked) like the classifier when another variant serves
+    encoder = (t.model if chosen in ("torch", "teacher-torch") else load_trained(run_dir, "torch").model).base_model
     encoder.eval()
     from keel.trust.mitigation import Mitigator
 

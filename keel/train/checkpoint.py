@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from keel.errors import CheckpointError
-from keel.io import atomic_dir, verify_manifest
+from keel.io import IntegrityError, atomic_dir, verify_manifest
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -149,11 +149,13 @@ class Loaded:
     recipe_yaml: str
     recipe_sha256: str
     path: Path
+    changed: list[str] | None = None  # settings that differ from the checkpoint's (resume_point's check)
 
 
-def load_checkpoint(path: Path, model, rank: int = 0, world_size: int = 1) -> Loaded:
+def load_checkpoint(path: Path, model, rank: int = 0, world_size: int = 1, verify: bool = True) -> Loaded:
     """Verify every file's hash, then load weights into ``model`` and return the rest."""
-    verify_manifest(path)
+    if verify:
+        verify_manifest(path)
     doc = json.loads((path / "state.json").read_text())
     if doc.get("world_size", 1) != world_size:
         raise CheckpointError(f"{path} was written by {doc.get('world_size')} processes and this run has {world_size}; "
@@ -170,3 +172,36 @@ def load_checkpoint(path: Path, model, rank: int = 0, world_size: int = 1) -> Lo
     rng = (load_file(str(path / f"rng-rank{rank}.safetensors")), doc["rng"][rank])
     return Loaded(TrainState(**doc["state"]), optimizer, doc["scheduler"], rng,
                   (path / "recipe.yaml").read_text(), doc["recipe_sha256"], path)
+
+
+def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, check=None) -> Loaded | None:
+    """The newest checkpoint that is intact, loaded into ``model``; older ones are tried when a newer one is
+    corrupt (each skipped one is named, with the reason). None when nothing was checkpointed.
+
+    ``check(saved_recipe_yaml, recipe)`` runs on an intact checkpoint before its weights are loaded (a changed
+    model is then named as the field that changed, not as a shape mismatch); its error is not a reason to fall
+    back, nor is a checkpoint that does not fit the model: only a checkpoint whose files fail their manifest is.
+    """
+    from rich.markup import escape
+
+    from keel.progress import log
+
+    found = list_checkpoints(root)
+    skipped = []
+    for path in reversed(found):
+        try:
+            verify_manifest(path)
+        except IntegrityError as e:
+            skipped.append(f"{path.name} ({e})")
+            log(escape(f"skipping checkpoint {path.name}: {e}"))
+            continue
+        changed = check((path / "recipe.yaml").read_text(), recipe) if check is not None else None
+        loaded = load_checkpoint(path, model, rank=rank, world_size=world_size, verify=False)
+        loaded.changed = changed
+        if skipped:
+            log(escape(f"resuming from {path.name}, the newest intact checkpoint ({len(skipped)} newer one(s) skipped)"))
+        return loaded
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint in {root} to resume from: {'; '.join(skipped)}; restore one, or "
+                              f"remove {root} to start the run afresh with --resume")
+    return None

@@ -204,21 +204,25 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         if dropped:
             log(f"[yellow]removed {dropped} incomplete checkpoint folder(s) left by an interrupted run[/]")
     accelerator.wait_for_everyone()
-    if resume:
-        found = ckpt.list_checkpoints(ckpt_root)
-        if not found:
-            raise CheckpointError(f"nothing to resume: {ckpt_root} has no complete checkpoint; run without --resume")
-        # settings first, so a changed model is named as the field that changed, not as a shape mismatch
-        changed = check_resume_compatible((found[-1] / "recipe.yaml").read_text(), recipe)
-        loaded = ckpt.load_checkpoint(found[-1], model, rank=rank, world_size=world)
-        if changed:
-            log(f"[yellow]resuming with changed settings: {', '.join(changed)}[/]")
+    # the newest intact checkpoint (a corrupt one is skipped and named); none at all: the run starts afresh
+    loaded = ckpt.resume_point(ckpt_root, model, recipe, rank, world, check_resume_compatible) if resume else None
+    if loaded is not None:
+        if loaded.changed:
+            log(f"[yellow]resuming with changed settings: {', '.join(loaded.changed)}[/]")
         optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.scheduler)
         state, restored_rng = loaded.state, loaded.rng
-        log(f"resuming from {found[-1].name} (epoch {state.epoch + 1}, step {state.step})")
+        log(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
         if state.finished:
             log("that run had already finished; writing its final model again")
+    elif resume:
+        from rich.markup import escape
+
+        if (run_dir / "model").is_dir():
+            raise CheckpointError(f"nothing to resume: {run_dir} has a final model but no checkpoint; it is finished "
+                                  "(set output.dir to a new folder to train again)")
+        log(escape(f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh"))
+        resume = False
 
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -366,4 +370,5 @@ def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: di
             "task": recipe.task, "labels": summary["labels"], "recipe_sha256": recipe.sha256(),
             "base_model": recipe.model.name, "best_step": summary["best_step"],
             "selection_metric": summary["selection_metric"], "best_metric": summary["best_metric"], **(extra or {}),
+            "recipe": recipe.model_dump(mode="json"),  # sealed: it decides how the model is run (keel.evaluate)
         }, indent=2))

@@ -11,7 +11,7 @@ import numpy as np
 from rich.markup import escape
 
 from keel.errors import GateError, KeelError, RecipeError
-from keel.io import atomic_write_json
+from keel.io import atomic_write_json, writes_run
 from keel.progress import log, progress
 from keel.recipe import AuditConfig, ExplainConfig, FairnessConfig
 
@@ -37,6 +37,7 @@ def _split(recipe, tokenizer, name: str, cap: int | None, need_group: bool, run_
     return texts, y, column
 
 
+@writes_run
 def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
     """Run the recipe's audit on ``run_dir``; raises GateError (exit 3) after writing everything if a gate fails."""
     from keel.evaluate import load_trained

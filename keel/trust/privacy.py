@@ -296,20 +296,18 @@ def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
     state, restored_rng, history = ckpt.TrainState(), None, []
     sigma = p.noise_multiplier
     ckpt.clean_partial(ckpt_root)
+    loaded = ckpt.resume_point(ckpt_root, model, recipe, check=check_resume_compatible) if resume else None
+    if resume and loaded is None:
+        raise CheckpointError(f"nothing to resume: {ckpt_root} has no complete checkpoint; run without --resume")
     if resume:
-        found = ckpt.list_checkpoints(ckpt_root)
-        if not found:
-            raise CheckpointError(f"nothing to resume: {ckpt_root} has no complete checkpoint; run without --resume")
-        check_resume_compatible((found[-1] / "recipe.yaml").read_text(), recipe)
-        loaded = ckpt.load_checkpoint(found[-1], model)
         optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.scheduler)
         state, restored_rng = loaded.state, loaded.rng
         saved = state.extra.get("privacy")
         if not saved:
-            raise CheckpointError(f"{found[-1]} has no privacy accountant state: it was not trained with train.privacy")
+            raise CheckpointError(f"{loaded.path} has no privacy accountant state: it was not trained with train.privacy")
         sigma, history = saved["noise_multiplier"], saved["history"]  # the budget was planned with this sigma
-        log(f"resuming DP training from {found[-1].name} (step {state.step}, epsilon so far {saved['epsilon']:.3f})")
+        log(f"resuming DP training from {loaded.path.name} (step {state.step}, epsilon so far {saved['epsilon']:.3f})")
     if sigma is None:
         from opacus.accountants.utils import get_noise_multiplier
 
