@@ -350,3 +350,15 @@ def test_tokenization_and_chat_templates_run_off_the_event_loop():
     loop_thread, *codes = asyncio.run(main())
     assert codes == [200, 200]
     assert len(threads) == 2 and loop_thread not in threads
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", '{"prompt": ["fine", "bad \\ud800"], "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": "fine", "stop": "\\udfff", "max_tokens": 2}', "stop"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "bad \\ud800"}], "max_tokens": 2}', "messages"),
+], ids=["prompt", "stop", "chat content"])
+def test_lone_surrogates_in_generation_requests_are_a_400_naming_the_field(lm, path, body, param):
+    r = httpx.post(f"{lm.url}{path}", content=body.encode(), headers={"Content-Type": "application/json"}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"].startswith(param), err
+    assert httpx.post(f"{lm.url}/v1/completions", json={"prompt": "fine", "max_tokens": 2}, timeout=30).status_code == 200

@@ -37,6 +37,18 @@ class ErrorResponse(Response):
 
 # -- shared ----------------------------------------------------------------------------------------
 
+def encodable_texts(value: Union[str, list[str]]) -> Union[str, list[str]]:
+    """Refuse a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer would raise on it."""
+    for i, text in enumerate([value] if isinstance(value, str) else value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            where = "" if isinstance(value, str) else f"text {i} "
+            raise ValueError(f"{where}has a lone surrogate (\\ud800-\\udfff without its pair) at character {e.start}; "
+                             "send valid Unicode text") from None
+    return value
+
+
 class StreamOptions(Request):
     include_usage: bool = False
 
@@ -63,6 +75,11 @@ class SamplingFields(Request):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted for compatibility; only 0 is supported")
     user: str | None = Field(None, max_length=256)
 
+    @field_validator("stop")
+    @classmethod
+    def _encodable_stop(cls, value):
+        return value if value is None else encodable_texts(value)
+
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
@@ -74,6 +91,8 @@ class SamplingFields(Request):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str]] = Field(..., description="a text, or a list of texts (one choice set each)")
     echo: bool = False
+
+    _encodable = field_validator("prompt")(encodable_texts)
 
 
 class CompletionChoice(Response):
@@ -98,6 +117,8 @@ class ChatMessage(Request):
     role: Literal["system", "user", "assistant", "developer"]
     content: str = Field(..., max_length=1_000_000)
     name: str | None = Field(None, max_length=256)
+
+    _encodable = field_validator("content")(encodable_texts)
 
 
 class ChatRequest(SamplingFields):
@@ -127,18 +148,6 @@ class ChatResponse(Response):
 
 
 # -- embeddings and classification -------------------------------------------------------------------
-
-def encodable_texts(value: Union[str, list[str]]) -> Union[str, list[str]]:
-    """Refuse a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer would raise on it."""
-    for i, text in enumerate([value] if isinstance(value, str) else value):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            where = "" if isinstance(value, str) else f"text {i} "
-            raise ValueError(f"{where}has a lone surrogate (\\ud800-\\udfff without its pair) at character {e.start}; "
-                             "send valid Unicode text") from None
-    return value
-
 
 class TextInput(Request):
     input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
