@@ -127,3 +127,17 @@ def test_a_measurement_that_fails_is_one_clear_error_and_the_next_one_still_runs
     with pytest.raises(KeelError, match="measuring teacher-onnx-int4 failed: --backend must be one of"):
         B._measure(run_dir, "teacher-onnx-int4", 2, 8)
     assert B._measure(run_dir, "teacher-onnx", 2, 8)["n"] == 8  # the fork server outlived the failed child
+
+
+def test_eval_on_a_file_prints_that_files_own_majority_baseline(exported, tmp_path):
+    """A file with other class proportions than the training split: its baseline is its own most frequent label."""
+    work, run_dir, _ = exported
+    for major, minor in (("pos", "neg"), ("neg", "pos")):  # one of the two differs from the training majority
+        rows = [f"the ride was {major} number {i},{major}" for i in range(6)] + [f"a {minor} trip,{minor}", f"x {minor},{minor}"]
+        path = tmp_path / f"{major}.csv"
+        path.write_text("text,label\n" + "\n".join(rows) + "\n")
+        proc = keel("eval", str(run_dir), "--data", str(path), "--json", cwd=work, check=True)
+        base = json.loads(proc.stdout)["baseline"]
+        assert (base["label"], base["accuracy"]) == (major, 0.75)
+    shown = keel("eval", str(run_dir), "--data", str(path), cwd=work, check=True).stdout  # the last file, as printed
+    assert f"majority-class baseline ('{major}') accuracy 0.7500" in shown
