@@ -233,6 +233,12 @@ def test_keel_run_compresses_exports_and_names_the_deployable_model(compressed_r
     assert info["resized"] and info["structured"]["heads_per_layer"] == [1]
     assert info["params_after"] < info["params_before"]
     assert f"deployable model: {rec['deployable']}" in proc.stdout
+    # picked on validation figures, then scored once on the test split, as `keel eval --backend` scores it
+    assert rec["picked_on"] == bench["split"] == "validation"
+    scored = json.loads(keel("eval", str(run), "--backend", rec["deployable"], "--json", cwd=run.parent.parent).stdout)
+    assert (rec["test"]["accuracy"], rec["test"]["n"]) == (scored["accuracy"], scored["n"])
+    teacher = json.loads((run / "eval" / "test.json").read_text())
+    assert rec["test"]["accuracy_drop_points"] == pytest.approx((teacher["accuracy"] - scored["accuracy"]) * 100)
     html = (run / "report.html").read_text()
     assert rec["deployable"] in html and "Pareto" in html
     # the deployable variant is usable by the other verbs
