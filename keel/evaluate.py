@@ -136,22 +136,13 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dic
     result = task.evaluate(t.model, dataset, t.tokenizer, t.recipe.train.eval_batch_size, torch.device("cpu"))
     result = {"split": name, "source": data_file or "test split", "backend": backend, **result}
     if t.info["task"] == "classification":
-        if majority_label is None:  # a file: the majority label of the training split still is the baseline
-            majority_label = _train_majority(t)
         y = np.asarray(dataset["label"])
+        if majority_label is None:  # a file: its own most frequent label (the training split's can score far less)
+            majority_label = labels[int(np.bincount(y, minlength=len(labels)).argmax())]
         result["baseline"] = majority_baseline(y, labels.index(majority_label), labels)
     suffix = "" if backend == "torch" else f".{backend}"
     atomic_write_json(t.run_dir / "eval" / f"{name}{suffix}.json", result)
     return result
-
-
-def _train_majority(t: Trained) -> str:
-    try:
-        from keel.data.prepare import prepare_data
-
-        return prepare_data(t.recipe, t.tokenizer, t.run_dir).meta["majority_label"]
-    except KeelError:  # the training data is gone: fall back to the first label
-        return t.info["labels"][0]
 
 
 def _file_dataset(t: Trained, data_file: str, labels: list[str], columns: dict):

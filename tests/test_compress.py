@@ -142,7 +142,12 @@ def _row(variant, acc, p50, mb, thr=100.0, base_acc=0.80):
             "accuracy_drop_points": (base_acc - acc) * 100}
 
 
-def test_budget_picks_the_right_variant_on_fabricated_measurements(tmp_path):
+def test_budget_picks_the_right_variant_on_fabricated_measurements(tmp_path, monkeypatch):
+    from keel.compress import budget as Bu
+
+    scored = []  # the test split: the chosen variant alone, once
+    monkeypatch.setattr(Bu, "test_figures", lambda run_dir, v: scored.append(v) or {"accuracy": 0.7, "n": 9,
+                                                                                    "accuracy_drop_points": 1.5})
     rows = [_row("hf-pipeline", 0.80, 15.0, 90.0), _row("teacher-torch", 0.80, 12.0, 90.0),
             _row("student-onnx-int8", 0.795, 3.0, 12.0), _row("pruned-onnx-int8", 0.785, 2.0, 6.0),
             _row("pruned-onnx", 0.80, 2.5, 20.0, thr=900.0)]
@@ -155,10 +160,13 @@ def test_budget_picks_the_right_variant_on_fabricated_measurements(tmp_path):
     assert select(rows, BudgetConfig(max_accuracy_drop=1.0, prefer="throughput"))[0]["variant"] == "pruned-onnx"
 
     rec = pick_deployable(tmp_path, {"variants": rows}, BudgetConfig(max_accuracy_drop=1.0))
-    assert json.loads((tmp_path / "compress" / "deployable.json").read_text())["deployable"] == rec["deployable"]
+    saved = json.loads((tmp_path / "compress" / "deployable.json").read_text())
+    assert saved["deployable"] == rec["deployable"] == "pruned-onnx" and scored == ["pruned-onnx"]
+    assert saved["test"]["accuracy"] == 0.7  # reported as it came: a test drop beyond the budget is no re-pick
     with pytest.raises(GateError, match="no compressed variant is within compress.budget"):
         pick_deployable(tmp_path, {"variants": rows}, BudgetConfig(max_accuracy_drop=1.0, max_latency_ms=1.0))
     assert json.loads((tmp_path / "compress" / "deployable.json").read_text())["deployable"] is None
+    assert scored == ["pruned-onnx"]  # nothing chosen, nothing scored on the test split
 
 
 def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
@@ -175,7 +183,8 @@ def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
         f = slow_spell.get((variant, k), 1.0)
         p50, thr = {"hf-pipeline": (20.0, 80.0), "pruned-onnx-int8": (2.5, 640.0)}[variant]
         return {"variant": variant, "accuracy": 0.74, "macro_f1": 0.7, "disk_mb": 90.0 if variant == "hf-pipeline" else 9.0,
-                "p50_ms_batch1": p50 * f, "p95_ms_batch1": 2 * p50 * f, "throughput_batch32": thr / f, "peak_rss_mb": 500.0}
+                "p50_ms_batch1": p50 * f, "p95_ms_batch1": 2 * p50 * f, "throughput_batch32": thr / f,
+                "throughput_sorted_batch32": 1.5 * thr / f, "peak_rss_mb": 500.0}
 
     monkeypatch.setattr(B, "_measure", measure)
     result = B.bench(tmp_path, variants=["pruned-onnx-int8"], rounds=2)
@@ -184,6 +193,7 @@ def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
     assert (base["p50_ms_batch1"], base["throughput_batch32"]) == (20.0, 80.0)  # round 1's slow spell is dropped
     assert (pruned["p50_ms_batch1"], pruned["throughput_batch32"]) == (2.5, 640.0)
     assert pruned["speedup_p50_vs_pipeline"] == 8.0 and pruned["throughput_vs_pipeline"] == 8.0
+    assert pruned["throughput_sorted_vs_pipeline"] == 8.0  # against the pipeline fed the same sorted batches
     assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 2
 
 
@@ -222,6 +232,12 @@ def test_keel_run_compresses_exports_and_names_the_deployable_model(compressed_r
     assert info["resized"] and info["structured"]["heads_per_layer"] == [1]
     assert info["params_after"] < info["params_before"]
     assert f"deployable model: {rec['deployable']}" in proc.stdout
+    # picked on validation figures, then scored once on the test split, as `keel eval --backend` scores it
+    assert rec["picked_on"] == bench["split"] == "validation"
+    scored = json.loads(keel("eval", str(run), "--backend", rec["deployable"], "--json", cwd=run.parent.parent).stdout)
+    assert (rec["test"]["accuracy"], rec["test"]["n"]) == (scored["accuracy"], scored["n"])
+    teacher = json.loads((run / "eval" / "test.json").read_text())
+    assert rec["test"]["accuracy_drop_points"] == pytest.approx((teacher["accuracy"] - scored["accuracy"]) * 100)
     html = (run / "report.html").read_text()
     assert rec["deployable"] in html and "Pareto" in html
     # the deployable variant is usable by the other verbs

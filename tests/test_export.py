@@ -127,3 +127,54 @@ def test_a_measurement_that_fails_is_one_clear_error_and_the_next_one_still_runs
     with pytest.raises(KeelError, match="measuring teacher-onnx-int4 failed: --backend must be one of"):
         B._measure(run_dir, "teacher-onnx-int4", 2, 8)
     assert B._measure(run_dir, "teacher-onnx", 2, 8)["n"] == 8  # the fork server outlived the failed child
+
+
+def test_eval_on_a_file_prints_that_files_own_majority_baseline(exported, tmp_path):
+    """A file with other class proportions than the training split: its baseline is its own most frequent label."""
+    work, run_dir, _ = exported
+    for major, minor in (("pos", "neg"), ("neg", "pos")):  # one of the two differs from the training majority
+        rows = [f"the ride was {major} number {i},{major}" for i in range(6)] + [f"a {minor} trip,{minor}", f"x {minor},{minor}"]
+        path = tmp_path / f"{major}.csv"
+        path.write_text("text,label\n" + "\n".join(rows) + "\n")
+        proc = keel("eval", str(run_dir), "--data", str(path), "--json", cwd=work, check=True)
+        base = json.loads(proc.stdout)["baseline"]
+        assert (base["label"], base["accuracy"]) == (major, 0.75)
+    shown = keel("eval", str(run_dir), "--data", str(path), cwd=work, check=True).stdout  # the last file, as printed
+    assert f"majority-class baseline ('{major}') accuracy 0.7500" in shown
+
+
+def test_bench_scores_every_variant_on_the_same_validation_batches(exported, monkeypatch):
+    """The pipeline baseline and keel's variants score the very same batches (in the split's order, then the same
+    length-sorted ones), drawn from the validation split: the pick never sees the test split."""
+    import keel.evaluate as E
+    from keel.data.prepare import prepare_data
+    from keel.export import bench as B
+
+    _, run_dir, _ = exported
+    seen: dict[str, list] = {"hf-pipeline": [], "teacher-onnx": []}
+    real_pipeline, real_logits = B.hf_pipeline, E.text_logits
+
+    def spy_pipeline(t):
+        pipe = real_pipeline(t)
+
+        def run(texts, **kw):
+            seen["hf-pipeline"].append(list(texts))
+            return pipe(texts, **kw)
+        return run
+
+    monkeypatch.setattr(B, "hf_pipeline", spy_pipeline)
+    monkeypatch.setattr(E, "text_logits", lambda t, texts: seen["teacher-onnx"].append(list(texts)) or real_logits(t, texts))
+    rows = {v: B.measure_variant(run_dir, v, n_latency=2, n_eval=1000) for v in seen}
+    batched = {v: [b for b in calls if len(b) > 1] for v, calls in seen.items()}  # batch-1 calls are the latency timing
+    assert batched["hf-pipeline"] == batched["teacher-onnx"]
+    t = E.load_trained(run_dir)
+    splits = prepare_data(t.recipe, t.tokenizer).splits
+    val, test = list(splits["validation"]["text"]), set(splits["test"]["text"])
+    half = len(batched["hf-pipeline"]) // 2
+    in_order, by_length = batched["hf-pipeline"][:half], batched["hf-pipeline"][half:]
+    assert [x for b in in_order for x in b] == val  # batches of 32 in the split's order
+    assert sorted(x for b in by_length for x in b) == sorted(val) and not test & set(val)
+    assert [len(b) for b in in_order] == [min(32, len(val) - i) for i in range(0, len(val), 32)]
+    for r in rows.values():
+        assert r["n"] == len(val) and r["throughput_batch32"] > 0 and r["throughput_sorted_batch32"] > 0
+    assert rows["hf-pipeline"]["accuracy"] == rows["teacher-onnx"]["accuracy"]
