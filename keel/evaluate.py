@@ -73,9 +73,15 @@ def verified_model(run_dir: Path) -> dict:
     return json.loads((folder / "keel.json").read_text())
 
 
+SEALED_SECTIONS = {"task", "model"}  # what decides how a trained model is run
+
+
 def sealed_recipe(run_dir: Path, info: dict) -> Recipe:
-    """The recipe the model was sealed with (in model/keel.json), which decides how it is run (max_length, ...).
-    The run's recipe.yaml must say the same: an edited or missing one is refused, never silently used or ignored."""
+    """The run's recipe, checked against the one the model was sealed with (in model/keel.json).
+
+    The sections that decide how the model is run (``task``, ``model``: max_length, ...) must say what was sealed: an
+    edited or missing recipe.yaml is refused, never silently used or ignored. The sections of later stages (audit,
+    compress, serve) may be edited in the run's recipe.yaml between stages, as before."""
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; restore it (the model in {Path(run_dir) / 'model'} was sealed with "
@@ -88,13 +94,14 @@ def sealed_recipe(run_dir: Path, info: dict) -> Recipe:
                                   "train a new run")
         return current
     sealed = validate_recipe(info["recipe"], source=f"{Path(run_dir) / 'model' / 'keel.json'} recipe")
-    changed = _first_change(sealed.model_dump(mode="json"), current.model_dump(mode="json"))
+    changed = _first_change(sealed.model_dump(mode="json", include=SEALED_SECTIONS),
+                            current.model_dump(mode="json", include=SEALED_SECTIONS))
     if changed:
         key, old, new = changed
         raise CheckpointError(f"{path} was changed after the model was sealed: {key} is {new!r} there and {old!r} in "
                               f"the recipe sealed in {Path(run_dir) / 'model' / 'keel.json'}; restore it, or train a "
                               "new run with the new settings")
-    return sealed
+    return current
 
 
 def _first_change(old: dict, new: dict, prefix: str = "") -> tuple[str, object, object] | None:

@@ -220,15 +220,17 @@ def test_explain_runs_apart_from_classify_traffic(clf):
 
 @pytest.fixture(scope="module")
 def short(run_dir):
-    """The same run with a 1 s deadline and a 1 s read timeout."""
+    """The same run with a 1 s deadline, a 1 s read timeout, and room for an explanation that outlasts it."""
     server = Server(str(run_dir), "--set", "serve.timeout_s=1", "--set", "serve.read_timeout_s=1",
-                    "--set", "serve.num_threads=1", "--set", "serve.backend=torch")
+                    "--set", "serve.num_threads=1", "--set", "serve.backend=torch",
+                    "--set", "serve.max_explain_inputs=128")
     yield server
     server.stop()
 
 
 def test_an_explanation_past_its_deadline_is_a_504_and_its_work_stops(short):
-    heavy = {"input": [f"{TEXTS[i % 4]} " * 8 for i in range(16)], "explain": True, "explain_steps": 256}
+    # 128 texts x 256 steps: many seconds of work even on an idle machine, against a 1 s deadline
+    heavy = {"input": [f"{TEXTS[i % 4]} " * 8 for i in range(128)], "explain": True, "explain_steps": 256}
     r = httpx.post(f"{short.url}/v1/classify", json=heavy, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     # The abandoned work stopped: a light explanation right behind it is not stuck behind it past its own deadline.
