@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from flwr.server import SimpleClientManager
 from rich.markup import escape
 
 from keel.errors import KeelError
+from keel.net import is_loopback
 from keel.progress import log
 
 logger = logging.getLogger(__name__)
@@ -50,15 +50,6 @@ def split_address(address: str, what: str) -> tuple[str, int]:
     if not host or not port.isdigit() or int(port) > 65535:
         raise KeelError(f"{what} must be HOST:PORT, e.g. 127.0.0.1:9092; got {address!r}")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_secret(secret_file: str | None) -> str | None:

@@ -8,21 +8,12 @@ gets a 400 in the same JSON envelope as every other error.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 
 from keel.errors import KeelError
+from keel.net import is_loopback
 from keel.progress import console, out
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, has_keys: bool, allow_no_auth: bool) -> None:
