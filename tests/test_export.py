@@ -164,11 +164,16 @@ def test_bench_scores_every_variant_on_the_same_validation_batches(exported, mon
 
     monkeypatch.setattr(B, "hf_pipeline", spy_pipeline)
     monkeypatch.setattr(E, "text_logits", lambda t, texts: seen["teacher-onnx"].append(list(texts)) or real_logits(t, texts))
-    rows = {v: B.measure_variant(run_dir, v, n_latency=2, n_eval=1000) for v in seen}
+    import torch
+
+    try:  # measure_variant turns autograd off for the process it measures in (a bench child, normally)
+        rows = {v: B.measure_variant(run_dir, v, n_latency=2, n_eval=1000) for v in seen}
+    finally:
+        torch.set_grad_enabled(True)
     batched = {v: [b for b in calls if len(b) > 1] for v, calls in seen.items()}  # batch-1 calls are the latency timing
     assert batched["hf-pipeline"] == batched["teacher-onnx"]
     t = E.load_trained(run_dir)
-    splits = prepare_data(t.recipe, t.tokenizer).splits
+    splits = prepare_data(t.recipe, t.tokenizer, run_dir).splits  # the splits frozen at training time
     val, test = list(splits["validation"]["text"]), set(splits["test"]["text"])
     half = len(batched["hf-pipeline"]) // 2
     in_order, by_length = batched["hf-pipeline"][:half], batched["hf-pipeline"][half:]
