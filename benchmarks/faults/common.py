@@ -31,7 +31,9 @@ def report(area: str, rows: list[Row]) -> Path:
         print(f"  {'ok  ' if r.ok else 'FAIL'}  {r.fault:<{width}}  {r.observed}   (goal: {r.goal})")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"faults-{area}.json"
-    out.write_text(json.dumps({"area": area, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    script = Path(sys.argv[0]).resolve()
+    command = " ".join(["python", script.relative_to(RESULTS.parents[1]).as_posix(), *sys.argv[1:]])
+    out.write_text(json.dumps({"area": area, "command": command,
                                "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     print(f"wrote {out}")
     return out
