@@ -25,7 +25,7 @@ from keel.federated.guard import Guard, build_strategy, sites_per_round
 from keel.federated.site import get_weights, make_client, set_weights, weight_specs
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
 from keel.pipeline import finish_run, resolve_run_dir, start_run
-from keel.progress import log, progress
+from keel.progress import esc, log, progress
 from keel.recipe import Recipe
 from keel.train.engine import set_threads
 
@@ -313,7 +313,7 @@ def _finish_run(recipe: Recipe, run_dir: Path, c: Coordinator, t0: float) -> Pat
 def _run(recipe: Recipe, resume: bool, body) -> Path:
     data_recipe(recipe)  # a wrong site column fails before any folder is made
     run_dir = resolve_run_dir(recipe, resume)
-    log(f"run directory: [bold]{run_dir}[/]  (recipe sha256 {recipe.sha256()[:12]})")
+    log(f"run directory: [bold]{esc(str(run_dir))}[/]  (recipe sha256 {recipe.sha256()[:12]})")
     start_run(recipe, run_dir, resume)
     t0 = time.perf_counter()
     try:
@@ -500,7 +500,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     frame = _site_frame(path, columns, None)  # before connecting: a file that cannot be trained on stops here
     if recipe.data.max_train_samples:
         frame = frame[: recipe.data.max_train_samples]
-    log(f"site {name}: {len(frame)} rows from {path}")
+    log(f"site {esc(name)}: {len(frame)} rows from {esc(str(path))}")
     _quiet_flower(debug)
     model_path = model_dir(recipe.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -518,7 +518,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
 
     client = make_client(name, load, site_settings(recipe))
     counted = _CountRounds(client)
-    log(f"site {name}: joining {server} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}")
+    log(f"site {esc(name)}: joining {esc(server)} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}")
     import grpc
     from flwr.client import start_client
 
@@ -545,7 +545,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     if client.ended:
         raise KeelError(f"site {name}: the server ended the run after this site trained {counted.rounds} rounds: "
                         f"{client.ended}")
-    log(f"site {name}: done after {counted.rounds} rounds")
+    log(f"site {esc(name)}: done after {counted.rounds} rounds")
     return counted.rounds
 
 
