@@ -78,3 +78,36 @@ def tiny_recipe(tmp_path, toy_csv):
         return p
 
     return make
+
+
+# -- tiny models for the serving tests, shared by test_serve_batching and test_serve_generation_faults --------
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP barriers make a tiny model's steps 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A random 2-layer Llama with large weights: unlike the registry's tiny-llama (whose greedy output
+    repeats one token whatever the context), every token here depends on the whole context, so a wrong
+    mask, position or cache row changes the output."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from keel.models.registry import model_dir
+
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                         tie_word_embeddings=False, max_position_embeddings=512)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    return model, tok

@@ -42,6 +42,12 @@ def refused(proc, *needles):
         assert needle in text, text
 
 
+def snapshot(run):
+    """Every file of a run with its size and mtime (the writer lock aside): a refused verb must change none."""
+    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in run.rglob("*") if p.is_file() and p.name != ".keel.lock"}
+
+
 def flip_last_byte(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -70,15 +76,19 @@ def test_a_dropped_in_peft_adapter_is_refused(base):
     lora.save_pretrained(scratch)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(scratch / name, run / "model" / name)
+    before = snapshot(run)
     refused(keel("predict", str(run), "the car was great", cwd=work), "adapter_config.json is not part of the sealed folder")
     refused(keel("serve", str(run), "--port", "0", cwd=work, timeout=120), "is not part of the sealed folder")
+    assert snapshot(run) == before  # refused, and nothing removed or rewritten (the adapter stays for a person to see)
 
 
 def test_an_extra_unknown_file_in_a_sealed_folder_is_refused(base):
     work, _ = base
     run = copy_run(base, "extra")
     (run / "model" / "generation_config.json").write_text("{}")
+    before = snapshot(run)
     refused(keel("eval", str(run), cwd=work), "generation_config.json is not part of the sealed folder")
+    assert snapshot(run) == before  # no eval/*.json written from the tampered model
 
 
 def test_an_edited_recipe_is_refused_not_used(base):

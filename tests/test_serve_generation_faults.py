@@ -24,29 +24,7 @@ from serve_helpers import Server
 SECRET = "the-secret-prompt-text-77"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm():
-    """A random 2-layer Llama whose every token depends on the whole context (large weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from keel.models.registry import model_dir
-
-    tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-                         tie_word_embeddings=False, max_position_embeddings=512)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
-    return model, tok
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference(model, ids: list[int], max_new: int) -> list[int]:
