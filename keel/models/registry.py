@@ -1,8 +1,8 @@
 """Model registry: names that resolve, offline, to a Hugging Face model folder on disk.
 
 Every entry ends as an ordinary folder (config.json, safetensors, tokenizer) that
-``from_pretrained(folder, local_files_only=True)`` loads, so built-in models and a user's own
-local model go through the same code. Folders that keel must build (the GGUF conversion, tiny
+``from_pretrained(folder, local_files_only=True)`` loads, so built-in models, a user's own
+local model and a Hugging Face model already in the user's hub cache go through the same code. Folders that keel must build (the GGUF conversion, tiny
 random models) are made once, atomically, under keel's cache.
 """
 
@@ -139,23 +139,65 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def resolve_model(name: str) -> tuple[str, ModelSpec | None]:
-    """Check a model reference without loading anything: a registry name or a local model folder."""
+def resolve_model(name: str, field: str = "model.name", what: str = "model") -> tuple[str, ModelSpec | None]:
+    """Check a model reference without loading anything: a registry name, a local model folder, or a Hugging Face
+    model name already in the user's Hugging Face cache (looked up offline, as ``from_pretrained`` with
+    ``local_files_only=True`` would). Returns the name or folder to load, and the registry entry if any.
+
+    ``field`` and ``what`` name the reference in the error (e.g. ``keel serve``, ``run directory or model``).
+    """
     if name in MODELS:
         return name, MODELS[name]
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise RecipeError(f"model.name: {path} has no config.json; point it at a Hugging Face model folder")
-        if not any(path.glob("*.safetensors")):
-            raise RecipeError(f"model.name: {path} has no .safetensors weights; keel loads safetensors only "
-                              "(re-save the model with save_pretrained(..., safe_serialization=True))")
-        return str(path), None
+        return str(_check_folder(path, field, f"{path}")), None
+    snapshot = _hub_snapshot(name)
+    if snapshot is not None:
+        return str(_check_folder(snapshot, field, f"{name} in the Hugging Face cache ({snapshot})", name)), None
+    raise RecipeError(_not_found(name, field, what))
+
+
+def _check_folder(path: Path, field: str, shown: str, hub_name: str | None = None) -> Path:
+    fetch = f"; download it once with `hf download {hub_name}`" if hub_name else ""
+    if not (path / "config.json").is_file():
+        raise RecipeError(f"{field}: {shown} has no config.json; point it at a Hugging Face model folder{fetch}")
+    if not any(path.glob("*.safetensors")):
+        raise RecipeError(f"{field}: {shown} has no .safetensors weights; keel loads safetensors only "
+                          + (f"(download them with `hf download {hub_name} --include '*.safetensors' '*.json' "
+                             "'*.txt'`, if the model has them)" if hub_name else
+                             "(re-save the model with save_pretrained(..., safe_serialization=True))"))
+    return path
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The folder of ``name``'s cached snapshot (revision main) in the Hugging Face cache, or None; never goes online."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return None  # a path, not a repo id: skip importing huggingface_hub
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except IncompleteSnapshotError as e:  # files the model does not need (other formats) were never downloaded
+        return Path(e.snapshot_path)
+    except (HFValidationError, LocalEntryNotFoundError):
+        return None
+
+
+def _not_found(name: str, field: str, what: str) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
     known = ", ".join(MODELS)
-    raise RecipeError(f"model.name: '{name}' is neither a built-in model ({known}) nor a local model folder")
+    msg = (f"{field}: no such {what}: '{name}' is not a folder, a built-in model ({known}), or a model in the "
+           f"Hugging Face cache ({HF_HUB_CACHE}); ")
+    parent = Path(name).expanduser().parent
+    if name.startswith((".", "/", "~")) or (parent != Path(".") and parent.is_dir()):
+        return msg + "check the path"
+    return msg + (f"keel works offline: download the model once with `hf download {name}` (or set HF_HUB_CACHE to "
+                  "the cache that holds it), or point at a folder saved with save_pretrained")
 
 
 def model_dir(name: str) -> Path:
     """The folder to load ``name`` from, building it first if keel has to."""
-    _, spec = resolve_model(name)
-    return spec.build() if spec else Path(name).expanduser()
+    resolved, spec = resolve_model(name)
+    return spec.build() if spec else Path(resolved)

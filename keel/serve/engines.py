@@ -165,7 +165,7 @@ def check_target(target: str) -> None:
         return
     from keel.models.registry import resolve_model
 
-    resolve_model(target)
+    resolve_model(target, field="keel serve", what="run directory or model")
 
 
 def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engine:
@@ -185,7 +185,7 @@ def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engi
     task = json.loads(keel_json.read_text()).get("task") if keel_json.is_file() else None
     is_lm = (spec.kind == "causal-lm") if spec else (
         task == "causal-lm" or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_type))
-    model_id = spec.name if spec else folder.name
+    model_id = spec.name if spec else (folder.name if path.expanduser().is_dir() else target)  # a hub name
     return _load_lm(folder, model_id, device) if is_lm else _load_encoder(folder, model_id)
 
 
