@@ -307,6 +307,8 @@ class ServeConfig(Strict):
     drain_timeout: float = Field(30.0, gt=0.0, description="SIGTERM: seconds the accepted requests get to finish "
                                  "before the process exits (what is still running then is cut)")
     log_text: bool = Field(False, description="log prompts and completions (off: only sizes and timings)")
+    public_docs: bool = Field(False, description="with API keys set, open /docs, /redoc and /openapi.json without "
+                              "a key (a browser cannot send one); the API routes still need a key")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
                                     "on a busy machine)")
 # -- generative models (issue 6): pretraining from scratch, supervised fine-tuning, alignment ------------------

@@ -2,8 +2,9 @@
 
 Every entry ends as an ordinary folder (config.json, safetensors, tokenizer) that
 ``from_pretrained(folder, local_files_only=True)`` loads, so built-in models, a user's own
-local model and a Hugging Face model already in the user's hub cache go through the same code. Folders that keel must build (the GGUF conversion, tiny
-random models) are made once, atomically, under keel's cache.
+local model and a Hugging Face model already in the user's hub cache go through the same code.
+Folders that keel must build (the GGUF conversion, tiny random models) are made once, atomically,
+under keel's cache.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def _check_folder(path: Path, field: str, shown: str, hub_name: str | None = Non
 
 
 def _hub_snapshot(name: str) -> Path | None:
-    """The folder of ``name``'s cached snapshot (revision main) in the Hugging Face cache, or None; never goes online."""
+    """The folder of ``name``'s cached snapshot (revision main) in the Hugging Face cache, or None; never online."""
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
         return None  # a path, not a repo id: skip importing huggingface_hub
     from huggingface_hub import snapshot_download

@@ -15,6 +15,7 @@ from fastapi.responses import Response as RawResponse
 
 from keel.serve import protocol as P
 from keel.serve.batching import DynamicBatcher, ExplainQueue
+from keel.serve.docs import add_docs_routes
 from keel.serve.engines import Engine
 from keel.serve.errors import ServeError, error_response, install_error_handlers
 from keel.serve.guard import Guard
@@ -84,11 +85,12 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
                 await asyncio.get_running_loop().run_in_executor(None, state.scheduler.stop)
             pool.shutdown(wait=False)
 
-    app = FastAPI(title="keel serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="keel serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"OpenAI-compatible API for `{engine.model_id}` ({engine.kind}). "
                               "Errors use OpenAI's envelope {\"error\": {message, type, param, code}}.")
     app.state.keel = state
     install_error_handlers(app)
+    add_docs_routes(app)  # Swagger UI and ReDoc from keel's own assets: they work offline
 
     @app.get("/health/live", tags=["health"], summary="the process is up")
     async def live():
@@ -157,7 +159,8 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
 
     add_generation_routes(app, state, ERRORS)
     known = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, key_digests, config.max_body_bytes, state, metrics, known, config.read_timeout_s)
+    return Guard(app, key_digests, config.max_body_bytes, state, metrics, known, config.read_timeout_s,
+                 public_docs=config.public_docs)
 
 
 def check_model(state: State, route: str, model: str | None) -> None:

@@ -21,7 +21,10 @@ from keel.errors import KeelError
 from keel.serve.errors import envelope
 
 OPEN_PATHS = ("/health/live", "/health/ready")
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # open to all with serve.public_docs
+DOCS_ASSETS = "/docs/assets/"  # Swagger UI and ReDoc's files (keel/serve/docs.py)
 KEYS_ENV = "KEEL_API_KEYS"
+MIN_KEY_LENGTH = 8
 
 
 def digest(key: str) -> bytes:
@@ -39,10 +42,10 @@ def load_key_digests(key_file: str | None = None) -> list[bytes]:
         keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not keys:
             raise KeelError(f"--api-key-file {key_file} holds no key; write one key per line")
-    short = [k for k in keys if len(k) < 8]
+    short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
     if short:
-        raise KeelError(f"{len(short)} API key(s) shorter than 8 characters; use long random keys "
-                        "(python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise KeelError(f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters (the minimum); use long "
+                        "random keys (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return [digest(k) for k in keys]
 
 
@@ -57,12 +60,14 @@ def key_ok(presented: str, digests: list[bytes]) -> bool:
 
 class Guard:
     """ASGI middleware: 401 without a valid key, 413 over the body limit, 415 for a non-JSON POST body, 408 for a
-    body that does not arrive within ``read_timeout_s``."""
+    body that does not arrive within ``read_timeout_s``. With ``public_docs`` the docs pages, their assets and
+    /openapi.json need no key (a browser cannot send a bearer token); every other route still does."""
 
     def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None, metrics=None,
-                 known_paths: set | None = None, read_timeout_s: float = 10.0):
+                 known_paths: set | None = None, read_timeout_s: float = 10.0, public_docs: bool = False):
         self.app, self.digests, self.max_body, self.state = app, digests, max_body_bytes, state
         self.metrics, self.known, self.read_timeout = metrics, known_paths or set(), read_timeout_s
+        self.public_docs = public_docs
 
     async def __call__(self, scope, receive, send):
         """Counts every answer (with its latency) for /metrics."""
@@ -89,12 +94,15 @@ class Guard:
     async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        if self.digests and path not in OPEN_PATHS:
+        is_docs = path in DOCS_PATHS or path.startswith(DOCS_ASSETS)
+        if self.digests and path not in OPEN_PATHS and not (is_docs and self.public_docs):
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token.strip() or not key_ok(token.strip(), self.digests):
+                hint = " (a browser cannot send one: serve.public_docs: true opens the docs without a key)" \
+                    if is_docs else ""
                 return await _reply(send, 401, "missing or invalid API key; send the header "
-                                               "'Authorization: Bearer <key>'", code="invalid_api_key",
+                                               f"'Authorization: Bearer <key>'{hint}", code="invalid_api_key",
                                     headers={"www-authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None:

@@ -22,10 +22,21 @@ def check_bind(host: str, has_keys: bool, allow_no_auth: bool) -> None:
                         "or pass --allow-no-auth if the network is trusted")
 
 
-def usage_lines(url: str, model_id: str, routes: tuple[str, ...], has_keys: bool) -> list[str]:
-    """A ready-to-paste curl and openai example for the loaded model."""
-    auth_h = ' -H "Authorization: Bearer $KEEL_API_KEY"' if has_keys else ""
-    key = 'os.environ["KEEL_API_KEY"]' if has_keys else '"none"'
+def usage_lines(url: str, model_id: str, routes: tuple[str, ...], has_keys: bool,
+                key_file: str | None = None) -> list[str]:
+    """A ready-to-paste curl and openai example for the loaded model, reading the key from where the server did:
+    the first key in $KEEL_API_KEYS, else the first key line of --api-key-file."""
+    import os
+    import shlex
+
+    if not has_keys:
+        auth_h, key = "", '"none"'
+    elif os.environ.get("KEEL_API_KEYS", "").strip() or not key_file:
+        auth_h = ' -H "Authorization: Bearer ${KEEL_API_KEYS%%,*}"'
+        key = 'os.environ["KEEL_API_KEYS"].split(",")[0].strip()'
+    else:
+        auth_h = f" -H \"Authorization: Bearer $(grep -v -m1 -e '^ *#' -e '^ *$' {shlex.quote(key_file)})\""
+        key = f"next(k.strip() for k in open({key_file!r}) if k.strip() and not k.lstrip().startswith('#'))"
     if "chat" in routes:
         curl = (f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth_h} "
                 f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
@@ -82,12 +93,18 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
                              lifespan="on", server_header=False, http=_protocol_class(config.read_timeout_s))
     server = _DrainingServer(uconfig, fastapi_app.state.keel, config.drain_timeout)
     out.print(f"serving [bold]{engine.model_id}[/] ({engine.kind}, {engine.backend}) at [bold]{url}[/]  "
-              f"docs: {url}/docs  keys: {keys_note(host, bool(digests))}")
-    for line in usage_lines(url, engine.model_id, engine.routes, bool(digests)):
+              f"docs: {url}/docs{docs_note(bool(digests), config.public_docs)}  keys: {keys_note(host, bool(digests))}")
+    for line in usage_lines(url, engine.model_id, engine.routes, bool(digests), key_file):
         out.print(line, markup=False, highlight=False)
     out.print("waiting for the model to warm up; /health/ready turns 200 when it has", markup=False)
     out.file.flush()
     server.run(sockets=[sock])
+
+
+def docs_note(has_keys: bool, public_docs: bool) -> str:
+    if has_keys and not public_docs:
+        return " (needs a key; serve.public_docs=true opens it to browsers)"
+    return ""
 
 
 def keys_note(host: str, has_keys: bool) -> str:
