@@ -46,7 +46,7 @@ def test_a_recipe_trains_on_a_hub_name_from_the_cache(tiny_recipe, tmp_path, hub
     r = keel("validate", str(recipe), cwd=tmp_path, env={"HF_HUB_CACHE": str(empty)})
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert f"model.name: no such model: '{HUB_NAME}'" in err and "Hugging Face cache" in err
+    assert f"model.name: '{HUB_NAME}': no such model;" in err and "Hugging Face cache" in err
     assert f"hf download {HUB_NAME}" in err
 
 
@@ -76,5 +76,5 @@ def test_keel_serve_of_a_missing_run_says_no_such_run_or_model(tmp_path):
     r = keel("serve", "runs/nope", "--port", "0", cwd=tmp_path)
     err = " ".join(r.stderr.split())
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert "keel serve: no such run directory or model: 'runs/nope'" in err and "check the path" in err
+    assert "keel serve: 'runs/nope': no such run directory or model;" in err and "check the path" in err
     assert "model.name" not in err

@@ -189,8 +189,8 @@ def _not_found(name: str, field: str, what: str) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     known = ", ".join(MODELS)
-    msg = (f"{field}: no such {what}: '{name}' is not a folder, a built-in model ({known}), or a model in the "
-           f"Hugging Face cache ({HF_HUB_CACHE}); ")
+    msg = (f"{field}: '{name}': no such {what}; it is not a folder, a built-in model ({known}), or a model in "
+           f"the Hugging Face cache ({HF_HUB_CACHE}); ")
     parent = Path(name).expanduser().parent
     if name.startswith((".", "/", "~")) or (parent != Path(".") and parent.is_dir()):
         return msg + "check the path"
