@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -119,6 +120,11 @@ def test_public_docs_open_the_docs_and_nothing_else(docs_server):
         assert r.status_code == 401, (path, r.text[:200])
     r = httpx.post(f"{docs_server.url}/v1/embeddings", json={"input": "hi"}, timeout=30)
     assert r.status_code == 401
+    host, port = urlsplit(docs_server.url).hostname, urlsplit(docs_server.url).port
+    with socket.create_connection((host, port), timeout=30) as sock:  # a raw path: no client folds the dots
+        sock.sendall(b"GET /docs/assets/../../v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 404") and b"tiny-bert" not in answer, answer[:300]
 
 
 def test_docs_need_a_key_by_default_and_the_401_says_how_to_open_them():
