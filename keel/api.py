@@ -92,30 +92,36 @@ def load_recipe(spec: str | os.PathLike, overrides: Overrides = None, /, **kwarg
     return _load(spec, override_strings(overrides, **kwargs))
 
 
-def _recipe(recipe: Recipe | str | os.PathLike, overrides: Overrides, kwargs: dict) -> Recipe:
+def _recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides, kwargs: dict) -> Recipe:
     from keel.recipe import Recipe, apply_override, validate_recipe
 
-    if not isinstance(recipe, Recipe):
-        if not isinstance(recipe, (str, os.PathLike)):
-            raise KeelError(f"recipe must be a keel Recipe, a .yaml path or a built-in recipe name; got "
-                            f"{type(recipe).__name__}")
+    if isinstance(recipe, (str, os.PathLike)):
         return load_recipe(recipe, overrides, **kwargs)
+    if isinstance(recipe, Recipe):
+        raw, source = recipe.model_dump(mode="json"), f"recipe '{recipe.name}'"
+    elif isinstance(recipe, Mapping):
+        import copy
+
+        raw, source = copy.deepcopy(dict(recipe)), "recipe"
+    else:
+        raise KeelError(f"recipe must be a keel Recipe, a dict, a .yaml path or a built-in recipe name; got "
+                        f"{type(recipe).__name__}")
     items = override_strings(overrides, **kwargs)
-    if not items:
+    if isinstance(recipe, Recipe) and not items:
         return recipe
-    raw = recipe.model_dump(mode="json")
     for item in items:
         apply_override(raw, item)
-    return validate_recipe(raw, source=f"recipe '{recipe.name}'")
+    return validate_recipe(raw, source=source)
 
 
-def run(recipe: Recipe | str | os.PathLike, overrides: Overrides = None, /, *, resume: bool = False,
+def run(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides = None, /, *, resume: bool = False,
         **kwargs: Any) -> Run:
     """Everything the recipe asks for, as `keel run`: train, evaluate on the test split, audit and compress when the
     recipe says so, write report.html. Runs in the current directory's ``runs/<name>`` (or ``output.dir``).
 
     Args:
-        recipe: a ``Recipe`` (from ``load_recipe``), a ``.yaml`` path or a built-in recipe name.
+        recipe: a ``Recipe`` (from ``load_recipe``), a dict of the recipe's sections (what the YAML would hold),
+            a ``.yaml`` path or a built-in recipe name.
         overrides, **kwargs: as for ``load_recipe``; applied to a ``Recipe`` too (it is not modified).
         resume: continue the run this recipe started last, from its last complete checkpoint.
 
@@ -149,11 +155,11 @@ class Run:
     checked against their manifests first, and kept for the next call (one per backend).
 
     Attributes:
-        dir: the run directory.
+        dir: the run directory, as an absolute path (a later ``os.chdir`` does not lose it).
     """
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
-        self.dir = Path(run_dir)
+        self.dir = Path(run_dir).absolute()
         self._loaded: dict[str, Trained] = {}
 
     def __repr__(self) -> str:

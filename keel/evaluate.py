@@ -179,7 +179,7 @@ def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
     from keel.tasks.classification import length_batches
 
     texts = list(texts)
-    lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]]
+    lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]] if texts else []
     out = [None] * len(texts)
     for idx in length_batches(lengths, batch_size):
         for i, row in zip(idx, text_logits(t, [texts[i] for i in idx])):
