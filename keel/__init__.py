@@ -20,12 +20,19 @@ for _name in ("torchao", "torch.utils._pytree"):
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; type checkers read it the same
 if TYPE_CHECKING:
     from keel.api import Run, load, load_recipe, run
-    from keel.errors import CheckpointError, DataError, GateError, KeelError, RecipeError
+    from keel.errors import (
+        CheckpointError,
+        DataError,
+        GateError,
+        KeelError,
+        RecipeError,
+    )
 
 _LAZY = {"Run": "keel.api", "load": "keel.api", "load_recipe": "keel.api", "run": "keel.api",
          "KeelError": "keel.errors", "RecipeError": "keel.errors", "DataError": "keel.errors",
          "CheckpointError": "keel.errors", "GateError": "keel.errors"}
-__all__ = ["__version__", *_LAZY]
+__all__ = ["CheckpointError", "DataError", "GateError", "KeelError", "RecipeError", "Run", "__version__", "load",
+           "load_recipe", "run"]
 
 
 def __getattr__(name: str):

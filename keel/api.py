@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from keel.recipe import Recipe
     from keel.trust.explain import Explanation
 
-Overrides = Union[Iterable[str], Mapping[str, Any], None]
+Overrides = Iterable[str] | Mapping[str, Any] | None
 """``["train.epochs=1", ...]`` as on the command line, or ``{"train.epochs": 1, ...}``."""
 
 __all__ = ["Run", "load", "load_recipe", "run"]

@@ -317,7 +317,8 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
           ssl_keyfile: Optional[str] = typer.Option(None, help="TLS private key (PEM)"),
           device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)")) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
-    from keel.serve.server import serve as _serve, serve_config
+    from keel.serve.server import serve as _serve
+    from keel.serve.server import serve_config
 
     config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend)
     _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)

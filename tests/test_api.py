@@ -22,7 +22,7 @@ ORDER = ["api_run", "api_load", "api_errors"]  # api_load opens the run api_run 
 def _readme_python_blocks() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
-    return [b.rstrip("\n") for b in re.findall(r"```python\n(.*?)```", section, flags=re.S)]
+    return [b.rstrip("\n") for b in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)]
 
 
 def test_the_readme_examples_are_the_tested_files():
@@ -146,7 +146,7 @@ def test_the_three_override_forms_are_one(tiny_recipe):
 def test_run_misuse_is_a_keel_error(examples, tmp_path):
     import keel as api
 
-    work, done = examples
+    work, _ = examples
     run = api.load(work / "runs" / "tiny")
     with pytest.raises(api.KeelError, match=r"run directory '.*nope' not found; pass the folder `keel run` printed"):
         api.load(tmp_path / "nope")
