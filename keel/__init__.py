@@ -19,7 +19,7 @@ for _name in ("torchao", "torch.utils._pytree"):
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; type checkers read it the same
 if TYPE_CHECKING:
-    from keel.api import Run, load, load_recipe, run
+    from keel.api import Run, load, load_recipe, run, validate
     from keel.errors import (
         CheckpointError,
         DataError,
@@ -28,11 +28,11 @@ if TYPE_CHECKING:
         RecipeError,
     )
 
-_LAZY = {"Run": "keel.api", "load": "keel.api", "load_recipe": "keel.api", "run": "keel.api",
+_LAZY = {"Run": "keel.api", "load": "keel.api", "load_recipe": "keel.api", "run": "keel.api", "validate": "keel.api",
          "KeelError": "keel.errors", "RecipeError": "keel.errors", "DataError": "keel.errors",
          "CheckpointError": "keel.errors", "GateError": "keel.errors"}
 __all__ = ["CheckpointError", "DataError", "GateError", "KeelError", "RecipeError", "Run", "__version__", "load",
-           "load_recipe", "run"]
+           "load_recipe", "run", "validate"]
 
 
 def __getattr__(name: str):

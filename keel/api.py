@@ -3,6 +3,7 @@
     import keel
 
     recipe = keel.load_recipe("tiny", train__epochs=1)    # a built-in name or a .yaml file, plus overrides
+    keel.validate(recipe)                                 # what `keel validate` checks: files, columns, names
     run = keel.run(recipe)                                # train, evaluate on the test split, write report.html
     run.metrics["accuracy"], run.report_path
     run.predict(["what a lovely ride"])                   # [{"text", "label", "score", "scores"}]
@@ -36,11 +37,12 @@ if TYPE_CHECKING:
 Overrides = Iterable[str] | Mapping[str, Any] | None
 """``["train.epochs=1", ...]`` as on the command line, or ``{"train.epochs": 1, ...}``."""
 
-__all__ = ["Run", "load", "load_recipe", "run"]
+__all__ = ["Run", "load", "load_recipe", "run", "validate"]
 
 
 def offline_defaults() -> None:
-    """For the CLI and the API alike: models and data come from disk, never from the hub (setdefault: the caller's settings win)."""
+    """For the CLI and the API alike: models and data come from disk, never from the hub (``setdefault``: settings
+    the caller made win)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -68,7 +70,7 @@ def override_strings(overrides: Overrides = None, **kwargs: Any) -> list[str]:
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         try:
-            text = yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip()
+            text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True).strip()
         except yaml.YAMLError:
             raise KeelError(f"override {key}: {type(value).__name__} is not a recipe value; pass a str, number, bool, "
                             "None, list or dict") from None
@@ -90,6 +92,21 @@ def load_recipe(spec: str | os.PathLike, overrides: Overrides = None, /, **kwarg
     from keel.recipe import load_recipe as _load
 
     return _load(spec, override_strings(overrides, **kwargs))
+
+
+def validate(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides = None, /,
+             **kwargs: Any) -> Recipe:
+    """Everything `keel validate` checks (types, names, files, columns), without loading a model; returns the
+    recipe. ``recipe`` and the overrides as for ``run``.
+
+    Raises:
+        RecipeError, DataError: the first problem, with the line the CLI prints.
+    """
+    from keel.pipeline import check_recipe
+
+    checked = _recipe(recipe, overrides, kwargs)
+    check_recipe(checked)
+    return checked
 
 
 def _recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides, kwargs: dict) -> Recipe:
@@ -127,7 +144,8 @@ def run(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overr
 
     Raises:
         RecipeError, DataError: checked before a run directory is made, so nothing is left behind.
-        GateError: an audit gate failed; the run directory and its report are written first.
+        GateError: an audit gate failed; the run directory and its report are written first (``keel.load`` it:
+            ``runs/<name>`` as printed).
     """
     from keel.pipeline import full_run
 
@@ -287,7 +305,8 @@ class Run:
                             "merged model/")
         trained = self._trained("torch")
         if trained.info["task"] != "causal-lm":
-            raise KeelError(f"generate works on causal-lm runs; {self.dir} is a {trained.info['task']} run (use predict)")
+            raise KeelError(f"generate works on causal-lm runs; {self.dir} is a {trained.info['task']} run "
+                            "(use predict)")
         return generate(trained.model, trained.tokenizer, _texts(prompts), max_new_tokens)
 
 

@@ -112,6 +112,9 @@ def test_bad_input_raises_the_cli_error(tmp_path, toy_csv, monkeypatch, case, re
     with pytest.raises(api.KeelError) as raised:  # a SystemExit would escape pytest.raises and fail the test
         api.run("r.yaml", **overrides)
     assert not (tmp_path / "runs").exists()  # refused before a run directory is made
+    with pytest.raises(api.KeelError) as checked:
+        api.validate("r.yaml", **overrides)
+    assert str(checked.value) == str(raised.value)
     strings = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     proc = keel("run", "r.yaml", *strings, cwd=tmp_path)
     assert proc.returncode == raised.value.exit_code == 2
@@ -199,7 +202,7 @@ def test_a_causal_lm_run_generates_as_transformers_does(tmp_path, monkeypatch):
 
 def test_import_keel_loads_neither_torch_nor_transformers():
     code = ("import sys, keel; r = keel.load_recipe('tiny', train__epochs=1); assert r.train.epochs == 1; "
-            "assert callable(keel.run) and keel.Run.__name__ == 'Run'; "
+            "assert callable(keel.run) and keel.Run.__name__ == 'Run'; keel.validate(r); "
             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert proc.stdout.strip() == "[]"
