@@ -7,12 +7,12 @@ Exit codes: 0 ok, 2 bad input (one line, no traceback unless --debug), 3 a quali
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import List, Optional
 
 import typer
 
+from keel.api import offline_defaults
 from keel.errors import KeelError
 from keel.progress import console, esc, out, safe_print
 
@@ -24,16 +24,10 @@ RECIPE = typer.Argument(..., help="a recipe .yaml file, or the name of a built-i
 OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 data.max_train_samples=500")
 
 
-def _offline() -> None:
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")) -> None:
     _state["debug"] = debug
-    _offline()
+    offline_defaults()
     from keel.progress import setup_logging
 
     setup_logging(debug)
@@ -323,24 +317,10 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
           ssl_keyfile: Optional[str] = typer.Option(None, help="TLS private key (PEM)"),
           device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)")) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
-    from pathlib import Path
-
-    from keel.recipe import apply_override, load_recipe, validate_recipe
     from keel.serve.server import serve as _serve
+    from keel.serve.server import serve_config
 
-    raw_serve: dict = {}
-    source = Path(recipe) if recipe else Path(target) / "recipe.yaml"
-    if recipe or source.is_file():
-        raw_serve = load_recipe(source).serve.model_dump()
-    raw = {"serve": raw_serve}
-    for item in overrides or []:
-        if not item.startswith("serve."):
-            raise KeelError(f"--set {item}: only serve.* keys can be set here, e.g. --set serve.max_batch_size=64")
-        apply_override(raw, item)
-    for key, value in (("host", host), ("port", port), ("backend", backend)):
-        if value is not None:
-            raw["serve"][key] = value
-    config = validate_recipe({"data": {"name": "none"}, **raw}, source="serve options").serve
+    config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend)
     _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
 # -- trust: explanations and fairness audits (keel/trust) -----------------------------------------
 
@@ -351,25 +331,20 @@ def explain(run_dir: str = typer.Argument(..., help="a run directory"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
     """Token attributions (integrated gradients): which words pushed the prediction, coloured in the terminal."""
     from keel.evaluate import load_trained
-    from keel.trust.explain import integrated_gradients, render_terminal
+    from keel.trust.explain import explain_trained, render_terminal
 
     if texts == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not texts:
             raise KeelError("explain: no text on stdin; pipe one text per line, or pass texts as arguments")
-    if steps < 2:
+    if steps < 2:  # before the model is loaded
         raise KeelError(f"--steps must be at least 2; got {steps}")
-    t = load_trained(run_dir)
-    if t.info["task"] != "classification":
-        raise KeelError(f"keel explain works on classification runs; {run_dir} is a {t.info['task']} run")
-    for i in range(0, len(texts), 16):
-        for e in integrated_gradients(t.model, t.tokenizer, texts[i: i + 16], n_steps=steps,
-                                      max_length=t.recipe.model.max_length):
-            if as_json:
-                print(json.dumps({k: v for k, v in e.to_json().items() if k != "rollout"}))
-            else:
-                out.print(f"[bold]{esc(e.label)}[/] ({e.score:.3f})  ", render_terminal(e),
-                          f"  [dim]completeness delta {e.delta:+.1e}[/]")
+    for e in explain_trained(load_trained(run_dir), texts, n_steps=steps):
+        if as_json:
+            print(json.dumps({k: v for k, v in e.to_json().items() if k != "rollout"}))
+        else:
+            out.print(f"[bold]{esc(e.label)}[/] ({e.score:.3f})  ", render_terminal(e),
+                      f"  [dim]completeness delta {e.delta:+.1e}[/]")
     if not as_json:
         out.print("[dim]green: toward the predicted label, red: against it[/]")
 

@@ -179,7 +179,7 @@ def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
     from keel.tasks.classification import length_batches
 
     texts = list(texts)
-    lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]]
+    lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]] if texts else []
     out = [None] * len(texts)
     for idx in length_batches(lengths, batch_size):
         for i, row in zip(idx, text_logits(t, [texts[i] for i in idx])):
@@ -187,9 +187,11 @@ def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
     return torch.stack(out) if out else torch.zeros((0, len(t.info.get("labels") or [])))
 
 
-def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch") -> list[dict]:
-    """Label and class probabilities for each text (classification runs)."""
-    t = load_trained(run_dir, backend)
+def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch",
+            trained: Trained | None = None) -> list[dict]:
+    """Label and class probabilities for each text (classification runs). ``trained``: the run's model already
+    loaded with ``load_trained(run_dir, backend)``, so repeated calls skip loading and hashing it again."""
+    t = trained or load_trained(run_dir, backend)
     if t.info["task"] != "classification":
         raise KeelError(f"keel predict works on classification runs; {run_dir} is a {t.info['task']} run")
     labels = t.info["labels"]

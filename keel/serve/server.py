@@ -16,6 +16,29 @@ from keel.net import is_loopback
 from keel.progress import console, out
 
 
+def serve_config(target: str, recipe: str | None = None, overrides: list[str] | None = None, **options):
+    """The ``serve:`` section for serving ``target`` (`keel serve`, ``Run.serve``): the one in ``recipe``, else in the
+    run directory's recipe.yaml, else the defaults; then ``serve.key=value`` overrides, then ``options`` (host, port,
+    backend, ...) that are not None. Raises KeelError naming the bad key or value."""
+    from pathlib import Path
+
+    from keel.recipe import apply_override, load_recipe, validate_recipe
+
+    raw_serve: dict = {}
+    source = Path(recipe) if recipe else Path(target) / "recipe.yaml"
+    if recipe or source.is_file():
+        raw_serve = load_recipe(source).serve.model_dump()
+    raw = {"serve": raw_serve}
+    for item in overrides or []:
+        if not item.startswith("serve."):
+            raise KeelError(f"--set {item}: only serve.* keys can be set here, e.g. --set serve.max_batch_size=64")
+        apply_override(raw, item)
+    for key, value in options.items():
+        if value is not None:
+            raw["serve"][key] = value
+    return validate_recipe({"data": {"name": "none"}, **raw}, source="serve options").serve
+
+
 def check_bind(host: str, has_keys: bool, allow_no_auth: bool) -> None:
     if not has_keys and not is_loopback(host) and not allow_no_auth:
         raise KeelError(f"refusing to serve on {host} without API keys; set KEEL_API_KEYS or --api-key-file, "

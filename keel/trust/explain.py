@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -133,6 +134,25 @@ def explain_texts(model, tokenizer, texts: list[str], targets: list[int] | None 
                                       internal_batch_size, max_length):
             out.append((e.tokens, e.attributions))
     return out
+
+
+def explain_trained(trained, texts: list[str], n_steps: int = 32, batch_size: int = 16) -> Iterator[Explanation]:
+    """Integrated gradients for a run's classifier (``keel.evaluate.load_trained``): `keel explain` and
+    ``Run.explain``. The checks run at the call; the explanations are computed ``batch_size`` texts at a time, as
+    they are consumed."""
+    from keel.errors import KeelError
+
+    if n_steps < 2:
+        raise KeelError(f"steps must be at least 2; got {n_steps}")
+    if trained.info["task"] != "classification":
+        raise KeelError(f"keel explain works on classification runs; {trained.run_dir} is a {trained.info['task']} run")
+
+    def batches() -> Iterator[Explanation]:
+        for i in range(0, len(texts), batch_size):
+            yield from integrated_gradients(trained.model, trained.tokenizer, texts[i: i + batch_size], n_steps=n_steps,
+                                            max_length=trained.recipe.model.max_length)
+
+    return batches()
 
 
 def explain(model, tokenizer, texts: list[str], cfg, max_length: int | None = None, rollout: bool = True,
