@@ -300,6 +300,43 @@ def ls() -> None:
 
 
 @app.command()
+def init(name: str = typer.Argument("quickstart", help="the built-in recipe to start from (see `keel ls`)")) -> None:
+    """Write NAME.yaml here: a commented copy of a built-in recipe to edit (an existing file is never replaced)."""
+    from pathlib import Path
+
+    from keel.recipe_fields import init_recipe
+
+    path = init_recipe(name, Path.cwd())
+    out.print(f"wrote {esc(path.name)} (from the built-in recipe '{esc(name)}')   next: edit it, then "
+              f"keel validate {esc(path.name)} and keel run {esc(path.name)}; every field: keel recipe fields")
+
+
+recipe_app = typer.Typer(no_args_is_help=True, help="Recipe reference: `keel recipe fields [SECTION]`.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("fields")
+def recipe_fields(section: Optional[str] = typer.Argument(None, help="a section such as train, train.privacy or "
+                                                                      "audit.fairness (default: every field)"),
+                  as_json: bool = typer.Option(False, "--json", help="print the fields as JSON")) -> None:
+    """Every recipe field with its type, default and description, read from the recipe schema itself."""
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    from keel.recipe_fields import section_fields
+
+    rows = section_fields(section)
+    if as_json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "section"} for r in rows], indent=1))
+        return
+    table = Table(Column("field", no_wrap=True), "type", "default", "description", title=section or "recipe fields")
+    for r in rows:
+        table.add_row(Text(r["path"], style="bold" if r["section"] else ""), Text(r["type"]), Text(r["default"]),
+                      Text(r["description"]))
+    out.print(table)
+
+
+@app.command()
 def quickstart(overrides: Optional[List[str]] = OVERRIDES) -> None:
     """Fine-tune minilm-l6 on 2,400 tweets (about 4 minutes on 2 CPU cores), evaluate, write the report."""
     from keel.pipeline import full_run
