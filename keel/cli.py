@@ -78,12 +78,13 @@ def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
 
 @app.command("eval")
 def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
-          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file"),
+          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file; for causal-lm runs a "
+                                             "file in the run's own format (text, chats, or preference pairs)"),
           text_column: Optional[str] = typer.Option(None, help="text column of --data (default: the recipe's)"),
           label_column: Optional[str] = typer.Option(None, help="label column of --data (default: the recipe's)"),
           backend: str = typer.Option("torch", help="torch, onnx, onnx-int8 (after `keel export`) or a compressed variant such as pruned-onnx-int8 (see `keel bench`)"),
           as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
-    """Evaluate a run's model on its test split, or on a labelled file."""
+    """Evaluate a run's model on its test split, or on a file (labelled texts; text, chats or pairs for causal LMs)."""
     from keel.evaluate import evaluate_run
 
     columns = {k: v for k, v in (("text", text_column), ("label", label_column)) if v}
@@ -442,10 +443,28 @@ def _print_eval(result: dict) -> None:
         base = result.get("baseline")
         line = f"{esc(result['split'])}: accuracy [bold]{result['accuracy']:.4f}[/], macro-F1 [bold]{result['macro_f1']:.4f}[/] (n={result['n']})"
         if base:
-            line += f"; majority-class baseline ('{esc(base['label'])}') accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}"
+            whose = {"file": "this file's", "training split": "the training split's"}.get(base.get("of"), "the")
+            line += (f"; always predicting {whose} majority class ('{esc(base['label'])}'): accuracy "
+                     f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}")
         out.print(line)
+    elif "reply_loss" in result:
+        out.print(f"{esc(result['split'])}: reply-only loss [bold]{result['reply_loss']:.4f}[/] (perplexity "
+                  f"{_ppl(result['reply_perplexity'])}) on {result['reply_tokens']:,} reply tokens of {result['n']:,} "
+                  f"examples; every token: loss {result['loss_all_tokens']:.4f}, perplexity "
+                  f"{_ppl(result['perplexity_all_tokens'])}")
+    elif "loss_before" in result:  # written by an SFT run before `keel eval` computed the all-token figures
+        out.print(f"{esc(result['split'])}: reply-only loss [bold]{result['loss']:.4f}[/] (perplexity "
+                  f"{_ppl(result['perplexity'])}; before training {result['loss_before']:.4f}) on {result['n']:,} examples")
     else:
-        out.print(f"{esc(result['split'])}: loss {result['loss']:.4f}, perplexity {result.get('perplexity', float('nan')):.2f}")
+        tokens = f" on {result['tokens']:,} tokens" if result.get("tokens") else ""
+        out.print(f"{esc(result['split'])}: loss [bold]{result['loss']:.4f}[/], perplexity {_ppl(result.get('perplexity'))}{tokens}")
+
+
+def _ppl(v) -> str:
+    """Perplexity to sensible precision: 2 places when small, whole numbers when large."""
+    if v is None or v != v:
+        return "not measured"
+    return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
 
 
 def _print_results(run_dir) -> None:
