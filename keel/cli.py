@@ -444,7 +444,7 @@ def _print_eval(result: dict) -> None:
         line = f"{esc(result['split'])}: accuracy [bold]{result['accuracy']:.4f}[/], macro-F1 [bold]{result['macro_f1']:.4f}[/] (n={result['n']})"
         if base:
             whose = {"file": "this file's", "training split": "the training split's"}.get(base.get("of"), "the")
-            line += (f"; always predicting {whose} majority class ('{esc(base['label'])}'): accuracy "
+            line += (f"; majority-class baseline ({whose} most frequent label, '{esc(base['label'])}'): accuracy "
                      f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}")
         out.print(line)
     elif "reply_loss" in result:
@@ -494,13 +494,39 @@ def _print_results(run_dir) -> None:
     task = json.loads(info_file.read_text())["task"] if info_file.is_file() else None
     if task == "classification":
         backend = f" --backend {pick['deployable']}" if pick.get("deployable") else ""
-        out.print(f"  keel predict {shown}{backend} \"I love my new self-driving car\"")
+        out.print(f"  keel predict {shown}{backend} {esc(_example_text(run_dir))}")
         out.print(f"  keel eval {shown} --data my_labelled.csv")
     elif task is None and (run_dir / "adapter").is_dir():
         out.print(f"  the LoRA adapter is in {esc(run_dir / 'adapter')} (set sft.merge=true for a merged model/)")
     elif test:
         out.print(f"  keel eval {shown}")
+        if task == "causal-lm":
+            import yaml
+
+            recipe_file = run_dir / "recipe.yaml"
+            raw = (yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None) or {}
+            other = "more_chats.jsonl" if raw.get("sft") else "more_pairs.jsonl" if raw.get("align") else "more_text.jsonl"
+            out.print(f"  keel eval {shown} --data {other}   (a file in the format the run was trained on)")
     out.print(f"  keel run my_recipe.yaml            (copy {esc(run_dir / 'recipe.yaml')} and edit it)")
+
+
+def _example_text(run_dir, width: int = 60) -> str:
+    """A real text from the run's test split, on one line, shortened at a word, quoted for a POSIX shell."""
+    import shlex
+
+    try:
+        from keel.data.splits import load_frozen
+
+        texts = [t for t in load_frozen(run_dir).test["text"].astype(str) if t.strip()]
+    except Exception:  # no frozen splits (an older run): a placeholder, never a failure at the very end
+        texts = []
+    if not texts:
+        return shlex.quote("a text to classify")
+    text = "".join(c if c.isprintable() else " " for c in texts[0])
+    text = " ".join(text.split())
+    if len(text) > width:
+        text = text[:width].rsplit(" ", 1)[0] or text[:width]
+    return shlex.quote(text)
 
 
 def main() -> None:

@@ -281,7 +281,9 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
                           {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(40)]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "sft.yaml").write_text(SFT)
-    keel("run", "sft.yaml", cwd=tmp_path, check=True)
+    proc = keel("run", "sft.yaml", cwd=tmp_path, check=True)
+    assert "eval_loss" not in proc.stdout + proc.stderr  # TRL's raw metric dicts stay out of the console
+    assert "keel eval runs/sft --data more_chats.jsonl" in proc.stdout
     run = tmp_path / "runs" / "sft"
     test = json.loads((run / "eval" / "test.json").read_text())
     assert test["loss"] < test["loss_before"]

@@ -109,6 +109,9 @@ def sft_run(recipe, run_dir: Path) -> dict:
                              processing_class=tokenizer,
                              peft_config=peft_config(cfg.lora, model) if cfg.method == "lora" else None,
                              callbacks=[_progress_callback("SFT", steps, logs)])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # else the evaluation before training prints TRL's raw metric dict
         before = trainer.evaluate()["eval_loss"] if test else None
         run_trainer(trainer)
         after = trainer.evaluate()["eval_loss"] if test else None
