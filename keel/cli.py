@@ -297,7 +297,8 @@ def ls() -> None:
     for name, path in builtin_recipes().items():
         t.add_row(name, str(path))
     out.print(t)
-    out.print("any local Hugging Face model folder works as model.name; any CSV/JSONL/Parquet file as data.path")
+    out.print("any local Hugging Face model folder works as model.name; any CSV/JSONL/Parquet file as data.path; "
+              "start your own recipe from one of these with keel init NAME")
 
 
 @app.command()

@@ -284,6 +284,7 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
     proc = keel("run", "sft.yaml", cwd=tmp_path, check=True)
     assert "eval_loss" not in proc.stdout + proc.stderr  # TRL's raw metric dicts stay out of the console
     assert "keel eval runs/sft --data more_chats.jsonl" in proc.stdout
+    assert "could not be built" not in (tmp_path / "runs" / "sft" / "report.html").read_text() + proc.stderr
     run = tmp_path / "runs" / "sft"
     test = json.loads((run / "eval" / "test.json").read_text())
     assert test["loss"] < test["loss_before"]
@@ -302,6 +303,8 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
     assert again["reply_loss"] == pytest.approx(test["loss"], rel=1e-4) and again["n"] == test["n"]
     assert again["reply_tokens"] < again["tokens"] and again["loss_all_tokens"] > 0
     assert json.loads((run / "eval" / "test.json").read_text())["loss_before"] == test["loss_before"]
+    keel("report", "runs/sft", cwd=tmp_path, check=True)
+    assert f"on {again['reply_tokens']} reply tokens" in (run / "report.html").read_text()
     # and on another chat file, in the run's own format (prompt + response lines too)
     other = [{"prompt": f"What is {i} plus one?", "response": f"It is {i + 1}."} for i in range(50, 56)]
     (tmp_path / "more.jsonl").write_text("\n".join(json.dumps(r) for r in other))

@@ -114,8 +114,12 @@ def section_test(run_dir: Path, ctx: dict) -> str | None:
                        f"on {test['n']} test examples.</p>")
         out.append(_confusion_plot(test))
     else:
-        on = (f" on {test['tokens']:,} tokens" if test.get("tokens") else
-              f" on the replies of {test['n']:,} test examples" if test.get("n") else "")
+        if test.get("reply_tokens"):  # `keel eval` of chats or pairs: the loss is the replies'
+            on = (f" on {test['reply_tokens']:,} reply tokens of {test['n']:,} test examples (every token: loss "
+                  f"{test['loss_all_tokens']:.4f})")
+        else:
+            on = (f" on {test['tokens']:,} tokens" if test.get("tokens") else
+                  f" on the replies of {test['n']:,} test examples" if test.get("n") else "")
         ppl = test.get("perplexity")
         ppl = f", perplexity {ppl:.2f}" if isinstance(ppl, float) and ppl == ppl and ppl < 100 else (
             f", perplexity {ppl:,.0f}" if isinstance(ppl, float) and ppl == ppl else "")
