@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 bad input (one line, no traceback unless --debug), 3 a quali
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import List, Optional
@@ -463,7 +464,7 @@ def _print_eval(result: dict) -> None:
 
 def _ppl(v) -> str:
     """Perplexity to sensible precision: 2 places when small, whole numbers when large."""
-    if v is None or v != v:
+    if v is None or math.isnan(v):
         return "not measured"
     return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
 
@@ -519,7 +520,7 @@ def _example_text(run_dir, width: int = 60) -> str:
         from keel.data.splits import load_frozen
 
         texts = [t for t in load_frozen(run_dir).test["text"].astype(str) if t.strip()]
-    except Exception:  # no frozen splits (an older run): a placeholder, never a failure at the very end
+    except (KeelError, OSError, ValueError, KeyError):  # no frozen splits (an older run): a placeholder instead
         texts = []
     if not texts:
         return shlex.quote("a text to classify")

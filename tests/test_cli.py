@@ -46,7 +46,7 @@ def test_the_closing_hint_predicts_a_text_from_the_test_split(finished_run):
 
     import pandas as pd
 
-    work, run_dir, proc = finished_run
+    _, run_dir, proc = finished_run
     line = next(x for x in proc.stdout.splitlines() if "keel predict" in x)
     args = shlex.split(line)
     assert args[:3] == ["keel", "predict", "runs/tiny"] and len(args) == 4

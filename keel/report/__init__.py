@@ -12,6 +12,7 @@ import html
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
@@ -50,7 +51,7 @@ def _json(path: Path) -> dict | None:
 
 def _fmt(v) -> str:
     """A cell as a person writes it: scores to 4 places, yes/no for flags, a word for what was not measured."""
-    if v is None or (isinstance(v, float) and v != v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "not measured"
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -59,7 +60,7 @@ def _fmt(v) -> str:
 
 def _num(v, places: int = 1, unit: str = "") -> str | None:
     """A measured quantity with a thousands separator and its unit; None when it was not measured."""
-    if v is None or (isinstance(v, float) and v != v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return None
     return f"{v:,.{places}f}{unit}"
 
@@ -121,8 +122,8 @@ def section_test(run_dir: Path, ctx: dict) -> str | None:
             on = (f" on {test['tokens']:,} tokens" if test.get("tokens") else
                   f" on the replies of {test['n']:,} test examples" if test.get("n") else "")
         ppl = test.get("perplexity")
-        ppl = f", perplexity {ppl:.2f}" if isinstance(ppl, float) and ppl == ppl and ppl < 100 else (
-            f", perplexity {ppl:,.0f}" if isinstance(ppl, float) and ppl == ppl else "")
+        measured = isinstance(ppl, float) and not math.isnan(ppl)
+        ppl = f", perplexity {ppl:.2f}" if measured and ppl < 100 else f", perplexity {ppl:,.0f}" if measured else ""
         out.append(f"<p>loss {test['loss']:.4f}{ppl}{on}.</p>")
     return "".join(out)
 

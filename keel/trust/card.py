@@ -6,6 +6,7 @@ folder's manifest for that reason."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from keel.io import atomic_write_text
@@ -19,7 +20,7 @@ def _read(path: Path) -> dict:
 
 
 def _f(v, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and v != v):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "not measured"
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
