@@ -140,6 +140,10 @@ def test_report_and_card_of_every_builtin_recipe_read_as_written_by_a_person(tmp
     assert python_words(page) == []
     card = model_card(run)
     assert [line for line in card.splitlines() if PYTHONISH.search(line)] == []
+    if load_recipe(name).task == "classification":
+        assert "<td class='num'>14.8</td>" in page and "14.8000" not in page  # a mean token count, not a score
+    if load_recipe(name).task == "classification" and not load_recipe(name).federated:
+        assert "1,234 MB" in page and "training 61.2 s" in page  # units, and a sensible number of places
     if load_recipe(name).audit:
         assert page.count("she was great") == 1  # the same flipped example is shown once
         assert "not measured" in page  # a difference with one ranked group is said in words
