@@ -167,8 +167,9 @@ def _evaluate_lm_run(t: Trained, data_file: str | None, columns: dict, backend: 
 
     from keel.tasks import causal_lm
 
-    if backend != "torch":
-        raise KeelError(f"causal-lm runs evaluate with the torch backend; got --backend {backend}")
+    if "onnx" in backend:
+        raise KeelError(f"--backend {backend}: ONNX Runtime serves classifiers here; evaluate a causal-lm run with the "
+                        "torch backend or a torchao variant (e.g. torchao-weight-only)")
     kind, recipe = lm_data_kind(t.recipe), t.recipe
     if "label" in columns:
         raise KeelError("--label-column is for classification runs; a causal-lm run has no labels")
@@ -192,8 +193,8 @@ def _evaluate_lm_run(t: Trained, data_file: str | None, columns: dict, backend: 
                   "perplexity_all_tokens": figures["perplexity"], "tokens": figures["tokens"], "n": figures["n"],
                   "loss_on": "reply tokens only" + (" (the chosen reply of each pair)" if kind == "preferences" else "")}
     result = {"split": name, "source": data_file or "test split", "backend": backend, **result}
-    path = t.run_dir / "eval" / f"{name}.json"
-    if data_file is None and kind == "chat":  # keep the before-training figures the SFT run wrote there
+    path = t.run_dir / "eval" / (f"{name}.json" if backend == "torch" else f"{name}.{backend}.json")
+    if data_file is None and kind == "chat" and backend == "torch":  # keep the before-training figures the SFT run wrote there
         before = {k: v for k, v in ((_read_json(path) or {}).items()) if k.endswith("_before")}
         result = {**result, **before}
     atomic_write_json(path, result)
