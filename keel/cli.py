@@ -7,6 +7,8 @@ Exit codes: 0 ok, 2 bad input (one line, no traceback unless --debug), 3 a quali
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from typing import List, Optional
 
@@ -72,12 +74,13 @@ def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
 
 @app.command("eval")
 def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
-          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file"),
+          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file; for causal-lm runs a "
+                                             "file in the run's own format (text, chats, or preference pairs)"),
           text_column: Optional[str] = typer.Option(None, help="text column of --data (default: the recipe's)"),
           label_column: Optional[str] = typer.Option(None, help="label column of --data (default: the recipe's)"),
           backend: str = typer.Option("torch", help="torch, onnx, onnx-int8 (after `keel export`) or a compressed variant such as pruned-onnx-int8 (see `keel bench`)"),
           as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
-    """Evaluate a run's model on its test split, or on a labelled file."""
+    """Evaluate a run's model on its test split, or on a file (labelled texts; text, chats or pairs for causal LMs)."""
     from keel.evaluate import evaluate_run
 
     columns = {k: v for k, v in (("text", text_column), ("label", label_column)) if v}
@@ -290,7 +293,45 @@ def ls() -> None:
     for name, path in builtin_recipes().items():
         t.add_row(name, str(path))
     out.print(t)
-    out.print("any local Hugging Face model folder works as model.name; any CSV/JSONL/Parquet file as data.path")
+    out.print("any local Hugging Face model folder works as model.name; any CSV/JSONL/Parquet file as data.path; "
+              "start your own recipe from one of these with keel init NAME")
+
+
+@app.command()
+def init(name: str = typer.Argument("quickstart", help="the built-in recipe to start from (see `keel ls`)")) -> None:
+    """Write NAME.yaml here: a commented copy of a built-in recipe to edit (an existing file is never replaced)."""
+    from pathlib import Path
+
+    from keel.recipe_fields import init_recipe
+
+    path = init_recipe(name, Path.cwd())
+    out.print(f"wrote {esc(path.name)} (from the built-in recipe '{esc(name)}')   next: edit it, then "
+              f"keel validate {esc(path.name)} and keel run {esc(path.name)}; every field: keel recipe fields")
+
+
+recipe_app = typer.Typer(no_args_is_help=True, help="Recipe reference: `keel recipe fields [SECTION]`.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("fields")
+def recipe_fields(section: Optional[str] = typer.Argument(None, help="a section such as train, train.privacy or "
+                                                                      "audit.fairness (default: every field)"),
+                  as_json: bool = typer.Option(False, "--json", help="print the fields as JSON")) -> None:
+    """Every recipe field with its type, default and description, read from the recipe schema itself."""
+    from rich.table import Column, Table
+    from rich.text import Text
+
+    from keel.recipe_fields import section_fields
+
+    rows = section_fields(section)
+    if as_json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "section"} for r in rows], indent=1))
+        return
+    table = Table(Column("field", no_wrap=True), "type", "default", "description", title=section or "recipe fields")
+    for r in rows:
+        table.add_row(Text(r["path"], style="bold" if r["section"] else ""), Text(r["type"]), Text(r["default"]),
+                      Text(r["description"]))
+    out.print(table)
 
 
 @app.command()
@@ -380,10 +421,28 @@ def _print_eval(result: dict) -> None:
         base = result.get("baseline")
         line = f"{esc(result['split'])}: accuracy [bold]{result['accuracy']:.4f}[/], macro-F1 [bold]{result['macro_f1']:.4f}[/] (n={result['n']})"
         if base:
-            line += f"; majority-class baseline ('{esc(base['label'])}') accuracy {base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}"
+            whose = {"file": "this file's", "training split": "the training split's"}.get(base.get("of"), "the")
+            line += (f"; majority-class baseline ({whose} most frequent label, '{esc(base['label'])}'): accuracy "
+                     f"{base['accuracy']:.4f}, macro-F1 {base['macro_f1']:.4f}")
         out.print(line)
+    elif "reply_loss" in result:
+        out.print(f"{esc(result['split'])}: reply-only loss [bold]{result['reply_loss']:.4f}[/] (perplexity "
+                  f"{_ppl(result['reply_perplexity'])}) on {result['reply_tokens']:,} reply tokens of {result['n']:,} "
+                  f"examples; every token: loss {result['loss_all_tokens']:.4f}, perplexity "
+                  f"{_ppl(result['perplexity_all_tokens'])}")
+    elif "loss_before" in result:  # written by an SFT run before `keel eval` computed the all-token figures
+        out.print(f"{esc(result['split'])}: reply-only loss [bold]{result['loss']:.4f}[/] (perplexity "
+                  f"{_ppl(result['perplexity'])}; before training {result['loss_before']:.4f}) on {result['n']:,} examples")
     else:
-        out.print(f"{esc(result['split'])}: loss {result['loss']:.4f}, perplexity {result.get('perplexity', float('nan')):.2f}")
+        tokens = f" on {result['tokens']:,} tokens" if result.get("tokens") else ""
+        out.print(f"{esc(result['split'])}: loss [bold]{result['loss']:.4f}[/], perplexity {_ppl(result.get('perplexity'))}{tokens}")
+
+
+def _ppl(v) -> str:
+    """Perplexity to sensible precision: 2 places when small, whole numbers when large."""
+    if v is None or math.isnan(v):
+        return "not measured"
+    return f"{v:.2f}" if v < 100 else f"{v:,.0f}"
 
 
 def _print_results(run_dir) -> None:
@@ -413,13 +472,39 @@ def _print_results(run_dir) -> None:
     task = json.loads(info_file.read_text())["task"] if info_file.is_file() else None
     if task == "classification":
         backend = f" --backend {pick['deployable']}" if pick.get("deployable") else ""
-        out.print(f"  keel predict {shown}{backend} \"I love my new self-driving car\"")
+        out.print(f"  keel predict {shown}{backend} {esc(_example_text(run_dir))}")
         out.print(f"  keel eval {shown} --data my_labelled.csv")
     elif task is None and (run_dir / "adapter").is_dir():
         out.print(f"  the LoRA adapter is in {esc(run_dir / 'adapter')} (set sft.merge=true for a merged model/)")
     elif test:
         out.print(f"  keel eval {shown}")
+        if task == "causal-lm":
+            import yaml
+
+            recipe_file = run_dir / "recipe.yaml"
+            raw = (yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else None) or {}
+            other = "more_chats.jsonl" if raw.get("sft") else "more_pairs.jsonl" if raw.get("align") else "more_text.jsonl"
+            out.print(f"  keel eval {shown} --data {other}   (a file in the format the run was trained on)")
     out.print(f"  keel run my_recipe.yaml            (copy {esc(run_dir / 'recipe.yaml')} and edit it)")
+
+
+def _example_text(run_dir, width: int = 60) -> str:
+    """A real text from the run's test split, on one line, shortened at a word, quoted for a POSIX shell."""
+    import shlex
+
+    try:
+        from keel.data.splits import load_frozen
+
+        texts = [t for t in load_frozen(run_dir).test["text"].astype(str) if t.strip()]
+    except (KeelError, OSError, ValueError, KeyError):  # no frozen splits (an older run): a placeholder instead
+        texts = []
+    if not texts:
+        return shlex.quote("a text to classify")
+    text = "".join(c if c.isprintable() else " " for c in texts[0])
+    text = " ".join(text.split())
+    if len(text) > width:
+        text = text[:width].rsplit(" ", 1)[0] or text[:width]
+    return shlex.quote(text)
 
 
 def main() -> None:

@@ -35,18 +35,20 @@ class ModelConfig(Strict):
 
 
 class Columns(Strict):
-    text: str = "text"
-    label: str = "label"
+    """Which columns of the data file hold the text, the label and (optionally) the group."""
+
+    text: str = Field("text", description="column with the input text")
+    label: str = Field("label", description="column with the label (classification)")
     group: str | None = Field(None, description="optional column kept for fairness audits")
 
 
 class SplitConfig(Strict):
     """Deterministic train/validation/test split of a single data file."""
 
-    validation: float = Field(0.1, ge=0.0, lt=1.0)
-    test: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
-    stratify: bool = True
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out for model selection")
+    test: float = Field(0.1, ge=0.0, lt=1.0, description="share of examples held out for the final score")
+    seed: int = Field(0, description="seed of the shuffle before splitting")
+    stratify: bool = Field(True, description="keep the class balance in every split (classification)")
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> "SplitConfig":
@@ -60,12 +62,12 @@ class DataConfig(Strict):
 
     name: str | None = Field(None, description="built-in data set (see `keel ls`)")
     path: str | None = Field(None, description="a .csv, .jsonl/.json or .parquet file")
-    format: Literal["auto", "csv", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "csv", "jsonl", "parquet"] = Field("auto", description="file format; auto: from the file name")
     encoding_errors: Literal["strict", "replace"] = Field("strict", description="CSV bytes that are not UTF-8: fail, or replace them")
     columns: Columns | None = Field(None, description="column mapping; defaults to the data set's own")
     labels: list[str] | None = Field(None, description="the label set, in order; default: sorted labels of the training split")
     split: SplitConfig = SplitConfig()
-    max_train_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, description="cap on the training split")
     max_eval_samples: int | None = Field(None, ge=1, description="cap on the validation and test splits each")
     dedup: bool = Field(True, description="drop repeated texts before splitting, so no text is in two splits")
 
@@ -77,8 +79,10 @@ class DataConfig(Strict):
 
 
 class EarlyStopping(Strict):
+    """Stop when the selection metric stops improving on the validation split."""
+
     patience: int = Field(2, ge=1, description="evaluations without improvement before stopping")
-    min_delta: float = Field(0.0, ge=0.0)
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
 
 
 class PrivacyConfig(Strict):
@@ -87,7 +91,7 @@ class PrivacyConfig(Strict):
     target_epsilon: float = Field(8.0, gt=0.0, description="the budget; training stops at the last step within it")
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="must be below 1/N (N = training examples)")
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-example gradient clipping bound")
-    accountant: Literal["prv", "rdp"] = "prv"
+    accountant: Literal["prv", "rdp"] = Field("prv", description="privacy accountant (Opacus)")
     noise_multiplier: float | None = Field(
         None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget")
     poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N "
@@ -114,27 +118,27 @@ class PrivacyConfig(Strict):
 class TrainConfig(Strict):
     """The training loop: optimiser, schedule, precision, evaluation and checkpoints."""
 
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, description="passes over the training split")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
     batch_size: int = Field(16, ge=1, description="examples per process per micro-batch")
-    grad_accum_steps: int = Field(1, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    eval_batch_size: int = Field(64, ge=1, description="examples per batch when evaluating")
     group_by_length: bool = Field(False, description="batch examples of similar length (shuffled, then sorted "
                                   "within groups of up to 50 batches, as transformers' Trainer does): less padding, faster epochs on texts of "
                                   "mixed length")
-    lr: float = Field(5e-5, gt=0.0, lt=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float | None = Field(1.0, gt=0.0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 42
+    lr: float = Field(5e-5, gt=0.0, lt=1.0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="share of the steps spent warming the learning rate up")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null = none")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (bf16/fp16 on a GPU)")
+    seed: int = Field(42, description="seed of the weights, the data order and dropout")
     deterministic: bool = Field(True, description="deterministic kernels: exact, resumable loss curves")
     metric: Literal["accuracy", "macro_f1", "loss"] | None = Field(
         None, description="selects the best model; default macro_f1 for classification, loss for causal-lm")
-    early_stopping: EarlyStopping | None = None
+    early_stopping: EarlyStopping | None = Field(None, description="stop early; null = train every epoch")
     checkpoint_every: int = Field(0, ge=0, description="optimiser steps between checkpoints; 0 = each epoch")
-    keep_last_k: int = Field(2, ge=1)
+    keep_last_k: int = Field(2, ge=1, description="checkpoints kept on disk")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     privacy: PrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
 
@@ -159,14 +163,14 @@ class DistillConfig(Strict):
     layers: int | list[int] | None = Field(None, description="teacher layers the student keeps: a count (spread evenly) "
                                            "or indices; default: every other layer")
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label loss; 1 - alpha goes to the teacher's")
-    temperature: float = Field(2.0, gt=0.0)
+    temperature: float = Field(2.0, gt=0.0, description="softmax temperature of the distillation loss")
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of hidden-state matching (same width only)")
     epochs: int = Field(2, ge=0, description="0: only cut the student; the pruning stage's fine-tuning then distils it")
     transfer_samples: int | None = Field(
         None, ge=1, description="distil on this many training-split texts (a superset of the teacher's) labelled by the "
         "teacher alone: alpha becomes 0, no label is read; also used by the pruning stage's fine-tuning")
-    lr: float = Field(1e-4, gt=0.0, lt=1.0)
-    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0.0, lt=1.0, description="learning rate of the student")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
 
 
 class PruneConfig(Strict):
@@ -178,22 +182,26 @@ class PruneConfig(Strict):
     vocab: bool = Field(False, description="keep only the embedding rows of tokens seen in the training split "
                         "(classifiers; other tokens read as the unknown token)")
     finetune_epochs: int = Field(1, ge=0, description="fine-tuning (with distillation when there is a teacher) after pruning")
-    lr: float = Field(5e-5, gt=0.0, lt=1.0)
-    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(5e-5, gt=0.0, lt=1.0, description="learning rate of the fine-tuning")
+    max_steps: int | None = Field(None, ge=1, description="stop the fine-tuning after this many optimiser steps")
 
 
 class QuantizeConfig(Strict):
+    """ONNX export and int8 quantization of the latest stage."""
+
     onnx: bool = Field(True, description="export to ONNX (fp32), checked against eager every time")
     onnx_int8: bool = Field(True, description="ONNX Runtime dynamic int8")
     onnx_static_int8: bool = Field(False, description="ONNX Runtime static int8 (QDQ), calibrated on training texts")
     torch_int8: Literal["none", "weight-only", "dynamic"] = Field(
         "none", description="torchao int8 for the PyTorch backend (dynamic has no fast CPU kernels)")
-    calibration_samples: int = Field(128, ge=8)
+    calibration_samples: int = Field(128, ge=8, description="training texts for static int8 calibration")
     teacher: bool = Field(True, description="export the teacher the same way as the latest stage, so the budget can "
                           "fall back to a quantized model that was not cut or retrained")
 
 
 class BudgetConfig(Strict):
+    """Limits the deployable variant must keep; the pick is made on the validation split."""
+
     max_accuracy_drop: float = Field(1.0, ge=0.0, description="points of accuracy below the fp32 teacher")
     max_latency_ms: float | None = Field(None, gt=0.0, description="p50 latency at batch 1")
     max_size_mb: float | None = Field(None, gt=0.0, description="weights on disk")
@@ -203,8 +211,8 @@ class BudgetConfig(Strict):
 class CompressConfig(Strict):
     """`keel run` compresses after training when this section is present; `keel compress RUN_DIR` does it later."""
 
-    distill: DistillConfig | None = None
-    prune: PruneConfig | None = None
+    distill: DistillConfig | None = Field(None, description="distil into a smaller student; null = skip")
+    prune: PruneConfig | None = Field(None, description="prune the latest model; null = skip")
     quantize: QuantizeConfig = QuantizeConfig()
     budget: BudgetConfig = BudgetConfig()
     bench_latency_samples: int = Field(100, ge=5, description="batch-1 requests timed per variant")
@@ -220,18 +228,18 @@ class ExplainConfig(Strict):
     top_k: int = Field(3, ge=1, description="tokens removed/kept for ERASER comprehensiveness and sufficiency")
     top_tokens: int = Field(10, ge=1, description="tokens listed per class in the global importance")
     heatmaps: int = Field(8, ge=0, description="explained texts shown as heatmaps in the report")
-    attention_rollout: bool = True
-    seed: int = 0
+    attention_rollout: bool = Field(True, description="also show attention rollout under each heatmap")
+    seed: int = Field(0, description="seed of the random-token faithfulness baseline")
 
 
 class FairnessGates(Strict):
     """Thresholds that fail the run (exit code 3) when crossed."""
 
-    max_demographic_parity_difference: float | None = Field(None, ge=0.0, le=1.0)
-    max_equalized_odds_difference: float | None = Field(None, ge=0.0, le=1.0)
-    min_group_accuracy: float | None = Field(None, ge=0.0, le=1.0)
-    min_subgroup_auc: float | None = Field(None, ge=0.0, le=1.0)
-    max_counterfactual_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+    max_demographic_parity_difference: float | None = Field(None, ge=0.0, le=1.0, description="largest gap in selection rate between ranked groups")
+    max_equalized_odds_difference: float | None = Field(None, ge=0.0, le=1.0, description="largest gap in TPR or FPR between ranked groups")
+    min_group_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="lowest accuracy any ranked group may have")
+    min_subgroup_auc: float | None = Field(None, ge=0.0, le=1.0, description="lowest subgroup AUC (Borkan et al.)")
+    max_counterfactual_flip_rate: float | None = Field(None, ge=0.0, le=1.0, description="largest share of predictions an identity-term swap may flip")
     on_unmeasurable: Literal["fail", "warn"] = Field(
         "fail", description="a gate with nothing to measure (every group below min_group_size, no swappable text) "
                             "fails the run; warn: it is reported as not evaluated and the run goes on")
@@ -251,9 +259,10 @@ class FairnessConfig(Strict):
         None, description="the outcome whose rates are compared; default: 'positive' if a label, else the last label")
     min_group_size: int = Field(30, ge=1, description="smaller groups are flagged, not ranked")
     max_examples: int | None = Field(2000, ge=1, description="cap on the audited split")
-    split: Literal["test", "validation"] = "test"
-    counterfactual: bool = True
-    mitigation: Literal["none", "threshold-optimizer", "counterfactual-augmentation"] = "none"
+    split: Literal["test", "validation"] = Field("test", description="the split audited")
+    counterfactual: bool = Field(True, description="swap identity terms and count flipped predictions")
+    mitigation: Literal["none", "threshold-optimizer", "counterfactual-augmentation"] = Field(
+        "none", description="per-group thresholds (Fairlearn), or training on identity-swapped copies")
     constraint: Literal["demographic_parity", "equalized_odds", "true_positive_rate_parity"] = Field(
         "equalized_odds", description="what the threshold optimizer equalizes")
     baseline_run: str | None = Field(None, description="a run without mitigation, shown side by side")
@@ -262,8 +271,8 @@ class FairnessConfig(Strict):
 class AuditConfig(Strict):
     """What `keel audit` (and `keel run`) check after training."""
 
-    explain: ExplainConfig | None = None
-    fairness: FairnessConfig | None = None
+    explain: ExplainConfig | None = Field(None, description="token attributions; null = skip")
+    fairness: FairnessConfig | None = Field(None, description="per-group metrics; null = skip")
     gates: FairnessGates = FairnessGates()
 
     @model_validator(mode="after")
@@ -276,6 +285,8 @@ class AuditConfig(Strict):
 
 
 class OutputConfig(Strict):
+    """Where the run directory goes."""
+
     dir: str | None = Field(None, description="run directory; default runs/<name> (a free -N suffix is added)")
 
 
@@ -298,7 +309,7 @@ class ServeConfig(Strict):
     max_inputs: int = Field(256, ge=1, description="texts per classify/embeddings request")
     max_explain_inputs: int = Field(16, ge=1, description="texts per classify request with explain: true")
     max_tokens: int = Field(512, ge=1, description="upper bound on a request's max_tokens")
-    default_max_tokens: int = Field(64, ge=1)
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that sets none")
     max_n: int = Field(8, ge=1, le=128, description="choices per completion request")
     max_stop: int = Field(4, ge=0, le=16, description="stop sequences per request")
     timeout_s: float = Field(60.0, gt=0.0, description="per-request deadline: 504, or an SSE error event")
@@ -319,14 +330,16 @@ class PretrainConfig(Strict):
     vocab_size: int = Field(4096, ge=260, le=262144, description="BPE vocabulary, including the 256 bytes and special tokens")
     min_frequency: int = Field(2, ge=1, description="merges seen fewer times than this are not learned")
     samples: int = Field(3, ge=0, le=32, description="sample generations from the test split's openings, for the report")
-    sample_tokens: int = Field(48, ge=1, le=1024)
+    sample_tokens: int = Field(48, ge=1, le=1024, description="tokens generated per sample")
     compile: bool = Field(True, description="torch.compile the model when training on a CUDA GPU (ignored on CPU)")
 
 
 class LoraConfig(Strict):
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """A LoRA adapter (peft): low-rank updates of the chosen modules; the base weights stay frozen."""
+
+    r: int = Field(8, ge=1, le=1024, description="rank of the update matrices")
+    alpha: float = Field(16.0, gt=0, description="scale of the update (alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt, or all-linear")
     layers: int | None = Field(None, ge=1, description="adapt only the top N transformer blocks (backward stops there: "
@@ -336,7 +349,7 @@ class LoraConfig(Strict):
 class SFTConfig(Strict):
     """Supervised fine-tuning on chat/instruction JSONL (`messages`, or `prompt` + `response`): loss on responses only."""
 
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora"] = Field("lora", description="train every weight, or a LoRA adapter")
     lora: LoraConfig = LoraConfig()
     merge: bool = Field(True, description="merge the LoRA adapter into the weights of model/ (for export and serving)")
 
@@ -344,42 +357,50 @@ class SFTConfig(Strict):
 class AlignConfig(Strict):
     """Alignment from preferences (`prompt`, `chosen`, `rejected`; or data.name: crows-pairs): reward model + DPO or RL."""
 
-    method: Literal["dpo", "grpo", "rloo"] = "dpo"
+    method: Literal["dpo", "grpo", "rloo"] = Field("dpo", description="DPO from the pairs, or RL (GRPO/RLOO) against the reward model")
     beta: float = Field(0.1, gt=0.0, description="strength of the KL pull to the frozen reference model")
     lora: LoraConfig | None = Field(LoraConfig(r=16, alpha=32.0), description="train the policy as a LoRA adapter (merged at the end); null = full")
     reward_steps: int = Field(60, ge=1, description="optimiser steps of reward-model training")
-    reward_lr: float = Field(5e-5, gt=0.0, lt=1.0)
+    reward_lr: float = Field(5e-5, gt=0.0, lt=1.0, description="learning rate of the reward model")
     reward_layers: int | None = Field(None, ge=1, description="train only the reward model's top N blocks and its head; null = all")
     policy_steps: int = Field(30, ge=1, description="optimiser steps of DPO / RL")
     num_generations: int = Field(4, ge=2, description="RL: completions sampled per prompt")
     max_new_tokens: int = Field(16, ge=1, le=512, description="RL sampling and win-rate generations")
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs scored before/after")
-    win_rate_prompts: int = Field(32, ge=1)
+    win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the reward-model win rate")
     perplexity_blocks: int = Field(16, ge=0, description="held-out Shakespeare blocks for the alignment tax; 0 = skip")
 class FederatedConfig(Strict):
     """Federated learning with Flower (`keel federate`): sites, strategy, rounds, SecAgg+, DP, validation."""
 
     class Partition(Strict):
+        """How the simulation splits the data into sites."""
+
         kind: Literal["iid", "dirichlet", "column"] = Field("iid", description="how the simulation splits the data into sites")
         alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration for label skew (smaller = more skew)")
         column: str | None = Field(None, description="for kind=column: one site per value of this source column")
-        seed: int = 0
+        seed: int = Field(0, description="seed of the partition")
 
     class Strategy(Strict):
-        name: Literal["fedavg", "fedprox", "fedadam", "krum", "trimmed-mean"] = "fedavg"
+        """How the server combines the sites' updates."""
+
+        name: Literal["fedavg", "fedprox", "fedadam", "krum", "trimmed-mean"] = Field("fedavg", description="aggregation rule")
         proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term")
         server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate (eta)")
         num_malicious: int = Field(0, ge=0, description="Krum: poisoned sites to tolerate")
         trim_beta: float = Field(0.2, ge=0.0, lt=0.5, description="trimmed mean: fraction cut at each end")
 
     class SecAgg(Strict):
-        enabled: bool = False
-        num_shares: int = Field(3, ge=2)
-        reconstruction_threshold: int = Field(2, ge=2)
+        """SecAgg+ secure aggregation: the server sees only the sum of the sites' updates."""
+
+        enabled: bool = Field(False, description="mask updates with SecAgg+")
+        num_shares: int = Field(3, ge=2, description="secret shares per site")
+        reconstruction_threshold: int = Field(2, ge=2, description="shares needed to recover a dropped site's mask")
         clipping_range: float = Field(8.0, gt=0.0, description="values are clipped to +-this before quantization")
-        quantization_range: int = Field(4194304, ge=2)
+        quantization_range: int = Field(4194304, ge=2, description="integer range values are quantized to")
 
     class DP(Strict):
+        """Client-level differential privacy (each site's whole data is the unit)."""
+
         mode: Literal["none", "central", "local"] = Field("none", description="central: clip at the site, noise at the server")
         epsilon: float | None = Field(None, gt=0.0, description="privacy budget; the noise is calibrated to it and enforced")
         delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/(10 * sites)")
@@ -387,6 +408,8 @@ class FederatedConfig(Strict):
         noise_multiplier: float | None = Field(None, ge=0.0, description="set it instead of epsilon (central mode)")
 
     class Server(Strict):
+        """`keel federate serve`: address and TLS."""
+
         address: str = Field("127.0.0.1:9092", description="HOST:PORT that `keel federate serve` listens on")
         root_certificate: str | None = Field(None, description="CA certificate (PEM) for TLS")
         certificate: str | None = Field(None, description="server certificate (PEM), with private_key")
@@ -394,13 +417,13 @@ class FederatedConfig(Strict):
         round_timeout: float | None = Field(600.0, gt=0.0, description="seconds a round waits for its sites")
 
     sites: int = Field(10, ge=1, le=1_000_000, description="simulated sites (simulation) or expected sites (serve)")
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=1, description="federated rounds")
     fraction_fit: float = Field(1.0, gt=0.0, le=1.0, description="share of sites sampled per round")
-    min_fit_clients: int = Field(2, ge=1)
-    min_available_clients: int = Field(2, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    min_fit_clients: int = Field(2, ge=1, description="sites that must train in a round")
+    min_available_clients: int = Field(2, ge=1, description="sites that must be connected before a round starts")
+    local_epochs: int = Field(1, ge=1, description="passes over its own data each site makes per round")
     local_steps: int | None = Field(None, ge=1, description="cap on local optimiser steps per round")
-    local_optimizer: Literal["adamw", "sgd"] = "adamw"
+    local_optimizer: Literal["adamw", "sgd"] = Field("adamw", description="the sites' optimiser")
     local_lr: float | None = Field(None, gt=0.0, lt=1.0, description="default: train.lr")
     min_completion: float = Field(0.5, gt=0.0, le=1.0, description="a round needs this share of its sampled sites, else it is skipped")
     max_update_norm: float | None = Field(None, gt=0.0, description="updates with a larger L2 norm are rejected")
@@ -450,17 +473,17 @@ class FederatedConfig(Strict):
 class Recipe(Strict):
     """A whole run."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    task: Literal["classification", "causal-lm"] = "classification"
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names the run directory runs/<name>")
+    task: Literal["classification", "causal-lm"] = Field("classification", description="label texts, or model language")
     model: ModelConfig = ModelConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
-    compress: CompressConfig | None = None
+    compress: CompressConfig | None = Field(None, description="compression after training; null = none")
     output: OutputConfig = OutputConfig()
     serve: ServeConfig = ServeConfig()
     pretrain: PretrainConfig = PretrainConfig()
-    sft: SFTConfig | None = None
-    align: AlignConfig | None = None
+    sft: SFTConfig | None = Field(None, description="supervised fine-tuning on chats (causal-lm)")
+    align: AlignConfig | None = Field(None, description="alignment from preferences (causal-lm)")
     federated: FederatedConfig | None = Field(None, description="federated learning across sites (keel federate)")
     audit: AuditConfig | None = Field(None, description="explanations, fairness audit and gates")
 

@@ -15,6 +15,7 @@ def finished_run(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("run")
     csv = write_toy_csv(work / "toy.csv", n=160)
+    csv.write_text(csv.read_text() + ",pos\n")  # a row without text: dropped, and said so on every run
     (work / "tiny.yaml").write_text(TINY_RECIPE.format(data=csv, epochs=4, every=0))
     proc = keel("run", "tiny.yaml", cwd=work, check=True)
     return work, work / "runs" / "tiny", proc
@@ -33,7 +34,43 @@ def test_run_writes_the_run_directory(finished_run):
     assert run["recipe_sha256"] in (run_dir / "recipe.yaml").read_text()
     state = json.loads(next(run_dir.glob("checkpoints/step-*/state.json")).read_text())
     assert state["recipe_sha256"] == run["recipe_sha256"]
-    assert "majority-class baseline" in proc.stdout and "keel predict" in proc.stdout
+    assert "majority-class baseline (the training split's most frequent label" in proc.stdout
+    assert "keel predict" in proc.stdout
+    # one line about the tokenized data per run, though training, the test evaluation and the report all read it
+    assert proc.stderr.count("tokenized in") == 1 and "reusing tokenized cache" not in proc.stderr
+    assert "dropped 1 rows" in proc.stderr
+
+
+def test_the_closing_hint_predicts_a_text_from_the_test_split(finished_run):
+    import shlex
+
+    import pandas as pd
+
+    _, run_dir, proc = finished_run
+    line = next(x for x in proc.stdout.splitlines() if "keel predict" in x)
+    args = shlex.split(line)
+    assert args[:3] == ["keel", "predict", "runs/tiny"] and len(args) == 4
+    assert args[3] in pd.read_parquet(run_dir / "splits" / "test.parquet")["text"].tolist()
+    assert "self-driving" not in proc.stdout
+
+
+def test_the_hint_text_is_one_shell_word_whatever_the_text(tmp_path):
+    import shlex
+
+    import pandas as pd
+
+    from keel.cli import _example_text
+    from keel.data.load import RawSplits
+    from keel.data.splits import freeze
+
+    nasty = "it's \"[bold]great[/]\" $(rm -rf ~) `id`\nsecond line\x1b[31m and a long tail of words to cut here"
+    frame = pd.DataFrame({"text": [nasty], "label": ["pos"]})
+    freeze(tmp_path, RawSplits(frame, frame, frame, ["pos"], "x.csv", "0" * 64))
+    quoted = _example_text(tmp_path)
+    (word,) = shlex.split(quoted)
+    assert "\n" not in word and "\x1b" not in word and len(word) <= 60
+    assert " ".join(nasty.replace("\x1b", " ").split()).startswith(word)
+    assert _example_text(tmp_path / "missing") == "'a text to classify'"
 
 
 def test_tiny_model_learns_the_toy_task(finished_run):
@@ -70,6 +107,9 @@ def test_predict_and_eval(finished_run, tmp_path):
     proc = keel("eval", str(run_dir), "--data", str(other), "--json", cwd=work, check=True)
     result = json.loads(proc.stdout)
     assert result["n"] == 4 and result["accuracy"] >= 0.75
+    assert result["baseline"]["of"] == "file" and "tokenized cache" not in proc.stderr
+    proc = keel("eval", str(run_dir), "--data", str(other), cwd=work, check=True)
+    assert "majority-class baseline (this file's most frequent label" in proc.stdout
     assert (run_dir / "eval" / "more.json").is_file()
     # another file's own column names
     renamed = tmp_path / "renamed.csv"
@@ -86,6 +126,8 @@ def test_a_second_run_never_overwrites(finished_run):
     before = (run_dir / "model" / "model.safetensors").read_bytes()
     proc = keel("train", "tiny.yaml", "train.epochs=1", cwd=work, check=True)
     assert (work / "runs" / "tiny-2" / "model").is_dir()
+    # a cached re-run still says what was dropped from the source, and names the cache once
+    assert "dropped 1 rows" in proc.stderr and proc.stderr.count("reusing tokenized cache") == 1
     assert (run_dir / "model" / "model.safetensors").read_bytes() == before
     assert "tiny-2" in proc.stdout
 

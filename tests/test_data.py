@@ -109,9 +109,14 @@ def test_tokenized_cache_is_reused(tmp_path, toy_csv, capsys):
 
     recipe = validate_recipe({"data": {"path": str(toy_csv)}, "model": {"name": "tiny-bert", "max_length": 16}})
     tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    from keel.data import prepare
+
     first = prepare_data(recipe, tok)
     second = prepare_data(recipe, tok)
     assert not first.cache_hit and second.cache_hit
+    assert "reusing tokenized cache" not in capsys.readouterr().err  # this process said it tokenized them: once is enough
+    prepare._ANNOUNCED.clear()  # as in a new process
+    assert prepare_data(recipe, tok).cache_hit
     assert "reusing tokenized cache" in capsys.readouterr().err
     assert second.splits["train"]["input_ids"] == first.splits["train"]["input_ids"]
     assert max(len(x) for x in first.splits["train"]["input_ids"]) <= 16

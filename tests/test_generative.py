@@ -203,6 +203,13 @@ def test_pretraining_from_scratch_lowers_the_loss(tmp_path):
     samples = json.loads((run / "eval" / "samples.json").read_text())["samples"]
     assert len(samples) == 2 and all(s["completion"] for s in samples)
     assert "Sample generations" in (run / "report.html").read_text()
+    # keel eval on the frozen test split gives the pipeline's figure; --data reads a text file the same way
+    assert json.loads(keel("eval", "runs/pt", "--json", cwd=tmp_path, check=True).stdout)["loss"] == pytest.approx(test["loss"])
+    held = [{"text": " ".join(rng.choice(words) for _ in range(60)) + "."} for _ in range(8)]
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(d) for d in held))
+    proc = keel("eval", "runs/pt", "--data", "held.jsonl", cwd=tmp_path, check=True)
+    held_eval = json.loads((run / "eval" / "held.json").read_text())
+    assert held_eval["tokens"] > 0 and held_eval["perplexity"] < 300 / 2 and "perplexity" in proc.stdout
     bad = keel("validate", "pt.yaml", "model.name=gpt-9", cwd=tmp_path)
     assert bad.returncode == 2 and "size preset" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
 
@@ -235,6 +242,11 @@ def test_align_recipe_end_to_end(tmp_path):
     trained = load_trained(run)  # checksums verified; the merged policy loads as a plain causal LM
     assert "lora" not in json.dumps(list(trained.model.state_dict()))
     assert "Alignment (dpo" in (run / "report.html").read_text()
+    held = json.loads(keel("eval", "runs/al", "--json", cwd=tmp_path, check=True).stdout)
+    assert held["n"] == 12 and held["reply_tokens"] > 0 and math.isfinite(held["reply_loss"])
+    (tmp_path / "new.jsonl").write_text("\n".join(json.dumps(p) for p in planted_pairs(5, seed=7)))
+    on_file = json.loads(keel("eval", "runs/al", "--data", "new.jsonl", "--json", cwd=tmp_path, check=True).stdout)
+    assert on_file["n"] == 5 and on_file["loss_on"].startswith("reply tokens only")
 
 
 def test_bad_preference_file_is_one_clear_line(tmp_path):
@@ -269,7 +281,10 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
                           {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(40)]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "sft.yaml").write_text(SFT)
-    keel("run", "sft.yaml", cwd=tmp_path, check=True)
+    proc = keel("run", "sft.yaml", cwd=tmp_path, check=True)
+    assert "eval_loss" not in proc.stdout + proc.stderr  # TRL's raw metric dicts stay out of the console
+    assert "keel eval runs/sft --data more_chats.jsonl" in proc.stdout
+    assert "could not be built" not in (tmp_path / "runs" / "sft" / "report.html").read_text() + proc.stderr
     run = tmp_path / "runs" / "sft"
     test = json.loads((run / "eval" / "test.json").read_text())
     assert test["loss"] < test["loss_before"]
@@ -281,6 +296,25 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
     assert json.loads((run / "model" / "keel.json").read_text())["task"] == "causal-lm"
+
+    # keel eval on the run's test split: the reply-only loss TRL reported at the end of training, recomputed
+    proc = keel("eval", "runs/sft", "--json", cwd=tmp_path, check=True)
+    again = json.loads(proc.stdout)
+    assert again["reply_loss"] == pytest.approx(test["loss"], rel=1e-4) and again["n"] == test["n"]
+    assert again["reply_tokens"] < again["tokens"] and again["loss_all_tokens"] > 0
+    assert json.loads((run / "eval" / "test.json").read_text())["loss_before"] == test["loss_before"]
+    keel("report", "runs/sft", cwd=tmp_path, check=True)
+    assert f"on {again['reply_tokens']} reply tokens" in (run / "report.html").read_text()
+    # and on another chat file, in the run's own format (prompt + response lines too)
+    other = [{"prompt": f"What is {i} plus one?", "response": f"It is {i + 1}."} for i in range(50, 56)]
+    (tmp_path / "more.jsonl").write_text("\n".join(json.dumps(r) for r in other))
+    proc = keel("eval", "runs/sft", "--data", "more.jsonl", cwd=tmp_path, check=True)
+    assert "reply-only loss" in proc.stdout and "6 examples" in proc.stdout
+    more = json.loads((run / "eval" / "more.json").read_text())
+    assert more["n"] == 6 and math.isfinite(more["reply_loss"]) and more["source"] == "more.jsonl"
+    assert "tokenized cache" not in proc.stderr
+    bad = keel("eval", "runs/sft", "--data", "more.jsonl", "--label-column", "x", cwd=tmp_path)
+    assert bad.returncode == 2 and "no labels" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_builtin_generative_recipes_validate():

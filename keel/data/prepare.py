@@ -19,6 +19,7 @@ from keel.recipe import Recipe
 
 PREP_VERSION = 1
 SPLITS = ("train", "validation", "test")
+_ANNOUNCED: set[str] = set()  # cache keys this process has already reported (training, test eval and report share one)
 
 
 @dataclass
@@ -65,7 +66,12 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
         try:
             meta = json.loads((folder / "meta.json").read_text())
             splits = _load_splits(folder)
-            log(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
+            if key not in _ANNOUNCED:
+                if freeze:  # training: what was dropped from the source is said on a cached re-run too
+                    for note in (raw.notes if raw is not None else meta.get("notes") or []):
+                        log(f"data: {esc(note)}")
+                log(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
+            _ANNOUNCED.add(key)
             return Prepared(splits, meta["labels"], meta, cache_hit=True)
         except Exception:  # a damaged cache entry is rebuilt, never trusted
             log(f"[yellow]data: tokenized cache {key[:12]} is unreadable; rebuilding it[/]")
@@ -91,6 +97,7 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     splits = _load_splits(folder)
     log(f"data: {esc(raw.source)}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
+    _ANNOUNCED.add(key)
     return Prepared(splits, raw.labels, meta, cache_hit=False)
 
 

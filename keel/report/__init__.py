@@ -12,6 +12,7 @@ import html
 import io
 import json
 import logging
+import math
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
@@ -49,7 +50,19 @@ def _json(path: Path) -> dict | None:
 
 
 def _fmt(v) -> str:
+    """A cell as a person writes it: scores to 4 places, yes/no for flags, a word for what was not measured."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "not measured"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _num(v, places: int = 1, unit: str = "") -> str | None:
+    """A measured quantity with a thousands separator and its unit; None when it was not measured."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return f"{v:,.{places}f}{unit}"
 
 
 _DIGITS = {"disk_mb": 1, "p50_ms_batch1": 2, "p95_ms_batch1": 2, "throughput_batch32": 1, "peak_rss_mb": 0,
@@ -63,17 +76,23 @@ def _cell(key: str, v) -> str:
 
 
 def section_summary(run_dir: Path, ctx: dict) -> str:
-    info, train = ctx["run"], ctx["run"].get("train", {})
-    rows = [("recipe sha256", info.get("recipe_sha256", "?")[:16]), ("task", info.get("task")),
+    info, train = ctx["run"], ctx["run"].get("train") or {}
+    counts = (train.get("data") or {}).get("counts") or {}
+    federated = bool(train.get("federated"))
+    wall = (_num(info.get("wall_seconds"), 1, " s") or
+            (f"training {_num(info.get('train_wall_seconds'), 1, ' s')}" if info.get("train_wall_seconds") is not None else None))
+    rows = [("recipe sha256", (info.get("recipe_sha256") or "")[:16] or None), ("task", info.get("task")),
             ("model", ctx["recipe"].get("model", {}).get("name")),
             ("data", (train.get("data") or {}).get("source")),
-            ("examples (train / validation / test)", " / ".join(str(((train.get("data") or {}).get("counts") or {}).get(k, "?"))
-                                                             for k in ("train", "validation", "test"))),
-            ("optimiser steps", train.get("steps")), ("best step", train.get("best_step")),
-            ("training throughput", f"{train.get('samples_per_second')} samples/s"),
-            ("peak memory (RSS)", f"{train.get('peak_rss_mb')} MB"), ("wall time", f"{info['wall_seconds']} s" if "wall_seconds" in info
-                                                        else f"training {info.get('train_wall_seconds', '?')} s")]
-    return "<h2>Run</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows) + "</table>"
+            ("examples (train / validation / test)",
+             " / ".join(f"{counts[k]:,}" for k in ("train", "validation", "test")) if all(k in counts for k in ("train", "validation", "test")) else None),
+            ("rounds" if federated else "optimiser steps", train.get("steps")),
+            (None if federated else "best step", train.get("best_step")),
+            ("training throughput", _num(train.get("samples_per_second"), 1, " samples/s")),
+            ("peak memory (RSS)", _num(train.get("peak_rss_mb"), 0, " MB")), ("wall time", wall)]
+    # a figure the run did not record is left out, not printed as None or ?
+    return "<h2>Run</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows
+                                           if k and v is not None) + "</table>"
 
 
 def section_test(run_dir: Path, ctx: dict) -> str | None:
@@ -96,8 +115,16 @@ def section_test(run_dir: Path, ctx: dict) -> str | None:
                        f"on {test['n']} test examples.</p>")
         out.append(_confusion_plot(test))
     else:
-        out.append(f"<p>loss {test['loss']:.4f}, perplexity {test.get('perplexity', float('nan')):.2f} "
-                   f"on {test.get('tokens')} tokens.</p>")
+        if test.get("reply_tokens"):  # `keel eval` of chats or pairs: the loss is the replies'
+            on = (f" on {test['reply_tokens']:,} reply tokens of {test['n']:,} test examples (every token: loss "
+                  f"{test['loss_all_tokens']:.4f})")
+        else:
+            on = (f" on {test['tokens']:,} tokens" if test.get("tokens") else
+                  f" on the replies of {test['n']:,} test examples" if test.get("n") else "")
+        ppl = test.get("perplexity")
+        measured = isinstance(ppl, float) and not math.isnan(ppl)
+        ppl = f", perplexity {ppl:.2f}" if measured and ppl < 100 else f", perplexity {ppl:,.0f}" if measured else ""
+        out.append(f"<p>loss {test['loss']:.4f}{ppl}{on}.</p>")
     return "".join(out)
 
 
@@ -149,11 +176,11 @@ def section_curves(run_dir: Path, ctx: dict) -> str | None:
     axes[0].legend()
     axes[0].set_title("loss")
     keys = [k for k in ("accuracy", "macro_f1", "perplexity") if evals and k in evals[0]]
-    for k in keys:
-        axes[1].plot([r["epoch"] for r in evals], [r[k] for r in evals], "o-", label=k)
-    axes[1].set_xlabel("epoch")
+    for k in keys:  # by step, like the loss: an epoch axis says nothing when there is one epoch
+        axes[1].plot([r["step"] for r in evals], [r[k] for r in evals], "o-", label=k)
+    axes[1].set_xlabel("step")
     axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[1].set_title("validation")
+    axes[1].set_title("validation" if keys else "validation: no metric recorded")
     if keys:
         axes[1].legend()
     return "<h2>Training curves</h2>" + _png(fig)
@@ -250,10 +277,12 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
         r = next(x for x in rows if x["variant"] == chosen)
         score = pick.get("test") or r  # picked on validation, scored once on the test split
         side = versus_teacher(score["accuracy_drop_points"], places=2)
-        how = (f"picked on {r.get('n', '?')} {split} examples (accuracy {_fmt(r['accuracy'])}, "
+        picked_n = f"{r['n']:,} " if r.get("n") else "the "
+        scored_n = f"{score['n']:,} " if score.get("n") else "the "
+        how = (f"picked on {picked_n}{split} examples (accuracy {_fmt(r['accuracy'])}, "
                f"{versus_teacher(r['accuracy_drop_points'], places=2)}), then scored once on the test split: " if "test" in pick else "")
         verdict = (f"<p class='pick'>Deployable model: <b>{html.escape(chosen)}</b>: {how}accuracy {_fmt(score['accuracy'])} "
-                   f"on {score.get('n', '?')} test examples ({side}), {r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, "
+                   f"on {scored_n}test examples ({side}), {r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, "
                    f"{r['throughput_vs_pipeline']:.1f}x throughput, {r['smaller_vs_pipeline']:.1f}x smaller. "
                    f"Use it with <code>--backend {html.escape(chosen)}</code>.</p>")
     elif pick:

@@ -26,7 +26,7 @@ def _plt():
 def _table(head: list[str], rows: list[list]) -> str:
     f = _h()._fmt
     return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td class='num'>{'' if v is None else f(v)}</td>" for v in r) + "</tr>" for r in rows)
+            + "".join("<tr>" + "".join(f"<td class='num'>{f(v)}</td>" for v in r) + "</tr>" for r in rows)
             + "</table>")
 
 
@@ -45,6 +45,8 @@ def data_summary(run_dir: Path) -> dict | None:
 
     # the splits frozen in the run directory; a failure here is shown in the report as this section's (write_report)
     recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.sft or recipe.align:  # chats and preference pairs are not tokenized splits; the run table has their counts
+        return None
     data = prepare_data(recipe, AutoTokenizer.from_pretrained(run_dir / "model"), run_dir)
     doc = {"source": data.meta.get("source"), "labels": data.labels, "splits": {}}
     for name, ds in data.splits.items():
@@ -67,9 +69,17 @@ def section_data(run_dir: Path, ctx: dict) -> str | None:
     labels = doc["labels"] or []
     splits = doc["splits"]
     head = ["split", "examples", "mean tokens", "p95 tokens", "truncated", *labels]
-    rows = [[s, e["n"], e["tokens_mean"], e["tokens_p95"], e["truncated"], *[(e.get("classes") or {}).get(lab) for lab in labels]]
-            for s, e in splits.items()]
-    return f"<h2>Data</h2><p>{html.escape(str(doc['source']))}; class counts per split:</p>{_table(head, rows)}"
+    def tokens(v, places):
+        return "no examples" if v is None else f"{v:,.{places}f}"
+
+    rows = [[s, f"{e['n']:,}", tokens(e["tokens_mean"], 1), tokens(e["tokens_p95"], 0), f"{e['truncated']:,}",
+             *[f"{(e.get('classes') or {}).get(lab, 0):,}" for lab in labels]] for s, e in splits.items()]
+    what = "sizes, token lengths and class counts per split" if labels else "sizes and token lengths per split"
+    return f"<h2>Data</h2><p>{html.escape(str(doc['source']))}: {what}:</p>{_table(head, rows)}"
+
+
+def _diff(v) -> str:
+    return "not measured" if v is None else f"{v:.4f}"
 
 
 def section_fairness(run_dir: Path, ctx: dict) -> str | None:
@@ -89,12 +99,16 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
         out.append(f"<p class='good'>all gates hold: {html.escape(json.dumps(gates['checked']))}</p>")
     base = doc.get("baseline")
     for attr, r in doc["attributes"].items():
-        line = (f"<h3>{html.escape(attr)}</h3><p>demographic parity difference <b>{_h()._fmt(r['demographic_parity_difference'])}</b>, "
-                f"equalized odds difference <b>{_h()._fmt(r['equalized_odds_difference'])}</b>")
+        if r["demographic_parity_difference"] is None and r["equalized_odds_difference"] is None:
+            line = (f"<h3>{html.escape(attr)}</h3><p>differences not measured: fewer than two groups have "
+                    f"{doc['min_group_size']} examples or more")
+        else:
+            line = (f"<h3>{html.escape(attr)}</h3><p>demographic parity difference <b>{_diff(r['demographic_parity_difference'])}</b>, "
+                    f"equalized odds difference <b>{_diff(r['equalized_odds_difference'])}</b>")
         if base and attr in base.get("attributes", {}):
             b = base["attributes"][attr]
-            line += (f" (baseline run without mitigation: {_h()._fmt(b['demographic_parity_difference'])}, "
-                     f"{_h()._fmt(b['equalized_odds_difference'])})")
+            line += (f" (baseline run without mitigation: {_diff(b['demographic_parity_difference'])}, "
+                     f"{_diff(b['equalized_odds_difference'])})")
         out.append(line + "</p>")
         out.append(_table(["group", "n", "accuracy", "selection rate", "TPR", "FPR", "note"],
                           [[g["group"], g["n"], g["accuracy"], g["selection_rate"], g["tpr"], g["fpr"],
@@ -128,7 +142,8 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
         out.append("<h3>Counterfactual identity-term swaps</h3>")
         out.append(_table(["terms swapped", "texts", "prediction flip rate", "mean score change", "mean |score change|"],
                           [[c, v["n"], v["flip_rate"], v["mean_score_change"], v["mean_abs_score_change"]] for c, v in cf.items()]))
-        ex = [e for v in cf.values() for e in v["examples"]][:5]
+        # the "all" entry repeats the examples of each category: each flipped text is shown once
+        ex = list({(e["text"], e["counterfactual"]): e for v in cf.values() for e in v["examples"]}.values())[:5]
         if ex:
             out.append("<p>Flipped examples:</p><ul>" + "".join(
                 f"<li>{html.escape(e['text'])} &rarr; <i>{html.escape(e['counterfactual'])}</i> "
@@ -225,8 +240,9 @@ def section_environment(run_dir: Path, ctx: dict) -> str:
         except metadata.PackageNotFoundError:
             return "not installed"
 
-    rows = [("recipe sha256", ctx["run"].get("recipe_sha256", "?")), ("keel (training)", ctx["run"].get("keel_version", "?")),
-            ("python", platform.python_version()), ("platform", platform.platform()),
+    rows = [(k, ctx["run"][key]) for k, key in (("recipe sha256", "recipe_sha256"), ("keel (training)", "keel_version"))
+            if ctx["run"].get(key)]
+    rows += [("python", platform.python_version()), ("platform", platform.platform()),
             ("CPU cores", os.cpu_count())]
     try:
         import torch

@@ -60,6 +60,16 @@ def _example(r: dict, use_chat: bool, where: str) -> dict:
     return {"prompt": text, "completion": " " + completion[0]["content"]}
 
 
+def split_examples(rows: list[dict], data) -> tuple[list[dict], list[dict]]:
+    """The training and test examples of an SFT run (seeded shuffle, data.split); `keel eval` reads the same test."""
+    order = list(range(len(rows)))
+    random.Random(data.split.seed).shuffle(order)
+    n_test, n_val = round(data.split.test * len(rows)), round(data.split.validation * len(rows))
+    test = [rows[i] for i in order[:n_test]]
+    train = [rows[i] for i in order[n_test + n_val:]][: data.max_train_samples]
+    return train, test
+
+
 def merge_lora(model):
     """The adapter folded into the base weights: a plain transformers model that gives the same outputs."""
     return model.merge_and_unload()
@@ -79,11 +89,8 @@ def sft_run(recipe, run_dir: Path) -> dict:
     cfg, tr = recipe.sft, recipe.train
     base, tokenizer = load_base(recipe)
     rows = read_chat_jsonl(recipe.data.path, use_chat=tokenizer.chat_template is not None)
-    order = list(range(len(rows)))
-    random.Random(recipe.data.split.seed).shuffle(order)
-    n_test, n_val = round(recipe.data.split.test * len(rows)), round(recipe.data.split.validation * len(rows))
-    test = [rows[i] for i in order[:n_test]]
-    train = [rows[i] for i in order[n_test + n_val:]][: recipe.data.max_train_samples]
+    train, test = split_examples(rows, recipe.data)
+    n_val = round(recipe.data.split.validation * len(rows))
     steps_per_epoch = math.ceil(len(train) / (tr.batch_size * tr.grad_accum_steps))
     steps = min(tr.max_steps or 10**9, tr.epochs * steps_per_epoch)
     log(f"sft: {len(train)} training and {len(test)} test examples, {cfg.method}, {steps} steps")
@@ -102,6 +109,9 @@ def sft_run(recipe, run_dir: Path) -> dict:
                              processing_class=tokenizer,
                              peft_config=peft_config(cfg.lora, model) if cfg.method == "lora" else None,
                              callbacks=[_progress_callback("SFT", steps, logs)])
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # else the evaluation before training prints TRL's raw metric dict
         before = trainer.evaluate()["eval_loss"] if test else None
         run_trainer(trainer)
         after = trainer.evaluate()["eval_loss"] if test else None
