@@ -3,7 +3,9 @@
     runs/<name>/export/onnx/        model.onnx + model.onnx.data (fp32), tokenizer, keel.json, manifest.json
     runs/<name>/export/onnx-int8/   the same, weights int8 (onnxruntime.quantization.quantize_dynamic)
 
-The export uses torch's dynamo exporter with dynamic batch and sequence axes. Parity is measured on
+The export uses torch's dynamo exporter with dynamic batch and sequence axes. BERT-style classifiers are exported
+through `keel.export.packed` (every per-token layer runs on the real tokens only, not on the padding; keel.json
+says ``"packed": true``); other models as they are. Parity is measured on
 texts from the run's own data, padded to several lengths: fp32 must match eager within ``atol`` and int8
 must keep the logits' cosine similarity at or above ``min_cosine``; otherwise nothing is written.
 """
@@ -68,11 +70,16 @@ def input_names(tokenizer) -> list[str]:
 
 
 @writes_run
-def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True) -> dict:
-    """Export the run's final model; returns the parity figures and sizes."""
+def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True,
+                pack: bool = True) -> dict:
+    """Export the run's final model; returns the parity figures and sizes.
+
+    ``pack``: export a BERT-style classifier as the padding-free graph of `keel.export.packed` (the same logits;
+    False exports the padded graph, as a benchmark's point of comparison)."""
     import torch
 
     from keel.evaluate import load_trained
+    from keel.export.packed import PackedBertClassifier, can_pack
 
     t = load_trained(run_dir)
     if t.info["task"] != "classification":
@@ -86,20 +93,22 @@ def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.9
     with torch.no_grad():
         eager = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in checks]
 
-    result: dict = {"inputs": names, "parity_batches": [f["input_ids"].shape for f in checks]}
+    packed = pack and can_pack(model) and tok.padding_side == "right"  # a packed row's first token is its [CLS]
+    graph = PackedBertClassifier(model) if packed else model
+    result: dict = {"inputs": names, "parity_batches": [f["input_ids"].shape for f in checks], "packed": packed}
     fp32 = export_dir(run_dir, FP32)
     with atomic_dir(fp32) as tmp:
         example = tuple(torch.from_numpy(checks[-1][n]) for n in names)
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(max_len, 8))
         with _quiet():
-            torch.onnx.export(model, example, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
+            torch.onnx.export(graph, example, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
                               dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
                               external_data=True, verbose=False)
         diff = max(float(np.abs(_session(tmp / "model.onnx").run(None, f)[0] - e).max()) for f, e in zip(checks, eager))
         if not diff <= atol:
             raise KeelError(f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
                             "report this model type, and serve it with the PyTorch backend meanwhile")
-        _copy_metadata(t, tmp, {"variant": FP32, "max_abs_diff_vs_eager": diff, "inputs": names})
+        _copy_metadata(t, tmp, {"variant": FP32, "max_abs_diff_vs_eager": diff, "inputs": names, "packed": packed})
     result[FP32] = {"max_abs_diff_vs_eager": diff, "bytes": weights_bytes(fp32)}
     if int8:
         result[INT8] = quantize_int8(run_dir, checks, eager, min_cosine)
