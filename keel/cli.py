@@ -325,7 +325,7 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
     from pathlib import Path
 
-    from keel.recipe import apply_override, load_recipe, validate_recipe
+    from keel.recipe import apply_override, load_recipe, validate_serve
     from keel.serve.server import serve as _serve
 
     raw_serve: dict = {}
@@ -340,7 +340,7 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
     for key, value in (("host", host), ("port", port), ("backend", backend)):
         if value is not None:
             raw["serve"][key] = value
-    config = validate_recipe({"data": {"name": "none"}, **raw}, source="serve options").serve
+    config = validate_serve(raw["serve"])
     _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
 # -- trust: explanations and fairness audits (keel/trust) -----------------------------------------
 
