@@ -450,9 +450,6 @@ class FederatedConfig(Strict):
         if self.min_available_clients > self.sites:
             raise ValueError(f"min_available_clients={self.min_available_clients} is more than sites={self.sites}: the "
                              f"rounds would wait for sites that do not exist; lower it or raise federated.sites")
-        pems = [self.server.root_certificate, self.server.certificate, self.server.private_key]
-        if any(pems) and not all(pems):
-            raise ValueError("TLS needs all three of federated.server.root_certificate, certificate and private_key")
         self._dp_accountable()
         return self
 

@@ -33,6 +33,14 @@ def check_compress_recipe(recipe) -> None:
     if recipe.data.split.validation == 0:
         raise RecipeError("compress: the variants are measured and picked on the validation split, and "
                           "data.split.validation is 0; set it above 0 (e.g. data.split.validation=0.1)")
+    student = recipe.compress.distill.student if recipe.compress.distill else None
+    if student is not None:
+        from keel.models.registry import resolve_model
+
+        try:
+            resolve_model(student)
+        except RecipeError as e:
+            raise RecipeError(str(e).replace("model.name", "compress.distill.student", 1)) from None
 
 
 def versus_teacher(drop_points: float, places: int = 1) -> str:

@@ -69,7 +69,7 @@ def check_data_config(cfg: DataConfig, task: str, content: bool = False) -> dict
 
 
 # What `keel validate` reads of a data file: all of it up to this size, else the whole lines of this prefix.
-PEEK_BYTES = 32 * 1024 * 1024
+PEEK_BYTES = 4 * 1024 * 1024
 
 
 def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None:
@@ -91,16 +91,16 @@ def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None
     except UnicodeDecodeError as e:
         fix = " or set data.encoding_errors=replace" if kind == "csv" else ""
         raise _not_utf8(path, data, e, fix) from None
-    rows = _csv_rows(text, path) if kind == "csv" else _jsonl_rows(text, path)
     label = columns.get("label") if task == "classification" else None
+    keys = (columns["text"], label)
+    rows = _csv_rows(text, path, keys) if kind == "csv" else (
+        (n, row.get(keys[0]), row.get(label) if label else None) for n, row in _jsonl_rows(text, path))
     declared = None if cfg.labels is None else [str(x) for x in cfg.labels]
     usable, labels = 0, set()
-    for n, row in rows:
-        value = row.get(columns["text"])
+    for n, value, y in rows:
         if value is None or not str(value).strip():
             continue
         if label is not None:
-            y = row.get(label)
             if y is None or str(y).strip() == "":
                 continue
             y = _label_str(y)
@@ -118,8 +118,9 @@ def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None
         raise DataError(f"data: {path} has a single label ({next(iter(labels))!r}); a classifier needs at least two")
 
 
-def _csv_rows(text: str, path: Path):
-    """(line number, {column: value}) per data row of a CSV/TSV text; blank lines are skipped, as pandas does."""
+def _csv_rows(text: str, path: Path, keys: tuple):
+    """(line number, text, label) per data row of a CSV/TSV text (``keys``: their columns; the label's may be None);
+    blank lines are skipped, as pandas does."""
     import csv
     import io
 
@@ -128,13 +129,15 @@ def _csv_rows(text: str, path: Path):
         header = next(reader, None)
         if header is None:
             return
+        at = [header.index(k) if k in header else None for k in keys]  # check_data_config named missing ones
+        width = len(header)
         for row in reader:
-            if not row or not any(v.strip() for v in row):
+            if not row or not any(row):
                 continue
-            if len(row) > len(header):
-                raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, the header has {len(header)}; "
+            if len(row) > width:
+                raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, the header has {width}; "
                                 "quote a text that holds the delimiter")
-            yield reader.line_num, dict(zip(header, row))
+            yield (reader.line_num, *(row[i] if i is not None and i < len(row) else None for i in at))
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: {e}; check the quoting there") from None
 

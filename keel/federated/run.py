@@ -434,7 +434,9 @@ def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debu
         raise KeelError("federated.secagg runs in simulation (`keel federate RECIPE`); Flower 1.41's gRPC server for "
                         "separate processes has no SecAgg+: set federated.secagg.enabled=false for serve")
     srv = fed.server
-    pems = [srv.root_certificate, srv.certificate, srv.private_key]  # all three or none (the recipe schema)
+    pems = [srv.root_certificate, srv.certificate, srv.private_key]
+    if any(pems) and not all(pems):  # not a schema rule: a site's recipe may name only the root certificate (join)
+        raise KeelError("TLS needs all three of federated.server.root_certificate, certificate and private_key")
     certificates = tuple(_read_pem(p, n) for p, n in zip(pems, ("root_certificate", "certificate", "private_key"))) if all(pems) else None
     address = address or srv.address
     secret = transport.load_secret(secret_file)
