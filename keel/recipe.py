@@ -447,9 +447,10 @@ class FederatedConfig(Strict):
             raise ValueError("dp.mode=local needs dp.epsilon (the per-round budget of each site's update)")
         if self.dp.mode == "central" and self.dp.epsilon is None and self.dp.noise_multiplier is None:
             raise ValueError("dp.mode=central needs dp.epsilon (a budget) or dp.noise_multiplier")
-        if self.min_available_clients > self.sites:
-            raise ValueError(f"min_available_clients={self.min_available_clients} is more than sites={self.sites}: the "
-                             f"rounds would wait for sites that do not exist; lower it or raise federated.sites")
+        for key in ("min_available_clients", "min_fit_clients"):
+            if getattr(self, key) > self.sites:
+                raise ValueError(f"{key}={getattr(self, key)} is more than sites={self.sites}: the rounds would wait "
+                                 f"for sites that do not exist; lower it or raise federated.sites")
         self._dp_accountable()
         return self
 

@@ -84,7 +84,8 @@ def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None
     if not whole:
         data = data[: data.rfind(b"\n", 0, PEEK_BYTES) + 1]
     if not data.strip():
-        raise DataError(f"data: {path} is empty; add a header line and one example per line")
+        what = "a header line and one example per line" if kind == "csv" else "one JSON object per example, a line each"
+        raise DataError(f"data: {path} is empty; add {what}")
     errors = cfg.encoding_errors if kind == "csv" else "strict"
     try:
         text = data.decode("utf-8", errors=errors).removeprefix("\ufeff")
@@ -157,7 +158,7 @@ def _jsonl_rows(text: str, path: Path):
     yield from jsonl_objects(text.splitlines(), path)
 
 
-def jsonl_objects(lines, path) -> "Iterator[tuple[int, dict]]":
+def jsonl_objects(lines, path) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line; a line that is not a JSON object fails naming its number."""
     import json
 

@@ -35,7 +35,7 @@ ROUNDS_DIR = "federated"
 def _fed(recipe: Recipe):
     if recipe.federated is None:
         raise KeelError("the recipe has no federated: section; add one (the built-in recipe `federated` is an example: keel ls)")
-    return recipe.federated  # its consistency (task, sites, TLS files) is the recipe schema's
+    return recipe.federated  # its task and site counts are checked by the recipe schema
 
 
 def _quiet_flower(debug: bool = False) -> None:
