@@ -178,7 +178,7 @@ class DistillConfig(Strict):
     max_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _one_student(self) -> "DistillConfig":
+    def _one_student(self) -> DistillConfig:
         if self.student is not None and self.layers is not None:
             raise ValueError("set either compress.distill.student (a model) or compress.distill.layers (cut from the "
                              "teacher), not both")
@@ -203,7 +203,7 @@ class PruneConfig(Strict):
     max_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _removes_something(self) -> "PruneConfig":
+    def _removes_something(self) -> PruneConfig:
         if not (self.heads or self.ffn or self.sparsity or self.vocab):
             raise ValueError("compress.prune removes nothing; set heads, ffn, vocab (structured) or sparsity (unstructured)")
         return self

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import keel, write_toy_csv
 
 BASE = "name: v\nmodel: {name: tiny-bert, max_length: 32}\ndata:\n  path: toy.csv\n"
@@ -240,5 +239,5 @@ def test_validate_of_a_data_file_imports_no_torch(work):
     (work / "r.yaml").write_text(BASE)
     code = ("import sys\nfrom keel.cli import main\nsys.argv = ['keel', 'validate', 'r.yaml']\nmain()\n"
             "print('HEAVY', [m for m in ('torch', 'transformers', 'datasets', 'pandas') if m in sys.modules])\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

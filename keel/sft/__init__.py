@@ -11,7 +11,6 @@ servable like any run's model) and adapter/ the adapter itself.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import tempfile
