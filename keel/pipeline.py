@@ -51,7 +51,15 @@ def check_recipe(r: Recipe) -> None:
     else:
         from keel.data.load import check_data_config
 
-        check_data_config(r.data, r.task)
+        check_data_config(r.data, r.task, content=True)  # the rows too: empty, one label, bad bytes, bad lines
+    if r.audit is not None and r.task == "classification":  # lexicon categories, the group column, baseline_run
+        from keel.trust.lexicon import check_audit_recipe
+
+        check_audit_recipe(r)
+    if r.compress is not None:  # what `keel run` does with the section (the stage verbs take it on any run)
+        from keel.compress.budget import check_compress_recipe
+
+        check_compress_recipe(r)
     if r.train.privacy is not None:  # delta below 1/N, no BatchNorm, one process (keel/trust/privacy.py)
         from keel.trust.privacy import check_privacy_recipe
 

@@ -7,9 +7,11 @@ This module imports no torch, so ``keel validate`` stays fast.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,10 +151,17 @@ class TrainConfig(Strict):
         return "no" if v is False else v
 
     @model_validator(mode="after")
-    def _grouping_needs_batches(self) -> "TrainConfig":
-        if self.group_by_length and self.privacy:
+    def _privacy_fits(self) -> "TrainConfig":
+        if not self.privacy:
+            return self
+        if self.group_by_length:
             raise ValueError("group_by_length does not apply to DP-SGD (train.privacy), whose Poisson sampling picks batches; "
                              "set train.group_by_length=false")
+        if self.mixed_precision != "no":
+            raise ValueError("train.privacy needs train.mixed_precision=no (per-example gradients in fp32)")
+        if self.grad_accum_steps != 1:
+            raise ValueError("train.privacy: the Poisson batch is the logical batch; set train.grad_accum_steps=1 "
+                             "and raise train.batch_size instead")
         return self
 
 
@@ -172,6 +181,18 @@ class DistillConfig(Strict):
     lr: float = Field(1e-4, gt=0.0, lt=1.0, description="learning rate of the student")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
 
+    @model_validator(mode="after")
+    def _one_student(self) -> DistillConfig:
+        if self.student is not None and self.layers is not None:
+            raise ValueError("set either compress.distill.student (a model) or compress.distill.layers (cut from the "
+                             "teacher), not both")
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise ValueError(f"compress.distill.layers = {self.layers} keeps no layer; give a count of 1 or more")
+        if isinstance(self.layers, list) and (not self.layers or min(self.layers) < 0
+                                              or len(set(self.layers)) < len(self.layers)):
+            raise ValueError(f"compress.distill.layers {self.layers} must be distinct teacher layer indices from 0")
+        return self
+
 
 class PruneConfig(Strict):
     """Pruning of the latest model (the student when there is one), then optional fine-tuning."""
@@ -184,6 +205,12 @@ class PruneConfig(Strict):
     finetune_epochs: int = Field(1, ge=0, description="fine-tuning (with distillation when there is a teacher) after pruning")
     lr: float = Field(5e-5, gt=0.0, lt=1.0, description="learning rate of the fine-tuning")
     max_steps: int | None = Field(None, ge=1, description="stop the fine-tuning after this many optimiser steps")
+
+    @model_validator(mode="after")
+    def _removes_something(self) -> PruneConfig:
+        if not (self.heads or self.ffn or self.sparsity or self.vocab):
+            raise ValueError("compress.prune removes nothing; set heads, ffn, vocab (structured) or sparsity (unstructured)")
+        return self
 
 
 class QuantizeConfig(Strict):
@@ -445,6 +472,10 @@ class FederatedConfig(Strict):
             raise ValueError("dp.mode=local needs dp.epsilon (the per-round budget of each site's update)")
         if self.dp.mode == "central" and self.dp.epsilon is None and self.dp.noise_multiplier is None:
             raise ValueError("dp.mode=central needs dp.epsilon (a budget) or dp.noise_multiplier")
+        for key in ("min_available_clients", "min_fit_clients"):
+            if getattr(self, key) > self.sites:
+                raise ValueError(f"{key}={getattr(self, key)} is more than sites={self.sites}: the rounds would wait "
+                                 f"for sites that do not exist; lower it or raise federated.sites")
         self._dp_accountable()
         return self
 
@@ -495,7 +526,32 @@ class Recipe(Strict):
             raise ValueError("model.init: scratch, sft and align are for causal language models; set task: causal-lm")
         if self.sft and self.align:
             raise ValueError("a recipe has either an sft or an align section, not both; run them as two recipes")
+        if self.federated is not None and self.task != "classification":
+            raise ValueError(f"keel federate trains classifiers; remove the federated: section from this {self.task} "
+                             "recipe, or set task: classification")
+        self._compress_fits()
+        self._audit_fits()
         return self
+
+    def _compress_fits(self) -> None:
+        c = self.compress
+        if c is not None and self.train.privacy is not None and (c.distill is not None or c.prune is not None):
+            raise ValueError("training stages after a differentially private run would spend privacy outside its "
+                             "accountant; compress a DP model by quantization only (unset compress.distill/prune)")
+
+    def _audit_fits(self) -> None:
+        a = self.audit
+        if a is None or self.task != "classification":  # causal LMs are not audited by keel audit
+            return
+        if a.explain is not None and self.data.split.test == 0:
+            raise ValueError("audit.explain needs test examples; set data.split.test above 0")
+        f = a.fairness
+        if f is not None and getattr(self.data.split, f.split) == 0:
+            raise ValueError(f"audit.fairness needs a non-empty {f.split} split; set data.split.{f.split} above 0")
+        if f is not None and f.positive_label is not None and self.data.labels is not None \
+                and f.positive_label not in map(str, self.data.labels):
+            raise ValueError(f"audit.fairness.positive_label '{f.positive_label}' is not in data.labels "
+                             f"({', '.join(map(str, self.data.labels))}); pick one of them")
 
     @property
     def selection_metric(self) -> str:
@@ -531,8 +587,39 @@ def resolve_recipe_path(spec: str | Path) -> Path:
     raise RecipeError(f"recipe '{spec}' not found; pass a .yaml file or a built-in recipe ({names})")
 
 
+# Recipe fields that name a file or folder. A relative path in a recipe file is relative to that file's folder (as in
+# compose files), so a recipe beside its data runs from anywhere; one given as a key.path=value override, or in a
+# built-in recipe, is relative to the working directory. Every one is made absolute before validation, so the run's
+# recipe.yaml stands alone.
+PATH_FIELDS = ("data.path", "output.dir", "audit.fairness.baseline_run", "federated.server.root_certificate",
+               "federated.server.certificate", "federated.server.private_key")
+# A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
+MODEL_FIELDS = ("model.name", "compress.distill.student")
+
+
+def resolve_paths(raw: dict, base: Path) -> None:
+    """Make the relative paths of a raw recipe absolute against ``base``, in place; absolute ones are kept."""
+    for dotted in PATH_FIELDS + MODEL_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = base / path
+        if dotted in MODEL_FIELDS and not (path / "config.json").is_file():
+            continue  # a registry name (or a folder that is not there: resolve_model says so)
+        node[leaf] = os.path.abspath(path)
+
+
 def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises RecipeError with one line per problem."""
+    """Read, override and validate a recipe. Raises RecipeError with one line per problem.
+
+    Relative paths in the file are relative to the file's folder; those in overrides (and in built-in recipes) to
+    the working directory (see PATH_FIELDS)."""
     path = resolve_recipe_path(spec)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -547,6 +634,8 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model, data, train, ...), got {type(raw).__name__}")
+    if path.resolve().parent != BUILTIN_RECIPES.resolve():
+        resolve_paths(raw, path.resolve().parent)
     for item in overrides or []:
         apply_override(raw, item)
     return validate_recipe(raw, source=str(path))
@@ -576,10 +665,22 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """A raw recipe (its relative paths taken against the working directory) -> a Recipe, or one RecipeError line."""
+    raw = copy.deepcopy(raw)
+    resolve_paths(raw, Path.cwd())
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
         lines = [_describe(err) for err in e.errors()]
+        raise RecipeError(f"{source}: " + "; ".join(lines)) from None
+
+
+def validate_serve(raw: dict, source: str = "serve options") -> ServeConfig:
+    """The serve: section alone (`keel serve` options), checked and reported as in a recipe."""
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe({**err, "loc": ("serve", *err["loc"])}) for err in e.errors()]
         raise RecipeError(f"{source}: " + "; ".join(lines)) from None
 
 

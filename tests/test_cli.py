@@ -156,7 +156,7 @@ def test_ls_and_help(tmp_path):
 
 
 BAD = [
-    ("missing data file", "data:\n  path: nowhere.csv\n", [], "data.path: file 'nowhere.csv' not found"),
+    ("missing data file", "data:\n  path: nowhere.csv\n", [], "nowhere.csv' not found"),
     ("unknown column", "data:\n  path: toy.csv\n  columns: {text: body}\n", [], "data.columns.text: column 'body'"),
     ("empty data set", "data:\n  path: empty.csv\n", [], "no usable rows"),
     ("unseen label", "data:\n  path: toy.csv\n  labels: [pos]\n", [], "label 'neg'"),
@@ -167,7 +167,8 @@ BAD = [
     ("fp16 on CPU", "data: {path: toy.csv}\nmodel: {name: tiny-bert}\n", ["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
 ]
 
-CAUGHT_BEFORE_THE_RUN = {"missing data file", "unknown column", "malformed YAML", "unknown recipe key", "wrong type",
+CAUGHT_BEFORE_THE_RUN = {"missing data file", "unknown column", "empty data set", "unseen label", "malformed YAML",
+                         "unknown recipe key", "wrong type",
                          "unknown model"}
 
 

@@ -8,10 +8,10 @@ The split is by pair (a pair's sentences never land in two splits), deterministi
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from keel.data.load import read_jsonl
 from keel.errors import DataError
 from keel.recipe import DataConfig
 
@@ -41,19 +41,12 @@ def read_preferences(path: str) -> list[dict]:
     if not p.is_file():
         raise DataError(f"data.path: file '{path}' not found; preference data is JSONL with prompt, chosen, rejected")
     pairs = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}: line {n} is not JSON; write one JSON object per line") from None
-            missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
-            if missing:
-                raise DataError(f"{path}: line {n} lacks text field(s) {', '.join(missing)}; each line needs "
-                                "prompt, chosen and rejected strings")
-            pairs.append(row)
+    for n, row in read_jsonl(p):
+        missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataError(f"{path} line {n}: no text field(s) {', '.join(missing)}; each line needs "
+                            "prompt, chosen and rejected strings")
+        pairs.append(row)
     if len(pairs) < 4:
         raise DataError(f"{path}: {len(pairs)} preference pairs; need at least 4 to train and hold some out")
     return pairs
@@ -88,5 +81,14 @@ def check_source(recipe) -> None:
     if cfg.name is not None and (recipe.sft is not None or cfg.name != "crows-pairs"):
         what = "a chat JSONL data.path" if recipe.sft is not None else "crows-pairs or a JSONL data.path"
         raise DataError(f"data.name: '{cfg.name}' cannot feed this recipe; use {what}")
-    if cfg.path is not None and not Path(cfg.path).expanduser().is_file():
-        raise DataError(f"data.path: file '{cfg.path}' not found; check the path (relative to where you run keel)")
+    if cfg.path is None:
+        return
+    if not Path(cfg.path).expanduser().is_file():
+        raise DataError(f"data.path: file '{cfg.path}' not found; check the path (a relative data.path is relative "
+                        "to the recipe file's folder)")
+    if recipe.align is not None:  # the whole file, as the run reads it: line-numbered errors before any run dir
+        read_preferences(cfg.path)
+    else:
+        from keel.sft import read_chat_jsonl
+
+        read_chat_jsonl(cfg.path, use_chat=False)

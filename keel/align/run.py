@@ -45,17 +45,9 @@ def generative_run(recipe: Recipe, resume: bool = False) -> Path:
 
 
 def _check_data(recipe: Recipe) -> None:
-    from keel.align.prefs import check_source, read_preferences
+    from keel.align.prefs import check_source
 
-    check_source(recipe)
-    if recipe.data.path is None:
-        return
-    if recipe.align is not None:
-        read_preferences(recipe.data.path)
-    else:
-        from keel.sft import read_chat_jsonl
-
-        read_chat_jsonl(recipe.data.path, use_chat=False)
+    check_source(recipe)  # reads the whole preference / chat file
 
 
 def write_logs(run_dir: Path, logs: list[dict]) -> None:

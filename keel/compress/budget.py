@@ -16,13 +16,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.errors import GateError
+from keel.errors import GateError, RecipeError
 from keel.io import atomic_write_json
 from keel.progress import log
 
 _SORT = {"latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
          "size": lambda r: (r["disk_mb"], r["p50_ms_batch1"]),
          "throughput": lambda r: (-r["throughput_batch32"], r["disk_mb"])}
+
+
+def check_compress_recipe(recipe) -> None:
+    """What `keel run` needs to compress after training, checked before it trains (`keel validate` too)."""
+    if recipe.task != "classification":
+        raise RecipeError("keel run compresses classifiers only (bench and budget); for a causal LM remove the "
+                          "compress: section and run `keel distill RUN_DIR` / `keel prune RUN_DIR` after training")
+    if recipe.data.split.validation == 0:
+        raise RecipeError("compress: the variants are measured and picked on the validation split, and "
+                          "data.split.validation is 0; set it above 0 (e.g. data.split.validation=0.1)")
+    student = recipe.compress.distill.student if recipe.compress.distill else None
+    if student is not None:
+        from keel.models.registry import resolve_model
+
+        try:
+            resolve_model(student)
+        except RecipeError as e:
+            raise RecipeError(str(e).replace("model.name", "compress.distill.student", 1)) from None
 
 
 def versus_teacher(drop_points: float, places: int = 1) -> str:

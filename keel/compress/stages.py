@@ -122,9 +122,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         layer_map = layers
         log(f"distill: student keeps teacher layers {layers} of {len(layer_list(teacher))}")
         student = student_from_teacher(teacher, layers)
-    else:
-        if cfg.layers is not None:
-            raise KeelError("compress.distill: set either student (a model) or layers (cut from the teacher), not both")
+    else:  # the recipe schema refuses student and layers together
         student = get_task(recipe.task).build_model(model_dir(cfg.student), list(teacher.config.id2label.values())
                                                     if recipe.task == "classification" else [])
         if student.get_input_embeddings().num_embeddings < teacher.get_input_embeddings().num_embeddings:
@@ -149,9 +147,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 
     run_dir = Path(run_dir)
     recipe = recipe or run_recipe(run_dir)
-    cfg = compress_config(recipe).prune or PruneConfig(ffn=0.5)
-    if not (cfg.heads or cfg.ffn or cfg.sparsity or cfg.vocab):
-        raise KeelError("compress.prune removes nothing; set heads, ffn, vocab (structured) or sparsity (unstructured)")
+    cfg = compress_config(recipe).prune or PruneConfig(ffn=0.5)  # the schema refuses a prune that removes nothing
     source = latest_stage(run_dir) if latest_stage(run_dir) != "pruned" else (
         "student" if (stage_dir(run_dir, "student") / "model").is_dir() else "teacher")
     model = load_trained(stage_dir(run_dir, source)).model.float()

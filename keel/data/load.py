@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 from pathlib import Path
-
-
+from typing import TYPE_CHECKING
 
 from keel.data.builtin import DATASETS
 from keel.errors import DataError, RecipeError
@@ -51,19 +50,161 @@ def column_mapping(cfg: DataConfig, task: str) -> dict:
     return columns
 
 
-def check_data_config(cfg: DataConfig, task: str) -> dict:
-    """Cheap checks for `keel validate`: the source exists and the columns are there. Returns the mapping."""
+def check_data_config(cfg: DataConfig, task: str, content: bool = False) -> dict:
+    """Cheap checks for `keel validate`: the source exists and the columns are there; with ``content``, also what
+    the rows hold (check_content). Returns the mapping."""
     if cfg.name is not None and cfg.name not in DATASETS:
         raise RecipeError(f"data.name: unknown data set '{cfg.name}'; built-in ones: {', '.join(DATASETS)} (or set data.path)")
     columns = column_mapping(cfg, task)
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if not path.is_file():
-            raise DataError(f"data.path: file '{cfg.path}' not found; check the path (relative to where you run keel)")
+            raise DataError(f"data.path: file '{cfg.path}' not found; check the path (a relative data.path is relative "
+                            "to the recipe file's folder)")
         header = _peek_columns(path, cfg.format)
         if header is not None:
             _check_columns(columns, header, cfg.path)
+        if content:
+            check_content(path, cfg, task, columns)
     return columns
+
+
+# What `keel validate` reads of a data file: all of it up to this size, else the whole lines of this prefix.
+PEEK_BYTES = 4 * 1024 * 1024
+
+
+def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None:
+    """Without pandas or datasets: the rows of a CSV/JSONL file (or the prefix of a huge one) decode, parse and hold
+    usable examples, and a classifier's data has two labels at least. Errors name the line."""
+    kind = _format_of(path, cfg.format)
+    if kind == "parquet":
+        return _check_parquet(path, cfg, task, columns)
+    with open(path, "rb") as f:
+        data = f.read(PEEK_BYTES + 1)
+    whole = len(data) <= PEEK_BYTES
+    if not whole:
+        data = data[: data.rfind(b"\n", 0, PEEK_BYTES) + 1]
+    if not data.strip():
+        what = "a header line and one example per line" if kind == "csv" else "one JSON object per example, a line each"
+        raise DataError(f"data: {path} is empty; add {what}")
+    errors = cfg.encoding_errors if kind == "csv" else "strict"
+    try:
+        text = data.decode("utf-8", errors=errors).removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        fix = " or set data.encoding_errors=replace" if kind == "csv" else ""
+        raise _not_utf8(path, data, e, fix) from None
+    label = columns.get("label") if task == "classification" else None
+    keys = (columns["text"], label)
+    rows = _csv_rows(text, path, keys) if kind == "csv" else (
+        (n, row.get(keys[0]), row.get(label) if label else None) for n, row in _jsonl_rows(text, path))
+    declared = None if cfg.labels is None else [str(x) for x in cfg.labels]
+    usable, labels = 0, set()
+    for n, value, y in rows:
+        if value is None or not str(value).strip():
+            continue
+        if label is not None:
+            if y is None or str(y).strip() == "":
+                continue
+            y = _label_str(y)
+            if declared is not None and y not in declared:
+                raise DataError(f"{path} line {n}: label {y!r} is not in data.labels ({', '.join(declared)}); add it to "
+                                "data.labels or drop those rows")
+            labels.add(y)
+        usable += 1
+    if not whole:
+        return  # a prefix: too little seen to judge the whole file's rows or labels
+    if usable == 0:
+        need = f"'{columns['text']}'" + (f" and '{label}'" if label else "")
+        raise DataError(f"data: {path} has no usable rows (none with a non-empty {need}); add examples to it")
+    if label is not None and declared is None and len(labels) < 2:
+        raise DataError(f"data: {path} has a single label ({next(iter(labels))!r}); a classifier needs at least two")
+
+
+def _csv_rows(text: str, path: Path, keys: tuple):
+    """(line number, text, label) per data row of a CSV/TSV text (``keys``: their columns; the label's may be None);
+    blank lines are skipped, as pandas does."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        at = [header.index(k) if k in header else None for k in keys]  # check_data_config named missing ones
+        width = len(header)
+        for row in reader:
+            if not row or not any(row):
+                continue
+            if len(row) > width:
+                raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, the header has {width}; "
+                                "quote a text that holds the delimiter")
+            yield (reader.line_num, *(row[i] if i is not None and i < len(row) else None for i in at))
+    except csv.Error as e:
+        raise DataError(f"{path} line {reader.line_num}: {e}; check the quoting there") from None
+
+
+def _jsonl_rows(text: str, path: Path):
+    """(line number, object) per line of a JSONL text; a .json file that is one JSON array is read as a whole."""
+    import json
+
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, list):
+            yield from ((1, r) for r in doc if isinstance(r, dict))
+            return
+    yield from jsonl_objects(text.splitlines(), path)
+
+
+def jsonl_objects(lines, path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; a line that is not a JSON object fails naming its number."""
+    import json
+
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path} line {n}: not JSON ({getattr(e, 'msg', e)}); write one JSON object per line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} line {n}: a JSON {type(obj).__name__}, not an object; write one JSON object per line")
+        yield n, obj
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """A whole JSONL file as (line number, object) pairs; bytes that are not UTF-8 fail naming their line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e) from None
+    return list(jsonl_objects(text.splitlines(), path))
+
+
+def _not_utf8(path, data: bytes, e: UnicodeDecodeError, fix: str = "") -> DataError:
+    line = data.count(b"\n", 0, e.start) + 1
+    return DataError(f"{path} line {line}: not valid UTF-8 (byte {data[e.start]:#x}); re-save the file as UTF-8{fix}")
+
+
+def _check_parquet(path: Path, cfg: DataConfig, task: str, columns: dict) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, "parquet", str(e)) from None
+    if meta.num_rows == 0:
+        raise DataError(f"data: {path} has no rows; add examples to it")
+    label = columns.get("label") if task == "classification" else None
+    if label is not None and cfg.labels is None and meta.num_rows <= 1_000_000:  # one column: cheap
+        values = {_label_str(v) for v in pq.read_table(path, columns=[label]).column(0).to_pylist() if v is not None}
+        if len(values) < 2:
+            shown = f" ({next(iter(values))!r})" if values else ""
+            raise DataError(f"data: {path} has a single label{shown}; a classifier needs at least two")
 
 
 def read_frame(cfg: DataConfig, task: str) -> tuple[pd.DataFrame, str, str]:
@@ -95,7 +236,7 @@ def source_digest(cfg: DataConfig) -> tuple[str, str]:
         return _hash_files(DATASETS[cfg.name].paths()), cfg.name
     path = Path(cfg.path).expanduser()
     if not path.is_file():
-        raise DataError(f"data.path: file '{cfg.path}' not found; check the path (relative to where you run keel)")
+        raise DataError(f"data.path: file '{cfg.path}' not found; check the path")
     return sha256_file(path), str(path)
 
 

@@ -22,7 +22,7 @@ def serve_config(target: str, recipe: str | None = None, overrides: list[str] | 
     backend, ...) that are not None. Raises KeelError naming the bad key or value."""
     from pathlib import Path
 
-    from keel.recipe import apply_override, load_recipe, validate_recipe
+    from keel.recipe import apply_override, load_recipe, validate_serve
 
     raw_serve: dict = {}
     source = Path(recipe) if recipe else Path(target) / "recipe.yaml"
@@ -36,7 +36,7 @@ def serve_config(target: str, recipe: str | None = None, overrides: list[str] | 
     for key, value in options.items():
         if value is not None:
             raw["serve"][key] = value
-    return validate_recipe({"data": {"name": "none"}, **raw}, source="serve options").serve
+    return validate_serve(raw["serve"])
 
 
 def check_bind(host: str, has_keys: bool, allow_no_auth: bool) -> None:

@@ -11,7 +11,6 @@ servable like any run's model) and adapter/ the adapter itself.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import tempfile
@@ -26,16 +25,9 @@ def read_chat_jsonl(path: str, use_chat: bool) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data.path: file '{path}' not found; SFT data is JSONL with messages, or prompt + response")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError:
-                raise DataError(f"{path}: line {n} is not JSON; write one JSON object per line") from None
-            rows.append(_example(r, use_chat, f"{path}: line {n}"))
+    from keel.data.load import read_jsonl
+
+    rows = [_example(r, use_chat, f"{path} line {n}") for n, r in read_jsonl(p)]
     if len(rows) < 2:
         raise DataError(f"{path}: {len(rows)} examples; SFT needs at least 2")
     return rows

@@ -35,6 +35,24 @@ def categories(selected: list[str] | None = None) -> list[str]:
     return list(selected)
 
 
+def check_audit_recipe(recipe) -> None:
+    """The audit section's references, checked before training: lexicon categories, the group column, baseline_run."""
+    f = recipe.audit.fairness
+    if f is None:
+        return
+    if f.groups == "lexicon":
+        categories(f.categories)
+    else:
+        from keel.data.load import column_mapping
+
+        if "group" not in column_mapping(recipe.data, recipe.task):
+            raise RecipeError("audit.fairness.groups is 'column' but the data has no group column; set "
+                              "data.columns.group to a column of the data, or use audit.fairness.groups=lexicon")
+    if f.baseline_run and not (Path(f.baseline_run) / "audit" / "fairness.json").is_file():
+        raise RecipeError(f"audit.fairness.baseline_run: {Path(f.baseline_run) / 'audit' / 'fairness.json'} not found; "
+                          f"run `keel audit {f.baseline_run}` first")
+
+
 def _words(terms) -> re.Pattern:
     alts = sorted(set(terms), key=len, reverse=True)  # longest first, so 'african-american' beats 'african'
     return re.compile(r"(?<![\w-])(" + "|".join(re.escape(t) for t in alts) + r")(?![\w-])", re.IGNORECASE)
