@@ -69,7 +69,9 @@ def build_optimizer(model, recipe: Recipe):
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=torch.cuda.is_available())
+    # Fused (one kernel over all tensors, on CPU as on GPU), as HF Trainer's default adamw_torch_fused: the
+    # per-tensor loop took about a fifth of a MiniLM step on CPU, more than any other part keel adds.
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=True)
 
 
 def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
