@@ -4,7 +4,8 @@ Both sides get the recipe's tokenized train and validation splits (keel's own ca
 model, batch size, learning rate, schedule and warm-up, weight decay, gradient clipping, epochs, seed and
 length-grouped batches, and do the same work per epoch: train, evaluate on the validation split, checkpoint
 (model + optimiser + RNG), and at the end load the best model. keel's engine runs through `keel.train.engine.train`
-(exact resume, sealed safetensors checkpoints); Trainer with its defaults otherwise (fused AdamW, no per-step log).
+(deterministic kernels, exact resume, sealed safetensors checkpoints, a metrics line per step); Trainer with its
+defaults otherwise (fused AdamW, no deterministic mode, a log line every 500 steps).
 The length-grouped orders come from different seeded generators, so the batches are alike, not identical.
 
     python benchmarks/train_vs_trainer.py                    # the quickstart recipe, 2 rounds each
@@ -60,7 +61,9 @@ def trainer_round(recipe, splits, model_path: Path, labels: list[str], work: Pat
         TrainingArguments,
         set_seed,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # "some weights newly initialized" is the point of fine-tuning
     cfg = recipe.train
     metric = recipe.selection_metric
     set_seed(cfg.seed)
@@ -85,9 +88,10 @@ def trainer_round(recipe, splits, model_path: Path, labels: list[str], work: Pat
         max_steps=cfg.max_steps or -1, warmup_steps=round(cfg.warmup_ratio * steps),
         lr_scheduler_type="constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm or 0.0, seed=cfg.seed,
-        group_by_length=cfg.group_by_length, gradient_accumulation_steps=cfg.grad_accum_steps,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        gradient_accumulation_steps=cfg.grad_accum_steps,
         eval_strategy="epoch", save_strategy="epoch", save_total_limit=cfg.keep_last_k, load_best_model_at_end=True,
-        metric_for_best_model=metric, greater_is_better=metric != "loss", full_determinism=cfg.deterministic,
+        metric_for_best_model=metric, greater_is_better=metric != "loss",
         report_to=[], disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
