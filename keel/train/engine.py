@@ -209,9 +209,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         log(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
     if resume:
         strategy.resumed(run, loaded)
-    if loaded is not None and state.finished:
-        log("that run had already finished; writing its final model again")
-    elif resume and loaded is None:
+    if resume and loaded is None:
         from rich.markup import escape
 
         if (run_dir / "model").is_dir():
@@ -220,6 +218,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         log(escape(f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh"))
         resume = False
     stop = strategy.start(run, total_steps)  # DP-SGD: the last step within the privacy budget
+    if loaded is not None and state.finished:
+        log("that run had already finished; writing its final model again")
 
     strategy.prepare(run)
     device = accelerator.device
