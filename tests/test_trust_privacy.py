@@ -204,3 +204,54 @@ def test_the_card_names_the_unit_the_guarantee_protects():
     assert "privacy for each training block of tokens" in privacy_lines({**base, "unit": "block"})[0]
     person = privacy_lines({**base, "unit": "person", "persons": 96, "rows": 150, "row_clip": 0.5})[0]
     assert "privacy for each person" in person and "clipped at 0.5000" in person and "(Poisson, of persons)" in person
+
+
+def test_early_stopping_min_delta_applies_to_dp_runs(dp_work, monkeypatch):
+    """Validation macro-F1 scripted to rise by 0.01 an epoch: with min_delta 0.05 that is no improvement, so
+    patience 1 stops the DP run after its second evaluation (the old DP loop ignored min_delta and ran on)."""
+    from keel.recipe import load_recipe
+    from keel.tasks import classification
+    from keel.train.engine import train
+
+    scores = iter([0.50, 0.51, 0.52, 0.53])
+
+    def scripted(*args, **kwargs):
+        value = next(scores)
+        return {"loss": 1.0 - value, "accuracy": value, "macro_f1": value}
+
+    monkeypatch.setattr(classification, "evaluate", scripted)
+    recipe = load_recipe(str(dp_work / "tiny.yaml"), [*DP, "train.epochs=3", "train.early_stopping.patience=1",
+                                                       "train.early_stopping.min_delta=0.05"])
+    summary = train(recipe, dp_work / "runs/dp-min-delta")
+    evals = [json.loads(x) for x in (dp_work / "runs/dp-min-delta/metrics.jsonl").read_text().splitlines() if '"split"' in x]
+    assert [e["macro_f1"] for e in evals] == [0.50, 0.51]
+    assert summary["stopped_early"] and summary["best_step"] == 12 and summary["steps"] == 24
+    assert summary["privacy"]["steps"] == 24  # the accountant counted the steps taken, not the planned 36
+
+
+def test_dp_resume_from_a_mid_epoch_checkpoint_replays_the_same_steps(dp_work):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = [*DP, "train.epochs=2", "train.checkpoint_every=5", "train.keep_last_k=100"]
+    keel("train", "tiny.yaml", *args, "output.dir=runs/dp-ref", cwd=dp_work, check=True)
+    ref = dp_work / "runs/dp-ref"
+    copy = dp_work / "runs/dp-resumed"
+    shutil.copytree(ref, copy)
+    shutil.rmtree(copy / "model")
+    for ckpt in (copy / "checkpoints").glob("step-*"):
+        if ckpt.name > "step-00000015":  # resume from step 15, mid-way through epoch 2
+            shutil.rmtree(ckpt)
+    proc = keel("train", "tiny.yaml", *args, "output.dir=runs/dp-resumed", "--resume", cwd=dp_work, check=True)
+    assert "resuming from step-00000015" in proc.stderr
+
+    def steps(run):
+        return [(r["step"], r["loss"], r["batch"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "split" not in r]
+
+    assert steps(copy) == steps(ref)
+    a, b = (json.loads((run / "train.json").read_text())["privacy"] for run in (ref, copy))
+    assert a["epsilon"] == b["epsilon"] and a["steps"] == b["steps"] == 24
+    wa, wb = load_file(str(ref / "model/model.safetensors")), load_file(str(copy / "model/model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the noise (torch's RNG) replays too

@@ -1,8 +1,10 @@
-"""The training loop, one for every task: accelerate underneath, exact resume on top.
+"""The training loop, one for every task and for DP-SGD: accelerate underneath, exact resume on top.
 
 Read top to bottom: set-up (determinism, data, model, optimiser, schedule), optional resume from the
-last complete checkpoint, the epoch loop (micro-batches -> optimiser steps -> checkpoints), evaluation
-at each epoch end (best model, early stopping), then the final model in Hugging Face format.
+last complete checkpoint, the epoch loop (steps -> checkpoints), evaluation at each epoch end (best
+model, early stopping), then the final model in Hugging Face format. How each step is taken (which
+examples, backward, update) is a strategy's (keel/train/strategies.py): Standard, or DP-SGD from
+keel/trust/privacy.py (Poisson batches, per-example clipping, noise, the accountant and its budget).
 
 Data order is a pure function of (seed, epoch): each epoch draws ``randperm`` from a generator seeded
 with ``seed + epoch``, and a checkpoint stores the position in that order. With the RNG state of
@@ -14,11 +16,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import math
 import os
 import resource
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -32,31 +32,12 @@ from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
 from keel.train.metrics import MetricLog
+from keel.train.strategies import Run, Standard, Strategy, epoch_order, shard_batches  # noqa: F401  (re-exported)
 
 # Resuming may change only these fields; anything else would silently change the run.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
                      "train.checkpoint_every", "train.num_threads", "output.dir", "compress", "serve", "audit.explain",
                      "audit.gates", "train.privacy.max_physical_batch_size")
-
-
-def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, batch_size: int = 1) -> list[int]:
-    """This epoch's example order: a seeded shuffle, or with ``lengths`` transformers' length-grouped shuffle
-    (runs of ``batch_size`` examples of similar length, the longest first)."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if lengths is None:
-        return torch.randperm(n, generator=g).tolist()
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    return get_length_grouped_indices(lengths, batch_size, generator=g)
-
-
-def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
-    """This process's micro-batches. The order is padded by wrapping so every process gets as many."""
-    if world > 1:
-        pad = (-len(order)) % world
-        order = order + order[:pad]
-        order = order[rank::world]
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def set_threads(recipe: Recipe) -> None:
@@ -88,7 +69,9 @@ def build_optimizer(model, recipe: Recipe):
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=torch.cuda.is_available())
+    # Fused (one kernel over all tensors, on CPU as on GPU), as HF Trainer's default adamw_torch_fused: the
+    # per-tensor loop took about a fifth of a MiniLM step on CPU, more than any other part keel adds.
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=True)
 
 
 def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
@@ -153,21 +136,29 @@ def load_data_and_model(recipe: Recipe, build_model=None, run_dir: Path | None =
     return tokenizer, data, train_ds, model
 
 
+def default_strategy(recipe: Recipe, build_model=None, loss_fn=None) -> Strategy:
+    """The recipe's strategy: DP-SGD when ``train.privacy`` is set (keel/trust/privacy.py), else Standard."""
+    if recipe.train.privacy is None:
+        return Standard(loss_fn)
+    if build_model or loss_fn:
+        raise KeelError("training stages after a differentially private run would spend privacy outside its "
+                        "accountant; compress a DP model by quantization only (unset compress.distill/prune)")
+    # keel.trust.privacy builds on keel.train.strategies only, never on the engine: no cycle
+    from keel.trust.privacy import DPSGD
+
+    return DPSGD()
+
+
 def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=None, loss_fn=None,
-          model_info: dict | None = None) -> dict:
+          model_info: dict | None = None, strategy: Strategy | None = None) -> dict:
     """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model.
 
     Later stages reuse the loop: ``build_model(path, labels)`` replaces the task's model builder (a student
     cut from a teacher, a pruned model) and ``loss_fn(model, batch)`` the model's own loss (distillation);
-    ``model_info`` is added to the final model's keel.json.
+    ``model_info`` is added to the final model's keel.json. ``strategy`` takes the steps (batching, backward,
+    update; keel/train/strategies.py); by default the recipe's (``default_strategy``).
     """
-    if recipe.train.privacy is not None:  # DP-SGD has its own loop: Poisson batches, per-example clipping, accountant
-        if build_model or loss_fn:
-            raise KeelError("training stages after a differentially private run would spend privacy outside its "
-                            "accountant; compress a DP model by quantization only (unset compress.distill/prune)")
-        from keel.trust.privacy import train_private
-
-        return train_private(recipe, run_dir, resume)
+    strategy = strategy or default_strategy(recipe, build_model, loss_fn)
     from accelerate.utils import gather_object, set_seed
     from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
@@ -185,19 +176,21 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
     with accelerator.main_process_first():  # the main process fills the caches; the others then read them
         tokenizer, data, train_ds, model = load_data_and_model(recipe, build_model, run_dir)
     val_ds, task = data.splits["validation"], get_task(recipe.task)
+    state = ckpt.TrainState()
+    run = Run(recipe, accelerator, tokenizer, data, train_ds, task, model, None, state, run_dir)
+    strategy.setup(run)
 
-    lengths = [len(ids) for ids in train_ds["input_ids"]] if cfg.group_by_length else None
-    micro_per_epoch = len(shard_batches(list(range(len(train_ds))), cfg.batch_size, rank, world))
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum_steps)
+    steps_per_epoch = strategy.steps_per_epoch(run)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
-                              num_warmup_steps=round(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    optimizer = build_optimizer(run.model, recipe)  # unwrapped (prepare may wrap run.optimizer): checkpoints hold it
+    run.optimizer = optimizer
+    scheduler = run.scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+                                              optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+                                              num_training_steps=total_steps)
 
     # -- resume -----------------------------------------------------------------------------------
-    state = ckpt.TrainState()
     restored_rng = None
     if main:
         dropped = ckpt.clean_partial(ckpt_root)
@@ -205,17 +198,18 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
             log(f"[yellow]removed {dropped} incomplete checkpoint folder(s) left by an interrupted run[/]")
     accelerator.wait_for_everyone()
     # the newest intact checkpoint (a corrupt one is skipped and named); none at all: the run starts afresh
-    loaded = ckpt.resume_point(ckpt_root, model, recipe, rank, world, check_resume_compatible) if resume else None
+    loaded = ckpt.resume_point(ckpt_root, run.model, recipe, rank, world, check_resume_compatible) if resume else None
     if loaded is not None:
         if loaded.changed:
             log(f"[yellow]resuming with changed settings: {', '.join(loaded.changed)}[/]")
         optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.scheduler)
-        state, restored_rng = loaded.state, loaded.rng
+        state = run.state = loaded.state
+        restored_rng = loaded.rng
         log(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
-        if state.finished:
-            log("that run had already finished; writing its final model again")
-    elif resume:
+    if resume:
+        strategy.resumed(run, loaded)
+    if resume and loaded is None:
         from rich.markup import escape
 
         if (run_dir / "model").is_dir():
@@ -223,13 +217,12 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
                                   "(set output.dir to a new folder to train again)")
         log(escape(f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh"))
         resume = False
+    stop = strategy.start(run, total_steps)  # DP-SGD: the last step within the privacy budget
+    if loaded is not None and state.finished:
+        log("that run had already finished; writing its final model again")
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    strategy.prepare(run)
     device = accelerator.device
-    if recipe.model.init == "scratch" and recipe.pretrain.compile and device.type == "cuda":
-        model = torch.compile(model)  # pretraining on a GPU: fused kernels; unwrap_model() strips it for saving
-    # On a GPU, a few padded lengths instead of one per batch: fused attention kernels (cuDNN) plan per shape.
-    pad_multiple = 16 if device.type == "cuda" else None
     metrics = MetricLog(run_dir, enabled=main, resume_step=state.step if resume else None)
     if restored_rng is not None:
         ckpt.restore_rng(*restored_rng)  # last, after everything that draws random numbers at set-up
@@ -239,9 +232,10 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
     recipe_yaml, recipe_sha = recipe.to_yaml(), recipe.sha256()
 
     def save() -> None:
+        state.extra.update(strategy.checkpoint_extra(run))
         rngs = gather_object([ckpt.capture_rng()])
         if main:
-            ckpt.save_checkpoint(ckpt_root, accelerator.unwrap_model(model), optimizer.optimizer, scheduler, state,
+            ckpt.save_checkpoint(ckpt_root, accelerator.unwrap_model(run.model), optimizer, scheduler, state,
                                  recipe_yaml, recipe_sha, rngs)
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
         accelerator.wait_for_everyone()
@@ -249,9 +243,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
     def evaluate_epoch(epoch: int) -> None:
         if len(val_ds) == 0:
             return
-        result = task.evaluate(accelerator.unwrap_model(model), val_ds, tokenizer, cfg.eval_batch_size, device,
+        result = task.evaluate(accelerator.unwrap_model(run.model), val_ds, tokenizer, cfg.eval_batch_size, device,
                                accelerator.autocast)
-        model.train()
+        run.model.train()
         value = result[metric_name]
         record = {"split": "validation", "step": state.step, "epoch": epoch + 1,
                   **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
@@ -264,7 +258,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
                 with atomic_dir(ckpt_root / "best") as tmp:
                     from safetensors.torch import save_model
 
-                    save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+                    save_model(accelerator.unwrap_model(run.model), str(tmp / "model.safetensors"))
                     (tmp / "info.json").write_text(json.dumps({"step": state.step, metric_name: value}))
         else:
             state.evals_without_improvement += 1
@@ -273,55 +267,39 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         log(f"epoch {epoch + 1}: validation {shown}" + (" [green](best)[/]" if improved else ""))
 
     # -- the loop ---------------------------------------------------------------------------------
-    model.train()
-    t0, samples_at_start = time.perf_counter(), state.samples_seen
+    run.model.train()
+    t0, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     with progress("step") as bar:
-        task_id = bar.add_task("training", total=total_steps, completed=min(state.step, total_steps), info="")
+        task_id = bar.add_task(strategy.label, total=stop, completed=min(state.step, stop), info="")
         while not state.finished and state.epoch < cfg.epochs:
             epoch = state.epoch
-            order = epoch_order(len(train_ds), cfg.seed, epoch, lengths, cfg.batch_size * world)
-            batches = shard_batches(order, cfg.batch_size, rank, world)
-            b = state.batch_in_epoch
-            while b < len(batches) and state.step < total_steps:
-                group = batches[b: min(b + cfg.grad_accum_steps, len(batches))]
-                running = torch.zeros((), device=device)
-                for i, idx in enumerate(group):
-                    sync = i == len(group) - 1
-                    with nullcontext() if sync or world == 1 else accelerator.no_sync(model):
-                        batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(train_ds[idx], tokenizer, pad_multiple).items()}
-                        with accelerator.autocast():
-                            loss = loss_fn(model, batch) if loss_fn else model(**batch).loss  # micro-batch mean
-                        accelerator.backward(loss / len(group))
-                    running += loss.detach().float() / len(group)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
-                optimizer.step()
+            items = strategy.epoch_items(run, epoch)  # what is left of this epoch: one item per optimiser step
+            for i, item in enumerate(items):
+                if state.step >= stop:
+                    break
+                result = strategy.step(run, item)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                b += len(group)
-                n_samples = sum(len(x) for x in group) * world
-                state.step, state.batch_in_epoch, state.samples_seen = state.step + 1, b, state.samples_seen + n_samples
-                step_loss = accelerator.reduce(running, "mean").item()
-                record = {"step": state.step, "epoch": epoch + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                          "samples": state.samples_seen, "seconds": round(time.perf_counter() - t0, 4)}
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
+                state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + result.batches
+                state.samples_seen += result.samples
+                record = {"step": state.step, "epoch": epoch + 1, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
+                          "samples": state.samples_seen, "seconds": round(time.perf_counter() - t0, 4), **result.record}
                 metrics.write(record)
-                bar.update(task_id, completed=state.step, info=f"epoch {epoch + 1}/{cfg.epochs} loss {step_loss:.4f}")
-                epoch_done = b >= len(batches) or state.step >= total_steps
+                bar.update(task_id, completed=state.step, info=f"epoch {epoch + 1}/{cfg.epochs} loss {result.loss:.4f}")
+                epoch_done = i == len(items) - 1 or state.step >= stop
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not epoch_done:
                     save()
-            # epoch end (or max_steps): evaluate, pick the best, maybe stop, checkpoint
+            # epoch end (or max_steps, or the privacy budget): evaluate, pick the best, maybe stop, checkpoint
             evaluate_epoch(epoch)
-            state.epoch, state.batch_in_epoch = epoch + 1, 0
+            state.epoch, state.batch_in_epoch = strategy.epoch_after(run, epoch), 0
             if cfg.early_stopping and state.evals_without_improvement >= cfg.early_stopping.patience:
                 state.stopped_early = True
                 log(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
-            state.finished = state.stopped_early or state.step >= total_steps or state.epoch >= cfg.epochs
+            state.finished = state.stopped_early or state.step >= stop or state.epoch >= cfg.epochs
             save()
     elapsed = time.perf_counter() - t0
 
     # -- the final model --------------------------------------------------------------------------
-    final = accelerator.unwrap_model(model)
+    final = accelerator.unwrap_model(run.model)
     best = ckpt_root / "best"
     if (best / "manifest.json").is_file():
         from safetensors.torch import load_model
@@ -334,9 +312,11 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         "best_step": state.best_step, "best_metric": state.best_metric, "selection_metric": metric_name,
         "train_seconds_this_session": round(elapsed, 2),
         "samples_per_second": round((state.samples_seen - samples_at_start) / elapsed, 2) if elapsed > 0 else None,
+        "seconds_per_step": round(elapsed / max(1, state.step - step_at_start), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "world_size": world, "labels": data.labels, "data": data.meta,
     }
+    strategy.finish(run, summary)
     if main:
         if world > 1:
             same = len(set(fingerprints)) == 1
@@ -349,7 +329,8 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
     accelerator.wait_for_everyone()
     # Free the DDP wrapper (its gradient reducer holds the process group) while every process is still here,
     # then tear the group down together: a gloo group freed after a peer has exited can hang on exit.
-    del model, optimizer
+    del model
+    run.model = run.optimizer = optimizer = None
     accelerator.free_memory()
     gc.collect()
     accelerator.wait_for_everyone()

@@ -1,6 +1,7 @@
 """Differentially private training (DP-SGD, Abadi et al. 2016) with Opacus, behind ``train.privacy``.
 
-Its own loop, next to the engine's (whose non-private path is untouched): each step draws a Poisson
+A strategy of the engine's one loop (``DPSGD``, keel/train/strategies.py), which does evaluation, the best
+model, early stopping, checkpoints and the final model as for every run. The strategy takes the steps: each draws a Poisson
 batch (every training example joins with probability q = batch_size / N) from a generator seeded by
 (seed, step), so the data order needs no state and a resumed run replays the same batches. Opacus's
 GradSampleModule computes per-example gradients, DPOptimizer clips each to ``max_grad_norm`` and adds
@@ -28,12 +29,11 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from keel.errors import CheckpointError, KeelError, RecipeError
-from keel.progress import log, progress
+from keel.progress import log
+from keel.train.strategies import Run, StepResult, Strategy
 
 
 def make_accountant(kind: str, history: list | None = None):
@@ -244,194 +244,139 @@ def _per_example_inputs(batch: dict, model) -> dict:
     return batch
 
 
-def train_private(recipe, run_dir: Path, resume: bool = False) -> dict:
-    """DP-SGD training per the recipe; the same run-directory layout and summary as the engine, plus ``privacy``."""
-    import resource
+class DPSGD(Strategy):
+    """DP-SGD as a strategy of the engine's loop (keel/train/engine.py): Poisson batches of persons, per-example
+    clipping in chunks of ``max_physical_batch_size``, Gaussian noise once per step, the accountant and its budget.
 
-    import torch
-    from accelerate.utils import set_seed
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-    from transformers import get_scheduler
-    from transformers.utils import logging as hf_logging
+    The engine does everything else (evaluation, best model, early stopping, checkpoints, the final model); this
+    adds the accountant to every checkpoint and ``privacy`` to the summary.
+    """
 
-    from keel.io import atomic_dir, atomic_write_json, verify_manifest
-    from keel.tasks import get_task
-    from keel.train import checkpoint as ckpt
-    from keel.train.engine import (build_optimizer, check_resume_compatible, configure_determinism,
-                                   load_data_and_model, save_final_model)
-    from keel.train.metrics import MetricLog
+    label = "DP training"
 
-    hf_logging.disable_progress_bar()
-    cfg, p = recipe.train, recipe.train.privacy
-    configure_determinism(recipe)
-    set_seed(cfg.seed)
-    run_dir, ckpt_root = Path(run_dir), Path(run_dir) / "checkpoints"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, data, train_ds, model = load_data_and_model(recipe, run_dir=run_dir)
-    val_ds, task = data.splits["validation"], get_task(recipe.task)
-    rows_of = person_rows(data.splits["train"], train_ds, recipe)  # person -> their rows (a text + its swapped copy)
-    n, per_person = len(rows_of), max(len(r) for r in rows_of)  # N counts persons, not augmented rows
-    check_privacy_recipe(recipe, n)
-    check_model(model)
-    if p.freeze_embeddings:
-        frozen = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-        for m in frozen:
-            m.weight.requires_grad_(False)
-        log(f"DP-SGD: {len(frozen)} embedding tables frozen (train.privacy.freeze_embeddings)")
+    def setup(self, run: Run) -> None:
+        import torch
 
-    q = cfg.batch_size / n
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    planned = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
-                              num_warmup_steps=round(cfg.warmup_ratio * planned), num_training_steps=planned)
+        recipe, p = run.recipe, run.recipe.train.privacy
+        # person -> their rows (a text + its swapped copy); N counts persons, not augmented rows
+        self.rows_of = person_rows(run.data.splits["train"], run.train_ds, recipe)
+        self.n, self.per_person = len(self.rows_of), max(len(r) for r in self.rows_of)
+        check_privacy_recipe(recipe, self.n)
+        check_model(run.model)
+        if p.freeze_embeddings:
+            frozen = [m for m in run.model.modules() if isinstance(m, torch.nn.Embedding)]
+            for m in frozen:
+                m.weight.requires_grad_(False)
+            log(f"DP-SGD: {len(frozen)} embedding tables frozen (train.privacy.freeze_embeddings)")
+        self.q = run.cfg.batch_size / self.n
+        self.sigma, self.history = p.noise_multiplier, []
 
-    state, restored_rng, history = ckpt.TrainState(), None, []
-    sigma = p.noise_multiplier
-    ckpt.clean_partial(ckpt_root)
-    loaded = ckpt.resume_point(ckpt_root, model, recipe, check=check_resume_compatible) if resume else None
-    if resume and loaded is None:
-        raise CheckpointError(f"nothing to resume: {ckpt_root} has no complete checkpoint; run without --resume")
-    if resume:
-        optimizer.load_state_dict(loaded.optimizer)
-        scheduler.load_state_dict(loaded.scheduler)
-        state, restored_rng = loaded.state, loaded.rng
-        saved = state.extra.get("privacy")
+    def steps_per_epoch(self, run: Run) -> int:
+        self.spe = math.ceil(self.n / run.cfg.batch_size)
+        return self.spe
+
+    def resumed(self, run: Run, loaded) -> None:
+        if loaded is None:
+            raise CheckpointError(f"nothing to resume: {run.run_dir / 'checkpoints'} has no complete checkpoint; "
+                                  "run without --resume")
+        saved = loaded.state.extra.get("privacy")
         if not saved:
             raise CheckpointError(f"{loaded.path} has no privacy accountant state: it was not trained with train.privacy")
-        sigma, history = saved["noise_multiplier"], saved["history"]  # the budget was planned with this sigma
-        log(f"resuming DP training from {loaded.path.name} (step {state.step}, epsilon so far {saved['epsilon']:.3f})")
-    if sigma is None:
-        from opacus.accountants.utils import get_noise_multiplier
+        self.sigma, self.history = saved["noise_multiplier"], saved["history"]  # the budget was planned with this sigma
+        log(f"resuming DP training from {loaded.path.name} (step {loaded.state.step}, epsilon so far {saved['epsilon']:.3f})")
 
-        sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=q,
-                                           steps=planned, accountant=p.accountant))
-    allowed = steps_within_budget(p.accountant, sigma, q, p.delta, p.target_epsilon, planned)
-    if allowed == 0:
-        raise RecipeError(f"train.privacy: one step at sigma {sigma:g} and q {q:.4g} already spends more than epsilon "
-                          f"{p.target_epsilon}; raise train.privacy.noise_multiplier or target_epsilon")
-    if allowed < planned:
-        log(f"[yellow]privacy budget: epsilon {p.target_epsilon} allows {allowed} of the {planned} planned steps "
-            f"at sigma {sigma:.4f}; training stops at step {allowed}[/]")
-    accountant = make_accountant(p.accountant, history)
+    def start(self, run: Run, planned: int) -> int:
+        p = run.recipe.train.privacy
+        if self.sigma is None:
+            from opacus.accountants.utils import get_noise_multiplier
 
-    model.to(device)
-    model.train()
-    gs_model = GradSampleModule(model)
-    # Each row is clipped at C/k, so a person's k rows move the sum by at most C; the noise std stays sigma * C.
-    dp_opt = DPOptimizer(optimizer, **dp_optimizer_args(sigma, p.max_grad_norm, per_person),
-                         expected_batch_size=max(1, round(q * len(train_ds))))
-    metrics = MetricLog(run_dir, enabled=True, resume_step=state.step if resume else None)
-    if restored_rng is not None:
-        ckpt.restore_rng(*restored_rng)  # the noise comes from torch's global RNG: restored, it replays
-    metric_name = recipe.selection_metric
-    higher = metric_name != "loss"
-    recipe_yaml, recipe_sha = recipe.to_yaml(), recipe.sha256()
+            self.sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
+                                                    sample_rate=self.q, steps=planned, accountant=p.accountant))
+        self.planned = planned
+        self.allowed = steps_within_budget(p.accountant, self.sigma, self.q, p.delta, p.target_epsilon, planned)
+        if self.allowed == 0:
+            raise RecipeError(f"train.privacy: one step at sigma {self.sigma:g} and q {self.q:.4g} already spends more "
+                              f"than epsilon {p.target_epsilon}; raise train.privacy.noise_multiplier or target_epsilon")
+        if self.allowed < planned:
+            log(f"[yellow]privacy budget: epsilon {p.target_epsilon} allows {self.allowed} of the {planned} planned steps "
+                f"at sigma {self.sigma:.4f}; training stops at step {self.allowed}[/]")
+        self.accountant = make_accountant(p.accountant, self.history)
+        stop = min(planned, self.allowed)
+        state = run.state
+        state.finished = state.stopped_early or state.step >= stop  # a resume with more epochs continues, within budget
+        return stop
 
-    def privacy_state() -> dict:
-        eps = float(accountant.get_epsilon(delta=p.delta)) if accountant.history else 0.0
-        return {"epsilon": eps, "delta": p.delta, "target_epsilon": p.target_epsilon, "noise_multiplier": sigma,
-                "sample_rate": q, "steps": state.step, "planned_steps": planned, "steps_within_budget": allowed,
-                "budget_exhausted": allowed < planned and state.step >= allowed, "accountant": p.accountant,
+    def prepare(self, run: Run) -> None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        p = run.recipe.train.privacy
+        run.model.to(run.accelerator.device)
+        run.model.train()
+        self.gs_model = GradSampleModule(run.model)  # hooks on run.model's layers; evaluation calls run.model itself
+        # Each row is clipped at C/k, so a person's k rows move the sum by at most C; the noise std stays sigma * C.
+        self.dp_opt = DPOptimizer(run.optimizer, **dp_optimizer_args(self.sigma, p.max_grad_norm, self.per_person),
+                                  expected_batch_size=max(1, round(self.q * len(run.train_ds))))
+
+    def epoch_items(self, run: Run, epoch: int) -> list:
+        # a step's batch depends on (seed, step) alone: the position in the epoch is the step count
+        return list(range(max(run.state.step, epoch * self.spe), (epoch + 1) * self.spe))
+
+    def step(self, run: Run, step: int) -> StepResult:
+        import torch
+
+        device, task, train_ds, tokenizer = run.accelerator.device, run.task, run.train_ds, run.tokenizer
+        idx = [r for i in poisson_batch(self.n, self.q, run.cfg.seed, step) for r in self.rows_of[i]]  # persons, all rows
+        if idx:
+            # A logical (Poisson) batch in physical chunks: each chunk's per-example gradients are clipped and
+            # summed, then dropped (Opacus' skipped steps); noise is added once, after the last chunk.
+            def chunk_loss(chunk):
+                batch = {k: v.to(device) for k, v in task.collate(train_ds[chunk], tokenizer).items()}
+                return self.gs_model(**_per_example_inputs(batch, run.model)).loss  # mean over this chunk
+
+            loss = clipped_backward(self.dp_opt, idx, run.recipe.train.privacy.max_physical_batch_size, chunk_loss)
+        else:  # an empty Poisson batch still takes a (noise-only) step: the accountant counts it
+            for prm in self.dp_opt.params:
+                prm.grad_sample = torch.zeros((0, *prm.shape), device=prm.device)
+            loss = float("nan")
+        self.dp_opt.step()
+        self.dp_opt.zero_grad(set_to_none=True)
+        self.accountant.step(noise_multiplier=self.sigma, sample_rate=self.q)
+        return StepResult(loss, len(idx), 1, {"batch": len(idx)})
+
+    def epoch_after(self, run: Run, epoch: int) -> int:
+        return run.state.step // self.spe  # a run stopped by the budget mid-epoch has not finished that epoch
+
+    def privacy_state(self, run: Run) -> dict:
+        p, acc, step = run.recipe.train.privacy, self.accountant, run.state.step
+        eps = float(acc.get_epsilon(delta=p.delta)) if acc.history else 0.0
+        return {"epsilon": eps, "delta": p.delta, "target_epsilon": p.target_epsilon, "noise_multiplier": self.sigma,
+                "sample_rate": self.q, "steps": step, "planned_steps": self.planned,
+                "steps_within_budget": self.allowed,
+                "budget_exhausted": self.allowed < self.planned and step >= self.allowed, "accountant": p.accountant,
                 "max_grad_norm": p.max_grad_norm, "poisson_sampling": p.poisson_sampling,
                 # a causal LM trains on blocks of max_length tokens cut from joined documents: the guarantee is per block
-                "unit": "person" if per_person > 1 else ("block" if recipe.task == "causal-lm" else "example"),
-                "persons": n, "rows": len(train_ds),
-                "rows_per_person": per_person, "row_clip": p.max_grad_norm / per_person,
-                "history": [list(h) for h in accountant.history]}
+                "unit": "person" if self.per_person > 1 else ("block" if run.recipe.task == "causal-lm" else "example"),
+                "persons": self.n, "rows": len(run.train_ds),
+                "rows_per_person": self.per_person, "row_clip": p.max_grad_norm / self.per_person,
+                "history": [list(h) for h in acc.history]}
 
-    def save() -> None:
-        state.extra["privacy"] = privacy_state()
-        ckpt.save_checkpoint(ckpt_root, model, optimizer, scheduler, state, recipe_yaml, recipe_sha, [ckpt.capture_rng()])
-        ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
+    def checkpoint_extra(self, run: Run) -> dict:
+        return {"privacy": self.privacy_state(run)}
 
-    def evaluate(epoch: int) -> None:
-        if len(val_ds) == 0:
-            return
-        result = task.evaluate(model, val_ds, tokenizer, cfg.eval_batch_size, device, nullcontext)
-        model.train()
-        value = result[metric_name]
-        metrics.write({"split": "validation", "step": state.step, "epoch": epoch + 1,
-                       **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
-        better = state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric)
-        if better:
-            state.best_metric, state.best_step, state.evals_without_improvement = float(value), state.step, 0
-            with atomic_dir(ckpt_root / "best") as tmp:
-                from safetensors.torch import save_model
-
-                save_model(model, str(tmp / "model.safetensors"))
-        else:
-            state.evals_without_improvement += 1
-        log(f"epoch {epoch + 1}: validation {metric_name} {value:.4f}" + (" [green](best)[/]" if better else ""))
-
-    stop = min(planned, allowed)
-    state.finished = state.stopped_early or state.step >= stop  # a resume with more epochs continues, within budget
-    t0, start_step = time.perf_counter(), state.step
-    with progress("step") as bar:
-        bar_id = bar.add_task("DP training", total=stop, completed=min(state.step, stop), info="")
-        while state.step < stop and not state.finished:
-            epoch = state.step // steps_per_epoch
-            idx = [r for i in poisson_batch(n, q, cfg.seed, state.step) for r in rows_of[i]]  # persons, all rows
-            if idx:
-                # A logical (Poisson) batch in physical chunks: each chunk's per-example gradients are clipped and
-                # summed, then dropped (Opacus' skipped steps); noise is added once, after the last chunk.
-                def chunk_loss(chunk):
-                    batch = {k: v.to(device) for k, v in task.collate(train_ds[chunk], tokenizer).items()}
-                    return gs_model(**_per_example_inputs(batch, model)).loss  # mean over this chunk
-
-                step_loss = clipped_backward(dp_opt, idx, p.max_physical_batch_size, chunk_loss)
-            else:  # an empty Poisson batch still takes a (noise-only) step: the accountant counts it
-                for prm in dp_opt.params:
-                    prm.grad_sample = torch.zeros((0, *prm.shape), device=prm.device)
-                step_loss = float("nan")
-            dp_opt.step()
-            scheduler.step()
-            dp_opt.zero_grad(set_to_none=True)
-            accountant.step(noise_multiplier=sigma, sample_rate=q)
-            state.step, state.samples_seen = state.step + 1, state.samples_seen + len(idx)
-            metrics.write({"step": state.step, "epoch": epoch + 1, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                           "samples": state.samples_seen, "batch": len(idx)})
-            bar.update(bar_id, completed=state.step, info=f"epoch {epoch + 1}/{cfg.epochs} loss {step_loss:.4f}")
-            epoch_end = state.step % steps_per_epoch == 0 or state.step >= stop
-            if epoch_end:
-                evaluate(epoch)
-                state.epoch = state.step // steps_per_epoch
-                if cfg.early_stopping and state.evals_without_improvement >= cfg.early_stopping.patience:
-                    state.stopped_early = True
-                    log(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
-                state.finished = state.stopped_early or state.step >= stop
-                save()
-            elif cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save()
-    elapsed = time.perf_counter() - t0
-    priv = privacy_state()
-    if priv["budget_exhausted"]:
-        log(f"[yellow]privacy budget reached: stopped at step {state.step} of {planned}, epsilon {priv['epsilon']:.3f} "
-            f"<= {p.target_epsilon}[/]")
-    log(f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {sigma:.4f}, q {q:.5f}, "
-        f"{state.step} steps ({p.accountant} accountant)")
-    if per_person > 1:
-        log(f"privacy is per person: {n} persons, {len(train_ds)} rows with their counterfactual copies, each row "
-            f"clipped at {p.max_grad_norm / per_person:g} so a person's {per_person} rows together stay within "
-            f"{p.max_grad_norm:g}")
-    if (ckpt_root / "best" / "manifest.json").is_file():
-        from safetensors.torch import load_model
-
-        verify_manifest(ckpt_root / "best")
-        load_model(model, str(ckpt_root / "best" / "model.safetensors"))
-    priv.pop("history")
-    summary = {"steps": state.step, "epochs_done": state.epoch, "stopped_early": state.stopped_early,
-               "best_step": state.best_step, "best_metric": state.best_metric, "selection_metric": metric_name,
-               "train_seconds_this_session": round(elapsed, 2),
-               "samples_per_second": round((state.samples_seen) / elapsed, 2) if elapsed > 0 and start_step == 0 else None,
-               "seconds_per_step": round(elapsed / max(1, state.step - start_step), 4),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               "world_size": 1, "labels": data.labels, "data": data.meta, "privacy": priv}
-    gs_model.remove_hooks()
-    for prm in model.parameters():
-        prm.grad_sample = None
-    save_final_model(model, tokenizer, run_dir / "model", recipe, summary)
-    atomic_write_json(run_dir / "train.json", summary)
-    metrics.close()
-    return summary
+    def finish(self, run: Run, summary: dict) -> None:
+        p, priv = run.recipe.train.privacy, self.privacy_state(run)
+        if priv["budget_exhausted"]:
+            log(f"[yellow]privacy budget reached: stopped at step {run.state.step} of {self.planned}, epsilon "
+                f"{priv['epsilon']:.3f} <= {p.target_epsilon}[/]")
+        log(f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {self.sigma:.4f}, q {self.q:.5f}, "
+            f"{run.state.step} steps ({p.accountant} accountant)")
+        if self.per_person > 1:
+            log(f"privacy is per person: {self.n} persons, {len(run.train_ds)} rows with their counterfactual copies, "
+                f"each row clipped at {p.max_grad_norm / self.per_person:g} so a person's {self.per_person} rows "
+                f"together stay within {p.max_grad_norm:g}")
+        priv.pop("history")
+        summary["privacy"] = priv
+        self.gs_model.remove_hooks()  # the final model is saved without Opacus' hooks and per-example gradients
+        for prm in run.model.parameters():
+            prm.grad_sample = None
