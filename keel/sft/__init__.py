@@ -65,13 +65,39 @@ def merge_lora(model):
     return model.merge_and_unload()
 
 
+class SftTrainer:
+    """SFT (sft_run below) as keel's Trainer (keel/pipeline.py); not resumable."""
+
+    resumable = False
+
+    def __init__(self, recipe, resume: bool = False):
+        from keel.align.prefs import check_source
+
+        check_source(recipe)  # bad data fails before a run directory is made
+        if recipe.data.path is not None:
+            read_chat_jsonl(recipe.data.path, use_chat=False)
+        self.recipe = recipe
+
+    def setup(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def train(self) -> None:
+        self.summary = sft_run(self.recipe, self.run_dir)
+
+    def save(self) -> dict:
+        return self.summary  # sft_run seals RUN/model (and adapter/ with LoRA) itself
+
+    def cleanup(self) -> None:
+        pass
+
+
 def sft_run(recipe, run_dir: Path) -> dict:
     import datasets
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from keel.align.run import load_base, write_logs
-    from keel.align.trainers import _progress_callback, common_args, load_policy, peft_config, run_trainer
+    from keel.align.trainers import (_progress_callback, common_args, load_base, load_policy, peft_config, run_trainer,
+                                     write_logs)
     from keel.train.engine import save_final_model
 
     if recipe.data.path is None:
