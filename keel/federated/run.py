@@ -360,7 +360,8 @@ def _sim_site(recipe_json: str, pid: int, threads: int):
 
 
 def _simulation(recipe: Recipe, debug: bool = False):
-    """`keel federate RECIPE`: every site simulated by Flower's simulation engine on this machine."""
+    """`keel federate RECIPE`: every site simulated by Flower's simulation engine on this machine. Checks the
+    settings now; returns the rounds as ``body(setup, coordinator)`` for FederatedTrainer.train."""
     fed = _fed(recipe)
     if fed.sites < fed.min_available_clients:
         raise KeelError(f"federated.min_available_clients={fed.min_available_clients} is more than federated.sites={fed.sites}")
@@ -422,7 +423,8 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
 
 def _server(recipe: Recipe, address: str | None = None, debug: bool = False, secret_file: str | None = None,
             allow_insecure: bool = False, allow_no_auth: bool = False):
-    """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`.
+    """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`. Checks the settings
+    now; returns the rounds as ``body(setup, coordinator)`` for FederatedTrainer.train.
 
     A non-loopback address needs TLS and a site secret unless ``allow_insecure`` / ``allow_no_auth`` say the
     network is trusted; with a secret, only sites that send it can join (see transport.py).
