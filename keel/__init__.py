@@ -10,7 +10,7 @@ The Python API (keel/api.py) is loaded on first use, so ``import keel`` imports 
 
 import logging as _logging
 
-__version__ = "0.1.0"
+from keel._version import __version__
 
 # torchao, once installed, is imported by transformers and narrates at import time (optional CUDA kernels it
 # cannot load on a CPU, deprecation notes from torch's pytree): nothing a keel user can act on.

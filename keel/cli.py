@@ -263,11 +263,13 @@ def federate(args: List[str] = typer.Argument(..., metavar="[serve|join] RECIPE 
         return
     if site_data or server:
         raise KeelError("--site-data and --server go with `keel federate join`")
+    from keel.pipeline import federate as run_federated
+
     if mode == "serve":
-        run_dir = fed_run.serve(r, resume=resume, address=address, debug=_state["debug"], secret_file=secret_file,
-                                allow_insecure=allow_insecure, allow_no_auth=allow_no_auth)
+        run_dir = run_federated(r, "serve", resume=resume, address=address, debug=_state["debug"],
+                                secret_file=secret_file, allow_insecure=allow_insecure, allow_no_auth=allow_no_auth)
     else:
-        run_dir = fed_run.simulate(r, resume=resume, debug=_state["debug"])
+        run_dir = run_federated(r, "simulate", resume=resume, debug=_state["debug"])
     _print_results(run_dir)
 
 
@@ -454,8 +456,9 @@ def _print_results(run_dir) -> None:
     test = json.loads(test_file.read_text()) if test_file.exists() else {}
     if test:
         _print_eval(test)
-    pick_file = run_dir / "compress" / "deployable.json"
-    pick = json.loads(pick_file.read_text()) if pick_file.exists() else {}
+    from keel.rundir import deployable
+
+    pick = deployable(run_dir) or {}
     if pick.get("deployable"):
         r, score = pick["figures"], pick.get("test") or pick["figures"]
         scored = f" on {score['n']:,} test examples" if "n" in score else ""

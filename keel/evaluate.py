@@ -10,6 +10,7 @@ from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_write_json, verify_manifest, writes_run
 from keel.progress import esc, log
 from keel.recipe import Recipe, load_recipe, validate_recipe
+from keel.rundir import export_dir, variant_location
 
 
 @dataclass
@@ -31,8 +32,6 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
     if not run_dir.is_dir():
         raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
     if backend not in BACKENDS:
-        from keel.compress.stages import variant_location
-
         run_dir, backend = variant_location(run_dir, backend)
         if backend not in BACKENDS:
             raise KeelError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
@@ -50,7 +49,7 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if backend.startswith("onnx"):
-        from keel.export.onnx import OnnxClassifier, export_dir
+        from keel.export.ort import OnnxClassifier
 
         onnx_folder = export_dir(run_dir, backend)
         if not onnx_folder.is_dir():
@@ -211,7 +210,7 @@ def _read_json(path: Path) -> dict | None:
 def _lm_examples(t: Trained, kind: str, data_file: str | None) -> list[dict]:
     """prompt + completion examples: the run's test split, or a file of chats / preference pairs."""
     if kind == "chat":
-        from keel.sft import read_chat_jsonl, split_examples
+        from keel.data.chat import read_chat_jsonl, split_examples
 
         use_chat = t.tokenizer.chat_template is not None
         if data_file:

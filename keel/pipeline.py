@@ -1,35 +1,20 @@
-"""A run from a recipe: pick the run directory, train, evaluate on the test split, write the report.
+"""`keel run` / `keel train` / `keel federate`: the one dispatcher from a recipe to its trainer and later stages.
 
-Run directory layout (later stages add to it):
-
-    runs/<name>/
-      recipe.yaml        the resolved recipe (its SHA-256 is in run.json and every checkpoint)
-      run.json           recipe hash, keel version, status, timings
-      splits/            the train/validation/test rows, frozen at training time (keel/data/splits.py): every
-                         later stage reads these, never data.path again
-      metrics.jsonl      one record per optimiser step and per evaluation
-      tensorboard/       the same metrics for TensorBoard
-      checkpoints/       step-XXXXXXXX/ (exact-resume state) and best/ (best weights so far)
-      model/             the final model, Hugging Face format + keel.json + manifest.json
-      eval/test.json     test metrics, confusion matrix, majority-class baseline
-      compress/          student/ and pruned/ (each a small run dir), deployable.json (see keel/compress)
-      export/            onnx/, onnx-int8/ of the teacher; compressed stages have their own export/
-      bench.json         every variant measured side by side
-      report.html        one self-contained page
-      .keel.lock         while a process writes to the run: its PID and command (keel.io.acquire_run_lock)
+Every kind of training is a ``Trainer`` (torchtune's recipe interface: setup, train, save, cleanup), picked from
+``TRAINERS`` by what the recipe asks for and driven here inside the run's lifecycle (keel/rundir.py: the run
+directory, its lock, run.json's status, failed on any error). Then the stages that follow training, in order:
+test evaluation, samples (causal LM), audit and model card, compression, report.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from keel import __version__
+from keel import rundir
 from keel.errors import KeelError
-from keel.io import LOCK, acquire_run_lock, atomic_write_json, atomic_write_text, release_run_lock
-from keel.progress import esc, is_main_process, log
+from keel.progress import is_main_process, log
 from keel.recipe import Recipe
 
 
@@ -66,165 +51,172 @@ def check_recipe(r: Recipe) -> None:
         check_privacy_recipe(r)
 
 
-def resolve_run_dir(recipe: Recipe, resume: bool) -> Path:
-    """Fresh runs never overwrite: runs/<name> or the first free runs/<name>-N. Resume takes the one the recipe
-    started last (recorded in runs/.<name>.latest; a folder's mtime moves whenever `keel report` or `keel eval`
-    writes into an older run)."""
-    base = Path("runs") / recipe.name
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if recipe.output.dir:
-        path = Path(recipe.output.dir)
-    elif resume:
-        path = _latest_run(recipe.name, base)
-    elif distributed:
-        path = base  # every process must agree on the folder without talking
-    else:
-        path, n = base, 2
-        while path.exists():
-            path, n = base.parent / f"{recipe.name}-{n}", n + 1
-    if resume:
-        if not path.is_dir():
-            raise KeelError(f"nothing to resume: {path} does not exist; run without --resume")
-    elif is_main_process() and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
-        raise KeelError(f"{path} already holds a run; pass --resume to continue it, or set output.dir to a new folder")
-    return path
+class Trainer(Protocol):
+    """One way of training a recipe. Its constructor takes ``(recipe, resume, **options)`` and makes the cheap
+    checks (nothing is on disk yet); then, inside the run's lifecycle, ``setup`` (data, model), ``train``,
+    ``save`` (the sealed final model in RUN/model; returns the training summary for run.json), and ``cleanup``
+    always. No base class: each trainer is a small class over library calls."""
+
+    resumable: bool  # whether --resume can continue an interrupted run
+
+    def setup(self, run_dir: Path) -> None: ...
+
+    def train(self) -> None: ...
+
+    def save(self) -> dict: ...
+
+    def cleanup(self) -> None: ...
 
 
-def _latest_run(name: str, base: Path) -> Path:
-    """The run a recipe of this name started last: the recorded one, else the latest `started` in run.json."""
-    try:
-        recorded = base.parent / Path((base.parent / f".{name}.latest").read_text().strip()).name
-        if recorded.is_dir():
-            return recorded
-    except OSError:
+class EngineTrainer:
+    """keel's own loop (keel/train/engine.py): classifiers, causal LMs, pretraining from scratch (model.init),
+    DP-SGD (train.privacy). Exact resume from the last complete checkpoint."""
+
+    resumable = True
+
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe, self.resume = recipe, resume
+
+    def setup(self, run_dir: Path) -> None:
+        self.run_dir = run_dir  # the engine builds data and model itself (shared with DP-SGD and compression)
+
+    def train(self) -> None:
+        from keel.train.engine import train
+
+        self.summary = train(self.recipe, self.run_dir, resume=self.resume)
+
+    def save(self) -> dict:
+        return self.summary  # the engine seals RUN/model when its loop ends
+
+    def cleanup(self) -> None:
         pass
-    existing = [p for p in [base, *base.parent.glob(f"{name}-*")]
-                if p.is_dir() and (p == base or p.name[len(name) + 1:].isdigit())]
-
-    def started(p: Path):
-        return str(_read_json(p / "run.json").get("started", "")), 1 if p == base else int(p.name[len(name) + 1:])
-
-    return max(existing, key=started) if existing else base
 
 
-_STARTED: list[Path] = []  # run directories whose writer lock start_run took in this process
+def _engine():
+    return EngineTrainer
 
 
-def start_run(recipe: Recipe, run_dir: Path, resume: bool) -> None:
-    if not is_main_process():
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if run_dir not in _STARTED:  # one writer per run directory, until the run ends (or this process does)
-        acquire_run_lock(run_dir)
-        _STARTED.append(run_dir)
-    if not resume and not recipe.output.dir:  # what `--resume` continues (see resolve_run_dir)
-        atomic_write_text(run_dir.parent / f".{recipe.name}.latest", run_dir.name + "\n")
-    atomic_write_text(run_dir / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml())
-    info = _read_json(run_dir / "run.json")
-    info.update({"recipe_sha256": recipe.sha256(), "keel_version": __version__, "name": recipe.name, "task": recipe.task,
-                 "status": "running", "resumed": resume or info.get("resumed", False)})
-    info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    atomic_write_json(run_dir / "run.json", info)
+def _sft():
+    from keel.sft import SftTrainer
+
+    return SftTrainer
 
 
-def finish_run(run_dir: Path, **fields) -> None:
-    if not is_main_process():
-        return
-    info = _read_json(run_dir / "run.json")
-    info.update(fields)
-    atomic_write_json(run_dir / "run.json", info)
+def _align():
+    from keel.align.run import AlignTrainer
+
+    return AlignTrainer
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
+def _federated():
+    from keel.federated.run import FederatedTrainer
+
+    return FederatedTrainer
 
 
-def _ends_runs(fn):
-    """The run directories ``fn`` started are unlocked when it returns or fails."""
-    import functools
+TRAINERS: dict[str, Callable[[], type]] = {"engine": _engine, "pretrain": _engine, "sft": _sft, "align": _align,
+                                           "federated": _federated}  # name -> the trainer class, imported on use
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        started = len(_STARTED)
+
+def trainer_kind(recipe: Recipe) -> str:
+    """What the recipe asks for, as a key of TRAINERS (`keel federate` asks for ``federated`` itself)."""
+    if recipe.align is not None:
+        return "align"
+    if recipe.sft is not None:
+        return "sft"
+    return "pretrain" if recipe.model.init == "scratch" else "engine"
+
+
+def execute(recipe: Recipe, resume: bool, kind: str, full: bool = True, **options) -> Path:
+    """Train with TRAINERS[kind] in a fresh (or resumed) run directory, then, with ``full``, the later stages."""
+    cls = TRAINERS[kind]()
+    if resume and not cls.resumable:
+        raise KeelError(f"--resume is not supported for {'sft / align' if kind in ('sft', 'align') else kind} recipes; "
+                        "run the recipe again (a new run directory)")
+    trainer = cls(recipe, resume, **options)
+    with rundir.lifecycle(recipe, resume) as run:
         try:
-            return fn(*args, **kwargs)
+            trainer.setup(run.dir)
+            trainer.train()
+            summary = trainer.save()
         finally:
-            while len(_STARTED) > started:
-                release_run_lock(_STARTED.pop())
+            trainer.cleanup()
+        run.trained(summary, train_wall_seconds=run.seconds())
+        if full:
+            AFTER[kind](recipe, run)
+            run.finish()
+    return run.dir
 
-    return wrapper
 
-
-@_ends_runs
 def train_run(recipe: Recipe, resume: bool = False) -> Path:
-    """Training only (`keel train`)."""
+    """Training only (`keel train`); sft / align recipes are one linear script and also write their report."""
     check_recipe(recipe)
-    return _train_run(recipe, resume)
+    kind = trainer_kind(recipe)
+    return execute(recipe, resume, kind, full=kind in ("sft", "align"))
 
 
-def _train_run(recipe: Recipe, resume: bool) -> Path:
-    from keel.train.engine import train
-
-    if recipe.sft is not None or recipe.align is not None:  # one linear script, training and its figures
-        from keel.align.run import generative_run
-
-        return generative_run(recipe, resume)
-
-    run_dir = resolve_run_dir(recipe, resume)
-    log(f"run directory: [bold]{esc(run_dir)}[/]  (recipe sha256 {recipe.sha256()[:12]})")
-    start_run(recipe, run_dir, resume)
-    t0 = time.perf_counter()
-    try:
-        summary = train(recipe, run_dir, resume=resume)
-    except BaseException as e:
-        finish_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    finish_run(run_dir, status="trained", train=summary, train_wall_seconds=round(time.perf_counter() - t0, 1))
-    return run_dir
-
-
-@_ends_runs
 def full_run(recipe: Recipe, resume: bool = False) -> Path:
     """Everything the recipe asks for (`keel run`): train, test-set evaluation, compression, report."""
+    check_recipe(recipe)
+    return execute(recipe, resume, trainer_kind(recipe))
+
+
+def federate(recipe: Recipe, mode: str, resume: bool = False, **options) -> Path:
+    """`keel federate [serve] RECIPE`: ``mode`` simulate or serve (options: see keel/federated/run.py)."""
+    return execute(recipe, resume, "federated", mode=mode, **options)
+
+
+# -- the stages after training ---------------------------------------------------------------------------
+
+def _engine_stages(recipe: Recipe, run: rundir.Run) -> None:
+    """Test evaluation, samples (causal LM), audit and model card, compression, report (main process only)."""
     from keel.evaluate import evaluate_run
     from keel.report import write_report
 
-    check_recipe(recipe)
-    if recipe.sft is not None or recipe.align is not None:  # generative fine-tuning and alignment: TRL trainers
-        from keel.align.run import generative_run
+    if not is_main_process():
+        return
+    run_dir = run.dir
+    if recipe.data.split.test > 0:
+        evaluate_run(run_dir)
+    else:
+        log("no test split (data.split.test is 0): skipping the test evaluation")
+    if recipe.task == "causal-lm":
+        from keel.pretrain import write_samples
 
-        return generative_run(recipe, resume)
-    t0 = time.perf_counter()
-    run_dir = _train_run(recipe, resume)
-    if is_main_process():
-        if recipe.data.split.test > 0:
-            evaluate_run(run_dir)
-        else:
-            log("no test split (data.split.test is 0): skipping the test evaluation")
-        if recipe.task == "causal-lm":
-            from keel.pretrain import write_samples
+        write_samples(run_dir, recipe)
+    gate_error = _audit_stage(recipe, run_dir)
+    if recipe.compress is not None and gate_error is None:  # a model that failed its audit is not compressed
+        from keel.compress.stages import compress
 
-            write_samples(run_dir, recipe)
-        gate_error = _audit_stage(recipe, run_dir)
-        if recipe.compress is not None and gate_error is None:  # a model that failed its audit is not compressed
-            from keel.compress.stages import compress
+        try:
+            compress(run_dir)
+        except KeelError as e:  # the report still shows what was measured before the budget said no
+            write_report(run_dir)
+            run.fail(str(e))
+            raise
+    write_report(run_dir)
+    if gate_error is not None:
+        run.fail(str(gate_error), status="gate failed", wall_seconds=run.seconds())
+        raise gate_error
 
-            try:
-                compress(run_dir)
-            except KeelError as e:  # the report still shows what was measured before the budget said no
-                write_report(run_dir)
-                finish_run(run_dir, status="failed", error=str(e)[:500])
-                raise
-        write_report(run_dir)
-        if gate_error is not None:
-            finish_run(run_dir, status="gate failed", error=str(gate_error)[:500],
-                       wall_seconds=round(time.perf_counter() - t0, 1))
-            raise gate_error
-        finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
-    return run_dir
+
+def _report_stage(recipe: Recipe, run: rundir.Run) -> None:
+    from keel.report import write_report
+
+    write_report(run.dir)
+
+
+def _federated_stages(recipe: Recipe, run: rundir.Run) -> None:
+    from keel.evaluate import evaluate_run
+    from keel.report import write_report
+
+    if recipe.data.split.test > 0:
+        evaluate_run(run.dir)
+    write_report(run.dir)
+
+
+AFTER = {"engine": _engine_stages, "pretrain": _engine_stages, "sft": _report_stage, "align": _report_stage,
+         "federated": _federated_stages}
 
 
 def _audit_stage(recipe: Recipe, run_dir: Path):

@@ -519,15 +519,21 @@ def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv
             drive(c, clients, crash_after)
         return body
 
+    from keel.pipeline import federate
+
+    def run_with(body, resume, r=recipe):  # `keel federate` with these rounds in place of Flower's simulation
+        monkeypatch.setattr(fed_run, "_simulation", lambda recipe, **options: body)
+        return federate(r, "simulate", resume=resume)
+
     with pytest.raises(KeyboardInterrupt):
-        fed_run._run(recipe, False, body_for(crash_after=1))
+        run_with(body_for(crash_after=1), False)
     run = tmp_path / "runs" / "fed"
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     assert not (run / "model").exists()
     kept = load_round_state(run)
     assert kept["round"] == 1
 
-    fed_run._run(recipe, True, body_for(crash_after=None))  # the restarted server
+    run_with(body_for(crash_after=None), True)  # the restarted server
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
     info = json.loads((run / "train.json").read_text())
@@ -540,7 +546,7 @@ def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv
     moments = sorted((run / "federated").glob("round-*"))[-1] / "server_moments.safetensors"
     assert moments.is_file() == (strategy == "fedadam")
     straight = load_recipe(p, [f"federated.strategy.name={strategy}", "output.dir=runs/straight"])
-    fed_run._run(straight, False, body_for(crash_after=None))
+    run_with(body_for(crash_after=None), False, straight)
     resumed, uninterrupted = (load_file(str(tmp_path / "runs" / d / "model" / "model.safetensors"))
                               for d in ("fed", "straight"))
     assert sorted(resumed) == sorted(uninterrupted)

@@ -196,7 +196,7 @@ def test_stored_thresholds_rebuild_fairlearns_own_decision_rule():
     g = np.where(rng.random(n) < 0.5, "female", "male")
     y = rng.integers(0, 2, n)
     s = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.15, n) + np.where(g == "male", -0.2, 0.0), 0, 1)
-    opt = ThresholdOptimizer(estimator=fair._score_estimator(), constraints="equalized_odds", prefit=True,
+    opt = ThresholdOptimizer(estimator=fair.score_estimator(), constraints="equalized_odds", prefit=True,
                              predict_method="predict_proba").fit(s.reshape(-1, 1), y, sensitive_features=g)
     doc = json.loads(json.dumps({"thresholds": mitigation.interpolation_json(opt)}))  # through JSON, as stored
     rebuilt = mitigation.thresholder(doc)

@@ -89,6 +89,6 @@ def check_source(recipe) -> None:
     if recipe.align is not None:  # the whole file, as the run reads it: line-numbered errors before any run dir
         read_preferences(cfg.path)
     else:
-        from keel.sft import read_chat_jsonl
+        from keel.data.chat import read_chat_jsonl
 
         read_chat_jsonl(cfg.path, use_chat=False)

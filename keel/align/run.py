@@ -1,4 +1,4 @@
-"""`keel run` for recipes with an `align:` or `sft:` section.
+"""`keel run` for recipes with an `align:` section (SFT is keel/sft).
 
 Alignment, as a linear script: preferences -> reward model (held-out pairwise accuracy) -> the reference
 policy's figures -> DPO or RL -> the aligned policy's figures -> model/ (LoRA merged, safetensors) ->
@@ -7,67 +7,35 @@ eval/align.json -> report. Resuming an interrupted alignment run is not supporte
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-from keel.errors import KeelError
-from keel.io import atomic_dir, atomic_write_json, atomic_write_text
-from keel.progress import esc, log
+from keel.io import atomic_dir, atomic_write_json
+from keel.progress import log
 from keel.recipe import Recipe
 
 
-def generative_run(recipe: Recipe, resume: bool = False) -> Path:
-    from keel.pipeline import finish_run, resolve_run_dir, start_run
-    from keel.report import write_report
+class AlignTrainer:
+    """The alignment script below (align_run) as keel's Trainer (keel/pipeline.py); not resumable."""
 
-    if resume:
-        raise KeelError("--resume is not supported for sft / align recipes; run the recipe again (a new run directory)")
-    _check_data(recipe)  # bad data fails before a run directory is made
-    run_dir = resolve_run_dir(recipe, resume=False)
-    log(f"run directory: [bold]{esc(run_dir)}[/]  (recipe sha256 {recipe.sha256()[:12]})")
-    start_run(recipe, run_dir, resume=False)
-    t0 = time.perf_counter()
-    try:
-        if recipe.align is not None:
-            summary = align_run(recipe, run_dir)
-        else:
-            from keel.sft import sft_run
+    resumable = False
 
-            summary = sft_run(recipe, run_dir)
-    except BaseException as e:
-        finish_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    finish_run(run_dir, status="trained", train=summary)
-    write_report(run_dir)
-    finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
-    return run_dir
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        from keel.align.prefs import check_source
 
+        check_source(recipe)  # reads the whole preference / chat file: bad data fails before a run directory is made
+        self.recipe = recipe
 
-def _check_data(recipe: Recipe) -> None:
-    from keel.align.prefs import check_source
+    def setup(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
 
-    check_source(recipe)  # reads the whole preference / chat file
+    def train(self) -> None:
+        self.summary = align_run(self.recipe, self.run_dir)
 
+    def save(self) -> dict:
+        return self.summary  # align_run seals RUN/model (the LoRA merged) as its last step
 
-def write_logs(run_dir: Path, logs: list[dict]) -> None:
-    atomic_write_text(run_dir / "train_logs.jsonl", "".join(json.dumps(r) + "\n" for r in logs))
-
-
-def load_base(recipe: Recipe):
-    from transformers import AutoTokenizer
-
-    from keel.align.trainers import quiet
-    from keel.models import model_dir
-    from keel.train.engine import set_threads
-
-    quiet()
-    set_threads(recipe)
-    base = model_dir(recipe.model.name)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return base, tokenizer
+    def cleanup(self) -> None:
+        pass
 
 
 def align_run(recipe: Recipe, run_dir: Path) -> dict:
@@ -78,7 +46,7 @@ def align_run(recipe: Recipe, run_dir: Path) -> dict:
     from keel.train.engine import save_final_model
 
     cfg, tr = recipe.align, recipe.train
-    base, tokenizer = load_base(recipe)
+    base, tokenizer = trainers.load_base(recipe)
     prefs = load_preferences(recipe.data, lead_token(tokenizer))
     train_pairs, held_out = prefs["train"], prefs["test"]
     if cfg.eval_pairs:
@@ -131,7 +99,7 @@ def align_run(recipe: Recipe, run_dir: Path) -> dict:
         result["stereotype_score_after"] = after["crows_pairs"]["stereotype_score"]
         result["closer_to_50_points"] = before["crows_pairs"]["distance_to_50"] - after["crows_pairs"]["distance_to_50"]
     atomic_write_json(run_dir / "eval" / "align.json", result)
-    write_logs(run_dir, logs)
+    trainers.write_logs(run_dir, logs)
     summary = {"steps": cfg.policy_steps, "reward_steps": cfg.reward_steps, "best_step": cfg.policy_steps,
                "selection_metric": "loss", "best_metric": None, "labels": [],
                "data": {"source": recipe.data.name or recipe.data.path,

@@ -7,12 +7,14 @@ here (bf16 on, gradient checkpointing on); progress goes through keel's progress
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import torch
 
 from keel.errors import KeelError
+from keel.io import atomic_write_text
 from keel.progress import progress
 
 
@@ -57,6 +59,26 @@ def quiet() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated")
+
+
+def load_base(recipe):
+    """The base model's folder and its tokenizer (pad = eos where it has none), TRL's logs quieted."""
+    from transformers import AutoTokenizer
+
+    from keel.models import model_dir
+    from keel.train.engine import set_threads
+
+    quiet()
+    set_threads(recipe)
+    base = model_dir(recipe.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base, tokenizer
+
+
+def write_logs(run_dir: Path, logs: list[dict]) -> None:
+    atomic_write_text(run_dir / "train_logs.jsonl", "".join(json.dumps(r) + "\n" for r in logs))
 
 
 def common_args(steps: int, lr: float, batch_size: int, seed: int, mixed_precision: str, workdir: str) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 from keel.errors import GateError, RecipeError
 from keel.io import atomic_write_json
 from keel.progress import log
+from keel.rundir import deployable_file
 
 _SORT = {"latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
          "size": lambda r: (r["disk_mb"], r["p50_ms_batch1"]),
@@ -95,7 +96,7 @@ def pick_deployable(run_dir: str | Path, bench_result: dict, budget) -> dict:
     if chosen:
         record["figures"] = chosen
         record["test"] = test_figures(run_dir, chosen["variant"])
-    atomic_write_json(run_dir / "compress" / "deployable.json", record)
+    atomic_write_json(deployable_file(run_dir), record)
     if chosen is None:
         closest = min(bench_result["variants"][1:], key=lambda r: r["accuracy_drop_points"], default=None)
         hint = f"; closest: {closest['variant']} ({', '.join(why[closest['variant']])})" if closest else ""

@@ -6,6 +6,8 @@ Each training stage is a small run directory of its own inside the teacher's, tr
     runs/<name>/compress/student/   model/ recipe.yaml metrics.jsonl train.json [export/onnx*/]
     runs/<name>/compress/pruned/    the same; its model/keel.json says "resized" when matrices shrank
     runs/<name>/compress/deployable.json   the variant picked within compress.budget
+
+The stage names, their folders and the variant names (``pruned-onnx-int8``) are keel/rundir.py's.
 """
 
 from __future__ import annotations
@@ -18,19 +20,7 @@ from keel.errors import KeelError
 from keel.io import atomic_dir, atomic_write_text, writes_run
 from keel.progress import log
 from keel.recipe import CompressConfig, Recipe, load_recipe
-
-STAGES = ("student", "pruned")
-
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) if stage == "teacher" else Path(run_dir) / "compress" / stage
-
-
-def latest_stage(run_dir: Path) -> str:
-    for stage in reversed(STAGES):
-        if (stage_dir(run_dir, stage) / "model" / "manifest.json").is_file():
-            return stage
-    return "teacher"
+from keel.rundir import latest_stage, stage_dir
 
 
 def run_recipe(run_dir: Path, overrides: list[str] | None = None) -> Recipe:
@@ -255,28 +245,3 @@ def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     result = bench(run_dir, n_latency=cfg.bench_latency_samples, n_eval=cfg.bench_eval_samples, variants=variants,
                    rounds=cfg.bench_rounds)
     return pick_deployable(run_dir, result, cfg.budget)
-
-
-def variant_location(run_dir: Path, variant: str) -> tuple[Path, str]:
-    """A variant name -> (the stage's run folder, the backend). Legacy names (torch, onnx, onnx-int8) are the teacher's."""
-    if variant in ("torch", "onnx", "onnx-int8", "onnx-static-int8") or variant.startswith("torchao-"):
-        return Path(run_dir), variant
-    stage, _, backend = variant.partition("-")
-    if stage not in ("teacher", *STAGES) or not backend:
-        raise KeelError(f"--backend must be one of torch, onnx, onnx-int8, onnx-static-int8, torchao-weight-only, "
-                        f"torchao-dynamic, or a variant <stage>-<backend> with stage teacher, student or pruned "
-                        f"(see `keel bench`); got {variant!r}")
-    return stage_dir(run_dir, stage), backend
-
-
-def torch_twin(variant: str) -> str:
-    """The PyTorch variant a quantized or exported one was made from (``pruned-onnx-int8`` -> ``pruned-torch``)."""
-    for suffix in ("onnx-static-int8", "onnx-int8", "onnx", "torchao-weight-only", "torchao-dynamic"):
-        if variant.endswith(suffix):
-            return variant[: -len(suffix)] + "torch"
-    return variant
-
-
-def deployable(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "compress" / "deployable.json"
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -25,29 +25,17 @@ from keel.errors import DataError
 from keel.io import MANIFEST, atomic_dir, verify_manifest
 from keel.progress import esc, is_main_process, log
 from keel.recipe import Recipe
+from keel.rundir import SPLITS, splits_dir
 
 logger = logging.getLogger(__name__)
 
-FOLDER = "splits"
 FORMAT = "keel-splits/1"
 NAMES = ("train", "validation", "test")
 
 
-def frozen_dir(run_dir: str | Path) -> Path | None:
-    """The sealed splits folder of ``run_dir``, or of the run a compression stage belongs to; None if absent."""
-    run_dir = Path(run_dir)
-    candidates = [run_dir]
-    if run_dir.parent.name == "compress":  # compress/<stage>/ or the scratch folder it is trained in
-        candidates.append(run_dir.parent.parent)
-    for d in candidates:
-        if (d / FOLDER / "splits.json").is_file():
-            return d / FOLDER
-    return None
-
-
 def freeze(run_dir: str | Path, raw: RawSplits) -> Path:
     """Write ``raw`` as RUN_DIR/splits (atomic, sealed with a manifest)."""
-    final = Path(run_dir) / FOLDER
+    final = Path(run_dir) / SPLITS
     with atomic_dir(final) as tmp:
         for name in NAMES:
             getattr(raw, name).to_parquet(tmp / f"{name}.parquet", index=False)
@@ -59,9 +47,9 @@ def freeze(run_dir: str | Path, raw: RawSplits) -> Path:
 
 def load_frozen(run_dir: str | Path) -> RawSplits:
     """The frozen splits of a run, checked against their manifest; DataError naming the folder if absent."""
-    folder = frozen_dir(run_dir)
+    folder = splits_dir(run_dir)
     if folder is None:
-        raise DataError(f"{run_dir} has no frozen splits ({FOLDER}/); it was trained by an older keel or not at all")
+        raise DataError(f"{run_dir} has no frozen splits ({SPLITS}/); it was trained by an older keel or not at all")
     return _read(folder)
 
 
@@ -88,7 +76,7 @@ def digest(manifest: dict) -> str:
 def run_splits(recipe: Recipe, run_dir: str | Path, freeze_missing: bool = False) -> RawSplits:
     """The splits of ``run_dir``: frozen ones when there, else (training) split the source and freeze them,
     else (a run from before frozen splits) the source re-split, if its content hash is the recorded one."""
-    folder = frozen_dir(run_dir)
+    folder = splits_dir(run_dir)
     if folder is not None:
         raw = _read(folder)
         if freeze_missing:  # training continues on these rows; say so if the source moved on
@@ -98,7 +86,7 @@ def run_splits(recipe: Recipe, run_dir: str | Path, freeze_missing: bool = False
         raw = load_splits(recipe.data, recipe.task)
         if is_main_process():
             freeze(run_dir, raw)
-            raw = _read(Path(run_dir) / FOLDER)
+            raw = _read(Path(run_dir) / SPLITS)
         return raw
     return _legacy(recipe, Path(run_dir))
 
@@ -112,7 +100,7 @@ def _warn_if_source_changed(recipe: Recipe, raw: RawSplits) -> None:
         return  # the source is gone: nothing needs it any more
     if now != raw.content_sha256:
         log(f"[yellow]data: {esc(source)} changed since this run froze its splits; training continues on the "
-            f"frozen splits in {FOLDER}/[/]")
+            f"frozen splits in {SPLITS}/[/]")
 
 
 def _legacy(recipe: Recipe, run_dir: Path) -> RawSplits:
@@ -128,7 +116,7 @@ def _legacy(recipe: Recipe, run_dir: Path) -> RawSplits:
     if recorded is None or raw.content_sha256 != recorded:
         why = "no content hash was recorded at training time" if recorded is None else \
             f"its content hash is {raw.content_sha256[:12]}, training saw {recorded[:12]}"
-        raise DataError(f"{run_dir} has no frozen splits ({FOLDER}/) and its data {raw.source} cannot be shown to be "
+        raise DataError(f"{run_dir} has no frozen splits ({SPLITS}/) and its data {raw.source} cannot be shown to be "
                         f"the one it was trained on ({why}); restore that file, or re-train the run")
     logger.info("%s predates frozen splits; re-split its unchanged source %s", run_dir, raw.source)
     return raw

@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.export.onnx import export_dir, weights_bytes
+from keel.export.onnx import weights_bytes
 from keel.io import atomic_write_json, writes_run
 from keel.progress import log
+from keel.rundir import STAGES, export_dir, stage_dir, variant_location
+
 
 def available_variants(run_dir: Path) -> list[str]:
     """Every variant on disk: the teacher and each compression stage, with their exports."""
-    from keel.compress.stages import STAGES, stage_dir
-
     out = []
     for stage in ("teacher", *STAGES):
         folder = stage_dir(run_dir, stage)
@@ -65,7 +65,6 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
     """Runs inside the worker process: load one variant, then time and score it."""
     import torch
 
-    from keel.compress.stages import variant_location
     from keel.data.prepare import prepare_data
     from keel.evaluate import load_trained, text_logits
     from keel.train.metrics import classification_metrics

@@ -23,14 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.io import atomic_dir, verify_manifest, writes_run
+from keel.export.ort import OnnxClassifier, session as _session  # noqa: F401  (OnnxClassifier: its old home)
+from keel.io import atomic_dir, writes_run
+from keel.rundir import export_dir
 
 FP32, INT8, STATIC_INT8 = "onnx", "onnx-int8", "onnx-static-int8"
-
-
-def export_dir(run_dir: Path, variant: str) -> Path:
-    return Path(run_dir) / "export" / variant
-
 
 def _parity_texts(trained, n: int = 16) -> list[str]:
     """Texts of different lengths from the run's data; a fixed fallback if the data is gone."""
@@ -201,41 +198,3 @@ def _copy_metadata(t, folder: Path, extra: dict) -> None:
 
 def weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-class OnnxClassifier:
-    """An ONNX Runtime session that quacks like a Hugging Face classifier where keel calls one:
-    ``model(**batch).logits``, ``model.config.id2label``, ``model.eval()``."""
-
-    def __init__(self, folder: Path):
-        from types import SimpleNamespace
-
-        verify_manifest(folder)
-        self.folder = folder
-        self.info = json.loads((folder / "keel.json").read_text())
-        self.session = _session(folder / "model.onnx")
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        labels = self.info["labels"]
-        self.config = SimpleNamespace(num_labels=len(labels), id2label=dict(enumerate(labels)))
-
-    def _inference_mode(self) -> "OnnxClassifier":
-        return self  # an ONNX Runtime session has no training mode
-
-    eval = _inference_mode  # the name keel's evaluation calls on every model
-
-    def __call__(self, **batch):
-        """Tensors (B, T) by input name -> an object with ``.logits`` (B, C), a torch tensor."""
-        from types import SimpleNamespace
-
-        import torch
-
-        feeds = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.inputs}
-        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feeds)[0]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from keel.report.parts import png
+
 
 def section_federated(run_dir: Path, ctx: dict) -> str | None:
     rounds = [r for r in ctx["metrics"] if "round" in r]
@@ -15,8 +17,6 @@ def section_federated(run_dir: Path, ctx: dict) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from keel.report import _png
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
     xs = [r["round"] for r in rounds]
@@ -60,4 +60,4 @@ def section_federated(run_dir: Path, ctx: dict) -> str | None:
     notes = ""
     if rejected:
         notes = "<p class='bad'>rejected updates: " + ", ".join(f"round {r}: {html.escape(s)}" for r, s in rejected) + "</p>"
-    return f"<h2>Federated rounds</h2>{table}{notes}{_png(fig)}"
+    return f"<h2>Federated rounds</h2>{table}{notes}{png(fig)}"

@@ -24,12 +24,10 @@ from keel.federated import privacy
 from keel.federated.guard import Guard, build_strategy, sites_per_round
 from keel.federated.site import get_weights, make_client, set_weights, weight_specs
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
-from keel.pipeline import finish_run, resolve_run_dir, start_run
 from keel.progress import esc, log, progress
 from keel.recipe import Recipe
+from keel.rundir import ROUNDS
 from keel.train.engine import set_threads
-
-ROUNDS_DIR = "federated"
 
 
 def _fed(recipe: Recipe):
@@ -181,7 +179,7 @@ class Coordinator:
         torch.manual_seed(s.recipe.train.seed)  # the fresh classification head: the same start on every run
         self.model = build_model(s, self.labels)
         self.specs = weight_specs(self.model)
-        self.root = run_dir / ROUNDS_DIR
+        self.root = run_dir / ROUNDS  # round-XXXXX/
         self.dp_plan = privacy.plan(self.fed, sites_per_round(self.fed))
         self.offset, self.dp_rounds, self.history = 0, 0, []
         self.moments: dict = {}  # a restarted FedAdam server goes on with its moments, not fresh ones
@@ -295,39 +293,38 @@ def _announce(c: Coordinator) -> None:
             f"(budget {p['epsilon_budget']:g})")
 
 
-def _finish_run(recipe: Recipe, run_dir: Path, c: Coordinator, t0: float) -> Path:
-    from keel.evaluate import evaluate_run
-    from keel.report import write_report
+class FederatedTrainer:
+    """`keel federate [serve] RECIPE` as keel's Trainer (keel/pipeline.py): ``mode`` simulate (Flower's
+    simulation engine) or serve (gRPC, sites join with `keel federate join`). Resumes after the last round."""
 
-    summary = c.finish()
-    finish_run(run_dir, status="trained", train=summary, train_wall_seconds=round(time.perf_counter() - t0, 1))
-    if recipe.data.split.test > 0:
-        evaluate_run(run_dir)
-    write_report(run_dir)
-    finish_run(run_dir, status="finished", wall_seconds=round(time.perf_counter() - t0, 1))
-    return run_dir
+    resumable = True
 
+    def __init__(self, recipe: Recipe, resume: bool = False, mode: str = "simulate", **options):
+        if mode not in ("simulate", "serve"):
+            raise KeelError(f"keel federate: mode must be simulate or serve; got {mode!r}")
+        self.recipe, self.resume = recipe, resume
+        self.body = _simulation(recipe, **options) if mode == "simulate" else _server(recipe, **options)
+        data_recipe(recipe)  # a wrong site column fails before any folder is made
 
-def _run(recipe: Recipe, resume: bool, body) -> Path:
-    data_recipe(recipe)  # a wrong site column fails before any folder is made
-    run_dir = resolve_run_dir(recipe, resume)
-    log(f"run directory: [bold]{esc(str(run_dir))}[/]  (recipe sha256 {recipe.sha256()[:12]})")
-    start_run(recipe, run_dir, resume)
-    t0 = time.perf_counter()
-    try:
-        s = setup(recipe)
-        c = Coordinator(s, run_dir, resume)
-        _announce(c)
-        if c.remaining:
-            with progress("round") as bar:
-                c._bar = (bar, bar.add_task("federated rounds", total=c.fed.rounds, completed=c.offset, info=""))
-                body(s, c)
-        else:
+    def setup(self, run_dir: Path) -> None:
+        self.s = setup(self.recipe)
+        self.c = Coordinator(self.s, run_dir, self.resume)
+        _announce(self.c)
+
+    def train(self) -> None:
+        c = self.c
+        if not c.remaining:
             log("all rounds are done already; writing the final model again")
-    except BaseException as e:
-        finish_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
-        raise
-    return _finish_run(recipe, run_dir, c, t0)
+            return
+        with progress("round") as bar:
+            c._bar = (bar, bar.add_task("federated rounds", total=c.fed.rounds, completed=c.offset, info=""))
+            self.body(self.s, c)
+
+    def save(self) -> dict:
+        return self.c.finish()
+
+    def cleanup(self) -> None:
+        pass
 
 
 # -- simulation --------------------------------------------------------------------------------------
@@ -360,8 +357,9 @@ def _sim_site(recipe_json: str, pid: int, threads: int):
     return _SITE_CACHE[key]
 
 
-def simulate(recipe: Recipe, resume: bool = False, debug: bool = False) -> Path:
-    """`keel federate RECIPE`: every site simulated by Flower's simulation engine on this machine."""
+def _simulation(recipe: Recipe, debug: bool = False):
+    """`keel federate RECIPE`: every site simulated by Flower's simulation engine on this machine. Checks the
+    settings now; returns the rounds as ``body(setup, coordinator)`` for FederatedTrainer.train."""
     fed = _fed(recipe)
     _quiet_flower(debug)
 
@@ -405,7 +403,7 @@ def simulate(recipe: Recipe, resume: bool = False, debug: bool = False) -> Path:
             raise KeelError(f"the simulation stopped after {len(c.history) - before} of {c.remaining} evaluations; "
                             f"run again with --debug for Flower's log, then `keel federate RECIPE --resume`")
 
-    return _run(recipe, resume, body)
+    return body
 
 
 # -- separate processes ------------------------------------------------------------------------------
@@ -419,9 +417,10 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
     return p.read_bytes()
 
 
-def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debug: bool = False,
-          secret_file: str | None = None, allow_insecure: bool = False, allow_no_auth: bool = False) -> Path:
-    """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`.
+def _server(recipe: Recipe, address: str | None = None, debug: bool = False, secret_file: str | None = None,
+            allow_insecure: bool = False, allow_no_auth: bool = False):
+    """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`. Checks the settings
+    now; returns the rounds as ``body(setup, coordinator)`` for FederatedTrainer.train.
 
     A non-loopback address needs TLS and a site secret unless ``allow_insecure`` / ``allow_no_auth`` say the
     network is trusted; with a secret, only sites that send it can join (see transport.py).
@@ -450,7 +449,7 @@ def serve(recipe: Recipe, resume: bool = False, address: str | None = None, debu
         transport.run_server(address, c.strategy(), num_rounds=c.remaining, round_timeout=srv.round_timeout,
                              needed=fed.min_available_clients, offset=c.offset, certificates=certificates, secret=secret)
 
-    return _run(recipe, resume, body)
+    return body
 
 
 def _site_frame(path: Path, columns: dict, labels: list[str] | None):

@@ -1,22 +1,26 @@
 """report.html: one self-contained page (inline CSS, plots as embedded PNG) built from a run directory.
 
 The report reads only files in the run directory, so it can be rebuilt at any time
-(`keel report RUN_DIR`). Each section is a function ``(run_dir, ctx) -> html | None``; later
-stages add theirs to SECTIONS.
+(`keel report RUN_DIR`). Each section is a function ``(run_dir, ctx) -> html | None``, listed in SECTIONS in
+page order; sections of later stages live next to their stage (keel/report/trust.py, generative.py,
+keel/federated/report.py) and share the helpers of keel/report/parts.py.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import math
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
+from keel.federated.report import section_federated  # federated runs: rounds and privacy
 from keel.io import atomic_write_text, writes_run
+from keel.report import trust as _trust  # data, fairness, explanations, privacy, environment
+from keel.report.generative import section_align, section_samples, section_sft
+from keel.report.parts import fmt as _fmt, num as _num, png as _png, read_json as _json
+from keel.rundir import deployable_file
 from keel.train.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -31,38 +35,6 @@ pre{background:#f5f6fa;padding:.8em;overflow:auto;font-size:13px}
 tr.pick td{background:#e6f4ea;font-weight:600} p.pick{background:#e6f4ea;padding:.5em .8em} p.fail{background:#fce8e6;padding:.5em .8em}
 .tok{padding:0 1px;border-radius:2px}
 """
-
-
-def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def _json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _fmt(v) -> str:
-    """A cell as a person writes it: scores to 4 places, yes/no for flags, a word for what was not measured."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "not measured"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _num(v, places: int = 1, unit: str = "") -> str | None:
-    """A measured quantity with a thousands separator and its unit; None when it was not measured."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return f"{v:,.{places}f}{unit}"
 
 
 _DIGITS = {"disk_mb": 1, "p50_ms_batch1": 2, "p95_ms_batch1": 2, "throughput_batch32": 1, "peak_rss_mb": 0,
@@ -241,7 +213,7 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
     if not bench:
         return None
     rows = bench["variants"]
-    pick = _json(run_dir / "compress" / "deployable.json") or {}
+    pick = _json(deployable_file(run_dir)) or {}
     chosen = pick.get("deployable")
     split = bench.get("split", "test")  # benches written before the validation pick scored the test split
     head = ("variant", f"{split} accuracy", "macro-F1", "MB", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)",
@@ -296,16 +268,9 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
             + (f", best timings of {bench['rounds']} rounds" if bench.get("rounds", 1) > 1 else "") + f".</p>{table}{_png(fig)}")
 
 
-from keel.report import trust as _trust  # noqa: E402  (data, fairness, explanations, privacy, environment)
-from keel.report.generative import section_align, section_samples, section_sft  # noqa: E402
-
 SECTIONS = [section_summary, _trust.section_data, section_test, section_curves, section_samples, section_sft,
             section_align, section_bench, _trust.section_fairness, _trust.section_explain, _trust.section_privacy,
-            _trust.section_environment, section_recipe]
-
-from keel.federated.report import section_federated  # noqa: E402  (federated runs: rounds and privacy)
-
-SECTIONS.insert(SECTIONS.index(section_recipe), section_federated)
+            _trust.section_environment, section_federated, section_recipe]
 
 
 def _build(section, run_dir: Path, ctx: dict) -> str | None:

@@ -6,6 +6,8 @@ import html
 import json
 from pathlib import Path
 
+from keel.report.parts import png
+
 
 def _json(path: Path):
     try:
@@ -30,8 +32,6 @@ def _fmt(v, digits=3):
 
 
 def section_align(run_dir: Path, ctx: dict) -> str | None:
-    from keel.report import _png
-
     r = _json(run_dir / "eval" / "align.json")
     if not r:
         return None
@@ -76,14 +76,12 @@ def section_align(run_dir: Path, ctx: dict) -> str | None:
                       f"<td>{html.escape(s['aligned'])}</td></tr>" for s in r.get("samples", []))
     return (f"<h2>Alignment ({html.escape(r['method'])}, beta {r['beta']}): before vs after, held-out pairs only</h2>"
             f"<p class='sub'>{r['train_pairs']} training pairs, {r['held_out_pairs']} held-out pairs, split by pair</p>"
-            f"{table}{_png(fig)}{_curves(run_dir)}"
+            f"{table}{png(fig)}{_curves(run_dir)}"
             f"<h3>Greedy continuations of held-out prompts</h3><table><tr><th>prompt</th><th>reference</th>"
             f"<th>aligned</th></tr>{samples}</table>")
 
 
 def _curves(run_dir: Path) -> str:
-    from keel.report import _png
-
     path = run_dir / "train_logs.jsonl"
     if not path.is_file():
         return ""
@@ -101,7 +99,7 @@ def _curves(run_dir: Path) -> str:
         ax.plot([p[0] for p in pts], [p[1] for p in pts])
         ax.set_title(f"{name} training loss", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def section_sft(run_dir: Path, ctx: dict) -> str | None:

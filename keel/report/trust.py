@@ -7,11 +7,7 @@ import json
 import platform
 from pathlib import Path
 
-
-def _h():
-    from keel import report
-
-    return report
+from keel.report.parts import fmt, png, read_json
 
 
 def _plt():
@@ -24,7 +20,7 @@ def _plt():
 
 
 def _table(head: list[str], rows: list[list]) -> str:
-    f = _h()._fmt
+    f = fmt
     return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td class='num'>{f(v)}</td>" for v in r) + "</tr>" for r in rows)
             + "</table>")
@@ -33,7 +29,7 @@ def _table(head: list[str], rows: list[list]) -> str:
 def data_summary(run_dir: Path) -> dict | None:
     """Sizes, class balance and token lengths per split; computed once from the tokenized cache, then kept."""
     path = run_dir / "data_summary.json"
-    doc = _h()._json(path)
+    doc = read_json(path)
     if doc or not (run_dir / "model").is_dir():
         return doc
     import numpy as np
@@ -83,13 +79,13 @@ def _diff(v) -> str:
 
 
 def section_fairness(run_dir: Path, ctx: dict) -> str | None:
-    doc = _h()._json(run_dir / "audit" / "fairness.json")
+    doc = read_json(run_dir / "audit" / "fairness.json")
     if not doc:
         return None
     out = [f"<h2>Fairness</h2><p>{doc['n']} {doc['split']} examples; groups from the {doc['source']}; positive outcome "
            f"'{html.escape(doc['positive_label'])}'. Groups with fewer than {doc['min_group_size']} examples are "
            f"flagged and left out of the differences.</p>"]
-    gates = _h()._json(run_dir / "audit" / "gates.json") or {}
+    gates = read_json(run_dir / "audit" / "gates.json") or {}
     for fail in gates.get("failures", []):
         out.append(f"<p class='bad'>gate failed: {html.escape(fail)}</p>")
     for line in gates.get("unmeasurable", []):
@@ -129,10 +125,10 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
             ax.set_title(attr, fontsize=10)
             ax.set_ylim(0, 1)
         axes[0][0].legend(fontsize=7)
-        out.append(_h()._png(fig) + "<p class='sub'>pale, hatched bars: groups too small to rank.</p>")
+        out.append(png(fig) + "<p class='sub'>pale, hatched bars: groups too small to rank.</p>")
     subs = doc.get("subgroup_aucs") or []
     if subs:
-        out.append(f"<h3>Subgroup AUCs (Borkan et al. 2019)</h3><p>overall AUC {_h()._fmt(doc.get('overall_auc'))}; "
+        out.append(f"<h3>Subgroup AUCs (Borkan et al. 2019)</h3><p>overall AUC {fmt(doc.get('overall_auc'))}; "
                    "BPSN: background positives vs subgroup negatives; BNSP: background negatives vs subgroup positives.</p>")
         out.append(_table(["subgroup", "n", "subgroup AUC", "BPSN AUC", "BNSP AUC", "note"],
                           [[s["subgroup"], s["n"], s["subgroup_auc"], s["bpsn_auc"], s["bnsp_auc"], s["flag"] or ""]
@@ -169,7 +165,7 @@ def section_fairness(run_dir: Path, ctx: dict) -> str | None:
 
 
 def section_explain(run_dir: Path, ctx: dict) -> str | None:
-    doc = _h()._json(run_dir / "audit" / "explain.json")
+    doc = read_json(run_dir / "audit" / "explain.json")
     if not doc:
         return None
     from keel.trust.explain import Explanation, render_html
@@ -195,7 +191,7 @@ def section_explain(run_dir: Path, ctx: dict) -> str | None:
         ax.axhline(0, color="black", lw=0.6)
         ax.set_ylabel("drop in p(predicted class)")
         ax.legend(fontsize=8)
-        out.append(_h()._png(fig))
+        out.append(png(fig))
     gi = doc.get("global_importance") or {}
     if gi:
         out.append("<h3>Global importance: tokens that push most toward each predicted class</h3>")
@@ -214,7 +210,7 @@ def section_explain(run_dir: Path, ctx: dict) -> str | None:
 
 
 def section_privacy(run_dir: Path, ctx: dict) -> str | None:
-    p = (ctx["run"].get("train") or {}).get("privacy") or (_h()._json(run_dir / "train.json") or {}).get("privacy")
+    p = (ctx["run"].get("train") or {}).get("privacy") or (read_json(run_dir / "train.json") or {}).get("privacy")
     if not p or "mode" in p:  # a federated run's client-level DP is in its own section (keel/federated/report.py)
         return None
     from keel.trust.card import privacy_lines
@@ -227,7 +223,7 @@ def section_privacy(run_dir: Path, ctx: dict) -> str | None:
         rows += [["privacy unit", "person (a text and its counterfactual copy)"], ["persons (N)", p["persons"]],
                  ["rows", p["rows"]], ["clip per row", p["row_clip"]]]
     return (f"<h2>Privacy</h2><p>{html.escape(privacy_lines(p)[0])}</p>"
-            + "<table>" + "".join(f"<tr><th>{k}</th><td class='num'>{_h()._fmt(v)}</td></tr>" for k, v in rows) + "</table>")
+            + "<table>" + "".join(f"<tr><th>{k}</th><td class='num'>{fmt(v)}</td></tr>" for k, v in rows) + "</table>")
 
 
 def section_environment(run_dir: Path, ctx: dict) -> str:

@@ -17,7 +17,7 @@ from keel.serve import protocol as P
 from keel.serve.batching import DynamicBatcher, ExplainQueue
 from keel.serve.docs import add_docs_routes
 from keel.serve.engines import Engine
-from keel.serve.errors import ServeError, error_response, install_error_handlers
+from keel.serve.errors import ServeError, check_model, error_response, install_error_handlers
 from keel.serve.guard import Guard
 from keel.serve.metrics import Metrics
 
@@ -161,18 +161,6 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     known = {r.path for r in app.routes if hasattr(r, "path")}
     return Guard(app, key_digests, config.max_body_bytes, state, metrics, known, config.read_timeout_s,
                  public_docs=config.public_docs)
-
-
-def check_model(state: State, route: str, model: str | None) -> None:
-    """404 for another model's name; 400 when the loaded model cannot serve this route."""
-    engine = state.engine
-    if model is not None and model != engine.model_id:
-        raise ServeError(404, f"model '{model}' is not served here; this server serves '{engine.model_id}' "
-                              "(see /v1/models)", "model", "model_not_found")
-    if route not in engine.routes:
-        serves = ", ".join(f"/v1/{r}".replace("/v1/chat", "/v1/chat/completions") for r in engine.routes)
-        raise ServeError(400, f"'{engine.model_id}' is a {engine.kind} model and cannot serve /v1/{route}; "
-                              f"it serves {serves}", "model", "unsupported_route")
 
 
 def _texts(state: State, route: str, model: str | None, inputs) -> list[str]:

@@ -109,8 +109,8 @@ class Engine:
 
     def _explainer_model(self):
         if self._explainer is None:
-            from keel.compress.stages import torch_twin
             from keel.evaluate import load_trained
+            from keel.rundir import torch_twin
 
             torch_variant = torch_twin(self.backend)
             # Its own copy even for a torch variant: attribution hooks the embedding layer, which must not
@@ -140,22 +140,6 @@ class Engine:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.prompt_ids(text)
-
-
-def _pick_backend(run_dir: Path, backend: str) -> str:
-    if backend != "auto":
-        return backend
-    from keel.compress.stages import deployable
-    from keel.export.onnx import export_dir
-
-    picked = (deployable(run_dir) or {}).get("deployable")
-    if picked:  # the variant `keel compress` measured and chose within its budget
-        return picked
-
-    for name in ("onnx-int8", "onnx"):
-        if (export_dir(run_dir, name) / "manifest.json").is_file():
-            return name
-    return "torch"
 
 
 def check_target(target: str) -> None:
@@ -201,6 +185,7 @@ def _verify_folder(folder: Path) -> None:
 
 def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
     from keel.evaluate import load_trained, sealed_recipe, verified_model
+    from keel.rundir import serve_variant
 
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name
@@ -209,7 +194,7 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
             raise KeelError(f"serve.backend={backend} is for classifiers; {run_dir} is a causal-lm run (use torch)")
         sealed_recipe(run_dir, info)
         return _load_lm(run_dir / "model", model_id, device)
-    chosen = _pick_backend(run_dir, backend)
+    chosen = serve_variant(run_dir, backend)
     t = load_trained(run_dir, chosen)  # checks every file against its manifest
     # /v1/embeddings: the teacher's encoder, loaded (and checked) like the classifier when another variant serves
     encoder = (t.model if chosen in ("torch", "teacher-torch") else load_trained(run_dir, "torch").model).base_model

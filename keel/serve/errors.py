@@ -34,6 +34,18 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(envelope(status, message, param, code), status_code=status, headers=headers)
 
 
+def check_model(state, route: str, model: str | None) -> None:
+    """404 for another model's name; 400 when the loaded model (``state.engine``) cannot serve this route."""
+    engine = state.engine
+    if model is not None and model != engine.model_id:
+        raise ServeError(404, f"model '{model}' is not served here; this server serves '{engine.model_id}' "
+                              "(see /v1/models)", "model", "model_not_found")
+    if route not in engine.routes:
+        serves = ", ".join(f"/v1/{r}".replace("/v1/chat", "/v1/chat/completions") for r in engine.routes)
+        raise ServeError(400, f"'{engine.model_id}' is a {engine.kind} model and cannot serve /v1/{route}; "
+                              f"it serves {serves}", "model", "unsupported_route")
+
+
 def _validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
     """The first problem as (message, param, code); ``param`` is the dotted path inside the body."""
     errors = exc.errors()

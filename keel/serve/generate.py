@@ -16,15 +16,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from keel.serve import protocol as P
-from keel.serve.errors import ServeError, envelope
+from keel.serve.errors import ServeError, check_model, envelope
 from keel.serve.scheduler import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 def add_generation_routes(app: FastAPI, state, errors: dict) -> None:
-    from keel.serve.app import check_model
-
     @app.post("/v1/completions", response_model=P.CompletionResponse, tags=["openai"], responses=errors,
               summary="text completion (continuous batching; stream=true for server-sent events)")
     async def completions(body: P.CompletionRequest, request: Request):

@@ -12,54 +12,13 @@ servable like any run's model) and adapter/ the adapter itself.
 from __future__ import annotations
 
 import math
-import random
 import tempfile
 from pathlib import Path
 
 from keel.errors import DataError
 from keel.io import atomic_dir, atomic_write_json
+from keel.data.chat import read_chat_jsonl, split_examples
 from keel.progress import log
-
-
-def read_chat_jsonl(path: str, use_chat: bool) -> list[dict]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"data.path: file '{path}' not found; SFT data is JSONL with messages, or prompt + response")
-    from keel.data.load import read_jsonl
-
-    rows = [_example(r, use_chat, f"{path} line {n}") for n, r in read_jsonl(p)]
-    if len(rows) < 2:
-        raise DataError(f"{path}: {len(rows)} examples; SFT needs at least 2")
-    return rows
-
-
-def _example(r: dict, use_chat: bool, where: str) -> dict:
-    if isinstance(r.get("messages"), list) and r["messages"]:
-        msgs = r["messages"]
-        if not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs):
-            raise DataError(f"{where}: every message needs a role and a text content")
-        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise DataError(f"{where}: messages must end with an assistant message after at least one other")
-        prompt, completion = msgs[:-1], msgs[-1:]
-    else:
-        response = r.get("response", r.get("completion"))
-        if not isinstance(r.get("prompt"), str) or not isinstance(response, str):
-            raise DataError(f"{where}: needs 'messages' (a list), or 'prompt' and 'response' strings")
-        prompt, completion = [{"role": "user", "content": r["prompt"]}], [{"role": "assistant", "content": response}]
-    if use_chat:
-        return {"prompt": prompt, "completion": completion}
-    text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\nassistant:"
-    return {"prompt": text, "completion": " " + completion[0]["content"]}
-
-
-def split_examples(rows: list[dict], data) -> tuple[list[dict], list[dict]]:
-    """The training and test examples of an SFT run (seeded shuffle, data.split); `keel eval` reads the same test."""
-    order = list(range(len(rows)))
-    random.Random(data.split.seed).shuffle(order)
-    n_test, n_val = round(data.split.test * len(rows)), round(data.split.validation * len(rows))
-    test = [rows[i] for i in order[:n_test]]
-    train = [rows[i] for i in order[n_test + n_val:]][: data.max_train_samples]
-    return train, test
 
 
 def merge_lora(model):
@@ -67,13 +26,37 @@ def merge_lora(model):
     return model.merge_and_unload()
 
 
+class SftTrainer:
+    """SFT (sft_run below) as keel's Trainer (keel/pipeline.py); not resumable."""
+
+    resumable = False
+
+    def __init__(self, recipe, resume: bool = False):
+        from keel.align.prefs import check_source
+
+        check_source(recipe)  # reads the whole chat file: bad data fails before a run directory is made
+        self.recipe = recipe
+
+    def setup(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def train(self) -> None:
+        self.summary = sft_run(self.recipe, self.run_dir)
+
+    def save(self) -> dict:
+        return self.summary  # sft_run seals RUN/model (and adapter/ with LoRA) itself
+
+    def cleanup(self) -> None:
+        pass
+
+
 def sft_run(recipe, run_dir: Path) -> dict:
     import datasets
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from keel.align.run import load_base, write_logs
-    from keel.align.trainers import _progress_callback, common_args, load_policy, peft_config, run_trainer
+    from keel.align.trainers import (_progress_callback, common_args, load_base, load_policy, peft_config, run_trainer,
+                                     write_logs)
     from keel.train.engine import save_final_model
 
     if recipe.data.path is None:

@@ -16,6 +16,7 @@ from functools import partial
 import numpy as np
 
 from keel.trust import lexicon
+from keel.trust.mitigation import score_estimator
 
 BUCKETS = ("none", "several")  # lexicon rows that mention no subgroup, or more than one
 
@@ -128,25 +129,6 @@ def memberships(texts: list[str], column: list[str] | None, cats: list[str]) -> 
     return masks
 
 
-def _score_estimator():
-    """A fitted 'estimator' whose input is already the model's P(positive): ThresholdOptimizer(prefit=True)."""
-    from sklearn.base import BaseEstimator, ClassifierMixin
-
-    class ScoreAsEstimator(ClassifierMixin, BaseEstimator):
-        def fit(self, X, y):
-            self.classes_ = np.array([0, 1])
-            return self
-
-        def predict_proba(self, X):
-            s = np.asarray(X, dtype=float).reshape(-1)
-            return np.stack([1 - s, s], axis=1)
-
-        def predict(self, X):
-            return (np.asarray(X, dtype=float).reshape(-1) >= 0.5).astype(int)
-
-    return ScoreAsEstimator().fit(None, None)
-
-
 def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: int, seed: int = 0) -> dict:
     """Fit per-group thresholds on ``fit`` (validation) and compare before/after on ``test``.
 
@@ -161,7 +143,7 @@ def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: 
     if len(usable) < 2:
         return {"applied": False, "reason": f"fewer than 2 groups with {min_group_size}+ examples of both outcomes "
                                             f"in the fitting split"}
-    opt = ThresholdOptimizer(estimator=_score_estimator(), constraints=constraint, objective="accuracy_score", prefit=True,
+    opt = ThresholdOptimizer(estimator=score_estimator(), constraints=constraint, objective="accuracy_score", prefit=True,
                              predict_method="predict_proba")
     m = np.isin(fit["group"], usable)
     opt.fit(fit["score"][m].reshape(-1, 1), fit["y"][m], sensitive_features=fit["group"][m])

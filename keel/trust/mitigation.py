@@ -67,13 +67,30 @@ def write_thresholds(run_dir: Path, mit: dict, positive_label: str) -> None:
                              "backends": list(SOUND_BACKENDS)})
 
 
+def score_estimator():
+    """A fitted 'estimator' whose input is already the model's P(positive): ThresholdOptimizer(prefit=True)."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    class ScoreAsEstimator(ClassifierMixin, BaseEstimator):
+        def fit(self, X, y):
+            self.classes_ = np.array([0, 1])
+            return self
+
+        def predict_proba(self, X):
+            s = np.asarray(X, dtype=float).reshape(-1)
+            return np.stack([1 - s, s], axis=1)
+
+        def predict(self, X):
+            return (np.asarray(X, dtype=float).reshape(-1) >= 0.5).astype(int)
+
+    return ScoreAsEstimator().fit(None, None)
+
+
 def thresholder(doc: dict):
     """Fairlearn's InterpolatedThresholder rebuilt from ``to_json``'s document (over scores = P(positive))."""
     from fairlearn.postprocessing._interpolated_thresholder import InterpolatedThresholder
     from fairlearn.postprocessing._threshold_operation import ThresholdOperation
     from sklearn.utils import Bunch
-
-    from keel.trust.fairness import _score_estimator
 
     interpolation = {}
     for g, e in doc["thresholds"].items():
@@ -83,7 +100,7 @@ def thresholder(doc: dict):
         if "p_ignore" in e:
             b.update(p_ignore=e["p_ignore"], prediction_constant=e["prediction_constant"])
         interpolation[g] = b
-    return InterpolatedThresholder(_score_estimator(), interpolation, prefit=True,
+    return InterpolatedThresholder(score_estimator(), interpolation, prefit=True,
                                    predict_method="predict_proba").fit(None, None)
 
 
@@ -171,11 +188,11 @@ def _read(path: Path) -> dict | None:
 
 
 def default_serve_backend(run_dir: Path) -> str:
-    """The variant `keel serve RUN_DIR` (and serve.backend=auto) picks, as keel/serve/engines.py picks it."""
-    from keel.serve.engines import _pick_backend
+    """The variant `keel serve RUN_DIR` (and serve.backend=auto) picks (keel/rundir.py)."""
+    from keel.rundir import serve_variant
 
     try:
-        return _pick_backend(Path(run_dir), "auto")
+        return serve_variant(Path(run_dir), "auto")
     except Exception:  # noqa: BLE001  (a half-written compress folder: the card still says what it knows)
         return "torch"
 

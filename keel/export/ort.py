@@ -1,0 +1,51 @@
+"""ONNX Runtime on the CPU: a session, and a classifier over an exported folder (keel/export/onnx.py writes them).
+
+Kept apart from the exporter so that loading a run (keel/evaluate.py) needs only the runtime side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from keel.io import verify_manifest
+
+
+def session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxClassifier:
+    """An ONNX Runtime session that quacks like a Hugging Face classifier where keel calls one:
+    ``model(**batch).logits``, ``model.config.id2label``, ``model.eval()``."""
+
+    def __init__(self, folder: Path):
+        from types import SimpleNamespace
+
+        verify_manifest(folder)
+        self.folder = folder
+        self.info = json.loads((folder / "keel.json").read_text())
+        self.session = session(folder / "model.onnx")
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        labels = self.info["labels"]
+        self.config = SimpleNamespace(num_labels=len(labels), id2label=dict(enumerate(labels)))
+
+    def _inference_mode(self) -> "OnnxClassifier":
+        return self  # an ONNX Runtime session has no training mode
+
+    eval = _inference_mode  # the name keel's evaluation calls on every model
+
+    def __call__(self, **batch):
+        """Tensors (B, T) by input name -> an object with ``.logits`` (B, C), a torch tensor."""
+        from types import SimpleNamespace
+
+        import torch
+
+        feeds = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.inputs}
+        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feeds)[0]))
