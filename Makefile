@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make demo` and `make test`. Both build the same idempotent .venv.
+# Two commands for a newcomer: `make demo` and `make test`. Every target builds the same idempotent .venv.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test test-fast venv lint format-check clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,17 @@ TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The unit lane: everything not marked `slow` (no `keel` subprocess, no training run, no server).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+# ruff's settings are in pyproject.toml ([tool.ruff]).
+lint: $(STAMP)
+	$(PY) -m ruff check keel tests benchmarks
+
+format-check: $(STAMP)
+	$(PY) -m ruff format --check keel tests benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

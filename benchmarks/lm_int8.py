@@ -97,7 +97,7 @@ def main() -> dict:
                   f"{r['tokens_per_second']:7.1f}")
         else:
             print(f"{r['variant']:18} failed: {r['error']}")
-    result = {"command": "python benchmarks/lm_int8.py --blocks %d" % args.blocks, "test_blocks": len(test),
+    result = {"command": f"python benchmarks/lm_int8.py --blocks {args.blocks}", "test_blocks": len(test),
               "block_tokens": 256, "target_int8_perplexity_within_pct": 2.0, "variants": rows,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
     RESULTS.mkdir(exist_ok=True)

@@ -72,7 +72,7 @@ def test_explanations_shape_and_targets(tiny):
     model, tok = tiny
     pairs = explain_texts(model, tok, TEXTS, n_steps=8)
     assert len(pairs) == len(TEXTS)
-    for (tokens, attrs), text in zip(pairs, TEXTS):
+    for tokens, attrs in pairs:
         assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and len(tokens) == len(attrs)
         assert attrs[0] == 0.0 and attrs[-1] == 0.0  # special tokens equal the baseline: no attribution
     a = integrated_gradients(model, tok, TEXTS[:1], targets=[0], n_steps=16)[0]
@@ -89,7 +89,7 @@ def test_attention_rollout_rows_are_distributions(tiny):
     _eager_attention(model)
     roll = attention_rollout(model, tok, TEXTS)
     assert roll is not None and len(roll) == len(TEXTS)
-    for r, text in zip(roll, TEXTS):
+    for r in roll:
         assert sum(r) == pytest.approx(1.0, abs=1e-4) and min(r) >= 0
 
 

@@ -530,7 +530,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     except KeelError as e:
         raise type(e)(f"site {name}: {e}") from None
     except grpc.RpcError as e:  # grpc's errors carry a status; show it in one line
-        code, detail = getattr(e, "code", lambda: None)(), getattr(e, "details", lambda: str(e))()
+        code, detail = getattr(e, "code", lambda: None)(), getattr(e, "details", lambda: str(e))()  # noqa: F821 (the lambda runs here, inside the except)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             raise KeelError(f"site {name}: the server {server} refused this site ({detail})") from None
         raise KeelError(f"site {name}: lost the server {server} ({detail}); check that `keel federate serve` runs "

@@ -183,7 +183,7 @@ def section_explain(run_dir: Path, ctx: dict) -> str | None:
                            [f"{fa['k']} random tokens", fa["comprehensiveness_random"], fa["sufficiency_random"]]]))
         plt = _plt()
         fig, ax = plt.subplots(figsize=(5.5, 2.8))
-        for i, (name, a, b) in enumerate((("comprehensiveness", fa["comprehensiveness"], fa["comprehensiveness_random"]),
+        for i, (_name, a, b) in enumerate((("comprehensiveness", fa["comprehensiveness"], fa["comprehensiveness_random"]),
                                           ("sufficiency", fa["sufficiency"], fa["sufficiency_random"]))):
             ax.bar([i - 0.18], [a], width=0.36, color="#2e7d32", label="top-k by attribution" if i == 0 else None)
             ax.bar([i + 0.18], [b], width=0.36, color="#9e9e9e", label="k random tokens" if i == 0 else None)
