@@ -21,8 +21,21 @@ def keel_cache(tmp_path_factory) -> Path:
     return path
 
 
+# The fast lane (`pytest -m "not slow"`) spawns no `keel` process: a test that does must be marked slow.
+_running_slow_test = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    global _running_slow_test
+    _running_slow_test = item.get_closest_marker("slow") is not None
+
+
 def keel(*args: str, cwd: Path, check: bool = False, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m keel ARGS` as a user would, in ``cwd``."""
+    if not _running_slow_test:
+        pytest.fail("this test runs `keel` in a subprocess: mark it slow (pytestmark = pytest.mark.slow, or "
+                    "@pytest.mark.slow) so that `make test-fast` skips it", pytrace=False)
     full_env = {**os.environ, **OFFLINE, **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)

@@ -3,7 +3,10 @@
 import json
 import math
 
+import pytest
 from conftest import keel
+
+pytestmark = pytest.mark.slow  # trains a causal LM through `keel run`
 
 RECIPE = """
 name: lm

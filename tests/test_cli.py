@@ -8,6 +8,8 @@ import pytest
 
 from conftest import keel
 
+pytestmark = pytest.mark.slow  # runs the real `keel` command
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):

@@ -219,6 +219,7 @@ def compressed_run(tmp_path_factory):
     return tmp / "runs" / "tiny", proc
 
 
+@pytest.mark.slow
 def test_keel_run_compresses_exports_and_names_the_deployable_model(compressed_run):
     run, proc = compressed_run
     rec = json.loads((run / "compress" / "deployable.json").read_text())
@@ -245,6 +246,7 @@ def test_keel_run_compresses_exports_and_names_the_deployable_model(compressed_r
     assert json.loads(pred.stdout.strip().splitlines()[-1])["label"] in ("neg", "pos")
 
 
+@pytest.mark.slow
 def test_unstructured_zeros_survive_finetuning_and_reload(compressed_run):
     run, _ = compressed_run
     keel("prune", str(run), "compress.prune.heads=0", "compress.prune.ffn=0", "compress.prune.vocab=false",
@@ -255,6 +257,7 @@ def test_unstructured_zeros_survive_finetuning_and_reload(compressed_run):
     assert abs(P.measured_sparsity(model) - 0.5) <= 0.005
 
 
+@pytest.mark.slow
 def test_a_budget_no_variant_meets_fails_with_exit_3(compressed_run):
     run, _ = compressed_run
     # no new stages and the fewest exports: the point is the verdict, not the variants
@@ -266,6 +269,7 @@ def test_a_budget_no_variant_meets_fails_with_exit_3(compressed_run):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_compression_input_gets_a_clear_error(compressed_run):
     run, _ = compressed_run
     cwd = run.parent.parent
@@ -300,6 +304,7 @@ def test_logit_distillation_works_for_causal_lms():
         P.structured_prune(student, heads=0.5)
 
 
+@pytest.mark.slow
 def test_a_static_int8_export_that_drifts_is_left_out_not_fatal(compressed_run, monkeypatch, capsys):
     from keel.compress import stages
     from keel.export import onnx as O

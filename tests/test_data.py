@@ -151,6 +151,7 @@ def test_evaluation_scores_in_length_order_but_returns_dataset_order():
     np.testing.assert_allclose(batched, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_later_stages_read_the_splits_frozen_at_training_time(tmp_path):
     """eval and report use RUN_DIR/splits: an edited, then moved source changes nothing, from any folder."""
     from conftest import TINY_RECIPE, keel, write_toy_csv

@@ -6,7 +6,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from conftest import OFFLINE
+
+pytestmark = pytest.mark.slow  # runs torchrun with two processes
 
 
 def test_two_processes_keep_identical_replicas(tmp_path, tiny_recipe):

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import keel
 
+pytestmark = pytest.mark.slow  # trains models
+
 
 def records(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

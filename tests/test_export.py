@@ -8,6 +8,8 @@ import torch
 
 from conftest import TINY_RECIPE, keel, write_toy_csv
 
+pytestmark = pytest.mark.slow  # trains a run and exports it through `keel`
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):

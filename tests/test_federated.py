@@ -125,6 +125,7 @@ def _tiny_setup(tmp_path, toy_csv, sites=3):
     return setup(load_recipe(p))
 
 
+@pytest.mark.slow
 def test_one_local_step_with_full_participation_equals_centralized_sgd(tmp_path, toy_csv):
     import torch
 
@@ -188,6 +189,7 @@ def test_partitions_cover_every_row_once_and_skew_with_alpha():
         partition([0, 1], 5)
 
 
+@pytest.mark.slow
 def test_dp_noise_spends_the_budget_and_rounds_stop_there():
     from keel.federated import privacy
     from keel.recipe import FederatedConfig
@@ -397,6 +399,7 @@ def test_central_dp_samples_each_site_independently():
     assert all(i.config["clipping_norm"] == 1.0 for _, i in ins)
 
 
+@pytest.mark.slow
 def test_central_dp_refuses_strategies_it_cannot_account_for(tmp_path, toy_csv):
     from conftest import keel
 
@@ -500,6 +503,7 @@ def drive(c, clients, crash_after: int | None = None) -> None:
             raise KeyboardInterrupt("server killed")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv, monkeypatch, strategy):
     from keel.federated import run as fed_run

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from conftest import OFFLINE, keel, write_toy_csv
 
+pytestmark = pytest.mark.slow  # runs federations of `keel` processes
+
 RECIPE = """
 name: fedtiny
 task: classification

@@ -15,6 +15,8 @@ import pytest
 from conftest import OFFLINE, keel, write_toy_csv
 from test_federated_e2e import RECIPE, free_port, write_certificates
 
+pytestmark = pytest.mark.slow  # runs `keel federate` servers and sites
+
 SECRET = "test-federation-secret-0123456789"
 
 

@@ -67,6 +67,7 @@ def test_dpo_loss_is_log2_when_chosen_equals_rejected(tiny):
     assert all(abs(x - math.log(2)) < 1e-4 for x in losses), losses
 
 
+@pytest.mark.slow
 def test_dpo_learns_and_the_reference_stays_frozen(tiny):
     from keel.align.trainers import load_policy, train_dpo
 
@@ -82,6 +83,7 @@ def test_dpo_learns_and_the_reference_stays_frozen(tiny):
     assert losses[-1] < losses[0] - 0.02
 
 
+@pytest.mark.slow
 def test_dpo_lora_leaves_the_base_weights_alone(tiny):
     from keel.align.trainers import load_policy, merged, train_dpo
     from keel.recipe import LoraConfig
@@ -98,6 +100,7 @@ def test_dpo_lora_leaves_the_base_weights_alone(tiny):
     assert fingerprint(merged(policy)) != base  # and the merged policy did move
 
 
+@pytest.mark.slow
 def test_reward_model_ranks_a_planted_preference(tiny):
     from keel.align.trainers import pairwise_accuracy, reward_scores, train_reward_model
 
@@ -114,6 +117,7 @@ def test_reward_model_ranks_a_planted_preference(tiny):
     assert kind > cruel
 
 
+@pytest.mark.slow
 def test_grpo_with_reward_model_and_kl_penalty(tiny):
     from keel.align.trainers import load_policy, train_reward_model, train_rl
 
@@ -182,6 +186,7 @@ train: {epochs: 2, batch_size: 8, lr: 1.0e-2, warmup_ratio: 0.0, eval_batch_size
 """
 
 
+@pytest.mark.slow
 def test_pretraining_from_scratch_lowers_the_loss(tmp_path):
     rng = random.Random(0)
     words = "the king and queen walk to the castle where a knight sings of love and war".split()
@@ -225,6 +230,7 @@ train: {batch_size: 8, lr: 3.0e-3}
 """
 
 
+@pytest.mark.slow
 def test_align_recipe_end_to_end(tmp_path):
     (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(p) for p in planted_pairs(48)))
     (tmp_path / "al.yaml").write_text(ALIGN)
@@ -249,6 +255,7 @@ def test_align_recipe_end_to_end(tmp_path):
     assert on_file["n"] == 5 and on_file["loss_on"].startswith("reply tokens only")
 
 
+@pytest.mark.slow
 def test_bad_preference_file_is_one_clear_line(tmp_path):
     rows = planted_pairs(8)
     del rows[3]["rejected"]
@@ -271,6 +278,7 @@ train: {epochs: 3, batch_size: 8, lr: 1.0e-2}
 """
 
 
+@pytest.mark.slow
 def test_sft_lora_recipe_merges_for_serving(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

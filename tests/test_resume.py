@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import OFFLINE, keel
 
+pytestmark = pytest.mark.slow  # trains, kills and resumes `keel` runs
+
 EPOCHS, BATCHES = 3, 12  # 96 training rows / batch 8 = 12 steps per epoch
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import OFFLINE, TINY_RECIPE, keel, write_toy_csv
 
+pytestmark = pytest.mark.slow  # trains a run and tampers with it through `keel`
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):

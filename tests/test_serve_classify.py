@@ -15,6 +15,8 @@ import pytest
 from conftest import TINY_RECIPE, write_toy_csv
 from serve_helpers import Server
 
+pytestmark = pytest.mark.slow  # starts `keel serve` on a trained run
+
 TEXTS = ["the car was great number 1", "this ride was awful number 2", "my trip was lovely", "a taxi was broken"]
 
 

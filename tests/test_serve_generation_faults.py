@@ -225,6 +225,7 @@ def _wait_idle(server, timeout=30.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_temperature_1e_45_beside_running_streams_fails_nobody(lm):
     from openai import OpenAI
 
@@ -245,6 +246,7 @@ def test_temperature_1e_45_beside_running_streams_fails_nobody(lm):
     _wait_idle(lm)
 
 
+@pytest.mark.slow
 def test_a_request_that_can_never_fit_the_queue_is_a_400_not_a_429(lm):
     import openai
     from openai import OpenAI
@@ -261,6 +263,7 @@ def test_a_request_that_can_never_fit_the_queue_is_a_400_not_a_429(lm):
     assert len(ok.choices) == 8
 
 
+@pytest.mark.slow
 def test_a_non_streaming_client_that_disconnects_stops_its_sequences(lm):
     _wait_idle(lm)
     before = lm.metric("keel_generated_tokens_total")
@@ -288,6 +291,7 @@ def test_a_non_streaming_client_that_disconnects_stops_its_sequences(lm):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 300}],
                               "max_completion_tokens": 400}, "max_completion_tokens"),
 ], ids=["prompt alone", "prompt alone, no max_tokens", "messages alone", "max_tokens", "max_completion_tokens"])
+@pytest.mark.slow
 def test_context_length_errors_name_the_field_that_is_too_long(lm, path, body, param):
     r = httpx.post(f"{lm.url}{path}", json=body, timeout=30)
     err = r.json()["error"]
@@ -335,6 +339,7 @@ def test_tokenization_and_chat_templates_run_off_the_event_loop():
     ("/v1/completions", '{"prompt": "fine", "stop": "\\udfff", "max_tokens": 2}', "stop"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "bad \\ud800"}], "max_tokens": 2}', "messages"),
 ], ids=["prompt", "stop", "chat content"])
+@pytest.mark.slow
 def test_lone_surrogates_in_generation_requests_are_a_400_naming_the_field(lm, path, body, param):
     r = httpx.post(f"{lm.url}{path}", content=body.encode(), headers={"Content-Type": "application/json"}, timeout=30)
     err = r.json()["error"]

@@ -16,6 +16,8 @@ import pytest
 from conftest import OFFLINE, keel
 from serve_helpers import Server
 
+pytestmark = pytest.mark.slow  # starts `keel serve`
+
 KEY, KEY2 = "test-key-0123456789", "second-key-abcdefgh"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SECRET_PROMPT = "zebra-quartz-unlikely-prompt"

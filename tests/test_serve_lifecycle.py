@@ -10,8 +10,10 @@ import threading
 import time
 
 import httpx
-
+import pytest
 from serve_helpers import Server
+
+pytestmark = pytest.mark.slow  # starts `keel serve`
 
 
 def test_overload_answers_only_200_or_429_and_recovers():

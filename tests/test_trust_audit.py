@@ -12,6 +12,8 @@ import pytest
 
 from conftest import keel
 
+pytestmark = pytest.mark.slow  # runs `keel run` with audits, and `keel serve`
+
 RECIPE = """
 name: fair
 task: classification

@@ -6,6 +6,8 @@ import torch
 
 from keel.recipe import ExplainConfig
 
+pytestmark = pytest.mark.slow  # trains a tiny model for the explanations
+
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -52,6 +52,7 @@ def dp_work(tmp_path_factory):
     return work
 
 
+@pytest.mark.slow
 def test_validate_refuses_delta_at_or_above_one_over_n(dp_work):
     proc = keel("validate", "tiny.yaml", "train.privacy.delta=0.05", cwd=dp_work)
     assert proc.returncode == 2 and "train.privacy.delta" in proc.stderr and "1/N" in proc.stderr
@@ -60,6 +61,7 @@ def test_validate_refuses_delta_at_or_above_one_over_n(dp_work):
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.slow
 def test_budget_stops_training_at_the_right_step_and_resume_keeps_the_accountant(dp_work):
     proc = keel("train", "tiny.yaml", *DP, "train.epochs=1", "output.dir=runs/dp", cwd=dp_work, check=True)
     first = json.loads((dp_work / "runs/dp/train.json").read_text())["privacy"]
@@ -81,6 +83,7 @@ def test_budget_stops_training_at_the_right_step_and_resume_keeps_the_accountant
     assert state["state"]["extra"]["privacy"]["history"]  # JSON, not pickle
 
 
+@pytest.mark.slow
 def test_sigma_is_calibrated_to_the_budget(dp_work):
     proc = keel("run", "tiny.yaml", "train.privacy.target_epsilon=4.0", "train.privacy.delta=1e-3", "train.epochs=2",
                 "output.dir=runs/dp-cal", cwd=dp_work, check=True)
@@ -143,6 +146,7 @@ def test_validate_on_a_dp_recipe_imports_no_torch(dp_work):
     assert "1/N" in refused and "imported: []" in refused, refused
 
 
+@pytest.mark.slow
 def test_fixed_size_batches_are_refused_not_reported_as_poisson(dp_work):
     proc = keel("validate", "tiny.yaml", *DP, "train.privacy.poisson_sampling=false", cwd=dp_work)
     assert proc.returncode == 2 and "train.privacy.poisson_sampling" in proc.stderr and "Poisson" in proc.stderr
@@ -173,6 +177,7 @@ def test_person_level_clipping_bounds_a_persons_rows_together():
 PEOPLE = ["he", "she", "my mother", "my father", "a christian", "a muslim", "the driver", "the rider"]
 
 
+@pytest.mark.slow
 def test_dp_with_counterfactual_augmentation_accounts_per_person(dp_work):
     import random
 

@@ -55,6 +55,7 @@ def _clean(proc, code: int = 0):
     assert "Traceback" not in proc.stderr and "MarkupError" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_run_and_eval_print_markup_labels_as_typed(marked_run):
     work, run_dir, proc = marked_run
     _clean(proc)
@@ -65,6 +66,7 @@ def test_run_and_eval_print_markup_labels_as_typed(marked_run):
     assert "m[red]x.csv" in proc.stdout
 
 
+@pytest.mark.slow
 def test_predict_and_explain_print_texts_and_labels_as_typed(marked_run):
     work, run_dir, _ = marked_run
     text = f"{COLOUR} {HTML} it was awful number 3"
@@ -76,6 +78,7 @@ def test_predict_and_explain_print_texts_and_labels_as_typed(marked_run):
     assert CLOSE in proc.stdout or COLOUR in proc.stdout  # the predicted label, as typed
 
 
+@pytest.mark.slow
 def test_audit_and_report_keep_html_as_text(marked_run):
     work, run_dir, proc = marked_run  # the run's audit stage ranked the groups [/g] and <i>g</i>
     assert "[/g]" in proc.stderr and "<i>g</i>" in proc.stderr
@@ -85,6 +88,7 @@ def test_audit_and_report_keep_html_as_text(marked_run):
     assert "[/b]" in page and "could not be built" not in page
 
 
+@pytest.mark.slow
 def test_errors_naming_a_markup_file_are_one_line(tmp_path):
     (tmp_path / "r.yaml").write_text(RECIPE)
     proc = keel("train", "r.yaml", cwd=tmp_path)  # the data file m[red]x.csv is missing
