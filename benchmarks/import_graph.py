@@ -17,9 +17,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "keel"
 
-# Cycles tolerated while a change that removes them is under way (none today).
-ALLOWED: set[frozenset[str]] = set()
-
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
     """Module name -> file, for every .py file of the package."""
@@ -117,15 +114,10 @@ def main(argv: list[str]) -> int:
         for name in sorted(g):
             print(f"{name} -> {', '.join(sorted(g[name])) or '-'}")
     found = cycles(g)
-    allowed = [c for c in found if frozenset(c) in ALLOWED]
-    bad = [c for c in found if frozenset(c) not in ALLOWED]
-    print(f"{len(g)} modules, {sum(len(v) for v in g.values())} import edges, {len(bad)} cycle(s)"
-          + (f" (+{len(allowed)} allowed for now)" if allowed else ""))
-    for c in allowed:
-        print("allowed: " + " <-> ".join(c))
-    for c in bad:
+    print(f"{len(g)} modules, {sum(len(v) for v in g.values())} import edges, {len(found)} cycle(s)")
+    for c in found:
         print("cycle: " + " <-> ".join(c))
-    return 1 if bad else 0
+    return 1 if found else 0
 
 
 if __name__ == "__main__":
