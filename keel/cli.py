@@ -424,6 +424,10 @@ def verify(run_dir: str = typer.Argument(..., help="a run directory"),
     for folder in folders:
         verify_manifest(folder)
     print(f"manifests: {len(folders)} folder(s) match")
+    from keel.secure.sbom import check_card
+
+    claims = check_card(Path(run_dir))
+    print(f"model card: {claims} claim(s) match the files" if claims else "model card: no provenance claims to check")
     if key:
         from keel.secure.sign import verify_run
 

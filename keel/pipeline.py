@@ -174,6 +174,10 @@ def _train_run(recipe: Recipe, resume: bool) -> Path:
     except BaseException as e:
         finish_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}"[:500])
         raise
+    if is_main_process():  # the environment that trained it, and the hashes of what went in
+        from keel.secure.sbom import record
+
+        record(run_dir, recipe)
     finish_run(run_dir, status="trained", train=summary, train_wall_seconds=round(time.perf_counter() - t0, 1))
     return run_dir
 

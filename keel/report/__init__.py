@@ -278,6 +278,10 @@ from keel.federated.report import section_federated  # noqa: E402  (federated ru
 
 SECTIONS.insert(SECTIONS.index(section_recipe), section_federated)
 
+from keel.secure.sbom import section_provenance  # noqa: E402  (SBOM and the hashes of what went in)
+
+SECTIONS.insert(SECTIONS.index(section_recipe), section_provenance)
+
 
 def _build(section, run_dir: Path, ctx: dict) -> str | None:
     """One section's HTML; a section that fails says so in its place (and the traceback goes to the log)."""
