@@ -314,3 +314,10 @@ def unseal_run(run_dir: Path, key: bytes) -> list[dict]:
     if not folders:
         raise SealError(f"{run_dir} is not sealed; nothing to unseal")
     return [unseal_folder(f, key) for f in folders]
+
+
+def refuse_plain_outputs(run_dir: Path, verb: str) -> None:
+    """A verb that writes new weights (export, compression) is refused on a sealed run: they would be plaintext."""
+    if is_sealed(Path(run_dir) / "model"):
+        raise SealError(f"{run_dir} is sealed and `keel {verb}` would write plaintext weights beside it; run `keel "
+                        f"unseal {run_dir}`, then `keel {verb}`, then `keel seal {run_dir}` again")
