@@ -109,11 +109,11 @@ def test_sign_verify_and_serve_verify_key(base):
     # a file added to the signed folder, behind keel's manifest too: the signature catches it
     extra = run / "model" / "added.json"
     extra.write_text("{}")
-    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    manifest = (run / "model" / "manifest.json").read_bytes()
     from keel.io import write_manifest
 
     write_manifest(run / "model")
-    refused(keel("verify", str(run), "--key", pub, cwd=base), "does not match its signature")
+    refused(keel("verify", str(run), "--key", pub, cwd=base), "does not match its signature", "added added.json")
     try:
         proc = keel("serve", str(run), "--port", "0", "--set", verify_key, cwd=base, timeout=90)
     except subprocess.TimeoutExpired:
@@ -121,11 +121,12 @@ def test_sign_verify_and_serve_verify_key(base):
     refused(proc, "does not match its signature")
     # ... and one removed
     extra.unlink()
-    (run / "model" / "manifest.json").write_text(json.dumps(manifest))
+    (run / "model" / "manifest.json").write_bytes(manifest)
     keel("verify", str(run), "--key", pub, cwd=base, check=True)
     (run / "export" / "onnx" / "tokenizer_config.json").unlink()
     write_manifest(run / "export" / "onnx")
-    refused(keel("verify", str(run), "--key", pub, cwd=base), "does not match its signature")
+    refused(keel("verify", str(run), "--key", pub, cwd=base), "does not match its signature",
+            "removed tokenizer_config.json")
     # the signed, sealed demo path: seal, sign, serve with both
     run2 = copy_run(base, "sealed-signed")
     keel("seal", str(run2), cwd=base, check=True, env={"KEEL_SEAL_KEY": KEY})

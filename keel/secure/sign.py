@@ -89,7 +89,19 @@ def verify_run(run_dir: str | Path, public_key: str | Path, folders: list[Path] 
             verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(
                 _hashing(folder)).verify(folder, sig)
         except Exception as e:  # the library raises ValueError and friends for a bad signature or changed files
-            first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            first = _why(str(e)) or type(e).__name__
             raise SignatureError(f"{folder} does not match its signature {sig}: {first}; restore the signed files "
                                  "or re-sign them") from None
     return folders
+
+
+def _why(message: str) -> str:
+    """model-signing's mismatch list, without the digests: which files are extra, missing or changed."""
+    import re
+
+    extra = re.search(r"Extra files found in model '[^']*': ([^\"\]]+)", message)
+    missing = re.search(r"Missing files in model '[^']*': ([^\"\]]+)", message)
+    changed = re.findall(r"Hash mismatch for '([^']+)'", message)
+    parts = ([f"added {extra.group(1)}"] if extra else []) + ([f"removed {missing.group(1)}"] if missing else []) + (
+        [f"changed {', '.join(changed)}"] if changed else [])
+    return "; ".join(parts) if parts else message.splitlines()[0][:300] if message else ""
