@@ -360,7 +360,9 @@ def seal(run_dir: str = typer.Argument(None, help="a run directory (its model/ a
     if new_key:
         print(sealing.new_key())
         return
-    if not run_dir or not Path(run_dir).is_dir():
+    if not run_dir:
+        raise KeelError("keel seal: pass a run directory (or --new-key to print a fresh key)")
+    if not Path(run_dir).is_dir():
         raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
     key = sealing.load_key(key_file)
     rotate = sealing.load_key(new_key_file, sealing.NEW_KEY_ENV, sealing.NEW_KEY_FILE_ENV, required=False)
