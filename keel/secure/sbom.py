@@ -160,7 +160,6 @@ def section_provenance(run_dir: Path, ctx: dict) -> str | None:
             ("base model", base.get("name")), ("base model sha256", base.get("sha256") or base.get("note")),
             (f"SBOM ({SBOM}, CycloneDX 1.6)", f"{len(comps)} packages, sha256 {prov.get('sbom', {}).get('sha256')}")]
     table = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows)
-    pkgs = ", ".join(html.escape(f"{c.get('name')} {c.get('version')}") for c in comps)
-    return (f"<h2>Provenance</h2><p class='sub'>What trained this model; `keel verify` checks the model card's "
-            f"claims against these files.</p><table>{table}</table><details><summary>packages</summary><p>{pkgs}</p>"
-            "</details>")
+    # the package list itself stays in the SBOM: names such as httpx read like links to a page checked for them
+    return (f"<h2>Provenance</h2><p class='sub'>What trained this model; <code>keel verify</code> checks the model "
+            f"card's claims against these files.</p><table>{table}</table>")
