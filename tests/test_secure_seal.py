@@ -162,3 +162,27 @@ def test_sealing_twice_without_a_new_key_is_refused_and_changes_nothing(folder):
     with pytest.raises(SealError, match="already sealed"):
         seal_folder(folder, KEY)
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == digest
+
+
+def test_a_sealed_causal_lm_serves_the_same_logits_from_memory(tmp_path, tiny_lm):
+    import torch
+
+    from keel.serve.engines import _load_lm
+
+    model, tok = tiny_lm
+    folder = tmp_path / "lm"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_manifest(folder)
+    plain = _load_lm(folder, "lm", "cpu")
+    seal_folder(folder, KEY)
+    os.environ["KEEL_SEAL_KEY"] = KEY.hex()
+    try:
+        sealed = _load_lm(folder, "lm", "cpu")
+    finally:
+        del os.environ["KEEL_SEAL_KEY"]
+    ids = plain.prompt_ids("the quick brown fox")
+    assert sealed.prompt_ids("the quick brown fox") == ids
+    with torch.inference_mode():
+        a, b = plain.lm(torch.tensor([ids])).logits, sealed.lm(torch.tensor([ids])).logits  # (1, T, V)
+    assert torch.equal(a, b)
