@@ -8,7 +8,6 @@ import subprocess
 
 import httpx
 import pytest
-
 from conftest import TINY_RECIPE, keel, write_toy_csv
 from serve_helpers import Server
 

@@ -70,7 +70,7 @@ def provenance(run_dir: Path, recipe) -> dict:
 
         folder = model_dir(recipe.model.name)
         base["sha256"] = _folder_digest(Path(folder))
-    except Exception as e:  # a model from scratch, or one no longer on disk: say so rather than invent a hash
+    except Exception as e:  # noqa: BLE001 (a model from scratch, or one gone: say so, invent no hash; never fail the run)
         base["sha256"] = None
         base["note"] = f"not hashed: {type(e).__name__}"
     data = {"source": meta.get("source"), "source_sha256": meta.get("source_sha256"),
@@ -108,7 +108,7 @@ def card_lines(run_dir: Path) -> list[str]:
             f"- Environment SBOM (CycloneDX 1.6, {n} packages): `{SBOM}`, sha256 `{prov['sbom'].get('sha256')}`", ""]
 
 
-_CLAIM = re.compile(r"^- (Recipe sha256|Environment SBOM)[^`]*`([^`]+)`(?:, sha256 `([^`]+)`)?", re.M)
+_CLAIM = re.compile(r"^- (Recipe sha256|Environment SBOM)[^`]*`([^`]+)`(?:, sha256 `([^`]+)`)?", re.MULTILINE)
 
 
 def check_card(run_dir: Path) -> int:

@@ -88,7 +88,7 @@ def verify_run(run_dir: str | Path, public_key: str | Path, folders: list[Path] 
         try:
             verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(
                 _hashing(folder)).verify(folder, sig)
-        except Exception as e:  # the library raises ValueError and friends for a bad signature or changed files
+        except Exception as e:  # noqa: BLE001 (model-signing raises ValueError and others for a bad bundle)
             first = _why(str(e)) or type(e).__name__
             raise SignatureError(f"{folder} does not match its signature {sig}: {first}; restore the signed files "
                                  "or re-sign them") from None
