@@ -47,7 +47,10 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
 
     from keel.tasks import get_task
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    from keel.secure import memory
+    from keel.secure.seal import is_sealed, open_folder
+
+    sealed = is_sealed(folder)  # decrypted in memory with $KEEL_SEAL_KEY (or its key file); nothing plain on disk
     if backend.startswith("onnx"):
         from keel.export.ort import OnnxClassifier
 
@@ -55,7 +58,16 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
         if not onnx_folder.is_dir():
             raise CheckpointError(f"{run_dir} has no {backend} export yet; run `keel export {run_dir}` first")
         model = OnnxClassifier(onnx_folder)
+        tokenizer = memory.tokenizer(model.files) if model.files else AutoTokenizer.from_pretrained(folder)
+    elif sealed:
+        if info.get("resized"):
+            raise KeelError(f"{folder} is sealed and structurally pruned, which in-memory opening does not cover; run "
+                            f"`keel unseal {run_dir}` to use it")
+        files = open_folder(folder)
+        tokenizer = memory.tokenizer(files)
+        model = memory.hf_model(files)
     else:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
         model = get_task(info["task"]).build_model(folder, info.get("labels") or [])
         if backend.startswith("torchao-"):
             from keel.compress.quantize import torchao_int8

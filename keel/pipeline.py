@@ -86,7 +86,11 @@ class EngineTrainer:
         self.summary = train(self.recipe, self.run_dir, resume=self.resume)
 
     def save(self) -> dict:
-        return self.summary  # the engine seals RUN/model when its loop ends
+        if is_main_process():  # the engine sealed RUN/model; now the environment that trained it, and the hashes
+            from keel.secure.sbom import record  # of what went in (keel/secure/sbom.py)
+
+            record(self.run_dir, self.recipe)
+        return self.summary
 
     def cleanup(self) -> None:
         pass

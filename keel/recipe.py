@@ -349,6 +349,8 @@ class ServeConfig(Strict):
                               "a key (a browser cannot send one); the API routes still need a key")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
                                     "on a busy machine)")
+    verify_key: str | None = Field(None, description="an EC public key (PEM file): serve only a run whose model "
+                                   "folders match their `keel sign` signatures, checked before any weight is loaded")
 # -- generative models (issue 6): pretraining from scratch, supervised fine-tuning, alignment ------------------
 
 class PretrainConfig(Strict):

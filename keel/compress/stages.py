@@ -94,6 +94,9 @@ def _distiller(run_dir: Path, recipe: Recipe, cfg_alpha: float, temperature: flo
 @writes_run
 def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     """Teacher (RUN_DIR/model) -> RUN_DIR/compress/student."""
+    from keel.secure.seal import refuse_plain_outputs
+
+    refuse_plain_outputs(run_dir, "distill")
     from keel.compress.distill import check_smaller, layer_list, pick_layers, student_from_teacher
     from keel.models import model_dir
     from keel.tasks import get_task
@@ -131,6 +134,9 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 @writes_run
 def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     """The latest model (student if any, else teacher) -> RUN_DIR/compress/pruned."""
+    from keel.secure.seal import refuse_plain_outputs
+
+    refuse_plain_outputs(run_dir, "prune")
     from keel.compress import prune as P
     from keel.evaluate import load_trained
     from keel.recipe import PruneConfig
@@ -183,6 +189,9 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 @writes_run
 def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | None = None) -> list[str]:
     """ONNX fp32 / int8 / static int8 exports of the latest stage; returns the variant names produced."""
+    from keel.secure.seal import refuse_plain_outputs
+
+    refuse_plain_outputs(run_dir, "quantize")
     from keel.export.onnx import export_onnx, quantize_static_int8
 
     run_dir = Path(run_dir)

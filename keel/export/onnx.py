@@ -77,7 +77,9 @@ def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.9
 
     from keel.evaluate import load_trained
     from keel.export.packed import PackedBertClassifier, can_pack
+    from keel.secure.seal import refuse_plain_outputs
 
+    refuse_plain_outputs(run_dir, "export")
     t = load_trained(run_dir)
     if t.info["task"] != "classification":
         raise KeelError(f"keel export handles classification runs for now; {run_dir} is a {t.info['task']} run")

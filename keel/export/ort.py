@@ -28,10 +28,19 @@ class OnnxClassifier:
     def __init__(self, folder: Path):
         from types import SimpleNamespace
 
+        from keel.secure.seal import is_sealed, open_folder
+
         verify_manifest(folder)
         self.folder = folder
         self.info = json.loads((folder / "keel.json").read_text())
-        self.session = session(folder / "model.onnx")
+        self.files = None  # a sealed export: its files, decrypted in memory
+        if is_sealed(folder):
+            from keel.secure.memory import onnx_session
+
+            self.files = open_folder(folder)
+            self.session = onnx_session(self.files)
+        else:
+            self.session = session(folder / "model.onnx")
         self.inputs = [i.name for i in self.session.get_inputs()]
         labels = self.info["labels"]
         self.config = SimpleNamespace(num_labels=len(labels), id2label=dict(enumerate(labels)))

@@ -272,6 +272,10 @@ SECTIONS = [section_summary, _trust.section_data, section_test, section_curves, 
             section_align, section_bench, _trust.section_fairness, _trust.section_explain, _trust.section_privacy,
             _trust.section_environment, section_federated, section_recipe]
 
+from keel.secure.sbom import section_provenance  # noqa: E402  (SBOM and the hashes of what went in)
+
+SECTIONS.insert(SECTIONS.index(section_recipe), section_provenance)
+
 
 def _build(section, run_dir: Path, ctx: dict) -> str | None:
     """One section's HTML; a section that fails says so in its place (and the traceback goes to the log)."""

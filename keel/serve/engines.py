@@ -219,9 +219,18 @@ def _load_lm(folder: Path, model_id: str, device: str) -> Engine:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from keel.secure.seal import is_sealed
+
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+    if is_sealed(folder):  # decrypted in memory with $KEEL_SEAL_KEY
+        from keel.secure import memory
+        from keel.secure.seal import open_folder
+
+        files = open_folder(folder)
+        lm, tok = memory.hf_model(files).to(dtype), memory.tokenizer(files)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(folder)
     lm = lm.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
     context = int(getattr(lm.config, "max_position_embeddings", 2048))
     return Engine(model_id, "causal-lm", tok, context, "torch", lm=lm, device=device)

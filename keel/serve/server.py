@@ -101,6 +101,16 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sock = _bind(config.host, config.port)
+    if config.verify_key:  # before any weight is read: an unsigned or changed model is refused here
+        from pathlib import Path
+
+        from keel.secure.sign import SignatureError, verify_run
+
+        if not (Path(target) / "model" / "keel.json").is_file():
+            raise SignatureError(f"serve.verify_key is set but {target} is not a run directory keel signs; serve a "
+                                 "signed run (keel sign RUN --key PRIVATE.pem)")
+        verify_run(target, config.verify_key)
+        console.print(f"[dim]signatures of {target} match {config.verify_key}[/]")
     console.print(f"[dim]loading {target}[/]")
     _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
     engine = load_engine(target, config.backend, device)

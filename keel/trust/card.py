@@ -132,6 +132,9 @@ def model_card(run_dir: Path) -> str:
               f"sufficiency {_f(fa.get('sufficiency'))} (random {_f(fa.get('sufficiency_random'))}).", ""]
     if not (test or fair or exp):
         L += ["No test evaluation or audit recorded in this run yet (`keel eval RUN_DIR`, `keel audit RUN_DIR`).", ""]
+    from keel.secure.sbom import card_lines
+
+    L += ["## Provenance", ""] + card_lines(run_dir)
     L += ["## Ethical considerations", "",
           "- The identity-term lexicon finds groups by the words a text uses, not by who wrote it or who it is about; "
           "it misses groups named otherwise and mislabels ambiguous words (e.g. 'white', 'old').",
