@@ -14,6 +14,8 @@ import pytest
 
 from conftest import keel
 
+pytestmark = pytest.mark.slow  # trains tiny runs through the Python API
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
 ORDER = ["api_run", "api_load", "api_errors"]  # api_load opens the run api_run made

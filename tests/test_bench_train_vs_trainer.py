@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 from conftest import OFFLINE
+import pytest
+
+pytestmark = pytest.mark.slow  # trains with keel and with HF Trainer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_vs_trainer.py"
 

@@ -75,6 +75,7 @@ def exported(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_export_of_a_bert_classifier_is_packed_and_matches_eager(exported):
     from transformers import AutoModelForSequenceClassification
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import keel
 
 
@@ -26,6 +28,7 @@ def test_every_recipe_field_has_a_description():
     assert not missing, f"recipe fields without a description: {missing}"
 
 
+@pytest.mark.slow
 def test_recipe_fields_lists_the_schema_with_types_and_defaults(tmp_path):
     from keel.recipe import Recipe
 
@@ -45,6 +48,7 @@ def test_recipe_fields_lists_the_schema_with_types_and_defaults(tmp_path):
     assert bad.returncode == 2 and "did you mean 'train'" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_init_writes_a_commented_copy_and_never_overwrites(tmp_path):
     from keel.recipe import builtin_recipes, load_recipe
 

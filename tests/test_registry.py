@@ -11,6 +11,8 @@ import pytest
 from conftest import keel
 from serve_helpers import Server
 
+pytestmark = pytest.mark.slow  # trains and serves a model from a Hugging Face cache
+
 HUB_NAME = "keel-test/tiny-bert"
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -14,6 +14,8 @@ import pytest
 
 from keel.recipe import builtin_recipes, load_recipe
 
+pytestmark = pytest.mark.slow  # renders the report of every built-in recipe (~40 s)
+
 PYTHONISH = re.compile(r"\b(None|nan|NaN|False|True)\b|(?:^|\s)\?(?:\s|$|[.,;)])")
 
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import TINY_RECIPE, keel, write_toy_csv
 from serve_helpers import Server
 
+pytestmark = pytest.mark.slow  # trains, seals, signs and serves runs
+
 KEY = base64.b64encode(bytes(range(7, 39))).decode()
 
 

@@ -19,6 +19,8 @@ import pytest
 from conftest import keel
 from serve_helpers import Server
 
+pytestmark = pytest.mark.slow  # starts `keel serve` and headless Chromium
+
 KEY, KEY2 = "docs-key-0123456789", "docs-key-second-abc"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

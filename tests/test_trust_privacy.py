@@ -211,6 +211,7 @@ def test_the_card_names_the_unit_the_guarantee_protects():
     assert "privacy for each person" in person and "clipped at 0.5000" in person and "(Poisson, of persons)" in person
 
 
+@pytest.mark.slow
 def test_early_stopping_min_delta_applies_to_dp_runs(dp_work, monkeypatch):
     """Validation macro-F1 scripted to rise by 0.01 an epoch: with min_delta 0.05 that is no improvement, so
     patience 1 stops the DP run after its second evaluation (the old DP loop ignored min_delta and ran on)."""
@@ -234,6 +235,7 @@ def test_early_stopping_min_delta_applies_to_dp_runs(dp_work, monkeypatch):
     assert summary["privacy"]["steps"] == 24  # the accountant counted the steps taken, not the planned 36
 
 
+@pytest.mark.slow
 def test_dp_resume_from_a_mid_epoch_checkpoint_replays_the_same_steps(dp_work):
     import shutil
 

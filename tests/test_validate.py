@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import keel, write_toy_csv
 
+pytestmark = pytest.mark.slow  # runs `keel validate` / `keel run` in subprocesses
+
 BASE = "name: v\nmodel: {name: tiny-bert, max_length: 32}\ndata:\n  path: toy.csv\n"
 
 

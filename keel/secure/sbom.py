@@ -24,7 +24,7 @@ def environment_sbom() -> str:
     from cyclonedx.output.json import JsonV1Dot6
     from packageurl import PackageURL
 
-    from keel import __version__
+    from keel._version import __version__
 
     bom = Bom()
     bom.metadata.component = Component(name="keel", version=__version__, type=ComponentType.APPLICATION)
