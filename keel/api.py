@@ -21,13 +21,13 @@ the matching CLI verb (keel.pipeline, keel.evaluate, keel.trust.explain, keel.ex
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keel.errors import KeelError
+from keel.io import read_json
 
 if TYPE_CHECKING:
     from keel.evaluate import Trained
@@ -198,7 +198,7 @@ class Run:
     @property
     def info(self) -> dict:
         """run.json: status, recipe hash, keel version, timings ({} if missing)."""
-        return _read_json(self.dir / "run.json")
+        return read_json(self.dir / "run.json")
 
     @property
     def task(self) -> str:
@@ -209,7 +209,7 @@ class Run:
     def metrics(self) -> dict:
         """The test-split metrics (eval/test.json: accuracy, macro_f1, baseline, ... or loss, perplexity);
         {} when the run has no test evaluation (``data.split.test: 0``, or trained only)."""
-        return _read_json(self.dir / "eval" / "test.json")
+        return read_json(self.dir / "eval" / "test.json")
 
     @property
     def report_path(self) -> Path:
@@ -320,8 +320,3 @@ def _texts(texts: Any) -> list[str]:
     return texts
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}

@@ -34,6 +34,14 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object keel wrote, or {} when the file is missing, unreadable or not JSON (a run still being made)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

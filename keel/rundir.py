@@ -36,7 +36,7 @@ from pathlib import Path
 
 from keel._version import __version__
 from keel.errors import KeelError
-from keel.io import LOCK, acquire_run_lock, atomic_write_json, atomic_write_text, release_run_lock
+from keel.io import LOCK, acquire_run_lock, atomic_write_json, atomic_write_text, read_json, release_run_lock
 from keel.progress import esc, is_main_process, log
 from keel.recipe import Recipe
 
@@ -183,13 +183,6 @@ def record(run_dir: Path, **fields) -> None:
     info = read_json(run_dir / "run.json")
     info.update(fields)
     atomic_write_json(run_dir / "run.json", info)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
 
 
 class Run:

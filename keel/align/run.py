@@ -9,33 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from keel.align import ScriptTrainer
 from keel.io import atomic_dir, atomic_write_json
 from keel.progress import log
 from keel.recipe import Recipe
-
-
-class AlignTrainer:
-    """The alignment script below (align_run) as keel's Trainer (keel/pipeline.py); not resumable."""
-
-    resumable = False
-
-    def __init__(self, recipe: Recipe, resume: bool = False):
-        from keel.align.prefs import check_source
-
-        check_source(recipe)  # reads the whole preference / chat file: bad data fails before a run directory is made
-        self.recipe = recipe
-
-    def setup(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-
-    def train(self) -> None:
-        self.summary = align_run(self.recipe, self.run_dir)
-
-    def save(self) -> dict:
-        return self.summary  # align_run seals RUN/model (the LoRA merged) as its last step
-
-    def cleanup(self) -> None:
-        pass
 
 
 def align_run(recipe: Recipe, run_dir: Path) -> dict:
@@ -121,3 +98,9 @@ def _print(r: dict) -> None:
     if "alignment_tax_pct" in r:
         out.print(f"Shakespeare perplexity: {r['before']['shakespeare_perplexity']:.2f} -> "
                   f"{r['after']['shakespeare_perplexity']:.2f} (alignment tax {r['alignment_tax_pct']:+.1f}%)")
+
+
+class AlignTrainer(ScriptTrainer):
+    """Reward model / DPO / GRPO / RLOO (align_run above) as keel's Trainer; align_run seals RUN/model itself."""
+
+    script = staticmethod(align_run)

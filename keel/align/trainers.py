@@ -237,3 +237,4 @@ def merged(model):
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model
+

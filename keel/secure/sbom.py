@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.io import atomic_write_json, atomic_write_text, sha256_file
+from keel.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
 SBOM, PROVENANCE = "sbom.cdx.json", "provenance.json"
 
@@ -63,7 +63,7 @@ def splits_digest(run_dir: Path) -> str | None:
 
 def provenance(run_dir: Path, recipe) -> dict:
     run_dir = Path(run_dir)
-    meta = _read(run_dir / "splits" / "splits.json")
+    meta = read_json(run_dir / "splits" / "splits.json")
     base = {"name": recipe.model.name}
     try:
         from keel.models.registry import model_dir
@@ -88,19 +88,12 @@ def record(run_dir: Path, recipe) -> dict:
     return prov
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def card_lines(run_dir: Path) -> list[str]:
     """The model card's provenance section (read back by `check_card`)."""
-    prov = _read(Path(run_dir) / PROVENANCE)
+    prov = read_json(Path(run_dir) / PROVENANCE)
     if not prov:
         return ["No provenance recorded (trained by an older keel).", ""]
-    n = len(_read(Path(run_dir) / SBOM).get("components", []))
+    n = len(read_json(Path(run_dir) / SBOM).get("components", []))
     return [f"- Recipe sha256: `{prov['recipe_sha256']}`",
             f"- Data source sha256: `{prov['data'].get('source_sha256')}`",
             f"- Data splits sha256: `{prov['data'].get('splits_sha256')}`",
@@ -118,7 +111,7 @@ def check_card(run_dir: Path) -> int:
     if not card.is_file():
         return 0
     text = card.read_text()
-    prov = _read(run_dir / PROVENANCE)
+    prov = read_json(run_dir / PROVENANCE)
     checked = 0
     for m in _CLAIM.finditer(text):
         if m.group(1) == "Recipe sha256":
@@ -136,7 +129,7 @@ def check_card(run_dir: Path) -> int:
                                 f"{actual[:12]}; restore it or rebuild the card (keel audit)")
         checked += 1
     for line in text.splitlines():  # the data hashes, recomputed from the frozen splits
-        for label, value in (("Data source sha256", _read(run_dir / "splits" / "splits.json").get("source_sha256")),
+        for label, value in (("Data source sha256", read_json(run_dir / "splits" / "splits.json").get("source_sha256")),
                              ("Data splits sha256", splits_digest(run_dir))):
             if line.startswith(f"- {label}: `"):
                 if line.split("`")[1] != str(value):
@@ -150,10 +143,10 @@ def section_provenance(run_dir: Path, ctx: dict) -> str | None:
     """The report's section: the hashes of what went into the run, and the environment's packages."""
     import html
 
-    prov = _read(Path(run_dir) / PROVENANCE)
+    prov = read_json(Path(run_dir) / PROVENANCE)
     if not prov:
         return None
-    comps = _read(Path(run_dir) / SBOM).get("components", [])
+    comps = read_json(Path(run_dir) / SBOM).get("components", [])
     base, data = prov.get("base_model", {}), prov.get("data", {})
     rows = [("recipe sha256", prov.get("recipe_sha256")), ("data source", data.get("source")),
             ("data source sha256", data.get("source_sha256")), ("frozen splits sha256", data.get("splits_sha256")),

@@ -27,6 +27,14 @@ from keel.serve.errors import ServeError
 logger = logging.getLogger(__name__)
 
 
+def queue_full(metrics, kind: str, max_queue: int) -> ServeError:
+    """The 429 a full queue answers (counted in the rejection metric), for the caller to raise."""
+    if metrics:
+        metrics.rejected.labels("queue_full").inc()
+    return ServeError(429, f"the {kind} queue is full ({max_queue} requests); retry shortly", code="queue_full",
+                      headers={"Retry-After": "1"})
+
+
 @dataclass
 class _Job:
     texts: list[str]
@@ -68,10 +76,7 @@ class DynamicBatcher:
 
     async def submit(self, texts: list[str], timeout_s: float) -> list:
         if self._jobs >= self.max_queue:
-            if self.metrics:
-                self.metrics.rejected.labels("queue_full").inc()
-            raise ServeError(429, f"the {self.kind} queue is full ({self.max_queue} requests); retry shortly",
-                             code="queue_full", headers={"Retry-After": "1"})
+            raise queue_full(self.metrics, self.kind, self.max_queue)
         loop = asyncio.get_running_loop()
         job = _Job(texts, loop.create_future(), [None] * len(texts), len(texts))
         self._jobs += 1
@@ -191,10 +196,7 @@ class ExplainQueue:
 
     async def submit(self, timeout_s: float, *args):
         if self.depth >= self.max_queue:
-            if self.metrics:
-                self.metrics.rejected.labels("queue_full").inc()
-            raise ServeError(429, f"the explain queue is full ({self.max_queue} requests); retry shortly",
-                             code="queue_full", headers={"Retry-After": "1"})
+            raise queue_full(self.metrics, "explain", self.max_queue)
         cancel = threading.Event()
         self._cancels.add(cancel)
         self._gauge()

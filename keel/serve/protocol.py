@@ -102,11 +102,16 @@ class CompletionChoice(Response):
     logprobs: None = None
 
 
-class CompletionResponse(Response):
+class _Generated(Response):
+    """What every non-streamed generation response carries besides its choices (OpenAI's order of fields)."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+
+
+class CompletionResponse(_Generated):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
@@ -138,11 +143,8 @@ class ChatChoice(Response):
     logprobs: None = None
 
 
-class ChatResponse(Response):
-    id: str
+class ChatResponse(_Generated):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
 

@@ -15,6 +15,7 @@ import math
 import tempfile
 from pathlib import Path
 
+from keel.align import ScriptTrainer
 from keel.errors import DataError
 from keel.io import atomic_dir, atomic_write_json
 from keel.data.chat import read_chat_jsonl, split_examples
@@ -24,30 +25,6 @@ from keel.progress import log
 def merge_lora(model):
     """The adapter folded into the base weights: a plain transformers model that gives the same outputs."""
     return model.merge_and_unload()
-
-
-class SftTrainer:
-    """SFT (sft_run below) as keel's Trainer (keel/pipeline.py); not resumable."""
-
-    resumable = False
-
-    def __init__(self, recipe, resume: bool = False):
-        from keel.align.prefs import check_source
-
-        check_source(recipe)  # reads the whole chat file: bad data fails before a run directory is made
-        self.recipe = recipe
-
-    def setup(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-
-    def train(self) -> None:
-        self.summary = sft_run(self.recipe, self.run_dir)
-
-    def save(self) -> dict:
-        return self.summary  # sft_run seals RUN/model (and adapter/ with LoRA) itself
-
-    def cleanup(self) -> None:
-        pass
 
 
 def sft_run(recipe, run_dir: Path) -> dict:
@@ -108,3 +85,9 @@ def sft_run(recipe, run_dir: Path) -> dict:
         log(f"sft: test loss on responses {before:.4f} -> {after:.4f}")
     atomic_write_json(run_dir / "train.json", summary)
     return summary
+
+
+class SftTrainer(ScriptTrainer):
+    """SFT (sft_run above) as keel's Trainer; sft_run seals RUN/model (and adapter/ with LoRA) itself."""
+
+    script = staticmethod(sft_run)
