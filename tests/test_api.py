@@ -93,7 +93,7 @@ def test_load_example_evaluates_explains_exports(examples):
 def test_errors_example_prints_the_cli_line(examples):
     work, done = examples
     _, printed = done["api_errors"]
-    assert printed.startswith("error: data.path: file 'reviews.csv' not found")
+    assert printed.startswith("error: data.path: file '") and f"{work / 'reviews.csv'}' not found" in printed
     proc = keel("run", "tiny", "data.name=null", "data.path=reviews.csv", cwd=work)
     assert proc.returncode == 2 and printed.strip() in proc.stderr
 
@@ -134,7 +134,7 @@ def test_the_three_override_forms_are_one(tiny_recipe):
              api.load_recipe(path, ["train.epochs=1", "data.split.seed=3"], train__lr=1e-4)]
     assert {r.sha256() for r in forms} == {cli.sha256()}
     # Python values are kept as they are: the string "no" (YAML would read the CLI's output.dir=no as False)
-    assert api.load_recipe(path, output__dir="no").output.dir == "no"
+    assert Path(api.load_recipe(path, output__dir="no").output.dir) == Path.cwd() / "no"  # relative: to the cwd
     assert api.load_recipe(path, data__path=path.parent / "toy.csv").data.path == str(path.parent / "toy.csv")
     # a Recipe or a dict of sections, overridden without being changed
     from keel.api import _recipe

@@ -37,7 +37,7 @@ SCHEMA_CASES = [
     ("compress:\n  distill: {student: tiny-bert, layers: 1}\n", [], "not both"),
     ("compress:\n  prune: {heads: 0, ffn: 0}\n", [], "removes nothing"),
     ("compress:\n  distill: {layers: [0, 0]}\n", [], "distinct teacher layer indices"),
-    ("compress:\n  distill: {student: gpt-9}\n", [], "compress.distill.student: 'gpt-9' is neither"),
+    ("compress:\n  distill: {student: gpt-9}\n", [], "compress.distill.student: 'gpt-9': no such model"),
     ("federated: {sites: 2, min_available_clients: 3, min_fit_clients: 2}\n", [], "min_available_clients=3 is more than sites=2"),
     ("federated: {sites: 2, min_available_clients: 2, min_fit_clients: 3}\n", [], "min_fit_clients=3 is more than sites=2"),
     ("train: {privacy: {target_epsilon: 8}, mixed_precision: bf16}\n", [], "train.mixed_precision=no"),
