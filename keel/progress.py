@@ -173,8 +173,8 @@ def setup_logging(debug: bool = False, *, unless_configured: bool = False) -> No
     logger that the user gave handlers of their own."""
     root = logging.getLogger("keel")
     ours = [h for h in root.handlers if getattr(h, "_keel", False)]
-    if not ours and unless_configured and any(not isinstance(h, logging.NullHandler) for h in root.handlers):
-        return
+    if unless_configured and (ours or any(not isinstance(h, logging.NullHandler) for h in root.handlers)):
+        return  # set up already (by the CLI, or an earlier call), or by the user
     if not ours:
         handler = _rich_handler() if console.is_terminal else _StderrHandler()
         if not console.is_terminal:
@@ -188,5 +188,5 @@ def setup_logging(debug: bool = False, *, unless_configured: bool = False) -> No
         handler.removeFilter(_NO_TRACEBACK)
         if not debug:
             handler.addFilter(_NO_TRACEBACK)
-    if debug or not unless_configured or root.level == logging.NOTSET:
+    if not unless_configured or root.level == logging.NOTSET:  # a level the user set on "keel" stays
         root.setLevel(logging.DEBUG if debug else logging.INFO)
