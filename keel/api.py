@@ -112,6 +112,7 @@ def validate(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: 
     """
     from keel.pipeline import check_recipe
 
+    _default_logging()
     checked = _recipe(recipe, overrides, kwargs)
     check_recipe(checked)
     return checked
