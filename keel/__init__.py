@@ -16,6 +16,9 @@ from keel._version import __version__
 # cannot load on a CPU, deprecation notes from torch's pytree): nothing a keel user can act on.
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
+# A library's loggers stay silent until the application configures logging (the CLI and keel.api do, unless the
+# user gave the "keel" logger handlers of their own).
+_logging.getLogger("keel").addHandler(_logging.NullHandler())
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing; type checkers read it the same
 if TYPE_CHECKING:

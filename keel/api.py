@@ -48,6 +48,14 @@ def offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _default_logging() -> None:
+    """keel's progress lines on stderr, as the CLI prints them, unless the user configured the "keel" logger
+    (handlers of their own, or a level: ``logging.getLogger("keel").setLevel(logging.WARNING)`` silences them)."""
+    from keel.progress import setup_logging
+
+    setup_logging(unless_configured=True)
+
+
 def override_strings(overrides: Overrides = None, **kwargs: Any) -> list[str]:
     """All three override forms as the CLI's ``key.path=value`` strings. A Python value is written as YAML (flow
     style), so it reads back as the same value: ``"yes"`` stays a string, ``None`` is null, ``3`` an int."""
@@ -104,6 +112,7 @@ def validate(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: 
     """
     from keel.pipeline import check_recipe
 
+    _default_logging()
     checked = _recipe(recipe, overrides, kwargs)
     check_recipe(checked)
     return checked
@@ -150,6 +159,7 @@ def run(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overr
     from keel.pipeline import full_run
 
     offline_defaults()
+    _default_logging()
     return Run(full_run(_recipe(recipe, overrides, kwargs), resume=resume))
 
 
@@ -223,6 +233,7 @@ class Run:
             from keel.evaluate import load_trained
 
             offline_defaults()
+            _default_logging()
             self._loaded[backend] = load_trained(self.dir, backend)
         return self._loaded[backend]
 
@@ -256,6 +267,7 @@ class Run:
         if columns and data is None:
             raise KeelError("--text-column/--label-column go with --data FILE")
         offline_defaults()
+        _default_logging()
         return evaluate_run(self.dir, os.fspath(data) if data is not None else None, columns, backend)
 
     def explain(self, texts: list[str], *, steps: int = 32) -> list[Explanation]:
@@ -272,6 +284,7 @@ class Run:
         from keel.export.onnx import export_onnx
 
         offline_defaults()
+        _default_logging()
         return export_onnx(self.dir, int8=int8)
 
     def serve(self, *, api_key_file: str | None = None, allow_no_auth: bool = False, ssl_certfile: str | None = None,
@@ -290,6 +303,7 @@ class Run:
         from keel.serve.server import serve, serve_config
 
         offline_defaults()
+        _default_logging()
         config = serve_config(str(self.dir), None, [f"serve.{item}" for item in override_strings(options)])
         serve(str(self.dir), config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
 

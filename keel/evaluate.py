@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_write_json, verify_manifest, writes_run
-from keel.progress import esc, log
 from keel.recipe import Recipe, load_recipe, validate_recipe
 from keel.rundir import export_dir, variant_location
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -238,7 +240,7 @@ def _lm_examples(t: Trained, kind: str, data_file: str | None) -> list[dict]:
     if not examples:
         raise KeelError("the recipe has no test split (data.split.test is 0); pass --data FILE to evaluate on a file")
     if data_file:
-        log(f"evaluating on {esc(data_file)} ({len(examples)} {'chats' if kind == 'chat' else 'preference pairs'})")
+        logger.info(f"evaluating on {data_file} ({len(examples)} {'chats' if kind == 'chat' else 'preference pairs'})")
     return examples
 
 
@@ -267,7 +269,7 @@ def _lm_text_blocks(t: Trained, data_file: str, columns: dict):
     if len(blocks) == 0:
         raise KeelError(f"--data: {data_file} holds fewer than model.max_length={t.recipe.model.max_length} tokens; "
                         "pass a longer file")
-    log(f"evaluating on {esc(data_file)} ({len(frame)} documents, {len(blocks)} blocks of {t.recipe.model.max_length} tokens)")
+    logger.info(f"evaluating on {data_file} ({len(frame)} documents, {len(blocks)} blocks of {t.recipe.model.max_length} tokens)")
     return blocks
 
 
@@ -278,7 +280,7 @@ def _file_dataset(t: Trained, data_file: str, labels: list[str], columns: dict):
     if t.info["task"] != "classification":
         raise KeelError("--data is supported for classification runs; causal-lm runs evaluate on their test split")
     frame = read_eval_file(data_file, {**column_mapping(t.recipe.data, "classification"), **columns}, labels)
-    log(f"evaluating on {esc(data_file)} ({len(frame)} rows)")
+    logger.info(f"evaluating on {data_file} ({len(frame)} rows)")
     return tokenize_classification(frame, t.tokenizer, t.recipe, labels)
 
 

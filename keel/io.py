@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Iterator
 
 from keel.errors import CheckpointError, KeelError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # Files a stage may write into a sealed folder later; nothing ever loads them (the model card is rewritten by every
@@ -224,10 +227,7 @@ def acquire_run_lock(run_dir: Path) -> None:
     f.seek(0)
     stale = _parse_holder(f.read())
     if stale.get("pid") and stale.get("pid") != os.getpid():
-        from keel.progress import log
-        from rich.markup import escape
-
-        log(escape(f"took over the lock of {root} left by a process that is no longer running ({_describe(stale)})"))
+        logger.info(f"took over the lock of {root} left by a process that is no longer running ({_describe(stale)})")
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),

@@ -8,14 +8,17 @@ test evaluation, samples (causal LM), audit and model card, compression, report.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from keel import rundir
 from keel.errors import KeelError
-from keel.progress import is_main_process, log
+from keel.progress import is_main_process
 from keel.recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 
 def check_recipe(r: Recipe) -> None:
@@ -183,7 +186,7 @@ def _engine_stages(recipe: Recipe, run: rundir.Run) -> None:
     if recipe.data.split.test > 0:
         evaluate_run(run_dir)
     else:
-        log("no test split (data.split.test is 0): skipping the test evaluation")
+        logger.info("no test split (data.split.test is 0): skipping the test evaluation")
     if recipe.task == "causal-lm":
         from keel.pretrain import write_samples
 

@@ -93,12 +93,6 @@ def esc(value) -> str:
     return escape(str(value))
 
 
-def log(message: str) -> None:
-    """A line on the console; ``message`` is rich markup, so anything from outside in it goes through ``esc``."""
-    if is_main_process():
-        safe_print(console, message)
-
-
 def safe_print(target: Console, *parts, **kwargs) -> None:
     """``target.print``, falling back to plain text if a string from outside slipped into the markup unescaped:
     a stray ``[/x]`` must not turn a finished run (or an error message) into a traceback."""
@@ -118,17 +112,81 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def setup_logging(debug: bool = False) -> None:
-    """keel's loggers (``logging.getLogger(__name__)``) print on the console through rich, never parsed as markup."""
+_NO_TRACEBACK = _NoTraceback()
+
+
+class _MainProcessOnly(logging.Filter):
+    """Ranks other than 0 of a distributed run say only what went wrong (warnings and errors), not the progress."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or is_main_process()
+
+
+def _not_serve(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("keel.serve")  # the server has its own handler
+
+
+class _Plain(logging.Formatter):
+    """``message`` for info lines, ``warning: message`` (``error: ...``) above."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is when a record comes (redirected or captured alike)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _rich_handler() -> logging.Handler:
+    from rich.highlighter import NullHighlighter
     from rich.logging import RichHandler
 
+    class _Handler(RichHandler):
+        """Info lines as plain text, as typed; warnings and errors marked ``warning:`` / ``error:`` in colour."""
+
+        def render_message(self, record: logging.LogRecord, message: str):
+            text = Text(message)
+            if record.levelno >= logging.WARNING:
+                style = "bold red" if record.levelno >= logging.ERROR else "yellow"
+                text = Text.assemble((f"{record.levelname.lower()}: ", style), text)
+            return text
+
+        def render(self, *, record, traceback, message_renderable):
+            return message_renderable  # no time, level or path columns: the line as console.print would print it
+
+    return _Handler(console=console, markup=False, show_time=False, show_level=False, show_path=False,
+                    rich_tracebacks=False, highlighter=NullHighlighter(), keywords=[])
+
+
+def setup_logging(debug: bool = False, *, unless_configured: bool = False) -> None:
+    """A handler for keel's loggers (``logging.getLogger(__name__)``): rich on a terminal, plain lines on stderr
+    otherwise; messages are never parsed as markup. ``unless_configured`` (the Python API): leave alone a "keel"
+    logger that the user gave handlers of their own."""
     root = logging.getLogger("keel")
-    if any(isinstance(h, RichHandler) for h in root.handlers):
-        return
-    handler = RichHandler(console=console, markup=False, show_time=False, show_path=False, rich_tracebacks=False)
-    handler.setLevel(logging.DEBUG if debug else logging.WARNING)
-    handler.addFilter(lambda record: not record.name.startswith("keel.serve"))  # the server has its own handler
-    if not debug:
-        handler.addFilter(_NoTraceback())
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    ours = [h for h in root.handlers if getattr(h, "_keel", False)]
+    if unless_configured and (ours or any(not isinstance(h, logging.NullHandler) for h in root.handlers)):
+        return  # set up already (by the CLI, or an earlier call), or by the user
+    if not ours:
+        handler = _rich_handler() if console.is_terminal else _StderrHandler()
+        if not console.is_terminal:
+            handler.setFormatter(_Plain())
+        handler._keel = True
+        handler.addFilter(_not_serve)
+        handler.addFilter(_MainProcessOnly())
+        root.addHandler(handler)
+        ours = [handler]
+    for handler in ours:
+        handler.removeFilter(_NO_TRACEBACK)
+        if not debug:
+            handler.addFilter(_NO_TRACEBACK)
+    if not unless_configured or root.level == logging.NOTSET:  # a level the user set on "keel" stays
+        root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -37,8 +38,10 @@ from pathlib import Path
 from keel._version import __version__
 from keel.errors import KeelError
 from keel.io import LOCK, acquire_run_lock, atomic_write_json, atomic_write_text, read_json, release_run_lock
-from keel.progress import esc, is_main_process, log
+from keel.progress import is_main_process
 from keel.recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 SPLITS = "splits"  # the frozen splits (keel/data/splits.py)
 ROUNDS = "federated"  # a federated run's round checkpoints
@@ -215,7 +218,7 @@ def lifecycle(recipe: Recipe, resume: bool) -> Iterator[Run]:
     """Pick the run directory, take its writer lock, mark it running; on any error (Ctrl-C included) mark it
     failed and re-raise; release the lock when the block ends. The block calls ``run.finish()`` when done."""
     run_dir = resolve(recipe, resume)
-    log(f"run directory: [bold]{esc(run_dir)}[/]  (recipe sha256 {recipe.sha256()[:12]})")
+    logger.info(f"run directory: {run_dir}  (recipe sha256 {recipe.sha256()[:12]})")
     locked = is_main_process()
     if locked:  # one writer per run directory, until the run ends (or this process does)
         run_dir.mkdir(parents=True, exist_ok=True)

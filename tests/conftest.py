@@ -21,6 +21,14 @@ def keel_cache(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def keel_logging() -> None:
+    """keel's log lines on stderr as the CLI prints them, for the tests that call keel in-process and read capsys."""
+    from keel.progress import setup_logging
+
+    setup_logging()
+
+
 # The fast lane (`pytest -m "not slow"`) spawns no `keel` process: a test that does must be marked slow.
 _running_slow_test = True
 

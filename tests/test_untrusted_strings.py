@@ -112,10 +112,12 @@ def test_a_site_named_like_markup_is_rejected_by_name(capsys):
     assert "rejected the update of site [/x]" in err and f"rejected the update of site {COLOUR}" in err
 
 
-def test_log_never_raises_on_stray_markup(capsys):
-    from keel.progress import esc, log
+def test_log_lines_print_markup_as_typed(capsys):
+    import logging
 
-    log("a site [/x] slipped in unescaped")  # a call site that forgot esc() still prints, as plain text
-    log(f"[bold]kept[/] {esc(COLOUR)}")
+    logger = logging.getLogger("keel.test")
+    logger.info(f"a site {CLOSE} and a label {COLOUR}")  # log messages are plain text: never parsed as markup
+    logger.warning(f"site {CLOSE} left")
     err = capsys.readouterr().err
-    assert "a site [/x] slipped in unescaped" in err and f"kept {COLOUR}" in err
+    assert f"a site {CLOSE} and a label {COLOUR}" in err and f"warning: site {CLOSE} left" in err
+    assert "\\" not in err  # nothing escaped for rich either

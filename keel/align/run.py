@@ -7,12 +7,14 @@ eval/align.json -> report. Resuming an interrupted alignment run is not supporte
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from keel.align import ScriptTrainer
 from keel.io import atomic_dir, atomic_write_json
-from keel.progress import log
 from keel.recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 
 def align_run(recipe: Recipe, run_dir: Path) -> dict:
@@ -28,7 +30,7 @@ def align_run(recipe: Recipe, run_dir: Path) -> dict:
     train_pairs, held_out = prefs["train"], prefs["test"]
     if cfg.eval_pairs:
         held_out = held_out[: cfg.eval_pairs]
-    log(f"preferences: {len(train_pairs)} training pairs, {len(held_out)} held-out pairs (split by pair)")
+    logger.info(f"preferences: {len(train_pairs)} training pairs, {len(held_out)} held-out pairs (split by pair)")
     logs: list[dict] = []
 
     # 1. reward model, and its accuracy on held-out pairs
@@ -37,7 +39,7 @@ def align_run(recipe: Recipe, run_dir: Path) -> dict:
                                               cfg.reward_layers)
     logs += rm_logs
     rm_accuracy = trainers.pairwise_accuracy(rm, tokenizer, held_out)
-    log(f"reward model: held-out pairwise accuracy {rm_accuracy:.3f}")
+    logger.info(f"reward model: held-out pairwise accuracy {rm_accuracy:.3f}")
     with atomic_dir(run_dir / "reward_model") as tmp:
         rm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -14,12 +14,14 @@ on the split that reports them would flatter the winner by about the split's noi
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from keel.errors import GateError, RecipeError
 from keel.io import atomic_write_json
-from keel.progress import log
 from keel.rundir import deployable_file
+
+logger = logging.getLogger(__name__)
 
 _SORT = {"latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
          "size": lambda r: (r["disk_mb"], r["p50_ms_batch1"]),
@@ -104,11 +106,11 @@ def pick_deployable(run_dir: str | Path, bench_result: dict, budget) -> dict:
                         "(e.g. compress.budget.max_accuracy_drop=2) or compress less (fewer pruned heads/neurons, "
                         "more student layers)")
     test = record["test"]
-    log(f"deployable: [bold]{chosen['variant']}[/] (picked on validation: accuracy {chosen['accuracy']:.4f}, "
-        f"{chosen['accuracy_drop_points']:+.2f} points drop, p50 {chosen['p50_ms_batch1']:.2f} ms, "
-        f"{chosen['disk_mb']:.1f} MB; test: accuracy {test['accuracy']:.4f}, {test['accuracy_drop_points']:+.2f} points)")
+    logger.info(f"deployable: {chosen['variant']} (picked on validation: accuracy {chosen['accuracy']:.4f}, "
+                f"{chosen['accuracy_drop_points']:+.2f} points drop, p50 {chosen['p50_ms_batch1']:.2f} ms, "
+                f"{chosen['disk_mb']:.1f} MB; test: accuracy {test['accuracy']:.4f}, {test['accuracy_drop_points']:+.2f} points)")
     if test["accuracy_drop_points"] > budget.max_accuracy_drop + 1e-9:
-        log(f"[yellow]warning:[/] on the test split the deployable variant is {test['accuracy_drop_points']:.2f} points below the teacher, "
+        logger.warning(f"on the test split the deployable variant is {test['accuracy_drop_points']:.2f} points below the teacher, "
              f"beyond compress.budget.max_accuracy_drop ({budget.max_accuracy_drop:g}); it was picked on validation, so "
              "this is an honest estimate: more validation examples (compress.bench_eval_samples) make the pick surer")
     return record

@@ -13,14 +13,16 @@ The stage names, their folders and the variant names (``pruned-onnx-int8``) are 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from keel.errors import KeelError
 from keel.io import atomic_dir, atomic_write_text, writes_run
-from keel.progress import log
 from keel.recipe import CompressConfig, Recipe, load_recipe
 from keel.rundir import latest_stage, stage_dir
+
+logger = logging.getLogger(__name__)
 
 
 def run_recipe(run_dir: Path, overrides: list[str] | None = None) -> Recipe:
@@ -74,7 +76,7 @@ def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn
             save_final_model(build_model(None, labels), teacher.tokenizer, work / "model", recipe, summary,
                              {"stage": stage, **info})
     if summary["best_metric"] is not None:
-        log(f"{stage}: best validation {summary['selection_metric']} {summary['best_metric']:.4f} -> {final}")
+        logger.info(f"{stage}: best validation {summary['selection_metric']} {summary['best_metric']:.4f} -> {final}")
     return final
 
 
@@ -113,7 +115,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     if cfg.student is None:
         layers = pick_layers(len(layer_list(teacher)), cfg.layers)
         layer_map = layers
-        log(f"distill: student keeps teacher layers {layers} of {len(layer_list(teacher))}")
+        logger.info(f"distill: student keeps teacher layers {layers} of {len(layer_list(teacher))}")
         student = student_from_teacher(teacher, layers)
     else:  # the recipe schema refuses student and layers together
         student = get_task(recipe.task).build_model(model_dir(cfg.student), list(teacher.config.id2label.values())
@@ -121,7 +123,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         if student.get_input_embeddings().num_embeddings < teacher.get_input_embeddings().num_embeddings:
             raise KeelError(f"student {cfg.student} has a smaller vocabulary than the teacher; a student must share the "
                             "teacher's tokenizer (or leave compress.distill.student unset to cut one from the teacher)")
-        log(f"distill: student {cfg.student}")
+        logger.info(f"distill: student {cfg.student}")
     check_smaller(student, teacher)
     loss = _distiller(run_dir, recipe, _alpha(recipe, cfg.alpha), cfg.temperature, cfg.hidden_weight, layer_map)
     stage_recipe = _stage_recipe(recipe, max(cfg.epochs, 1), cfg.lr, cfg.max_steps)
@@ -161,14 +163,14 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         info["vocab"] = P.trim_vocabulary(model, seen | set(tok.all_special_ids), tok.unk_token_id
                                           if tok.unk_token_id is not None else tok.pad_token_id)
         info["resized"] = True
-        log(f"prune: embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens "
-            "(those in the training split)")
+        logger.info(f"prune: embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens "
+                    "(those in the training split)")
     if cfg.sparsity:
         info["unstructured"] = P.global_magnitude_prune(model, cfg.sparsity)
     after = sum(p.numel() for p in model.parameters())
     info["params_before"], info["params_after"] = before, after
-    log(f"prune ({source}): {before:,} -> {after:,} parameters"
-        + (f", {info['unstructured']['sparsity']:.1%} of block weights zero" if cfg.sparsity else ""))
+    logger.info(f"prune ({source}): {before:,} -> {after:,} parameters"
+                + (f", {info['unstructured']['sparsity']:.1%} of block weights zero" if cfg.sparsity else ""))
 
     def build(path, labels):
         if cfg.sparsity:
@@ -182,7 +184,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     final = _train_stage(run_dir, "pruned", stage_recipe, build, loss, info, train_it=cfg.finetune_epochs > 0)
     if cfg.sparsity:
         got = P.measured_sparsity(load_trained(final).model)
-        log(f"prune: {got:.2%} of block weights are zero after fine-tuning and reloading")
+        logger.info(f"prune: {got:.2%} of block weights are zero after fine-tuning and reloading")
     return final
 
 
@@ -210,15 +212,15 @@ def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | Non
     if q.onnx or q.onnx_int8 or q.onnx_static_int8:
         result = export_onnx(folder, int8=q.onnx_int8)
         produced += [f"{stage}-onnx"] + ([f"{stage}-onnx-int8"] if q.onnx_int8 else [])
-        log(f"export ({stage}): ONNX fp32 max |diff| vs eager {result['onnx']['max_abs_diff_vs_eager']:.1e}")
+        logger.info(f"export ({stage}): ONNX fp32 max |diff| vs eager {result['onnx']['max_abs_diff_vs_eager']:.1e}")
         if q.onnx_static_int8:
             try:
                 res = quantize_static_int8(folder, q.calibration_samples)
             except KeelError as e:  # this model does not take static int8 well: bench the others, say why
-                log(f"export ({stage}): static int8 left out: {e}")
+                logger.info(f"export ({stage}): static int8 left out: {e}")
             else:
                 produced.append(f"{stage}-onnx-static-int8")
-                log(f"export ({stage}): static int8 logit cosine {res['logit_cosine_vs_eager']:.4f}")
+                logger.info(f"export ({stage}): static int8 logit cosine {res['logit_cosine_vs_eager']:.4f}")
     if q.torch_int8 != "none":
         produced.append(f"{stage}-torchao-{q.torch_int8}")
     return produced

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from keel.data.load import cap_splits, load_splits
 from keel.io import atomic_dir, cache_dir, sha256_file
-from keel.progress import esc, log
 from keel.recipe import Recipe
+
+logger = logging.getLogger(__name__)
 
 PREP_VERSION = 1
 SPLITS = ("train", "validation", "test")
@@ -69,18 +71,18 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
             if key not in _ANNOUNCED:
                 if freeze:  # training: what was dropped from the source is said on a cached re-run too
                     for note in (raw.notes if raw is not None else meta.get("notes") or []):
-                        log(f"data: {esc(note)}")
-                log(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
+                        logger.info(f"data: {note}")
+                logger.info(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
             _ANNOUNCED.add(key)
             return Prepared(splits, meta["labels"], meta, cache_hit=True)
         except Exception:  # a damaged cache entry is rebuilt, never trusted
-            log(f"[yellow]data: tokenized cache {key[:12]} is unreadable; rebuilding it[/]")
+            logger.warning(f"data: tokenized cache {key[:12]} is unreadable; rebuilding it")
 
     t0 = time.perf_counter()
     if raw is None:
         raw = load_splits(recipe.data, recipe.task)
     for note in raw.notes:
-        log(f"data: {esc(note)}")
+        logger.info(f"data: {note}")
     tokenize = tokenize_classification if recipe.task == "classification" else _causal_lm
     splits = {s: tokenize(getattr(raw, s), tokenizer, recipe, raw.labels) for s in SPLITS}
     if recipe.task == "causal-lm":
@@ -96,7 +98,7 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
                 d.save_to_disk(str(tmp / s))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     splits = _load_splits(folder)
-    log(f"data: {esc(raw.source)}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
+    logger.info(f"data: {raw.source}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
     _ANNOUNCED.add(key)
     return Prepared(splits, raw.labels, meta, cache_hit=False)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from keel.data.load import RawSplits, load_splits
 from keel.errors import DataError
 from keel.io import MANIFEST, atomic_dir, verify_manifest
-from keel.progress import esc, is_main_process, log
+from keel.progress import is_main_process
 from keel.recipe import Recipe
 from keel.rundir import SPLITS, splits_dir
 
@@ -99,8 +99,8 @@ def _warn_if_source_changed(recipe: Recipe, raw: RawSplits) -> None:
     except DataError:
         return  # the source is gone: nothing needs it any more
     if now != raw.content_sha256:
-        log(f"[yellow]data: {esc(source)} changed since this run froze its splits; training continues on the "
-            f"frozen splits in {SPLITS}/[/]")
+        logger.warning(f"data: {source} changed since this run froze its splits; training continues on the "
+                       f"frozen splits in {SPLITS}/")
 
 
 def _legacy(recipe: Recipe, run_dir: Path) -> RawSplits:

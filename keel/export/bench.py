@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -28,8 +29,9 @@ import numpy as np
 from keel.errors import KeelError
 from keel.export.onnx import weights_bytes
 from keel.io import atomic_write_json, writes_run
-from keel.progress import log
 from keel.rundir import STAGES, export_dir, stage_dir, variant_location
+
+logger = logging.getLogger(__name__)
 
 
 def available_variants(run_dir: Path) -> list[str]:
@@ -159,7 +161,7 @@ def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variant
     best: dict[str, dict] = {}
     for k in range(rounds):
         for variant in names:
-            log(f"bench: measuring {variant}" + (f" (round {k + 1} of {rounds})" if rounds > 1 else ""))
+            logger.info(f"bench: measuring {variant}" + (f" (round {k + 1} of {rounds})" if rounds > 1 else ""))
             row = _measure(run_dir, variant, n_latency, n_eval)
             best[variant] = _faster(best[variant], row) if variant in best else row
     rows = [best[v] for v in names]

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -23,7 +24,8 @@ from typing import Callable
 import numpy as np
 
 from keel.federated import privacy
-from keel.progress import esc, log
+
+logger = logging.getLogger(__name__)
 
 
 def check_update(arrays: list[np.ndarray], reference: list[np.ndarray], max_norm: float | None = None) -> str | None:
@@ -121,8 +123,8 @@ class Guard(_strategy_base()):
         self._t0 = time.perf_counter()
         if not privacy.round_allowed(self.dp_plan, self.dp_rounds):
             self._round_info = {"skipped": "privacy budget reached"}
-            log(f"round {r}: [yellow]not run: one more round would spend more than "
-                f"federated.dp.epsilon={self.dp_plan['epsilon_budget']:g}[/]")
+            logger.warning(f"round {r}: not run: one more round would spend more than "
+                           f"federated.dp.epsilon={self.dp_plan['epsilon_budget']:g}")
             return []
         self._reference = parameters_to_ndarrays(parameters)
         if self.central_dp and self.dp_plan["sample_rate"] < 1.0:
@@ -135,7 +137,7 @@ class Guard(_strategy_base()):
             self.dp_rounds += 1  # each asked site releases a noised update now, whatever the server does with it
         if not instructions:
             self._round_info = {"sampled": 0, "completed": 0, "skipped": "no site sampled"}
-            log(f"round {r}: [yellow]skipped[/]: no site sampled; the global model is unchanged")
+            logger.warning(f"round {r}: skipped: no site sampled; the global model is unchanged")
         return instructions
 
     def _poisson(self, client_manager) -> _Chosen:
@@ -173,7 +175,7 @@ class Guard(_strategy_base()):
             if why is None and self.dp_plan and self.dp_plan["mode"] == "local":
                 why = self._check_local_noise(res.metrics)
             if why:
-                log(f"round {r}: [red]rejected the update of site {esc(site)}[/]: {esc(why)}")
+                logger.warning(f"round {r}: rejected the update of site {site}: {why}")
                 rejected.append(site)
             else:
                 kept.append((proxy, res))
@@ -183,8 +185,8 @@ class Guard(_strategy_base()):
             info["max_update_norm"] = max(norms)
         if len(kept) < needed:
             info["skipped"] = f"{len(kept)} usable updates of {self._sampled} sampled, {needed} needed"
-            log(f"round {r}: [yellow]skipped[/]: {info['skipped']} (federated.min_completion="
-                f"{self.fed.min_completion:g}); the global model is unchanged")
+            logger.warning(f"round {r}: skipped: {info['skipped']} (federated.min_completion="
+                           f"{self.fed.min_completion:g}); the global model is unchanged")
             self._round_info = info
             return None, {}
         dropped = list(failures) + [RuntimeError(f"rejected {s}") for s in rejected]
@@ -199,7 +201,7 @@ class Guard(_strategy_base()):
                                              zip(parameters_to_ndarrays(params), self._reference)])
         if params is None:
             info["skipped"] = "the strategy returned no aggregate"
-            log(f"round {r}: [yellow]skipped[/]: {info['skipped']} ({len(dropped)} failures)")
+            logger.warning(f"round {r}: skipped: {info['skipped']} ({len(dropped)} failures)")
         elif self.central_dp:
             self.dp_rounds += 1
         losses = [(res.num_examples, float(res.metrics["loss"])) for _, res in kept if "loss" in res.metrics]

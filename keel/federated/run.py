@@ -24,10 +24,12 @@ from keel.federated import privacy
 from keel.federated.guard import Guard, build_strategy, sites_per_round
 from keel.federated.site import get_weights, make_client, set_weights, weight_specs
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
-from keel.progress import esc, log, progress
+from keel.progress import progress
 from keel.recipe import Recipe
 from keel.rundir import ROUNDS
 from keel.train.engine import set_threads
+
+logger = logging.getLogger(__name__)
 
 
 def _fed(recipe: Recipe):
@@ -192,7 +194,7 @@ class Coordinator:
             self.initial, st = found
             self.offset, self.dp_rounds, self.history = st["round"], st.get("dp_rounds", 0), st.get("history", [])
             self.moments = st.get("server_moments", {})
-            log(f"resuming after round {self.offset} of {self.fed.rounds}")
+            logger.info(f"resuming after round {self.offset} of {self.fed.rounds}")
         self.metrics = MetricLog(run_dir, resume_step=self.offset if resume else None)
         self.t0 = time.perf_counter()
         self._bar = None
@@ -239,10 +241,10 @@ class Coordinator:
         shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "accuracy", "macro_f1") if k in result)
         extra = f", epsilon {info['epsilon']:.3f}" if "epsilon" in info else ""
         if r > 0:
-            log(f"round {r}/{self.fed.rounds}: {info.get('completed', 0)}/{info.get('sampled', 0)} sites, "
-                f"validation {shown}{extra} ({info['seconds']:.1f}s)")
+            logger.info(f"round {r}/{self.fed.rounds}: {info.get('completed', 0)}/{info.get('sampled', 0)} sites, "
+                        f"validation {shown}{extra} ({info['seconds']:.1f}s)")
         else:
-            log(f"round 0 (initial model): validation {shown}")
+            logger.info(f"round 0 (initial model): validation {shown}")
         if self._bar is not None and r > 0:
             self._bar[0].update(self._bar[1], completed=r, info=shown)
         return result.get("loss", 0.0), {k: v for k, v in result.items() if k in ("accuracy", "macro_f1")}
@@ -283,14 +285,14 @@ def _announce(c: Coordinator) -> None:
         return
     if p["mode"] == "central":
         eps = privacy.spent(p, c.fed.rounds)
-        log(f"DP (central): clip {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:.3f}, "
-            f"{p['sites_per_round']} of {c.fed.sites} sites per round: epsilon {eps:.3f} at delta {p['delta']:.2g} "
-            f"after {c.fed.rounds} rounds" + (f" (budget {p['epsilon_budget']:g})" if p["epsilon_budget"] else ""))
+        logger.info(f"DP (central): clip {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:.3f}, "
+                    f"{p['sites_per_round']} of {c.fed.sites} sites per round: epsilon {eps:.3f} at delta {p['delta']:.2g} "
+                    f"after {c.fed.rounds} rounds" + (f" (budget {p['epsilon_budget']:g})" if p["epsilon_budget"] else ""))
     else:
-        log(f"DP (local): each site clips to {p['clipping_norm']:g} and adds Gaussian noise of std {p['noise_std']:.4g} "
-            f"(noise multiplier {p['noise_multiplier']:.3f} on sensitivity {p['sensitivity']:g}): epsilon "
-            f"{privacy.spent(p, c.fed.rounds):.3f} per site at delta {p['delta']:.2g} after {c.fed.rounds} rounds "
-            f"(budget {p['epsilon_budget']:g})")
+        logger.info(f"DP (local): each site clips to {p['clipping_norm']:g} and adds Gaussian noise of std {p['noise_std']:.4g} "
+                    f"(noise multiplier {p['noise_multiplier']:.3f} on sensitivity {p['sensitivity']:g}): epsilon "
+                    f"{privacy.spent(p, c.fed.rounds):.3f} per site at delta {p['delta']:.2g} after {c.fed.rounds} rounds "
+                    f"(budget {p['epsilon_budget']:g})")
 
 
 class FederatedTrainer:
@@ -314,7 +316,7 @@ class FederatedTrainer:
     def train(self) -> None:
         c = self.c
         if not c.remaining:
-            log("all rounds are done already; writing the final model again")
+            logger.info("all rounds are done already; writing the final model again")
             return
         with progress("round") as bar:
             c._bar = (bar, bar.add_task("federated rounds", total=c.fed.rounds, completed=c.offset, info=""))
@@ -444,8 +446,8 @@ def _server(recipe: Recipe, address: str | None = None, debug: bool = False, sec
 
     def body(s: Setup, c: Coordinator) -> None:
         tls = "TLS" if certificates else "insecure: loopback or a trusted network only"
-        log(f"serving on {address} ({tls}), {'sites need the federation secret' if secret else 'no site secret'}; "
-            f"waiting up to {float(srv.round_timeout or 600):g}s for {fed.min_available_clients} sites")
+        logger.info(f"serving on {address} ({tls}), {'sites need the federation secret' if secret else 'no site secret'}; "
+                    f"waiting up to {float(srv.round_timeout or 600):g}s for {fed.min_available_clients} sites")
         transport.run_server(address, c.strategy(), num_rounds=c.remaining, round_timeout=srv.round_timeout,
                              needed=fed.min_available_clients, offset=c.offset, certificates=certificates, secret=secret)
 
@@ -495,7 +497,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     frame = _site_frame(path, columns, None)  # before connecting: a file that cannot be trained on stops here
     if recipe.data.max_train_samples:
         frame = frame[: recipe.data.max_train_samples]
-    log(f"site {esc(name)}: {len(frame)} rows from {esc(str(path))}")
+    logger.info(f"site {name}: {len(frame)} rows from {path}")
     _quiet_flower(debug)
     model_path = model_dir(recipe.model.name)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -513,7 +515,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
 
     client = make_client(name, load, site_settings(recipe))
     counted = _CountRounds(client)
-    log(f"site {esc(name)}: joining {esc(server)} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}")
+    logger.info(f"site {name}: joining {server} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}")
     import grpc
     from flwr.client import start_client
 
@@ -540,7 +542,7 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     if client.ended:
         raise KeelError(f"site {name}: the server ended the run after this site trained {counted.rounds} rounds: "
                         f"{client.ended}")
-    log(f"site {esc(name)}: done after {counted.rounds} rounds")
+    logger.info(f"site {name}: done after {counted.rounds} rounds")
     return counted.rounds
 
 

@@ -27,11 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flwr.server import SimpleClientManager
-from rich.markup import escape
 
 from keel.errors import KeelError
 from keel.net import is_loopback
-from keel.progress import log
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +116,7 @@ def _server_interceptor(secret: str):
     want = _digest(secret)
 
     def deny(request_iterator, context):
-        log(f"[yellow]refused a site from {escape(context.peer())}[/]: no or wrong federation secret")
+        logger.warning(f"refused a site from {context.peer()}: no or wrong federation secret")
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "no or wrong federation secret; set KEEL_FEDERATION_SECRET "
                                                        "or --secret-file to the federation's secret")
 
@@ -156,7 +154,7 @@ class SiteManager(SimpleClientManager):
         if not super().register(client):
             return False
         self.names[client.cid] = name
-        log(f"site {escape(name)} joined ({len(self)} connected; rounds need {self.needed})")
+        logger.info(f"site {name} joined ({len(self)} connected; rounds need {self.needed})")
         return True
 
     def unregister(self, client) -> None:
@@ -166,8 +164,8 @@ class SiteManager(SimpleClientManager):
         if not self.closing:
             name = self.names.get(client.cid, client.cid)
             self.left.append((name, self.round))
-            log(f"[yellow]site {escape(name)} left[/] during round {self.round} ({len(self)} connected; "
-                f"rounds need {self.needed})")
+            logger.warning(f"site {name} left during round {self.round} ({len(self)} connected; "
+                           f"rounds need {self.needed})")
 
     def sample(self, num_clients, min_num_clients=None, criterion=None):
         self.round += 1  # Flower samples once per round (configure_fit)

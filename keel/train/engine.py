@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import resource
 import time
@@ -27,12 +28,14 @@ from keel.data.prepare import prepare_data
 from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
 from keel.models import model_dir
-from keel.progress import log, progress
+from keel.progress import progress
 from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
 from keel.train.metrics import MetricLog
 from keel.train.strategies import Run, Standard, Strategy, epoch_order, shard_batches  # noqa: F401  (re-exported)
+
+logger = logging.getLogger(__name__)
 
 # Resuming may change only these fields; anything else would silently change the run.
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
@@ -195,31 +198,29 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
     if main:
         dropped = ckpt.clean_partial(ckpt_root)
         if dropped:
-            log(f"[yellow]removed {dropped} incomplete checkpoint folder(s) left by an interrupted run[/]")
+            logger.warning(f"removed {dropped} incomplete checkpoint folder(s) left by an interrupted run")
     accelerator.wait_for_everyone()
     # the newest intact checkpoint (a corrupt one is skipped and named); none at all: the run starts afresh
     loaded = ckpt.resume_point(ckpt_root, run.model, recipe, rank, world, check_resume_compatible) if resume else None
     if loaded is not None:
         if loaded.changed:
-            log(f"[yellow]resuming with changed settings: {', '.join(loaded.changed)}[/]")
+            logger.warning(f"resuming with changed settings: {', '.join(loaded.changed)}")
         optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.scheduler)
         state = run.state = loaded.state
         restored_rng = loaded.rng
-        log(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
+        logger.info(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
     if resume:
         strategy.resumed(run, loaded)
     if resume and loaded is None:
-        from rich.markup import escape
-
         if (run_dir / "model").is_dir():
             raise CheckpointError(f"nothing to resume: {run_dir} has a final model but no checkpoint; it is finished "
                                   "(set output.dir to a new folder to train again)")
-        log(escape(f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh"))
+        logger.info(f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh")
         resume = False
     stop = strategy.start(run, total_steps)  # DP-SGD: the last step within the privacy budget
     if loaded is not None and state.finished:
-        log("that run had already finished; writing its final model again")
+        logger.info("that run had already finished; writing its final model again")
 
     strategy.prepare(run)
     device = accelerator.device
@@ -264,7 +265,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
             state.evals_without_improvement += 1
         accelerator.wait_for_everyone()
         shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "accuracy", "macro_f1", "perplexity") if k in result)
-        log(f"epoch {epoch + 1}: validation {shown}" + (" [green](best)[/]" if improved else ""))
+        logger.info(f"epoch {epoch + 1}: validation {shown}" + (" (best)" if improved else ""))
 
     # -- the loop ---------------------------------------------------------------------------------
     run.model.train()
@@ -293,7 +294,7 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
             state.epoch, state.batch_in_epoch = strategy.epoch_after(run, epoch), 0
             if cfg.early_stopping and state.evals_without_improvement >= cfg.early_stopping.patience:
                 state.stopped_early = True
-                log(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
+                logger.info(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
             state.finished = state.stopped_early or state.step >= stop or state.epoch >= cfg.epochs
             save()
     elapsed = time.perf_counter() - t0

@@ -4,16 +4,18 @@ classification run, written to RUN_DIR/audit/{explain,fairness}.json; MODEL_CARD
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
-from rich.markup import escape
 
 from keel.errors import GateError, KeelError, RecipeError
 from keel.io import atomic_write_json, writes_run
-from keel.progress import log, progress
+from keel.progress import progress
 from keel.recipe import AuditConfig, ExplainConfig, FairnessConfig
+
+logger = logging.getLogger(__name__)
 
 
 def audit_config(recipe) -> AuditConfig:
@@ -73,10 +75,10 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
                "examples": [x.to_json() for x in exps[: e.heatmaps]], "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_json(run_dir / "audit" / "explain.json", doc)
         result["explain"] = doc
-        log(f"explanations: {len(exps)} texts, completeness |delta| mean {doc['completeness']['mean_abs_delta']:.2e}; "
-            f"comprehensiveness {faith.get('comprehensiveness', float('nan')):.3f} (random "
-            f"{faith.get('comprehensiveness_random', float('nan')):.3f}), sufficiency "
-            f"{faith.get('sufficiency', float('nan')):.3f} (random {faith.get('sufficiency_random', float('nan')):.3f})")
+        logger.info(f"explanations: {len(exps)} texts, completeness |delta| mean {doc['completeness']['mean_abs_delta']:.2e}; "
+                    f"comprehensiveness {faith.get('comprehensiveness', float('nan')):.3f} (random "
+                    f"{faith.get('comprehensiveness_random', float('nan')):.3f}), sufficiency "
+                    f"{faith.get('sufficiency', float('nan')):.3f} (random {faith.get('sufficiency_random', float('nan')):.3f})")
     if cfg.fairness:
         t0 = time.perf_counter()
         f = cfg.fairness
@@ -114,7 +116,7 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
     atomic_write_json(run_dir / "audit" / "gates.json", gates)
     result["gates"] = gates
     for line in unmeasurable:
-        log(f"[yellow]gate not evaluated: {escape(line)}[/]")
+        logger.warning(f"gate not evaluated: {line}")
     from keel.trust.card import write_model_card
 
     write_model_card(run_dir)
@@ -133,14 +135,14 @@ def _log_fairness(doc: dict) -> None:
     for attr, r in doc["attributes"].items():
         if r["ranked_groups"]:
             dp, eo = r["demographic_parity_difference"], r["equalized_odds_difference"]
-            log(f"fairness ({escape(attr)}): groups {escape(', '.join(r['ranked_groups']))}; demographic parity difference "
-                f"{'n/a' if dp is None else f'{dp:.3f}'}, equalized odds difference {'n/a' if eo is None else f'{eo:.3f}'}")
+            logger.info(f"fairness ({attr}): groups {', '.join(r['ranked_groups'])}; demographic parity difference "
+                        f"{'n/a' if dp is None else f'{dp:.3f}'}, equalized odds difference {'n/a' if eo is None else f'{eo:.3f}'}")
         else:
             small = [f"{g['group']} ({g['n']})" for g in r["groups"] if g["group"] not in ("none", "several")]
-            log(f"fairness ({escape(attr)}): no group with {doc['min_group_size']}+ examples to rank"
-                + (f"; flagged: {escape(', '.join(small))}" if small else ""))
+            logger.info(f"fairness ({attr}): no group with {doc['min_group_size']}+ examples to rank"
+                        + (f"; flagged: {', '.join(small)}" if small else ""))
     cf = (doc.get("counterfactual") or {}).get("all")
     if cf and cf["n"]:
-        log(f"counterfactual swaps: {cf['n']} texts, flip rate {cf['flip_rate']:.3f}, mean |score change| "
-            f"{cf['mean_abs_score_change']:.4f}" + (f"; {cf['ambiguous']} texts left out (a pronoun of ambiguous role)"
+        logger.info(f"counterfactual swaps: {cf['n']} texts, flip rate {cf['flip_rate']:.3f}, mean |score change| "
+                    f"{cf['mean_abs_score_change']:.4f}" + (f"; {cf['ambiguous']} texts left out (a pronoun of ambiguous role)"
                                                     if cf.get("ambiguous") else ""))

@@ -5,8 +5,11 @@ and the same label, so the model sees both versions equally often. A text whose 
 
 from __future__ import annotations
 
-from keel.progress import log
+import logging
+
 from keel.trust import lexicon
+
+logger = logging.getLogger(__name__)
 
 
 def swap_sources(texts: list[str], recipe) -> list[tuple[int, str]]:
@@ -31,9 +34,9 @@ def augment(train_ds, tokenizer, recipe):
     cats = lexicon.categories(recipe.audit.fairness.categories)
     ambiguous = sum(1 for t in texts if lexicon.swap_terms(t, cats).ambiguous)
     if ambiguous:
-        log(f"counterfactual augmentation: {ambiguous} texts skipped (a pronoun whose role, his or him, is ambiguous)")
+        logger.info(f"counterfactual augmentation: {ambiguous} texts skipped (a pronoun whose role, his or him, is ambiguous)")
     if not sources:
-        log("counterfactual augmentation: no training text mentions a swappable identity term; nothing added")
+        logger.info("counterfactual augmentation: no training text mentions a swappable identity term; nothing added")
         return train_ds
     idx = [i for i, _ in sources]
     new = {"text": [s for _, s in sources], "label": [train_ds[i]["label"] for i in idx]}
@@ -44,5 +47,5 @@ def augment(train_ds, tokenizer, recipe):
         if col in train_ds.column_names:
             new[col] = enc[col]
     extra = datasets.Dataset.from_dict(new).cast(train_ds.features)
-    log(f"counterfactual augmentation: {len(extra)} swapped copies added to {len(train_ds)} training texts")
+    logger.info(f"counterfactual augmentation: {len(extra)} swapped copies added to {len(train_ds)} training texts")
     return datasets.concatenate_datasets([train_ds, extra])

@@ -27,13 +27,15 @@ This module imports torch only inside the functions that train, so ``keel valida
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
 from keel.errors import CheckpointError, KeelError, RecipeError
-from keel.progress import log
 from keel.train.strategies import Run, StepResult, Strategy
+
+logger = logging.getLogger(__name__)
 
 
 def make_accountant(kind: str, history: list | None = None):
@@ -198,7 +200,7 @@ def check_architecture(recipe) -> None:
     except (OSError, ValueError):
         model_type = None
     if model_type not in PER_EXAMPLE_FAMILIES:
-        log(f"train.privacy: model type {model_type!r} is checked for BatchNorm when training starts")
+        logger.info(f"train.privacy: model type {model_type!r} is checked for BatchNorm when training starts")
 
 
 def dp_optimizer_args(sigma: float, max_grad_norm: float, rows_per_person: int) -> dict:
@@ -267,7 +269,7 @@ class DPSGD(Strategy):
             frozen = [m for m in run.model.modules() if isinstance(m, torch.nn.Embedding)]
             for m in frozen:
                 m.weight.requires_grad_(False)
-            log(f"DP-SGD: {len(frozen)} embedding tables frozen (train.privacy.freeze_embeddings)")
+            logger.info(f"DP-SGD: {len(frozen)} embedding tables frozen (train.privacy.freeze_embeddings)")
         self.q = run.cfg.batch_size / self.n
         self.sigma, self.history = p.noise_multiplier, []
 
@@ -283,7 +285,7 @@ class DPSGD(Strategy):
         if not saved:
             raise CheckpointError(f"{loaded.path} has no privacy accountant state: it was not trained with train.privacy")
         self.sigma, self.history = saved["noise_multiplier"], saved["history"]  # the budget was planned with this sigma
-        log(f"resuming DP training from {loaded.path.name} (step {loaded.state.step}, epsilon so far {saved['epsilon']:.3f})")
+        logger.info(f"resuming DP training from {loaded.path.name} (step {loaded.state.step}, epsilon so far {saved['epsilon']:.3f})")
 
     def start(self, run: Run, planned: int) -> int:
         p = run.recipe.train.privacy
@@ -298,8 +300,8 @@ class DPSGD(Strategy):
             raise RecipeError(f"train.privacy: one step at sigma {self.sigma:g} and q {self.q:.4g} already spends more "
                               f"than epsilon {p.target_epsilon}; raise train.privacy.noise_multiplier or target_epsilon")
         if self.allowed < planned:
-            log(f"[yellow]privacy budget: epsilon {p.target_epsilon} allows {self.allowed} of the {planned} planned steps "
-                f"at sigma {self.sigma:.4f}; training stops at step {self.allowed}[/]")
+            logger.warning(f"privacy budget: epsilon {p.target_epsilon} allows {self.allowed} of the {planned} planned steps "
+                           f"at sigma {self.sigma:.4f}; training stops at step {self.allowed}")
         self.accountant = make_accountant(p.accountant, self.history)
         stop = min(planned, self.allowed)
         state = run.state
@@ -367,14 +369,14 @@ class DPSGD(Strategy):
     def finish(self, run: Run, summary: dict) -> None:
         p, priv = run.recipe.train.privacy, self.privacy_state(run)
         if priv["budget_exhausted"]:
-            log(f"[yellow]privacy budget reached: stopped at step {run.state.step} of {self.planned}, epsilon "
-                f"{priv['epsilon']:.3f} <= {p.target_epsilon}[/]")
-        log(f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {self.sigma:.4f}, q {self.q:.5f}, "
-            f"{run.state.step} steps ({p.accountant} accountant)")
+            logger.warning(f"privacy budget reached: stopped at step {run.state.step} of {self.planned}, epsilon "
+                           f"{priv['epsilon']:.3f} <= {p.target_epsilon}")
+        logger.info(f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {self.sigma:.4f}, q {self.q:.5f}, "
+                    f"{run.state.step} steps ({p.accountant} accountant)")
         if self.per_person > 1:
-            log(f"privacy is per person: {self.n} persons, {len(run.train_ds)} rows with their counterfactual copies, "
-                f"each row clipped at {p.max_grad_norm / self.per_person:g} so a person's {self.per_person} rows "
-                f"together stay within {p.max_grad_norm:g}")
+            logger.info(f"privacy is per person: {self.n} persons, {len(run.train_ds)} rows with their counterfactual copies, "
+                        f"each row clipped at {p.max_grad_norm / self.per_person:g} so a person's {self.per_person} rows "
+                        f"together stay within {p.max_grad_norm:g}")
         priv.pop("history")
         summary["privacy"] = priv
         self.gs_model.remove_hooks()  # the final model is saved without Opacus' hooks and per-example gradients
