@@ -40,13 +40,13 @@ def linear_weight_bytes(model) -> int:
 
 def main() -> dict:
     import torch
+    from transformers import AutoTokenizer
 
     import keel  # noqa: F401  (quiets torchao's import-time notes)
     from keel.data.prepare import prepare_data
     from keel.models import model_dir
     from keel.recipe import validate_recipe
     from keel.tasks import causal_lm
-    from transformers import AutoTokenizer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=32)

@@ -13,7 +13,6 @@ import os
 import time
 
 import torch
-
 from serve_common import decode_all, write_result
 
 

@@ -18,7 +18,6 @@ import os
 import time
 
 import httpx
-
 from serve_common import OFFLINE, KeelServer, percentile, write_result
 
 TOPICS = ["the sea", "a long train journey", "the first snow of winter", "a market at dawn", "an old lighthouse",

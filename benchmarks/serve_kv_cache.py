@@ -16,11 +16,11 @@ import os
 import platform
 
 import torch
+from serve_common import decode_all, write_result
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from keel.models.registry import model_dir
 from keel.serve import scheduler as S
-from serve_common import decode_all, write_result
 
 WORDS = "the sea and the ships in the harbour at night under a quiet sky with the lights of the town".split()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import List, Optional
 
 import typer
 
@@ -35,7 +34,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show full traceback
 
 
 @app.command()
-def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -> None:
+def validate(recipe: str = RECIPE, overrides: list[str] | None = OVERRIDES) -> None:
     """Check a recipe (types, names, files, columns) without loading any model."""
     from keel.pipeline import check_recipe
     from keel.recipe import load_recipe
@@ -47,7 +46,7 @@ def validate(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES) -
 
 
 @app.command()
-def run(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
+def run(recipe: str = RECIPE, overrides: list[str] | None = OVERRIDES,
         resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint")) -> None:
     """Everything the recipe asks for: train, evaluate on the test split, write report.html."""
     from keel.pipeline import full_run
@@ -58,7 +57,7 @@ def run(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
 
 
 @app.command()
-def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
+def train(recipe: str = RECIPE, overrides: list[str] | None = OVERRIDES,
           resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint")) -> None:
     """Train only; the model lands in RUN_DIR/model."""
     from keel.pipeline import train_run
@@ -73,10 +72,10 @@ def train(recipe: str = RECIPE, overrides: Optional[List[str]] = OVERRIDES,
 
 @app.command("eval")
 def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
-          data: Optional[str] = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file; for causal-lm runs a "
+          data: str | None = typer.Option(None, "--data", help="a labelled CSV/JSONL/Parquet file; for causal-lm runs a "
                                              "file in the run's own format (text, chats, or preference pairs)"),
-          text_column: Optional[str] = typer.Option(None, help="text column of --data (default: the recipe's)"),
-          label_column: Optional[str] = typer.Option(None, help="label column of --data (default: the recipe's)"),
+          text_column: str | None = typer.Option(None, help="text column of --data (default: the recipe's)"),
+          label_column: str | None = typer.Option(None, help="label column of --data (default: the recipe's)"),
           backend: str = typer.Option("torch", help="torch, onnx, onnx-int8 (after `keel export`) or a compressed variant such as pruned-onnx-int8 (see `keel bench`)"),
           as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON")) -> None:
     """Evaluate a run's model on its test split, or on a file (labelled texts; text, chats or pairs for causal LMs)."""
@@ -94,7 +93,7 @@ def eval_(run_dir: str = typer.Argument(..., help="a run directory"),
 
 @app.command()
 def predict(run_dir: str = typer.Argument(..., help="a run directory"),
-            texts: List[str] = typer.Argument(..., help="texts to classify; a single - reads one text per line from stdin"),
+            texts: list[str] = typer.Argument(..., help="texts to classify; a single - reads one text per line from stdin"),
             backend: str = typer.Option("torch", help="torch, onnx, onnx-int8 (after `keel export`) or a compressed variant such as pruned-onnx-int8 (see `keel bench`)"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
     """Classify texts with a run's model."""
@@ -155,9 +154,10 @@ COMPRESS_OVERRIDES = typer.Argument(None, help="compress.* overrides, e.g. compr
 
 @app.command()
 def distill(run_dir: str = typer.Argument(..., help="a run directory (its model is the teacher)"),
-            overrides: Optional[List[str]] = COMPRESS_OVERRIDES) -> None:
+            overrides: list[str] | None = COMPRESS_OVERRIDES) -> None:
     """Distill the run's model into a smaller student (RUN_DIR/compress/student)."""
-    from keel.compress.stages import distill as _distill, run_recipe
+    from keel.compress.stages import distill as _distill
+    from keel.compress.stages import run_recipe
 
     folder = _distill(run_dir, run_recipe(run_dir, overrides))
     out.print(f"student: [bold]{esc(folder)}[/]   next: keel eval {esc(run_dir)} --backend student-torch")
@@ -165,9 +165,10 @@ def distill(run_dir: str = typer.Argument(..., help="a run directory (its model 
 
 @app.command()
 def prune(run_dir: str = typer.Argument(..., help="a run directory"),
-          overrides: Optional[List[str]] = COMPRESS_OVERRIDES) -> None:
+          overrides: list[str] | None = COMPRESS_OVERRIDES) -> None:
     """Prune the latest model (student, else teacher): heads/FFN neurons (structured) or weights (sparsity)."""
-    from keel.compress.stages import prune as _prune, run_recipe
+    from keel.compress.stages import prune as _prune
+    from keel.compress.stages import run_recipe
 
     folder = _prune(run_dir, run_recipe(run_dir, overrides))
     out.print(f"pruned: [bold]{esc(folder)}[/]   next: keel eval {esc(run_dir)} --backend pruned-torch")
@@ -175,10 +176,11 @@ def prune(run_dir: str = typer.Argument(..., help="a run directory"),
 
 @app.command()
 def quantize(run_dir: str = typer.Argument(..., help="a run directory"),
-             overrides: Optional[List[str]] = COMPRESS_OVERRIDES,
-             stage: Optional[str] = typer.Option(None, help="teacher, student or pruned (default: the latest)")) -> None:
+             overrides: list[str] | None = COMPRESS_OVERRIDES,
+             stage: str | None = typer.Option(None, help="teacher, student or pruned (default: the latest)")) -> None:
     """ONNX export + int8 (dynamic, and static when asked) of the latest model; torchao int8 when asked."""
-    from keel.compress.stages import quantize as _quantize, run_recipe
+    from keel.compress.stages import quantize as _quantize
+    from keel.compress.stages import run_recipe
 
     for variant in _quantize(run_dir, run_recipe(run_dir, overrides), stage):
         out.print(f"  {variant}   (keel eval {esc(run_dir)} --backend {variant})")
@@ -186,7 +188,7 @@ def quantize(run_dir: str = typer.Argument(..., help="a run directory"),
 
 @app.command()
 def compress(run_dir: str = typer.Argument(..., help="a run directory"),
-             overrides: Optional[List[str]] = COMPRESS_OVERRIDES) -> None:
+             overrides: list[str] | None = COMPRESS_OVERRIDES) -> None:
     """Every stage in the recipe's compress section, the bench, and the deployable pick within compress.budget."""
     from keel.compress.stages import compress as _compress
     from keel.report import write_report
@@ -238,14 +240,14 @@ def report(run_dir: str = typer.Argument(..., help="a run directory")) -> None:
 @app.command(help="Federated learning with Flower. `keel federate RECIPE` simulates every site on this machine; "
                   "`keel federate serve RECIPE` runs the server and `keel federate join RECIPE --site-data FILE "
                   "--server HOST:PORT` one site, as separate processes.")
-def federate(args: List[str] = typer.Argument(..., metavar="[serve|join] RECIPE [key.path=value ...]"),
+def federate(args: list[str] = typer.Argument(..., metavar="[serve|join] RECIPE [key.path=value ...]"),
              resume: bool = typer.Option(False, "--resume", help="continue after the last completed round"),
-             site_data: Optional[str] = typer.Option(None, "--site-data", help="join: this site's labelled file"),
-             server: Optional[str] = typer.Option(None, "--server", help="join: the server's HOST:PORT"),
-             site_name: Optional[str] = typer.Option(None, "--site-name", help="join: the name the server logs (default: the file's name)"),
-             root_certificate: Optional[str] = typer.Option(None, "--root-certificate", help="join: CA certificate (PEM) for TLS"),
-             address: Optional[str] = typer.Option(None, "--address", help="serve: HOST:PORT to listen on (default federated.server.address)"),
-             secret_file: Optional[str] = typer.Option(None, "--secret-file", help="serve/join: file with the federation's site secret (or set KEEL_FEDERATION_SECRET)"),
+             site_data: str | None = typer.Option(None, "--site-data", help="join: this site's labelled file"),
+             server: str | None = typer.Option(None, "--server", help="join: the server's HOST:PORT"),
+             site_name: str | None = typer.Option(None, "--site-name", help="join: the name the server logs (default: the file's name)"),
+             root_certificate: str | None = typer.Option(None, "--root-certificate", help="join: CA certificate (PEM) for TLS"),
+             address: str | None = typer.Option(None, "--address", help="serve: HOST:PORT to listen on (default federated.server.address)"),
+             secret_file: str | None = typer.Option(None, "--secret-file", help="serve/join: file with the federation's site secret (or set KEEL_FEDERATION_SECRET)"),
              allow_insecure: bool = typer.Option(False, "--allow-insecure", help="serve/join: plain gRPC on a non-loopback address"),
              allow_no_auth: bool = typer.Option(False, "--allow-no-auth", help="serve: a non-loopback address without a site secret")) -> None:
     mode = args[0] if args[0] in ("serve", "join") else "simulate"
@@ -315,7 +317,7 @@ app.add_typer(recipe_app, name="recipe")
 
 
 @recipe_app.command("fields")
-def recipe_fields(section: Optional[str] = typer.Argument(None, help="a section such as train, train.privacy or "
+def recipe_fields(section: str | None = typer.Argument(None, help="a section such as train, train.privacy or "
                                                                       "audit.fairness (default: every field)"),
                   as_json: bool = typer.Option(False, "--json", help="print the fields as JSON")) -> None:
     """Every recipe field with its type, default and description, read from the recipe schema itself."""
@@ -336,7 +338,7 @@ def recipe_fields(section: Optional[str] = typer.Argument(None, help="a section 
 
 
 @app.command()
-def quickstart(overrides: Optional[List[str]] = OVERRIDES) -> None:
+def quickstart(overrides: list[str] | None = OVERRIDES) -> None:
     """Fine-tune minilm-l6 on 2,400 tweets (about 4 minutes on 2 CPU cores), evaluate, write the report."""
     from keel.pipeline import full_run
 
@@ -347,17 +349,17 @@ def quickstart(overrides: Optional[List[str]] = OVERRIDES) -> None:
 
 @app.command()
 def serve(target: str = typer.Argument(..., help="a run directory, or a model name (keel ls) or local model folder"),
-          recipe: Optional[str] = typer.Option(None, "--recipe", help="take the serve: section from this recipe "
+          recipe: str | None = typer.Option(None, "--recipe", help="take the serve: section from this recipe "
                                                "(default: the run directory's recipe.yaml)"),
-          overrides: Optional[List[str]] = typer.Option(None, "--set", help="serve.key=value, e.g. --set serve.max_batch_size=64"),
-          host: Optional[str] = typer.Option(None, help="bind address (serve.host; default 127.0.0.1)"),
-          port: Optional[int] = typer.Option(None, help="port (serve.port; default 8000; 0 = any free port)"),
-          backend: Optional[str] = typer.Option(None, help="auto (the deployable variant, else onnx-int8, onnx, torch) or a variant name (serve.backend)"),
-          api_key_file: Optional[str] = typer.Option(None, help="file with one API key per line (or set KEEL_API_KEYS)"),
+          overrides: list[str] | None = typer.Option(None, "--set", help="serve.key=value, e.g. --set serve.max_batch_size=64"),
+          host: str | None = typer.Option(None, help="bind address (serve.host; default 127.0.0.1)"),
+          port: int | None = typer.Option(None, help="port (serve.port; default 8000; 0 = any free port)"),
+          backend: str | None = typer.Option(None, help="auto (the deployable variant, else onnx-int8, onnx, torch) or a variant name (serve.backend)"),
+          api_key_file: str | None = typer.Option(None, help="file with one API key per line (or set KEEL_API_KEYS)"),
           allow_no_auth: bool = typer.Option(False, "--allow-no-auth", help="serve a non-loopback address without keys"),
-          ssl_certfile: Optional[str] = typer.Option(None, help="TLS certificate (PEM)"),
-          ssl_keyfile: Optional[str] = typer.Option(None, help="TLS private key (PEM)"),
-          device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)")) -> None:
+          ssl_certfile: str | None = typer.Option(None, help="TLS certificate (PEM)"),
+          ssl_keyfile: str | None = typer.Option(None, help="TLS private key (PEM)"),
+          device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)")) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
     from keel.serve.server import serve as _serve
     from keel.serve.server import serve_config
@@ -368,8 +370,8 @@ def serve(target: str = typer.Argument(..., help="a run directory, or a model na
 
 @app.command()
 def seal(run_dir: str = typer.Argument(None, help="a run directory (its model/ and export/ folders are sealed)"),
-         key_file: Optional[str] = typer.Option(None, help="file with the 32-byte key (or set KEEL_SEAL_KEY)"),
-         new_key_file: Optional[str] = typer.Option(None, help="rotate: re-seal a sealed run under this key (or "
+         key_file: str | None = typer.Option(None, help="file with the 32-byte key (or set KEEL_SEAL_KEY)"),
+         new_key_file: str | None = typer.Option(None, help="rotate: re-seal a sealed run under this key (or "
                                                     "KEEL_SEAL_NEW_KEY); the current one opens it"),
          new_key: bool = typer.Option(False, "--new-key", help="print a fresh random key and exit")) -> None:
     """Encrypt a run's model and exports at rest (AES-256-GCM, chunked); serve/eval/predict open it with the key."""
@@ -402,7 +404,7 @@ def seal(run_dir: str = typer.Argument(None, help="a run directory (its model/ a
 
 @app.command()
 def unseal(run_dir: str = typer.Argument(..., help="a sealed run directory"),
-           key_file: Optional[str] = typer.Option(None, help="file with the 32-byte key (or set KEEL_SEAL_KEY)")) -> None:
+           key_file: str | None = typer.Option(None, help="file with the 32-byte key (or set KEEL_SEAL_KEY)")) -> None:
     """Decrypt a sealed run's model and exports back to plain files."""
     from pathlib import Path
 
@@ -433,7 +435,7 @@ def sign(run_dir: str = typer.Argument(..., help="a run directory"),
 
 @app.command()
 def verify(run_dir: str = typer.Argument(..., help="a run directory"),
-           key: Optional[str] = typer.Option(None, "--key", help="EC public key (PEM): also check the signatures")) -> None:
+           key: str | None = typer.Option(None, "--key", help="EC public key (PEM): also check the signatures")) -> None:
     """Check a run: its model files against their manifests, the signatures (with --key) and the model card."""
     from pathlib import Path
 
@@ -463,7 +465,7 @@ def verify(run_dir: str = typer.Argument(..., help="a run directory"),
 
 @app.command()
 def explain(run_dir: str = typer.Argument(..., help="a run directory"),
-            texts: List[str] = typer.Argument(..., help="texts to explain; a single - reads one text per line from stdin"),
+            texts: list[str] = typer.Argument(..., help="texts to explain; a single - reads one text per line from stdin"),
             steps: int = typer.Option(32, help="integrated-gradients steps"),
             as_json: bool = typer.Option(False, "--json", help="print JSON lines")) -> None:
     """Token attributions (integrated gradients): which words pushed the prediction, coloured in the terminal."""

@@ -47,10 +47,9 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
     recipe = sealed_recipe(run_dir, info)
     from transformers import AutoTokenizer
 
-    from keel.tasks import get_task
-
     from keel.secure import memory
     from keel.secure.seal import is_sealed, open_folder
+    from keel.tasks import get_task
 
     sealed = is_sealed(folder)  # decrypted in memory with $KEEL_SEAL_KEY (or its key file); nothing plain on disk
     if backend.startswith("onnx"):

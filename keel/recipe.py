@@ -53,7 +53,7 @@ class SplitConfig(Strict):
     stratify: bool = Field(True, description="keep the class balance in every split (classification)")
 
     @model_validator(mode="after")
-    def _leaves_training_data(self) -> "SplitConfig":
+    def _leaves_training_data(self) -> SplitConfig:
         if self.validation + self.test >= 0.9:
             raise ValueError(f"validation + test = {self.validation + self.test:g} leaves too little to train on; keep it under 0.9")
         return self
@@ -74,7 +74,7 @@ class DataConfig(Strict):
     dedup: bool = Field(True, description="drop repeated texts before splitting, so no text is in two splits")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
+    def _one_source(self) -> DataConfig:
         if (self.name is None) == (self.path is None):
             raise ValueError("set exactly one of data.name (a built-in data set) or data.path (a file)")
         return self
@@ -151,7 +151,7 @@ class TrainConfig(Strict):
         return "no" if v is False else v
 
     @model_validator(mode="after")
-    def _privacy_fits(self) -> "TrainConfig":
+    def _privacy_fits(self) -> TrainConfig:
         if not self.privacy:
             return self
         if self.group_by_length:
@@ -303,7 +303,7 @@ class AuditConfig(Strict):
     gates: FairnessGates = FairnessGates()
 
     @model_validator(mode="after")
-    def _gates_need_fairness(self) -> "AuditConfig":
+    def _gates_need_fairness(self) -> AuditConfig:
         if self.gates.thresholds() and self.fairness is None:
             raise ValueError(f"audit.gates ({', '.join(self.gates.thresholds())}) measure the fairness audit, which "
                              "this recipe leaves out; add audit.fairness (e.g. audit.fairness.groups=lexicon) or "
@@ -465,7 +465,7 @@ class FederatedConfig(Strict):
     cpus_per_site: float = Field(1.0, gt=0.0, description="CPUs each simulated site takes (sites run in parallel up to num_cpus / this)")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "FederatedConfig":
+    def _consistent(self) -> FederatedConfig:
         if self.partition.kind == "column" and not self.partition.column:
             raise ValueError("partition.kind=column needs partition.column (the source column that names the site)")
         if self.secagg.enabled and self.secagg.reconstruction_threshold > self.secagg.num_shares:
@@ -521,7 +521,7 @@ class Recipe(Strict):
     audit: AuditConfig | None = Field(None, description="explanations, fairness audit and gates")
 
     @model_validator(mode="after")
-    def _metric_fits_task(self) -> "Recipe":
+    def _metric_fits_task(self) -> Recipe:
         if self.task == "causal-lm" and self.train.metric in ("accuracy", "macro_f1"):
             raise ValueError(f"train.metric '{self.train.metric}' is for classification; use train.metric=loss for causal-lm")
         if (self.model.init == "scratch" or self.sft or self.align) and self.task != "causal-lm":

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import keel
 
 pytestmark = pytest.mark.slow  # trains tiny runs through the Python API

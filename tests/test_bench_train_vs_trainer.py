@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import OFFLINE
 import pytest
+from conftest import OFFLINE
 
 pytestmark = pytest.mark.slow  # trains with keel and with HF Trainer
 

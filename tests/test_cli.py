@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import keel
 
 pytestmark = pytest.mark.slow  # runs the real `keel` command

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_RECIPE, keel, write_toy_csv
+
 from keel.compress import prune as P
 from keel.compress.budget import pick_deployable, select
 from keel.compress.distill import kd_loss, pick_layers, student_from_teacher

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-
 from conftest import keel
 
 pytestmark = pytest.mark.slow  # trains models

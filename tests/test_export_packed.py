@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_RECIPE, keel, write_toy_csv
 
 

@@ -377,8 +377,8 @@ def test_central_dp_noise_has_the_planned_std_and_comes_before_the_server_optimi
 
 
 def test_central_dp_samples_each_site_independently():
-    from keel.federated.guard import Guard, build_strategy, sites_per_round
     from keel.federated import privacy
+    from keel.federated.guard import Guard, build_strategy, sites_per_round
     from keel.recipe import FederatedConfig
 
     class Manager(Sampler):

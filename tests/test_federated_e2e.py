@@ -167,7 +167,7 @@ def write_certificates(folder) -> dict[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject, issuer, key, signer, ca: bool):
         b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())

@@ -13,7 +13,6 @@ import random
 
 import pytest
 import torch
-
 from conftest import keel
 
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim", "Lou"]

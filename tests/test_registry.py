@@ -7,7 +7,6 @@ import shutil
 
 import httpx
 import pytest
-
 from conftest import keel
 from serve_helpers import Server
 

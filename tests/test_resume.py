@@ -13,9 +13,8 @@ import sys
 import time
 
 import pytest
-from safetensors.torch import load_file, save_file
-
 from conftest import OFFLINE, keel
+from safetensors.torch import load_file, save_file
 
 pytestmark = pytest.mark.slow  # trains, kills and resumes `keel` runs
 

@@ -13,7 +13,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import OFFLINE, TINY_RECIPE, keel, write_toy_csv
 
 pytestmark = pytest.mark.slow  # trains a run and tampers with it through `keel`

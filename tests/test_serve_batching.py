@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

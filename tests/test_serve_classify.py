@@ -11,7 +11,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-
 from conftest import TINY_RECIPE, write_toy_csv
 from serve_helpers import Server
 

@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-
 from conftest import keel
 from serve_helpers import Server
 

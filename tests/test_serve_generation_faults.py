@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 import torch
-
 from serve_helpers import Server
 
 SECRET = "the-secret-prompt-text-77"

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import OFFLINE, keel
 from serve_helpers import Server
 

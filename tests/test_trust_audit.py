@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import keel
 
 pytestmark = pytest.mark.slow  # runs `keel run` with audits, and `keel serve`
@@ -139,11 +138,11 @@ def _predict(work, run_dir, texts):
 
 def test_predict_and_serve_apply_the_audits_thresholds(audited):
     import httpx
+    from serve_helpers import Server
 
     from keel.data.load import load_splits
     from keel.recipe import load_recipe
     from keel.trust import lexicon
-    from serve_helpers import Server
 
     work, run_dir, _ = audited
     fair = json.loads((run_dir / "audit/fairness.json").read_text())

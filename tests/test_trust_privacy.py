@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_RECIPE, keel, write_toy_csv
+
 from keel.trust import privacy
 
 

@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import keel
 
 CLOSE, COLOUR, HTML = "[/b]", "[red]x[/red]", "<b>bold</b>"

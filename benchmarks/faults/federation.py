@@ -94,7 +94,7 @@ class Proc:
         self.lines.extend(self.p.stdout)
         self.ended_at = time.monotonic()  # the output closes when the process exits
 
-    def wait(self, deadline: float) -> "Proc":
+    def wait(self, deadline: float) -> Proc:
         try:
             self.p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -152,7 +152,7 @@ def bad_site(tmp: Path, bad: str, what: str, goal: str) -> list[Row]:
     rows = [Row(f"site {what}", goal, f"{b.outcome()}; {'it connected first' if connected else 'never connected'}",
                 site_ok)]
     ended = server.last("error") or server.last()
-    rows.append(Row(f"server needing 3 sites per round: 2 healthy + that site", "ends with a clear message naming "
+    rows.append(Row("server needing 3 sites per round: 2 healthy + that site", "ends with a clear message naming "
                     "what is missing, or completes; never hangs",
                     server.outcome() if server.hung else f"exit {server.p.returncode} after {server.seconds:.0f}s: {ended}",
                     not server.hung and (server.p.returncode == 0 or "needs 3 sites" in ended)))
@@ -228,7 +228,7 @@ def write_certificates(folder: Path) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keel fault CA")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())

@@ -212,9 +212,11 @@ def train_rl(base: Path, tokenizer, prompts: list[str], reward_model, cfg, steps
     import datasets
 
     if cfg.method == "grpo":
-        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
     else:
-        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
     torch.manual_seed(seed)
     model = load_policy(base)
     logs: list[dict] = []

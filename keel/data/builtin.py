@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from keel.models.registry import package_dir
 
@@ -19,7 +19,7 @@ class DataSpec:
     package: str
     files: tuple[str, ...]  # globs relative to the package folder
     columns: dict = field(default_factory=dict)  # default mapping: text / label / group
-    read: Callable[[list[Path]], "object"] | None = None  # -> pandas.DataFrame
+    read: Callable[[list[Path]], object] | None = None  # -> pandas.DataFrame
 
     def paths(self) -> list[Path]:
         root = package_dir(self.package)

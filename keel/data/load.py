@@ -7,8 +7,8 @@ optionally ``group``; the split is a pure function of the data and ``data.split.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.export.ort import OnnxClassifier, session as _session  # noqa: F401  (OnnxClassifier: its old home)
+from keel.export.ort import OnnxClassifier  # noqa: F401  (OnnxClassifier: its old home)
+from keel.export.ort import session as _session
 from keel.io import atomic_dir, writes_run
 from keel.rundir import export_dir
 

@@ -45,7 +45,7 @@ class OnnxClassifier:
         labels = self.info["labels"]
         self.config = SimpleNamespace(num_labels=len(labels), id2label=dict(enumerate(labels)))
 
-    def _inference_mode(self) -> "OnnxClassifier":
+    def _inference_mode(self) -> OnnxClassifier:
         return self  # an ONNX Runtime session has no training mode
 
     eval = _inference_mode  # the name keel's evaluation calls on every model

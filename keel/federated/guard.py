@@ -19,7 +19,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

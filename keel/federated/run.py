@@ -51,10 +51,8 @@ def data_recipe(recipe: Recipe) -> Recipe:
     fed = recipe.federated
     if fed is None or fed.partition.kind != "column":
         return recipe
-    from keel.data.load import column_mapping
+    from keel.data.load import check_data_config, column_mapping
     from keel.recipe import Columns
-
-    from keel.data.load import check_data_config
 
     cols = {**column_mapping(recipe.data, recipe.task), "group": fed.partition.column}
     out = recipe.model_copy(update={"data": recipe.data.model_copy(update={"columns": Columns(**cols)})})

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from keel.errors import RecipeError
 from keel.io import atomic_dir, cache_dir

@@ -19,7 +19,10 @@ from keel.federated.report import section_federated  # federated runs: rounds an
 from keel.io import atomic_write_text, writes_run
 from keel.report import trust as _trust  # data, fairness, explanations, privacy, environment
 from keel.report.generative import section_align, section_samples, section_sft
-from keel.report.parts import fmt as _fmt, num as _num, png as _png, read_json as _json
+from keel.report.parts import fmt as _fmt
+from keel.report.parts import num as _num
+from keel.report.parts import png as _png
+from keel.report.parts import read_json as _json
 from keel.rundir import deployable_file
 from keel.train.metrics import read_metrics
 
@@ -222,7 +225,7 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
             "peak_rss_mb", "speedup_p50_vs_pipeline", "throughput_vs_pipeline", "throughput_sorted_vs_pipeline",
             "smaller_vs_pipeline")
     table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-        (f"<tr class='pick'>" if r["variant"] == chosen else "<tr>")
+        ("<tr class='pick'>" if r["variant"] == chosen else "<tr>")
         + "".join(f"<td class='num'>{_cell(k, r.get(k, '-'))}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
     fig, ax = plt.subplots(figsize=(7, 4.2))
     biggest = max(r["disk_mb"] for r in rows) or 1

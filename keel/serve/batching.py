@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 from keel.serve.errors import ServeError
 
@@ -85,7 +85,7 @@ class DynamicBatcher:
         self._wake.set()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ServeError(504, f"the request did not finish within {timeout_s:g} s (serve.timeout_s)",
                              code="timeout") from None
         finally:
@@ -108,7 +108,7 @@ class DynamicBatcher:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             batch = []
             while self._items and len(batch) < self.max_batch:
@@ -203,7 +203,7 @@ class ExplainQueue:
         try:
             work = asyncio.get_running_loop().run_in_executor(self.executor, self._call, cancel, args)
             return await asyncio.wait_for(work, max(timeout_s, 0.001))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ServeError(504, "the explanation did not finish within serve.timeout_s; send fewer texts or "
                                   "lower explain_steps", code="timeout") from None
         finally:

@@ -163,7 +163,7 @@ async def _collect(seqs, events, timeout_s, request):
                                  None, "timeout")
             try:
                 index, kind, payload = await asyncio.wait_for(events.get(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if kind == "disconnect":
                 return None
@@ -240,7 +240,7 @@ async def _stream(state, seqs, events, rid, chat, n, n_prompt, include_usage, ec
                 break
             try:
                 index, kind, payload = await asyncio.wait_for(events.get(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if kind == "text":
                 yield chunk(index, payload)

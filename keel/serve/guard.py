@@ -156,7 +156,7 @@ class Guard:
                 return None
             try:  # short waits, so that a drain is noticed; an unfinished receive loses nothing
                 message = await asyncio.wait_for(receive(), min(left, 0.25))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if self.state is not None and self.state.draining:  # a slow body is not an accepted request
                     await _reply(send, 503, "the server is shutting down; retry on another replica",
                                  code="draining", headers={"retry-after": "1", "connection": "close"})

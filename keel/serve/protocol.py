@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -37,7 +37,7 @@ class ErrorResponse(Response):
 
 # -- shared ----------------------------------------------------------------------------------------
 
-def encodable_texts(value: Union[str, list[str]]) -> Union[str, list[str]]:
+def encodable_texts(value: str | list[str]) -> str | list[str]:
     """Refuse a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer would raise on it."""
     for i, text in enumerate([value] if isinstance(value, str) else value):
         try:
@@ -67,7 +67,7 @@ class SamplingFields(Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 (or anything under 1e-5) = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stop: Union[str, list[str], None] = Field(None, description="up to serve.max_stop strings that end a choice")
+    stop: str | list[str] | None = Field(None, description="up to serve.max_stop strings that end a choice")
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -89,7 +89,7 @@ class SamplingFields(Request):
 # -- completions -------------------------------------------------------------------------------------
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str]] = Field(..., description="a text, or a list of texts (one choice set each)")
+    prompt: str | list[str] = Field(..., description="a text, or a list of texts (one choice set each)")
     echo: bool = False
 
     _encodable = field_validator("prompt")(encodable_texts)
@@ -152,7 +152,7 @@ class ChatResponse(_Generated):
 # -- embeddings and classification -------------------------------------------------------------------
 
 class TextInput(Request):
-    input: Union[str, list[str]] = Field(..., description="a text or a list of texts")
+    input: str | list[str] = Field(..., description="a text or a list of texts")
 
     _encodable = field_validator("input")(encodable_texts)
 
@@ -167,7 +167,7 @@ class EmbeddingRequest(TextInput):
 class Embedding(Response):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: Union[list[float], str]
+    embedding: list[float] | str
 
 
 class EmbeddingResponse(Response):

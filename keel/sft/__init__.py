@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 
 from keel.align import ScriptTrainer
+from keel.data.chat import read_chat_jsonl, split_examples
 from keel.errors import DataError
 from keel.io import atomic_dir, atomic_write_json
-from keel.data.chat import read_chat_jsonl, split_examples
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,15 @@ def sft_run(recipe, run_dir: Path) -> dict:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from keel.align.trainers import (_progress_callback, common_args, load_base, load_policy, peft_config, run_trainer,
-                                     write_logs)
+    from keel.align.trainers import (
+        _progress_callback,
+        common_args,
+        load_base,
+        load_policy,
+        peft_config,
+        run_trainer,
+        write_logs,
+    )
     from keel.train.engine import save_final_model
 
     if recipe.data.path is None:

@@ -39,8 +39,15 @@ def _num(x) -> float | None:
 
 def group_table(y_true: np.ndarray, y_pred: np.ndarray, sensitive: np.ndarray, pos: int, min_group_size: int) -> dict:
     """MetricFrame per group plus the between-group differences over the groups large enough to rank."""
-    from fairlearn.metrics import (MetricFrame, count, demographic_parity_difference, equalized_odds_difference,
-                                   false_positive_rate, selection_rate, true_positive_rate)
+    from fairlearn.metrics import (
+        MetricFrame,
+        count,
+        demographic_parity_difference,
+        equalized_odds_difference,
+        false_positive_rate,
+        selection_rate,
+        true_positive_rate,
+    )
 
     yb, pb = (y_true == pos).astype(int), (y_pred == pos).astype(int)
     with warnings.catch_warnings():

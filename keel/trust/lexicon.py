@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,7 +58,7 @@ def _words(terms) -> re.Pattern:
     return re.compile(r"(?<![\w-])(" + "|".join(re.escape(t) for t in alts) + r")(?![\w-])", re.IGNORECASE)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _group_patterns(category: str) -> dict[str, re.Pattern]:
     return {g: _words(terms) for g, terms in load_lexicon()["categories"][category].items()}
 
@@ -101,7 +101,7 @@ _NEXT_WORD = re.compile(r"\s*([A-Za-z0-9][\w'-]*)")
 _PREV_WORD = re.compile(r"([A-Za-z][\w'-]*)\s*$")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _swap_table(cats: tuple[str, ...]) -> tuple[dict[str, str], re.Pattern]:
     table: dict[str, str] = {}
     for c in cats:

@@ -129,7 +129,7 @@ class Mitigator:
         self._thr = thresholder(doc) if doc else None
 
     @classmethod
-    def for_run(cls, run_dir: str | Path, backend: str) -> "Mitigator | None":
+    def for_run(cls, run_dir: str | Path, backend: str) -> Mitigator | None:
         """None when the run asked for no threshold-optimizer; else one that applies it or says why it cannot."""
         run_dir = Path(run_dir)
         fair = _read(run_dir / "audit" / "fairness.json")
