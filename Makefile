@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test test-fast venv lint format-check clean
+.PHONY: demo test test-fast venv lint format clean
 
 venv: $(STAMP)
 
@@ -41,10 +41,12 @@ test-fast: $(STAMP)
 
 # ruff's settings are in pyproject.toml ([tool.ruff]).
 lint: $(STAMP)
-	$(PY) -m ruff check keel tests benchmarks
+	$(PY) -m ruff check keel tests benchmarks docs
+	$(PY) -m ruff format --check keel tests benchmarks docs
 
-format-check: $(STAMP)
-	$(PY) -m ruff format --check keel tests benchmarks
+format: $(STAMP)
+	$(PY) -m ruff check --fix keel tests benchmarks docs
+	$(PY) -m ruff format keel tests benchmarks docs
 
 clean:
 	rm -rf runs .pytest_cache

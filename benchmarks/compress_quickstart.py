@@ -36,11 +36,14 @@ def main(argv: list[str]) -> dict:
     tag = None
     if "--tag" in argv:
         i = argv.index("--tag")
-        tag, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+        tag, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     run_dir = Path(argv[0]).resolve() if argv and "=" not in argv[0] else None
     overrides = [a for a in argv if "=" in a]
-    for key, value in (("compress.bench_eval_samples", 1000), ("compress.bench_latency_samples", 100),
-                       ("compress.bench_rounds", 3)):
+    for key, value in (
+        ("compress.bench_eval_samples", 1000),
+        ("compress.bench_latency_samples", 100),
+        ("compress.bench_rounds", 3),
+    ):
         if not any(o.startswith(key + "=") for o in overrides):
             overrides.append(f"{key}={value}")
     work = tempfile.mkdtemp(prefix="keel-compress-bench-")
@@ -57,30 +60,51 @@ def main(argv: list[str]) -> dict:
     bench = json.loads((run_dir / "bench.json").read_text())
     pick = json.loads((run_dir / "compress" / "deployable.json").read_text())
     rows = bench["variants"]
-    print(f"\n{'variant':28} {'val acc':>7} {'drop':>6} {'MB':>7} {'p50 ms':>7} {'b32/s':>8} {'x p50':>6} {'x thr':>6} "
-          f"{'x sort':>6} {'x size':>6}")
+    print(
+        f"\n{'variant':28} {'val acc':>7} {'drop':>6} {'MB':>7} {'p50 ms':>7} {'b32/s':>8} {'x p50':>6} {'x thr':>6} "
+        f"{'x sort':>6} {'x size':>6}"
+    )
     for r in rows:
-        print(f"{r['variant']:28} {r['accuracy']:7.4f} {r['accuracy_drop_points']:6.2f} {r['disk_mb']:7.1f} "
-              f"{r['p50_ms_batch1']:7.2f} {r['throughput_batch32']:8.1f} {r['speedup_p50_vs_pipeline']:6.2f} "
-              f"{r['throughput_vs_pipeline']:6.2f} {r.get('throughput_sorted_vs_pipeline', float('nan')):6.2f} "
-              f"{r['smaller_vs_pipeline']:6.2f}")
+        print(
+            f"{r['variant']:28} {r['accuracy']:7.4f} {r['accuracy_drop_points']:6.2f} {r['disk_mb']:7.1f} "
+            f"{r['p50_ms_batch1']:7.2f} {r['throughput_batch32']:8.1f} {r['speedup_p50_vs_pipeline']:6.2f} "
+            f"{r['throughput_vs_pipeline']:6.2f} {r.get('throughput_sorted_vs_pipeline', float('nan')):6.2f} "
+            f"{r['smaller_vs_pipeline']:6.2f}"
+        )
     best, test = pick.get("figures") or {}, pick.get("test") or {}
     verdict = {k: (best.get(k, 0) >= v) for k, v in TARGETS.items()}
     verdict["accuracy_drop_points"] = test.get("accuracy_drop_points", 99) <= MAX_DROP  # on the test split, once
-    print(f"\ndeployable: {pick.get('deployable')} (test accuracy {test.get('accuracy')}, "
-          f"{test.get('accuracy_drop_points', float('nan')):.2f} points below the teacher); targets met: {verdict}")
+    print(
+        f"\ndeployable: {pick.get('deployable')} (test accuracy {test.get('accuracy')}, "
+        f"{test.get('accuracy_drop_points', float('nan')):.2f} points below the teacher); targets met: {verdict}"
+    )
     import torch
 
     shown = (["runs/quickstart"] if argv and "=" not in argv[0] else []) + overrides  # no local paths in results
     shown += ["--tag", tag] if tag else []
-    result = {"command": " ".join(["python", "benchmarks/compress_quickstart.py", *shown]), "exit_code": proc.returncode,
-              "wall_seconds": round(wall, 1), "deployable": pick.get("deployable"), "targets": TARGETS,
-              "max_accuracy_drop": MAX_DROP, "targets_met": verdict, "variants": rows,
-              "test": test, "picked_on": pick.get("picked_on"),
-              "stages": {s: json.loads(p.read_text()) for s in ("student", "pruned")
-                         if (p := run_dir / "compress" / s / "model" / "keel.json").is_file()},
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads()}}
+    result = {
+        "command": " ".join(["python", "benchmarks/compress_quickstart.py", *shown]),
+        "exit_code": proc.returncode,
+        "wall_seconds": round(wall, 1),
+        "deployable": pick.get("deployable"),
+        "targets": TARGETS,
+        "max_accuracy_drop": MAX_DROP,
+        "targets_met": verdict,
+        "variants": rows,
+        "test": test,
+        "picked_on": pick.get("picked_on"),
+        "stages": {
+            s: json.loads(p.read_text())
+            for s in ("student", "pruned")
+            if (p := run_dir / "compress" / s / "model" / "keel.json").is_file()
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"compress-quickstart-{tag + '-' if tag else ''}cpu.json"
     out.write_text(json.dumps(result, indent=2))

@@ -36,17 +36,26 @@ def export_graphs(stage_dir: Path, work: Path) -> dict[str, Path]:
 
     t = load_trained(stage_dir)
     model, names = t.model.float().eval(), input_names(t.tokenizer)
-    enc = t.tokenizer(["a short one", "a somewhat longer sentence to check padding", "x"], padding=True,
-                      return_tensors="pt")
+    enc = t.tokenizer(
+        ["a short one", "a somewhat longer sentence to check padding", "x"], padding=True, return_tensors="pt"
+    )
     example = tuple(enc[n] for n in names)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(t.recipe.model.max_length, 8))
     out = {}
     for name, graph in (("padded", model), ("packed", PackedBertClassifier(model))):
         fp32, int8 = work / f"{name}.onnx", work / f"{name}-int8.onnx"
         with _quiet():
-            torch.onnx.export(graph, example, str(fp32), input_names=names, output_names=["logits"],
-                              dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
-                              external_data=True, verbose=False)
+            torch.onnx.export(
+                graph,
+                example,
+                str(fp32),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+            )
             quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
         out[f"{name}-fp32"], out[f"{name}-int8"] = fp32, int8
     return out
@@ -87,13 +96,14 @@ def main() -> None:
         def run(batch):
             enc = tok(batch, truncation=True, max_length=max_len, padding=True, return_tensors="np")
             return session.run(None, {n: enc[n].astype(np.int64) for n in names})[0]
+
         return run
 
     variants = {"hf-pipeline (teacher fp32)": pipeline_logits}
     with tempfile.TemporaryDirectory(prefix="keel-steps-") as work:
         graphs = export_graphs(stage_dir(args.run_dir, args.stage), Path(work))
         for name, path in graphs.items():
-            for threads in ((0, 1) if name.endswith("int8") else (0,)):
+            for threads in (0, 1) if name.endswith("int8") else (0,):
                 opts = ort.SessionOptions()
                 opts.log_severity_level, opts.intra_op_num_threads = 3, threads
                 session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -102,7 +112,12 @@ def main() -> None:
         for label, fn in variants.items():
             fn(texts[:32])  # warm-up
             pred = np.concatenate([fn([texts[i] for i in idx]) for idx in in_order]).argmax(-1)
-            rows[label] = {"variant": label, "val_accuracy": float((pred == y).mean()), "s_in_order": [], "s_sorted": []}
+            rows[label] = {
+                "variant": label,
+                "val_accuracy": float((pred == y).mean()),
+                "s_in_order": [],
+                "s_sorted": [],
+            }
         for k in range(args.rounds):
             for label, fn in variants.items():
                 for key, batches in (("s_in_order", in_order), ("s_sorted", by_length)):
@@ -111,8 +126,13 @@ def main() -> None:
                         fn([texts[i] for i in idx])
                     rows[label][key].append(time.perf_counter() - t0)
             base = rows["hf-pipeline (teacher fp32)"]
-            print(f"round {k + 1}: " + ", ".join(f"{r['variant']} {base['s_in_order'][-1] / r['s_in_order'][-1]:.2f}x"
-                                                 for r in rows.values()), flush=True)
+            print(
+                f"round {k + 1}: "
+                + ", ".join(
+                    f"{r['variant']} {base['s_in_order'][-1] / r['s_in_order'][-1]:.2f}x" for r in rows.values()
+                ),
+                flush=True,
+            )
     base = rows["hf-pipeline (teacher fp32)"]
     for r in rows.values():
         r["throughput_batch32"] = len(texts) / min(r["s_in_order"])
@@ -123,12 +143,20 @@ def main() -> None:
         r["accuracy_drop_points"] = (base["val_accuracy"] - r["val_accuracy"]) * 100
     print(f"\n{'variant':34} {'val acc':>7} {'drop':>5} {'b32/s':>7} {'sorted/s':>8} {'x thr':>6} {'x sorted':>8}")
     for r in rows.values():
-        print(f"{r['variant']:34} {r['val_accuracy']:7.3f} {r['accuracy_drop_points']:5.1f} {r['throughput_batch32']:7.1f} "
-              f"{r['throughput_sorted_batch32']:8.1f} {r['x_in_order']:6.2f} {r['x_sorted']:8.2f}")
+        print(
+            f"{r['variant']:34} {r['val_accuracy']:7.3f} {r['accuracy_drop_points']:5.1f} {r['throughput_batch32']:7.1f} "
+            f"{r['throughput_sorted_batch32']:8.1f} {r['x_in_order']:6.2f} {r['x_sorted']:8.2f}"
+        )
     RESULTS.mkdir(exist_ok=True)
-    result = {"command": f"python benchmarks/deployable_steps.py {args.run_dir} --stage {args.stage} --rounds "
-                         f"{args.rounds} --n {args.n}", "machine": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "load_average": os.getloadavg(), "n": len(texts), "rows": list(rows.values())}
+    result = {
+        "command": f"python benchmarks/deployable_steps.py {args.run_dir} --stage {args.stage} --rounds "
+        f"{args.rounds} --n {args.n}",
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "n": len(texts),
+        "rows": list(rows.values()),
+    }
     (RESULTS / "deployable-steps-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -31,19 +31,39 @@ RESULTS = Path(__file__).parent / "results"
 def one_run(work: str, name: str, overrides: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "keel", "run", "quickstart", "audit=null", "compress=null", f"output.dir=runs/{name}",
-                           *overrides], cwd=work, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keel",
+            "run",
+            "quickstart",
+            "audit=null",
+            "compress=null",
+            f"output.dir=runs/{name}",
+            *overrides,
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"keel run ({name}) failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     run_dir = Path(work) / "runs" / name
     train = json.loads((run_dir / "train.json").read_text())
     test = json.loads((run_dir / "eval" / "test.json").read_text())
-    return {"wall_seconds": round(time.perf_counter() - t0, 1), "steps": train["steps"],
-            "seconds_per_step": round(train["train_seconds_this_session"] / max(1, train["steps"]), 4),
-            "ms_per_example": round(1e3 / train["samples_per_second"], 3),
-            "validation_score": train["best_metric"],
-            "test_accuracy": round(test["accuracy"], 4), "test_macro_f1": round(test["macro_f1"], 4),
-            "test_n": test["n"], "privacy": train.get("privacy")}
+    return {
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "steps": train["steps"],
+        "seconds_per_step": round(train["train_seconds_this_session"] / max(1, train["steps"]), 4),
+        "ms_per_example": round(1e3 / train["samples_per_second"], 3),
+        "validation_score": train["best_metric"],
+        "test_accuracy": round(test["accuracy"], 4),
+        "test_macro_f1": round(test["macro_f1"], 4),
+        "test_n": test["n"],
+        "privacy": train.get("privacy"),
+    }
 
 
 def main() -> dict:
@@ -53,9 +73,14 @@ def main() -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="key=value for both runs")
-    ap.add_argument("--dp", action="append", default=[], metavar="K=V,K=V",
-                    help="a DP variant: overrides for the private run only (repeat for several; the one with the best "
-                         "validation score is the headline, so the test split never picks it)")
+    ap.add_argument(
+        "--dp",
+        action="append",
+        default=[],
+        metavar="K=V,K=V",
+        help="a DP variant: overrides for the private run only (repeat for several; the one with the best "
+        "validation score is the headline, so the test split never picks it)",
+    )
     ap.add_argument("--tag", default=None, help="results/dp-quickstart-<tag>.json")
     args = ap.parse_args()
     extra = args.overrides
@@ -66,26 +91,53 @@ def main() -> dict:
         dps = [one_run(work, f"dp-eps8-{i}", [*dp_overrides, *extra, *v]) for i, v in enumerate(variants)]
     for d, v in zip(dps, variants):
         d["dp_overrides"] = v
-        print(f"DP {' '.join(v) or '(same settings)'}: validation {d['validation_score']:.4f}, test accuracy "
-              f"{d['test_accuracy']:.4f}, epsilon {d['privacy']['epsilon']:.3f}", flush=True)
+        print(
+            f"DP {' '.join(v) or '(same settings)'}: validation {d['validation_score']:.4f}, test accuracy "
+            f"{d['test_accuracy']:.4f}, epsilon {d['privacy']['epsilon']:.3f}",
+            flush=True,
+        )
     dp = max(dps, key=lambda d: d["validation_score"])
     row = {
-        "nonprivate_seconds_per_step": base["seconds_per_step"], "dp_seconds_per_step": dp["seconds_per_step"],
+        "nonprivate_seconds_per_step": base["seconds_per_step"],
+        "dp_seconds_per_step": dp["seconds_per_step"],
         "step_time_ratio": round(dp["seconds_per_step"] / base["seconds_per_step"], 2),
-        "nonprivate_ms_per_example": base["ms_per_example"], "dp_ms_per_example": dp["ms_per_example"],
+        "nonprivate_ms_per_example": base["ms_per_example"],
+        "dp_ms_per_example": dp["ms_per_example"],
         "example_time_ratio": round(dp["ms_per_example"] / base["ms_per_example"], 2),
-        "nonprivate_test_accuracy": base["test_accuracy"], "dp_test_accuracy": dp["test_accuracy"],
+        "nonprivate_test_accuracy": base["test_accuracy"],
+        "dp_test_accuracy": dp["test_accuracy"],
         "accuracy_gap_points": round(100 * (base["test_accuracy"] - dp["test_accuracy"]), 1),
-        "nonprivate_test_macro_f1": base["test_macro_f1"], "dp_test_macro_f1": dp["test_macro_f1"],
-        "steps": [base["steps"], dp["steps"]], "test_n": base["test_n"],
-        "dp_epsilon": round(dp["privacy"]["epsilon"], 3), "dp_delta": dp["privacy"]["delta"],
-        "dp_noise_multiplier": round(dp["privacy"]["noise_multiplier"], 4), "dp_sample_rate": round(dp["privacy"]["sample_rate"], 5),
-        "dp_accountant": dp["privacy"]["accountant"], "dp_overrides": dp["dp_overrides"],
+        "nonprivate_test_macro_f1": base["test_macro_f1"],
+        "dp_test_macro_f1": dp["test_macro_f1"],
+        "steps": [base["steps"], dp["steps"]],
+        "test_n": base["test_n"],
+        "dp_epsilon": round(dp["privacy"]["epsilon"], 3),
+        "dp_delta": dp["privacy"]["delta"],
+        "dp_noise_multiplier": round(dp["privacy"]["noise_multiplier"], 4),
+        "dp_sample_rate": round(dp["privacy"]["sample_rate"], 5),
+        "dp_accountant": dp["privacy"]["accountant"],
+        "dp_overrides": dp["dp_overrides"],
         "wall_seconds": [base["wall_seconds"], dp["wall_seconds"]],
-        "variants": [{k: d[k] for k in ("dp_overrides", "validation_score", "test_accuracy", "test_macro_f1", "steps",
-                                          "seconds_per_step", "ms_per_example", "wall_seconds")} for d in dps],
-        "overrides": extra, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
-        "torch": torch.__version__, "python": platform.python_version(),
+        "variants": [
+            {
+                k: d[k]
+                for k in (
+                    "dp_overrides",
+                    "validation_score",
+                    "test_accuracy",
+                    "test_macro_f1",
+                    "steps",
+                    "seconds_per_step",
+                    "ms_per_example",
+                    "wall_seconds",
+                )
+            }
+            for d in dps
+        ],
+        "overrides": extra,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "command": " ".join(["python benchmarks/dp_quickstart.py", *sys.argv[1:]]),
     }
     width = max(map(len, row))

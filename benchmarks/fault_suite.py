@@ -26,8 +26,19 @@ def main(argv: list[str]) -> int:
         proc = subprocess.run([sys.executable, str(script)], cwd=HERE.parent)
         out = RESULTS / f"faults-{script.stem}.json"
         if proc.returncode != 0 or not out.is_file():
-            areas.append({"area": script.stem, "rows": [{"fault": "the script itself", "goal": "runs",
-                                                        "observed": f"exit {proc.returncode}", "ok": False}]})
+            areas.append(
+                {
+                    "area": script.stem,
+                    "rows": [
+                        {
+                            "fault": "the script itself",
+                            "goal": "runs",
+                            "observed": f"exit {proc.returncode}",
+                            "ok": False,
+                        }
+                    ],
+                }
+            )
         else:
             areas.append(json.loads(out.read_text()))
     print("\nfault suite")

@@ -52,7 +52,7 @@ train:
 def matmul_peak(dtype: torch.dtype, device: str) -> float:
     """Measured dense matmul rate in FLOP/s (the best of several sizes)."""
     best = 0.0
-    for n in ((4096, 8192) if device == "cuda" else (512, 1024)):
+    for n in (4096, 8192) if device == "cuda" else (512, 1024):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         reps = 50 if device == "cuda" else 5
         for _ in range(3):
@@ -81,26 +81,52 @@ def flops_per_token(model_folder: Path, seq: int) -> tuple[float, int, dict]:
 
 def run_one(args, batch: int, work: Path, peak: float) -> dict:
     recipe = work / f"mfu-{batch}.yaml"
-    recipe.write_text(RECIPE.format(preset=args.preset, seq=args.seq, vocab=args.vocab, steps=args.steps, batch=batch,
-                                    precision=args.precision, compile=str(not args.no_compile).lower()))
+    recipe.write_text(
+        RECIPE.format(
+            preset=args.preset,
+            seq=args.seq,
+            vocab=args.vocab,
+            steps=args.steps,
+            batch=batch,
+            precision=args.precision,
+            compile=str(not args.no_compile).lower(),
+        )
+    )
     out = work / f"run-{batch}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={out}"], cwd=work, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={out}"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"keel train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "split" not in r]
     # Steps after the warm-up, leaving out the ones that straddle an epoch end (validation and a checkpoint happen there).
-    timed = [(a, b) for a, b in zip(steps[args.warmup - 1:], steps[args.warmup:]) if a["epoch"] == b["epoch"]]
+    timed = [(a, b) for a, b in zip(steps[args.warmup - 1 :], steps[args.warmup :]) if a["epoch"] == b["epoch"]]
     tokens = len(timed) * batch * args.seq
     tok_s = tokens / sum(b["seconds"] - a["seconds"] for a, b in timed)
     fpt, n, shape = flops_per_token(out / "model", args.seq)
-    return {"preset": args.preset, **shape, "seq": args.seq, "batch": batch, "precision": args.precision,
-            "compile": not args.no_compile, "params_without_wpe": n, "steps_timed": len(timed),
-            "tokens_per_s": round(tok_s, 1), "flops_per_token": fpt, "achieved_tflops": round(tok_s * fpt / 1e12, 2),
-            "peak_tflops": round(peak / 1e12, 1), "mfu": round(tok_s * fpt / peak, 4),
-            "final_loss": steps[-1]["loss"], "first_loss": steps[0]["loss"]}
+    return {
+        "preset": args.preset,
+        **shape,
+        "seq": args.seq,
+        "batch": batch,
+        "precision": args.precision,
+        "compile": not args.no_compile,
+        "params_without_wpe": n,
+        "steps_timed": len(timed),
+        "tokens_per_s": round(tok_s, 1),
+        "flops_per_token": fpt,
+        "achieved_tflops": round(tok_s * fpt / 1e12, 2),
+        "peak_tflops": round(peak / 1e12, 1),
+        "mfu": round(tok_s * fpt / peak, 4),
+        "final_loss": steps[-1]["loss"],
+        "first_loss": steps[0]["loss"],
+    }
 
 
 def main() -> None:
@@ -113,7 +139,9 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--keep", type=Path, default=None, help="copy the last run's model folder here (for serving benchmarks)")
+    ap.add_argument(
+        "--keep", type=Path, default=None, help="copy the last run's model folder here (for serving benchmarks)"
+    )
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak_dtype = torch.bfloat16 if device == "cuda" and args.precision == "bf16" else torch.float32
@@ -127,14 +155,29 @@ def main() -> None:
             import shutil
 
             shutil.copytree(Path(work) / f"run-{args.batch[-1]}" / "model", args.keep, dirs_exist_ok=True)
-    print(f"{'batch':>5} {'tokens/s':>12} {'TFLOP/s':>9} {'peak':>7} {'MFU':>6}  ({args.preset}, seq {args.seq}, {name})")
+    print(
+        f"{'batch':>5} {'tokens/s':>12} {'TFLOP/s':>9} {'peak':>7} {'MFU':>6}  ({args.preset}, seq {args.seq}, {name})"
+    )
     for r in records:
-        print(f"{r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['achieved_tflops']:>9.2f} {r['peak_tflops']:>7.1f} {r['mfu']:>6.1%}")
+        print(
+            f"{r['batch']:>5} {r['tokens_per_s']:>12,.0f} {r['achieved_tflops']:>9.2f} {r['peak_tflops']:>7.1f} {r['mfu']:>6.1%}"
+        )
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"pretrain-mfu-{device}.json"
     best = max(records, key=lambda r: r["mfu"])
-    path.write_text(json.dumps({"device": name, "torch": torch.__version__, "mfu": best["mfu"], "runs": records,
-                                "rerun": "python benchmarks/pretrain_mfu.py " + " ".join(sys.argv[1:])}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {
+                "device": name,
+                "torch": torch.__version__,
+                "mfu": best["mfu"],
+                "runs": records,
+                "rerun": "python benchmarks/pretrain_mfu.py " + " ".join(sys.argv[1:]),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {path}")
 
 

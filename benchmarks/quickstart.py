@@ -24,8 +24,9 @@ def main(overrides: list[str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "keel", "quickstart", *overrides], cwd=work, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "keel", "quickstart", *overrides], cwd=work, env=env, capture_output=True, text=True
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.exit(f"keel quickstart failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

@@ -59,15 +59,28 @@ def main(argv: list[str]) -> dict:
                     engine = load_engine(str(target), backend)
                     best[name] = min(best[name], time.perf_counter() - start)
                     assert engine.classify(["a fine day"])[0]["label"]
-            startup[backend] = {"plain_s": round(best["plain"], 3), "sealed_s": round(best["sealed"], 3),
-                                "extra_s": round(best["sealed"] - best["plain"], 3),
-                                "ratio": round(best["sealed"] / best["plain"], 2)}
-    result = {"run": run.name, "folders": [Path(d["folder"]).name for d in done], "plaintext_mb": round(total / 1e6, 1),
-              "seal_s": round(seal_s, 2), "seal_mb_per_s": round(total / 1e6 / seal_s, 1),
-              "serve_startup": startup, "rounds": rounds, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-              "note": "load_engine as `keel serve` runs it; best of the alternating rounds; a shared 2-core machine"}
-    print(f"sealed {result['plaintext_mb']} MB ({', '.join(result['folders'])}) in {result['seal_s']} s = "
-          f"{result['seal_mb_per_s']} MB/s")
+            startup[backend] = {
+                "plain_s": round(best["plain"], 3),
+                "sealed_s": round(best["sealed"], 3),
+                "extra_s": round(best["sealed"] - best["plain"], 3),
+                "ratio": round(best["sealed"] / best["plain"], 2),
+            }
+    result = {
+        "run": run.name,
+        "folders": [Path(d["folder"]).name for d in done],
+        "plaintext_mb": round(total / 1e6, 1),
+        "seal_s": round(seal_s, 2),
+        "seal_mb_per_s": round(total / 1e6 / seal_s, 1),
+        "serve_startup": startup,
+        "rounds": rounds,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "note": "load_engine as `keel serve` runs it; best of the alternating rounds; a shared 2-core machine",
+    }
+    print(
+        f"sealed {result['plaintext_mb']} MB ({', '.join(result['folders'])}) in {result['seal_s']} s = "
+        f"{result['seal_mb_per_s']} MB/s"
+    )
     print(f"{'backend':<10} {'plain s':>8} {'sealed s':>9} {'extra s':>8} {'ratio':>6}")
     for backend, row in startup.items():
         print(f"{backend:<10} {row['plain_s']:>8} {row['sealed_s']:>9} {row['extra_s']:>8} {row['ratio']:>6}")

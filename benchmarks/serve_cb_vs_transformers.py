@@ -42,15 +42,26 @@ def main() -> None:
     hf_s = time.perf_counter() - t0
     hf_tokens = sum(len(o.generated_tokens) for o in out.values())
 
-    rows = {"keel_scheduler": {"tokens": keel_tokens, "wall_s": keel_s, "tokens_per_s": keel_tokens / keel_s},
-            "transformers_generate_batch": {"tokens": hf_tokens, "wall_s": hf_s, "tokens_per_s": hf_tokens / hf_s}}
+    rows = {
+        "keel_scheduler": {"tokens": keel_tokens, "wall_s": keel_s, "tokens_per_s": keel_tokens / keel_s},
+        "transformers_generate_batch": {"tokens": hf_tokens, "wall_s": hf_s, "tokens_per_s": hf_tokens / hf_s},
+    }
     for name, r in rows.items():
         print(f"{name:30s} {r['tokens_per_s']:9.1f} tok/s  ({r['tokens']} tokens in {r['wall_s']:.2f} s)")
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    write_result(f"serve-cb-vs-transformers-{device}", {
-        "benchmark": "serve_cb_vs_transformers", "model": args.model, "streams": args.streams,
-        "max_new_tokens": args.tokens, "threads": args.threads, "cpu_count": os.cpu_count(), "device": device,
-        "rows": rows})
+    write_result(
+        f"serve-cb-vs-transformers-{device}",
+        {
+            "benchmark": "serve_cb_vs_transformers",
+            "model": args.model,
+            "streams": args.streams,
+            "max_new_tokens": args.tokens,
+            "threads": args.threads,
+            "cpu_count": os.cpu_count(),
+            "device": device,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ from pathlib import Path
 import httpx
 
 RESULTS = Path(__file__).parent / "results"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 class KeelServer:
@@ -22,8 +27,13 @@ class KeelServer:
         args = [a for s in sets for a in ("--set", s)]
         env = {**os.environ, **OFFLINE}
         env.pop("KEEL_API_KEYS", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "keel", "serve", target, "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keel", "serve", target, "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self.url, lines = None, []
         for line in self.proc.stdout:
             lines.append(line)
@@ -61,7 +71,9 @@ def write_result(name: str, result: dict) -> Path:
     return out
 
 
-def decode_all(model, tok, prompts: list[list[int]], new_tokens: int, device: str = "cpu") -> tuple[float, list[list[int]]]:
+def decode_all(
+    model, tok, prompts: list[list[int]], new_tokens: int, device: str = "cpu"
+) -> tuple[float, list[list[int]]]:
     """Every prompt submitted at once to keel's continuous-batching scheduler, in this process, greedy, each run to
     its full length (EOS ignored): (seconds, the new token ids of each prompt)."""
     from keel.serve.scheduler import Scheduler, Sequence

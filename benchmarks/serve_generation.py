@@ -20,18 +20,33 @@ import time
 import httpx
 from serve_common import OFFLINE, KeelServer, percentile, write_result
 
-TOPICS = ["the sea", "a long train journey", "the first snow of winter", "a market at dawn", "an old lighthouse",
-          "a chess game", "learning to sail", "a quiet library", "the city at night", "a mountain village",
-          "a broken clock", "the last day of summer", "a letter from a friend", "a garden in spring",
-          "a storm at sea", "a forgotten song"]
+TOPICS = [
+    "the sea",
+    "a long train journey",
+    "the first snow of winter",
+    "a market at dawn",
+    "an old lighthouse",
+    "a chess game",
+    "learning to sail",
+    "a quiet library",
+    "the city at night",
+    "a mountain village",
+    "a broken clock",
+    "the last day of summer",
+    "a letter from a friend",
+    "a garden in spring",
+    "a storm at sea",
+    "a forgotten song",
+]
 
 
 def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]}. Once upon a time," for i in range(n)]
 
 
-def sequential_generate(model_name: str, texts: list[str], tokens: int, threads: int | None,
-                        static_cache: bool = False) -> dict:
+def sequential_generate(
+    model_name: str, texts: list[str], tokens: int, threads: int | None, static_cache: bool = False
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,27 +62,37 @@ def sequential_generate(model_name: str, texts: list[str], tokens: int, threads:
     extra = {"cache_implementation": "static"} if static_cache else {}
     with torch.inference_mode():
         for _ in range(2 if static_cache else 1):  # the static cache compiles on first use
-            model.generate(**tok("warm up", return_tensors="pt").to(device), max_new_tokens=tokens, do_sample=False,
-                           **extra)
+            model.generate(
+                **tok("warm up", return_tensors="pt").to(device), max_new_tokens=tokens, do_sample=False, **extra
+            )
         new, t0 = 0, time.perf_counter()
         for text in texts:
             enc = tok(text, return_tensors="pt").to(device)
-            out = model.generate(**enc, max_new_tokens=tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, **extra)
+            out = model.generate(**enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id, **extra)
             new += out.shape[1] - enc["input_ids"].shape[1]
         if device == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    return {"new_tokens": new, "wall_s": wall, "tokens_per_s": new / wall,
-            "cache": "static" if static_cache else "dynamic", "dtype": str(dtype).removeprefix("torch.")}
+    return {
+        "new_tokens": new,
+        "wall_s": wall,
+        "tokens_per_s": new / wall,
+        "cache": "static" if static_cache else "dynamic",
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 async def concurrent_streams(url: str, texts: list[str], tokens: int) -> dict:
     ttft, totals = [], []
 
     async def one(http, text):
-        body = {"prompt": text, "max_tokens": tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+        body = {
+            "prompt": text,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         t0 = time.perf_counter()
         first = None
         async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -81,15 +106,19 @@ async def concurrent_streams(url: str, texts: list[str], tokens: int) -> dict:
                     totals.append(event["usage"]["completion_tokens"])
         ttft.append(first or float("nan"))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600,
-                                 limits=httpx.Limits(max_connections=len(texts))) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(texts))) as http:
         await one(http, "warm up")
         totals.clear(), ttft.clear()
         t0 = time.perf_counter()
         await asyncio.gather(*(one(http, t) for t in texts))
         wall = time.perf_counter() - t0
-    return {"new_tokens": sum(totals), "wall_s": wall, "tokens_per_s": sum(totals) / wall,
-            "ttft_p50_ms": percentile(ttft, 0.5) * 1e3, "ttft_p95_ms": percentile(ttft, 0.95) * 1e3}
+    return {
+        "new_tokens": sum(totals),
+        "wall_s": wall,
+        "tokens_per_s": sum(totals) / wall,
+        "ttft_p50_ms": percentile(ttft, 0.5) * 1e3,
+        "ttft_p95_ms": percentile(ttft, 0.95) * 1e3,
+    }
 
 
 def main() -> None:
@@ -106,8 +135,10 @@ def main() -> None:
     static = sequential_generate(args.model, texts, args.tokens, args.threads, True) if args.static_cache else None
     if static:
         print(f"sequential generate, static cache {static['tokens_per_s']:8.1f} tok/s", flush=True)
-    print(f"sequential generate  {base['tokens_per_s']:8.1f} tok/s  ({base['new_tokens']} tokens in {base['wall_s']:.1f} s)",
-          flush=True)
+    print(
+        f"sequential generate  {base['tokens_per_s']:8.1f} tok/s  ({base['new_tokens']} tokens in {base['wall_s']:.1f} s)",
+        flush=True,
+    )
     sets = [f"serve.max_running={args.streams}", f"serve.max_tokens={max(args.tokens, 64)}"]
     sets += [f"serve.num_threads={args.threads}"] if args.threads else []
     server = KeelServer(args.model, *sets)
@@ -115,17 +146,29 @@ def main() -> None:
         ours = asyncio.run(concurrent_streams(server.url, texts, args.tokens))
     finally:
         server.stop()
-    print(f"keel serve ({args.streams} streams) {ours['tokens_per_s']:8.1f} tok/s  ({ours['new_tokens']} tokens in "
-          f"{ours['wall_s']:.1f} s, first token p50 {ours['ttft_p50_ms']:.0f} ms)")
+    print(
+        f"keel serve ({args.streams} streams) {ours['tokens_per_s']:8.1f} tok/s  ({ours['new_tokens']} tokens in "
+        f"{ours['wall_s']:.1f} s, first token p50 {ours['ttft_p50_ms']:.0f} ms)"
+    )
     speedup = ours["tokens_per_s"] / base["tokens_per_s"]
     print(f"continuous batching: {speedup:.2f}x aggregate tokens/s vs sequential generate (target >= 5x)")
     import torch
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    result = {"benchmark": "serve_generation", "model": args.model, "streams": args.streams,
-              "max_new_tokens": args.tokens, "device": torch.cuda.get_device_name() if device == "gpu" else device, "cpu_count": os.cpu_count(), "threads": args.threads,
-              "sequential_generate": base, "sequential_generate_static_cache": static, "keel_serve": ours, "speedup_tokens_per_s": round(speedup, 3),
-              "meets_target": speedup >= 5}
+    result = {
+        "benchmark": "serve_generation",
+        "model": args.model,
+        "streams": args.streams,
+        "max_new_tokens": args.tokens,
+        "device": torch.cuda.get_device_name() if device == "gpu" else device,
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "sequential_generate": base,
+        "sequential_generate_static_cache": static,
+        "keel_serve": ours,
+        "speedup_tokens_per_s": round(speedup, 3),
+        "meets_target": speedup >= 5,
+    }
     write_result(f"serve-generation-{device}" if device == "cpu" else f"serve-generation-gpu-s{args.streams}", result)
 
 

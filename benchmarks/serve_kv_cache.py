@@ -44,8 +44,10 @@ def main() -> None:
 
     rows = []
     for words, new_tokens in [(10, 64), (200, 128)]:  # (prompt words, new tokens per stream)
-        prompts = [tok(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(words + i)))["input_ids"]
-                   for i in range(args.streams)]
+        prompts = [
+            tok(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(words + i)))["input_ids"]
+            for i in range(args.streams)
+        ]
         best, outputs = {}, {}
         for _ in range(args.rounds):
             for name, factory in (("DynamicLayer", plain), ("GrowingLayer", growing)):
@@ -55,15 +57,30 @@ def main() -> None:
         S.new_cache = growing
         if outputs["DynamicLayer"] != outputs["GrowingLayer"]:
             raise SystemExit("the two caches decoded different tokens")
-        row = {"prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "new_tokens": new_tokens,
-               "streams": args.streams, "tokens_per_s": {k: round(v, 1) for k, v in best.items()},
-               "speedup": round(best["GrowingLayer"] / best["DynamicLayer"], 3)}
+        row = {
+            "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts),
+            "new_tokens": new_tokens,
+            "streams": args.streams,
+            "tokens_per_s": {k: round(v, 1) for k, v in best.items()},
+            "speedup": round(best["GrowingLayer"] / best["DynamicLayer"], 3),
+        }
         rows.append(row)
-        print(f"prompt ~{row['prompt_tokens_mean']:.0f} tokens, {new_tokens} new x {args.streams} streams: "
-              f"DynamicLayer {best['DynamicLayer']:.1f} tok/s, GrowingLayer {best['GrowingLayer']:.1f} tok/s "
-              f"({row['speedup']:.2f}x)", flush=True)
-    result = {"benchmark": "serve_kv_cache", "model": args.model, "device": device, "threads": args.threads,
-              "cpu_count": os.cpu_count(), "machine": platform.machine(), "rounds": args.rounds, "rows": rows}
+        print(
+            f"prompt ~{row['prompt_tokens_mean']:.0f} tokens, {new_tokens} new x {args.streams} streams: "
+            f"DynamicLayer {best['DynamicLayer']:.1f} tok/s, GrowingLayer {best['GrowingLayer']:.1f} tok/s "
+            f"({row['speedup']:.2f}x)",
+            flush=True,
+        )
+    result = {
+        "benchmark": "serve_kv_cache",
+        "model": args.model,
+        "device": device,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "rounds": args.rounds,
+        "rows": rows,
+    }
     write_result(f"serve-kv-cache-{device}", result)
 
 

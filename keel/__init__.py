@@ -31,11 +31,31 @@ if TYPE_CHECKING:
         RecipeError,
     )
 
-_LAZY = {"Run": "keel.api", "load": "keel.api", "load_recipe": "keel.api", "run": "keel.api", "validate": "keel.api",
-         "KeelError": "keel.errors", "RecipeError": "keel.errors", "DataError": "keel.errors",
-         "CheckpointError": "keel.errors", "GateError": "keel.errors"}
-__all__ = ["CheckpointError", "DataError", "GateError", "KeelError", "RecipeError", "Run", "__version__", "load",
-           "load_recipe", "run", "validate"]
+_LAZY = {
+    "Run": "keel.api",
+    "load": "keel.api",
+    "load_recipe": "keel.api",
+    "run": "keel.api",
+    "validate": "keel.api",
+    "KeelError": "keel.errors",
+    "RecipeError": "keel.errors",
+    "DataError": "keel.errors",
+    "CheckpointError": "keel.errors",
+    "GateError": "keel.errors",
+}
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "GateError",
+    "KeelError",
+    "RecipeError",
+    "Run",
+    "__version__",
+    "load",
+    "load_recipe",
+    "run",
+    "validate",
+]
 
 
 def __getattr__(name: str):

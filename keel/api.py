@@ -62,8 +62,10 @@ def override_strings(overrides: Overrides = None, **kwargs: Any) -> list[str]:
     import yaml
 
     if isinstance(overrides, (str, bytes)):
-        raise KeelError(f"overrides must be a list of key.path=value strings or a mapping; got the string "
-                        f"{overrides!r}: wrap it in a list, e.g. [{overrides!r}]")
+        raise KeelError(
+            f"overrides must be a list of key.path=value strings or a mapping; got the string "
+            f"{overrides!r}: wrap it in a list, e.g. [{overrides!r}]"
+        )
     items: list[str] = []
     pairs: list[tuple[str, Any]] = []
     if isinstance(overrides, Mapping):
@@ -80,8 +82,10 @@ def override_strings(overrides: Overrides = None, **kwargs: Any) -> list[str]:
         try:
             text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True).strip()
         except yaml.YAMLError:
-            raise KeelError(f"override {key}: {type(value).__name__} is not a recipe value; pass a str, number, bool, "
-                            "None, list or dict") from None
+            raise KeelError(
+                f"override {key}: {type(value).__name__} is not a recipe value; pass a str, number, bool, "
+                "None, list or dict"
+            ) from None
         items.append(f"{key}={text.removesuffix('...').strip()}")
     return items
 
@@ -102,8 +106,9 @@ def load_recipe(spec: str | os.PathLike, overrides: Overrides = None, /, **kwarg
     return _load(spec, override_strings(overrides, **kwargs))
 
 
-def validate(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides = None, /,
-             **kwargs: Any) -> Recipe:
+def validate(
+    recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides = None, /, **kwargs: Any
+) -> Recipe:
     """Everything `keel validate` checks (types, names, files, columns), without loading a model; returns the
     recipe. ``recipe`` and the overrides as for ``run``.
 
@@ -130,8 +135,9 @@ def _recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: O
 
         raw, source = copy.deepcopy(dict(recipe)), "recipe"
     else:
-        raise KeelError(f"recipe must be a keel Recipe, a dict, a .yaml path or a built-in recipe name; got "
-                        f"{type(recipe).__name__}")
+        raise KeelError(
+            f"recipe must be a keel Recipe, a dict, a .yaml path or a built-in recipe name; got {type(recipe).__name__}"
+        )
     items = override_strings(overrides, **kwargs)
     if isinstance(recipe, Recipe) and not items:
         return recipe
@@ -140,8 +146,14 @@ def _recipe(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: O
     return validate_recipe(raw, source=source)
 
 
-def run(recipe: Recipe | Mapping[str, Any] | str | os.PathLike, overrides: Overrides = None, /, *, resume: bool = False,
-        **kwargs: Any) -> Run:
+def run(
+    recipe: Recipe | Mapping[str, Any] | str | os.PathLike,
+    overrides: Overrides = None,
+    /,
+    *,
+    resume: bool = False,
+    **kwargs: Any,
+) -> Run:
     """Everything the recipe asks for, as `keel run`: train, evaluate on the test split, audit and compress when the
     recipe says so, write report.html. Runs in the current directory's ``runs/<name>`` (or ``output.dir``).
 
@@ -173,8 +185,9 @@ def load(run_dir: str | os.PathLike) -> Run:
     if not path.is_dir():
         raise KeelError(f"run directory '{path}' not found; pass the folder `keel run` printed (see runs/)")
     if not (path / "run.json").is_file() and not (path / "recipe.yaml").is_file():
-        raise KeelError(f"'{path}' holds no keel run (no run.json, no recipe.yaml); pass the folder `keel run` printed "
-                        "(see runs/)")
+        raise KeelError(
+            f"'{path}' holds no keel run (no run.json, no recipe.yaml); pass the folder `keel run` printed (see runs/)"
+        )
     return Run(path)
 
 
@@ -249,11 +262,16 @@ class Run:
         """
         from keel.evaluate import predict
 
-        return predict(self.dir, _texts(texts), batch_size=batch_size, backend=backend,
-                       trained=self._trained(backend))
+        return predict(self.dir, _texts(texts), batch_size=batch_size, backend=backend, trained=self._trained(backend))
 
-    def evaluate(self, data: str | os.PathLike | None = None, *, text_column: str | None = None,
-                 label_column: str | None = None, backend: str = "torch") -> dict:
+    def evaluate(
+        self,
+        data: str | os.PathLike | None = None,
+        *,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        backend: str = "torch",
+    ) -> dict:
         """Metrics on the run's test split, or on a labelled CSV/JSONL/Parquet file, as `keel eval --json`; the
         result is also written to eval/<split or file stem>.json.
 
@@ -287,8 +305,16 @@ class Run:
         _default_logging()
         return export_onnx(self.dir, int8=int8)
 
-    def serve(self, *, api_key_file: str | None = None, allow_no_auth: bool = False, ssl_certfile: str | None = None,
-              ssl_keyfile: str | None = None, device: str | None = None, **options: Any) -> None:
+    def serve(
+        self,
+        *,
+        api_key_file: str | None = None,
+        allow_no_auth: bool = False,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        device: str | None = None,
+        **options: Any,
+    ) -> None:
         """Serve the model behind keel's OpenAI-compatible HTTP API, as `keel serve RUN_DIR`. Blocks until SIGTERM
         or Ctrl-C (run it in its own process to keep working, e.g. ``multiprocessing.Process``).
 
@@ -315,12 +341,14 @@ class Run:
         if max_new_tokens < 1:
             raise KeelError(f"max_new_tokens must be at least 1; got {max_new_tokens}")
         if (self.dir / "adapter").is_dir() and not (self.dir / "model").is_dir():
-            raise KeelError(f"{self.dir} ends with a LoRA adapter (adapter/), not a model; set sft.merge=true for a "
-                            "merged model/")
+            raise KeelError(
+                f"{self.dir} ends with a LoRA adapter (adapter/), not a model; set sft.merge=true for a merged model/"
+            )
         trained = self._trained("torch")
         if trained.info["task"] != "causal-lm":
-            raise KeelError(f"generate works on causal-lm runs; {self.dir} is a {trained.info['task']} run "
-                            "(use predict)")
+            raise KeelError(
+                f"generate works on causal-lm runs; {self.dir} is a {trained.info['task']} run (use predict)"
+            )
         return generate(trained.model, trained.tokenizer, _texts(prompts), max_new_tokens)
 
 
@@ -332,5 +360,3 @@ def _texts(texts: Any) -> list[str]:
     if bad is not None:
         raise KeelError(f"every text must be a str; got {type(bad).__name__} {bad!r:.60}")
     return texts
-
-

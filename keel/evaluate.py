@@ -41,8 +41,9 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
             raise CheckpointError(f"{run_dir} does not exist; run `keel compress` (or distill/prune) first")
     folder = run_dir / "model"
     if not folder.is_dir():
-        raise CheckpointError(f"{run_dir} has no final model yet (model/ is missing); finish training with "
-                              f"`keel train RECIPE --resume`")
+        raise CheckpointError(
+            f"{run_dir} has no final model yet (model/ is missing); finish training with `keel train RECIPE --resume`"
+        )
     info = verified_model(run_dir)
     recipe = sealed_recipe(run_dir, info)
     from transformers import AutoTokenizer
@@ -62,8 +63,10 @@ def load_trained(run_dir: str | Path, backend: str = "torch") -> Trained:
         tokenizer = memory.tokenizer(model.files) if model.files else AutoTokenizer.from_pretrained(folder)
     elif sealed:
         if info.get("resized"):
-            raise KeelError(f"{folder} is sealed and structurally pruned, which in-memory opening does not cover; run "
-                            f"`keel unseal {run_dir}` to use it")
+            raise KeelError(
+                f"{folder} is sealed and structurally pruned, which in-memory opening does not cover; run "
+                f"`keel unseal {run_dir}` to use it"
+            )
         files = open_folder(folder)
         tokenizer = memory.tokenizer(files)
         model = memory.hf_model(files)
@@ -96,23 +99,31 @@ def sealed_recipe(run_dir: Path, info: dict) -> Recipe:
     compress, serve) may be edited in the run's recipe.yaml between stages, as before."""
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing; restore it (the model in {Path(run_dir) / 'model'} was sealed with "
-                              "its recipe) or train a new run")
+        raise CheckpointError(
+            f"{path} is missing; restore it (the model in {Path(run_dir) / 'model'} was sealed with "
+            "its recipe) or train a new run"
+        )
     current = load_recipe(path)
     if "recipe" not in info:  # sealed by an older keel: the recipe's hash in keel.json covers it
         if info.get("recipe_sha256") != current.sha256():
-            raise CheckpointError(f"{path} is not the recipe {Path(run_dir) / 'model'} was sealed with (sha256 "
-                                  f"{current.sha256()[:12]} vs {str(info.get('recipe_sha256'))[:12]}); restore it or "
-                                  "train a new run")
+            raise CheckpointError(
+                f"{path} is not the recipe {Path(run_dir) / 'model'} was sealed with (sha256 "
+                f"{current.sha256()[:12]} vs {str(info.get('recipe_sha256'))[:12]}); restore it or "
+                "train a new run"
+            )
         return current
     sealed = validate_recipe(info["recipe"], source=f"{Path(run_dir) / 'model' / 'keel.json'} recipe")
-    changed = _first_change(sealed.model_dump(mode="json", include=SEALED_SECTIONS),
-                            current.model_dump(mode="json", include=SEALED_SECTIONS))
+    changed = _first_change(
+        sealed.model_dump(mode="json", include=SEALED_SECTIONS),
+        current.model_dump(mode="json", include=SEALED_SECTIONS),
+    )
     if changed:
         key, old, new = changed
-        raise CheckpointError(f"{path} was changed after the model was sealed: {key} is {new!r} there and {old!r} in "
-                              f"the recipe sealed in {Path(run_dir) / 'model' / 'keel.json'}; restore it, or train a "
-                              "new run with the new settings")
+        raise CheckpointError(
+            f"{path} was changed after the model was sealed: {key} is {new!r} there and {old!r} in "
+            f"the recipe sealed in {Path(run_dir) / 'model' / 'keel.json'}; restore it, or train a "
+            "new run with the new settings"
+        )
     return current
 
 
@@ -129,8 +140,9 @@ def _first_change(old: dict, new: dict, prefix: str = "") -> tuple[str, object, 
 
 
 @writes_run
-def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dict | None = None,
-                 backend: str = "torch") -> dict:
+def evaluate_run(
+    run_dir: str | Path, data_file: str | None = None, columns: dict | None = None, backend: str = "torch"
+) -> dict:
     """Metrics on the run's test split, or on a labelled file with the recipe's column names."""
     import numpy as np
     import torch
@@ -151,7 +163,9 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dic
         dataset, name = data.splits["test"], "test"
         majority_label = data.meta.get("majority_label")
         if len(dataset) == 0:
-            raise KeelError("the recipe has no test split (data.split.test is 0); pass --data FILE to evaluate on a file")
+            raise KeelError(
+                "the recipe has no test split (data.split.test is 0); pass --data FILE to evaluate on a file"
+            )
     else:
         dataset, name = _file_dataset(t, data_file, labels, columns or {}), Path(data_file).stem
     result = task.evaluate(t.model, dataset, t.tokenizer, t.recipe.train.eval_batch_size, torch.device("cpu"))
@@ -160,8 +174,10 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, columns: dic
         y = np.asarray(dataset["label"])
         if majority_label is None:  # a file: its own most frequent label (the training split's can score far less)
             majority_label = labels[int(np.bincount(y, minlength=len(labels)).argmax())]
-        result["baseline"] = {**majority_baseline(y, labels.index(majority_label), labels),
-                              "of": "training split" if data_file is None else "file"}
+        result["baseline"] = {
+            **majority_baseline(y, labels.index(majority_label), labels),
+            "of": "training split" if data_file is None else "file",
+        }
     suffix = "" if backend == "torch" else f".{backend}"
     atomic_write_json(t.run_dir / "eval" / f"{name}{suffix}.json", result)
     return result
@@ -180,15 +196,22 @@ def _evaluate_lm_run(t: Trained, data_file: str | None, columns: dict, backend: 
     from keel.tasks import causal_lm
 
     if "onnx" in backend:
-        raise KeelError(f"--backend {backend}: ONNX Runtime serves classifiers here; evaluate a causal-lm run with the "
-                        "torch backend or a torchao variant (e.g. torchao-weight-only)")
+        raise KeelError(
+            f"--backend {backend}: ONNX Runtime serves classifiers here; evaluate a causal-lm run with the "
+            "torch backend or a torchao variant (e.g. torchao-weight-only)"
+        )
     kind, recipe = lm_data_kind(t.recipe), t.recipe
     if "label" in columns:
         raise KeelError("--label-column is for classification runs; a causal-lm run has no labels")
     if columns and kind != "text":
-        raise KeelError(f"--text-column/--label-column are for plain-text files; this {kind} run reads "
-                        + ("JSONL with messages, or prompt + response" if kind == "chat" else
-                           "JSONL with prompt, chosen and rejected"))
+        raise KeelError(
+            f"--text-column/--label-column are for plain-text files; this {kind} run reads "
+            + (
+                "JSONL with messages, or prompt + response"
+                if kind == "chat"
+                else "JSONL with prompt, chosen and rejected"
+            )
+        )
     name = Path(data_file).stem if data_file else "test"
     if kind == "text":
         dataset = _lm_text_blocks(t, data_file, columns) if data_file else _lm_test_blocks(t)
@@ -196,17 +219,27 @@ def _evaluate_lm_run(t: Trained, data_file: str | None, columns: dict, backend: 
         result["n_blocks"] = len(dataset)
     else:
         examples = _lm_examples(t, kind, data_file)
-        figures = causal_lm.evaluate_replies(t.model, t.tokenizer, examples, recipe.model.max_length,
-                                             recipe.train.eval_batch_size)
+        figures = causal_lm.evaluate_replies(
+            t.model, t.tokenizer, examples, recipe.model.max_length, recipe.train.eval_batch_size
+        )
         # "loss" is the replies' loss, as SFT reports it; the all-token figures sit beside it
-        result = {"loss": figures["reply_loss"], "perplexity": figures["reply_perplexity"],
-                  "reply_loss": figures["reply_loss"], "reply_perplexity": figures["reply_perplexity"],
-                  "reply_tokens": figures["reply_tokens"], "loss_all_tokens": figures["loss"],
-                  "perplexity_all_tokens": figures["perplexity"], "tokens": figures["tokens"], "n": figures["n"],
-                  "loss_on": "reply tokens only" + (" (the chosen reply of each pair)" if kind == "preferences" else "")}
+        result = {
+            "loss": figures["reply_loss"],
+            "perplexity": figures["reply_perplexity"],
+            "reply_loss": figures["reply_loss"],
+            "reply_perplexity": figures["reply_perplexity"],
+            "reply_tokens": figures["reply_tokens"],
+            "loss_all_tokens": figures["loss"],
+            "perplexity_all_tokens": figures["perplexity"],
+            "tokens": figures["tokens"],
+            "n": figures["n"],
+            "loss_on": "reply tokens only" + (" (the chosen reply of each pair)" if kind == "preferences" else ""),
+        }
     result = {"split": name, "source": data_file or "test split", "backend": backend, **result}
     path = t.run_dir / "eval" / (f"{name}.json" if backend == "torch" else f"{name}.{backend}.json")
-    if data_file is None and kind == "chat" and backend == "torch":  # keep the before-training figures the SFT run wrote there
+    if (
+        data_file is None and kind == "chat" and backend == "torch"
+    ):  # keep the before-training figures the SFT run wrote there
         before = {k: v for k, v in ((_read_json(path) or {}).items()) if k.endswith("_before")}
         result = {**result, **before}
     atomic_write_json(path, result)
@@ -234,7 +267,11 @@ def _lm_examples(t: Trained, kind: str, data_file: str | None) -> list[dict]:
         from keel.align.lm_bias import lead_token
         from keel.align.prefs import load_preferences, read_preferences
 
-        pairs = read_preferences(data_file) if data_file else load_preferences(t.recipe.data, lead_token(t.tokenizer))["test"]
+        pairs = (
+            read_preferences(data_file)
+            if data_file
+            else load_preferences(t.recipe.data, lead_token(t.tokenizer))["test"]
+        )
         examples = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs]
     if not examples:
         raise KeelError("the recipe has no test split (data.split.test is 0); pass --data FILE to evaluate on a file")
@@ -262,13 +299,19 @@ def _lm_text_blocks(t: Trained, data_file: str, columns: dict):
         raise KeelError(f"--data: file '{data_file}' not found; check the path")
     text = columns.get("text") or column_mapping(t.recipe.data, "causal-lm")["text"]
     frame = _read_file(p, "auto")
-    _check_columns({"text": text}, list(frame.columns), data_file, where="--data", fix="pass --text-column <one of those>")
+    _check_columns(
+        {"text": text}, list(frame.columns), data_file, where="--data", fix="pass --text-column <one of those>"
+    )
     frame = frame[[text]].set_axis(["text"], axis=1).dropna().astype(str)
     blocks = _causal_lm(frame, t.tokenizer, t.recipe, [])
     if len(blocks) == 0:
-        raise KeelError(f"--data: {data_file} holds fewer than model.max_length={t.recipe.model.max_length} tokens; "
-                        "pass a longer file")
-    logger.info(f"evaluating on {data_file} ({len(frame)} documents, {len(blocks)} blocks of {t.recipe.model.max_length} tokens)")
+        raise KeelError(
+            f"--data: {data_file} holds fewer than model.max_length={t.recipe.model.max_length} tokens; "
+            "pass a longer file"
+        )
+    logger.info(
+        f"evaluating on {data_file} ({len(frame)} documents, {len(blocks)} blocks of {t.recipe.model.max_length} tokens)"
+    )
     return blocks
 
 
@@ -299,7 +342,11 @@ def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
     from keel.tasks.classification import length_batches
 
     texts = list(texts)
-    lengths = [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]] if texts else []
+    lengths = (
+        [len(ids) for ids in t.tokenizer(texts, truncation=True, max_length=t.recipe.model.max_length)["input_ids"]]
+        if texts
+        else []
+    )
     out = [None] * len(texts)
     for idx in length_batches(lengths, batch_size):
         for i, row in zip(idx, text_logits(t, [texts[i] for i in idx])):
@@ -307,8 +354,9 @@ def batched_logits(t: Trained, texts: list[str], batch_size: int = 32):
     return torch.stack(out) if out else torch.zeros((0, len(t.info.get("labels") or [])))
 
 
-def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch",
-            trained: Trained | None = None) -> list[dict]:
+def predict(
+    run_dir: str | Path, texts: list[str], batch_size: int = 32, backend: str = "torch", trained: Trained | None = None
+) -> list[dict]:
     """Label and class probabilities for each text (classification runs). ``trained``: the run's model already
     loaded with ``load_trained(run_dir, backend)``, so repeated calls skip loading and hashing it again."""
     t = trained or load_trained(run_dir, backend)
@@ -319,10 +367,18 @@ def predict(run_dir: str | Path, texts: list[str], batch_size: int = 32, backend
 
     mitigator = Mitigator.for_run(run_dir, backend)
     probs = batched_logits(t, texts, batch_size).softmax(-1)  # (N, C)
-    picked, mitigation = mitigator.apply(texts, probs.numpy(), labels) if mitigator else (probs.argmax(-1).tolist(), None)
+    picked, mitigation = (
+        mitigator.apply(texts, probs.numpy(), labels) if mitigator else (probs.argmax(-1).tolist(), None)
+    )
     out = []
     for k, (text, p, i) in enumerate(zip(texts, probs, picked)):
-        out.append({"text": text, "label": labels[i], "score": float(p[i]),
-                    "scores": {name: float(v) for name, v in zip(labels, p)},
-                    **({"mitigation": mitigation[k]} if mitigation else {})})
+        out.append(
+            {
+                "text": text,
+                "label": labels[i],
+                "score": float(p[i]),
+                "scores": {name: float(v) for name, v in zip(labels, p)},
+                **({"mitigation": mitigation[k]} if mitigation else {}),
+            }
+        )
     return out

@@ -137,8 +137,10 @@ def verify_manifest(folder: Path) -> dict:
     folder = Path(folder)
     mpath = folder / MANIFEST
     if not mpath.is_file():
-        raise IntegrityError(f"{folder} has no {MANIFEST}: it is incomplete or was tampered with; re-create it or "
-                             "point at another folder")
+        raise IntegrityError(
+            f"{folder} has no {MANIFEST}: it is incomplete or was tampered with; re-create it or "
+            "point at another folder"
+        )
     try:
         manifest = json.loads(mpath.read_text())
         files = manifest["files"]
@@ -149,8 +151,10 @@ def verify_manifest(folder: Path) -> dict:
         name = p.relative_to(folder).as_posix()
         if name == MANIFEST or name in listed or p.is_dir() or _unsealed(name):
             continue
-        raise IntegrityError(f"{p} is not part of the sealed folder {folder} (its manifest does not list it), and "
-                             "could change what is loaded; remove it, or re-create the folder")
+        raise IntegrityError(
+            f"{p} is not part of the sealed folder {folder} (its manifest does not list it), and "
+            "could change what is loaded; remove it, or re-create the folder"
+        )
     for name, (size, digest) in listed.items():
         p = folder / name
         if not p.is_file():
@@ -213,8 +217,10 @@ def acquire_run_lock(run_dir: Path) -> None:
             f.seek(0)
             holder = _parse_holder(f.read())
             f.close()
-            raise KeelError(f"{root} is in use by another keel process ({_describe(holder)}); only one process may "
-                            "write to a run directory: wait for it to finish (or stop it), then try again") from None
+            raise KeelError(
+                f"{root} is in use by another keel process ({_describe(holder)}); only one process may "
+                "write to a run directory: wait for it to finish (or stop it), then try again"
+            ) from None
         try:
             same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -230,8 +236,17 @@ def acquire_run_lock(run_dir: Path) -> None:
         logger.info(f"took over the lock of {root} left by a process that is no longer running ({_describe(stale)})")
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command(),
-                        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    f.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": _command(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+        )
+        + "\n"
+    )
     f.flush()
     _HELD[key] = [f, 1]
 
@@ -284,4 +299,4 @@ def _parse_holder(text: str) -> dict:
 def _describe(holder: dict) -> str:
     if not holder:
         return "its PID is not recorded yet"
-    return (f"PID {holder.get('pid')} on {holder.get('host')}, `{holder.get('command')}`, since {holder.get('since')}")
+    return f"PID {holder.get('pid')} on {holder.get('host')}, `{holder.get('command')}`, since {holder.get('since')}"

@@ -121,8 +121,13 @@ def _federated():
     return FederatedTrainer
 
 
-TRAINERS: dict[str, Callable[[], type]] = {"engine": _engine, "pretrain": _engine, "sft": _sft, "align": _align,
-                                           "federated": _federated}  # name -> the trainer class, imported on use
+TRAINERS: dict[str, Callable[[], type]] = {
+    "engine": _engine,
+    "pretrain": _engine,
+    "sft": _sft,
+    "align": _align,
+    "federated": _federated,
+}  # name -> the trainer class, imported on use
 
 
 def trainer_kind(recipe: Recipe) -> str:
@@ -138,8 +143,10 @@ def execute(recipe: Recipe, resume: bool, kind: str, full: bool = True, **option
     """Train with TRAINERS[kind] in a fresh (or resumed) run directory, then, with ``full``, the later stages."""
     cls = TRAINERS[kind]()
     if resume and not cls.resumable:
-        raise KeelError(f"--resume is not supported for {'sft / align' if kind in ('sft', 'align') else kind} recipes; "
-                        "run the recipe again (a new run directory)")
+        raise KeelError(
+            f"--resume is not supported for {'sft / align' if kind in ('sft', 'align') else kind} recipes; "
+            "run the recipe again (a new run directory)"
+        )
     trainer = cls(recipe, resume, **options)
     with rundir.lifecycle(recipe, resume) as run:
         try:
@@ -174,6 +181,7 @@ def federate(recipe: Recipe, mode: str, resume: bool = False, **options) -> Path
 
 
 # -- the stages after training ---------------------------------------------------------------------------
+
 
 def _engine_stages(recipe: Recipe, run: rundir.Run) -> None:
     """Test evaluation, samples (causal LM), audit and model card, compression, report (main process only)."""
@@ -222,8 +230,13 @@ def _federated_stages(recipe: Recipe, run: rundir.Run) -> None:
     write_report(run.dir)
 
 
-AFTER = {"engine": _engine_stages, "pretrain": _engine_stages, "sft": _report_stage, "align": _report_stage,
-         "federated": _federated_stages}
+AFTER = {
+    "engine": _engine_stages,
+    "pretrain": _engine_stages,
+    "sft": _report_stage,
+    "align": _report_stage,
+    "federated": _federated_stages,
+}
 
 
 def _audit_stage(recipe: Recipe, run_dir: Path):

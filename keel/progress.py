@@ -54,8 +54,13 @@ class _LineProgress:
         return False
 
     def add_task(self, description: str, total: int, completed: int = 0, **fields) -> int:
-        self.tasks[len(self.tasks)] = {"description": description, "total": max(total, 1), "start": time.perf_counter(),
-                                       "first": completed, "next": 0.1}
+        self.tasks[len(self.tasks)] = {
+            "description": description,
+            "total": max(total, 1),
+            "start": time.perf_counter(),
+            "first": completed,
+            "next": 0.1,
+        }
         return len(self.tasks) - 1
 
     def update(self, task_id: int, completed: int, info: str = "", **_) -> None:
@@ -68,8 +73,10 @@ class _LineProgress:
         t["next"] = (int(frac * 10) + 1) / 10
         rate = (completed - t["first"]) / elapsed if elapsed > 0 else 0.0
         eta = (t["total"] - completed) / rate if rate > 0 else float("nan")
-        console.print(f"{t['description']}: {completed}/{t['total']} {self.unit}s ({rate:.2f} {self.unit}/s, "
-                      f"elapsed {elapsed:.0f}s, eta {eta:.0f}s) {info}")
+        console.print(
+            f"{t['description']}: {completed}/{t['total']} {self.unit}s ({rate:.2f} {self.unit}/s, "
+            f"elapsed {elapsed:.0f}s, eta {eta:.0f}s) {info}"
+        )
 
 
 def progress(unit: str = "it", disable: bool = False, transient: bool = False):
@@ -171,8 +178,16 @@ def _rich_handler() -> logging.Handler:
         def render(self, *, record, traceback, message_renderable):
             return message_renderable  # no time, level or path columns: the line as console.print would print it
 
-    return _Handler(console=console, markup=False, show_time=False, show_level=False, show_path=False,
-                    rich_tracebacks=False, highlighter=NullHighlighter(), keywords=[])
+    return _Handler(
+        console=console,
+        markup=False,
+        show_time=False,
+        show_level=False,
+        show_path=False,
+        rich_tracebacks=False,
+        highlighter=NullHighlighter(),
+        keywords=[],
+    )
 
 
 def setup_logging(debug: bool = False, *, unless_configured: bool = False) -> None:

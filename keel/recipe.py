@@ -33,7 +33,9 @@ class ModelConfig(Strict):
     name: str = Field("minilm-l6", description="registry name (see `keel ls`) or a local Hugging Face model folder")
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example; longer texts are truncated")
     init: Literal["pretrained", "scratch"] = Field(
-        "pretrained", description="scratch: random weights of the size preset model.name, with a tokenizer trained on the data (see pretrain)")
+        "pretrained",
+        description="scratch: random weights of the size preset model.name, with a tokenizer trained on the data (see pretrain)",
+    )
 
 
 class Columns(Strict):
@@ -55,7 +57,9 @@ class SplitConfig(Strict):
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitConfig:
         if self.validation + self.test >= 0.9:
-            raise ValueError(f"validation + test = {self.validation + self.test:g} leaves too little to train on; keep it under 0.9")
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves too little to train on; keep it under 0.9"
+            )
         return self
 
 
@@ -64,10 +68,16 @@ class DataConfig(Strict):
 
     name: str | None = Field(None, description="built-in data set (see `keel ls`)")
     path: str | None = Field(None, description="a .csv, .jsonl/.json or .parquet file")
-    format: Literal["auto", "csv", "jsonl", "parquet"] = Field("auto", description="file format; auto: from the file name")
-    encoding_errors: Literal["strict", "replace"] = Field("strict", description="CSV bytes that are not UTF-8: fail, or replace them")
+    format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
+        "auto", description="file format; auto: from the file name"
+    )
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="CSV bytes that are not UTF-8: fail, or replace them"
+    )
     columns: Columns | None = Field(None, description="column mapping; defaults to the data set's own")
-    labels: list[str] | None = Field(None, description="the label set, in order; default: sorted labels of the training split")
+    labels: list[str] | None = Field(
+        None, description="the label set, in order; default: sorted labels of the training split"
+    )
     split: SplitConfig = SplitConfig()
     max_train_samples: int | None = Field(None, ge=1, description="cap on the training split")
     max_eval_samples: int | None = Field(None, ge=1, description="cap on the validation and test splits each")
@@ -95,15 +105,24 @@ class PrivacyConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0.0, description="per-example gradient clipping bound")
     accountant: Literal["prv", "rdp"] = Field("prv", description="privacy accountant (Opacus)")
     noise_multiplier: float | None = Field(
-        None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget")
-    poisson_sampling: bool = Field(True, description="each example joins each step with probability batch_size/N "
-                                   "(the only sampling keel's accountants account for; false is refused)")
+        None, gt=0.0, description="sigma; default: the smallest that keeps the planned steps within the budget"
+    )
+    poisson_sampling: bool = Field(
+        True,
+        description="each example joins each step with probability batch_size/N "
+        "(the only sampling keel's accountants account for; false is refused)",
+    )
     max_physical_batch_size: int = Field(
-        32, ge=1, description="examples per forward/backward pass; a larger logical batch is processed in chunks "
-                              "(per-example gradients take batch x trainable parameters of memory)")
+        32,
+        ge=1,
+        description="examples per forward/backward pass; a larger logical batch is processed in chunks "
+        "(per-example gradients take batch x trainable parameters of memory)",
+    )
     freeze_embeddings: bool = Field(
-        True, description="train without the token/position embedding tables: their per-example gradients are the "
-                          "largest (vocab x hidden per example) and the noise added to them the most")
+        True,
+        description="train without the token/position embedding tables: their per-example gradients are the "
+        "largest (vocab x hidden per example) and the noise added to them the most",
+    )
 
     @field_validator("poisson_sampling")
     @classmethod
@@ -111,9 +130,11 @@ class PrivacyConfig(Strict):
         # Shuffled fixed-size batches are not what the PRV/RDP accountants analyse (they assume Poisson
         # subsampling); reporting their epsilon for such a run would state a guarantee the run does not have.
         if not v:
-            raise ValueError("fixed-size shuffled batches have no accountant in keel (the PRV and RDP accountants "
-                             "assume Poisson sampling, and their epsilon would not hold); set "
-                             "train.privacy.poisson_sampling=true")
+            raise ValueError(
+                "fixed-size shuffled batches have no accountant in keel (the PRV and RDP accountants "
+                "assume Poisson sampling, and their epsilon would not hold); set "
+                "train.privacy.poisson_sampling=true"
+            )
         return v
 
 
@@ -125,19 +146,25 @@ class TrainConfig(Strict):
     batch_size: int = Field(16, ge=1, description="examples per process per micro-batch")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimiser step")
     eval_batch_size: int = Field(64, ge=1, description="examples per batch when evaluating")
-    group_by_length: bool = Field(False, description="batch examples of similar length (shuffled, then sorted "
-                                  "within groups of up to 50 batches, as transformers' Trainer does): less padding, faster epochs on texts of "
-                                  "mixed length")
+    group_by_length: bool = Field(
+        False,
+        description="batch examples of similar length (shuffled, then sorted "
+        "within groups of up to 50 batches, as transformers' Trainer does): less padding, faster epochs on texts of "
+        "mixed length",
+    )
     lr: float = Field(5e-5, gt=0.0, lt=1.0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
-    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="share of the steps spent warming the learning rate up")
+    warmup_ratio: float = Field(
+        0.06, ge=0.0, lt=1.0, description="share of the steps spent warming the learning rate up"
+    )
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null = none")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (bf16/fp16 on a GPU)")
     seed: int = Field(42, description="seed of the weights, the data order and dropout")
     deterministic: bool = Field(True, description="deterministic kernels: exact, resumable loss curves")
     metric: Literal["accuracy", "macro_f1", "loss"] | None = Field(
-        None, description="selects the best model; default macro_f1 for classification, loss for causal-lm")
+        None, description="selects the best model; default macro_f1 for classification, loss for causal-lm"
+    )
     early_stopping: EarlyStopping | None = Field(None, description="stop early; null = train every epoch")
     checkpoint_every: int = Field(0, ge=0, description="optimiser steps between checkpoints; 0 = each epoch")
     keep_last_k: int = Field(2, ge=1, description="checkpoints kept on disk")
@@ -155,41 +182,55 @@ class TrainConfig(Strict):
         if not self.privacy:
             return self
         if self.group_by_length:
-            raise ValueError("group_by_length does not apply to DP-SGD (train.privacy), whose Poisson sampling picks batches; "
-                             "set train.group_by_length=false")
+            raise ValueError(
+                "group_by_length does not apply to DP-SGD (train.privacy), whose Poisson sampling picks batches; "
+                "set train.group_by_length=false"
+            )
         if self.mixed_precision != "no":
             raise ValueError("train.privacy needs train.mixed_precision=no (per-example gradients in fp32)")
         if self.grad_accum_steps != 1:
-            raise ValueError("train.privacy: the Poisson batch is the logical batch; set train.grad_accum_steps=1 "
-                             "and raise train.batch_size instead")
+            raise ValueError(
+                "train.privacy: the Poisson batch is the logical batch; set train.grad_accum_steps=1 "
+                "and raise train.batch_size instead"
+            )
         return self
 
 
 class DistillConfig(Strict):
     """Teacher (the run's model) -> a smaller student trained on labels and the teacher's soft outputs."""
 
-    student: str | None = Field(None, description="registry model or folder for the student; default: cut from the teacher")
-    layers: int | list[int] | None = Field(None, description="teacher layers the student keeps: a count (spread evenly) "
-                                           "or indices; default: every other layer")
+    student: str | None = Field(
+        None, description="registry model or folder for the student; default: cut from the teacher"
+    )
+    layers: int | list[int] | None = Field(
+        None,
+        description="teacher layers the student keeps: a count (spread evenly) or indices; default: every other layer",
+    )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the label loss; 1 - alpha goes to the teacher's")
     temperature: float = Field(2.0, gt=0.0, description="softmax temperature of the distillation loss")
     hidden_weight: float = Field(0.0, ge=0.0, description="weight of hidden-state matching (same width only)")
     epochs: int = Field(2, ge=0, description="0: only cut the student; the pruning stage's fine-tuning then distils it")
     transfer_samples: int | None = Field(
-        None, ge=1, description="distil on this many training-split texts (a superset of the teacher's) labelled by the "
-        "teacher alone: alpha becomes 0, no label is read; also used by the pruning stage's fine-tuning")
+        None,
+        ge=1,
+        description="distil on this many training-split texts (a superset of the teacher's) labelled by the "
+        "teacher alone: alpha becomes 0, no label is read; also used by the pruning stage's fine-tuning",
+    )
     lr: float = Field(1e-4, gt=0.0, lt=1.0, description="learning rate of the student")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
 
     @model_validator(mode="after")
     def _one_student(self) -> DistillConfig:
         if self.student is not None and self.layers is not None:
-            raise ValueError("set either compress.distill.student (a model) or compress.distill.layers (cut from the "
-                             "teacher), not both")
+            raise ValueError(
+                "set either compress.distill.student (a model) or compress.distill.layers (cut from the "
+                "teacher), not both"
+            )
         if isinstance(self.layers, int) and self.layers < 1:
             raise ValueError(f"compress.distill.layers = {self.layers} keeps no layer; give a count of 1 or more")
-        if isinstance(self.layers, list) and (not self.layers or min(self.layers) < 0
-                                              or len(set(self.layers)) < len(self.layers)):
+        if isinstance(self.layers, list) and (
+            not self.layers or min(self.layers) < 0 or len(set(self.layers)) < len(self.layers)
+        ):
             raise ValueError(f"compress.distill.layers {self.layers} must be distinct teacher layer indices from 0")
         return self
 
@@ -200,16 +241,23 @@ class PruneConfig(Strict):
     heads: float = Field(0.0, ge=0.0, lt=1.0, description="share of attention heads removed in every layer")
     ffn: float = Field(0.0, ge=0.0, lt=1.0, description="share of FFN neurons removed in every layer")
     sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="unstructured: share of block weights zeroed")
-    vocab: bool = Field(False, description="keep only the embedding rows of tokens seen in the training split "
-                        "(classifiers; other tokens read as the unknown token)")
-    finetune_epochs: int = Field(1, ge=0, description="fine-tuning (with distillation when there is a teacher) after pruning")
+    vocab: bool = Field(
+        False,
+        description="keep only the embedding rows of tokens seen in the training split "
+        "(classifiers; other tokens read as the unknown token)",
+    )
+    finetune_epochs: int = Field(
+        1, ge=0, description="fine-tuning (with distillation when there is a teacher) after pruning"
+    )
     lr: float = Field(5e-5, gt=0.0, lt=1.0, description="learning rate of the fine-tuning")
     max_steps: int | None = Field(None, ge=1, description="stop the fine-tuning after this many optimiser steps")
 
     @model_validator(mode="after")
     def _removes_something(self) -> PruneConfig:
         if not (self.heads or self.ffn or self.sparsity or self.vocab):
-            raise ValueError("compress.prune removes nothing; set heads, ffn, vocab (structured) or sparsity (unstructured)")
+            raise ValueError(
+                "compress.prune removes nothing; set heads, ffn, vocab (structured) or sparsity (unstructured)"
+            )
         return self
 
 
@@ -220,10 +268,14 @@ class QuantizeConfig(Strict):
     onnx_int8: bool = Field(True, description="ONNX Runtime dynamic int8")
     onnx_static_int8: bool = Field(False, description="ONNX Runtime static int8 (QDQ), calibrated on training texts")
     torch_int8: Literal["none", "weight-only", "dynamic"] = Field(
-        "none", description="torchao int8 for the PyTorch backend (dynamic has no fast CPU kernels)")
+        "none", description="torchao int8 for the PyTorch backend (dynamic has no fast CPU kernels)"
+    )
     calibration_samples: int = Field(128, ge=8, description="training texts for static int8 calibration")
-    teacher: bool = Field(True, description="export the teacher the same way as the latest stage, so the budget can "
-                          "fall back to a quantized model that was not cut or retrained")
+    teacher: bool = Field(
+        True,
+        description="export the teacher the same way as the latest stage, so the budget can "
+        "fall back to a quantized model that was not cut or retrained",
+    )
 
 
 class BudgetConfig(Strict):
@@ -232,7 +284,9 @@ class BudgetConfig(Strict):
     max_accuracy_drop: float = Field(1.0, ge=0.0, description="points of accuracy below the fp32 teacher")
     max_latency_ms: float | None = Field(None, gt=0.0, description="p50 latency at batch 1")
     max_size_mb: float | None = Field(None, gt=0.0, description="weights on disk")
-    prefer: Literal["latency", "size", "throughput"] = Field("latency", description="how to pick among variants in budget")
+    prefer: Literal["latency", "size", "throughput"] = Field(
+        "latency", description="how to pick among variants in budget"
+    )
 
 
 class CompressConfig(Strict):
@@ -244,8 +298,15 @@ class CompressConfig(Strict):
     budget: BudgetConfig = BudgetConfig()
     bench_latency_samples: int = Field(100, ge=5, description="batch-1 requests timed per variant")
     bench_eval_samples: int = Field(1000, ge=10, description="test examples scored per variant")
-    bench_rounds: int = Field(1, ge=1, le=10, description="times every variant is measured (round after round); "
-                              "each keeps its best timings, so a shared machine's slow spells skew no ratio")
+    bench_rounds: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="times every variant is measured (round after round); "
+        "each keeps its best timings, so a shared machine's slow spells skew no ratio",
+    )
+
+
 class ExplainConfig(Strict):
     """Token attributions (Captum integrated gradients), attention rollout, global importance, faithfulness."""
 
@@ -262,14 +323,24 @@ class ExplainConfig(Strict):
 class FairnessGates(Strict):
     """Thresholds that fail the run (exit code 3) when crossed."""
 
-    max_demographic_parity_difference: float | None = Field(None, ge=0.0, le=1.0, description="largest gap in selection rate between ranked groups")
-    max_equalized_odds_difference: float | None = Field(None, ge=0.0, le=1.0, description="largest gap in TPR or FPR between ranked groups")
-    min_group_accuracy: float | None = Field(None, ge=0.0, le=1.0, description="lowest accuracy any ranked group may have")
+    max_demographic_parity_difference: float | None = Field(
+        None, ge=0.0, le=1.0, description="largest gap in selection rate between ranked groups"
+    )
+    max_equalized_odds_difference: float | None = Field(
+        None, ge=0.0, le=1.0, description="largest gap in TPR or FPR between ranked groups"
+    )
+    min_group_accuracy: float | None = Field(
+        None, ge=0.0, le=1.0, description="lowest accuracy any ranked group may have"
+    )
     min_subgroup_auc: float | None = Field(None, ge=0.0, le=1.0, description="lowest subgroup AUC (Borkan et al.)")
-    max_counterfactual_flip_rate: float | None = Field(None, ge=0.0, le=1.0, description="largest share of predictions an identity-term swap may flip")
+    max_counterfactual_flip_rate: float | None = Field(
+        None, ge=0.0, le=1.0, description="largest share of predictions an identity-term swap may flip"
+    )
     on_unmeasurable: Literal["fail", "warn"] = Field(
-        "fail", description="a gate with nothing to measure (every group below min_group_size, no swappable text) "
-                            "fails the run; warn: it is reported as not evaluated and the run goes on")
+        "fail",
+        description="a gate with nothing to measure (every group below min_group_size, no swappable text) "
+        "fails the run; warn: it is reported as not evaluated and the run goes on",
+    )
 
     def thresholds(self) -> dict:
         """The gates that are set: name -> threshold."""
@@ -280,18 +351,22 @@ class FairnessConfig(Strict):
     """Per-group metrics (Fairlearn), Borkan AUCs, counterfactual swaps, mitigation."""
 
     groups: Literal["lexicon", "column"] = Field(
-        "lexicon", description="identity terms found in the text (keel's lexicon), or the data.columns.group column")
+        "lexicon", description="identity terms found in the text (keel's lexicon), or the data.columns.group column"
+    )
     categories: list[str] | None = Field(None, description="lexicon categories to audit; default: all")
     positive_label: str | None = Field(
-        None, description="the outcome whose rates are compared; default: 'positive' if a label, else the last label")
+        None, description="the outcome whose rates are compared; default: 'positive' if a label, else the last label"
+    )
     min_group_size: int = Field(30, ge=1, description="smaller groups are flagged, not ranked")
     max_examples: int | None = Field(2000, ge=1, description="cap on the audited split")
     split: Literal["test", "validation"] = Field("test", description="the split audited")
     counterfactual: bool = Field(True, description="swap identity terms and count flipped predictions")
     mitigation: Literal["none", "threshold-optimizer", "counterfactual-augmentation"] = Field(
-        "none", description="per-group thresholds (Fairlearn), or training on identity-swapped copies")
+        "none", description="per-group thresholds (Fairlearn), or training on identity-swapped copies"
+    )
     constraint: Literal["demographic_parity", "equalized_odds", "true_positive_rate_parity"] = Field(
-        "equalized_odds", description="what the threshold optimizer equalizes")
+        "equalized_odds", description="what the threshold optimizer equalizes"
+    )
     baseline_run: str | None = Field(None, description="a run without mitigation, shown side by side")
 
 
@@ -305,9 +380,11 @@ class AuditConfig(Strict):
     @model_validator(mode="after")
     def _gates_need_fairness(self) -> AuditConfig:
         if self.gates.thresholds() and self.fairness is None:
-            raise ValueError(f"audit.gates ({', '.join(self.gates.thresholds())}) measure the fairness audit, which "
-                             "this recipe leaves out; add audit.fairness (e.g. audit.fairness.groups=lexicon) or "
-                             "remove the gates")
+            raise ValueError(
+                f"audit.gates ({', '.join(self.gates.thresholds())}) measure the fairness audit, which "
+                "this recipe leaves out; add audit.fairness (e.g. audit.fairness.groups=lexicon) or "
+                "remove the gates"
+            )
         return self
 
 
@@ -323,12 +400,18 @@ class ServeConfig(Strict):
     host: str = Field("127.0.0.1", description="bind address; a non-loopback one needs API keys (or --allow-no-auth)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     backend: str = Field(
-        "auto", description="classifiers: auto = the deployable variant picked by `keel compress`, else onnx-int8, "
-        "then onnx when exported, else torch; or any variant name (e.g. pruned-onnx-int8, see `keel bench`)")
+        "auto",
+        description="classifiers: auto = the deployable variant picked by `keel compress`, else onnx-int8, "
+        "then onnx when exported, else torch; or any variant name (e.g. pruned-onnx-int8, see `keel bench`)",
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="classify/embeddings: inputs gathered into one batch")
     forward_batch_size: int | None = Field(
-        None, ge=1, le=1024, description="classify/embeddings: a batch runs as length-sorted forward passes of this "
-                                         "many inputs; default: 8 on a CPU, the whole batch on a GPU")
+        None,
+        ge=1,
+        le=1024,
+        description="classify/embeddings: a batch runs as length-sorted forward passes of this "
+        "many inputs; default: 8 on a CPU, the whole batch on a GPU",
+    )
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="classify/embeddings: wait for a fuller batch")
     max_running: int = Field(16, ge=1, le=512, description="generation: sequences in the running decode batch")
     max_queue: int = Field(256, ge=1, description="requests waiting beyond the running batch; more get 429")
@@ -340,25 +423,47 @@ class ServeConfig(Strict):
     max_n: int = Field(8, ge=1, le=128, description="choices per completion request")
     max_stop: int = Field(4, ge=0, le=16, description="stop sequences per request")
     timeout_s: float = Field(60.0, gt=0.0, description="per-request deadline: 504, or an SSE error event")
-    read_timeout_s: float = Field(10.0, gt=0.0, description="a request's headers, then its body, must arrive within "
-                                  "this: else 408 (a slow client holds no connection and no drain)")
-    drain_timeout: float = Field(30.0, gt=0.0, description="SIGTERM: seconds the accepted requests get to finish "
-                                 "before the process exits (what is still running then is cut)")
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="a request's headers, then its body, must arrive within "
+        "this: else 408 (a slow client holds no connection and no drain)",
+    )
+    drain_timeout: float = Field(
+        30.0,
+        gt=0.0,
+        description="SIGTERM: seconds the accepted requests get to finish "
+        "before the process exits (what is still running then is cut)",
+    )
     log_text: bool = Field(False, description="log prompts and completions (off: only sizes and timings)")
-    public_docs: bool = Field(False, description="with API keys set, open /docs, /redoc and /openapi.json without "
-                              "a key (a browser cannot send one); the API routes still need a key")
-    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster "
-                                    "on a busy machine)")
-    verify_key: str | None = Field(None, description="an EC public key (PEM file): serve only a run whose model "
-                                   "folders match their `keel sign` signatures, checked before any weight is loaded")
+    public_docs: bool = Field(
+        False,
+        description="with API keys set, open /docs, /redoc and /openapi.json without "
+        "a key (a browser cannot send one); the API routes still need a key",
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads; default: torch's choice (1 is faster on a busy machine)"
+    )
+    verify_key: str | None = Field(
+        None,
+        description="an EC public key (PEM file): serve only a run whose model "
+        "folders match their `keel sign` signatures, checked before any weight is loaded",
+    )
+
+
 # -- generative models (issue 6): pretraining from scratch, supervised fine-tuning, alignment ------------------
+
 
 class PretrainConfig(Strict):
     """model.init: scratch: a byte-level BPE tokenizer trained on the training split, random weights of a preset."""
 
-    vocab_size: int = Field(4096, ge=260, le=262144, description="BPE vocabulary, including the 256 bytes and special tokens")
+    vocab_size: int = Field(
+        4096, ge=260, le=262144, description="BPE vocabulary, including the 256 bytes and special tokens"
+    )
     min_frequency: int = Field(2, ge=1, description="merges seen fewer times than this are not learned")
-    samples: int = Field(3, ge=0, le=32, description="sample generations from the test split's openings, for the report")
+    samples: int = Field(
+        3, ge=0, le=32, description="sample generations from the test split's openings, for the report"
+    )
     sample_tokens: int = Field(48, ge=1, le=1024, description="tokens generated per sample")
     compile: bool = Field(True, description="torch.compile the model when training on a CUDA GPU (ignored on CPU)")
 
@@ -370,9 +475,14 @@ class LoraConfig(Strict):
     alpha: float = Field(16.0, gt=0, description="scale of the update (alpha / r)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names to adapt, or all-linear")
-    layers: int | None = Field(None, ge=1, description="adapt only the top N transformer blocks (backward stops there: "
-                                                        "much faster on a CPU); null = all blocks")
+        "all-linear", description="module names to adapt, or all-linear"
+    )
+    layers: int | None = Field(
+        None,
+        ge=1,
+        description="adapt only the top N transformer blocks (backward stops there: "
+        "much faster on a CPU); null = all blocks",
+    )
 
 
 class SFTConfig(Strict):
@@ -386,25 +496,35 @@ class SFTConfig(Strict):
 class AlignConfig(Strict):
     """Alignment from preferences (`prompt`, `chosen`, `rejected`; or data.name: crows-pairs): reward model + DPO or RL."""
 
-    method: Literal["dpo", "grpo", "rloo"] = Field("dpo", description="DPO from the pairs, or RL (GRPO/RLOO) against the reward model")
+    method: Literal["dpo", "grpo", "rloo"] = Field(
+        "dpo", description="DPO from the pairs, or RL (GRPO/RLOO) against the reward model"
+    )
     beta: float = Field(0.1, gt=0.0, description="strength of the KL pull to the frozen reference model")
-    lora: LoraConfig | None = Field(LoraConfig(r=16, alpha=32.0), description="train the policy as a LoRA adapter (merged at the end); null = full")
+    lora: LoraConfig | None = Field(
+        LoraConfig(r=16, alpha=32.0), description="train the policy as a LoRA adapter (merged at the end); null = full"
+    )
     reward_steps: int = Field(60, ge=1, description="optimiser steps of reward-model training")
     reward_lr: float = Field(5e-5, gt=0.0, lt=1.0, description="learning rate of the reward model")
-    reward_layers: int | None = Field(None, ge=1, description="train only the reward model's top N blocks and its head; null = all")
+    reward_layers: int | None = Field(
+        None, ge=1, description="train only the reward model's top N blocks and its head; null = all"
+    )
     policy_steps: int = Field(30, ge=1, description="optimiser steps of DPO / RL")
     num_generations: int = Field(4, ge=2, description="RL: completions sampled per prompt")
     max_new_tokens: int = Field(16, ge=1, le=512, description="RL sampling and win-rate generations")
     eval_pairs: int | None = Field(None, ge=1, description="cap on held-out pairs scored before/after")
     win_rate_prompts: int = Field(32, ge=1, description="held-out prompts for the reward-model win rate")
     perplexity_blocks: int = Field(16, ge=0, description="held-out Shakespeare blocks for the alignment tax; 0 = skip")
+
+
 class FederatedConfig(Strict):
     """Federated learning with Flower (`keel federate`): sites, strategy, rounds, SecAgg+, DP, validation."""
 
     class Partition(Strict):
         """How the simulation splits the data into sites."""
 
-        kind: Literal["iid", "dirichlet", "column"] = Field("iid", description="how the simulation splits the data into sites")
+        kind: Literal["iid", "dirichlet", "column"] = Field(
+            "iid", description="how the simulation splits the data into sites"
+        )
         alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration for label skew (smaller = more skew)")
         column: str | None = Field(None, description="for kind=column: one site per value of this source column")
         seed: int = Field(0, description="seed of the partition")
@@ -412,7 +532,9 @@ class FederatedConfig(Strict):
     class Strategy(Strict):
         """How the server combines the sites' updates."""
 
-        name: Literal["fedavg", "fedprox", "fedadam", "krum", "trimmed-mean"] = Field("fedavg", description="aggregation rule")
+        name: Literal["fedavg", "fedprox", "fedadam", "krum", "trimmed-mean"] = Field(
+            "fedavg", description="aggregation rule"
+        )
         proximal_mu: float = Field(0.01, ge=0.0, description="FedProx proximal term")
         server_lr: float = Field(0.01, gt=0.0, description="FedAdam server learning rate (eta)")
         num_malicious: int = Field(0, ge=0, description="Krum: poisoned sites to tolerate")
@@ -430,8 +552,12 @@ class FederatedConfig(Strict):
     class DP(Strict):
         """Client-level differential privacy (each site's whole data is the unit)."""
 
-        mode: Literal["none", "central", "local"] = Field("none", description="central: clip at the site, noise at the server")
-        epsilon: float | None = Field(None, gt=0.0, description="privacy budget; the noise is calibrated to it and enforced")
+        mode: Literal["none", "central", "local"] = Field(
+            "none", description="central: clip at the site, noise at the server"
+        )
+        epsilon: float | None = Field(
+            None, gt=0.0, description="privacy budget; the noise is calibrated to it and enforced"
+        )
         delta: float | None = Field(None, gt=0.0, lt=1.0, description="default 1/(10 * sites)")
         clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound on each site's update")
         noise_multiplier: float | None = Field(None, ge=0.0, description="set it instead of epsilon (central mode)")
@@ -454,7 +580,9 @@ class FederatedConfig(Strict):
     local_steps: int | None = Field(None, ge=1, description="cap on local optimiser steps per round")
     local_optimizer: Literal["adamw", "sgd"] = Field("adamw", description="the sites' optimiser")
     local_lr: float | None = Field(None, gt=0.0, lt=1.0, description="default: train.lr")
-    min_completion: float = Field(0.5, gt=0.0, le=1.0, description="a round needs this share of its sampled sites, else it is skipped")
+    min_completion: float = Field(
+        0.5, gt=0.0, le=1.0, description="a round needs this share of its sampled sites, else it is skipped"
+    )
     max_update_norm: float | None = Field(None, gt=0.0, description="updates with a larger L2 norm are rejected")
     partition: Partition = Partition()
     strategy: Strategy = Strategy()
@@ -462,7 +590,9 @@ class FederatedConfig(Strict):
     dp: DP = DP()
     server: Server = Server()
     num_cpus: int = Field(2, ge=1, description="CPUs the simulation may use (Ray)")
-    cpus_per_site: float = Field(1.0, gt=0.0, description="CPUs each simulated site takes (sites run in parallel up to num_cpus / this)")
+    cpus_per_site: float = Field(
+        1.0, gt=0.0, description="CPUs each simulated site takes (sites run in parallel up to num_cpus / this)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> FederatedConfig:
@@ -476,8 +606,10 @@ class FederatedConfig(Strict):
             raise ValueError("dp.mode=central needs dp.epsilon (a budget) or dp.noise_multiplier")
         for key in ("min_available_clients", "min_fit_clients"):
             if getattr(self, key) > self.sites:
-                raise ValueError(f"{key}={getattr(self, key)} is more than sites={self.sites}: the rounds would wait "
-                                 f"for sites that do not exist; lower it or raise federated.sites")
+                raise ValueError(
+                    f"{key}={getattr(self, key)} is more than sites={self.sites}: the rounds would wait "
+                    f"for sites that do not exist; lower it or raise federated.sites"
+                )
         self._dp_accountable()
         return self
 
@@ -487,20 +619,30 @@ class FederatedConfig(Strict):
         if dp.mode == "none":
             return
         if dp.delta is not None and dp.delta >= 1.0 / self.sites:
-            raise ValueError(f"dp.delta={dp.delta:g} is not below 1/sites={1 / self.sites:g}; a delta that large allows "
-                             f"naming a site outright: lower it (default 1/(10*sites))")
+            raise ValueError(
+                f"dp.delta={dp.delta:g} is not below 1/sites={1 / self.sites:g}; a delta that large allows "
+                f"naming a site outright: lower it (default 1/(10*sites))"
+            )
         if dp.noise_multiplier is not None and dp.mode == "local":
-            raise ValueError("dp.noise_multiplier is for dp.mode=central; local DP calibrates each site's noise to "
-                             "dp.epsilon")
+            raise ValueError(
+                "dp.noise_multiplier is for dp.mode=central; local DP calibrates each site's noise to dp.epsilon"
+            )
         if dp.noise_multiplier == 0:
-            raise ValueError("dp.noise_multiplier=0 adds no noise (clipping alone is not DP); set it above 0 or set "
-                             "dp.epsilon instead")
+            raise ValueError(
+                "dp.noise_multiplier=0 adds no noise (clipping alone is not DP); set it above 0 or set "
+                "dp.epsilon instead"
+            )
         if dp.mode == "central" and self.strategy.name in ("krum", "trimmed-mean"):
-            why = ("Krum returns one site's update" if self.strategy.name == "krum" else
-                   "the trimmed mean cuts each coordinate by the other sites' values")
-            raise ValueError(f"strategy.name={self.strategy.name} with dp.mode=central: {why}, so one site can move "
-                             f"the result by more than clipping_norm/m and keel cannot calibrate the noise; use "
-                             f"strategy.name fedavg, fedprox or fedadam, or dp.mode=local (sites add their own noise)")
+            why = (
+                "Krum returns one site's update"
+                if self.strategy.name == "krum"
+                else "the trimmed mean cuts each coordinate by the other sites' values"
+            )
+            raise ValueError(
+                f"strategy.name={self.strategy.name} with dp.mode=central: {why}, so one site can move "
+                f"the result by more than clipping_norm/m and keel cannot calibrate the noise; use "
+                f"strategy.name fedavg, fedprox or fedadam, or dp.mode=local (sites add their own noise)"
+            )
 
 
 class Recipe(Strict):
@@ -523,14 +665,18 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Recipe:
         if self.task == "causal-lm" and self.train.metric in ("accuracy", "macro_f1"):
-            raise ValueError(f"train.metric '{self.train.metric}' is for classification; use train.metric=loss for causal-lm")
+            raise ValueError(
+                f"train.metric '{self.train.metric}' is for classification; use train.metric=loss for causal-lm"
+            )
         if (self.model.init == "scratch" or self.sft or self.align) and self.task != "causal-lm":
             raise ValueError("model.init: scratch, sft and align are for causal language models; set task: causal-lm")
         if self.sft and self.align:
             raise ValueError("a recipe has either an sft or an align section, not both; run them as two recipes")
         if self.federated is not None and self.task != "classification":
-            raise ValueError(f"keel federate trains classifiers; remove the federated: section from this {self.task} "
-                             "recipe, or set task: classification")
+            raise ValueError(
+                f"keel federate trains classifiers; remove the federated: section from this {self.task} "
+                "recipe, or set task: classification"
+            )
         self._compress_fits()
         self._audit_fits()
         return self
@@ -538,8 +684,10 @@ class Recipe(Strict):
     def _compress_fits(self) -> None:
         c = self.compress
         if c is not None and self.train.privacy is not None and (c.distill is not None or c.prune is not None):
-            raise ValueError("training stages after a differentially private run would spend privacy outside its "
-                             "accountant; compress a DP model by quantization only (unset compress.distill/prune)")
+            raise ValueError(
+                "training stages after a differentially private run would spend privacy outside its "
+                "accountant; compress a DP model by quantization only (unset compress.distill/prune)"
+            )
 
     def _audit_fits(self) -> None:
         a = self.audit
@@ -550,10 +698,16 @@ class Recipe(Strict):
         f = a.fairness
         if f is not None and getattr(self.data.split, f.split) == 0:
             raise ValueError(f"audit.fairness needs a non-empty {f.split} split; set data.split.{f.split} above 0")
-        if f is not None and f.positive_label is not None and self.data.labels is not None \
-                and f.positive_label not in map(str, self.data.labels):
-            raise ValueError(f"audit.fairness.positive_label '{f.positive_label}' is not in data.labels "
-                             f"({', '.join(map(str, self.data.labels))}); pick one of them")
+        if (
+            f is not None
+            and f.positive_label is not None
+            and self.data.labels is not None
+            and f.positive_label not in map(str, self.data.labels)
+        ):
+            raise ValueError(
+                f"audit.fairness.positive_label '{f.positive_label}' is not in data.labels "
+                f"({', '.join(map(str, self.data.labels))}); pick one of them"
+            )
 
     @property
     def selection_metric(self) -> str:
@@ -593,8 +747,14 @@ def resolve_recipe_path(spec: str | Path) -> Path:
 # compose files), so a recipe beside its data runs from anywhere; one given as a key.path=value override, or in a
 # built-in recipe, is relative to the working directory. Every one is made absolute before validation, so the run's
 # recipe.yaml stands alone.
-PATH_FIELDS = ("data.path", "output.dir", "audit.fairness.baseline_run", "federated.server.root_certificate",
-               "federated.server.certificate", "federated.server.private_key")
+PATH_FIELDS = (
+    "data.path",
+    "output.dir",
+    "audit.fairness.baseline_run",
+    "federated.server.root_certificate",
+    "federated.server.certificate",
+    "federated.server.private_key",
+)
 # A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
 MODEL_FIELDS = ("model.name", "compress.distill.student")
 
@@ -635,7 +795,9 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model, data, train, ...), got {type(raw).__name__}")
+        raise RecipeError(
+            f"{path}: a recipe is a YAML mapping of sections (model, data, train, ...), got {type(raw).__name__}"
+        )
     if path.resolve().parent != BUILTIN_RECIPES.resolve():
         resolve_paths(raw, path.resolve().parent)
     for item in overrides or []:
@@ -693,7 +855,9 @@ def _describe(err: dict) -> str:
         parent, key = err["loc"][:-1], str(err["loc"][-1])
         known = _fields_at(parent)
         close = difflib.get_close_matches(key, known, n=1)
-        hint = f"did you mean '{'.'.join([*map(str, parent), close[0]])}'?" if close else f"known keys: {', '.join(known)}"
+        hint = (
+            f"did you mean '{'.'.join([*map(str, parent), close[0]])}'?" if close else f"known keys: {', '.join(known)}"
+        )
         return f"unknown key '{loc}'; {hint}"
     if kind == "missing":
         return f"{loc} is required; add it to the recipe"

@@ -69,8 +69,15 @@ def fields(model: type[BaseModel], prefix: str = "") -> list[dict]:
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         sub = _submodel(field.annotation)
-        rows.append({"path": path, "type": type_name(field.annotation), "default": _default(field),
-                     "description": _describe(field), "section": sub is not None})
+        rows.append(
+            {
+                "path": path,
+                "type": type_name(field.annotation),
+                "default": _default(field),
+                "description": _describe(field),
+                "section": sub is not None,
+            }
+        )
         if sub is not None:
             rows.extend(fields(sub, f"{path}."))
     return rows
@@ -109,7 +116,9 @@ def init_recipe(name: str, folder: Path) -> Path:
         raise RecipeError(f"'{name}' is not a built-in recipe; {hint}built-in recipes: {', '.join(builtins)}")
     target = folder / f"{name}.yaml"
     if target.exists():
-        raise RecipeError(f"{target} already exists; keel init never overwrites a file: remove or rename it, or edit it")
+        raise RecipeError(
+            f"{target} already exists; keel init never overwrites a file: remove or rename it, or edit it"
+        )
     text = INIT_HEADER.format(name=name, file=target.name) + builtins[name].read_text(encoding="utf-8")
     tmp = folder / f".{target.name}.tmp-{os.getpid()}"
     try:

@@ -50,6 +50,7 @@ STAGES = ("student", "pruned")  # the compression stages, in order; the teacher 
 
 # -- layout --------------------------------------------------------------------------------------------
 
+
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
     return Path(run_dir) if stage == "teacher" else Path(run_dir) / "compress" / stage
 
@@ -85,9 +86,11 @@ def variant_location(run_dir: str | Path, variant: str) -> tuple[Path, str]:
         return Path(run_dir), variant
     stage, _, backend = variant.partition("-")
     if stage not in ("teacher", *STAGES) or not backend:
-        raise KeelError(f"--backend must be one of torch, onnx, onnx-int8, onnx-static-int8, torchao-weight-only, "
-                        f"torchao-dynamic, or a variant <stage>-<backend> with stage teacher, student or pruned "
-                        f"(see `keel bench`); got {variant!r}")
+        raise KeelError(
+            f"--backend must be one of torch, onnx, onnx-int8, onnx-static-int8, torchao-weight-only, "
+            f"torchao-dynamic, or a variant <stage>-<backend> with stage teacher, student or pruned "
+            f"(see `keel bench`); got {variant!r}"
+        )
     return stage_dir(run_dir, stage), backend
 
 
@@ -124,6 +127,7 @@ def serve_variant(run_dir: str | Path, backend: str = "auto") -> str:
 
 # -- lifecycle -----------------------------------------------------------------------------------------
 
+
 def resolve(recipe: Recipe, resume: bool) -> Path:
     """Fresh runs never overwrite: runs/<name> or the first free runs/<name>-N. Resume takes the one the recipe
     started last (recorded in runs/.<name>.latest; a folder's mtime moves whenever `keel report` or `keel eval`
@@ -156,11 +160,14 @@ def latest_run(name: str, base: Path) -> Path:
             return recorded
     except OSError:
         pass
-    existing = [p for p in [base, *base.parent.glob(f"{name}-*")]
-                if p.is_dir() and (p == base or p.name[len(name) + 1:].isdigit())]
+    existing = [
+        p
+        for p in [base, *base.parent.glob(f"{name}-*")]
+        if p.is_dir() and (p == base or p.name[len(name) + 1 :].isdigit())
+    ]
 
     def started(p: Path):
-        return str(read_json(p / "run.json").get("started", "")), 1 if p == base else int(p.name[len(name) + 1:])
+        return str(read_json(p / "run.json").get("started", "")), 1 if p == base else int(p.name[len(name) + 1 :])
 
     return max(existing, key=started) if existing else base
 
@@ -171,10 +178,20 @@ def start(recipe: Recipe, run_dir: Path, resume: bool) -> None:
         return
     if not resume and not recipe.output.dir:  # what `--resume` continues (see resolve)
         atomic_write_text(run_dir.parent / f".{recipe.name}.latest", run_dir.name + "\n")
-    atomic_write_text(run_dir / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml())
+    atomic_write_text(
+        run_dir / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml()
+    )
     info = read_json(run_dir / "run.json")
-    info.update({"recipe_sha256": recipe.sha256(), "keel_version": __version__, "name": recipe.name, "task": recipe.task,
-                 "status": "running", "resumed": resume or info.get("resumed", False)})
+    info.update(
+        {
+            "recipe_sha256": recipe.sha256(),
+            "keel_version": __version__,
+            "name": recipe.name,
+            "task": recipe.task,
+            "status": "running",
+            "resumed": resume or info.get("resumed", False),
+        }
+    )
     info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     atomic_write_json(run_dir / "run.json", info)
 

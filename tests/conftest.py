@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 os.environ.update(OFFLINE)
 
 
@@ -39,14 +44,20 @@ def pytest_runtest_setup(item) -> None:
     _running_slow_test = item.get_closest_marker("slow") is not None
 
 
-def keel(*args: str, cwd: Path, check: bool = False, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def keel(
+    *args: str, cwd: Path, check: bool = False, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m keel ARGS` as a user would, in ``cwd``."""
     if not _running_slow_test:
-        pytest.fail("this test runs `keel` in a subprocess: mark it slow (pytestmark = pytest.mark.slow, or "
-                    "@pytest.mark.slow) so that `make test-fast` skips it", pytrace=False)
+        pytest.fail(
+            "this test runs `keel` in a subprocess: mark it slow (pytestmark = pytest.mark.slow, or "
+            "@pytest.mark.slow) so that `make test-fast` skips it",
+            pytrace=False,
+        )
     full_env = {**os.environ, **OFFLINE, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"keel {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -103,6 +114,7 @@ def tiny_recipe(tmp_path, toy_csv):
 
 # -- tiny models for the serving tests, shared by test_serve_batching and test_serve_generation_faults --------
 
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on a busy 2-core machine, OpenMP barriers make a tiny model's steps 10x slower."""
@@ -125,9 +137,17 @@ def tiny_lm():
     from keel.models.registry import model_dir
 
     tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-                         tie_word_embeddings=False, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()

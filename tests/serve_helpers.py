@@ -20,8 +20,9 @@ class Server:
         full_env = {**os.environ, **OFFLINE}
         full_env.pop("KEEL_API_KEYS", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                                     cwd=cwd)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=cwd
+        )
         self.lines: list[str] = []
         self.url = None
         end = time.time() + 180

@@ -128,9 +128,11 @@ def test_the_three_override_forms_are_one(tiny_recipe):
 
     path = tiny_recipe()
     cli = load_recipe(path, ["train.epochs=1", "data.split.seed=3", "train.lr=1e-4"])
-    forms = [api.load_recipe(path, train__epochs=1, data__split__seed=3, train__lr=1e-4),
-             api.load_recipe(path, {"train.epochs": 1, "data.split.seed": 3, "train.lr": 1e-4}),
-             api.load_recipe(path, ["train.epochs=1", "data.split.seed=3"], train__lr=1e-4)]
+    forms = [
+        api.load_recipe(path, train__epochs=1, data__split__seed=3, train__lr=1e-4),
+        api.load_recipe(path, {"train.epochs": 1, "data.split.seed": 3, "train.lr": 1e-4}),
+        api.load_recipe(path, ["train.epochs=1", "data.split.seed=3"], train__lr=1e-4),
+    ]
     assert {r.sha256() for r in forms} == {cli.sha256()}
     # Python values are kept as they are: the string "no" (YAML would read the CLI's output.dir=no as False)
     assert Path(api.load_recipe(path, output__dir="no").output.dir) == Path.cwd() / "no"  # relative: to the cwd
@@ -171,9 +173,14 @@ def test_run_misuse_is_a_keel_error(examples, tmp_path):
         run.serve(host="0.0.0.0", port=0)
 
 
-LM = {"name": "lm", "task": "causal-lm", "model": {"name": "tiny-llama", "max_length": 32},
-      "data": {"split": {"validation": 0.2, "test": 0.2, "seed": 0}, "max_train_samples": 16},
-      "train": {"epochs": 1, "batch_size": 8, "lr": 3.0e-3, "warmup_ratio": 0.0}, "pretrain": {"samples": 0}}
+LM = {
+    "name": "lm",
+    "task": "causal-lm",
+    "model": {"name": "tiny-llama", "max_length": 32},
+    "data": {"split": {"validation": 0.2, "test": 0.2, "seed": 0}, "max_train_samples": 16},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 3.0e-3, "warmup_ratio": 0.0},
+    "pretrain": {"samples": 0},
+}
 
 
 def test_a_causal_lm_run_generates_as_transformers_does(tmp_path, monkeypatch):
@@ -194,16 +201,19 @@ def test_a_causal_lm_run_generates_as_transformers_does(tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]  # (1, T)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-    assert ours == [tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)]
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    assert ours == [tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)]
     with pytest.raises(api.KeelError, match="keel predict works on classification runs"):
         run.predict(["x"])
 
 
 def test_import_keel_loads_neither_torch_nor_transformers():
-    code = ("import sys, keel; r = keel.load_recipe('tiny', train__epochs=1); assert r.train.epochs == 1; "
-            "assert callable(keel.run) and keel.Run.__name__ == 'Run'; keel.validate(r); "
-            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    code = (
+        "import sys, keel; r = keel.load_recipe('tiny', train__epochs=1); assert r.train.epochs == 1; "
+        "assert callable(keel.run) and keel.Run.__name__ == 'Run'; keel.validate(r); "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert proc.stdout.strip() == "[]"

@@ -18,8 +18,15 @@ def test_quick_mode_runs_both_loops_and_writes_the_table(tmp_path):
     out = tmp_path / "result.json"
     root = str(SCRIPT.parents[1])
     env = {**os.environ, **OFFLINE, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], check=False, cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["quick"] and "model.name=tiny-bert" in doc["overrides"]

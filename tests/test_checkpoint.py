@@ -54,8 +54,14 @@ def test_no_pickle_in_a_checkpoint(tmp_path):
     m, opt, sched = tiny_model()
     path = save(tmp_path, m, opt, sched)
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["manifest.json", "model.safetensors", "optimizer.safetensors", "recipe.yaml",
-                     "rng-rank0.safetensors", "state.json"]
+    assert names == [
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "recipe.yaml",
+        "rng-rank0.safetensors",
+        "state.json",
+    ]
     manifest = json.loads((path / "manifest.json").read_text())
     assert set(manifest["files"]) == set(names) - {"manifest.json"}
 

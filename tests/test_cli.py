@@ -24,9 +24,20 @@ def finished_run(tmp_path_factory):
 
 def test_run_writes_the_run_directory(finished_run):
     work, run_dir, proc = finished_run
-    for rel in ["recipe.yaml", "run.json", "metrics.jsonl", "train.json", "report.html", "eval/test.json",
-                "model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/keel.json",
-                "model/manifest.json", "checkpoints/best/model.safetensors"]:
+    for rel in [
+        "recipe.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "train.json",
+        "report.html",
+        "eval/test.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "model/keel.json",
+        "model/manifest.json",
+        "checkpoints/best/model.safetensors",
+    ]:
         assert (run_dir / rel).is_file(), rel
     assert list(run_dir.glob("checkpoints/step-*/manifest.json"))
     assert not list(run_dir.rglob("*.bin")) and not list(run_dir.rglob("*.pt")) and not list(run_dir.rglob("*.pkl"))
@@ -64,7 +75,7 @@ def test_the_hint_text_is_one_shell_word_whatever_the_text(tmp_path):
     from keel.data.load import RawSplits
     from keel.data.splits import freeze
 
-    nasty = "it's \"[bold]great[/]\" $(rm -rf ~) `id`\nsecond line\x1b[31m and a long tail of words to cut here"
+    nasty = 'it\'s "[bold]great[/]" $(rm -rf ~) `id`\nsecond line\x1b[31m and a long tail of words to cut here'
     frame = pd.DataFrame({"text": [nasty], "label": ["pos"]})
     freeze(tmp_path, RawSplits(frame, frame, frame, ["pos"], "x.csv", "0" * 64))
     quoted = _example_text(tmp_path)
@@ -95,16 +106,34 @@ def test_report_has_plots_and_baseline(finished_run):
 
 def test_predict_and_eval(finished_run, tmp_path):
     work, run_dir, _ = finished_run
-    proc = keel("predict", str(run_dir), "the car was great number 5", "the bus was awful number 8", "--json", cwd=work, check=True)
+    proc = keel(
+        "predict",
+        str(run_dir),
+        "the car was great number 5",
+        "the bus was awful number 8",
+        "--json",
+        cwd=work,
+        check=True,
+    )
     rows = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [r["label"] for r in rows] == ["pos", "neg"]
     assert all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in rows)
-    piped = subprocess.run([sys.executable, "-m", "keel", "predict", str(run_dir), "-", "--json"], cwd=work, text=True,
-                           input="the car was great number 5\n\nthe bus was awful number 8\n", capture_output=True, check=True)
+    piped = subprocess.run(
+        [sys.executable, "-m", "keel", "predict", str(run_dir), "-", "--json"],
+        cwd=work,
+        text=True,
+        input="the car was great number 5\n\nthe bus was awful number 8\n",
+        capture_output=True,
+        check=True,
+    )
     assert [json.loads(x)["label"] for x in piped.stdout.splitlines()] == ["pos", "neg"]
     other = tmp_path / "more.jsonl"
-    other.write_text("\n".join(json.dumps({"text": f"my trip was {w} number {i}", "label": lab})
-                               for i, (w, lab) in enumerate([("lovely", "pos"), ("sad", "neg"), ("happy", "pos"), ("broken", "neg")])))
+    other.write_text(
+        "\n".join(
+            json.dumps({"text": f"my trip was {w} number {i}", "label": lab})
+            for i, (w, lab) in enumerate([("lovely", "pos"), ("sad", "neg"), ("happy", "pos"), ("broken", "neg")])
+        )
+    )
     proc = keel("eval", str(run_dir), "--data", str(other), "--json", cwd=work, check=True)
     result = json.loads(proc.stdout)
     assert result["n"] == 4 and result["accuracy"] >= 0.75
@@ -117,8 +146,19 @@ def test_predict_and_eval(finished_run, tmp_path):
     renamed.write_text("review,sentiment\nthe taxi was excellent number 3,pos\nthe road was horrible number 4,neg\n")
     proc = keel("eval", str(run_dir), "--data", str(renamed), cwd=work)
     assert proc.returncode == 2 and "pass --text-column" in proc.stderr
-    proc = keel("eval", str(run_dir), "--data", str(renamed), "--text-column", "review", "--label-column", "sentiment",
-                "--json", cwd=work, check=True)
+    proc = keel(
+        "eval",
+        str(run_dir),
+        "--data",
+        str(renamed),
+        "--text-column",
+        "review",
+        "--label-column",
+        "sentiment",
+        "--json",
+        cwd=work,
+        check=True,
+    )
     assert json.loads(proc.stdout)["n"] == 2
 
 
@@ -150,7 +190,16 @@ def test_flipped_byte_in_final_model_is_refused(finished_run, tmp_path):
 
 def test_ls_and_help(tmp_path):
     proc = keel("ls", cwd=tmp_path, check=True)
-    for name in ["minilm-l6", "smollm2-135m", "tiny-bert", "tweets-sentiment", "crows-pairs", "bbq", "shakespeare", "quickstart"]:
+    for name in [
+        "minilm-l6",
+        "smollm2-135m",
+        "tiny-bert",
+        "tweets-sentiment",
+        "crows-pairs",
+        "bbq",
+        "shakespeare",
+        "quickstart",
+    ]:
         assert name in proc.stdout
     for verb in ["run", "validate", "train", "eval", "predict", "ls", "quickstart", "report"]:
         assert keel(verb, "--help", cwd=tmp_path).returncode == 0
@@ -165,12 +214,24 @@ BAD = [
     ("unknown recipe key", "data: {path: toy.csv}\ntrian: {}\n", [], "unknown key 'trian'"),
     ("wrong type", "data: {path: toy.csv}\n", ["train.batch_size=big"], "train.batch_size"),
     ("unknown model", "data: {path: toy.csv}\nmodel: {name: gpt-17}\n", [], "model.name: 'gpt-17'"),
-    ("fp16 on CPU", "data: {path: toy.csv}\nmodel: {name: tiny-bert}\n", ["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
+    (
+        "fp16 on CPU",
+        "data: {path: toy.csv}\nmodel: {name: tiny-bert}\n",
+        ["train.mixed_precision=fp16"],
+        "fp16 needs a CUDA GPU",
+    ),
 ]
 
-CAUGHT_BEFORE_THE_RUN = {"missing data file", "unknown column", "empty data set", "unseen label", "malformed YAML",
-                         "unknown recipe key", "wrong type",
-                         "unknown model"}
+CAUGHT_BEFORE_THE_RUN = {
+    "missing data file",
+    "unknown column",
+    "empty data set",
+    "unseen label",
+    "malformed YAML",
+    "unknown recipe key",
+    "wrong type",
+    "unknown model",
+}
 
 
 @pytest.mark.parametrize("case, recipe, overrides, message", BAD, ids=[b[0] for b in BAD])
@@ -199,8 +260,15 @@ def test_resume_without_a_run_is_a_clear_error(tmp_path, tiny_recipe):
 
 def test_a_local_model_folder_works_as_model_name(finished_run):
     work, run_dir, _ = finished_run
-    proc = keel("train", "tiny.yaml", f"model.name={run_dir / 'model'}", "train.epochs=1", "output.dir=runs/from-folder",
-                cwd=work, check=True)
+    proc = keel(
+        "train",
+        "tiny.yaml",
+        f"model.name={run_dir / 'model'}",
+        "train.epochs=1",
+        "output.dir=runs/from-folder",
+        cwd=work,
+        check=True,
+    )
     assert (work / "runs/from-folder/model/model.safetensors").is_file(), proc.stderr
 
 
@@ -230,13 +298,21 @@ def test_resume_continues_the_run_the_recipe_started_last(tmp_path, tiny_recipe)
 
 def test_sft_lora_without_merge_ends_with_exit_0(tmp_path):
     """sft.merge: false leaves adapter/ and no model/; the run still ends as a success."""
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
-                          {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(20)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus one?"},
+                {"role": "assistant", "content": f"It is {i + 1}."},
+            ]
+        }
+        for i in range(20)
+    ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "sft.yaml").write_text(
         "name: sft\ntask: causal-lm\nmodel: {name: tiny-llama, max_length: 64}\n"
         "data: {path: chats.jsonl, split: {validation: 0.0, test: 0.2, seed: 0}}\n"
-        "sft: {method: lora, merge: false, lora: {r: 4, alpha: 8.0}}\ntrain: {epochs: 1, batch_size: 8, lr: 1.0e-2}\n")
+        "sft: {method: lora, merge: false, lora: {r: 4, alpha: 8.0}}\ntrain: {epochs: 1, batch_size: 8, lr: 1.0e-2}\n"
+    )
     proc = keel("run", "sft.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "runs" / "sft"
@@ -253,7 +329,9 @@ def test_a_report_section_that_fails_says_so(finished_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "bench.json").write_text(json.dumps({"variants": [{"variant": "torch"}]}))  # no figures: a KeyError
-    shutil.rmtree(copy / "splits", ignore_errors=True)  # and the data section cannot show its splits (the source is unrecorded)
+    shutil.rmtree(
+        copy / "splits", ignore_errors=True
+    )  # and the data section cannot show its splits (the source is unrecorded)
     (copy / "data_summary.json").unlink(missing_ok=True)
     (copy / "train.json").write_text("{}")
     proc = keel("report", str(copy), cwd=tmp_path)

@@ -27,7 +27,7 @@ def _ids(n=4, t=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 3000, (n, t), generator=g)
     mask = torch.ones_like(ids)
-    mask[0, t // 2:] = 0  # one padded row
+    mask[0, t // 2 :] = 0  # one padded row
     return ids, mask
 
 
@@ -50,7 +50,9 @@ def test_student_keeps_the_chosen_layers_and_is_smaller(tiny):
         pick_layers(2, 2)
     student = student_from_teacher(tiny, [1])
     assert student.config.num_hidden_layers == 1
-    assert torch.equal(student.bert.encoder.layer[0].output.dense.weight, tiny.bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(
+        student.bert.encoder.layer[0].output.dense.weight, tiny.bert.encoder.layer[1].output.dense.weight
+    )
     ids, mask = _ids()
     student(input_ids=ids, attention_mask=mask)  # runs
 
@@ -106,19 +108,25 @@ def test_vocabulary_trimming_maps_unseen_tokens_to_unknown(tiny, tmp_path):
     unk = 100
     info = P.trim_vocabulary(m, seen, unk)
     assert info["tokens_kept"] == len(seen | {unk})
-    before, after = tiny(input_ids=ids[1:], attention_mask=mask[1:]).logits, m(input_ids=ids[1:], attention_mask=mask[1:]).logits
+    before, after = (
+        tiny(input_ids=ids[1:], attention_mask=mask[1:]).logits,
+        m(input_ids=ids[1:], attention_mask=mask[1:]).logits,
+    )
     torch.testing.assert_close(after, before)  # seen tokens: nothing changes
     unseen = [i for i in ids[0].tolist() if i not in seen]
     swapped = ids[:1].clone()
     swapped[0, [ids[0].tolist().index(i) for i in unseen]] = unk
-    torch.testing.assert_close(m(input_ids=ids[:1], attention_mask=mask[:1]).logits,
-                               tiny(input_ids=swapped, attention_mask=mask[:1]).logits)
+    torch.testing.assert_close(
+        m(input_ids=ids[:1], attention_mask=mask[:1]).logits, tiny(input_ids=swapped, attention_mask=mask[:1]).logits
+    )
     m.save_pretrained(tmp_path)
     (tmp_path / "keel.json").write_text(json.dumps({"resized": True}))
     from transformers import AutoModelForSequenceClassification
 
     loaded = P.load_resized(AutoModelForSequenceClassification, tmp_path)
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, m(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).logits, m(input_ids=ids, attention_mask=mask).logits
+    )
 
 
 def test_torchao_int8_keeps_logits(tiny):
@@ -138,19 +146,32 @@ def test_torchao_int8_keeps_logits(tiny):
 
 
 def _row(variant, acc, p50, mb, thr=100.0, base_acc=0.80):
-    return {"variant": variant, "accuracy": acc, "p50_ms_batch1": p50, "disk_mb": mb, "throughput_batch32": thr,
-            "accuracy_drop_points": (base_acc - acc) * 100}
+    return {
+        "variant": variant,
+        "accuracy": acc,
+        "p50_ms_batch1": p50,
+        "disk_mb": mb,
+        "throughput_batch32": thr,
+        "accuracy_drop_points": (base_acc - acc) * 100,
+    }
 
 
 def test_budget_picks_the_right_variant_on_fabricated_measurements(tmp_path, monkeypatch):
     from keel.compress import budget as Bu
 
     scored = []  # the test split: the chosen variant alone, once
-    monkeypatch.setattr(Bu, "test_figures", lambda run_dir, v: scored.append(v) or {"accuracy": 0.7, "n": 9,
-                                                                                    "accuracy_drop_points": 1.5})
-    rows = [_row("hf-pipeline", 0.80, 15.0, 90.0), _row("teacher-torch", 0.80, 12.0, 90.0),
-            _row("student-onnx-int8", 0.795, 3.0, 12.0), _row("pruned-onnx-int8", 0.785, 2.0, 6.0),
-            _row("pruned-onnx", 0.80, 2.5, 20.0, thr=900.0)]
+    monkeypatch.setattr(
+        Bu,
+        "test_figures",
+        lambda run_dir, v: scored.append(v) or {"accuracy": 0.7, "n": 9, "accuracy_drop_points": 1.5},
+    )
+    rows = [
+        _row("hf-pipeline", 0.80, 15.0, 90.0),
+        _row("teacher-torch", 0.80, 12.0, 90.0),
+        _row("student-onnx-int8", 0.795, 3.0, 12.0),
+        _row("pruned-onnx-int8", 0.785, 2.0, 6.0),
+        _row("pruned-onnx", 0.80, 2.5, 20.0, thr=900.0),
+    ]
     chosen, why = select(rows, BudgetConfig(max_accuracy_drop=1.0))
     assert chosen["variant"] == "pruned-onnx"  # pruned-onnx-int8 is faster but lost 1.5 points
     assert "accuracy drop 1.50 > 1 points" in why["pruned-onnx-int8"][0]
@@ -182,9 +203,17 @@ def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
         calls.append(variant)
         f = slow_spell.get((variant, k), 1.0)
         p50, thr = {"hf-pipeline": (20.0, 80.0), "pruned-onnx-int8": (2.5, 640.0)}[variant]
-        return {"variant": variant, "accuracy": 0.74, "macro_f1": 0.7, "disk_mb": 90.0 if variant == "hf-pipeline" else 9.0,
-                "p50_ms_batch1": p50 * f, "p95_ms_batch1": 2 * p50 * f, "throughput_batch32": thr / f,
-                "throughput_sorted_batch32": 1.5 * thr / f, "peak_rss_mb": 500.0}
+        return {
+            "variant": variant,
+            "accuracy": 0.74,
+            "macro_f1": 0.7,
+            "disk_mb": 90.0 if variant == "hf-pipeline" else 9.0,
+            "p50_ms_batch1": p50 * f,
+            "p95_ms_batch1": 2 * p50 * f,
+            "throughput_batch32": thr / f,
+            "throughput_sorted_batch32": 1.5 * thr / f,
+            "peak_rss_mb": 500.0,
+        }
 
     monkeypatch.setattr(B, "_measure", measure)
     result = B.bench(tmp_path, variants=["pruned-onnx-int8"], rounds=2)
@@ -249,8 +278,16 @@ def test_keel_run_compresses_exports_and_names_the_deployable_model(compressed_r
 @pytest.mark.slow
 def test_unstructured_zeros_survive_finetuning_and_reload(compressed_run):
     run, _ = compressed_run
-    keel("prune", str(run), "compress.prune.heads=0", "compress.prune.ffn=0", "compress.prune.vocab=false",
-         "compress.prune.sparsity=0.5", "compress.prune.finetune_epochs=1", cwd=run.parent.parent)
+    keel(
+        "prune",
+        str(run),
+        "compress.prune.heads=0",
+        "compress.prune.ffn=0",
+        "compress.prune.vocab=false",
+        "compress.prune.sparsity=0.5",
+        "compress.prune.finetune_epochs=1",
+        cwd=run.parent.parent,
+    )
     from keel.evaluate import load_trained
 
     model = load_trained(run / "compress" / "pruned").model
@@ -261,9 +298,17 @@ def test_unstructured_zeros_survive_finetuning_and_reload(compressed_run):
 def test_a_budget_no_variant_meets_fails_with_exit_3(compressed_run):
     run, _ = compressed_run
     # no new stages and the fewest exports: the point is the verdict, not the variants
-    proc = keel("compress", str(run), "compress.distill=null", "compress.prune=null", "compress.budget.max_latency_ms=0.0001",
-                "compress.quantize.onnx_static_int8=false", "compress.quantize.teacher=false",
-                cwd=run.parent.parent, check=False)
+    proc = keel(
+        "compress",
+        str(run),
+        "compress.distill=null",
+        "compress.prune=null",
+        "compress.budget.max_latency_ms=0.0001",
+        "compress.quantize.onnx_static_int8=false",
+        "compress.quantize.teacher=false",
+        cwd=run.parent.parent,
+        check=False,
+    )
     assert proc.returncode == 3
     assert "no compressed variant is within compress.budget" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
@@ -275,8 +320,15 @@ def test_bad_compression_input_gets_a_clear_error(compressed_run):
     cwd = run.parent.parent
     bigger = keel("distill", str(run), "compress.distill.student=minilm-l6", cwd=cwd, check=False)
     assert bigger.returncode == 2 and "not fewer than the teacher" in bigger.stderr + bigger.stdout
-    nothing = keel("prune", str(run), "compress.prune.ffn=0", "compress.prune.heads=0", "compress.prune.vocab=false",
-                   cwd=cwd, check=False)
+    nothing = keel(
+        "prune",
+        str(run),
+        "compress.prune.ffn=0",
+        "compress.prune.heads=0",
+        "compress.prune.vocab=false",
+        cwd=cwd,
+        check=False,
+    )
     assert nothing.returncode == 2 and "removes nothing" in nothing.stderr + nothing.stdout
     unknown = keel("predict", str(run), "x", "--backend", "pruned-onnx-int4", cwd=cwd, check=False)
     assert unknown.returncode == 2 and "backend" in unknown.stderr + unknown.stdout

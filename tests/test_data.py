@@ -14,9 +14,13 @@ def cfg(**kw):
 
 @pytest.fixture
 def frame():
-    return pd.DataFrame({"review": [f"text number {i}" for i in range(100)],
-                         "stars": ["good" if i % 3 else "bad" for i in range(100)],
-                         "city": ["a" if i % 2 else "b" for i in range(100)]})
+    return pd.DataFrame(
+        {
+            "review": [f"text number {i}" for i in range(100)],
+            "stars": ["good" if i % 3 else "bad" for i in range(100)],
+            "city": ["a" if i % 2 else "b" for i in range(100)],
+        }
+    )
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
@@ -28,7 +32,9 @@ def test_user_files_with_column_mapping(tmp_path, frame, suffix):
         frame.to_json(path, orient="records", lines=True)
     else:
         frame.to_parquet(path)
-    s = load_splits(cfg(path=str(path), columns={"text": "review", "label": "stars", "group": "city"}), "classification")
+    s = load_splits(
+        cfg(path=str(path), columns={"text": "review", "label": "stars", "group": "city"}), "classification"
+    )
     assert s.labels == ["bad", "good"]
     assert len(s.train) + len(s.validation) + len(s.test) == 100
     assert len(s.test) == 10 and len(s.validation) == 10
@@ -61,13 +67,16 @@ def test_dedup_and_empty_rows(tmp_path):
     assert any("repeated" in n for n in s.notes) and any("empty" in n for n in s.notes)
 
 
-@pytest.mark.parametrize("content, kw, message", [
-    (None, {}, "not found"),
-    ("text,label\nhello,a\n", {"columns": {"text": "body"}}, "data.columns.text: column 'body' is not in"),
-    ("text,label\n", {}, "no usable rows"),
-    ("text,label\n" + "x{},a\n" * 20, {}, "single label"),
-    ("text,label\n" + "".join(f"x{i},{'abc'[i % 3]}\n" for i in range(30)), {"labels": ["a", "b"]}, "label 'c'"),
-])
+@pytest.mark.parametrize(
+    "content, kw, message",
+    [
+        (None, {}, "not found"),
+        ("text,label\nhello,a\n", {"columns": {"text": "body"}}, "data.columns.text: column 'body' is not in"),
+        ("text,label\n", {}, "no usable rows"),
+        ("text,label\n" + "x{},a\n" * 20, {}, "single label"),
+        ("text,label\n" + "".join(f"x{i},{'abc'[i % 3]}\n" for i in range(30)), {"labels": ["a", "b"]}, "label 'c'"),
+    ],
+)
 def test_bad_data_gets_one_clear_line(tmp_path, content, kw, message):
     path = tmp_path / "d.csv"
     if content is not None:
@@ -114,7 +123,9 @@ def test_tokenized_cache_is_reused(tmp_path, toy_csv, capsys):
     first = prepare_data(recipe, tok)
     second = prepare_data(recipe, tok)
     assert not first.cache_hit and second.cache_hit
-    assert "reusing tokenized cache" not in capsys.readouterr().err  # this process said it tokenized them: once is enough
+    assert (
+        "reusing tokenized cache" not in capsys.readouterr().err
+    )  # this process said it tokenized them: once is enough
     prepare._ANNOUNCED.clear()  # as in a new process
     assert prepare_data(recipe, tok).cache_hit
     assert "reusing tokenized cache" in capsys.readouterr().err
@@ -145,8 +156,12 @@ def test_evaluation_scores_in_length_order_but_returns_dataset_order():
     model = build_model(model_dir("tiny-bert"), ["neg", "pos"]).eval()
     batched = predict_logits(model, test, tok, 5, torch.device("cpu"))
     with torch.no_grad():
-        alone = np.concatenate([model(**{k: v for k, v in collate(test[i: i + 1], tok).items() if k != "labels"}).logits.numpy()
-                                for i in range(len(test))])
+        alone = np.concatenate(
+            [
+                model(**{k: v for k, v in collate(test[i : i + 1], tok).items() if k != "labels"}).logits.numpy()
+                for i in range(len(test))
+            ]
+        )
     assert batched.shape == (24, 2)
     np.testing.assert_allclose(batched, alone, atol=1e-5)
 

@@ -61,8 +61,15 @@ def test_bf16_autocast_on_cpu(tmp_path, tiny_recipe):
 
 
 def test_run_without_validation_or_test_split(tmp_path, tiny_recipe):
-    proc = keel("run", str(tiny_recipe(epochs=1)), "data.split.validation=0", "data.split.test=0", "output.dir=runs/x",
-                cwd=tmp_path, check=True)
+    proc = keel(
+        "run",
+        str(tiny_recipe(epochs=1)),
+        "data.split.validation=0",
+        "data.split.test=0",
+        "output.dir=runs/x",
+        cwd=tmp_path,
+        check=True,
+    )
     run_dir = tmp_path / "runs" / "x"
     assert (run_dir / "model" / "model.safetensors").is_file() and (run_dir / "report.html").is_file()
     assert not (run_dir / "eval" / "test.json").exists() and "skipping the test evaluation" in proc.stderr

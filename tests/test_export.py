@@ -51,9 +51,16 @@ def test_onnx_matches_pytorch_on_new_shapes(exported):
     assert np.abs(q - ref).max() <= 0.05 * np.abs(ref).max()  # int8 error small next to the logits' scale
     # logit direction kept on texts like the training data (for texts the model is unsure of, the logits sit
     # near zero and their cosine says little)
-    batch = tok([f"{a} was {w} number {i}" for i, (a, w) in enumerate([("my trip", "happy"), ("the road", "sad"),
-                                                                       ("a taxi", "lovely"), ("the car", "broken")])],
-                padding=True, return_tensors="pt")
+    batch = tok(
+        [
+            f"{a} was {w} number {i}"
+            for i, (a, w) in enumerate(
+                [("my trip", "happy"), ("the road", "sad"), ("a taxi", "lovely"), ("the car", "broken")]
+            )
+        ],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         ref = eager(**batch).logits.numpy()
     q = int8(**batch).logits.numpy()
@@ -69,8 +76,17 @@ def test_eval_and_predict_through_onnx_runtime(exported):
     assert onnx_eval["backend"] == "onnx" and onnx_eval["accuracy"] == torch_eval["accuracy"]
     assert abs(int8_eval["accuracy"] - torch_eval["accuracy"]) <= 0.07
     assert (run_dir / "eval" / "test.onnx-int8.json").is_file()
-    proc = keel("predict", str(run_dir), "the car was great number 5", "the bus was awful number 8", "--backend",
-                "onnx-int8", "--json", cwd=work, check=True)
+    proc = keel(
+        "predict",
+        str(run_dir),
+        "the car was great number 5",
+        "the bus was awful number 8",
+        "--backend",
+        "onnx-int8",
+        "--json",
+        cwd=work,
+        check=True,
+    )
     assert [json.loads(x)["label"] for x in proc.stdout.splitlines()] == ["pos", "neg"]
 
 
@@ -134,7 +150,10 @@ def test_eval_on_a_file_prints_that_files_own_majority_baseline(exported, tmp_pa
     """A file with other class proportions than the training split: its baseline is its own most frequent label."""
     work, run_dir, _ = exported
     for major, minor in (("pos", "neg"), ("neg", "pos")):  # one of the two differs from the training majority
-        rows = [f"the ride was {major} number {i},{major}" for i in range(6)] + [f"a {minor} trip,{minor}", f"x {minor},{minor}"]
+        rows = [f"the ride was {major} number {i},{major}" for i in range(6)] + [
+            f"a {minor} trip,{minor}",
+            f"x {minor},{minor}",
+        ]
         path = tmp_path / f"{major}.csv"
         path.write_text("text,label\n" + "\n".join(rows) + "\n")
         proc = keel("eval", str(run_dir), "--data", str(path), "--json", cwd=work, check=True)
@@ -161,10 +180,13 @@ def test_bench_scores_every_variant_on_the_same_validation_batches(exported, mon
         def run(texts, **kw):
             seen["hf-pipeline"].append(list(texts))
             return pipe(texts, **kw)
+
         return run
 
     monkeypatch.setattr(B, "hf_pipeline", spy_pipeline)
-    monkeypatch.setattr(E, "text_logits", lambda t, texts: seen["teacher-onnx"].append(list(texts)) or real_logits(t, texts))
+    monkeypatch.setattr(
+        E, "text_logits", lambda t, texts: seen["teacher-onnx"].append(list(texts)) or real_logits(t, texts)
+    )
     import torch
 
     try:  # measure_variant turns autograd off for the process it measures in (a bench child, normally)

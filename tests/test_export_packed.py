@@ -14,8 +14,15 @@ def _tiny_classifier(heads=0.0, ffn=0.0, vocab=False):
     from keel.compress.prune import structured_prune, trim_vocabulary
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=40, num_labels=3)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
     model = BertForSequenceClassification(config).eval()
     if heads or ffn:
         structured_prune(model, heads, ffn)
@@ -47,7 +54,9 @@ def test_packed_logits_equal_the_padded_models(pruned):
         with torch.no_grad():
             ref = model(**batch).logits  # (B, C)
             got = packed(**batch)
-            alone = torch.cat([packed(**{k: v[i:i + 1, :n] for k, v in batch.items()}) for i, n in enumerate(lengths)])
+            alone = torch.cat(
+                [packed(**{k: v[i : i + 1, :n] for k, v in batch.items()}) for i, n in enumerate(lengths)]
+            )
         assert got.shape == ref.shape
         assert (got - ref).abs().max() <= 1e-5
         assert (alone - ref).abs().max() <= 1e-5  # a text's logits do not depend on its batch mates or the padding
@@ -58,8 +67,16 @@ def test_other_models_are_not_packed():
 
     from keel.export.packed import can_pack
 
-    llama = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+    llama = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    )
     assert not can_pack(llama)
 
 

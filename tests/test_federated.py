@@ -43,8 +43,12 @@ class Proxy:
 def fit_res(arrays, n: int, site: str):
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
-    return Proxy(site), FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays),
-                               num_examples=n, metrics={"site": site, "loss": 1.0})
+    return Proxy(site), FitRes(
+        status=Status(Code.OK, ""),
+        parameters=ndarrays_to_parameters(arrays),
+        num_examples=n,
+        metrics={"site": site, "loss": 1.0},
+    )
 
 
 def make_guard(reference, sampled: int, **fed_overrides):
@@ -90,7 +94,9 @@ def test_malformed_updates_are_rejected_and_the_site_named(capsys):
         "too-large": [100 * np.ones((2, 2), np.float32), np.ones(3, np.float32)],
     }
     guard = make_guard(ref, sampled=7, max_update_norm=50.0, min_completion=0.2)
-    results = [fit_res(good_a, 1, "good-a"), fit_res(good_b, 1, "good-b")] + [fit_res(a, 1000, s) for s, a in bad.items()]
+    results = [fit_res(good_a, 1, "good-a"), fit_res(good_b, 1, "good-b")] + [
+        fit_res(a, 1000, s) for s, a in bad.items()
+    ]
     params, _ = guard.aggregate_fit(1, results, [])
     got = arrays_of(params)
     np.testing.assert_allclose(got[0], 2 * np.ones((2, 2)))  # the mean of the two good ones only
@@ -146,8 +152,16 @@ def test_one_local_step_with_full_participation_equals_centralized_sgd(tmp_path,
     results = []
     for i, rows in enumerate(parts):
         site_model = copy.deepcopy(base)
-        stats = local_train(site_model, train.select(rows), s.tokenizer, epochs=1, batch_size=len(rows), lr=lr,
-                            optimizer="sgd", max_grad_norm=None)
+        stats = local_train(
+            site_model,
+            train.select(rows),
+            s.tokenizer,
+            epochs=1,
+            batch_size=len(rows),
+            lr=lr,
+            optimizer="sgd",
+            max_grad_norm=None,
+        )
         assert stats["steps"] == 1
         results.append(fit_res(get_weights(site_model), len(rows), f"site-{i}"))
     fed = arrays_of(guard.aggregate_fit(1, results, [])[0])
@@ -177,7 +191,9 @@ def test_partitions_cover_every_row_once_and_skew_with_alpha():
         assert flat == list(range(len(labels))) and all(parts)
         assert parts == partition(labels, 10, kind, alpha, seed=1)  # deterministic
         # mean total-variation distance between a site's label mix and the global one
-        skews[(kind, alpha)] = np.mean([0.5 * np.abs(np.bincount(labels[p], minlength=3) / len(p) - 1 / 3).sum() for p in parts])
+        skews[(kind, alpha)] = np.mean(
+            [0.5 * np.abs(np.bincount(labels[p], minlength=3) / len(p) - 1 / 3).sum() for p in parts]
+        )
     assert skews[("dirichlet", 0.1)] > 3 * skews[("iid", 0.5)]
     assert skews[("dirichlet", 0.1)] > skews[("dirichlet", 100.0)]
 
@@ -252,10 +268,14 @@ def test_local_dp_site_adds_its_own_noise_and_the_server_refuses_a_site_without_
     from keel.federated.site import privatize
     from keel.recipe import FederatedConfig
 
-    fed = FederatedConfig(sites=4, rounds=2, min_completion=0.2, dp={"mode": "local", "epsilon": 4.0, "clipping_norm": 1.0})
+    fed = FederatedConfig(
+        sites=4, rounds=2, min_completion=0.2, dp={"mode": "local", "epsilon": 4.0, "clipping_norm": 1.0}
+    )
     local = privacy.local_noise(fed)
     start = [np.zeros(20000, np.float32)]
-    sent = privatize([np.full(20000, 10.0, np.float32)], start, {"clipping_norm": 100.0}, local)  # its own C, not the server's
+    sent = privatize(
+        [np.full(20000, 10.0, np.float32)], start, {"clipping_norm": 100.0}, local
+    )  # its own C, not the server's
     assert np.std(sent[0]) == pytest.approx(local["noise_std"], rel=0.03)
     assert np.mean(sent[0]) == pytest.approx(1.0 / np.sqrt(20000), abs=4 * local["noise_std"] / np.sqrt(20000))
 
@@ -291,9 +311,19 @@ def test_local_dp_site_sends_no_more_noised_updates_than_its_budget(monkeypatch)
     monkeypatch.setattr(site, "local_train", lambda *a, **k: {"loss": 0.5, "steps": 3})
     local = privacy.local_noise(FederatedConfig(sites=4, rounds=2, dp={"mode": "local", "epsilon": 4.0}))
     model = torch.nn.Linear(3, 2)
-    client = site.make_client("north", lambda labels: (model, None, list(range(7))),
-                              {"batch_size": 2, "lr": 0.1, "optimizer": "sgd", "max_grad_norm": None, "seed": 0,
-                               "local_epochs": 1, "local_dp": local})
+    client = site.make_client(
+        "north",
+        lambda labels: (model, None, list(range(7))),
+        {
+            "batch_size": 2,
+            "lr": 0.1,
+            "optimizer": "sgd",
+            "max_grad_norm": None,
+            "seed": 0,
+            "local_epochs": 1,
+            "local_dp": local,
+        },
+    )
     start = site.get_weights(model)
     for _ in range(2):
         arrays, n, metrics = client.fit(start, {})
@@ -308,8 +338,15 @@ def _central(sites=3, **dp):
     from keel.recipe import FederatedConfig
 
     strategy = dp.pop("strategy", "fedavg")
-    fed = FederatedConfig(sites=sites, rounds=3, min_fit_clients=2, min_available_clients=2, min_completion=0.5,
-                          strategy={"name": strategy}, dp={"mode": "central", **dp})
+    fed = FederatedConfig(
+        sites=sites,
+        rounds=3,
+        min_fit_clients=2,
+        min_available_clients=2,
+        min_completion=0.5,
+        strategy={"name": strategy},
+        dp={"mode": "central", **dp},
+    )
     p = privacy.plan(fed, sites_per_round(fed))
     seen = {}
 
@@ -331,7 +368,9 @@ def test_central_dp_round_with_a_dropout_completes_and_spends_epsilon_once(capsy
     guard, p, ref, seen = _central(sites=3, noise_multiplier=1e-4, clipping_norm=1.0)
     rng = np.random.default_rng(0)
     ups = [[rng.normal(size=a.shape).astype(np.float32) for a in ref] for _ in range(2)]
-    ups = [[(a * (0.5 / np.sqrt(sum(float((b ** 2).sum()) for b in u)))).astype(np.float32) for a in u] for u in ups]  # norm 0.5
+    ups = [
+        [(a * (0.5 / np.sqrt(sum(float((b**2).sum()) for b in u)))).astype(np.float32) for a in u] for u in ups
+    ]  # norm 0.5
     unclipped = [3 * a for a in ups[0]]
     results = [fit_res(ups[0], 1, "a"), fit_res(ups[1], 1, "b"), fit_res(unclipped, 1, "greedy")]
     params, _ = guard.aggregate_fit(1, results, [TimeoutError("site c dropped out")])
@@ -388,8 +427,9 @@ def test_central_dp_samples_each_site_independently():
     fed = FederatedConfig(sites=400, rounds=3, fraction_fit=0.25, dp={"mode": "central", "noise_multiplier": 1.0})
     p = privacy.plan(fed, sites_per_round(fed))
     ref = [np.zeros(3, np.float32)]
-    guard = Guard(build_strategy(fed, ref, p), fed, fit_config={"clipping_norm": 1.0}, on_round=lambda *a: (0.0, {}),
-                  dp_plan=p)
+    guard = Guard(
+        build_strategy(fed, ref, p), fed, fit_config={"clipping_norm": 1.0}, on_round=lambda *a: (0.0, {}), dp_plan=p
+    )
     from flwr.common import ndarrays_to_parameters
 
     counts = [len(guard.configure_fit(r, ndarrays_to_parameters(ref), Manager(400))) for r in range(1, 7)]
@@ -410,10 +450,19 @@ def test_central_dp_refuses_strategies_it_cannot_account_for(tmp_path, toy_csv):
         r = keel("validate", str(recipe), *central, f"federated.strategy.name={name}", cwd=tmp_path)
         assert r.returncode == 2 and f"strategy.name={name} with dp.mode=central" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
-    r = keel("validate", str(recipe), "federated.dp.mode=local", "federated.dp.epsilon=8", "federated.strategy.name=krum",
-             cwd=tmp_path)
+    r = keel(
+        "validate",
+        str(recipe),
+        "federated.dp.mode=local",
+        "federated.dp.epsilon=8",
+        "federated.strategy.name=krum",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr  # local DP: the server's rule is post-processing of noised updates
-    for bad, why in (("federated.dp.delta=0.3", "not below 1/sites"), ("federated.dp.noise_multiplier=0", "adds no noise")):
+    for bad, why in (
+        ("federated.dp.delta=0.3", "not below 1/sites"),
+        ("federated.dp.noise_multiplier=0", "adds no noise"),
+    ):
         r = keel("validate", str(recipe), "federated.dp.mode=central", "federated.dp.epsilon=8", bad, cwd=tmp_path)
         assert r.returncode == 2 and why in r.stderr, r.stderr
 
@@ -424,10 +473,12 @@ def test_validate_of_a_federated_dp_recipe_imports_no_torch(tmp_path, toy_csv):
 
     recipe = tmp_path / "fed.yaml"
     recipe.write_text(FED_RECIPE.format(data=toy_csv, sites=4))
-    code = ("import sys\nfrom keel.cli import app\n"
-            f"try:\n    app(['validate', {str(recipe)!r}, 'federated.dp.mode=central', 'federated.dp.epsilon=8', "
-            "'federated.strategy.name=fedadam'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'opacus', 'flwr', 'transformers')))")
+    code = (
+        "import sys\nfrom keel.cli import app\n"
+        f"try:\n    app(['validate', {str(recipe)!r}, 'federated.dp.mode=central', 'federated.dp.epsilon=8', "
+        "'federated.strategy.name=fedadam'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'opacus', 'flwr', 'transformers')))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
@@ -440,7 +491,9 @@ def test_round_checkpoints_resume_and_refuse_another_model(tmp_path):
     specs = [("a", (2,), "float32"), ("b", (1, 3), "float32")]
     assert load_round(tmp_path, specs) is None
     for r in range(4):
-        save_round(tmp_path, r, specs, [np.full(2, r, np.float32), np.full((1, 3), r, np.float32)], {"dp_rounds": r}, keep=2)
+        save_round(
+            tmp_path, r, specs, [np.full(2, r, np.float32), np.full((1, 3), r, np.float32)], {"dp_rounds": r}, keep=2
+        )
     assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-00002", "round-00003"]
     arrays, state = load_round(tmp_path, specs)
     assert state["round"] == 3 and state["dp_rounds"] == 3 and arrays[1][0, 2] == 3
@@ -518,9 +571,16 @@ def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv
         def body(s, c):
             parts = fed_run.site_partitions(s)
             rows = [s.data.splits["train"].select(r) for r in parts]
-            clients = [make_client(f"site-{i}", lambda labels, i=i: (fed_run.build_model(s, labels), s.tokenizer, rows[i]),
-                                   fed_run.site_settings(recipe)) for i in range(len(parts))]
+            clients = [
+                make_client(
+                    f"site-{i}",
+                    lambda labels, i=i: (fed_run.build_model(s, labels), s.tokenizer, rows[i]),
+                    fed_run.site_settings(recipe),
+                )
+                for i in range(len(parts))
+            ]
             drive(c, clients, crash_after)
+
         return body
 
     from keel.pipeline import federate
@@ -551,8 +611,9 @@ def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv
     assert moments.is_file() == (strategy == "fedadam")
     straight = load_recipe(p, [f"federated.strategy.name={strategy}", "output.dir=runs/straight"])
     run_with(body_for(crash_after=None), False, straight)
-    resumed, uninterrupted = (load_file(str(tmp_path / "runs" / d / "model" / "model.safetensors"))
-                              for d in ("fed", "straight"))
+    resumed, uninterrupted = (
+        load_file(str(tmp_path / "runs" / d / "model" / "model.safetensors")) for d in ("fed", "straight")
+    )
     assert sorted(resumed) == sorted(uninterrupted)
     for k in resumed:
         np.testing.assert_allclose(resumed[k], uninterrupted[k], atol=1e-6)

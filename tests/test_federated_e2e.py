@@ -123,8 +123,9 @@ def test_secagg_aggregate_equals_the_plain_weighted_sum():
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as keel federate sets it
     before = ray_sessions()
-    fed = FederatedConfig(sites=3, rounds=1, min_fit_clients=3, min_available_clients=3, min_completion=1.0,
-                          secagg={"enabled": True})
+    fed = FederatedConfig(
+        sites=3, rounds=1, min_fit_clients=3, min_available_clients=3, min_completion=1.0, secagg={"enabled": True}
+    )
     sites = [FixedSite(i) for i in range(3)]
     start = [np.zeros_like(a) for a in sites[0].arrays()]
     seen = {}
@@ -141,9 +142,15 @@ def test_secagg_aggregate_equals_the_plain_weighted_sum():
         ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=guard)
         DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2))(grid, ctx)
 
-    run_simulation(server_app=server_app, client_app=ClientApp(client_fn=_secagg_client_fn, mods=[secaggplus_mod]),
-                   num_supernodes=3, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                                     "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    run_simulation(
+        server_app=server_app,
+        client_app=ClientApp(client_fn=_secagg_client_fn, mods=[secaggplus_mod]),
+        num_supernodes=3,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
     got, info = seen[1]
     total = sum(s.weight() for s in sites)
     # Each site sends round(x * w / max_weight) on a grid of 2 * 8 / 2^22 (stochastic rounding: at most one step
@@ -170,23 +177,36 @@ def write_certificates(folder) -> dict[str, str]:
     now = datetime.datetime.now(datetime.UTC)
 
     def cert(subject, issuer, key, signer, ca: bool):
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                             x509.DNSName("localhost")]), critical=False)
+            b = b.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
         return b.sign(signer, hashes.SHA256())
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keel test CA")])
     ca = cert(ca_name, ca_name, ca_key, ca_key, ca=True)
     server = cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key, ca=False)
-    files = {"root_certificate": ca.public_bytes(serialization.Encoding.PEM),
-             "certificate": server.public_bytes(serialization.Encoding.PEM),
-             "private_key": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption())}
+    files = {
+        "root_certificate": ca.public_bytes(serialization.Encoding.PEM),
+        "certificate": server.public_bytes(serialization.Encoding.PEM),
+        "private_key": key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
     for name, pem in files.items():
         (folder / f"{name}.pem").write_bytes(pem)
     return {name: str(folder / f"{name}.pem") for name in files}
@@ -201,20 +221,31 @@ def test_two_sites_over_loopback_grpc_with_tls(tmp_path):
     port = free_port()
     recipe = tmp_path / "fed.yaml"
     pems = write_certificates(tmp_path)
-    recipe.write_text(RECIPE.format(data=data, sites=2, rounds=2, port=port).replace(
-        f'server: {{address: "127.0.0.1:{port}"}}',
-        f'server: {{address: "127.0.0.1:{port}", root_certificate: {pems["root_certificate"]}, '
-        f'certificate: {pems["certificate"]}, private_key: {pems["private_key"]}}}'))
+    recipe.write_text(
+        RECIPE.format(data=data, sites=2, rounds=2, port=port).replace(
+            f'server: {{address: "127.0.0.1:{port}"}}',
+            f'server: {{address: "127.0.0.1:{port}", root_certificate: {pems["root_certificate"]}, '
+            f"certificate: {pems['certificate']}, private_key: {pems['private_key']}}}",
+        )
+    )
     env = {**os.environ, **OFFLINE}
     cmd = [sys.executable, "-m", "keel", "federate"]
-    server = subprocess.Popen([*cmd, "serve", str(recipe)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [*cmd, "serve", str(recipe)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     sites = []
     try:
         for name in ("north", "south"):
-            sites.append(subprocess.Popen([*cmd, "join", str(recipe), "--site-data", f"{name}.csv",
-                                           "--server", f"127.0.0.1:{port}"], cwd=tmp_path, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            sites.append(
+                subprocess.Popen(
+                    [*cmd, "join", str(recipe), "--site-data", f"{name}.csv", "--server", f"127.0.0.1:{port}"],
+                    cwd=tmp_path,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
         out, err = server.communicate(timeout=420)
         assert server.returncode == 0, err[-3000:]
         assert f"serving on 127.0.0.1:{port} (TLS)" in err
@@ -245,17 +276,22 @@ def test_join_reports_a_missing_file_and_serve_refuses_secagg(tmp_path):
     assert r.returncode == 2 and "--site-data: file 'nope.csv' not found" in r.stderr and "Traceback" not in r.stderr
     r = keel("federate", "serve", str(recipe), "federated.secagg.enabled=true", cwd=tmp_path)
     assert r.returncode == 2 and "secagg" in r.stderr and "Traceback" not in r.stderr
-    r = keel("federate", str(recipe), "federated.partition.kind=column", "federated.partition.column=region", cwd=tmp_path)
+    r = keel(
+        "federate", str(recipe), "federated.partition.kind=column", "federated.partition.column=region", cwd=tmp_path
+    )
     assert r.returncode == 2 and "federated.partition.column: column 'region' is not in" in r.stderr
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
-DP_RECIPE = RECIPE + """  local_optimizer: sgd
+DP_RECIPE = (
+    RECIPE
+    + """  local_optimizer: sgd
   local_lr: 0.5
   local_steps: 2
   min_completion: 1.0
   dp: {{mode: {mode}, clipping_norm: 0.05, {budget}}}
 """
+)
 
 
 def _weights(run, r: int) -> np.ndarray:
@@ -302,8 +338,9 @@ def test_dp_noise_reaches_the_aggregate_and_sites_clip(tmp_path, mode):
     assert abs(np.mean(moved)) < 5 * planned / np.sqrt(moved.size)
     p = json.loads((run / "train.json").read_text())["privacy"]
     assert p["mode"] == mode and p["rounds_with_noise"] == 1
-    assert p["epsilon_spent"] == pytest.approx(privacy.epsilon_spent(plan["noise_multiplier"], plan["sample_rate"], 1,
-                                                                     plan["delta"]))
+    assert p["epsilon_spent"] == pytest.approx(
+        privacy.epsilon_spent(plan["noise_multiplier"], plan["sample_rate"], 1, plan["delta"])
+    )
     assert records[1]["epsilon"] == pytest.approx(p["epsilon_spent"])
     if mode == "local":
         assert p["epsilon_spent"] <= 8.0 * (1 + 1e-6)

@@ -38,8 +38,9 @@ def test_serve_refuses_an_exposed_address_and_weak_secrets(tmp_path):
 
     pems = write_certificates(tmp_path)
     tls = [f"federated.server.{k}={v}" for k, v in pems.items()]
-    r = keel("federate", "serve", str(recipe), *tls, "--address", f"0.0.0.0:{port}", cwd=tmp_path, timeout=120,
-             env=no_secret)
+    r = keel(
+        "federate", "serve", str(recipe), *tls, "--address", f"0.0.0.0:{port}", cwd=tmp_path, timeout=120, env=no_secret
+    )
     assert r.returncode == 2 and "without a site secret" in r.stderr and "--allow-no-auth" in r.stderr, r.stderr[-2000:]
 
     r = keel("federate", "serve", str(recipe), cwd=tmp_path, timeout=120, env={"KEEL_FEDERATION_SECRET": "short"})
@@ -50,8 +51,18 @@ def test_serve_refuses_an_exposed_address_and_weak_secrets(tmp_path):
     assert not (tmp_path / "runs").exists()
 
     # a site does not send the secret, nor its updates, in clear text to another machine
-    r = keel("federate", "join", str(recipe), "--site-data", "toy.csv", "--server", "10.1.2.3:9092", cwd=tmp_path,
-             timeout=120, env={"KEEL_FEDERATION_SECRET": SECRET})
+    r = keel(
+        "federate",
+        "join",
+        str(recipe),
+        "--site-data",
+        "toy.csv",
+        "--server",
+        "10.1.2.3:9092",
+        cwd=tmp_path,
+        timeout=120,
+        env={"KEEL_FEDERATION_SECRET": SECRET},
+    )
     assert r.returncode == 2 and "refusing to send the federation secret to 10.1.2.3 in clear text" in r.stderr
 
 
@@ -61,8 +72,17 @@ def test_join_checks_its_file_before_connecting(tmp_path):
     recipe.write_text(recipe.read_text().replace(f'"127.0.0.1:{port}"}}', f'"127.0.0.1:{port}", round_timeout: 5}}'))
     (tmp_path / "broken.csv").write_text("body;stars\nnice ride;pos\n")
     t0 = time.monotonic()
-    r = keel("federate", "join", str(recipe), "--site-data", "broken.csv", "--server", f"127.0.0.1:{port}",
-             cwd=tmp_path, timeout=120)
+    r = keel(
+        "federate",
+        "join",
+        str(recipe),
+        "--site-data",
+        "broken.csv",
+        "--server",
+        f"127.0.0.1:{port}",
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--site-data: column 'text' is not in broken.csv" in r.stderr and "set data.columns.text" in r.stderr
     assert "joining" not in r.stderr and "no server answered" not in r.stderr and "Traceback" not in r.stderr
@@ -99,8 +119,15 @@ def test_site_manager_bounds_the_wait_and_names_the_sites_that_left():
 
 
 def _popen(args, cwd, env):
-    return subprocess.Popen([sys.executable, "-m", "keel", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "keel", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_a_failed_site_ends_the_run_with_its_name_and_strangers_are_refused(tmp_path):
@@ -121,8 +148,9 @@ def test_a_failed_site_ends_the_run_with_its_name_and_strangers_are_refused(tmp_
     server = _popen(["federate", "serve", str(recipe)], tmp_path, env)
     procs = [server]
     try:
-        stranger = _popen([*join, "north.csv", "--site-name", "stranger"], tmp_path,
-                          {**env, "KEEL_FEDERATION_SECRET": ""})
+        stranger = _popen(
+            [*join, "north.csv", "--site-name", "stranger"], tmp_path, {**env, "KEEL_FEDERATION_SECRET": ""}
+        )
         procs.append(stranger)
         _, stranger_err = stranger.communicate(timeout=240)
         assert stranger.returncode == 2 and "site stranger: the server" in stranger_err, stranger_err[-2000:]
@@ -142,8 +170,12 @@ def test_a_failed_site_ends_the_run_with_its_name_and_strangers_are_refused(tmp_
         for n in ("north", "south"):
             assert sites[n].returncode == 2, outs[n][-2000:]
             told = [line for line in outs[n].splitlines() if line.startswith("error:")]
-            assert len(told) == 1 and f"site {n}: the server ended the run after this site trained 1 rounds: round 2 " \
-                "needs 3 sites" in told[0] and "odd" not in told[0], outs[n][-2000:]
+            assert (
+                len(told) == 1
+                and f"site {n}: the server ended the run after this site trained 1 rounds: round 2 needs 3 sites"
+                in told[0]
+                and "odd" not in told[0]
+            ), outs[n][-2000:]
     finally:
         for p in procs:
             if p.poll() is None:

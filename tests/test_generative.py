@@ -24,8 +24,13 @@ def planted_pairs(n: int, seed: int = 0, same: bool = False) -> list[dict]:
     rows = []
     for i in range(n):
         chosen = " kind and gentle to everyone."
-        rows.append({"prompt": f"{rng.choice(NAMES)} number {i} is", "chosen": chosen,
-                     "rejected": chosen if same else " cruel and rude to everyone."})
+        rows.append(
+            {
+                "prompt": f"{rng.choice(NAMES)} number {i} is",
+                "chosen": chosen,
+                "rejected": chosen if same else " cruel and rude to everyone.",
+            }
+        )
     return rows
 
 
@@ -58,8 +63,9 @@ def test_dpo_loss_is_log2_when_chosen_equals_rejected(tiny):
     from keel.align.trainers import train_dpo
 
     path, tok = tiny
-    _, logs = train_dpo(path, tok, planted_pairs(16, same=True), _align_cfg(), steps=3, lr=1e-2, batch_size=4,
-                        seed=0, max_length=32)
+    _, logs = train_dpo(
+        path, tok, planted_pairs(16, same=True), _align_cfg(), steps=3, lr=1e-2, batch_size=4, seed=0, max_length=32
+    )
     losses = [r["loss"] for r in logs if "loss" in r]
     assert len(losses) == 3
     # the margin is exactly zero whatever the policy does, so every step sits at -log sigmoid(0) = log 2
@@ -73,8 +79,18 @@ def test_dpo_learns_and_the_reference_stays_frozen(tiny):
     path, tok = tiny
     ref = load_policy(path)
     before_ref, before_policy = fingerprint(ref), fingerprint(load_policy(path))
-    policy, logs = train_dpo(path, tok, planted_pairs(32), _align_cfg(beta=0.5), steps=6, lr=3e-3, batch_size=8,
-                             seed=0, max_length=32, ref_model=ref)
+    policy, logs = train_dpo(
+        path,
+        tok,
+        planted_pairs(32),
+        _align_cfg(beta=0.5),
+        steps=6,
+        lr=3e-3,
+        batch_size=8,
+        seed=0,
+        max_length=32,
+        ref_model=ref,
+    )
     assert fingerprint(ref) == before_ref  # bitwise
     assert fingerprint(policy) != before_policy
     losses = [r["loss"] for r in logs if "loss" in r]
@@ -89,11 +105,23 @@ def test_dpo_lora_leaves_the_base_weights_alone(tiny):
 
     path, tok = tiny
     base = fingerprint(load_policy(path))
-    policy, _ = train_dpo(path, tok, planted_pairs(16), _align_cfg(lora=LoraConfig(r=4, alpha=8)), steps=3, lr=1e-2,
-                          batch_size=8, seed=0, max_length=32)
+    policy, _ = train_dpo(
+        path,
+        tok,
+        planted_pairs(16),
+        _align_cfg(lora=LoraConfig(r=4, alpha=8)),
+        steps=3,
+        lr=1e-2,
+        batch_size=8,
+        seed=0,
+        max_length=32,
+    )
     with policy.disable_adapter():  # the frozen reference: the base model, adapter off
-        plain = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
-                 for k, v in policy.state_dict().items() if "lora_" not in k}
+        plain = {
+            k.replace("base_model.model.", "").replace(".base_layer", ""): v
+            for k, v in policy.state_dict().items()
+            if "lora_" not in k
+        }
     fresh = load_policy(path).state_dict()
     assert all(torch.equal(plain[k], fresh[k]) for k in fresh)
     assert fingerprint(merged(policy)) != base  # and the merged policy did move
@@ -111,8 +139,9 @@ def test_reward_model_ranks_a_planted_preference(tiny):
     # and the ranking is about the planted word, not the position: swap them and it flips
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in held_out]
     assert pairwise_accuracy(rm, tok, swapped) == 0.0
-    kind, cruel = reward_scores(rm, tok, ["Zed number 999 is kind and gentle to everyone.",
-                                          "Zed number 999 is cruel and rude to everyone."])
+    kind, cruel = reward_scores(
+        rm, tok, ["Zed number 999 is kind and gentle to everyone.", "Zed number 999 is cruel and rude to everyone."]
+    )
     assert kind > cruel
 
 
@@ -137,8 +166,10 @@ def test_lora_merge_gives_the_adapter_outputs(tiny, tmp_path):
 
     path, tok = tiny
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(path),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
     ids = torch.tensor([tok("To be or not to be, that is the question.")["input_ids"]])
     with torch.no_grad():
         adapter_logits = model(input_ids=ids).logits
@@ -167,8 +198,10 @@ def test_lm_bias_metrics_match_a_direct_computation(tiny):
         with torch.no_grad():
             loss = model(input_ids=ids, labels=ids).loss.item()
         assert lp == pytest.approx(-loss * (ids.shape[1] - 1), rel=1e-4)
-    pairs = [{"sent_more": a, "sent_less": b, "bias_type": "x"} for a, b in [(texts[0], texts[1]), (texts[1], texts[2]),
-                                                                            (texts[2], texts[0])]]
+    pairs = [
+        {"sent_more": a, "sent_less": b, "bias_type": "x"}
+        for a, b in [(texts[0], texts[1]), (texts[1], texts[2]), (texts[2], texts[0])]
+    ]
     expected = 100 * sum(got[i] > got[j] for i, j in [(0, 1), (1, 2), (2, 0)]) / 3
     assert crows_pairs_score(model, tok, pairs)["stereotype_score"] == pytest.approx(expected)
 
@@ -208,7 +241,9 @@ def test_pretraining_from_scratch_lowers_the_loss(tmp_path):
     assert len(samples) == 2 and all(s["completion"] for s in samples)
     assert "Sample generations" in (run / "report.html").read_text()
     # keel eval on the frozen test split gives the pipeline's figure; --data reads a text file the same way
-    assert json.loads(keel("eval", "runs/pt", "--json", cwd=tmp_path, check=True).stdout)["loss"] == pytest.approx(test["loss"])
+    assert json.loads(keel("eval", "runs/pt", "--json", cwd=tmp_path, check=True).stdout)["loss"] == pytest.approx(
+        test["loss"]
+    )
     held = [{"text": " ".join(rng.choice(words) for _ in range(60)) + "."} for _ in range(8)]
     (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(d) for d in held))
     proc = keel("eval", "runs/pt", "--data", "held.jsonl", cwd=tmp_path, check=True)
@@ -241,7 +276,8 @@ def test_align_recipe_end_to_end(tmp_path):
     assert r["after"]["preference_agreement"] > r["before"]["preference_agreement"]
     assert 0.0 <= r["win_rate"]["win_rate"] <= 1.0 and r["win_rate"]["n"] == 6
     assert r["alignment_tax_pct"] == pytest.approx(
-        100 * (r["after"]["shakespeare_perplexity"] / r["before"]["shakespeare_perplexity"] - 1))
+        100 * (r["after"]["shakespeare_perplexity"] / r["before"]["shakespeare_perplexity"] - 1)
+    )
     from keel.evaluate import load_trained
 
     trained = load_trained(run)  # checksums verified; the merged policy loads as a plain causal LM
@@ -284,8 +320,15 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
 
     from keel.models import model_dir
 
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus one?"},
-                          {"role": "assistant", "content": f"It is {i + 1}."}]} for i in range(40)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus one?"},
+                {"role": "assistant", "content": f"It is {i + 1}."},
+            ]
+        }
+        for i in range(40)
+    ]
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "sft.yaml").write_text(SFT)
     proc = keel("run", "sft.yaml", cwd=tmp_path, check=True)
@@ -299,7 +342,9 @@ def test_sft_lora_recipe_merges_for_serving(tmp_path):
     tok = AutoTokenizer.from_pretrained(run / "model")
     ids = torch.tensor([tok("What is 7 plus one?")["input_ids"]])
     merged = AutoModelForCausalLM.from_pretrained(run / "model", use_safetensors=True).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir("tiny-llama")), run / "adapter").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir("tiny-llama")), run / "adapter"
+    ).eval()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5)
     assert json.loads((run / "model" / "keel.json").read_text())["task"] == "causal-lm"

@@ -27,20 +27,26 @@ def test_hash_is_stable_and_tracks_changes(tmp_path):
     assert load_recipe(p).sha256() != load_recipe(p, ["train.lr=1e-3"]).sha256()
 
 
-@pytest.mark.parametrize("text, overrides, expected", [
-    ("data: {name: tweets-sentiment}\ntrain: {lrr: 1}\n", [], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
-    ("data: {name: tweets-sentiment}\n", ["train.epochs=many"], "train.epochs"),
-    ("data: {name: tweets-sentiment}\n", ["train.mixed_precision=fp8"], "train.mixed_precision"),
-    ("data: {name: tweets-sentiment, path: x.csv}\n", [], "exactly one of data.name"),
-    ("model: {name: minilm-l6}\n", [], "data is required"),
-    ("data: {name: tweets-sentiment\n", [], "malformed YAML at line"),
-    ("- a\n- b\n", [], "a recipe is a YAML mapping"),
-    ("data: {name: tweets-sentiment}\n", ["train"], "is not key.path=value"),
-    ("data: {name: tweets-sentiment}\n", ["train.lr=1", "train.lr.x=1"], "'train.lr' is a value"),
-    ("task: causal-lm\ndata: {name: shakespeare}\ntrain: {metric: accuracy}\n", [], "use train.metric=loss"),
-    ("data: {name: tweets-sentiment}\ntrain: {privacy: {target_epsilon: 8}}\n", ["train.group_by_length=true"],
-     "set train.group_by_length=false"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("data: {name: tweets-sentiment}\ntrain: {lrr: 1}\n", [], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        ("data: {name: tweets-sentiment}\n", ["train.epochs=many"], "train.epochs"),
+        ("data: {name: tweets-sentiment}\n", ["train.mixed_precision=fp8"], "train.mixed_precision"),
+        ("data: {name: tweets-sentiment, path: x.csv}\n", [], "exactly one of data.name"),
+        ("model: {name: minilm-l6}\n", [], "data is required"),
+        ("data: {name: tweets-sentiment\n", [], "malformed YAML at line"),
+        ("- a\n- b\n", [], "a recipe is a YAML mapping"),
+        ("data: {name: tweets-sentiment}\n", ["train"], "is not key.path=value"),
+        ("data: {name: tweets-sentiment}\n", ["train.lr=1", "train.lr.x=1"], "'train.lr' is a value"),
+        ("task: causal-lm\ndata: {name: shakespeare}\ntrain: {metric: accuracy}\n", [], "use train.metric=loss"),
+        (
+            "data: {name: tweets-sentiment}\ntrain: {privacy: {target_epsilon: 8}}\n",
+            ["train.group_by_length=true"],
+            "set train.group_by_length=false",
+        ),
+    ],
+)
 def test_bad_recipes_name_the_field(tmp_path, text, overrides, expected):
     p = write(tmp_path, text)
     with pytest.raises(RecipeError) as e:

@@ -22,8 +22,11 @@ def test_every_recipe_field_has_a_description():
     from keel.recipe import Recipe
     from keel.recipe_fields import _submodel
 
-    missing = [path for path, field in _schema_paths(Recipe)
-               if not field.description and not (_submodel(field.annotation) and _submodel(field.annotation).__doc__)]
+    missing = [
+        path
+        for path, field in _schema_paths(Recipe)
+        if not field.description and not (_submodel(field.annotation) and _submodel(field.annotation).__doc__)
+    ]
     assert not missing, f"recipe fields without a description: {missing}"
 
 
@@ -35,7 +38,9 @@ def test_recipe_fields_lists_the_schema_with_types_and_defaults(tmp_path):
     rows = {r["path"]: r for r in json.loads(proc.stdout)}
     assert list(rows) == [path for path, _ in _schema_paths(Recipe)]  # every field, none invented
     assert all(r["description"] for r in rows.values())
-    assert rows["train.lr"]["type"] == "float" and rows["train.lr"]["default"] == str(Recipe.model_fields["train"].default.lr)
+    assert rows["train.lr"]["type"] == "float" and rows["train.lr"]["default"] == str(
+        Recipe.model_fields["train"].default.lr
+    )
     assert rows["train.schedule"]["type"] == '"linear" | "cosine" | "constant"'
     assert rows["train.max_steps"]["type"] == "int | null" and rows["train.max_steps"]["default"] == "null"
     assert rows["data"]["default"] == "required"

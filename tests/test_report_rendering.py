@@ -55,73 +55,221 @@ def synthetic_run(root: Path, name: str) -> Path:
     run = root / name
     labels = ["negative", "neutral", "positive"] if recipe.task == "classification" else []
     counts = {"train": 2400, "validation": 300, "test": 300}
-    train = {"steps": 300, "best_step": 300, "selection_metric": recipe.selection_metric, "best_metric": 0.61,
-             "labels": labels, "data": {"source": recipe.data.name or recipe.data.path, "counts": counts},
-             "samples_per_second": None, "peak_rss_mb": 1234.5}  # a resumed run has no throughput
-    info = {"name": name, "task": recipe.task, "recipe_sha256": recipe.sha256(), "keel_version": "0.1.0",
-            "status": "finished", "train_wall_seconds": 61.23}
+    train = {
+        "steps": 300,
+        "best_step": 300,
+        "selection_metric": recipe.selection_metric,
+        "best_metric": 0.61,
+        "labels": labels,
+        "data": {"source": recipe.data.name or recipe.data.path, "counts": counts},
+        "samples_per_second": None,
+        "peak_rss_mb": 1234.5,
+    }  # a resumed run has no throughput
+    info = {
+        "name": name,
+        "task": recipe.task,
+        "recipe_sha256": recipe.sha256(),
+        "keel_version": "0.1.0",
+        "status": "finished",
+        "train_wall_seconds": 61.23,
+    }
     _write(run / "recipe.yaml", builtin_recipes()[name].read_text())
     # one epoch: the validation record is at the last step
     metrics = [{"step": s, "epoch": 1, "loss": 1.0 / s, "lr": 1e-4} for s in range(1, 31)]
     if recipe.task == "classification":
         metrics.append({"split": "validation", "step": 30, "epoch": 1, "loss": 0.7, "accuracy": 0.71, "macro_f1": 0.69})
-        _write(run / "eval" / "test.json", {
-            "split": "test", "n": 300, "accuracy": 0.7, "macro_f1": 0.68, "loss": 0.71, "labels": labels,
-            "confusion": [[80, 10, 10], [10, 80, 10], [10, 10, 80]],
-            "baseline": {"label": "neutral", "accuracy": 0.4, "macro_f1": 0.19, "of": "training split"}})
-        _write(run / "data_summary.json", {"source": train["data"]["source"], "labels": labels, "splits": {
-            s: {"n": n, "tokens_mean": 14.8, "tokens_p95": 31.0, "truncated": 0,
-                "classes": {lab: n // 3 for lab in labels}} for s, n in counts.items()}})
+        _write(
+            run / "eval" / "test.json",
+            {
+                "split": "test",
+                "n": 300,
+                "accuracy": 0.7,
+                "macro_f1": 0.68,
+                "loss": 0.71,
+                "labels": labels,
+                "confusion": [[80, 10, 10], [10, 80, 10], [10, 10, 80]],
+                "baseline": {"label": "neutral", "accuracy": 0.4, "macro_f1": 0.19, "of": "training split"},
+            },
+        )
+        _write(
+            run / "data_summary.json",
+            {
+                "source": train["data"]["source"],
+                "labels": labels,
+                "splits": {
+                    s: {
+                        "n": n,
+                        "tokens_mean": 14.8,
+                        "tokens_p95": 31.0,
+                        "truncated": 0,
+                        "classes": {lab: n // 3 for lab in labels},
+                    }
+                    for s, n in counts.items()
+                },
+            },
+        )
     elif recipe.sft:
-        _write(run / "eval" / "test.json", {"split": "test", "loss": 1.9, "perplexity": 6.7, "loss_before": 2.5,
-                                            "perplexity_before": 12.2, "n": 40, "loss_on": "completion tokens only"})
-        _write(run / "train_logs.jsonl", "\n".join(json.dumps({"stage": "SFT", "step": s, "loss": 2.0 / s})
-                                                   for s in range(1, 6)))
+        _write(
+            run / "eval" / "test.json",
+            {
+                "split": "test",
+                "loss": 1.9,
+                "perplexity": 6.7,
+                "loss_before": 2.5,
+                "perplexity_before": 12.2,
+                "n": 40,
+                "loss_on": "completion tokens only",
+            },
+        )
+        _write(
+            run / "train_logs.jsonl",
+            "\n".join(json.dumps({"stage": "SFT", "step": s, "loss": 2.0 / s}) for s in range(1, 6)),
+        )
     else:
         metrics.append({"split": "validation", "step": 30, "epoch": 1, "loss": 3.1, "perplexity": 22.2})
         _write(run / "eval" / "test.json", {"split": "test", "loss": 3.2, "perplexity": 24.5, "tokens": 8128})
-        _write(run / "data_summary.json", {"source": train["data"]["source"], "labels": [], "splits": {
-            s: {"n": n, "tokens_mean": 128.0, "tokens_p95": 128.0, "truncated": 0} for s, n in counts.items()}})
-        _write(run / "eval" / "samples.json", {"temperature": 0.8, "top_k": 50,
-                                               "samples": [{"prompt": "ROMEO:", "completion": " what light"}]})
+        _write(
+            run / "data_summary.json",
+            {
+                "source": train["data"]["source"],
+                "labels": [],
+                "splits": {
+                    s: {"n": n, "tokens_mean": 128.0, "tokens_p95": 128.0, "truncated": 0} for s, n in counts.items()
+                },
+            },
+        )
+        _write(
+            run / "eval" / "samples.json",
+            {"temperature": 0.8, "top_k": 50, "samples": [{"prompt": "ROMEO:", "completion": " what light"}]},
+        )
     if recipe.align:
-        side = {"preference_agreement": 0.5, "crows_pairs": {"stereotype_score": 54.7},
-                "shakespeare_perplexity": 30.1}
-        _write(run / "eval" / "align.json", {
-            "method": "dpo", "beta": 0.1, "train_pairs": 600, "held_out_pairs": 150, "before": side,
-            "after": {**side, "preference_agreement": 0.6}, "closer_to_50_points": 1.4, "alignment_tax_pct": -0.5,
-            "win_rate": {"win_rate": 0.66, "n": 16}, "reward_model_accuracy": 0.7,
-            "samples": [{"prompt": "He is", "reference": " a man", "aligned": " kind"}]})
+        side = {"preference_agreement": 0.5, "crows_pairs": {"stereotype_score": 54.7}, "shakespeare_perplexity": 30.1}
+        _write(
+            run / "eval" / "align.json",
+            {
+                "method": "dpo",
+                "beta": 0.1,
+                "train_pairs": 600,
+                "held_out_pairs": 150,
+                "before": side,
+                "after": {**side, "preference_agreement": 0.6},
+                "closer_to_50_points": 1.4,
+                "alignment_tax_pct": -0.5,
+                "win_rate": {"win_rate": 0.66, "n": 16},
+                "reward_model_accuracy": 0.7,
+                "samples": [{"prompt": "He is", "reference": " a man", "aligned": " kind"}],
+            },
+        )
     if recipe.federated:
-        train.update({"federated": True, "rounds_done": 4, "rounds_planned": 4, "rounds_skipped": 0,
-                      "strategy": "fedavg", "sites": 10, "secagg": False, "seconds_per_round": 12.345})
+        train.update(
+            {
+                "federated": True,
+                "rounds_done": 4,
+                "rounds_planned": 4,
+                "rounds_skipped": 0,
+                "strategy": "fedavg",
+                "sites": 10,
+                "secagg": False,
+                "seconds_per_round": 12.345,
+            }
+        )
         train.pop("samples_per_second"), train.pop("peak_rss_mb")
-        metrics = [{"split": "validation", "step": r, "epoch": r, "round": r, "loss": 0.7, "accuracy": 0.5 + r / 20,
-                    "macro_f1": 0.4 + r / 20} for r in range(5)]  # one record per round, as keel federate writes
+        metrics = [
+            {
+                "split": "validation",
+                "step": r,
+                "epoch": r,
+                "round": r,
+                "loss": 0.7,
+                "accuracy": 0.5 + r / 20,
+                "macro_f1": 0.4 + r / 20,
+            }
+            for r in range(5)
+        ]  # one record per round, as keel federate writes
     if recipe.audit:
-        groups = [{"group": "women", "n": 40, "accuracy": 0.7, "selection_rate": 0.3, "tpr": 0.6, "fpr": None,
-                   "flag": "", "ranked": True},
-                  {"group": "men", "n": 12, "accuracy": 0.5, "selection_rate": 0.2, "tpr": None, "fpr": 0.1,
-                   "flag": "", "ranked": False}]
+        groups = [
+            {
+                "group": "women",
+                "n": 40,
+                "accuracy": 0.7,
+                "selection_rate": 0.3,
+                "tpr": 0.6,
+                "fpr": None,
+                "flag": "",
+                "ranked": True,
+            },
+            {
+                "group": "men",
+                "n": 12,
+                "accuracy": 0.5,
+                "selection_rate": 0.2,
+                "tpr": None,
+                "fpr": 0.1,
+                "flag": "",
+                "ranked": False,
+            },
+        ]
         flip = {"text": "she was great", "counterfactual": "he was great", "before": 0.8, "after": 0.4}
-        _write(run / "audit" / "fairness.json", {
-            "n": 300, "split": "test", "source": "identity-term lexicon", "positive_label": "positive",
-            "min_group_size": 30,
-            "attributes": {"gender": {"demographic_parity_difference": None, "equalized_odds_difference": None,
-                                      "groups": groups, "ranked_groups": ["women"], "worst_group_accuracy": 0.7}},
-            "subgroup_aucs": [{"subgroup": "women", "n": 40, "subgroup_auc": 0.8, "bpsn_auc": None,
-                               "bnsp_auc": 0.7, "flag": None}], "overall_auc": 0.81,
-            "counterfactual": {"all": {"n": 20, "flip_rate": 0.05, "mean_score_change": -0.01,
-                                       "mean_abs_score_change": 0.02, "examples": [flip]},
-                               "gender": {"n": 20, "flip_rate": 0.05, "mean_score_change": -0.01,
-                                          "mean_abs_score_change": 0.02, "examples": [flip]}}})
+        _write(
+            run / "audit" / "fairness.json",
+            {
+                "n": 300,
+                "split": "test",
+                "source": "identity-term lexicon",
+                "positive_label": "positive",
+                "min_group_size": 30,
+                "attributes": {
+                    "gender": {
+                        "demographic_parity_difference": None,
+                        "equalized_odds_difference": None,
+                        "groups": groups,
+                        "ranked_groups": ["women"],
+                        "worst_group_accuracy": 0.7,
+                    }
+                },
+                "subgroup_aucs": [
+                    {"subgroup": "women", "n": 40, "subgroup_auc": 0.8, "bpsn_auc": None, "bnsp_auc": 0.7, "flag": None}
+                ],
+                "overall_auc": 0.81,
+                "counterfactual": {
+                    "all": {
+                        "n": 20,
+                        "flip_rate": 0.05,
+                        "mean_score_change": -0.01,
+                        "mean_abs_score_change": 0.02,
+                        "examples": [flip],
+                    },
+                    "gender": {
+                        "n": 20,
+                        "flip_rate": 0.05,
+                        "mean_score_change": -0.01,
+                        "mean_abs_score_change": 0.02,
+                        "examples": [flip],
+                    },
+                },
+            },
+        )
         _write(run / "audit" / "gates.json", {"checked": {}, "failures": [], "unmeasurable": []})
-        _write(run / "audit" / "explain.json", {
-            "method": "integrated gradients", "n_steps": 24, "n": 32,
-            "completeness": {"mean_abs_delta": 1e-3, "max_abs_delta": 4e-3, "median_relative_delta": 0.002},
-            "faithfulness": {"n": 32, "k": 3, "faithful": True, "comprehensiveness": 0.2, "sufficiency": 0.1,
-                             "comprehensiveness_random": 0.05, "sufficiency_random": 0.3},
-            "global_importance": {"positive": [{"token": "love", "total": 1.5, "count": 4}]}, "examples": []})
+        _write(
+            run / "audit" / "explain.json",
+            {
+                "method": "integrated gradients",
+                "n_steps": 24,
+                "n": 32,
+                "completeness": {"mean_abs_delta": 1e-3, "max_abs_delta": 4e-3, "median_relative_delta": 0.002},
+                "faithfulness": {
+                    "n": 32,
+                    "k": 3,
+                    "faithful": True,
+                    "comprehensiveness": 0.2,
+                    "sufficiency": 0.1,
+                    "comprehensiveness_random": 0.05,
+                    "sufficiency_random": 0.3,
+                },
+                "global_importance": {"positive": [{"token": "love", "total": 1.5, "count": 4}]},
+                "examples": [],
+            },
+        )
     info["train"] = train
     _write(run / "train.json", train)
     _write(run / "run.json", info)
@@ -155,5 +303,8 @@ def test_report_and_card_of_every_builtin_recipe_read_as_written_by_a_person(tmp
 
 def test_the_detector_finds_python_values():
     assert python_words("<table><tr><td>None samples/s</td><td>?</td></tr></table><p>SecAgg+ False</p>") == [
-        "None samples/s", "?", "SecAgg+ False"]
+        "None samples/s",
+        "?",
+        "SecAgg+ False",
+    ]
     assert python_words("<pre>a: None</pre><p>what? no.</p>") == []

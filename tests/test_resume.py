@@ -42,8 +42,13 @@ def reference(tmp_path_factory):
 
 def start_and_kill(work, recipe, out_dir, kill_after_step):
     """Start training, wait until ``kill_after_step`` steps are logged, then SIGKILL it."""
-    proc = subprocess.Popen([sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={out_dir}"],
-                            cwd=work, env={**os.environ, **OFFLINE}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={out_dir}"],
+        cwd=work,
+        env={**os.environ, **OFFLINE},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = work / out_dir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

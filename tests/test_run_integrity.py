@@ -45,8 +45,11 @@ def refused(proc, *needles):
 
 def snapshot(run):
     """Every file of a run with its size and mtime (the writer lock aside): a refused verb must change none."""
-    return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in run.rglob("*") if p.is_file() and p.name != ".keel.lock"}
+    return {
+        str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in run.rglob("*")
+        if p.is_file() and p.name != ".keel.lock"
+    }
 
 
 def flip_last_byte(path):
@@ -78,7 +81,9 @@ def test_a_dropped_in_peft_adapter_is_refused(base):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(scratch / name, run / "model" / name)
     before = snapshot(run)
-    refused(keel("predict", str(run), "the car was great", cwd=work), "adapter_config.json is not part of the sealed folder")
+    refused(
+        keel("predict", str(run), "the car was great", cwd=work), "adapter_config.json is not part of the sealed folder"
+    )
     refused(keel("serve", str(run), "--port", "0", cwd=work, timeout=120), "is not part of the sealed folder")
     assert snapshot(run) == before  # refused, and nothing removed or rewritten (the adapter stays for a person to see)
 
@@ -162,6 +167,7 @@ def test_serve_checks_the_teacher_behind_embeddings_of_a_compressed_run(base, co
 
 # -- one writer per run directory ---------------------------------------------------------------------
 
+
 def test_a_second_writer_is_refused_naming_the_holder(base):
     from keel.io import run_lock
 
@@ -179,9 +185,17 @@ def test_a_second_writer_is_refused_naming_the_holder(base):
 def test_a_stale_lock_of_a_killed_process_is_taken_over(base):
     work, _ = base
     run = copy_run(base, "stale")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from keel.io import acquire_run_lock; "
-                               f"acquire_run_lock({str(run)!r}); print('locked', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE})
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from keel.io import acquire_run_lock; "
+            f"acquire_run_lock({str(run)!r}); print('locked', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **OFFLINE},
+    )
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -196,11 +210,16 @@ def test_two_concurrent_resumes_one_is_refused_and_the_run_stays_whole(base):
     work, recipe = base
     run = work / "runs" / "two"
     (run / "checkpoints" / ".tmp-step-00000005-x").mkdir(parents=True)  # what a run killed before its first
-    for name in ("recipe.yaml", "run.json"):                           # complete checkpoint leaves
+    for name in ("recipe.yaml", "run.json"):  # complete checkpoint leaves
         shutil.copy(work / "runs" / "base" / name, run / name)
-    first = subprocess.Popen([sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={run}",
-                              "train.epochs=3", "--resume"], cwd=work, env={**os.environ, **OFFLINE},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={run}", "train.epochs=3", "--resume"],
+        cwd=work,
+        env={**os.environ, **OFFLINE},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (run / ".keel.lock").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)

@@ -28,10 +28,14 @@ def base(tmp_path_factory):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     private = ec.generate_private_key(ec.SECP256R1())
-    (work / "signing.key").write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    (work / "signing.pub").write_bytes(private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (work / "signing.key").write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    (work / "signing.pub").write_bytes(
+        private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return work
 
 
@@ -61,8 +65,9 @@ def test_sealed_run_predicts_as_before_with_the_key_and_is_refused_without(base)
     assert not (run / "export" / "onnx" / "model.onnx").exists()
     sealed = keel("predict", str(run), *texts, "--json", cwd=base, check=True, env={"KEEL_SEAL_KEY": KEY})
     assert predictions(sealed) == predictions(plain) and predictions(plain)
-    onnx = keel("predict", str(run), *texts, "--json", "--backend", "onnx", cwd=base, check=True,
-                env={"KEEL_SEAL_KEY": KEY})
+    onnx = keel(
+        "predict", str(run), *texts, "--json", "--backend", "onnx", cwd=base, check=True, env={"KEEL_SEAL_KEY": KEY}
+    )
     assert predictions(onnx) == predictions(plain)
     refused(keel("predict", str(run), "x", cwd=base, env={"KEEL_SEAL_KEY": ""}), "no seal key")
     refused(keel("export", str(run), cwd=base, env={"KEEL_SEAL_KEY": KEY}), "would write plaintext weights")
@@ -126,8 +131,11 @@ def test_sign_verify_and_serve_verify_key(base):
     keel("verify", str(run), "--key", pub, cwd=base, check=True)
     (run / "export" / "onnx" / "tokenizer_config.json").unlink()
     write_manifest(run / "export" / "onnx")
-    refused(keel("verify", str(run), "--key", pub, cwd=base), "does not match its signature",
-            "removed tokenizer_config.json")
+    refused(
+        keel("verify", str(run), "--key", pub, cwd=base),
+        "does not match its signature",
+        "removed tokenizer_config.json",
+    )
     # the signed, sealed demo path: seal, sign, serve with both
     run2 = copy_run(base, "sealed-signed")
     keel("seal", str(run2), cwd=base, check=True, env={"KEEL_SEAL_KEY": KEY})

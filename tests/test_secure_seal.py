@@ -80,7 +80,7 @@ def test_reordered_chunks_are_refused(folder):
     p = folder / "model.safetensors.sealed"
     step = 64 + 16
     data = p.read_bytes()
-    p.write_bytes(data[step:2 * step] + data[:step] + data[2 * step:])
+    p.write_bytes(data[step : 2 * step] + data[:step] + data[2 * step :])
     _reseal_outer_manifest(folder)
     with pytest.raises(SealError, match="chunk 0 of .*does not authenticate"):
         open_folder(folder, KEY)
@@ -91,7 +91,7 @@ def test_a_truncated_file_is_refused(folder, name):
     seal_folder(folder, KEY)
     header = json.loads((folder / "seal.json").read_text())
     p = folder / name
-    p.write_bytes(p.read_bytes()[:-(64 + 16)])  # one whole chunk dropped at a boundary
+    p.write_bytes(p.read_bytes()[: -(64 + 16)])  # one whole chunk dropped at a boundary
     base = name.removesuffix(".sealed")
     header["files"][base]["chunks"] -= 1  # the header is not secret: an attacker can edit it too
     (folder / "seal.json").write_text(json.dumps(header))

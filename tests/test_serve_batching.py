@@ -19,7 +19,7 @@ def _reference(model, tok, ids: list[int], max_new: int) -> list[int]:
     with torch.inference_mode():
         for _ in range(max_new):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 def _collector():
@@ -45,12 +45,20 @@ def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm, min
     model, tok = tiny_lm
     sched = Scheduler(model, tok, max_running=4)
     sched.eos = set()  # random weights: run every sequence to its full length
-    prompts = ["Hello there", "A much longer prompt about the sea, the ships and the harbour at night",
-               "One", "Two words", "The quick brown fox jumps over the lazy dog again and again", "x y z"]
+    prompts = [
+        "Hello there",
+        "A much longer prompt about the sea, the ships and the harbour at night",
+        "One",
+        "Two words",
+        "The quick brown fox jumps over the lazy dog again and again",
+        "x y z",
+    ]
     lengths = [12, 5, 20, 3, 9, 15]
     _, done, emit = _collector()
-    seqs = [Sequence(tok(p)["input_ids"], n, temperature=0.0, index=i, emit=emit) for i, (p, n) in
-            enumerate(zip(prompts, lengths))]
+    seqs = [
+        Sequence(tok(p)["input_ids"], n, temperature=0.0, index=i, emit=emit)
+        for i, (p, n) in enumerate(zip(prompts, lengths))
+    ]
     sched.start()
     try:
         for i, s in enumerate(seqs):  # staggered arrivals: later ones join a batch that is mid-decode
@@ -124,8 +132,10 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(tiny_lm):
         sched.eos = set()
         _, done, emit = _collector()
         target = Sequence(ids, 15, temperature=0.9, top_p=0.9, seed=123, index=0, emit=emit)
-        others = [Sequence(tok(f"other prompt {k}")["input_ids"], 15, temperature=1.0, seed=k, index=k + 1, emit=emit)
-                  for k in range(extra)]
+        others = [
+            Sequence(tok(f"other prompt {k}")["input_ids"], 15, temperature=1.0, seed=k, index=k + 1, emit=emit)
+            for k in range(extra)
+        ]
         sched.start()
         try:
             sched.submit(others + [target])
@@ -190,8 +200,9 @@ def test_a_batch_that_raises_fails_only_the_request_that_caused_it():
         b = DynamicBatcher(fn, "classify", max_batch_size=16, max_wait_ms=50, max_queue=64)
         b.start()
         try:
-            jobs = [b.submit([f"text {i}", f"more {i}"] if i != 3 else ["fine", "poison"], timeout_s=10)
-                    for i in range(6)]
+            jobs = [
+                b.submit([f"text {i}", f"more {i}"] if i != 3 else ["fine", "poison"], timeout_s=10) for i in range(6)
+            ]
             return await asyncio.gather(*jobs, return_exceptions=True)
         finally:
             await b.stop()
@@ -269,8 +280,12 @@ def test_an_unexpected_server_error_logs_its_traceback_but_no_request_text(caplo
             ok = client.post("/v1/embeddings", json={"input": "fine"})
             bad = client.post("/v1/embeddings", json={"input": ["fine", "boom secret-words"]})
     assert ok.status_code == 200 and bad.status_code == 500
-    assert bad.json()["error"] == {"message": "internal error (RuntimeError)", "type": "server_error", "param": None,
-                                   "code": "internal_error"}
+    assert bad.json()["error"] == {
+        "message": "internal error (RuntimeError)",
+        "type": "server_error",
+        "param": None,
+        "code": "internal_error",
+    }
     [record] = [r for r in caplog.records if r.name.startswith("keel") and r.levelno >= logging.ERROR]
     assert record.exc_info and "the encoder broke" in caplog.text and "in embed" in caplog.text  # the traceback
     assert "secret-words" not in caplog.text

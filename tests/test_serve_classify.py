@@ -37,8 +37,9 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clf(run_dir):
-    server = Server(str(run_dir), "--set", "serve.max_wait_ms=10", "--set", "serve.max_queue=1024", "--set",
-                    "serve.num_threads=1")
+    server = Server(
+        str(run_dir), "--set", "serve.max_wait_ms=10", "--set", "serve.max_queue=1024", "--set", "serve.num_threads=1"
+    )
     yield server
     server.stop()
 
@@ -63,7 +64,9 @@ def test_classify_matches_keel_predict(clf, run_dir):
 
 
 def test_classify_explains_the_served_label_on_request(clf, run_dir):
-    r = httpx.post(f"{clf.url}/v1/classify", json={"input": TEXTS[:2], "explain": True, "explain_steps": 64}, timeout=60)
+    r = httpx.post(
+        f"{clf.url}/v1/classify", json={"input": TEXTS[:2], "explain": True, "explain_steps": 64}, timeout=60
+    )
     assert r.status_code == 200, r.text
     from keel.evaluate import load_trained
     from keel.trust.explain import integrated_gradients
@@ -112,6 +115,7 @@ def test_generation_routes_on_a_classifier_are_a_clear_400(clf):
 
 def test_load_2000_requests_at_concurrency_64_without_a_5xx(clf):
     """Each request is one text; the dynamic batcher must group them (mean batch size > 1)."""
+
     async def main():
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=clf.url, limits=limits, timeout=60) as http:
@@ -140,11 +144,28 @@ def test_load_2000_requests_at_concurrency_64_without_a_5xx(clf):
 
 def test_schemathesis_finds_no_server_error(clf, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "schemathesis.cli", "run", f"{clf.url}/openapi.json", "--checks",
-         "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-         "--max-examples", "30", "--phases", "examples,coverage,fuzzing", "--generation-deterministic",
-         "--request-timeout", "30", "--no-color"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "run",
+            f"{clf.url}/openapi.json",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "30",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--generation-deterministic",
+            "--request-timeout",
+            "30",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
@@ -156,7 +177,7 @@ def test_the_printed_curl_and_python_examples_work(clf):
     lines = clf.log.splitlines()
     curl = next(line for line in lines if line.startswith("curl -s "))
     start = lines.index("python - <<'EOF'")
-    snippet = "\n".join(lines[start + 1: lines.index("EOF", start)])
+    snippet = "\n".join(lines[start + 1 : lines.index("EOF", start)])
     proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"'label': '(pos|neg)'", proc.stdout) and proc.stdout.strip().splitlines()[-1] == "32"
@@ -176,11 +197,15 @@ def _raw(texts) -> bytes:
 
 def test_lone_surrogates_are_a_400_naming_input_and_fail_no_one_else(clf):
     """One client sends "\\ud800" (valid JSON, not text) among normal traffic that shares its batches."""
-    poison = [("/v1/classify", _raw("bad \ud800 text")), ("/v1/embeddings", _raw(["fine", "bad \udfff"])),
-              ("/v1/classify", b'{"input": ["\\ud83d"], "explain": true}')]
+    poison = [
+        ("/v1/classify", _raw("bad \ud800 text")),
+        ("/v1/embeddings", _raw(["fine", "bad \udfff"])),
+        ("/v1/classify", b'{"input": ["\\ud83d"], "explain": true}'),
+    ]
 
     async def main():
         async with httpx.AsyncClient(base_url=clf.url, timeout=60) as http:
+
             async def one(path, raw):
                 return path, raw, await http.post(path, content=raw, headers={"Content-Type": "application/json"})
 
@@ -201,10 +226,15 @@ def test_lone_surrogates_are_a_400_naming_input_and_fail_no_one_else(clf):
 
 def test_explain_runs_apart_from_classify_traffic(clf):
     """A heavy explain request (16 texts x 256 steps) does not hold the classify requests sent after it."""
+
     async def main():
         async with httpx.AsyncClient(base_url=clf.url, timeout=120) as http:
-            heavy = asyncio.ensure_future(http.post("/v1/classify", json={
-                "input": [f"{TEXTS[i % 4]} " * 8 for i in range(16)], "explain": True, "explain_steps": 256}))
+            heavy = asyncio.ensure_future(
+                http.post(
+                    "/v1/classify",
+                    json={"input": [f"{TEXTS[i % 4]} " * 8 for i in range(16)], "explain": True, "explain_steps": 256},
+                )
+            )
             for _ in range(200):  # until it is past its classification, explaining
                 if heavy.done() or clf.metric('keel_queue_depth{kind="explain"}') >= 1:
                     break
@@ -222,9 +252,19 @@ def test_explain_runs_apart_from_classify_traffic(clf):
 @pytest.fixture(scope="module")
 def short(run_dir):
     """The same run with a 1 s deadline, a 1 s read timeout, and room for an explanation that outlasts it."""
-    server = Server(str(run_dir), "--set", "serve.timeout_s=1", "--set", "serve.read_timeout_s=1",
-                    "--set", "serve.num_threads=1", "--set", "serve.backend=torch",
-                    "--set", "serve.max_explain_inputs=128")
+    server = Server(
+        str(run_dir),
+        "--set",
+        "serve.timeout_s=1",
+        "--set",
+        "serve.read_timeout_s=1",
+        "--set",
+        "serve.num_threads=1",
+        "--set",
+        "serve.backend=torch",
+        "--set",
+        "serve.max_explain_inputs=128",
+    )
     yield server
     server.stop()
 
@@ -235,8 +275,9 @@ def test_an_explanation_past_its_deadline_is_a_504_and_its_work_stops(short):
     r = httpx.post(f"{short.url}/v1/classify", json=heavy, timeout=60)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     # The abandoned work stopped: a light explanation right behind it is not stuck behind it past its own deadline.
-    light = httpx.post(f"{short.url}/v1/classify", json={"input": "a light one", "explain": True, "explain_steps": 4},
-                       timeout=60)
+    light = httpx.post(
+        f"{short.url}/v1/classify", json={"input": "a light one", "explain": True, "explain_steps": 4}, timeout=60
+    )
     assert light.status_code == 200, light.text
     assert light.json()["data"][0]["explanation"]["model"] == "torch"
 
@@ -257,13 +298,18 @@ def _exchange(url: str, raw: bytes, timeout: float = 30) -> tuple[str, dict]:
 
 
 def test_slow_or_broken_requests_get_json_errors_and_hold_no_connection(short):
-    status, body = _exchange(short.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                        b"Content-Length: 100\r\n\r\n{\"input\": ")
+    status, body = _exchange(
+        short.url,
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"input": ',
+    )
     assert status.startswith("HTTP/1.1 408") and body["error"]["code"] == "body_timeout"
     status, body = _exchange(short.url, b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-")
     assert status.startswith("HTTP/1.1 408") and body["error"]["code"] == "header_timeout"
-    for raw in (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
-                b"BREW /v1/classify HTTP/1.1\r\nHost: x\r\n\r\n"):
+    for raw in (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+        b"BREW /v1/classify HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
         status, body = _exchange(short.url, raw)
         assert status.startswith("HTTP/1.1 400") and body["error"]["code"] == "invalid_http", raw
         assert set(body["error"]) == {"message", "type", "param", "code"}
@@ -276,13 +322,22 @@ def test_sigterm_with_a_client_still_sending_its_body_exits_within_the_drain(run
     import signal
     import socket
 
-    server = Server(str(run_dir), "--set", "serve.read_timeout_s=60", "--set", "serve.drain_timeout=2",
-                    "--set", "serve.num_threads=1")
+    server = Server(
+        str(run_dir),
+        "--set",
+        "serve.read_timeout_s=60",
+        "--set",
+        "serve.drain_timeout=2",
+        "--set",
+        "serve.num_threads=1",
+    )
     try:
         host, port = server.url.removeprefix("http://").split(":")
         slow = socket.create_connection((host, int(port)), timeout=30)
-        slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"input\": ")
+        slow.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"input": '
+        )
         time.sleep(0.3)
         server.proc.send_signal(signal.SIGTERM)
         code = server.proc.wait(timeout=25)  # the old drain waited timeout_s + 5 s twice

@@ -26,8 +26,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def docs_server():
-    server = Server("tiny-bert", "--set", "serve.public_docs=true", "--set", "serve.num_threads=1",
-                    env={"KEEL_API_KEYS": f"{KEY},{KEY2}"})
+    server = Server(
+        "tiny-bert",
+        "--set",
+        "serve.public_docs=true",
+        "--set",
+        "serve.num_threads=1",
+        env={"KEEL_API_KEYS": f"{KEY},{KEY2}"},
+    )
     yield server
     server.stop()
 
@@ -43,10 +49,25 @@ def _render(url: str, tmp_path, ready_js: str) -> tuple[str, list[str]]:
     from websockets.sync.client import connect
 
     proc = subprocess.Popen(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-         f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-         "--remote-debugging-port=0", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--disable-extensions",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         devtools = None
         for line in proc.stderr:
@@ -58,6 +79,7 @@ def _render(url: str, tmp_path, ready_js: str) -> tuple[str, list[str]]:
         page = next(t for t in httpx.get(f"http://{devtools}/json/list", timeout=10).json() if t["type"] == "page")
         requested, seq = [], [0]
         with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+
             def call(method: str, **params):
                 seq[0] += 1
                 ws.send(json.dumps({"id": seq[0], "method": method, "params": params}))
@@ -89,24 +111,28 @@ def _render(url: str, tmp_path, ready_js: str) -> tuple[str, list[str]]:
 
 
 def _off_host(urls: list[str]) -> list[str]:
-    return [u for u in urls if urlsplit(u).scheme not in ("data", "blob", "about")
-            and urlsplit(u).hostname != "127.0.0.1"]
+    return [
+        u for u in urls if urlsplit(u).scheme not in ("data", "blob", "about") and urlsplit(u).hostname != "127.0.0.1"
+    ]
 
 
-@pytest.mark.skipif(_chromium() is None,
-                    reason="chromium is not installed (apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    _chromium() is None, reason="chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 def test_docs_render_their_operations_with_no_request_leaving_the_machine(docs_server, tmp_path):
     operations = httpx.get(f"{docs_server.url}/openapi.json").json()["paths"]
     assert "/v1/embeddings" in operations
-    text, requested = _render(f"{docs_server.url}/docs", tmp_path,
-                              "document.querySelectorAll('.opblock-summary-path').length > 0")
+    text, requested = _render(
+        f"{docs_server.url}/docs", tmp_path, "document.querySelectorAll('.opblock-summary-path').length > 0"
+    )
     assert _off_host(requested) == [], requested
     assert any("/docs/assets/swagger-ui-bundle.js" in u for u in requested)
     for path in operations:  # every operation of the API is listed
         assert path in text, (path, text[:2000])
 
-    text, requested = _render(f"{docs_server.url}/redoc", tmp_path,
-                              "document.querySelectorAll('[data-section-id^=\"operation\"]').length > 0")
+    text, requested = _render(
+        f"{docs_server.url}/redoc", tmp_path, "document.querySelectorAll('[data-section-id^=\"operation\"]').length > 0"
+    )
     assert _off_host(requested) == [], requested
     for path in operations:
         assert path in text, (path, text[:2000])
@@ -158,7 +184,7 @@ def _run_examples(server: Server, env: dict) -> None:
     lines = server.log.split("\n")
     curl = next(ln for ln in lines if ln.startswith("curl "))
     start = next(i for i, ln in enumerate(lines) if ln.startswith("python - <<'EOF'"))
-    py = "\n".join(lines[start:lines.index("EOF", start) + 1])
+    py = "\n".join(lines[start : lines.index("EOF", start) + 1])
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     full_env = {**{k: v for k, v in os.environ.items() if k != "KEEL_API_KEYS"}, "PATH": path, **env}
     r = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, env=full_env, timeout=60)

@@ -11,8 +11,14 @@ def test_forward_groups_spanning_several_passes_keep_request_order():
     from keel.serve.engines import load_engine
 
     engine = load_engine("tiny-bert")
-    texts = ["a much longer text about a car that drove itself home through the rain", "short",
-             "a text of middling length here", "x", "another fairly long one about traffic lights and bridges", "mid one"]
+    texts = [
+        "a much longer text about a car that drove itself home through the rain",
+        "short",
+        "a text of middling length here",
+        "x",
+        "another fairly long one about traffic lights and bridges",
+        "mid one",
+    ]
     engine.forward_batch_size = None  # one padded pass over every text
     whole = engine.embed(texts)
     engine.forward_batch_size = 2  # three passes, none in request order

@@ -32,7 +32,7 @@ def _reference(model, ids: list[int], max_new: int) -> list[int]:
     with torch.inference_mode():
         for _ in range(max_new):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+    return seq[len(ids) :]
 
 
 def _run(sched, seqs, timeout=60.0) -> dict:
@@ -88,8 +88,10 @@ def test_a_failing_sequence_ends_alone_with_its_traceback_logged(tiny_lm, caplog
     sched = Scheduler(model, tok, max_running=8)
     sched.eos = set()
     prompts = ["Hello there", "A longer prompt about ships", f"{SECRET} and more", "x y z"]
-    seqs = [Sequence(tok(p)["input_ids"], 12, temperature=0.0, index=i, request_id=f"cmpl-{i}")
-            for i, p in enumerate(prompts)]
+    seqs = [
+        Sequence(tok(p)["input_ids"], 12, temperature=0.0, index=i, request_id=f"cmpl-{i}")
+        for i, p in enumerate(prompts)
+    ]
     seqs[2].stops = [object()]  # stop-string matching raises TypeError for this sequence alone
     with caplog.at_level(logging.INFO, logger="keel.serve"):
         done = _run(sched, seqs)
@@ -197,8 +199,9 @@ def test_try_submit_checks_the_room_and_counts_in_one_step(tiny_lm):
 
 @pytest.fixture(scope="module")
 def lm():
-    server = Server("tiny-llama", "--set", "serve.num_threads=1", "--set", "serve.max_queue=8",
-                    "--set", "serve.max_n=8")
+    server = Server(
+        "tiny-llama", "--set", "serve.num_threads=1", "--set", "serve.max_queue=8", "--set", "serve.max_n=8"
+    )
     yield server
     server.stop()
 
@@ -229,9 +232,18 @@ def test_temperature_1e_45_beside_running_streams_fails_nobody(lm):
     from openai import OpenAI
 
     outcomes, started = [], threading.Event()
-    threads = [threading.Thread(target=_stream, args=(lm.url, {"prompt": f"Story {i}", "max_tokens": 150,
-                                                               "temperature": 0.8, "seed": i}, outcomes, started))
-               for i in range(3)]
+    threads = [
+        threading.Thread(
+            target=_stream,
+            args=(
+                lm.url,
+                {"prompt": f"Story {i}", "max_tokens": 150, "temperature": 0.8, "seed": i},
+                outcomes,
+                started,
+            ),
+        )
+        for i in range(3)
+    ]
     for t in threads:
         t.start()
     assert started.wait(60)
@@ -269,8 +281,10 @@ def test_a_non_streaming_client_that_disconnects_stops_its_sequences(lm):
     body = json.dumps({"prompt": "Hello", "max_tokens": 500, "n": 8, "temperature": 0}).encode()
     u = urlparse(lm.url)
     sock = socket.create_connection((u.hostname, u.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     end = time.time() + 30
     while lm.metric("keel_running_sequences") == 0 and time.time() < end:
         time.sleep(0.01)
@@ -282,14 +296,25 @@ def test_a_non_streaming_client_that_disconnects_stops_its_sequences(lm):
     assert 0 < generated < 8 * 500 / 2
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", {"prompt": "hello " * 600, "max_tokens": 4}, "prompt"),
-    ("/v1/completions", {"prompt": "hello " * 600}, "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 600}], "max_tokens": 4}, "messages"),
-    ("/v1/completions", {"prompt": "hello " * 300, "max_tokens": 400}, "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 300}],
-                              "max_completion_tokens": 400}, "max_completion_tokens"),
-], ids=["prompt alone", "prompt alone, no max_tokens", "messages alone", "max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"prompt": "hello " * 600, "max_tokens": 4}, "prompt"),
+        ("/v1/completions", {"prompt": "hello " * 600}, "prompt"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hello " * 600}], "max_tokens": 4},
+            "messages",
+        ),
+        ("/v1/completions", {"prompt": "hello " * 300, "max_tokens": 400}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hello " * 300}], "max_completion_tokens": 400},
+            "max_completion_tokens",
+        ),
+    ],
+    ids=["prompt alone", "prompt alone, no max_tokens", "messages alone", "max_tokens", "max_completion_tokens"],
+)
 @pytest.mark.slow
 def test_context_length_errors_name_the_field_that_is_too_long(lm, path, body, param):
     r = httpx.post(f"{lm.url}{path}", json=body, timeout=30)
@@ -324,8 +349,9 @@ def test_tokenization_and_chat_templates_run_off_the_event_loop():
             loop_thread = threading.get_ident()
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as http:
                 c = await http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
-                chat = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                                     "max_tokens": 2})
+                chat = await http.post(
+                    "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+                )
             return loop_thread, c.status_code, chat.status_code
 
     loop_thread, *codes = asyncio.run(main())
@@ -333,14 +359,24 @@ def test_tokenization_and_chat_templates_run_off_the_event_loop():
     assert len(threads) == 2 and loop_thread not in threads
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", '{"prompt": ["fine", "bad \\ud800"], "max_tokens": 2}', "prompt"),
-    ("/v1/completions", '{"prompt": "fine", "stop": "\\udfff", "max_tokens": 2}', "stop"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "bad \\ud800"}], "max_tokens": 2}', "messages"),
-], ids=["prompt", "stop", "chat content"])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", '{"prompt": ["fine", "bad \\ud800"], "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"prompt": "fine", "stop": "\\udfff", "max_tokens": 2}', "stop"),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "bad \\ud800"}], "max_tokens": 2}',
+            "messages",
+        ),
+    ],
+    ids=["prompt", "stop", "chat content"],
+)
 @pytest.mark.slow
 def test_lone_surrogates_in_generation_requests_are_a_400_naming_the_field(lm, path, body, param):
     r = httpx.post(f"{lm.url}{path}", content=body.encode(), headers={"Content-Type": "application/json"}, timeout=30)
     err = r.json()["error"]
     assert r.status_code == 400 and err["param"].startswith(param), err
-    assert httpx.post(f"{lm.url}/v1/completions", json={"prompt": "fine", "max_tokens": 2}, timeout=30).status_code == 200
+    assert (
+        httpx.post(f"{lm.url}/v1/completions", json={"prompt": "fine", "max_tokens": 2}, timeout=30).status_code == 200
+    )

@@ -17,12 +17,15 @@ pytestmark = pytest.mark.slow  # starts `keel serve`
 
 
 def test_overload_answers_only_200_or_429_and_recovers():
-    server = Server("tiny-llama", "--set", "serve.max_running=2", "--set", "serve.max_queue=3",
-                    "--set", "serve.num_threads=1")
+    server = Server(
+        "tiny-llama", "--set", "serve.max_running=2", "--set", "serve.max_queue=3", "--set", "serve.num_threads=1"
+    )
     try:
+
         async def burst():
-            async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                         limits=httpx.Limits(max_connections=64)) as http:
+            async with httpx.AsyncClient(
+                base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=64)
+            ) as http:
                 body = {"prompt": "Hello", "max_tokens": 40, "temperature": 0}
                 return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(48)))
 
@@ -66,8 +69,9 @@ def test_sigterm_drains_accepted_requests_and_exits_0():
         body = {"prompt": f"Story number {i}", "max_tokens": 400, "temperature": 0}
         try:
             if i % 2:
-                with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True},
-                                  timeout=120) as s:
+                with httpx.stream(
+                    "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=120
+                ) as s:
                     lines = [line for line in s.iter_lines() if line.startswith("data: ")]
                 finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
                 results.append((s.status_code, lines[-1] == "data: [DONE]" and finish[-1] in ("length", "stop")))

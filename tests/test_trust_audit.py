@@ -36,7 +36,11 @@ def write_people_csv(path: Path, n: int = 200) -> Path:
     lines = ["text,label,region"]
     for i in range(n):
         label = "pos" if i % 2 == 0 else "neg"
-        region = ("north" if rng.random() < 0.9 else "south") if label == "pos" else ("south" if rng.random() < 0.9 else "north")
+        region = (
+            ("north" if rng.random() < 0.9 else "south")
+            if label == "pos"
+            else ("south" if rng.random() < 0.9 else "north")
+        )
         word = rng.choice(good if label == "pos" else bad)
         lines.append(f"{rng.choice(who)} said the ride was {word} number {i},{label},{region}")
     path.write_text("\n".join(lines) + "\n")
@@ -69,8 +73,17 @@ def test_run_writes_audit_card_and_report(audited):
     assert cf["gender"]["n"] > 0 and 0 <= cf["gender"]["flip_rate"] <= 1
     assert "mitigation" in fair
     card = (run_dir / "model/MODEL_CARD.md").read_text()
-    for heading in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):
+    for heading in (
+        "Model details",
+        "Intended use",
+        "Factors",
+        "Metrics",
+        "Evaluation data",
+        "Training data",
+        "Quantitative analyses",
+        "Ethical considerations",
+        "Caveats and recommendations",
+    ):
         assert f"## {heading}" in card
     test = json.loads((run_dir / "eval/test.json").read_text())
     assert f"{test['accuracy']:.4f}" in card  # filled from the run's own numbers
@@ -87,9 +100,16 @@ def test_keel_explain_prints_attributions(audited):
 
     from conftest import OFFLINE
 
-    proc = subprocess.run([sys.executable, "-m", "keel", "explain", str(run_dir), "-", "--json", "--steps", "16"], cwd=work,
-                          input="she said the ride was great\nhe said the ride was awful\n", capture_output=True, text=True,
-                          env={**os.environ, **OFFLINE}, timeout=300, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "explain", str(run_dir), "-", "--json", "--steps", "16"],
+        cwd=work,
+        input="she said the ride was great\nhe said the ride was awful\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=300,
+        check=True,
+    )
     rows = [json.loads(x) for x in proc.stdout.splitlines()]
     assert len(rows) == 2
     row = rows[0]
@@ -103,8 +123,15 @@ def test_keel_explain_prints_attributions(audited):
 
 def test_fairness_gate_fails_the_run_with_exit_3(audited):
     work, _, _ = audited
-    proc = keel("run", "fair.yaml", "audit.fairness.groups=column", "audit.gates.max_demographic_parity_difference=0.1",
-                "audit.explain=null", "output.dir=runs/gated", cwd=work)
+    proc = keel(
+        "run",
+        "fair.yaml",
+        "audit.fairness.groups=column",
+        "audit.gates.max_demographic_parity_difference=0.1",
+        "audit.explain=null",
+        "output.dir=runs/gated",
+        cwd=work,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "fairness gate failed: demographic parity difference" in proc.stderr and "Traceback" not in proc.stderr
     run_dir = work / "runs/gated"
@@ -112,7 +139,11 @@ def test_fairness_gate_fails_the_run_with_exit_3(audited):
     assert "gate failed" in (run_dir / "report.html").read_text()  # the report is still written
     # `keel audit` re-checks the same gates
     again = keel("audit", str(run_dir), cwd=work)
-    assert again.returncode == 3 and "max_demographic_parity_difference" in again.stderr and "Traceback" not in again.stderr
+    assert (
+        again.returncode == 3
+        and "max_demographic_parity_difference" in again.stderr
+        and "Traceback" not in again.stderr
+    )
     assert "MODEL_CARD.md" in again.stdout
     # groups from a data column: a served request does not carry the column, so the served model is unmitigated,
     # and the card, the report and every prediction say so
@@ -130,9 +161,16 @@ def _predict(work, run_dir, texts):
 
     from conftest import OFFLINE
 
-    proc = subprocess.run([sys.executable, "-m", "keel", "predict", str(run_dir), "-", "--json"], cwd=work,
-                          input="\n".join(texts) + "\n", capture_output=True, text=True,
-                          env={**os.environ, **OFFLINE}, timeout=300, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel", "predict", str(run_dir), "-", "--json"],
+        cwd=work,
+        input="\n".join(texts) + "\n",
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=300,
+        check=True,
+    )
     return [json.loads(x) for x in proc.stdout.splitlines()]
 
 
@@ -171,8 +209,12 @@ def test_predict_and_serve_apply_the_audits_thresholds(audited):
     served, other = body["data"]
     assert served["mitigation"]["applied"] and served["mitigation"]["attribute"] == attr
     assert served["label"] == _predict(work, run_dir, [mentioned])[0]["label"]
-    assert other["mitigation"] == {"applied": False, "attribute": attr, "group": "none",
-                                   "reason": other["mitigation"]["reason"]}
+    assert other["mitigation"] == {
+        "applied": False,
+        "attribute": attr,
+        "group": "none",
+        "reason": other["mitigation"]["reason"],
+    }
 
 
 # -- the report in a real browser ----------------------------------------------------------------
@@ -195,17 +237,35 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    _chromium() is None, reason="chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 def test_report_renders_in_headless_chromium(audited, tmp_path):
     _, run_dir, _ = audited
     page = (run_dir / "report.html").read_text()
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("<head>", "<head>" + HOOK, 1))  # the hook runs before anything on the page
     proc = subprocess.run(
-        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     m = re.search(r'<pre id="__probe">(.*?)</pre>', proc.stdout, re.S)
     assert m, f"chromium did not render the page: {proc.stderr[-2000:]}"
     import html
@@ -224,12 +284,24 @@ def test_a_gate_with_nothing_to_measure_fails_unless_told_to_warn(audited):
     import yaml
 
     work, _, _ = audited
-    proc = keel("run", "fair.yaml", "audit.fairness.min_group_size=1000", "audit.gates.max_equalized_odds_difference=0.1",
-                "audit.explain=null", "output.dir=runs/unmeasurable", cwd=work)
+    proc = keel(
+        "run",
+        "fair.yaml",
+        "audit.fairness.min_group_size=1000",
+        "audit.gates.max_equalized_odds_difference=0.1",
+        "audit.explain=null",
+        "output.dir=runs/unmeasurable",
+        cwd=work,
+    )
     assert proc.returncode == 3, proc.stderr
     err = " ".join(proc.stderr.split())
-    assert "gate cannot be evaluated: audit.gates.max_equalized_odds_difference: no attribute has two groups with " \
-           "1000+ examples" in err and "on_unmeasurable=warn" in err and "Traceback" not in proc.stderr
+    assert (
+        "gate cannot be evaluated: audit.gates.max_equalized_odds_difference: no attribute has two groups with "
+        "1000+ examples"
+        in err
+        and "on_unmeasurable=warn" in err
+        and "Traceback" not in proc.stderr
+    )
     run_dir = work / "runs/unmeasurable"
     gates = json.loads((run_dir / "audit/gates.json").read_text())
     assert gates["failures"] == [] and len(gates["unmeasurable"]) == 1
@@ -249,5 +321,7 @@ def test_a_gate_with_nothing_to_measure_fails_unless_told_to_warn(audited):
 
 def test_gates_without_a_fairness_audit_are_refused(audited):
     work, _, _ = audited
-    proc = keel("validate", "fair.yaml", "audit.fairness=null", "audit.gates.max_equalized_odds_difference=0.1", cwd=work)
+    proc = keel(
+        "validate", "fair.yaml", "audit.fairness=null", "audit.gates.max_equalized_odds_difference=0.1", cwd=work
+    )
     assert proc.returncode == 2 and "audit.gates" in proc.stderr and "audit.fairness" in proc.stderr

@@ -22,7 +22,9 @@ def tiny():
     tok = AutoTokenizer.from_pretrained(path)
     # a random encoder scores every text alike; a few steps on a toy task make the words matter
     texts, labels = [], []
-    for i, (g, b) in enumerate(zip(["great", "lovely", "happy", "excellent"] * 8, ["awful", "sad", "broken", "terrible"] * 8)):
+    for i, (g, b) in enumerate(
+        zip(["great", "lovely", "happy", "excellent"] * 8, ["awful", "sad", "broken", "terrible"] * 8)
+    ):
         texts += [f"the ride was {g} number {i}", f"the ride was {b} number {i}"]
         labels += [1, 0]
     enc = tok(texts, return_tensors="pt", padding=True)
@@ -49,7 +51,7 @@ def _completeness_gap(model, tok, n_steps):
     enc = _encode(tok, TEXTS, None)
     rel = []
     for b, e in enumerate(exps):
-        ids = enc["input_ids"][b: b + 1, : len(e.tokens)]
+        ids = enc["input_ids"][b : b + 1, : len(e.tokens)]
         special = torch.tensor([not c for c in e.content]).unsqueeze(0)
         base = torch.where(special, ids, torch.full_like(ids, tok.pad_token_id))
         with torch.no_grad():
@@ -99,11 +101,15 @@ def test_faithfulness_prefers_attributed_tokens_over_random(tiny):
     from keel.trust.explain import explain, faithfulness, global_importance
 
     model, tok = tiny
-    texts = [f"{a} {b} {c} and {d}" for a, b, c, d in zip(
-        ["great", "awful", "lovely", "broken", "happy", "sad", "fine", "bad"] * 2,
-        ["car", "bus", "ride", "trip", "road", "taxi", "train", "drive"] * 2,
-        ["today", "again", "now", "then", "here", "there", "still", "ever"] * 2,
-        ["more", "less", "some", "all", "none", "most", "few", "many"] * 2)]
+    texts = [
+        f"{a} {b} {c} and {d}"
+        for a, b, c, d in zip(
+            ["great", "awful", "lovely", "broken", "happy", "sad", "fine", "bad"] * 2,
+            ["car", "bus", "ride", "trip", "road", "taxi", "train", "drive"] * 2,
+            ["today", "again", "now", "then", "here", "there", "still", "ever"] * 2,
+            ["more", "less", "some", "all", "none", "most", "few", "many"] * 2,
+        )
+    ]
     cfg = ExplainConfig(n_steps=16, top_k=1)
     exps = explain(model, tok, texts, cfg, rollout=False)
     f = faithfulness(model, tok, exps, k=1, seed=0)

@@ -83,19 +83,22 @@ def test_counterfactual_swaps_are_symmetric():
     assert lexicon.swap_terms("nothing to see here", cats) == ("nothing to see here", 0, ())
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("his mother called", "her father called"),            # determiner his -> her (not 'hers father')
-    ("her mother called", "his father called"),            # determiner her -> his
-    ("I saw her.", "I saw him."),                          # object her -> him
-    ("he told her about it", "she told him about it"),
-    ("I saw him yesterday", "I saw her yesterday"),
-    ("the book is his.", "the book is hers."),             # standalone his -> hers
-    ("the book is hers", "the book is his"),
-    ("His and hers", "Hers and his"),
-    ("she loves her own dog", "he loves his own dog"),
-    ("HER DOG BARKED", "HIS DOG BARKED"),
-    ("she fed her 3 cats", "he fed his 3 cats"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("his mother called", "her father called"),  # determiner his -> her (not 'hers father')
+        ("her mother called", "his father called"),  # determiner her -> his
+        ("I saw her.", "I saw him."),  # object her -> him
+        ("he told her about it", "she told him about it"),
+        ("I saw him yesterday", "I saw her yesterday"),
+        ("the book is his.", "the book is hers."),  # standalone his -> hers
+        ("the book is hers", "the book is his"),
+        ("His and hers", "Hers and his"),
+        ("she loves her own dog", "he loves his own dog"),
+        ("HER DOG BARKED", "HIS DOG BARKED"),
+        ("she fed her 3 cats", "he fed his 3 cats"),
+    ],
+)
 def test_pronouns_swap_by_their_role(text, expected):
     swap = lexicon.swap_terms(text, lexicon.categories())
     assert swap.text == expected and not swap.ambiguous
@@ -112,7 +115,14 @@ def test_lexicon_groups_and_unknown_category():
     assert lexicon.groups_in("My grandmother is a Muslim", "religion") == ["muslim"]
     assert lexicon.group_label("he and she", "gender") == "several"
     assert lexicon.group_label("a car", "gender") == "none"
-    assert set(lexicon.categories()) == {"gender", "race/ethnicity", "religion", "sexual orientation", "disability", "age"}
+    assert set(lexicon.categories()) == {
+        "gender",
+        "race/ethnicity",
+        "religion",
+        "sexual orientation",
+        "disability",
+        "age",
+    }
     from keel.errors import RecipeError
 
     with pytest.raises(RecipeError, match="unknown"):
@@ -170,16 +180,30 @@ def test_gates_with_nothing_to_measure_are_named():
     y, p, g = planted()
     probs = np.stack([1 - p * 0.8 - 0.1, p * 0.8 + 0.1], axis=1)  # (N, 2)
     texts = [f"text {i}" for i in range(len(y))]
-    doc = fair.audit(texts, y, probs, ["neg", "pos"], FairnessConfig(groups="column", min_group_size=50,
-                                                                      counterfactual=False), None, column=list(g))
+    doc = fair.audit(
+        texts,
+        y,
+        probs,
+        ["neg", "pos"],
+        FairnessConfig(groups="column", min_group_size=50, counterfactual=False),
+        None,
+        column=list(g),
+    )
     gates = FairnessGates(max_equalized_odds_difference=0.1, min_subgroup_auc=0.5, max_counterfactual_flip_rate=0.1)
     assert fair.check_gates(doc, gates) == []  # nothing crossed ...
     lines = fair.unmeasurable_gates(doc, gates)  # ... because nothing could be measured
     assert len(lines) == 3
     assert lines[0].startswith("audit.gates.max_equalized_odds_difference: no attribute has two groups with 50+")
     assert "a 40" in lines[0] and "counterfactual is off" in lines[2]
-    ok = fair.audit(texts, y, probs, ["neg", "pos"], FairnessConfig(groups="column", min_group_size=30,
-                                                                     counterfactual=False), None, column=list(g))
+    ok = fair.audit(
+        texts,
+        y,
+        probs,
+        ["neg", "pos"],
+        FairnessConfig(groups="column", min_group_size=30, counterfactual=False),
+        None,
+        column=list(g),
+    )
     assert fair.unmeasurable_gates(ok, FairnessGates(max_equalized_odds_difference=0.1)) == []
     assert fair.unmeasurable_gates(ok, FairnessGates()) == []
 
@@ -196,8 +220,9 @@ def test_stored_thresholds_rebuild_fairlearns_own_decision_rule():
     g = np.where(rng.random(n) < 0.5, "female", "male")
     y = rng.integers(0, 2, n)
     s = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.15, n) + np.where(g == "male", -0.2, 0.0), 0, 1)
-    opt = ThresholdOptimizer(estimator=fair.score_estimator(), constraints="equalized_odds", prefit=True,
-                             predict_method="predict_proba").fit(s.reshape(-1, 1), y, sensitive_features=g)
+    opt = ThresholdOptimizer(
+        estimator=fair.score_estimator(), constraints="equalized_odds", prefit=True, predict_method="predict_proba"
+    ).fit(s.reshape(-1, 1), y, sensitive_features=g)
     doc = json.loads(json.dumps({"thresholds": mitigation.interpolation_json(opt)}))  # through JSON, as stored
     rebuilt = mitigation.thresholder(doc)
     probe = np.linspace(0, 1, 101)

@@ -21,7 +21,11 @@ def test_steps_within_budget_is_the_last_step_within_it():
     sigma, q, delta, target = 0.9, 0.05, 1e-5, 3.0
     t = privacy.steps_within_budget("rdp", sigma, q, delta, target, 2000)
     assert 0 < t < 2000
-    assert privacy.epsilon_after("rdp", sigma, q, t, delta) <= target < privacy.epsilon_after("rdp", sigma, q, t + 1, delta)
+    assert (
+        privacy.epsilon_after("rdp", sigma, q, t, delta)
+        <= target
+        < privacy.epsilon_after("rdp", sigma, q, t + 1, delta)
+    )
     assert privacy.steps_within_budget("rdp", sigma, q, delta, 1e6, 50) == 50  # a loose budget allows every step
 
 
@@ -40,8 +44,12 @@ def test_batchnorm_is_refused():
     privacy.check_model(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)))
 
 
-DP = ["train.privacy.target_epsilon=3.0", "train.privacy.accountant=rdp", "train.privacy.noise_multiplier=1.0",
-      "train.privacy.delta=1e-3"]
+DP = [
+    "train.privacy.target_epsilon=3.0",
+    "train.privacy.accountant=rdp",
+    "train.privacy.noise_multiplier=1.0",
+    "train.privacy.delta=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +93,16 @@ def test_budget_stops_training_at_the_right_step_and_resume_keeps_the_accountant
 
 @pytest.mark.slow
 def test_sigma_is_calibrated_to_the_budget(dp_work):
-    proc = keel("run", "tiny.yaml", "train.privacy.target_epsilon=4.0", "train.privacy.delta=1e-3", "train.epochs=2",
-                "output.dir=runs/dp-cal", cwd=dp_work, check=True)
+    proc = keel(
+        "run",
+        "tiny.yaml",
+        "train.privacy.target_epsilon=4.0",
+        "train.privacy.delta=1e-3",
+        "train.epochs=2",
+        "output.dir=runs/dp-cal",
+        cwd=dp_work,
+        check=True,
+    )
     p = json.loads((dp_work / "runs/dp-cal/train.json").read_text())["privacy"]
     assert p["accountant"] == "prv" and p["steps"] == p["planned_steps"] == 24 and not p["budget_exhausted"]
     assert 3.9 < p["epsilon"] <= 4.0 + 1e-6  # the smallest sigma whose epsilon stays within the budget
@@ -107,11 +123,13 @@ def test_a_logical_batch_in_chunks_gets_the_same_clipped_gradient():
         torch.manual_seed(0)
         net = torch.nn.Linear(4, 3)
         gs = GradSampleModule(net)
-        opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5,
-                          expected_batch_size=10)
+        opt = DPOptimizer(
+            torch.optim.SGD(net.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=10
+        )
         before = net.weight.detach().clone()
-        loss = privacy.clipped_backward(opt, list(range(10)), chunk_size,
-                                        lambda c: torch.nn.functional.cross_entropy(gs(x[c]), y[c]))
+        loss = privacy.clipped_backward(
+            opt, list(range(10)), chunk_size, lambda c: torch.nn.functional.cross_entropy(gs(x[c]), y[c])
+        )
         opt.step()
         return net.weight.detach() - before, loss
 
@@ -130,12 +148,20 @@ def _validate_in_process(work, *overrides) -> str:
 
     from conftest import OFFLINE
 
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['keel', 'validate', 'tiny.yaml', *{list(overrides)!r}]\n"
-            "try:\n    runpy.run_module('keel', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
-            "print('imported:', sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **OFFLINE})
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['keel', 'validate', 'tiny.yaml', *{list(overrides)!r}]\n"
+        "try:\n    runpy.run_module('keel', run_name='__main__')\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+        "print('imported:', sorted(m for m in ('torch', 'transformers', 'opacus') if m in sys.modules))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **OFFLINE},
+    )
     return proc.stdout + proc.stderr
 
 
@@ -182,11 +208,23 @@ def test_dp_with_counterfactual_augmentation_accounts_per_person(dp_work):
     import random
 
     rng = random.Random(0)
-    rows = ["text,label"] + [f"{rng.choice(PEOPLE)} said the ride was {'great' if i % 2 == 0 else 'awful'} number {i},"
-                             f"{'pos' if i % 2 == 0 else 'neg'}" for i in range(160)]
+    rows = ["text,label"] + [
+        f"{rng.choice(PEOPLE)} said the ride was {'great' if i % 2 == 0 else 'awful'} number {i},"
+        f"{'pos' if i % 2 == 0 else 'neg'}"
+        for i in range(160)
+    ]
     (dp_work / "people.csv").write_text("\n".join(rows) + "\n")
-    proc = keel("train", "tiny.yaml", *DP, f"data.path={dp_work / 'people.csv'}", "train.epochs=1",
-                "audit.fairness.mitigation=counterfactual-augmentation", "output.dir=runs/dp-cda", cwd=dp_work, check=True)
+    proc = keel(
+        "train",
+        "tiny.yaml",
+        *DP,
+        f"data.path={dp_work / 'people.csv'}",
+        "train.epochs=1",
+        "audit.fairness.mitigation=counterfactual-augmentation",
+        "output.dir=runs/dp-cda",
+        cwd=dp_work,
+        check=True,
+    )
     p = json.loads((dp_work / "runs/dp-cda/train.json").read_text())["privacy"]
     n = 96  # persons: the training texts before augmentation
     assert p["unit"] == "person" and p["persons"] == n and n < p["rows"] < 2 * n and p["rows_per_person"] == 2
@@ -203,8 +241,16 @@ def test_dp_with_counterfactual_augmentation_accounts_per_person(dp_work):
 def test_the_card_names_the_unit_the_guarantee_protects():
     from keel.trust.card import privacy_lines
 
-    base = {"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp", "noise_multiplier": 1.1, "sample_rate": 0.01,
-            "steps": 10, "max_grad_norm": 1.0, "target_epsilon": 3.0}
+    base = {
+        "epsilon": 2.0,
+        "delta": 1e-5,
+        "accountant": "rdp",
+        "noise_multiplier": 1.1,
+        "sample_rate": 0.01,
+        "steps": 10,
+        "max_grad_norm": 1.0,
+        "target_epsilon": 3.0,
+    }
     assert "privacy for each training example" in privacy_lines(base)[0]
     assert "privacy for each training block of tokens" in privacy_lines({**base, "unit": "block"})[0]
     person = privacy_lines({**base, "unit": "person", "persons": 96, "rows": 150, "row_clip": 0.5})[0]
@@ -226,10 +272,14 @@ def test_early_stopping_min_delta_applies_to_dp_runs(dp_work, monkeypatch):
         return {"loss": 1.0 - value, "accuracy": value, "macro_f1": value}
 
     monkeypatch.setattr(classification, "evaluate", scripted)
-    recipe = load_recipe(str(dp_work / "tiny.yaml"), [*DP, "train.epochs=3", "train.early_stopping.patience=1",
-                                                       "train.early_stopping.min_delta=0.05"])
+    recipe = load_recipe(
+        str(dp_work / "tiny.yaml"),
+        [*DP, "train.epochs=3", "train.early_stopping.patience=1", "train.early_stopping.min_delta=0.05"],
+    )
     summary = train(recipe, dp_work / "runs/dp-min-delta")
-    evals = [json.loads(x) for x in (dp_work / "runs/dp-min-delta/metrics.jsonl").read_text().splitlines() if '"split"' in x]
+    evals = [
+        json.loads(x) for x in (dp_work / "runs/dp-min-delta/metrics.jsonl").read_text().splitlines() if '"split"' in x
+    ]
     assert [e["macro_f1"] for e in evals] == [0.50, 0.51]
     assert summary["stopped_early"] and summary["best_step"] == 12 and summary["steps"] == 24
     assert summary["privacy"]["steps"] == 24  # the accountant counted the steps taken, not the planned 36
@@ -254,8 +304,11 @@ def test_dp_resume_from_a_mid_epoch_checkpoint_replays_the_same_steps(dp_work):
     assert "resuming from step-00000015" in proc.stderr
 
     def steps(run):
-        return [(r["step"], r["loss"], r["batch"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                if "split" not in r]
+        return [
+            (r["step"], r["loss"], r["batch"])
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "split" not in r
+        ]
 
     assert steps(copy) == steps(ref)
     a, b = (json.loads((run / "train.json").read_text())["privacy"] for run in (ref, copy))

@@ -38,8 +38,16 @@ SCHEMA_CASES = [
     ("compress:\n  prune: {heads: 0, ffn: 0}\n", [], "removes nothing"),
     ("compress:\n  distill: {layers: [0, 0]}\n", [], "distinct teacher layer indices"),
     ("compress:\n  distill: {student: gpt-9}\n", [], "compress.distill.student: 'gpt-9': no such model"),
-    ("federated: {sites: 2, min_available_clients: 3, min_fit_clients: 2}\n", [], "min_available_clients=3 is more than sites=2"),
-    ("federated: {sites: 2, min_available_clients: 2, min_fit_clients: 3}\n", [], "min_fit_clients=3 is more than sites=2"),
+    (
+        "federated: {sites: 2, min_available_clients: 3, min_fit_clients: 2}\n",
+        [],
+        "min_available_clients=3 is more than sites=2",
+    ),
+    (
+        "federated: {sites: 2, min_available_clients: 2, min_fit_clients: 3}\n",
+        [],
+        "min_fit_clients=3 is more than sites=2",
+    ),
     ("train: {privacy: {target_epsilon: 8}, mixed_precision: bf16}\n", [], "train.mixed_precision=no"),
     ("train: {privacy: {target_epsilon: 8}, grad_accum_steps: 2}\n", [], "train.grad_accum_steps=1"),
     ("train: {privacy: {target_epsilon: 8}}\ncompress: {prune: {ffn: 0.5}}\n", [], "quantization only"),
@@ -60,14 +68,16 @@ def test_validate_refuses_what_the_run_would(work, extra, overrides, expected):
 
 
 def test_federated_section_on_a_causal_lm_is_refused(tmp_path):
-    (tmp_path / "r.yaml").write_text("task: causal-lm\nmodel: {name: tiny-llama}\ndata: {name: shakespeare}\n"
-                                     "federated: {sites: 2}\n")
+    (tmp_path / "r.yaml").write_text(
+        "task: causal-lm\nmodel: {name: tiny-llama}\ndata: {name: shakespeare}\nfederated: {sites: 2}\n"
+    )
     _refused(keel("validate", "r.yaml", cwd=tmp_path), "keel federate trains classifiers")
 
 
 def test_compress_section_on_a_causal_lm_is_refused(tmp_path):
-    (tmp_path / "r.yaml").write_text("task: causal-lm\nmodel: {name: tiny-llama}\ndata: {name: shakespeare}\n"
-                                     "compress: {distill: {layers: 1}}\n")
+    (tmp_path / "r.yaml").write_text(
+        "task: causal-lm\nmodel: {name: tiny-llama}\ndata: {name: shakespeare}\ncompress: {distill: {layers: 1}}\n"
+    )
     _refused(keel("validate", "r.yaml", cwd=tmp_path), "compresses classifiers only", "keel distill RUN_DIR")
 
 
@@ -85,6 +95,7 @@ def test_serve_options_are_checked_by_the_serve_section_model(tmp_path):
 
 
 # -- paths: relative to the recipe file, overrides relative to the working directory ------------------------------
+
 
 def test_relative_paths_are_relative_to_the_recipe_file(tmp_path):
     project = tmp_path / "project"
@@ -115,7 +126,8 @@ def test_every_path_field_is_made_absolute(tmp_path, monkeypatch):
         "model: {name: mymodel}\ndata: {path: d/x.csv}\noutput: {dir: out}\n"
         "compress: {distill: {student: mymodel}}\n"
         "audit: {fairness: {baseline_run: ../runs/base}}\n"
-        "federated: {sites: 2, server: {root_certificate: ca.pem, certificate: s.pem, private_key: ~/k.pem}}\n")
+        "federated: {sites: 2, server: {root_certificate: ca.pem, certificate: s.pem, private_key: ~/k.pem}}\n"
+    )
     monkeypatch.chdir(tmp_path)
     r = load_recipe("sub/r.yaml")
     sub = tmp_path / "sub"
@@ -144,6 +156,7 @@ def test_the_runs_recipe_yaml_names_absolute_paths(tmp_path):
 
 # -- data content: fails at validate, and `keel run` leaves no run directory ---------------------------------------
 
+
 def _bad_data(path, kind):
     if kind == "empty":
         path.write_text("")
@@ -157,13 +170,16 @@ def _bad_data(path, kind):
         path.write_text("text,label\na,pos\nb,neg,extra\n")
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("empty", "is empty"),
-    ("header-only", "has no usable rows"),
-    ("one-label", "single label ('pos')"),
-    ("not-utf8", "bad.csv line 4: not valid UTF-8"),
-    ("too-many-fields", "bad.csv line 3: 3 fields"),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("empty", "is empty"),
+        ("header-only", "has no usable rows"),
+        ("one-label", "single label ('pos')"),
+        ("not-utf8", "bad.csv line 4: not valid UTF-8"),
+        ("too-many-fields", "bad.csv line 3: 3 fields"),
+    ],
+)
 def test_bad_csv_fails_at_validate_and_before_a_run_directory(tmp_path, kind, expected):
     _bad_data(tmp_path / "bad.csv", kind)
     (tmp_path / "r.yaml").write_text(BASE.replace("toy.csv", "bad.csv"))
@@ -208,7 +224,9 @@ def test_empty_parquet_is_refused(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.string())}), tmp_path / "d.parquet")
+    pq.write_table(
+        pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.string())}), tmp_path / "d.parquet"
+    )
     (tmp_path / "r.yaml").write_text(BASE.replace("toy.csv", "d.parquet"))
     _refused(keel("validate", "r.yaml", cwd=tmp_path), "has no rows")
     pq.write_table(pa.table({"text": ["a", "b"], "label": ["x", "x"]}), tmp_path / "d.parquet")
@@ -239,7 +257,9 @@ def test_chat_and_preference_jsonl_are_read_at_validate(tmp_path):
 def test_validate_of_a_data_file_imports_no_torch(work):
     """Reading the data's content stays off torch, pandas and datasets."""
     (work / "r.yaml").write_text(BASE)
-    code = ("import sys\nfrom keel.cli import main\nsys.argv = ['keel', 'validate', 'r.yaml']\nmain()\n"
-            "print('HEAVY', [m for m in ('torch', 'transformers', 'datasets', 'pandas') if m in sys.modules])\n")
+    code = (
+        "import sys\nfrom keel.cli import main\nsys.argv = ['keel', 'validate', 'r.yaml']\nmain()\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers', 'datasets', 'pandas') if m in sys.modules])\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "HEAVY []" in proc.stdout, proc.stdout + proc.stderr

@@ -40,14 +40,21 @@ ENV = {**os.environ, **OFFLINE}
 
 
 def keel(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "keel", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def serve(run: Path, *args: str, cwd: Path) -> tuple[int | None, str]:
     """(exit code, output) of `keel serve`; exit code None when it started serving (then it is stopped)."""
-    proc = subprocess.Popen([sys.executable, "-m", "keel", "serve", str(run), "--port", "0", *args], cwd=cwd,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keel", "serve", str(run), "--port", "0", *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -83,7 +90,10 @@ def outcome(rc: int | None, text: str) -> tuple[str, bool]:
 
 def write_toy_csv(path: Path, n: int = 120) -> Path:
     rng = random.Random(0)
-    good, bad = ["great", "lovely", "excellent", "wonderful", "happy"], ["awful", "terrible", "horrible", "sad", "broken"]
+    good, bad = (
+        ["great", "lovely", "excellent", "wonderful", "happy"],
+        ["awful", "terrible", "horrible", "sad", "broken"],
+    )
     filler = ["the car", "this ride", "my trip", "the service", "that road", "our drive", "the bus", "a taxi"]
     lines = ["text,label"]
     for i in range(n):
@@ -105,7 +115,9 @@ def drop_in_adapter(model_dir: Path, scratch: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)).save_pretrained(scratch)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights=False)).save_pretrained(
+        scratch
+    )
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(scratch / name, model_dir / name)
 
@@ -115,19 +127,49 @@ def tamper_rows(work: Path, base: Path, compressed: Path) -> list[Row]:
     jobs = []  # (fault, verb, prepare(run), command(run))
     model_files = sorted(p.name for p in (base / "model").iterdir() if p.name != "manifest.json")
     for name in model_files:
-        jobs.append((f"flipped byte in model/{name}", "predict", lambda r, n=name: flip_last_byte(r / "model" / n), "predict"))
+        jobs.append(
+            (f"flipped byte in model/{name}", "predict", lambda r, n=name: flip_last_byte(r / "model" / n), "predict")
+        )
     verbs = ("predict", "eval", "serve")
     for verb in verbs:
         jobs.append(("deleted model/manifest.json", verb, lambda r: (r / "model" / "manifest.json").unlink(), verb))
-        jobs.append(("PEFT adapter dropped into model/", verb,
-                     lambda r: drop_in_adapter(r / "model", r.parent / f".adapter-{r.name}"), verb))
-        jobs.append(("recipe.yaml edited: max_length 32 -> 8", verb, lambda r: (r / "recipe.yaml").write_text(
-            (r / "recipe.yaml").read_text().replace("max_length: 32", "max_length: 8")), verb))
-        jobs.append(("extra unknown file model/notes.txt", verb, lambda r: (r / "model" / "notes.txt").write_text("hi"), verb))
-    jobs.append(("compressed run: flipped byte in the teacher's weights", "serve --backend student-torch",
-                 lambda r: flip_last_byte(r / "model" / "model.safetensors"), "serve-student"))
-    jobs.append(("compressed run: teacher's manifest deleted", "serve --backend student-torch",
-                 lambda r: (r / "model" / "manifest.json").unlink(), "serve-student"))
+        jobs.append(
+            (
+                "PEFT adapter dropped into model/",
+                verb,
+                lambda r: drop_in_adapter(r / "model", r.parent / f".adapter-{r.name}"),
+                verb,
+            )
+        )
+        jobs.append(
+            (
+                "recipe.yaml edited: max_length 32 -> 8",
+                verb,
+                lambda r: (r / "recipe.yaml").write_text(
+                    (r / "recipe.yaml").read_text().replace("max_length: 32", "max_length: 8")
+                ),
+                verb,
+            )
+        )
+        jobs.append(
+            ("extra unknown file model/notes.txt", verb, lambda r: (r / "model" / "notes.txt").write_text("hi"), verb)
+        )
+    jobs.append(
+        (
+            "compressed run: flipped byte in the teacher's weights",
+            "serve --backend student-torch",
+            lambda r: flip_last_byte(r / "model" / "model.safetensors"),
+            "serve-student",
+        )
+    )
+    jobs.append(
+        (
+            "compressed run: teacher's manifest deleted",
+            "serve --backend student-torch",
+            lambda r: (r / "model" / "manifest.json").unlink(),
+            "serve-student",
+        )
+    )
 
     def attack(i: int, job) -> Row:
         fault, verb, prepare, command = job
@@ -188,28 +230,51 @@ def writer_rows(work: Path, base: Path, recipe: Path) -> list[Row]:
     rows = []
     # two `keel train --resume` at once on a run stopped at step 3 (one asks for 3 epochs, one for 4)
     run = stopped_at(base, work / "runs" / "two", 3)
-    procs = [subprocess.Popen([sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={run}",
-                               f"train.epochs={e}", "--resume"], cwd=work, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for e in (3, 4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "keel", "train", str(recipe), f"output.dir={run}", f"train.epochs={e}", "--resume"],
+            cwd=work,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for e in (3, 4)
+    ]
     results = [(p.wait(timeout=600), p.stdout.read()) for p in procs]
     codes = [rc for rc, _ in results]
     refused = [text for rc, text in results if rc == 2 and "in use by another keel process" in text]
     whole = recipe_matches_model(run) and steps_once(run)
     ok = sorted(codes) == [0, 2] and len(refused) == 1 and whole
-    rows.append(Row("two `keel train --resume` at once on one run directory", "one refused naming the holder; "
-                    "recipe, metrics and model from one process", f"exit codes {codes}; "
-                    + (f"refused: {last_error(refused[0])[7:80]}...; " if refused else "neither refused; ")
-                    + f"run {'whole' if whole else 'mixed (recipe, metrics or model from different processes)'}", ok))
+    rows.append(
+        Row(
+            "two `keel train --resume` at once on one run directory",
+            "one refused naming the holder; recipe, metrics and model from one process",
+            f"exit codes {codes}; "
+            + (f"refused: {last_error(refused[0])[7:80]}...; " if refused else "neither refused; ")
+            + f"run {'whole' if whole else 'mixed (recipe, metrics or model from different processes)'}",
+            ok,
+        )
+    )
 
     # corrupt latest checkpoint
     run = stopped_at(base, work / "runs" / "corrupt", 6)
     flip_last_byte(run / "checkpoints" / "step-00000006" / "model.safetensors")
     proc = keel("train", str(recipe), f"output.dir={run}", "--resume", cwd=work)
     text = proc.stdout + proc.stderr
-    fell_back = proc.returncode == 0 and "skipping checkpoint step-00000006" in text and "resuming from step-00000003" in text
-    rows.append(Row("corrupt latest checkpoint (flipped byte), then --resume", "resumes from the one before, naming "
-                    "the one skipped", "fell back to step-00000003, step-00000006 named (checksum mismatch)" if fell_back
-                    else f"exit {proc.returncode}: {last_error(text) or 'no fallback named'}", fell_back))
+    fell_back = (
+        proc.returncode == 0 and "skipping checkpoint step-00000006" in text and "resuming from step-00000003" in text
+    )
+    rows.append(
+        Row(
+            "corrupt latest checkpoint (flipped byte), then --resume",
+            "resumes from the one before, naming the one skipped",
+            "fell back to step-00000003, step-00000006 named (checksum mismatch)"
+            if fell_back
+            else f"exit {proc.returncode}: {last_error(text) or 'no fallback named'}",
+            fell_back,
+        )
+    )
 
     # stopped before its first checkpoint
     run = stopped_at(base, work / "runs" / "early", 0)
@@ -217,15 +282,30 @@ def writer_rows(work: Path, base: Path, recipe: Path) -> list[Row]:
     proc = keel("train", str(recipe), f"output.dir={run}", "--resume", cwd=work)
     text = proc.stdout + proc.stderr
     ok = proc.returncode == 0 and "starting it afresh" in text and (run / "model" / "manifest.json").is_file()
-    rows.append(Row("--resume on a run stopped before its first checkpoint", "starts it afresh, saying so in one line",
-                    "started afresh and finished (exit 0)" if ok else f"exit {proc.returncode}: {last_error(text)}", ok))
+    rows.append(
+        Row(
+            "--resume on a run stopped before its first checkpoint",
+            "starts it afresh, saying so in one line",
+            "started afresh and finished (exit 0)" if ok else f"exit {proc.returncode}: {last_error(text)}",
+            ok,
+        )
+    )
 
     # a lock left by a killed process
     run = work / "runs" / "stale"
     shutil.copytree(base, run)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from keel.io import acquire_run_lock; "
-                               f"acquire_run_lock({str(run)!r}); print('locked', flush=True); time.sleep(120)"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from keel.io import acquire_run_lock; "
+            f"acquire_run_lock({str(run)!r}); print('locked', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
     locked = holder.stdout.readline().strip() == "locked"
     holder.kill()
     holder.wait()
@@ -233,10 +313,17 @@ def writer_rows(work: Path, base: Path, recipe: Path) -> list[Row]:
         (run / ".keel.lock").write_text(json.dumps({"pid": holder.pid}))
     proc = keel("eval", str(run), cwd=work)
     ok = proc.returncode == 0
-    rows.append(Row("the writer holding the lock is killed (kill -9)", "the next writer takes the lock over",
-                    "eval ran (exit 0)" + (", said the holder is no longer running"
-                                           if "no longer running" in proc.stdout + proc.stderr else "")
-                    if ok else f"exit {proc.returncode}: {last_error(proc.stdout + proc.stderr)}", ok))
+    rows.append(
+        Row(
+            "the writer holding the lock is killed (kill -9)",
+            "the next writer takes the lock over",
+            "eval ran (exit 0)"
+            + (", said the holder is no longer running" if "no longer running" in proc.stdout + proc.stderr else "")
+            if ok
+            else f"exit {proc.returncode}: {last_error(proc.stdout + proc.stderr)}",
+            ok,
+        )
+    )
     return rows
 
 
@@ -249,8 +336,10 @@ def main() -> int:
     try:
         recipe = work / "tiny.yaml"
         recipe.write_text(RECIPE.format(data=write_toy_csv(work / "toy.csv")))
-        for args in (["train", str(recipe), "output.dir=runs/base"],
-                     ["distill", "runs/compressed", "compress.distill.layers=1", "compress.distill.epochs=0"]):
+        for args in (
+            ["train", str(recipe), "output.dir=runs/base"],
+            ["distill", "runs/compressed", "compress.distill.layers=1", "compress.distill.epochs=0"],
+        ):
             if args[0] == "distill":
                 shutil.copytree(work / "runs" / "base", work / "runs" / "compressed")
             proc = keel(*args, cwd=work, timeout=600)

@@ -12,13 +12,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 @dataclass
 class Row:
-    fault: str     # what was done to keel: "1 of 17 clients sends lone surrogates"
-    goal: str      # what keel must do: "0 innocent requests fail"
+    fault: str  # what was done to keel: "1 of 17 clients sends lone surrogates"
+    goal: str  # what keel must do: "0 innocent requests fail"
     observed: str  # what it did: "0 of 5,375 innocent requests failed"
     ok: bool
 
@@ -33,7 +38,6 @@ def report(area: str, rows: list[Row]) -> Path:
     out = RESULTS / f"faults-{area}.json"
     script = Path(sys.argv[0]).resolve()
     command = " ".join(["python", script.relative_to(RESULTS.parents[1]).as_posix(), *sys.argv[1:]])
-    out.write_text(json.dumps({"area": area, "command": command,
-                               "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    out.write_text(json.dumps({"area": area, "command": command, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     print(f"wrote {out}")
     return out

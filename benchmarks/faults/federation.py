@@ -58,8 +58,10 @@ def free_port() -> int:
 def toy_rows(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     good, bad = ["great", "lovely", "excellent"], ["awful", "terrible", "broken"]
-    return [f"the ride was {rng.choice(good if i % 2 == 0 else bad)} number {i},{'pos' if i % 2 == 0 else 'neg'}"
-            for i in range(n)]
+    return [
+        f"the ride was {rng.choice(good if i % 2 == 0 else bad)} number {i},{'pos' if i % 2 == 0 else 'neg'}"
+        for i in range(n)
+    ]
 
 
 def write_files(tmp: Path) -> None:
@@ -73,7 +75,9 @@ def write_files(tmp: Path) -> None:
 
 def recipe(tmp: Path, name: str, *, sites: int, needed: int, port: int, tls: str = "") -> Path:
     p = tmp / name
-    p.write_text(RECIPE.format(data=tmp / "toy.csv", sites=sites, needed=needed, port=port, timeout=ROUND_TIMEOUT, tls=tls))
+    p.write_text(
+        RECIPE.format(data=tmp / "toy.csv", sites=sites, needed=needed, port=port, timeout=ROUND_TIMEOUT, tls=tls)
+    )
     return p
 
 
@@ -83,8 +87,15 @@ class Proc:
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
         full = {**os.environ, **OFFLINE, **(env or {})}
         self.t0 = time.monotonic()
-        self.p = subprocess.Popen([sys.executable, "-m", "keel", *args], cwd=cwd, env=full, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "keel", *args],
+            cwd=cwd,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.hung, self.seconds, self.ended_at = False, 0.0, None
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -138,8 +149,10 @@ def bad_site(tmp: Path, bad: str, what: str, goal: str) -> list[Row]:
     env = {"KEEL_FEDERATION_SECRET": SECRET}
     server = Proc(["federate", "serve", str(r)], tmp, env)
     wait_listening(port, 120)
-    sites = {n: Proc(["federate", "join", str(r), "--site-data", f"{n}.csv", "--server", f"127.0.0.1:{port}"], tmp, env)
-             for n in ("north", "south", bad)}
+    sites = {
+        n: Proc(["federate", "join", str(r), "--site-data", f"{n}.csv", "--server", f"127.0.0.1:{port}"], tmp, env)
+        for n in ("north", "south", bad)
+    }
     deadline = time.monotonic() + HANG
     server.wait(deadline)
     for p in sites.values():
@@ -149,24 +162,35 @@ def bad_site(tmp: Path, bad: str, what: str, goal: str) -> list[Row]:
     site_ok = not b.hung and b.p.returncode == 2 and "Traceback" not in b.text
     if bad == "broken":
         site_ok = site_ok and not connected
-    rows = [Row(f"site {what}", goal, f"{b.outcome()}; {'it connected first' if connected else 'never connected'}",
-                site_ok)]
+    rows = [
+        Row(f"site {what}", goal, f"{b.outcome()}; {'it connected first' if connected else 'never connected'}", site_ok)
+    ]
     ended = server.last("error") or server.last()
-    rows.append(Row("server needing 3 sites per round: 2 healthy + that site", "ends with a clear message naming "
-                    "what is missing, or completes; never hangs",
-                    server.outcome() if server.hung else f"exit {server.p.returncode} after {server.seconds:.0f}s: {ended}",
-                    not server.hung and (server.p.returncode == 0 or "needs 3 sites" in ended)))
+    rows.append(
+        Row(
+            "server needing 3 sites per round: 2 healthy + that site",
+            "ends with a clear message naming what is missing, or completes; never hangs",
+            server.outcome() if server.hung else f"exit {server.p.returncode} after {server.seconds:.0f}s: {ended}",
+            not server.hung and (server.p.returncode == 0 or "needs 3 sites" in ended),
+        )
+    )
     healthy = [sites["north"], sites["south"]]
     said = "; ".join(f"{n}: {p.outcome()[:120]}" for n, p in zip(("north", "south"), healthy))
-    rows.append(Row("the 2 healthy sites of that run", "end (done, or told why), never hang",
-                    f"waited until the hung server was killed, then {said}" if server.hung else said,
-                    not server.hung and all(not p.hung for p in healthy)))
+    rows.append(
+        Row(
+            "the 2 healthy sites of that run",
+            "end (done, or told why), never hang",
+            f"waited until the hung server was killed, then {said}" if server.hung else said,
+            not server.hung and all(not p.hung for p in healthy),
+        )
+    )
     return rows
 
 
 def bad_sites(tmp: Path) -> list[Row]:
-    return (bad_site(tmp, "broken", "with a malformed file (no text/label columns)", "one line, exit 2, before it connects")
-            + bad_site(tmp, "odd", "whose labels the server lacks (fails at round 1)", "one line, exit 2, no traceback"))
+    return bad_site(
+        tmp, "broken", "with a malformed file (no text/label columns)", "one line, exit 2, before it connects"
+    ) + bad_site(tmp, "odd", "whose labels the server lacks (fails at round 1)", "one line, exit 2, no traceback")
 
 
 STRANGER = """
@@ -203,19 +227,50 @@ def stranger(tmp: Path) -> list[Row]:
     server, port = _secret_server(tmp, "stranger.yaml")
     env = {**os.environ, **OFFLINE}
     env.pop("KEEL_FEDERATION_SECRET", None)
-    raw = subprocess.run([sys.executable, "-c", STRANGER.format(port=port)], cwd=tmp, env=env, capture_output=True,
-                         text=True, timeout=120)
+    raw = subprocess.run(
+        [sys.executable, "-c", STRANGER.format(port=port)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     said = next((line for line in raw.stdout.splitlines() if line.startswith("STRANGER")), raw.stderr[-200:])
     _stop(server)
-    rows = [Row("a plain Flower client without the secret joins", "refused, no weights reach it", said[:200],
-                "UNAUTHENTICATED" in said and "received arrays: []" in said)]
+    rows = [
+        Row(
+            "a plain Flower client without the secret joins",
+            "refused, no weights reach it",
+            said[:200],
+            "UNAUTHENTICATED" in said and "received arrays: []" in said,
+        )
+    ]
     server, port = _secret_server(tmp, "intruder.yaml")
     r = tmp / "intruder.yaml"
-    site = Proc(["federate", "join", str(r), "--site-data", "north.csv", "--site-name", "intruder", "--server",
-                 f"127.0.0.1:{port}"], tmp, {"KEEL_FEDERATION_SECRET": ""}).wait(time.monotonic() + 90)
+    site = Proc(
+        [
+            "federate",
+            "join",
+            str(r),
+            "--site-data",
+            "north.csv",
+            "--site-name",
+            "intruder",
+            "--server",
+            f"127.0.0.1:{port}",
+        ],
+        tmp,
+        {"KEEL_FEDERATION_SECRET": ""},
+    ).wait(time.monotonic() + 90)
     _stop(server)
-    rows.append(Row("`keel federate join` without the secret", "refused: one line, exit 2", site.outcome(),
-                    not site.hung and site.p.returncode == 2 and "refused this site" in site.text))
+    rows.append(
+        Row(
+            "`keel federate join` without the secret",
+            "refused: one line, exit 2",
+            site.outcome(),
+            not site.hung and site.p.returncode == 2 and "refused this site" in site.text,
+        )
+    )
     return rows
 
 
@@ -231,14 +286,21 @@ def write_certificates(folder: Path) -> str:
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keel fault CA")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     c = folder / "cert.pem"
     return f", root_certificate: {c}, certificate: {c}, private_key: {folder / 'key.pem'}"
 
@@ -258,8 +320,14 @@ def exposed_bind(tmp: Path) -> list[Row]:
             os.killpg(p.p.pid, signal.SIGTERM)
         p.wait(time.monotonic() + 30)
         observed = f"listened on 0.0.0.0:{port}" if listening else p.outcome()
-        rows.append(Row(f"`keel federate serve --address 0.0.0.0` {what}", "refused: one line, exit 2", observed,
-                        not listening and p.p.returncode == 2 and "refusing" in p.text))
+        rows.append(
+            Row(
+                f"`keel federate serve --address 0.0.0.0` {what}",
+                "refused: one line, exit 2",
+                observed,
+                not listening and p.p.returncode == 2 and "refusing" in p.text,
+            )
+        )
     return rows
 
 

@@ -74,9 +74,18 @@ def stream_outcome(url: str, body: dict, results: list, started: threading.Event
 
 def nan_temperature(url: str) -> list[Row]:
     innocents, bad, started = [], [], threading.Event()
-    threads = [threading.Thread(target=stream_outcome, args=(url, {"prompt": f"Story number {i}", "max_tokens": 120,
-                                                                  "temperature": 0.8, "seed": i}, innocents, started))
-               for i in range(6)]
+    threads = [
+        threading.Thread(
+            target=stream_outcome,
+            args=(
+                url,
+                {"prompt": f"Story number {i}", "max_tokens": 120, "temperature": 0.8, "seed": i},
+                innocents,
+                started,
+            ),
+        )
+        for i in range(6)
+    ]
     for t in threads:
         t.start()
     started.wait(60)
@@ -86,10 +95,15 @@ def nan_temperature(url: str) -> list[Row]:
         t.join(120)
     failed = sum(r != "ok" for r in innocents)
     reasons = sorted({r for r in innocents if r != "ok"})
-    rows = [Row("1 client sends temperature 1e-45 beside 6 running streams", "0 innocent streams fail",
-                f"{failed} of {len(innocents)} innocent streams failed" + (f" ({reasons[0]})" if reasons else ""),
-                failed == 0 and len(innocents) == 6),
-            Row("temperature 1e-45 itself", "answered (greedy)", f"its stream: {bad[0]}", bad == ["ok"])]
+    rows = [
+        Row(
+            "1 client sends temperature 1e-45 beside 6 running streams",
+            "0 innocent streams fail",
+            f"{failed} of {len(innocents)} innocent streams failed" + (f" ({reasons[0]})" if reasons else ""),
+            failed == 0 and len(innocents) == 6,
+        ),
+        Row("temperature 1e-45 itself", "answered (greedy)", f"its stream: {bad[0]}", bad == ["ok"]),
+    ]
     wait_idle(url)
     return rows
 
@@ -102,8 +116,12 @@ def never_fits(url: str) -> Row:
         codes.append(r.status_code)
         time.sleep(0.3)
     param = r.json().get("error", {}).get("param") if r.status_code != 200 else None
-    return Row("256 prompts x n=8 against serve.max_queue=256 (3 tries)", "400 every time (not 429)",
-               f"statuses {codes}" + (f", param {param}" if param else ""), codes == [400] * 3)
+    return Row(
+        "256 prompts x n=8 against serve.max_queue=256 (3 tries)",
+        "400 every time (not 429)",
+        f"statuses {codes}" + (f", param {param}" if param else ""),
+        codes == [400] * 3,
+    )
 
 
 def disconnect(url: str) -> Row:
@@ -120,18 +138,22 @@ def disconnect(url: str) -> Row:
     time.sleep(0.2)
     generated = int(metric(url, "keel_generated_tokens_total") - before)
     stopped = idle_after < 3.0 and generated < 8 * 500
-    return Row("a non-streaming client (n=8, max_tokens=500) disconnects after 0.5 s",
-               "its sequences stop at once (< 3 s, not all tokens)",
-               f"running -> 0 {idle_after:.1f} s after the disconnect; {generated} of {8 * 500} tokens generated",
-               stopped)
+    return Row(
+        "a non-streaming client (n=8, max_tokens=500) disconnects after 0.5 s",
+        "its sequences stop at once (< 3 s, not all tokens)",
+        f"running -> 0 {idle_after:.1f} s after the disconnect; {generated} of {8 * 500} tokens generated",
+        stopped,
+    )
 
 
 def _raw_post(url: str, body: dict) -> socket.socket:
     u = urlparse(url)
     data = json.dumps(body).encode()
     sock = socket.create_connection((u.hostname, u.port))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+    )
     return sock
 
 
@@ -144,8 +166,10 @@ def queued_clients_leave(url: str) -> Row:
     for _ in range(3):
         results: list = []
         started = threading.Event()
-        runner = threading.Thread(target=stream_outcome, args=(url, {"prompt": "Keep going", "max_tokens": 500,
-                                                                     "temperature": 0}, results, started))
+        runner = threading.Thread(
+            target=stream_outcome,
+            args=(url, {"prompt": "Keep going", "max_tokens": 500, "temperature": 0}, results, started),
+        )
         runner.start()
         started.wait(60)
         queued = [_raw_post(url, {"prompt": f"queued {i}", "max_tokens": 4}) for i in range(4)]
@@ -162,19 +186,23 @@ def queued_clients_leave(url: str) -> Row:
         wait_idle(url)
         if valid:
             break
-    return Row("4 queued clients disconnect while the batch is full (max_running=1, max_queue=4)",
-               "the next client is served (not 429)",
-               f"queue depth {depth:g} -> next client HTTP {r.status_code}" + ("" if valid else " (batch ended first)"),
-               valid and depth == 4 and r.status_code == 200)
+    return Row(
+        "4 queued clients disconnect while the batch is full (max_running=1, max_queue=4)",
+        "the next client is served (not 429)",
+        f"queue depth {depth:g} -> next client HTTP {r.status_code}" + ("" if valid else " (batch ended first)"),
+        valid and depth == 4 and r.status_code == 200,
+    )
 
 
 def prompt_too_long(url: str) -> Row:
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello " * 600, "max_tokens": 4}, timeout=30)
     err = r.json().get("error", {})
-    return Row("a prompt that alone is over the context (600 words, context 512)",
-               "400 context_length_exceeded naming prompt",
-               f"{r.status_code} {err.get('code')} param={err.get('param')}",
-               r.status_code == 400 and err.get("code") == "context_length_exceeded" and err.get("param") == "prompt")
+    return Row(
+        "a prompt that alone is over the context (600 words, context 512)",
+        "400 context_length_exceeded naming prompt",
+        f"{r.status_code} {err.get('code')} param={err.get('param')}",
+        r.status_code == 400 and err.get("code") == "context_length_exceeded" and err.get("param") == "prompt",
+    )
 
 
 def big_chat_blocks_loop(url: str) -> Row:
@@ -211,15 +239,24 @@ def big_chat_blocks_loop(url: str) -> Row:
     tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
     tokenize_s = time.monotonic() - t
     worst = max(probes)
-    return Row("1.8 MB of chat messages is templated and tokenized",
-               "/health/live answers meanwhile (worst < 1/3 of the tokenization)",
-               f"worst /health/live {worst:.2f} s; tokenizing takes {tokenize_s:.2f} s (HTTP {r.status_code} "
-               f"{r.json()['error'].get('code') if r.status_code != 200 else ''})", worst < tokenize_s / 3)
+    return Row(
+        "1.8 MB of chat messages is templated and tokenized",
+        "/health/live answers meanwhile (worst < 1/3 of the tokenization)",
+        f"worst /health/live {worst:.2f} s; tokenizing takes {tokenize_s:.2f} s (HTTP {r.status_code} "
+        f"{r.json()['error'].get('code') if r.status_code != 200 else ''})",
+        worst < tokenize_s / 3,
+    )
 
 
 def main() -> None:
-    server = KeelServer("tiny-llama", "serve.num_threads=1", "serve.max_running=16", "serve.max_queue=256",
-                        "serve.max_inputs=256", "serve.max_n=8")
+    server = KeelServer(
+        "tiny-llama",
+        "serve.num_threads=1",
+        "serve.max_running=16",
+        "serve.max_queue=256",
+        "serve.max_inputs=256",
+        "serve.max_n=8",
+    )
     try:
         rows = nan_temperature(server.url)
         rows.append(never_fits(server.url))

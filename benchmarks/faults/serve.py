@@ -45,17 +45,20 @@ data:
 train: {{epochs: 1, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0.0, max_steps: 3}}
 """
 LONG = "the ride along the coast was long and the driver told us about every village on the way " * 2
-SURROGATE_BODIES = [("/v1/classify", json.dumps({"input": "bad \ud800 text"})),
-                    ("/v1/embeddings", json.dumps({"input": ["fine", "bad \udfff"]})),
-                    ("/v1/classify", json.dumps({"input": ["\ud83d"], "explain": True}))]
+SURROGATE_BODIES = [
+    ("/v1/classify", json.dumps({"input": "bad \ud800 text"})),
+    ("/v1/embeddings", json.dumps({"input": ["fine", "bad \udfff"]})),
+    ("/v1/classify", json.dumps({"input": ["\ud83d"], "explain": True})),
+]
 
 
 def make_run(work: Path) -> Path:
     from keel.pipeline import train_run
     from keel.recipe import load_recipe
 
-    lines = ["text,label"] + [f"the trip was {'great' if i % 2 else 'awful'} number {i},{'pos' if i % 2 else 'neg'}"
-                              for i in range(80)]
+    lines = ["text,label"] + [
+        f"the trip was {'great' if i % 2 else 'awful'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(80)
+    ]
     (work / "toy.csv").write_text("\n".join(lines) + "\n")
     (work / "tiny.yaml").write_text(RECIPE.format(data=work / "toy.csv"))
     return train_run(load_recipe(work / "tiny.yaml", [f"output.dir={work / 'runs' / 'tiny'}"]))
@@ -99,11 +102,13 @@ async def poison_mix(url: str, seconds: float) -> Row:
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=32)) as http:
         await asyncio.gather(*(normal(http, k) for k in range(16)), attacker(http))
     total, bad = sum(innocent.values()), sum(failed.values())
-    return Row("1 of 17 clients sends lone surrogates (classify, embeddings, explain)",
-               "0 innocent requests fail; the poison gets 400",
-               f"{bad:,} of {total:,} innocent requests failed{f' {dict(failed)}' if failed else ''}; "
-               f"poison answered {dict(poison)}",
-               bad == 0 and set(poison) == {400})
+    return Row(
+        "1 of 17 clients sends lone surrogates (classify, embeddings, explain)",
+        "0 innocent requests fail; the poison gets 400",
+        f"{bad:,} of {total:,} innocent requests failed{f' {dict(failed)}' if failed else ''}; "
+        f"poison answered {dict(poison)}",
+        bad == 0 and set(poison) == {400},
+    )
 
 
 async def explain_flood(url: str, seconds: float) -> Row:
@@ -144,12 +149,14 @@ async def explain_flood(url: str, seconds: float) -> Row:
     p50 = sorted(t for t, _ in light)[len(light) // 2]
     failed = sum(s != 200 for _, s in light)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return Row("4 clients flood explain: true (16 long texts x 256 steps) beside tiny classify requests",
-               "worst tiny-request latency < 2 s, none fails; explain answers only 200/429/504",
-               f"worst {worst:.2f} s, p50 {p50:.3f} s over {len(light)} tiny requests ({failed} failed; alone: "
-               f"worst {max(alone):.2f} s, p50 {sorted(alone)[len(alone) // 2]:.3f} s; load average {load:.1f}); "
-               f"explain answered {dict(heavy)}",
-               worst < 2.0 and failed == 0 and set(heavy) <= {200, 429, 504})
+    return Row(
+        "4 clients flood explain: true (16 long texts x 256 steps) beside tiny classify requests",
+        "worst tiny-request latency < 2 s, none fails; explain answers only 200/429/504",
+        f"worst {worst:.2f} s, p50 {p50:.3f} s over {len(light)} tiny requests ({failed} failed; alone: "
+        f"worst {max(alone):.2f} s, p50 {sorted(alone)[len(alone) // 2]:.3f} s; load average {load:.1f}); "
+        f"explain answered {dict(heavy)}",
+        worst < 2.0 and failed == 0 and set(heavy) <= {200, 429, 504},
+    )
 
 
 def slow_headers(url: str, read_timeout_s: float) -> Row:
@@ -166,19 +173,29 @@ def slow_headers(url: str, read_timeout_s: float) -> Row:
         except TimeoutError:
             observed = f"still open after {limit:g} s"
     ok = reply.startswith(b"HTTP/1.1 408") and b"application/json" in reply
-    return Row("a client sends half its headers and stalls", f"408 in JSON and closed within {limit:g} s",
-               observed, ok)
+    return Row("a client sends half its headers and stalls", f"408 in JSON and closed within {limit:g} s", observed, ok)
 
 
 def sigterm_with_slow_body(target: str, drain_timeout: float) -> Row:
     from serve_common import KeelServer
 
-    server = KeelServer(target, *known(["serve.num_threads=1", "serve.timeout_s=10", "serve.read_timeout_s=60",
-                                        f"serve.drain_timeout={drain_timeout:g}"]))
+    server = KeelServer(
+        target,
+        *known(
+            [
+                "serve.num_threads=1",
+                "serve.timeout_s=10",
+                "serve.read_timeout_s=60",
+                f"serve.drain_timeout={drain_timeout:g}",
+            ]
+        ),
+    )
     host, port = server.url.removeprefix("http://").split(":")
     slow = socket.create_connection((host, int(port)), timeout=120)
-    slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 100\r\n\r\n{\"input\": ")
+    slow.sendall(
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"input": '
+    )
     time.sleep(0.5)
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
@@ -186,9 +203,12 @@ def sigterm_with_slow_body(target: str, drain_timeout: float) -> Row:
     took = time.monotonic() - t0
     slow.close()
     limit = drain_timeout + 3
-    return Row("a client holds an unfinished body when SIGTERM lands",
-               f"exit 0 within serve.drain_timeout + 3 s = {limit:g} s",
-               f"exit {code} after {took:.1f} s", code == 0 and took <= limit)
+    return Row(
+        "a client holds an unfinished body when SIGTERM lands",
+        f"exit 0 within serve.drain_timeout + 3 s = {limit:g} s",
+        f"exit {code} after {took:.1f} s",
+        code == 0 and took <= limit,
+    )
 
 
 def main() -> None:
@@ -198,12 +218,23 @@ def main() -> None:
     from serve_common import KeelServer
 
     read_timeout_s = 5.0
-    settings = known(["serve.num_threads=1", "serve.max_wait_ms=5", "serve.max_queue=1024", "serve.timeout_s=10",
-                      f"serve.read_timeout_s={read_timeout_s:g}"])
+    settings = known(
+        [
+            "serve.num_threads=1",
+            "serve.max_wait_ms=5",
+            "serve.max_queue=1024",
+            "serve.timeout_s=10",
+            f"serve.read_timeout_s={read_timeout_s:g}",
+        ]
+    )
     rows = []
-    for attacks in ([lambda url: asyncio.run(poison_mix(url, 20.0))],  # a fresh server for each group: one that
-                    [lambda url: asyncio.run(explain_flood(url, 25.0)),  # a fault wedged does not spoil the next
-                     lambda url: slow_headers(url, read_timeout_s)]):
+    for attacks in (
+        [lambda url: asyncio.run(poison_mix(url, 20.0))],  # a fresh server for each group: one that
+        [
+            lambda url: asyncio.run(explain_flood(url, 25.0)),  # a fault wedged does not spoil the next
+            lambda url: slow_headers(url, read_timeout_s),
+        ],
+    ):
         server = KeelServer(target, *settings)
         try:
             rows += [attack(server.url) for attack in attacks]

@@ -38,7 +38,7 @@ def perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> float:
     device = next(model.parameters()).device
     total, n = 0.0, 0
     for start in range(0, len(blocks), batch_size):
-        ids = torch.tensor(blocks[start: start + batch_size], device=device)  # (B, T)
+        ids = torch.tensor(blocks[start : start + batch_size], device=device)  # (B, T)
         loss = model(input_ids=ids, labels=ids).loss.float().item()
         k = ids.numel() - ids.shape[0]
         total, n = total + loss * k, n + k
@@ -57,7 +57,7 @@ def shakespeare_blocks(tokenizer, n: int, length: int) -> list[list[int]]:
         stream += tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         if len(stream) >= n * length:
             break
-    return [stream[i * length: (i + 1) * length] for i in range(min(n, len(stream) // length))]
+    return [stream[i * length : (i + 1) * length] for i in range(min(n, len(stream) // length))]
 
 
 @torch.no_grad()
@@ -68,10 +68,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     out = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start: start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            enc = tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            gen = model.generate(
+                **{k: v.to(device) for k, v in enc.items()},
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return out
@@ -81,8 +87,12 @@ def win_rate(reward_model, tokenizer, prompts: list[str], policy_out: list[str],
     a = reward_scores(reward_model, tokenizer, [p + c for p, c in zip(prompts, policy_out)])
     b = reward_scores(reward_model, tokenizer, [p + c for p, c in zip(prompts, ref_out)])
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
-    return {"win_rate": wins / len(prompts), "n": len(prompts), "mean_reward_policy": sum(a) / len(a),
-            "mean_reward_reference": sum(b) / len(b)}
+    return {
+        "win_rate": wins / len(prompts),
+        "n": len(prompts),
+        "mean_reward_policy": sum(a) / len(a),
+        "mean_reward_reference": sum(b) / len(b),
+    }
 
 
 def win_rate_prompts(pairs: list[dict], n: int) -> list[str]:

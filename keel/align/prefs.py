@@ -30,9 +30,17 @@ def crows_preferences(lead: str) -> list[dict]:
         while k < min(len(more), len(less)) - 1 and more[k] == less[k]:
             k += 1
         prefix = " ".join(more[:k])
-        pairs.append({"prompt": lead + prefix, "chosen": (" " if k else "") + " ".join(less[k:]),
-                      "rejected": (" " if k else "") + " ".join(more[k:]), "shared_words": k,
-                      "sent_more": str(row.sent_more), "sent_less": str(row.sent_less), "bias_type": str(row.bias_type)})
+        pairs.append(
+            {
+                "prompt": lead + prefix,
+                "chosen": (" " if k else "") + " ".join(less[k:]),
+                "rejected": (" " if k else "") + " ".join(more[k:]),
+                "shared_words": k,
+                "sent_more": str(row.sent_more),
+                "sent_less": str(row.sent_less),
+                "bias_type": str(row.bias_type),
+            }
+        )
     return [p for p in pairs if p["chosen"] != p["rejected"]]
 
 
@@ -44,8 +52,10 @@ def read_preferences(path: str) -> list[dict]:
     for n, row in read_jsonl(p):
         missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
         if missing:
-            raise DataError(f"{path} line {n}: no text field(s) {', '.join(missing)}; each line needs "
-                            "prompt, chosen and rejected strings")
+            raise DataError(
+                f"{path} line {n}: no text field(s) {', '.join(missing)}; each line needs "
+                "prompt, chosen and rejected strings"
+            )
         pairs.append(row)
     if len(pairs) < 4:
         raise DataError(f"{path}: {len(pairs)} preference pairs; need at least 4 to train and hold some out")
@@ -56,15 +66,17 @@ def load_preferences(cfg: DataConfig, lead: str) -> dict[str, list[dict]]:
     """train / validation / test lists of pairs."""
     if cfg.name is not None:
         if cfg.name != "crows-pairs":
-            raise DataError(f"data.name: '{cfg.name}' has no preference pairs; use crows-pairs or a JSONL data.path "
-                            "with prompt, chosen, rejected")
+            raise DataError(
+                f"data.name: '{cfg.name}' has no preference pairs; use crows-pairs or a JSONL data.path "
+                "with prompt, chosen, rejected"
+            )
         pairs = crows_preferences(lead)
     else:
         pairs = read_preferences(cfg.path)
     order = list(range(len(pairs)))
     random.Random(cfg.split.seed).shuffle(order)
     n_test, n_val = round(cfg.split.test * len(pairs)), round(cfg.split.validation * len(pairs))
-    test, val, train = order[:n_test], order[n_test: n_test + n_val], order[n_test + n_val:]
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     out = {"train": [pairs[i] for i in train], "validation": [pairs[i] for i in val], "test": [pairs[i] for i in test]}
     if cfg.max_train_samples:
         out["train"] = out["train"][: cfg.max_train_samples]
@@ -84,8 +96,10 @@ def check_source(recipe) -> None:
     if cfg.path is None:
         return
     if not Path(cfg.path).expanduser().is_file():
-        raise DataError(f"data.path: file '{cfg.path}' not found; check the path (a relative data.path is relative "
-                        "to the recipe file's folder)")
+        raise DataError(
+            f"data.path: file '{cfg.path}' not found; check the path (a relative data.path is relative "
+            "to the recipe file's folder)"
+        )
     if recipe.align is not None:  # the whole file, as the run reads it: line-numbered errors before any run dir
         read_preferences(cfg.path)
     else:

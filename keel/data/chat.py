@@ -1,7 +1,7 @@
 """Chat / instruction JSONL for SFT: each line one example, read into prompt + completion, split for training and test.
 
-    {"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", "content": ...}]}   or
-    {"prompt": "...", "response": "..."}   (also "completion" for "response")
+{"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", "content": ...}]}   or
+{"prompt": "...", "response": "..."}   (also "completion" for "response")
 """
 
 from __future__ import annotations
@@ -49,5 +49,5 @@ def split_examples(rows: list[dict], data) -> tuple[list[dict], list[dict]]:
     random.Random(data.split.seed).shuffle(order)
     n_test, n_val = round(data.split.test * len(rows)), round(data.split.validation * len(rows))
     test = [rows[i] for i in order[:n_test]]
-    train = [rows[i] for i in order[n_test + n_val:]][: data.max_train_samples]
+    train = [rows[i] for i in order[n_test + n_val :]][: data.max_train_samples]
     return train, test

@@ -54,13 +54,17 @@ def check_data_config(cfg: DataConfig, task: str, content: bool = False) -> dict
     """Cheap checks for `keel validate`: the source exists and the columns are there; with ``content``, also what
     the rows hold (check_content). Returns the mapping."""
     if cfg.name is not None and cfg.name not in DATASETS:
-        raise RecipeError(f"data.name: unknown data set '{cfg.name}'; built-in ones: {', '.join(DATASETS)} (or set data.path)")
+        raise RecipeError(
+            f"data.name: unknown data set '{cfg.name}'; built-in ones: {', '.join(DATASETS)} (or set data.path)"
+        )
     columns = column_mapping(cfg, task)
     if cfg.path is not None:
         path = Path(cfg.path).expanduser()
         if not path.is_file():
-            raise DataError(f"data.path: file '{cfg.path}' not found; check the path (a relative data.path is relative "
-                            "to the recipe file's folder)")
+            raise DataError(
+                f"data.path: file '{cfg.path}' not found; check the path (a relative data.path is relative "
+                "to the recipe file's folder)"
+            )
         header = _peek_columns(path, cfg.format)
         if header is not None:
             _check_columns(columns, header, cfg.path)
@@ -95,8 +99,11 @@ def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None
         raise _not_utf8(path, data, e, fix) from None
     label = columns.get("label") if task == "classification" else None
     keys = (columns["text"], label)
-    rows = _csv_rows(text, path, keys) if kind == "csv" else (
-        (n, row.get(keys[0]), row.get(label) if label else None) for n, row in _jsonl_rows(text, path))
+    rows = (
+        _csv_rows(text, path, keys)
+        if kind == "csv"
+        else ((n, row.get(keys[0]), row.get(label) if label else None) for n, row in _jsonl_rows(text, path))
+    )
     declared = None if cfg.labels is None else [str(x) for x in cfg.labels]
     usable, labels = 0, set()
     for n, value, y in rows:
@@ -107,8 +114,10 @@ def check_content(path: Path, cfg: DataConfig, task: str, columns: dict) -> None
                 continue
             y = _label_str(y)
             if declared is not None and y not in declared:
-                raise DataError(f"{path} line {n}: label {y!r} is not in data.labels ({', '.join(declared)}); add it to "
-                                "data.labels or drop those rows")
+                raise DataError(
+                    f"{path} line {n}: label {y!r} is not in data.labels ({', '.join(declared)}); add it to "
+                    "data.labels or drop those rows"
+                )
             labels.add(y)
         usable += 1
     if not whole:
@@ -137,8 +146,10 @@ def _csv_rows(text: str, path: Path, keys: tuple):
             if not row or not any(row):
                 continue
             if len(row) > width:
-                raise DataError(f"{path} line {reader.line_num}: {len(row)} fields, the header has {width}; "
-                                "quote a text that holds the delimiter")
+                raise DataError(
+                    f"{path} line {reader.line_num}: {len(row)} fields, the header has {width}; "
+                    "quote a text that holds the delimiter"
+                )
             yield (reader.line_num, *(row[i] if i is not None and i < len(row) else None for i in at))
     except csv.Error as e:
         raise DataError(f"{path} line {reader.line_num}: {e}; check the quoting there") from None
@@ -169,9 +180,13 @@ def jsonl_objects(lines, path) -> Iterator[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except ValueError as e:
-            raise DataError(f"{path} line {n}: not JSON ({getattr(e, 'msg', e)}); write one JSON object per line") from None
+            raise DataError(
+                f"{path} line {n}: not JSON ({getattr(e, 'msg', e)}); write one JSON object per line"
+            ) from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path} line {n}: a JSON {type(obj).__name__}, not an object; write one JSON object per line")
+            raise DataError(
+                f"{path} line {n}: a JSON {type(obj).__name__}, not an object; write one JSON object per line"
+            )
         yield n, obj
 
 
@@ -269,8 +284,15 @@ def load_splits(cfg: DataConfig, task: str) -> RawSplits:
         train, validation, test = cap_splits(train, validation, test, cfg)
     if len(train) == 0:
         raise DataError(f"data: the training split of {source} is empty; use more data or smaller data.split fractions")
-    return RawSplits(train.reset_index(drop=True), validation.reset_index(drop=True), test.reset_index(drop=True),
-                     labels, source, digest, notes)
+    return RawSplits(
+        train.reset_index(drop=True),
+        validation.reset_index(drop=True),
+        test.reset_index(drop=True),
+        labels,
+        source,
+        digest,
+        notes,
+    )
 
 
 def cap_splits(train, validation, test, cfg: DataConfig):
@@ -297,19 +319,24 @@ def read_eval_file(path: str, columns: dict, labels: list[str] | None, fmt: str 
     frame["label"] = frame["label"].map(_label_str)
     unseen = sorted(set(frame["label"]) - set(labels if labels is not None else frame["label"]))
     if unseen:
-        raise DataError(f"--data: label {unseen[0]!r} in {path} is not one the model knows ({', '.join(labels)}); "
-                        "map those rows to a known label or drop them")
+        raise DataError(
+            f"--data: label {unseen[0]!r} in {path} is not one the model knows ({', '.join(labels)}); "
+            "map those rows to a known label or drop them"
+        )
     return frame.reset_index(drop=True)
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
 
 def _format_of(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
-        raise DataError(f"data.path: cannot tell the format of '{path.name}'; use .csv, .jsonl or .parquet, or set data.format")
+        raise DataError(
+            f"data.path: cannot tell the format of '{path.name}'; use .csv, .jsonl or .parquet, or set data.format"
+        )
     return kind
 
 
@@ -328,13 +355,20 @@ def _read_file(path: Path, fmt: str, encoding_errors: str = "strict") -> pd.Data
     datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)  # its "Failed to read" line would repeat ours
     try:
         # data_files is a glob pattern: a name with [ ] * ? must match only itself
-        ds = datasets.load_dataset(builder, data_files=glob.escape(str(path.resolve())), split="train",
-                                   cache_dir=str(cache_dir() / "hf-datasets"), **kwargs)
+        ds = datasets.load_dataset(
+            builder,
+            data_files=glob.escape(str(path.resolve())),
+            split="train",
+            cache_dir=str(cache_dir() / "hf-datasets"),
+            **kwargs,
+        )
     except Exception as e:  # pyarrow / pandas parse errors come in many types
         cause = e.__cause__ or e
         if isinstance(cause, UnicodeDecodeError):
-            raise DataError(f"data: {path} is not valid UTF-8 (byte {cause.object[cause.start]:#x} at position {cause.start} "
-                            "of a line); re-save it as UTF-8 or set data.encoding_errors=replace") from None
+            raise DataError(
+                f"data: {path} is not valid UTF-8 (byte {cause.object[cause.start]:#x} at position {cause.start} "
+                "of a line); re-save it as UTF-8 or set data.encoding_errors=replace"
+            ) from None
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         if "corresponds to no data" in msg or "No columns to parse" in msg:
             raise DataError(f"data: {path} has no usable rows; add examples to it") from None
@@ -373,13 +407,20 @@ def _peek_columns(path: Path, fmt: str) -> list[str] | None:
     return None
 
 
-def _check_columns(columns: dict, available: list[str], source: str,
-                   where: str = "data.columns.{role}", fix: str = "set data.columns.{role}=<one of those>") -> None:
+def _check_columns(
+    columns: dict,
+    available: list[str],
+    source: str,
+    where: str = "data.columns.{role}",
+    fix: str = "set data.columns.{role}=<one of those>",
+) -> None:
     for role, name in columns.items():
         if name not in available:
             shown = ", ".join(map(str, available[:12])) + (" ..." if len(available) > 12 else "")
-            raise DataError(f"{where.format(role=role)}: column '{name}' is not in {source} (columns: {shown}); "
-                            f"{fix.format(role=role)}")
+            raise DataError(
+                f"{where.format(role=role)}: column '{name}' is not in {source} (columns: {shown}); "
+                f"{fix.format(role=role)}"
+            )
 
 
 def _copy_columns(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:
@@ -416,8 +457,10 @@ def _label_set(series: pd.Series, declared: list[str] | None, source: str) -> li
         declared = [str(x) for x in declared]
         unseen = sorted(present - set(declared))
         if unseen:
-            raise DataError(f"data: label {unseen[0]!r} in {source} is not in data.labels ({', '.join(declared)}); "
-                            "add it to data.labels or drop those rows")
+            raise DataError(
+                f"data: label {unseen[0]!r} in {source} is not in data.labels ({', '.join(declared)}); "
+                "add it to data.labels or drop those rows"
+            )
         return declared
     labels = _natural(present)
     if len(labels) < 2:
@@ -442,8 +485,13 @@ def _split(frame: pd.DataFrame, cfg: DataConfig, task: str, notes: list[str]):
         if n_out >= len(ids):
             raise DataError(f"data: too few rows ({len(frame)}) for data.split; add data or lower the split fractions")
         try:
-            a, b = train_test_split(ids, test_size=n_out, random_state=s.seed, shuffle=True,
-                                    stratify=None if stratify is None else stratify.iloc[ids])
+            a, b = train_test_split(
+                ids,
+                test_size=n_out,
+                random_state=s.seed,
+                shuffle=True,
+                stratify=None if stratify is None else stratify.iloc[ids],
+            )
         except ValueError:  # too few per class for a stratified cut of this size
             a, b = train_test_split(ids, test_size=n_out, random_state=s.seed, shuffle=True)
         return list(a), list(b)

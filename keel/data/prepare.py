@@ -59,9 +59,14 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
 
         raw = run_splits(recipe, run_dir, freeze_missing=freeze)
     content = (raw.frozen_sha256 or raw.content_sha256) if raw is not None else _source_digest(recipe)[2]
-    key_obj = {"v": PREP_VERSION, "content": content, "data": recipe.data.model_dump(mode="json"),
-               "task": recipe.task, "max_length": recipe.model.max_length,
-               "tokenizer": tokenizer_fingerprint(tokenizer)}
+    key_obj = {
+        "v": PREP_VERSION,
+        "content": content,
+        "data": recipe.data.model_dump(mode="json"),
+        "task": recipe.task,
+        "max_length": recipe.model.max_length,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
     folder = cache_dir() / "tokenized" / key
     if (folder / "meta.json").is_file() and (folder / "manifest.json").is_file():
@@ -70,7 +75,7 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
             splits = _load_splits(folder)
             if key not in _ANNOUNCED:
                 if freeze:  # training: what was dropped from the source is said on a cached re-run too
-                    for note in (raw.notes if raw is not None else meta.get("notes") or []):
+                    for note in raw.notes if raw is not None else meta.get("notes") or []:
                         logger.info(f"data: {note}")
                 logger.info(f"data: reusing tokenized cache {key[:12]} ({_counts(splits)})")
             _ANNOUNCED.add(key)
@@ -88,17 +93,25 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
     if recipe.task == "causal-lm":
         capped = cap_splits(*(list(range(len(splits[s]))) for s in SPLITS), recipe.data)
         splits = {s: splits[s].select(ids) for s, ids in zip(SPLITS, capped)}
-    meta = {"key": key, "source": raw.source, "content_sha256": raw.content_sha256, "labels": raw.labels,
-            "frozen_sha256": raw.frozen_sha256,
-            "counts": {s: len(d) for s, d in splits.items()}, "notes": raw.notes,
-            "majority_label": _majority(raw.train, raw.labels) if recipe.task == "classification" else None}
+    meta = {
+        "key": key,
+        "source": raw.source,
+        "content_sha256": raw.content_sha256,
+        "labels": raw.labels,
+        "frozen_sha256": raw.frozen_sha256,
+        "counts": {s: len(d) for s, d in splits.items()},
+        "notes": raw.notes,
+        "majority_label": _majority(raw.train, raw.labels) if recipe.task == "classification" else None,
+    }
     with atomic_dir(folder) as tmp:
         for s, d in splits.items():
             if len(d):  # datasets cannot read back an empty split; _load_splits recreates it
                 d.save_to_disk(str(tmp / s))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     splits = _load_splits(folder)
-    logger.info(f"data: {raw.source}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}")
+    logger.info(
+        f"data: {raw.source}: tokenized in {time.perf_counter() - t0:.1f}s ({_counts(splits)}); cached as {key[:12]}"
+    )
     _ANNOUNCED.add(key)
     return Prepared(splits, raw.labels, meta, cache_hit=False)
 
@@ -160,5 +173,5 @@ def _causal_lm(frame, tokenizer, recipe: Recipe, labels: list[str]):
     stream: list[int] = []
     for text in frame["text"]:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
-    blocks = [stream[i: i + block] for i in range(0, len(stream) - block + 1, block)]
+    blocks = [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)]
     return datasets.Dataset.from_dict({"input_ids": blocks})

@@ -39,8 +39,14 @@ def freeze(run_dir: str | Path, raw: RawSplits) -> Path:
     with atomic_dir(final) as tmp:
         for name in NAMES:
             getattr(raw, name).to_parquet(tmp / f"{name}.parquet", index=False)
-        doc = {"format": FORMAT, "source": raw.source, "source_sha256": raw.content_sha256, "labels": raw.labels,
-               "notes": raw.notes, "counts": {s: len(getattr(raw, s)) for s in NAMES}}
+        doc = {
+            "format": FORMAT,
+            "source": raw.source,
+            "source_sha256": raw.content_sha256,
+            "labels": raw.labels,
+            "notes": raw.notes,
+            "counts": {s: len(getattr(raw, s)) for s in NAMES},
+        }
         (tmp / "splits.json").write_text(json.dumps(doc, indent=2))
     return final
 
@@ -61,8 +67,15 @@ def _read(folder: Path) -> RawSplits:
     if doc.get("format") != FORMAT:
         raise DataError(f"{folder / 'splits.json'}: unknown format {doc.get('format')!r}; re-run training")
     frames = {s: pd.read_parquet(folder / f"{s}.parquet") for s in NAMES}
-    raw = RawSplits(frames["train"], frames["validation"], frames["test"], list(doc["labels"]), doc["source"],
-                    doc["source_sha256"], list(doc.get("notes") or []))
+    raw = RawSplits(
+        frames["train"],
+        frames["validation"],
+        frames["test"],
+        list(doc["labels"]),
+        doc["source"],
+        doc["source_sha256"],
+        list(doc.get("notes") or []),
+    )
     raw.frozen_sha256 = digest(manifest)
     return raw
 
@@ -99,8 +112,10 @@ def _warn_if_source_changed(recipe: Recipe, raw: RawSplits) -> None:
     except DataError:
         return  # the source is gone: nothing needs it any more
     if now != raw.content_sha256:
-        logger.warning(f"data: {source} changed since this run froze its splits; training continues on the "
-                       f"frozen splits in {SPLITS}/")
+        logger.warning(
+            f"data: {source} changed since this run froze its splits; training continues on the "
+            f"frozen splits in {SPLITS}/"
+        )
 
 
 def _legacy(recipe: Recipe, run_dir: Path) -> RawSplits:
@@ -114,9 +129,14 @@ def _legacy(recipe: Recipe, run_dir: Path) -> RawSplits:
             break
     raw = load_splits(recipe.data, recipe.task)
     if recorded is None or raw.content_sha256 != recorded:
-        why = "no content hash was recorded at training time" if recorded is None else \
-            f"its content hash is {raw.content_sha256[:12]}, training saw {recorded[:12]}"
-        raise DataError(f"{run_dir} has no frozen splits ({SPLITS}/) and its data {raw.source} cannot be shown to be "
-                        f"the one it was trained on ({why}); restore that file, or re-train the run")
+        why = (
+            "no content hash was recorded at training time"
+            if recorded is None
+            else f"its content hash is {raw.content_sha256[:12]}, training saw {recorded[:12]}"
+        )
+        raise DataError(
+            f"{run_dir} has no frozen splits ({SPLITS}/) and its data {raw.source} cannot be shown to be "
+            f"the one it was trained on ({why}); restore that file, or re-train the run"
+        )
     logger.info("%s predates frozen splits; re-split its unchanged source %s", run_dir, raw.source)
     return raw

@@ -76,8 +76,10 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
     t = load_trained(folder, backend)
     split = prepare_data(t.recipe, t.tokenizer, t.run_dir).splits["validation"]  # frozen at training time
     if len(split) == 0:
-        raise KeelError("keel bench scores the variants on the validation split (the test split is kept for the "
-                        "chosen one); this run's recipe has data.split.validation = 0: retrain with a validation split")
+        raise KeelError(
+            "keel bench scores the variants on the validation split (the test split is kept for the "
+            "chosen one); this run's recipe has data.split.validation = 0: retrain with a validation split"
+        )
     split = split.select(range(min(n_eval, len(split))))
     texts, labels = split["text"], t.info["labels"]
     max_len = t.recipe.model.max_length
@@ -89,6 +91,7 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
             out = pipe(batch, batch_size=len(batch), truncation=True, max_length=max_len)
             return np.array([[next(s["score"] for s in row if s["label"] == name) for name in labels] for row in out])
     else:
+
         def logits_of(batch: list[str]) -> np.ndarray:
             return text_logits(t, batch).numpy()
 
@@ -109,11 +112,19 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
     elapsed_sorted = time.perf_counter() - t0
     m = classification_metrics(np.asarray(split["label"]), pred, labels)
     params = _param_count(folder / "model")
-    return {"variant": variant, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"], "params": params,
-            "disk_mb": _weights_bytes(folder, backend) / 1e6,
-            "p50_ms_batch1": float(np.percentile(lat, 50) * 1e3), "p95_ms_batch1": float(np.percentile(lat, 95) * 1e3),
-            "throughput_batch32": len(texts) / elapsed, "throughput_sorted_batch32": len(texts) / elapsed_sorted,
-            "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "variant": variant,
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "n": m["n"],
+        "params": params,
+        "disk_mb": _weights_bytes(folder, backend) / 1e6,
+        "p50_ms_batch1": float(np.percentile(lat, 50) * 1e3),
+        "p95_ms_batch1": float(np.percentile(lat, 95) * 1e3),
+        "throughput_batch32": len(texts) / elapsed,
+        "throughput_sorted_batch32": len(texts) / elapsed_sorted,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def hf_pipeline(t):
@@ -145,8 +156,9 @@ def _peak_rss_mb() -> float:
 
 
 @writes_run
-def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variants: list[str] | None = None,
-          rounds: int = 1) -> dict:
+def bench(
+    run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variants: list[str] | None = None, rounds: int = 1
+) -> dict:
     """Measure the HF-pipeline baseline and every variant (default: all on disk), each in its own process;
     write RUN_DIR/bench.json.
 
@@ -172,8 +184,13 @@ def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variant
         r["throughput_sorted_vs_pipeline"] = r["throughput_sorted_batch32"] / base["throughput_sorted_batch32"]
         r["smaller_vs_pipeline"] = base["disk_mb"] / r["disk_mb"]
         r["accuracy_drop_points"] = (base["accuracy"] - r["accuracy"]) * 100
-    result = {"baseline": base["variant"], "split": "validation", "variants": rows, "n_latency": n_latency,
-              "rounds": rounds}
+    result = {
+        "baseline": base["variant"],
+        "split": "validation",
+        "variants": rows,
+        "n_latency": n_latency,
+        "rounds": rounds,
+    }
     atomic_write_json(run_dir / "bench.json", result)
     return result
 
@@ -181,16 +198,30 @@ def bench(run_dir: str | Path, n_latency: int = 100, n_eval: int = 1000, variant
 # Each variant is measured in a fresh process, so its peak RSS and its warm caches are its own. Starting Python and
 # importing torch, transformers and ONNX Runtime costs ~6 s per process, so one fork server does the imports once
 # and forks a child per measurement. Nothing in the server runs torch or ONNX Runtime: no thread pool is forked.
-_PRELOAD = ["numpy", "torch", "transformers", "datasets", "sklearn.metrics", "onnxruntime", "keel.evaluate",
-            "keel.data.prepare", "keel.compress.stages"]
+_PRELOAD = [
+    "numpy",
+    "torch",
+    "transformers",
+    "datasets",
+    "sklearn.metrics",
+    "onnxruntime",
+    "keel.evaluate",
+    "keel.data.prepare",
+    "keel.compress.stages",
+]
 _server: subprocess.Popen | None = None
 
 
 def _measure(run_dir: Path, variant: str, n_latency: int, n_eval: int) -> dict:
     global _server
     if _server is None or _server.poll() is not None:
-        _server = subprocess.Popen([sys.executable, "-m", "keel.export.bench"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        _server = subprocess.Popen(
+            [sys.executable, "-m", "keel.export.bench"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         atexit.register(_server.stdin.close)  # the server exits when its input ends
     try:
         _server.stdin.write(json.dumps([str(run_dir), variant, n_latency, n_eval]) + "\n")
@@ -245,11 +276,14 @@ def _serve() -> None:
 
 def _faster(a: dict, b: dict) -> dict:
     """Two measurements of one variant -> its best timings (scores are the same: the model is)."""
-    return {**a, "p50_ms_batch1": min(a["p50_ms_batch1"], b["p50_ms_batch1"]),
-            "p95_ms_batch1": min(a["p95_ms_batch1"], b["p95_ms_batch1"]),
-            "throughput_batch32": max(a["throughput_batch32"], b["throughput_batch32"]),
-            "throughput_sorted_batch32": max(a["throughput_sorted_batch32"], b["throughput_sorted_batch32"]),
-            "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"])}
+    return {
+        **a,
+        "p50_ms_batch1": min(a["p50_ms_batch1"], b["p50_ms_batch1"]),
+        "p95_ms_batch1": min(a["p95_ms_batch1"], b["p95_ms_batch1"]),
+        "throughput_batch32": max(a["throughput_batch32"], b["throughput_batch32"]),
+        "throughput_sorted_batch32": max(a["throughput_sorted_batch32"], b["throughput_sorted_batch32"]),
+        "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
+    }
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from keel.rundir import export_dir
 
 FP32, INT8, STATIC_INT8 = "onnx", "onnx-int8", "onnx-static-int8"
 
+
 def _parity_texts(trained, n: int = 16) -> list[str]:
     """Texts of different lengths from the run's data; a fixed fallback if the data is gone."""
     try:
@@ -37,7 +38,7 @@ def _parity_texts(trained, n: int = 16) -> list[str]:
 
         data = prepare_data(trained.recipe, trained.tokenizer, trained.run_dir)
         ds = data.splits["validation"] if len(data.splits["validation"]) else data.splits["train"]
-        texts = ds[: n]["text"]
+        texts = ds[:n]["text"]
     except KeelError:
         texts = []
     return texts or ["a short one", "a somewhat longer sentence to check padding and masking", "x"]
@@ -68,8 +69,9 @@ def input_names(tokenizer) -> list[str]:
 
 
 @writes_run
-def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True,
-                pack: bool = True) -> dict:
+def export_onnx(
+    run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True, pack: bool = True
+) -> dict:
     """Export the run's final model; returns the parity figures and sizes.
 
     ``pack``: export a BERT-style classifier as the padding-free graph of `keel.export.packed` (the same logits;
@@ -89,7 +91,7 @@ def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.9
     texts = _parity_texts(t)
     max_len = t.recipe.model.max_length
     # several batch sizes and padded lengths, so the dynamic axes are exercised
-    checks = [_feeds(tok, texts[i: i + k], names, max_len) for i, k in ((0, 1), (1, 3), (0, len(texts)))]
+    checks = [_feeds(tok, texts[i : i + k], names, max_len) for i, k in ((0, 1), (1, 3), (0, len(texts)))]
     with torch.no_grad():
         eager = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in checks]
 
@@ -101,13 +103,23 @@ def export_onnx(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.9
         example = tuple(torch.from_numpy(checks[-1][n]) for n in names)
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(max_len, 8))
         with _quiet():
-            torch.onnx.export(graph, example, str(tmp / "model.onnx"), input_names=names, output_names=["logits"],
-                              dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
-                              external_data=True, verbose=False)
+            torch.onnx.export(
+                graph,
+                example,
+                str(tmp / "model.onnx"),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+                dynamo=True,
+                external_data=True,
+                verbose=False,
+            )
         diff = max(float(np.abs(_session(tmp / "model.onnx").run(None, f)[0] - e).max()) for f, e in zip(checks, eager))
         if not diff <= atol:
-            raise KeelError(f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
-                            "report this model type, and serve it with the PyTorch backend meanwhile")
+            raise KeelError(
+                f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
+                "report this model type, and serve it with the PyTorch backend meanwhile"
+            )
         _copy_metadata(t, tmp, {"variant": FP32, "max_abs_diff_vs_eager": diff, "inputs": names, "packed": packed})
     result[FP32] = {"max_abs_diff_vs_eager": diff, "bytes": weights_bytes(fp32)}
     if int8:
@@ -123,13 +135,16 @@ def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarra
     final = export_dir(run_dir, INT8)
     with atomic_dir(final) as tmp:
         with _quiet():
-            quantize_dynamic(str(src / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8,
-                             per_channel=True)
+            quantize_dynamic(
+                str(src / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True
+            )
         session = _session(tmp / "model.onnx")
         cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(checks, eager))
         if not cos >= min_cosine:
-            raise KeelError(f"int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
-                            "keep the fp32 export for this model")
+            raise KeelError(
+                f"int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
+                "keep the fp32 export for this model"
+            )
         _copy_beside(src, tmp, {"variant": INT8, "logit_cosine_vs_eager": cos})
     return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
 
@@ -155,7 +170,9 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([_feeds(t.tokenizer, calib[i: i + 8], names, max_len) for i in range(0, len(calib), 8)])
+            self.batches = iter(
+                [_feeds(t.tokenizer, calib[i : i + 8], names, max_len) for i in range(0, len(calib), 8)]
+            )
 
         def get_next(self):
             return next(self.batches, None)
@@ -163,18 +180,27 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
     final = export_dir(run_dir, STATIC_INT8)
     with atomic_dir(final) as tmp:
         with _quiet():
-            quantize_static(str(src / "model.onnx"), str(tmp / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            extra_options={"ActivationSymmetric": True})
-        feeds = [_feeds(t.tokenizer, check[i: i + k], names, max_len) for i, k in ((0, 1), (0, len(check)))]
+            quantize_static(
+                str(src / "model.onnx"),
+                str(tmp / "model.onnx"),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={"ActivationSymmetric": True},
+            )
+        feeds = [_feeds(t.tokenizer, check[i : i + k], names, max_len) for i, k in ((0, 1), (0, len(check)))]
         with torch.no_grad():
             eager = [t.model.float()(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in feeds]
         session = _session(tmp / "model.onnx")
         cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(feeds, eager))
         if not cos >= min_cosine:
-            raise KeelError(f"static int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
-                            "use dynamic int8 (compress.quantize.onnx_static_int8=false)")
+            raise KeelError(
+                f"static int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
+                "use dynamic int8 (compress.quantize.onnx_static_int8=false)"
+            )
         _copy_beside(src, tmp, {"variant": STATIC_INT8, "logit_cosine_vs_eager": cos, "calibration_texts": len(calib)})
     return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
 

@@ -19,9 +19,14 @@ def can_pack(model) -> bool:
     """Whether ``model`` is an encoder classifier this module knows: BERT's layout (bert, MiniLM, ...)."""
     config = getattr(model, "config", None)
     bert = getattr(model, "bert", None)
-    return (getattr(config, "model_type", None) == "bert" and bert is not None and hasattr(model, "classifier")
-            and getattr(config, "position_embedding_type", "absolute") == "absolute"
-            and not getattr(config, "is_decoder", False) and getattr(bert, "pooler", None) is not None)
+    return (
+        getattr(config, "model_type", None) == "bert"
+        and bert is not None
+        and hasattr(model, "classifier")
+        and getattr(config, "position_embedding_type", "absolute") == "absolute"
+        and not getattr(config, "is_decoder", False)
+        and getattr(bert, "pooler", None) is not None
+    )
 
 
 class PackedBertClassifier(torch.nn.Module):
@@ -37,9 +42,12 @@ class PackedBertClassifier(torch.nn.Module):
         B, T = input_ids.shape
         keep = attention_mask.reshape(-1).nonzero().squeeze(-1)  # (N,) flat indices of the real tokens
         positions = torch.arange(T, device=input_ids.device).repeat(B)[keep]  # (N,)
-        types = (token_type_ids.reshape(-1)[keep] if token_type_ids is not None else torch.zeros_like(positions))
-        h = emb.word_embeddings(input_ids.reshape(-1)[keep]) + emb.position_embeddings(positions) \
-            + emb.token_type_embeddings(types)  # (N, H)
+        types = token_type_ids.reshape(-1)[keep] if token_type_ids is not None else torch.zeros_like(positions)
+        h = (
+            emb.word_embeddings(input_ids.reshape(-1)[keep])
+            + emb.position_embeddings(positions)
+            + emb.token_type_embeddings(types)
+        )  # (N, H)
         h = emb.LayerNorm(h)
         key_ok = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
         for layer in bert.encoder.layer:

@@ -51,9 +51,15 @@ def build_strategy(fed, initial: list[np.ndarray], dp_plan: dict | None):
     from flwr.common import ndarrays_to_parameters
     from flwr.server import strategy as S
 
-    common = dict(fraction_fit=fed.fraction_fit, fraction_evaluate=0.0, min_fit_clients=fed.min_fit_clients,
-                  min_evaluate_clients=0, min_available_clients=fed.min_available_clients,
-                  initial_parameters=ndarrays_to_parameters(initial), accept_failures=True)
+    common = dict(
+        fraction_fit=fed.fraction_fit,
+        fraction_evaluate=0.0,
+        min_fit_clients=fed.min_fit_clients,
+        min_evaluate_clients=0,
+        min_available_clients=fed.min_available_clients,
+        initial_parameters=ndarrays_to_parameters(initial),
+        accept_failures=True,
+    )
     st = fed.strategy
     if st.name == "fedavg":
         inner = S.FedAvg(**common)
@@ -76,7 +82,9 @@ def sites_per_round(fed) -> int:
 
 
 def update_norm(arrays: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum((a.astype(np.float64) - r.astype(np.float64)) ** 2)) for a, r in zip(arrays, reference)))
+    return math.sqrt(
+        sum(float(np.sum((a.astype(np.float64) - r.astype(np.float64)) ** 2)) for a, r in zip(arrays, reference))
+    )
 
 
 class _Chosen:
@@ -101,8 +109,17 @@ def _strategy_base():
 class Guard(_strategy_base()):
     """A Flower ``Strategy`` that validates, counts and records around an inner strategy (see the module doc)."""
 
-    def __init__(self, inner, fed, *, fit_config: dict, on_round: Callable[[int, list, dict], tuple[float, dict]],
-                 offset: int = 0, dp_plan: dict | None = None, dp_rounds: int = 0):
+    def __init__(
+        self,
+        inner,
+        fed,
+        *,
+        fit_config: dict,
+        on_round: Callable[[int, list, dict], tuple[float, dict]],
+        offset: int = 0,
+        dp_plan: dict | None = None,
+        dp_rounds: int = 0,
+    ):
         self.inner, self.fed, self.fit_config, self.on_round = inner, fed, fit_config, on_round
         self.offset, self.dp_plan, self.dp_rounds = offset, dp_plan, dp_rounds
         self._reference: list[np.ndarray] | None = None
@@ -123,8 +140,10 @@ class Guard(_strategy_base()):
         self._t0 = time.perf_counter()
         if not privacy.round_allowed(self.dp_plan, self.dp_rounds):
             self._round_info = {"skipped": "privacy budget reached"}
-            logger.warning(f"round {r}: not run: one more round would spend more than "
-                           f"federated.dp.epsilon={self.dp_plan['epsilon_budget']:g}")
+            logger.warning(
+                f"round {r}: not run: one more round would spend more than "
+                f"federated.dp.epsilon={self.dp_plan['epsilon_budget']:g}"
+            )
             return []
         self._reference = parameters_to_ndarrays(parameters)
         if self.central_dp and self.dp_plan["sample_rate"] < 1.0:
@@ -169,9 +188,11 @@ class Guard(_strategy_base()):
             if why is None and clip is not None:
                 norms.append(update_norm(arrays, self._reference))
                 if norms[-1] > clip:
-                    why = (f"{'the aggregate of' if secagg else 'update'} norm {norms[-1]:.4g} is over "
-                           f"federated.dp.clipping_norm={self.dp_plan['clipping_norm']:g}: "
-                           f"{'some site' if secagg else 'the site'} did not clip, so central DP cannot count it")
+                    why = (
+                        f"{'the aggregate of' if secagg else 'update'} norm {norms[-1]:.4g} is over "
+                        f"federated.dp.clipping_norm={self.dp_plan['clipping_norm']:g}: "
+                        f"{'some site' if secagg else 'the site'} did not clip, so central DP cannot count it"
+                    )
             if why is None and self.dp_plan and self.dp_plan["mode"] == "local":
                 why = self._check_local_noise(res.metrics)
             if why:
@@ -185,20 +206,25 @@ class Guard(_strategy_base()):
             info["max_update_norm"] = max(norms)
         if len(kept) < needed:
             info["skipped"] = f"{len(kept)} usable updates of {self._sampled} sampled, {needed} needed"
-            logger.warning(f"round {r}: skipped: {info['skipped']} (federated.min_completion="
-                           f"{self.fed.min_completion:g}); the global model is unchanged")
+            logger.warning(
+                f"round {r}: skipped: {info['skipped']} (federated.min_completion="
+                f"{self.fed.min_completion:g}); the global model is unchanged"
+            )
             self._round_info = info
             return None, {}
         dropped = list(failures) + [RuntimeError(f"rejected {s}") for s in rejected]
         if self.central_dp:
             # one update, the noised mean, replaces the sites' updates: drop-outs are already zero terms of it
             kept, dropped = [self._noised_mean(kept, secagg)], []
-        params, metrics = self.inner.aggregate_fit(r, kept, dropped)  # the run's round: FedAdam's bias correction uses it
+        params, metrics = self.inner.aggregate_fit(
+            r, kept, dropped
+        )  # the run's round: FedAdam's bias correction uses it
         if params is not None:  # FedAdam computes in float64: the global model keeps the model's own dtypes
             from flwr.common import ndarrays_to_parameters
 
-            params = ndarrays_to_parameters([a.astype(ref.dtype, copy=False) for a, ref in
-                                             zip(parameters_to_ndarrays(params), self._reference)])
+            params = ndarrays_to_parameters(
+                [a.astype(ref.dtype, copy=False) for a, ref in zip(parameters_to_ndarrays(params), self._reference)]
+            )
         if params is None:
             info["skipped"] = "the strategy returned no aggregate"
             logger.warning(f"round {r}: skipped: {info['skipped']} ({len(dropped)} failures)")
@@ -219,8 +245,11 @@ class Guard(_strategy_base()):
         ref = [a.astype(np.float64) for a in self._reference]
         total = [np.zeros_like(a) for a in ref]
         # Under SecAgg+ every result holds the same mean of the k surviving sites: the sum is k times its update.
-        updates = [parameters_to_ndarrays(kept[0][1].parameters)] * len(kept) if secagg else \
-            [parameters_to_ndarrays(res.parameters) for _, res in kept]
+        updates = (
+            [parameters_to_ndarrays(kept[0][1].parameters)] * len(kept)
+            if secagg
+            else [parameters_to_ndarrays(res.parameters) for _, res in kept]
+        )
         for arrays in updates:
             delta = [a.astype(np.float64) - w for a, w in zip(arrays, ref)]
             norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta))
@@ -229,8 +258,10 @@ class Guard(_strategy_base()):
                 t += scale * d
         rng = np.random.default_rng(secrets.randbits(128))  # fresh OS entropy every round; never the recipe seed
         std = p["noise_multiplier"] * c
-        noised = [(w + (t + rng.normal(0.0, std, size=t.shape)) / m).astype(a.dtype)
-                  for w, t, a in zip(ref, total, self._reference)]
+        noised = [
+            (w + (t + rng.normal(0.0, std, size=t.shape)) / m).astype(a.dtype)
+            for w, t, a in zip(ref, total, self._reference)
+        ]
         res = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(noised), num_examples=1, metrics={})
         return kept[0][0], res
 
@@ -239,8 +270,10 @@ class Guard(_strategy_base()):
         planned = self.dp_plan["noise_std"]
         got = metrics.get("dp_noise_std")
         if got is None or float(got) < planned * (1 - 1e-9):
-            return (f"it reports local DP noise std {got}, the recipe plans {planned:.4g} (federated.dp.mode=local): "
-                    f"run the site with the same recipe")
+            return (
+                f"it reports local DP noise std {got}, the recipe plans {planned:.4g} (federated.dp.mode=local): "
+                f"run the site with the same recipe"
+            )
         return None
 
     def _secagg_sum(self, r: int, results):
@@ -253,7 +286,10 @@ class Guard(_strategy_base()):
 
         arrays = parameters_to_ndarrays(results[0][1].parameters)
         if len(arrays) == len(self._reference):
-            arrays = [a.astype(ref.dtype, copy=False) if a.shape == ref.shape else a for a, ref in zip(arrays, self._reference)]
+            arrays = [
+                a.astype(ref.dtype, copy=False) if a.shape == ref.shape else a
+                for a, ref in zip(arrays, self._reference)
+            ]
         params = ndarrays_to_parameters(arrays)
         for i, (_, res) in enumerate(results):
             res.parameters = params

@@ -7,7 +7,9 @@ import numpy as np
 from keel.errors import DataError
 
 
-def partition(labels, n_sites: int, kind: str = "iid", alpha: float = 0.5, seed: int = 0, groups=None) -> list[list[int]]:
+def partition(
+    labels, n_sites: int, kind: str = "iid", alpha: float = 0.5, seed: int = 0, groups=None
+) -> list[list[int]]:
     """Row indices of each site. Deterministic in ``seed``; every site gets at least one row.
 
     ``labels``: the label id of every training row; ``groups``: the site column's value of every row (kind=column).
@@ -17,15 +19,21 @@ def partition(labels, n_sites: int, kind: str = "iid", alpha: float = 0.5, seed:
     rng = np.random.default_rng(seed)
     if kind == "column":
         if groups is None:
-            raise DataError("federated.partition.kind=column: the data has no site column; set federated.partition.column")
+            raise DataError(
+                "federated.partition.kind=column: the data has no site column; set federated.partition.column"
+            )
         values = sorted({str(g) for g in groups})
         sites = [[i for i, g in enumerate(groups) if str(g) == v] for v in values]
         if len(sites) != n_sites:
-            raise DataError(f"federated.partition.column has {len(values)} distinct values ({', '.join(values[:5])}"
-                            f"{', ...' if len(values) > 5 else ''}) but federated.sites is {n_sites}; set federated.sites={len(values)}")
+            raise DataError(
+                f"federated.partition.column has {len(values)} distinct values ({', '.join(values[:5])}"
+                f"{', ...' if len(values) > 5 else ''}) but federated.sites is {n_sites}; set federated.sites={len(values)}"
+            )
         return sites
     if n < n_sites:
-        raise DataError(f"{n} training rows cannot make {n_sites} sites; lower federated.sites or raise data.max_train_samples")
+        raise DataError(
+            f"{n} training rows cannot make {n_sites} sites; lower federated.sites or raise data.max_train_samples"
+        )
     if kind == "iid":
         order = rng.permutation(n)
         return [sorted(part.tolist()) for part in np.array_split(order, n_sites)]

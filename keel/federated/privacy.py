@@ -42,11 +42,16 @@ def noise_for_budget(epsilon: float, delta: float, sample_rate: float, rounds: i
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=rounds, accountant="rdp"))
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=rounds, accountant="rdp"
+            )
+        )
     except ValueError as e:
-        raise KeelError(f"federated.dp.epsilon={epsilon:g} at delta {delta:.2g} over {rounds} rounds needs more noise "
-                        f"than the accountant can calibrate ({e}); raise dp.epsilon or lower federated.rounds") from None
+        raise KeelError(
+            f"federated.dp.epsilon={epsilon:g} at delta {delta:.2g} over {rounds} rounds needs more noise "
+            f"than the accountant can calibrate ({e}); raise dp.epsilon or lower federated.rounds"
+        ) from None
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
@@ -65,8 +70,10 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, rounds: int, delt
 def _delta(cfg) -> float:
     delta = cfg.dp.delta if cfg.dp.delta is not None else default_delta(cfg.sites)
     if delta >= 1.0 / cfg.sites:  # also refused by the recipe's validator; a plan must never be made with it
-        raise KeelError(f"federated.dp.delta={delta:g} is not below 1/sites={1 / cfg.sites:g}; a delta that large "
-                        f"allows naming a site outright: lower it (default 1/(10*sites))")
+        raise KeelError(
+            f"federated.dp.delta={delta:g} is not below 1/sites={1 / cfg.sites:g}; a delta that large "
+            f"allows naming a site outright: lower it (default 1/(10*sites))"
+        )
     return delta
 
 
@@ -76,8 +83,13 @@ def local_noise(cfg) -> dict | None:
         return None
     z = noise_for_budget(cfg.dp.epsilon, _delta(cfg), 1.0, cfg.rounds)
     sensitivity = 2 * cfg.dp.clipping_norm  # any two datasets of the site: two clipped updates, each within C of 0
-    return {"clipping_norm": cfg.dp.clipping_norm, "noise_multiplier": z, "sensitivity": sensitivity,
-            "noise_std": z * sensitivity, "releases": cfg.rounds}
+    return {
+        "clipping_norm": cfg.dp.clipping_norm,
+        "noise_multiplier": z,
+        "sensitivity": sensitivity,
+        "noise_std": z * sensitivity,
+        "releases": cfg.rounds,
+    }
 
 
 def plan(cfg, sites_per_round: int) -> dict | None:
@@ -88,13 +100,28 @@ def plan(cfg, sites_per_round: int) -> dict | None:
     delta = _delta(cfg)
     if dp.mode == "local":
         site = local_noise(cfg)
-        return {"mode": "local", "epsilon_budget": dp.epsilon, "delta": delta, "sample_rate": 1.0,
-                "accountant": "rdp", **site}
+        return {
+            "mode": "local",
+            "epsilon_budget": dp.epsilon,
+            "delta": delta,
+            "sample_rate": 1.0,
+            "accountant": "rdp",
+            **site,
+        }
     q = min(1.0, sites_per_round / cfg.sites)
     z = dp.noise_multiplier if dp.noise_multiplier is not None else noise_for_budget(dp.epsilon, delta, q, cfg.rounds)
-    return {"mode": "central", "epsilon_budget": dp.epsilon, "delta": delta, "clipping_norm": dp.clipping_norm,
-            "noise_multiplier": z, "sample_rate": q, "sites_per_round": sites_per_round, "sampling": "poisson",
-            "noise_std": z * dp.clipping_norm / sites_per_round, "accountant": "rdp"}
+    return {
+        "mode": "central",
+        "epsilon_budget": dp.epsilon,
+        "delta": delta,
+        "clipping_norm": dp.clipping_norm,
+        "noise_multiplier": z,
+        "sample_rate": q,
+        "sites_per_round": sites_per_round,
+        "sampling": "poisson",
+        "noise_std": z * dp.clipping_norm / sites_per_round,
+        "accountant": "rdp",
+    }
 
 
 def spent(p: dict, rounds_done: int) -> float:

@@ -34,7 +34,9 @@ logger = logging.getLogger(__name__)
 
 def _fed(recipe: Recipe):
     if recipe.federated is None:
-        raise KeelError("the recipe has no federated: section; add one (the built-in recipe `federated` is an example: keel ls)")
+        raise KeelError(
+            "the recipe has no federated: section; add one (the built-in recipe `federated` is an example: keel ls)"
+        )
     return recipe.federated  # its task and site counts are checked by the recipe schema
 
 
@@ -98,12 +100,19 @@ def site_partitions(s: Setup) -> list[list[int]]:
 
 def site_settings(recipe: Recipe) -> dict:
     fed, t = recipe.federated, recipe.train
-    return {"batch_size": t.batch_size, "lr": fed.local_lr or t.lr, "optimizer": fed.local_optimizer,
-            "max_grad_norm": t.max_grad_norm, "seed": t.seed, "local_epochs": fed.local_epochs,
-            "local_dp": privacy.local_noise(fed)}
+    return {
+        "batch_size": t.batch_size,
+        "lr": fed.local_lr or t.lr,
+        "optimizer": fed.local_optimizer,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": t.seed,
+        "local_epochs": fed.local_epochs,
+        "local_dp": privacy.local_noise(fed),
+    }
 
 
 # -- round checkpoints ------------------------------------------------------------------------------
+
 
 def save_round(root: Path, r: int, specs, arrays, state: dict, keep: int, moments: dict | None = None) -> None:
     """Round ``r``'s global weights, JSON state and the server optimiser's moments (FedAdam), sealed together."""
@@ -111,7 +120,9 @@ def save_round(root: Path, r: int, specs, arrays, state: dict, keep: int, moment
     from safetensors.numpy import save_file
 
     with atomic_dir(root / f"round-{r:05d}") as tmp:
-        save_file({name: np.ascontiguousarray(a) for (name, _, _), a in zip(specs, arrays)}, str(tmp / "weights.safetensors"))
+        save_file(
+            {name: np.ascontiguousarray(a) for (name, _, _), a in zip(specs, arrays)}, str(tmp / "weights.safetensors")
+        )
         if moments:
             save_file({k: np.ascontiguousarray(a) for k, a in moments.items()}, str(tmp / "server_moments.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"round": r, **state}, indent=2))
@@ -132,13 +143,17 @@ def load_round(root: Path, specs) -> tuple[list, dict] | None:
     tensors = load_file(str(done[-1] / "weights.safetensors"))
     names = [n for n, _, _ in specs]
     if sorted(tensors) != sorted(names):
-        raise CheckpointError(f"{done[-1]} holds weights of another model (model.name changed?); resume with the "
-                              f"original recipe or start a new run")
+        raise CheckpointError(
+            f"{done[-1]} holds weights of another model (model.name changed?); resume with the "
+            f"original recipe or start a new run"
+        )
     arrays = [tensors[n] for n in names]
     for (n, shape, _), a in zip(specs, arrays):
         if tuple(a.shape) != shape:
-            raise CheckpointError(f"{done[-1]}: {n} has shape {tuple(a.shape)}, the model needs {shape}; "
-                                  f"resume with the original model settings")
+            raise CheckpointError(
+                f"{done[-1]}: {n} has shape {tuple(a.shape)}, the model needs {shape}; "
+                f"resume with the original model settings"
+            )
     state = json.loads((done[-1] / "state.json").read_text())
     if (done[-1] / "server_moments.safetensors").is_file():
         state["server_moments"] = load_file(str(done[-1] / "server_moments.safetensors"))
@@ -165,6 +180,7 @@ def restore_moments(strategy, moments: dict) -> None:
 
 
 # -- the server side ----------------------------------------------------------------------------------
+
 
 class Coordinator:
     """The server's view of a run: the global model, evaluation, per-round records, checkpoints."""
@@ -212,8 +228,15 @@ class Coordinator:
                 fit_config["clipping_norm"] = self.dp_plan["clipping_norm"]
         inner = self.inner = build_strategy(fed, self.initial, self.dp_plan)
         restore_moments(inner, self.moments)
-        return Guard(inner, fed, fit_config=fit_config, on_round=self.on_round, offset=self.offset,
-                     dp_plan=self.dp_plan, dp_rounds=self.dp_rounds)
+        return Guard(
+            inner,
+            fed,
+            fit_config=fit_config,
+            on_round=self.on_round,
+            offset=self.offset,
+            dp_plan=self.dp_plan,
+            dp_rounds=self.dp_rounds,
+        )
 
     def evaluate(self, arrays) -> dict:
         import torch
@@ -232,15 +255,24 @@ class Coordinator:
         record = {"split": "validation", "step": r, "epoch": r, "round": r, **result, **info}
         self.metrics.write(record)
         self.history.append(record)
-        save_round(self.root, r, self.specs, arrays, {"dp_rounds": info.get("dp_rounds", 0), "history": self.history},
-                   keep=self.s.recipe.train.keep_last_k, moments=server_moments(self.inner) if self.inner else None)
+        save_round(
+            self.root,
+            r,
+            self.specs,
+            arrays,
+            {"dp_rounds": info.get("dp_rounds", 0), "history": self.history},
+            keep=self.s.recipe.train.keep_last_k,
+            moments=server_moments(self.inner) if self.inner else None,
+        )
         self.dp_rounds = info.get("dp_rounds", self.dp_rounds)
         self.final = arrays
         shown = ", ".join(f"{k} {result[k]:.4f}" for k in ("loss", "accuracy", "macro_f1") if k in result)
         extra = f", epsilon {info['epsilon']:.3f}" if "epsilon" in info else ""
         if r > 0:
-            logger.info(f"round {r}/{self.fed.rounds}: {info.get('completed', 0)}/{info.get('sampled', 0)} sites, "
-                        f"validation {shown}{extra} ({info['seconds']:.1f}s)")
+            logger.info(
+                f"round {r}/{self.fed.rounds}: {info.get('completed', 0)}/{info.get('sampled', 0)} sites, "
+                f"validation {shown}{extra} ({info['seconds']:.1f}s)"
+            )
         else:
             logger.info(f"round 0 (initial model): validation {shown}")
         if self._bar is not None and r > 0:
@@ -261,17 +293,28 @@ class Coordinator:
         set_weights(self.model, self.final)
         last = self.history[-1] if self.history else {}
         summary = {
-            "federated": True, "rounds_done": last.get("round", self.offset), "rounds_planned": self.fed.rounds,
-            "rounds_skipped": sum(1 for h in done if h.get("skipped")), "strategy": self.fed.strategy.name,
-            "sites": self.fed.sites, "secagg": self.fed.secagg.enabled, "best_step": last.get("round"),
-            "best_metric": last.get("macro_f1"), "selection_metric": "macro_f1", "labels": self.labels,
-            "data": self.s.data.meta, "steps": last.get("round", 0),
+            "federated": True,
+            "rounds_done": last.get("round", self.offset),
+            "rounds_planned": self.fed.rounds,
+            "rounds_skipped": sum(1 for h in done if h.get("skipped")),
+            "strategy": self.fed.strategy.name,
+            "sites": self.fed.sites,
+            "secagg": self.fed.secagg.enabled,
+            "best_step": last.get("round"),
+            "best_metric": last.get("macro_f1"),
+            "selection_metric": "macro_f1",
+            "labels": self.labels,
+            "data": self.s.data.meta,
+            "steps": last.get("round", 0),
             "train_seconds_this_session": round(time.perf_counter() - self.t0, 2),
             "seconds_per_round": round(sum(h.get("seconds", 0) for h in done) / max(1, len(done)), 3),
         }
         if self.dp_plan:
-            summary["privacy"] = {**self.dp_plan, "rounds_with_noise": self.dp_rounds,
-                                  "epsilon_spent": privacy.spent(self.dp_plan, self.dp_rounds)}
+            summary["privacy"] = {
+                **self.dp_plan,
+                "rounds_with_noise": self.dp_rounds,
+                "epsilon_spent": privacy.spent(self.dp_plan, self.dp_rounds),
+            }
         save_final_model(self.model, self.s.tokenizer, self.run_dir / "model", self.s.recipe, summary)
         atomic_write_json(self.run_dir / "train.json", summary)
         return summary
@@ -283,14 +326,18 @@ def _announce(c: Coordinator) -> None:
         return
     if p["mode"] == "central":
         eps = privacy.spent(p, c.fed.rounds)
-        logger.info(f"DP (central): clip {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:.3f}, "
-                    f"{p['sites_per_round']} of {c.fed.sites} sites per round: epsilon {eps:.3f} at delta {p['delta']:.2g} "
-                    f"after {c.fed.rounds} rounds" + (f" (budget {p['epsilon_budget']:g})" if p["epsilon_budget"] else ""))
+        logger.info(
+            f"DP (central): clip {p['clipping_norm']:g}, noise multiplier {p['noise_multiplier']:.3f}, "
+            f"{p['sites_per_round']} of {c.fed.sites} sites per round: epsilon {eps:.3f} at delta {p['delta']:.2g} "
+            f"after {c.fed.rounds} rounds" + (f" (budget {p['epsilon_budget']:g})" if p["epsilon_budget"] else "")
+        )
     else:
-        logger.info(f"DP (local): each site clips to {p['clipping_norm']:g} and adds Gaussian noise of std {p['noise_std']:.4g} "
-                    f"(noise multiplier {p['noise_multiplier']:.3f} on sensitivity {p['sensitivity']:g}): epsilon "
-                    f"{privacy.spent(p, c.fed.rounds):.3f} per site at delta {p['delta']:.2g} after {c.fed.rounds} rounds "
-                    f"(budget {p['epsilon_budget']:g})")
+        logger.info(
+            f"DP (local): each site clips to {p['clipping_norm']:g} and adds Gaussian noise of std {p['noise_std']:.4g} "
+            f"(noise multiplier {p['noise_multiplier']:.3f} on sensitivity {p['sensitivity']:g}): epsilon "
+            f"{privacy.spent(p, c.fed.rounds):.3f} per site at delta {p['delta']:.2g} after {c.fed.rounds} rounds "
+            f"(budget {p['epsilon_budget']:g})"
+        )
 
 
 class FederatedTrainer:
@@ -386,27 +433,42 @@ def _simulation(recipe: Recipe, debug: bool = False):
             ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=c.remaining), strategy=guard)
             fit = None
             if fed.secagg.enabled:
-                fit = SecAggPlusWorkflow(num_shares=fed.secagg.num_shares,
-                                         reconstruction_threshold=fed.secagg.reconstruction_threshold,
-                                         clipping_range=fed.secagg.clipping_range,
-                                         quantization_range=fed.secagg.quantization_range)
+                fit = SecAggPlusWorkflow(
+                    num_shares=fed.secagg.num_shares,
+                    reconstruction_threshold=fed.secagg.reconstruction_threshold,
+                    clipping_range=fed.secagg.clipping_range,
+                    quantization_range=fed.secagg.quantization_range,
+                )
             DefaultWorkflow(fit_workflow=fit)(grid, ctx)
 
         client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if fed.secagg.enabled else [])
         before = len(c.history)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.sites,
-                       backend_config={"client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": fed.num_cpus, "include_dashboard": False,
-                                                     "logging_level": logging.ERROR, "log_to_driver": debug}},
-                       verbose_logging=debug)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=fed.sites,
+            backend_config={
+                "client_resources": {"num_cpus": fed.cpus_per_site, "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": fed.num_cpus,
+                    "include_dashboard": False,
+                    "logging_level": logging.ERROR,
+                    "log_to_driver": debug,
+                },
+            },
+            verbose_logging=debug,
+        )
         if len(c.history) - before < c.remaining:
-            raise KeelError(f"the simulation stopped after {len(c.history) - before} of {c.remaining} evaluations; "
-                            f"run again with --debug for Flower's log, then `keel federate RECIPE --resume`")
+            raise KeelError(
+                f"the simulation stopped after {len(c.history) - before} of {c.remaining} evaluations; "
+                f"run again with --debug for Flower's log, then `keel federate RECIPE --resume`"
+            )
 
     return body
 
 
 # -- separate processes ------------------------------------------------------------------------------
+
 
 def _read_pem(path: str | None, what: str) -> bytes | None:
     if path is None:
@@ -417,8 +479,14 @@ def _read_pem(path: str | None, what: str) -> bytes | None:
     return p.read_bytes()
 
 
-def _server(recipe: Recipe, address: str | None = None, debug: bool = False, secret_file: str | None = None,
-            allow_insecure: bool = False, allow_no_auth: bool = False):
+def _server(
+    recipe: Recipe,
+    address: str | None = None,
+    debug: bool = False,
+    secret_file: str | None = None,
+    allow_insecure: bool = False,
+    allow_no_auth: bool = False,
+):
     """`keel federate serve RECIPE`: the server; sites connect with `keel federate join`. Checks the settings
     now; returns the rounds as ``body(setup, coordinator)`` for FederatedTrainer.train.
 
@@ -430,13 +498,19 @@ def _server(recipe: Recipe, address: str | None = None, debug: bool = False, sec
     fed = _fed(recipe)
     set_threads(recipe)
     if fed.secagg.enabled:
-        raise KeelError("federated.secagg runs in simulation (`keel federate RECIPE`); Flower 1.41's gRPC server for "
-                        "separate processes has no SecAgg+: set federated.secagg.enabled=false for serve")
+        raise KeelError(
+            "federated.secagg runs in simulation (`keel federate RECIPE`); Flower 1.41's gRPC server for "
+            "separate processes has no SecAgg+: set federated.secagg.enabled=false for serve"
+        )
     srv = fed.server
     pems = [srv.root_certificate, srv.certificate, srv.private_key]
     if any(pems) and not all(pems):  # not a schema rule: a site's recipe may name only the root certificate (join)
         raise KeelError("TLS needs all three of federated.server.root_certificate, certificate and private_key")
-    certificates = tuple(_read_pem(p, n) for p, n in zip(pems, ("root_certificate", "certificate", "private_key"))) if all(pems) else None
+    certificates = (
+        tuple(_read_pem(p, n) for p, n in zip(pems, ("root_certificate", "certificate", "private_key")))
+        if all(pems)
+        else None
+    )
     address = address or srv.address
     secret = transport.load_secret(secret_file)
     transport.check_serve(address, certificates is not None, secret, allow_insecure, allow_no_auth)
@@ -444,10 +518,20 @@ def _server(recipe: Recipe, address: str | None = None, debug: bool = False, sec
 
     def body(s: Setup, c: Coordinator) -> None:
         tls = "TLS" if certificates else "insecure: loopback or a trusted network only"
-        logger.info(f"serving on {address} ({tls}), {'sites need the federation secret' if secret else 'no site secret'}; "
-                    f"waiting up to {float(srv.round_timeout or 600):g}s for {fed.min_available_clients} sites")
-        transport.run_server(address, c.strategy(), num_rounds=c.remaining, round_timeout=srv.round_timeout,
-                             needed=fed.min_available_clients, offset=c.offset, certificates=certificates, secret=secret)
+        logger.info(
+            f"serving on {address} ({tls}), {'sites need the federation secret' if secret else 'no site secret'}; "
+            f"waiting up to {float(srv.round_timeout or 600):g}s for {fed.min_available_clients} sites"
+        )
+        transport.run_server(
+            address,
+            c.strategy(),
+            num_rounds=c.remaining,
+            round_timeout=srv.round_timeout,
+            needed=fed.min_available_clients,
+            offset=c.offset,
+            certificates=certificates,
+            secret=secret,
+        )
 
     return body
 
@@ -461,13 +545,22 @@ def _site_frame(path: Path, columns: dict, labels: list[str] | None):
     except KeelError as e:
         import re
 
-        msg = re.sub(r"pass --(\w+)-column <one of those>", r"set data.columns.\1 in the recipe to one of those", str(e))
+        msg = re.sub(
+            r"pass --(\w+)-column <one of those>", r"set data.columns.\1 in the recipe to one of those", str(e)
+        )
         raise type(e)(msg.replace("--data:", "--site-data:")) from None
 
 
-def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = None,
-         root_certificate: str | None = None, debug: bool = False, secret_file: str | None = None,
-         allow_insecure: bool = False) -> int:
+def join(
+    recipe: Recipe,
+    site_data: str,
+    server: str,
+    site_name: str | None = None,
+    root_certificate: str | None = None,
+    debug: bool = False,
+    secret_file: str | None = None,
+    allow_insecure: bool = False,
+) -> int:
     """`keel federate join`: train on one local file for the server at ``server``; returns the rounds trained.
 
     The file is read and checked before the site connects, so a malformed one stops here (exit 2) and never
@@ -490,8 +583,9 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
     secret = transport.load_secret(secret_file)
     transport.check_join(server, root is not None, secret, allow_insecure)
     name = site_name or path.stem
-    columns = column_mapping(recipe.data if recipe.data.path or recipe.data.name else DataConfig(path=str(path)),
-                             "classification")
+    columns = column_mapping(
+        recipe.data if recipe.data.path or recipe.data.name else DataConfig(path=str(path)), "classification"
+    )
     frame = _site_frame(path, columns, None)  # before connecting: a file that cannot be trained on stops here
     if recipe.data.max_train_samples:
         frame = frame[: recipe.data.max_train_samples]
@@ -513,7 +607,9 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
 
     client = make_client(name, load, site_settings(recipe))
     counted = _CountRounds(client)
-    logger.info(f"site {name}: joining {server} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}")
+    logger.info(
+        f"site {name}: joining {server} ({'TLS' if root else 'insecure'}){', with the federation secret' if secret else ''}"
+    )
     import grpc
     from flwr.client import start_client
 
@@ -525,21 +621,29 @@ def join(recipe: Recipe, site_data: str, server: str, site_name: str | None = No
         flwr_log.addFilter(hide)  # keel's own errors are one line below, not Flower's traceback
     try:
         with transport.site_metadata(name, secret):
-            start_client(server_address=server, client=counted.to_client(), insecure=root is None,
-                         root_certificates=root, max_wait_time=wait)
+            start_client(
+                server_address=server,
+                client=counted.to_client(),
+                insecure=root is None,
+                root_certificates=root,
+                max_wait_time=wait,
+            )
     except KeelError as e:
         raise type(e)(f"site {name}: {e}") from None
     except grpc.RpcError as e:  # grpc's errors carry a status; show it in one line
         code, detail = getattr(e, "code", lambda: None)(), getattr(e, "details", lambda: str(e))()  # noqa: F821 (the lambda runs here, inside the except)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             raise KeelError(f"site {name}: the server {server} refused this site ({detail})") from None
-        raise KeelError(f"site {name}: lost the server {server} ({detail}); check that `keel federate serve` runs "
-                        f"there, then join again") from None
+        raise KeelError(
+            f"site {name}: lost the server {server} ({detail}); check that `keel federate serve` runs "
+            f"there, then join again"
+        ) from None
     finally:
         flwr_log.removeFilter(hide)
     if client.ended:
-        raise KeelError(f"site {name}: the server ended the run after this site trained {counted.rounds} rounds: "
-                        f"{client.ended}")
+        raise KeelError(
+            f"site {name}: the server ended the run after this site trained {counted.rounds} rounds: {client.ended}"
+        )
     logger.info(f"site {name}: done after {counted.rounds} rounds")
     return counted.rounds
 
@@ -565,8 +669,10 @@ def _wait_for_server(server: str, timeout: float) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise KeelError(f"no server answered at {server} for {timeout:.0f}s; start `keel federate serve` "
-                                f"there first (federated.server.round_timeout sets how long a site waits)") from None
+                raise KeelError(
+                    f"no server answered at {server} for {timeout:.0f}s; start `keel federate serve` "
+                    f"there first (federated.server.round_timeout sets how long a site waits)"
+                ) from None
             time.sleep(1.0)
 
 

@@ -32,9 +32,20 @@ def set_weights(model, arrays: list[np.ndarray]) -> None:
         p.copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
 
 
-def local_train(model, dataset, tokenizer, *, epochs: int, batch_size: int, lr: float, optimizer: str = "adamw",
-                max_grad_norm: float | None = None, seed: int = 0, max_steps: int | None = None,
-                proximal_mu: float = 0.0) -> dict:
+def local_train(
+    model,
+    dataset,
+    tokenizer,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    optimizer: str = "adamw",
+    max_grad_norm: float | None = None,
+    seed: int = 0,
+    max_steps: int | None = None,
+    proximal_mu: float = 0.0,
+) -> dict:
     """Train ``model`` in place on ``dataset`` (a tokenized split); returns the mean loss and the step count.
 
     FedProx adds (mu / 2) * ||w - w_global||^2 to the loss, with w_global the weights the round started from.
@@ -53,10 +64,12 @@ def local_train(model, dataset, tokenizer, *, epochs: int, batch_size: int, lr: 
             for start in range(0, len(order), batch_size):
                 if max_steps is not None and steps >= max_steps:
                     break
-                batch = collate(dataset[order[start: start + batch_size]], tokenizer)
+                batch = collate(dataset[order[start : start + batch_size]], tokenizer)
                 loss = model(**batch).loss  # mean over the batch
                 if anchor is not None:
-                    loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                    loss = loss + proximal_mu / 2 * sum(
+                        ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor)
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if max_grad_norm:
@@ -66,7 +79,9 @@ def local_train(model, dataset, tokenizer, *, epochs: int, batch_size: int, lr: 
     return {"loss": total / max(steps, 1), "steps": steps}
 
 
-def privatize(new: list[np.ndarray], start: list[np.ndarray], config: dict, local: dict | None = None) -> list[np.ndarray]:
+def privatize(
+    new: list[np.ndarray], start: list[np.ndarray], config: dict, local: dict | None = None
+) -> list[np.ndarray]:
     """Client-side DP: clip the update to the clipping norm; local DP also adds Gaussian noise.
 
     ``config``: the server's round config (central DP sends ``clipping_norm``). ``local``: this site's own local-DP
@@ -125,17 +140,26 @@ def make_client(site: str, load, settings: dict):
             if local and state.get("releases", 0) >= local["releases"]:
                 from keel.errors import KeelError
 
-                raise KeelError(f"site {site}: local DP budget spent ({local['releases']} noised updates sent, "
-                                f"federated.rounds); it sends no more")
+                raise KeelError(
+                    f"site {site}: local DP budget spent ({local['releases']} noised updates sent, "
+                    f"federated.rounds); it sends no more"
+                )
             model, tokenizer, dataset = ensure(config)
             set_weights(model, parameters)
             rnd = int(config.get("round", 0))
             stats = local_train(
-                model, dataset, tokenizer, epochs=int(config.get("local_epochs", settings["local_epochs"])),
-                batch_size=settings["batch_size"], lr=settings["lr"], optimizer=settings["optimizer"],
-                max_grad_norm=settings["max_grad_norm"], seed=settings["seed"] * 1_000_003 + rnd,
+                model,
+                dataset,
+                tokenizer,
+                epochs=int(config.get("local_epochs", settings["local_epochs"])),
+                batch_size=settings["batch_size"],
+                lr=settings["lr"],
+                optimizer=settings["optimizer"],
+                max_grad_norm=settings["max_grad_norm"],
+                seed=settings["seed"] * 1_000_003 + rnd,
                 max_steps=int(config["local_steps"]) if config.get("local_steps") else None,
-                proximal_mu=float(config.get("proximal_mu", 0.0)))
+                proximal_mu=float(config.get("proximal_mu", 0.0)),
+            )
             new = privatize(get_weights(model), parameters, config, local)
             # Under DP every site weighs the same (the noise is calibrated to a sum of clipped updates), and a site
             # under local DP sends nothing un-noised about its data: no row count, loss or step count.

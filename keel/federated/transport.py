@@ -42,6 +42,7 @@ MIN_SECRET = 16
 
 # -- addresses and secrets --------------------------------------------------------------------------
 
+
 def split_address(address: str, what: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -55,7 +56,9 @@ def load_secret(secret_file: str | None) -> str | None:
     if secret_file:
         p = Path(secret_file).expanduser()
         if not p.is_file():
-            raise KeelError(f"--secret-file: file '{secret_file}' not found; pass the file that holds the federation secret")
+            raise KeelError(
+                f"--secret-file: file '{secret_file}' not found; pass the file that holds the federation secret"
+            )
         value, where = p.read_text(errors="replace").strip(), f"--secret-file {secret_file}"
         if not value:
             raise KeelError(f"{where} is empty; write the federation secret into it")
@@ -66,8 +69,10 @@ def load_secret(secret_file: str | None) -> str | None:
     if not (value.isascii() and value.isprintable()):
         raise KeelError(f"the federation secret in {where} must be printable ASCII (it travels as gRPC metadata)")
     if len(value) < MIN_SECRET:
-        raise KeelError(f"the federation secret in {where} has {len(value)} characters, fewer than {MIN_SECRET}; "
-                        "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        raise KeelError(
+            f"the federation secret in {where} has {len(value)} characters, fewer than {MIN_SECRET}; "
+            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     return value
 
 
@@ -77,11 +82,15 @@ def check_serve(address: str, tls: bool, secret: str | None, allow_insecure: boo
     if is_loopback(host):
         return
     if not tls and not allow_insecure:
-        raise KeelError(f"refusing to serve the federation on {host} without TLS; set federated.server.root_certificate, "
-                        "certificate and private_key, or pass --allow-insecure if the network is trusted")
+        raise KeelError(
+            f"refusing to serve the federation on {host} without TLS; set federated.server.root_certificate, "
+            "certificate and private_key, or pass --allow-insecure if the network is trusted"
+        )
     if not secret and not allow_no_auth:
-        raise KeelError(f"refusing to serve the federation on {host} without a site secret (anyone could join); set "
-                        f"{SECRET_ENV} or --secret-file, or pass --allow-no-auth if the network is trusted")
+        raise KeelError(
+            f"refusing to serve the federation on {host} without a site secret (anyone could join); set "
+            f"{SECRET_ENV} or --secret-file, or pass --allow-no-auth if the network is trusted"
+        )
 
 
 def check_join(server: str, tls: bool, secret: str | None, allow_insecure: bool) -> None:
@@ -89,11 +98,15 @@ def check_join(server: str, tls: bool, secret: str | None, allow_insecure: bool)
     if is_loopback(host) or tls:
         return
     if secret:
-        raise KeelError(f"refusing to send the federation secret to {host} in clear text; pass --root-certificate "
-                        "(the server's CA, PEM) so that the site talks TLS")
+        raise KeelError(
+            f"refusing to send the federation secret to {host} in clear text; pass --root-certificate "
+            "(the server's CA, PEM) so that the site talks TLS"
+        )
     if not allow_insecure:
-        raise KeelError(f"refusing to send this site's updates to {host} without TLS; pass --root-certificate, or "
-                        "--allow-insecure if the network is trusted")
+        raise KeelError(
+            f"refusing to send this site's updates to {host} without TLS; pass --root-certificate, or "
+            "--allow-insecure if the network is trusted"
+        )
 
 
 def _digest(value: str) -> bytes:
@@ -101,6 +114,7 @@ def _digest(value: str) -> bytes:
 
 
 # -- the server ---------------------------------------------------------------------------------------
+
 
 class TooFewSites(KeelError):
     """Fewer sites than a round needs stayed connected for federated.server.round_timeout."""
@@ -117,8 +131,10 @@ def _server_interceptor(secret: str):
 
     def deny(request_iterator, context):
         logger.warning(f"refused a site from {context.peer()}: no or wrong federation secret")
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "no or wrong federation secret; set KEEL_FEDERATION_SECRET "
-                                                       "or --secret-file to the federation's secret")
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no or wrong federation secret; set KEEL_FEDERATION_SECRET or --secret-file to the federation's secret",
+        )
 
     class SecretCheck(grpc.ServerInterceptor):
         def intercept_service(self, continuation, details):
@@ -164,8 +180,9 @@ class SiteManager(SimpleClientManager):
         if not self.closing:
             name = self.names.get(client.cid, client.cid)
             self.left.append((name, self.round))
-            logger.warning(f"site {name} left during round {self.round} ({len(self)} connected; "
-                           f"rounds need {self.needed})")
+            logger.warning(
+                f"site {name} left during round {self.round} ({len(self)} connected; rounds need {self.needed})"
+            )
 
     def sample(self, num_clients, min_num_clients=None, criterion=None):
         self.round += 1  # Flower samples once per round (configure_fit)
@@ -179,13 +196,17 @@ class SiteManager(SimpleClientManager):
     def too_few(self, num_clients: int, for_sites: bool = False) -> str:
         """Why the run ends; the sites' version names no other site."""
         now = f"{len(self)} {'is' if len(self) == 1 else 'are'} connected" if self.names else "no site joined"
-        head = (f"round {self.round} needs {num_clients} sites (federated.min_available_clients) but {now} after "
-                f"waiting {self.wait_s:g}s (federated.server.round_timeout)")
+        head = (
+            f"round {self.round} needs {num_clients} sites (federated.min_available_clients) but {now} after "
+            f"waiting {self.wait_s:g}s (federated.server.round_timeout)"
+        )
         if for_sites:
             return f"{head}; join again when the server resumes the run"
         gone = ", ".join(f"{n} (round {r})" for n, r in self.left)
-        return (f"{head}{'; sites that left: ' + gone if gone else ''}. The completed rounds are saved: fix the "
-                f"sites, then `keel federate serve RECIPE --resume` and join them again")
+        return (
+            f"{head}{'; sites that left: ' + gone if gone else ''}. The completed rounds are saved: fix the "
+            f"sites, then `keel federate serve RECIPE --resume` and join them again"
+        )
 
 
 def _servicer(manager):
@@ -218,8 +239,17 @@ def _tell_sites(manager, reason: str) -> None:
             list(pool.map(tell, clients))
 
 
-def run_server(address: str, strategy, *, num_rounds: int, round_timeout: float | None, needed: int, offset: int,
-               certificates: tuple[bytes, bytes, bytes] | None, secret: str | None) -> None:
+def run_server(
+    address: str,
+    strategy,
+    *,
+    num_rounds: int,
+    round_timeout: float | None,
+    needed: int,
+    offset: int,
+    certificates: tuple[bytes, bytes, bytes] | None,
+    secret: str | None,
+) -> None:
     """Flower's ``start_server``, from its own parts, with the secret check and the bounded waits."""
     from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
     from flwr.server import Server, ServerConfig
@@ -231,11 +261,16 @@ def run_server(address: str, strategy, *, num_rounds: int, round_timeout: float 
     manager = SiteManager(wait, needed, offset)
     server = Server(client_manager=manager, strategy=strategy)
     if is_port_in_use(address):
-        raise KeelError(f"port of {address} is in use; stop what listens there or set federated.server.address / --address")
+        raise KeelError(
+            f"port of {address} is in use; stop what listens there or set federated.server.address / --address"
+        )
     try:
         grpc_server = generic_create_grpc_server(
-            servicer_and_add_fn=(_servicer(manager), add_FlowerServiceServicer_to_server), server_address=address,
-            certificates=certificates, interceptors=[_server_interceptor(secret)] if secret else None)
+            servicer_and_add_fn=(_servicer(manager), add_FlowerServiceServicer_to_server),
+            server_address=address,
+            certificates=certificates,
+            interceptors=[_server_interceptor(secret)] if secret else None,
+        )
     except RuntimeError as e:  # grpc could not bind
         raise KeelError(f"cannot listen on {address} ({e}); check federated.server.address / --address") from None
     grpc_server.start()
@@ -273,8 +308,14 @@ def _client_interceptor(pairs: list[tuple[str, str]]):
 
     class AddMetadata(grpc.StreamStreamClientInterceptor, grpc.UnaryUnaryClientInterceptor):
         def _details(self, d):
-            return Details(d.method, d.timeout, [*(d.metadata or ()), *pairs], d.credentials,
-                           getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+            return Details(
+                d.method,
+                d.timeout,
+                [*(d.metadata or ()), *pairs],
+                d.credentials,
+                getattr(d, "wait_for_ready", None),
+                getattr(d, "compression", None),
+            )
 
         def intercept_stream_stream(self, continuation, details, request_iterator):
             return continuation(self._details(details), request_iterator)

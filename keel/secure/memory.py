@@ -35,8 +35,9 @@ def hf_model(files: dict[str, bytes], **config_overrides):
     arch = (config_dict.get("architectures") or [None])[0]
     cls = getattr(transformers, str(arch), None)
     if cls is None:
-        raise SealError(f"config.json names no architecture this transformers knows ({arch!r}); a sealed model "
-                        "needs one")
+        raise SealError(
+            f"config.json names no architecture this transformers knows ({arch!r}); a sealed model needs one"
+        )
     config = transformers.AutoConfig.for_model(**config_dict)
     state = load(_need(files, "model.safetensors", "model"))
     return cls.from_pretrained(None, config=config, state_dict=state, use_safetensors=True)
@@ -68,7 +69,7 @@ def _external(files: dict[str, bytes], data: bytes) -> bytes | None:
         blob = _need(files, info["location"], "ONNX export")
         start = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else len(blob) - start
-        t.raw_data = blob[start:start + length]
+        t.raw_data = blob[start : start + length]
         del t.external_data[:]
         t.data_location = onnx.TensorProto.DEFAULT
     return model.SerializeToString()

@@ -34,9 +34,15 @@ def environment_sbom() -> str:
         if not name or name.lower() in seen:
             continue
         seen.add(name.lower())
-        bom.components.add(Component(name=name, version=version, type=ComponentType.LIBRARY,
-                                      purl=PackageURL(type="pypi", name=name.lower(), version=version),
-                                      bom_ref=f"pypi:{name.lower()}@{version}"))
+        bom.components.add(
+            Component(
+                name=name,
+                version=version,
+                type=ComponentType.LIBRARY,
+                purl=PackageURL(type="pypi", name=name.lower(), version=version),
+                bom_ref=f"pypi:{name.lower()}@{version}",
+            )
+        )
     bom.register_dependency(bom.metadata.component, bom.components)  # a flat graph: the environment as installed
     return JsonV1Dot6(bom).output_as_string(indent=2)
 
@@ -73,10 +79,18 @@ def provenance(run_dir: Path, recipe) -> dict:
     except Exception as e:  # noqa: BLE001 (a model from scratch, or one gone: say so, invent no hash; never fail the run)
         base["sha256"] = None
         base["note"] = f"not hashed: {type(e).__name__}"
-    data = {"source": meta.get("source"), "source_sha256": meta.get("source_sha256"),
-            "splits_sha256": splits_digest(run_dir)}
-    return {"format": "keel-provenance/1", "recipe_sha256": recipe.sha256(), "data": data, "base_model": base,
-            "sbom": {"file": SBOM, "sha256": sha256_file(run_dir / SBOM) if (run_dir / SBOM).is_file() else None}}
+    data = {
+        "source": meta.get("source"),
+        "source_sha256": meta.get("source_sha256"),
+        "splits_sha256": splits_digest(run_dir),
+    }
+    return {
+        "format": "keel-provenance/1",
+        "recipe_sha256": recipe.sha256(),
+        "data": data,
+        "base_model": base,
+        "sbom": {"file": SBOM, "sha256": sha256_file(run_dir / SBOM) if (run_dir / SBOM).is_file() else None},
+    }
 
 
 def record(run_dir: Path, recipe) -> dict:
@@ -94,11 +108,14 @@ def card_lines(run_dir: Path) -> list[str]:
     if not prov:
         return ["No provenance recorded (trained by an older keel).", ""]
     n = len(read_json(Path(run_dir) / SBOM).get("components", []))
-    return [f"- Recipe sha256: `{prov['recipe_sha256']}`",
-            f"- Data source sha256: `{prov['data'].get('source_sha256')}`",
-            f"- Data splits sha256: `{prov['data'].get('splits_sha256')}`",
-            f"- Base model: {prov['base_model'].get('name')}, sha256 `{prov['base_model'].get('sha256')}`",
-            f"- Environment SBOM (CycloneDX 1.6, {n} packages): `{SBOM}`, sha256 `{prov['sbom'].get('sha256')}`", ""]
+    return [
+        f"- Recipe sha256: `{prov['recipe_sha256']}`",
+        f"- Data source sha256: `{prov['data'].get('source_sha256')}`",
+        f"- Data splits sha256: `{prov['data'].get('splits_sha256')}`",
+        f"- Base model: {prov['base_model'].get('name')}, sha256 `{prov['base_model'].get('sha256')}`",
+        f"- Environment SBOM (CycloneDX 1.6, {n} packages): `{SBOM}`, sha256 `{prov['sbom'].get('sha256')}`",
+        "",
+    ]
 
 
 _CLAIM = re.compile(r"^- (Recipe sha256|Environment SBOM)[^`]*`([^`]+)`(?:, sha256 `([^`]+)`)?", re.MULTILINE)
@@ -119,22 +136,30 @@ def check_card(run_dir: Path) -> int:
 
             actual = load_recipe(run_dir / "recipe.yaml").sha256()
             if m.group(2) != actual or m.group(2) != prov.get("recipe_sha256"):
-                raise KeelError(f"{card} claims recipe sha256 {m.group(2)[:12]} but {run_dir / 'recipe.yaml'} hashes "
-                                f"to {actual[:12]}; restore the recipe or rebuild the card (keel audit)")
+                raise KeelError(
+                    f"{card} claims recipe sha256 {m.group(2)[:12]} but {run_dir / 'recipe.yaml'} hashes "
+                    f"to {actual[:12]}; restore the recipe or rebuild the card (keel audit)"
+                )
         else:
             path = run_dir / m.group(2)
             actual = sha256_file(path) if path.is_file() else "missing"
             if m.group(3) != actual:
-                raise KeelError(f"{card} claims {m.group(2)} sha256 {str(m.group(3))[:12]} but the file is "
-                                f"{actual[:12]}; restore it or rebuild the card (keel audit)")
+                raise KeelError(
+                    f"{card} claims {m.group(2)} sha256 {str(m.group(3))[:12]} but the file is "
+                    f"{actual[:12]}; restore it or rebuild the card (keel audit)"
+                )
         checked += 1
     for line in text.splitlines():  # the data hashes, recomputed from the frozen splits
-        for label, value in (("Data source sha256", read_json(run_dir / "splits" / "splits.json").get("source_sha256")),
-                             ("Data splits sha256", splits_digest(run_dir))):
+        for label, value in (
+            ("Data source sha256", read_json(run_dir / "splits" / "splits.json").get("source_sha256")),
+            ("Data splits sha256", splits_digest(run_dir)),
+        ):
             if line.startswith(f"- {label}: `"):
                 if line.split("`")[1] != str(value):
-                    raise KeelError(f"{card} claims {label.lower()} {line.split('`')[1][:12]} but the run's splits/ "
-                                    f"say {str(value)[:12]}; restore them or rebuild the card (keel audit)")
+                    raise KeelError(
+                        f"{card} claims {label.lower()} {line.split('`')[1][:12]} but the run's splits/ "
+                        f"say {str(value)[:12]}; restore them or rebuild the card (keel audit)"
+                    )
                 checked += 1
     return checked
 
@@ -148,11 +173,20 @@ def section_provenance(run_dir: Path, ctx: dict) -> str | None:
         return None
     comps = read_json(Path(run_dir) / SBOM).get("components", [])
     base, data = prov.get("base_model", {}), prov.get("data", {})
-    rows = [("recipe sha256", prov.get("recipe_sha256")), ("data source", data.get("source")),
-            ("data source sha256", data.get("source_sha256")), ("frozen splits sha256", data.get("splits_sha256")),
-            ("base model", base.get("name")), ("base model sha256", base.get("sha256") or base.get("note")),
-            (f"SBOM ({SBOM}, CycloneDX 1.6)", f"{len(comps)} packages, sha256 {prov.get('sbom', {}).get('sha256')}")]
-    table = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows)
+    rows = [
+        ("recipe sha256", prov.get("recipe_sha256")),
+        ("data source", data.get("source")),
+        ("data source sha256", data.get("source_sha256")),
+        ("frozen splits sha256", data.get("splits_sha256")),
+        ("base model", base.get("name")),
+        ("base model sha256", base.get("sha256") or base.get("note")),
+        (f"SBOM ({SBOM}, CycloneDX 1.6)", f"{len(comps)} packages, sha256 {prov.get('sbom', {}).get('sha256')}"),
+    ]
+    table = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(str(v))}</code></td></tr>" for k, v in rows
+    )
     # the package list itself stays in the SBOM: names such as httpx read like links to a page checked for them
-    return (f"<h2>Provenance</h2><p class='sub'>What trained this model; <code>keel verify</code> checks the model "
-            f"card's claims against these files.</p><table>{table}</table>")
+    return (
+        f"<h2>Provenance</h2><p class='sub'>What trained this model; <code>keel verify</code> checks the model "
+        f"card's claims against these files.</p><table>{table}</table>"
+    )

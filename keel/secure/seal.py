@@ -47,6 +47,7 @@ class SealError(KeelError):
 
 # -- keys --------------------------------------------------------------------------------------------
 
+
 def parse_key(text: str, source: str) -> bytes:
     """32 bytes from hex (64 characters) or base64 (44); the error names the source, never the value."""
     text = text.strip()
@@ -55,13 +56,16 @@ def parse_key(text: str, source: str) -> bytes:
     except (ValueError, binascii.Error):
         key = b""
     if len(key) != 32:
-        raise SealError(f"{source} is not a 32-byte key (64 hex characters or 44 base64 characters); create one "
-                        "with `keel seal --new-key > seal.key` (keep it out of recipes and logs)")
+        raise SealError(
+            f"{source} is not a 32-byte key (64 hex characters or 44 base64 characters); create one "
+            "with `keel seal --new-key > seal.key` (keep it out of recipes and logs)"
+        )
     return key
 
 
-def load_key(key_file: str | None = None, env: str = KEY_ENV, file_env: str = KEY_FILE_ENV,
-             required: bool = True) -> bytes | None:
+def load_key(
+    key_file: str | None = None, env: str = KEY_ENV, file_env: str = KEY_FILE_ENV, required: bool = True
+) -> bytes | None:
     """The key from ``key_file``, else $KEEL_SEAL_KEY_FILE, else $KEEL_SEAL_KEY."""
     key_file = key_file or os.environ.get(file_env)
     if key_file:
@@ -72,8 +76,10 @@ def load_key(key_file: str | None = None, env: str = KEY_ENV, file_env: str = KE
     if os.environ.get(env):
         return parse_key(os.environ[env], f"${env}")
     if required:
-        raise SealError(f"no seal key: set ${env} (64 hex or 44 base64 characters) or ${file_env} (a file "
-                        "holding it), or pass --key-file")
+        raise SealError(
+            f"no seal key: set ${env} (64 hex or 44 base64 characters) or ${file_env} (a file "
+            "holding it), or pass --key-file"
+        )
     return None
 
 
@@ -99,11 +105,14 @@ def _check_key(key: bytes, header: dict, folder: Path) -> None:
         check = header["key_check"]
         _aead(key).decrypt(bytes.fromhex(check["nonce"]), bytes.fromhex(check["value"]), FORMAT.encode())
     except (InvalidTag, KeyError, TypeError, ValueError):
-        raise SealError(f"the seal key does not open {folder} (wrong key, or a header that was edited); pass the key "
-                        "it was sealed with") from None
+        raise SealError(
+            f"the seal key does not open {folder} (wrong key, or a header that was edited); pass the key "
+            "it was sealed with"
+        ) from None
 
 
 # -- chunks ------------------------------------------------------------------------------------------
+
 
 def _aad(name: str, file_id: bytes, index: int, final: bool) -> bytes:
     return FORMAT.encode() + b"\0" + name.encode() + b"\0" + file_id + struct.pack(">I?", index, final)
@@ -144,16 +153,20 @@ def _decrypt_chunks(aead, path: Path, name: str, meta: dict, chunk: int, folder:
     size, step = path.stat().st_size, chunk + TAG
     count = max(1, -(-size // step))
     if count != meta["chunks"]:
-        raise SealError(f"{path} has {count} chunks where {meta['chunks']} were sealed: it was truncated or extended; "
-                        f"restore {folder} from a good copy")
+        raise SealError(
+            f"{path} has {count} chunks where {meta['chunks']} were sealed: it was truncated or extended; "
+            f"restore {folder} from a good copy"
+        )
     file_id = bytes.fromhex(meta["id"])
     with open(path, "rb") as f:
         for i in range(count):
             try:
                 yield aead.decrypt(_nonce(file_id, i), f.read(step), _aad(name, file_id, i, i == count - 1))
             except InvalidTag:
-                raise SealError(f"chunk {i} of {path} does not authenticate (changed, moved or swapped): "
-                                f"{folder} was tampered with; restore it from a good copy") from None
+                raise SealError(
+                    f"chunk {i} of {path} does not authenticate (changed, moved or swapped): "
+                    f"{folder} was tampered with; restore it from a good copy"
+                ) from None
 
 
 def is_sealed(folder: Path) -> bool:
@@ -179,6 +192,7 @@ def sealed_folders(run_dir: Path) -> list[Path]:
 
 # -- seal / unseal / rotate --------------------------------------------------------------------------
 
+
 def seal_folder(folder: Path, key: bytes, old_key: bytes | None = None) -> dict:
     """Seal a plain folder under ``key``, or re-seal a sealed one from ``old_key`` to ``key`` (rotation)."""
     folder = Path(folder)
@@ -188,8 +202,10 @@ def seal_folder(folder: Path, key: bytes, old_key: bytes | None = None) -> dict:
     rotating = is_sealed(folder)
     if rotating:
         if old_key is None:
-            raise SealError(f"{folder} is already sealed; to rotate its key set ${NEW_KEY_ENV} (or "
-                            f"${NEW_KEY_FILE_ENV} / --new-key-file) beside the current one")
+            raise SealError(
+                f"{folder} is already sealed; to rotate its key set ${NEW_KEY_ENV} (or "
+                f"${NEW_KEY_FILE_ENV} / --new-key-file) beside the current one"
+            )
         header = _header(folder)
         _check_key(old_key, header, folder)
         old = _aead(old_key)
@@ -199,8 +215,12 @@ def seal_folder(folder: Path, key: bytes, old_key: bytes | None = None) -> dict:
             for name, meta in header["files"].items():
                 chunks = _decrypt_chunks(old, folder / (name + SUFFIX), name, meta, header["chunk_bytes"], folder)
                 last = meta["chunks"] - 1
-                files[name] = {**_encrypt_file(aead, ((i, c, i == last) for i, c in enumerate(chunks)), name,
-                                               tmp / (name + SUFFIX)), "bytes": meta["bytes"]}
+                files[name] = {
+                    **_encrypt_file(
+                        aead, ((i, c, i == last) for i, c in enumerate(chunks)), name, tmp / (name + SUFFIX)
+                    ),
+                    "bytes": meta["bytes"],
+                }
                 totals["bytes"] += meta["bytes"]
             keep = [n for n in (*CLEAR, *UNSEALED) if (folder / n).is_file()]
         else:
@@ -209,14 +229,21 @@ def seal_folder(folder: Path, key: bytes, old_key: bytes | None = None) -> dict:
                 if p.is_dir() or name in CLEAR or name in UNSEALED:
                     continue
                 (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                files[name] = {**_encrypt_file(aead, _plain_chunks(p, CHUNK), name, tmp / (name + SUFFIX)),
-                               "bytes": p.stat().st_size}
+                files[name] = {
+                    **_encrypt_file(aead, _plain_chunks(p, CHUNK), name, tmp / (name + SUFFIX)),
+                    "bytes": p.stat().st_size,
+                }
                 totals["bytes"] += p.stat().st_size
             keep = [n for n in (*CLEAR, *UNSEALED) if (folder / n).is_file()]
         for name in keep:
             shutil.copy2(folder / name, tmp / name)
-        header = {"format": FORMAT, "cipher": "AES-256-GCM", "chunk_bytes": header["chunk_bytes"] if rotating
-                  else CHUNK, "key_check": _key_check(key), "files": files}
+        header = {
+            "format": FORMAT,
+            "cipher": "AES-256-GCM",
+            "chunk_bytes": header["chunk_bytes"] if rotating else CHUNK,
+            "key_check": _key_check(key),
+            "files": files,
+        }
         (tmp / HEADER).write_text(json.dumps(header, indent=2))
     return totals
 
@@ -244,8 +271,9 @@ def unseal_folder(folder: Path, key: bytes) -> dict:
         for name in (*CLEAR, *UNSEALED):
             if (folder / name).is_file():
                 shutil.copy2(folder / name, tmp / name)
-        _check_complete(plain, {n for n in header["files"] if n != MANIFEST} | {n for n in CLEAR if (tmp / n).is_file()},
-                        folder)
+        _check_complete(
+            plain, {n for n in header["files"] if n != MANIFEST} | {n for n in CLEAR if (tmp / n).is_file()}, folder
+        )
         for name in CLEAR:
             if (tmp / name).is_file():
                 _check_plain(plain, name, hashlib.sha256((tmp / name).read_bytes()).hexdigest(), folder)
@@ -263,8 +291,10 @@ def _inner_manifest(aead, header: dict, folder: Path) -> dict:
 
 def _check_plain(plain: dict, name: str, digest: str, folder: Path) -> None:
     if name not in plain:
-        raise SealError(f"{name} in {folder} is not a file that was sealed: it was added; remove it or restore "
-                        f"{folder} from a good copy")
+        raise SealError(
+            f"{name} in {folder} is not a file that was sealed: it was added; remove it or restore "
+            f"{folder} from a good copy"
+        )
     if plain[name]["sha256"] != digest:
         raise SealError(f"{name} in {folder} is not the file that was sealed (sha256 differs); restore {folder}")
 
@@ -272,11 +302,13 @@ def _check_plain(plain: dict, name: str, digest: str, folder: Path) -> None:
 def _check_complete(plain: dict, present: set, folder: Path) -> None:
     missing = sorted(set(plain) - present)
     if missing:
-        raise SealError(f"{missing[0]} is missing from sealed {folder}; it was removed: restore {folder} from a good "
-                        "copy")
+        raise SealError(
+            f"{missing[0]} is missing from sealed {folder}; it was removed: restore {folder} from a good copy"
+        )
 
 
 # -- open in memory ----------------------------------------------------------------------------------
+
 
 def open_folder(folder: Path, key: bytes | None = None) -> dict[str, bytes]:
     """Every file of a sealed folder, decrypted into memory and checked against the manifest that was sealed."""
@@ -291,8 +323,9 @@ def open_folder(folder: Path, key: bytes | None = None) -> dict[str, bytes]:
     for name, meta in header["files"].items():
         if name == MANIFEST:
             continue
-        files[name] = b"".join(_decrypt_chunks(aead, folder / (name + SUFFIX), name, meta, header["chunk_bytes"],
-                                               folder))
+        files[name] = b"".join(
+            _decrypt_chunks(aead, folder / (name + SUFFIX), name, meta, header["chunk_bytes"], folder)
+        )
     for name in CLEAR:
         if (folder / name).is_file():
             files[name] = (folder / name).read_bytes()
@@ -306,8 +339,10 @@ def _check_listing(folder: Path, header: dict) -> None:
     expected = {HEADER, MANIFEST, *CLEAR, *UNSEALED, *(name + SUFFIX for name in header["files"])}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.relative_to(folder).as_posix() not in expected:
-            raise SealError(f"{p} is not part of the sealed folder {folder} (its header does not list it), and could "
-                            "change what is loaded; remove it, or restore the folder from a good copy")
+            raise SealError(
+                f"{p} is not part of the sealed folder {folder} (its header does not list it), and could "
+                "change what is loaded; remove it, or restore the folder from a good copy"
+            )
 
 
 def seal_run(run_dir: Path, key: bytes, old_key: bytes | None = None) -> list[dict]:
@@ -327,5 +362,7 @@ def unseal_run(run_dir: Path, key: bytes) -> list[dict]:
 def refuse_plain_outputs(run_dir: Path, verb: str) -> None:
     """A verb that writes new weights (export, compression) is refused on a sealed run: they would be plaintext."""
     if is_sealed(Path(run_dir) / "model"):
-        raise SealError(f"{run_dir} is sealed and `keel {verb}` would write plaintext weights beside it; run `keel "
-                        f"unseal {run_dir}`, then `keel {verb}`, then `keel seal {run_dir}` again")
+        raise SealError(
+            f"{run_dir} is sealed and `keel {verb}` would write plaintext weights beside it; run `keel "
+            f"unseal {run_dir}`, then `keel {verb}`, then `keel seal {run_dir}` again"
+        )

@@ -36,9 +36,11 @@ def _hashing(folder: Path):
 def _key(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise SignatureError(f"{what} {path} not found; pass a PEM elliptic-curve key (openssl ecparam -name "
-                             "prime256v1 -genkey -noout -out signing.key; openssl ec -in signing.key -pubout -out "
-                             "signing.pub)")
+        raise SignatureError(
+            f"{what} {path} not found; pass a PEM elliptic-curve key (openssl ecparam -name "
+            "prime256v1 -genkey -noout -out signing.key; openssl ec -in signing.key -pubout -out "
+            "signing.pub)"
+        )
     return path
 
 
@@ -60,11 +62,14 @@ def sign_run(run_dir: str | Path, private_key: str | Path, password: str | None 
         tmp = out.with_name(f".{out.name}.tmp")
         try:
             signing.Config().use_elliptic_key_signer(private_key=key, password=password).set_hashing_config(
-                _hashing(folder)).sign(folder, tmp)
+                _hashing(folder)
+            ).sign(folder, tmp)
         except (ValueError, TypeError) as e:
             tmp.unlink(missing_ok=True)
-            raise SignatureError(f"cannot sign with {key}: {str(e).splitlines()[0][:200]}; pass an unencrypted "
-                                 "EC private key in PEM (or its password)") from None
+            raise SignatureError(
+                f"cannot sign with {key}: {str(e).splitlines()[0][:200]}; pass an unencrypted "
+                "EC private key in PEM (or its password)"
+            ) from None
         atomic_write_bytes(out, tmp.read_bytes())
         tmp.unlink()
         written.append(out)
@@ -83,15 +88,19 @@ def verify_run(run_dir: str | Path, public_key: str | Path, folders: list[Path] 
     for folder in folders:
         sig = signature_path(run_dir, folder)
         if not sig.is_file():
-            raise SignatureError(f"{folder} is not signed ({sig} is missing); sign it with `keel sign {run_dir} "
-                                 "--key PRIVATE.pem` or serve a signed model")
+            raise SignatureError(
+                f"{folder} is not signed ({sig} is missing); sign it with `keel sign {run_dir} "
+                "--key PRIVATE.pem` or serve a signed model"
+            )
         try:
-            verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(
-                _hashing(folder)).verify(folder, sig)
+            verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing(folder)).verify(
+                folder, sig
+            )
         except Exception as e:  # noqa: BLE001 (model-signing raises ValueError and others for a bad bundle)
             first = _why(str(e)) or type(e).__name__
-            raise SignatureError(f"{folder} does not match its signature {sig}: {first}; restore the signed files "
-                                 "or re-sign them") from None
+            raise SignatureError(
+                f"{folder} does not match its signature {sig}: {first}; restore the signed files or re-sign them"
+            ) from None
     return folders
 
 
@@ -102,6 +111,9 @@ def _why(message: str) -> str:
     extra = re.search(r"Extra files found in model '[^']*': ([^\"\]]+)", message)
     missing = re.search(r"Missing files in model '[^']*': ([^\"\]]+)", message)
     changed = re.findall(r"Hash mismatch for '([^']+)'", message)
-    parts = ([f"added {extra.group(1)}"] if extra else []) + ([f"removed {missing.group(1)}"] if missing else []) + (
-        [f"changed {', '.join(changed)}"] if changed else [])
+    parts = (
+        ([f"added {extra.group(1)}"] if extra else [])
+        + ([f"removed {missing.group(1)}"] if missing else [])
+        + ([f"changed {', '.join(changed)}"] if changed else [])
+    )
     return "; ".join(parts) if parts else message.splitlines()[0][:300] if message else ""

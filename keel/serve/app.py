@@ -23,11 +23,19 @@ from keel.serve.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-ERRORS = {code: {"model": P.ErrorResponse, "description": text} for code, text in [
-    (400, "invalid request (the envelope names the offending param)"), (401, "missing or invalid API key"),
-    (404, "unknown model or route"), (408, "body not sent within serve.read_timeout_s"),
-    (413, "body over serve.max_body_bytes"), (415, "body is not JSON"),
-    (429, "queue full; retry after Retry-After seconds"), (504, "deadline (serve.timeout_s) passed")]}
+ERRORS = {
+    code: {"model": P.ErrorResponse, "description": text}
+    for code, text in [
+        (400, "invalid request (the envelope names the offending param)"),
+        (401, "missing or invalid API key"),
+        (404, "unknown model or route"),
+        (408, "body not sent within serve.read_timeout_s"),
+        (413, "body over serve.max_body_bytes"),
+        (415, "body is not JSON"),
+        (429, "queue full; retry after Retry-After seconds"),
+        (504, "deadline (serve.timeout_s) passed"),
+    ]
+}
 
 
 class State:
@@ -55,16 +63,22 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
         pool = ThreadPoolExecutor(1, thread_name_prefix="keel-model")  # classify and embeddings take turns
         state.pool = pool
         if "classify" in engine.routes:
-            state.batchers["classify"] = DynamicBatcher(engine.classify, "classify", config.max_batch_size,
-                                                        config.max_wait_ms, config.max_queue, metrics, pool)
+            state.batchers["classify"] = DynamicBatcher(
+                engine.classify, "classify", config.max_batch_size, config.max_wait_ms, config.max_queue, metrics, pool
+            )
         if "embeddings" in engine.routes:
-            state.batchers["embeddings"] = DynamicBatcher(engine.embed, "embeddings", config.max_batch_size,
-                                                          config.max_wait_ms, config.max_queue, metrics, pool)
+            state.batchers["embeddings"] = DynamicBatcher(
+                engine.embed, "embeddings", config.max_batch_size, config.max_wait_ms, config.max_queue, metrics, pool
+            )
         for b in state.batchers.values():
             b.start()
         if "classify" in engine.routes:
-            state.explainer = ExplainQueue(engine.explain, config.max_queue, metrics,
-                                           yield_to=lambda: any(b.depth for b in state.batchers.values()))
+            state.explainer = ExplainQueue(
+                engine.explain,
+                config.max_queue,
+                metrics,
+                yield_to=lambda: any(b.depth for b in state.batchers.values()),
+            )
         if engine.kind == "causal-lm":
             from keel.serve.scheduler import Scheduler
 
@@ -85,9 +99,15 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
                 await asyncio.get_running_loop().run_in_executor(None, state.scheduler.stop)
             pool.shutdown(wait=False)
 
-    app = FastAPI(title="keel serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"OpenAI-compatible API for `{engine.model_id}` ({engine.kind}). "
-                              "Errors use OpenAI's envelope {\"error\": {message, type, param, code}}.")
+    app = FastAPI(
+        title="keel serve",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description=f"OpenAI-compatible API for `{engine.model_id}` ({engine.kind}). "
+        'Errors use OpenAI\'s envelope {"error": {message, type, param, code}}.',
+    )
     app.state.keel = state
     install_error_handlers(app)
     add_docs_routes(app)  # Swagger UI and ReDoc from keel's own assets: they work offline
@@ -96,8 +116,12 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     async def live():
         return {"status": "ok"}
 
-    @app.get("/health/ready", tags=["health"], summary="the model is loaded and warmed up (503 while draining)",
-             responses={503: {"model": P.ErrorResponse}})
+    @app.get(
+        "/health/ready",
+        tags=["health"],
+        summary="the model is loaded and warmed up (503 while draining)",
+        responses={503: {"model": P.ErrorResponse}},
+    )
     async def ready():
         if state.draining:
             return error_response(503, "shutting down; no new requests", code="draining")
@@ -114,35 +138,63 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     async def models():
         return P.ModelList(data=[P.ModelCard(id=engine.model_id, created=state.created)])
 
-    @app.post("/v1/classify", response_model=P.ClassifyResponse, response_model_exclude_none=True, tags=["keel"],
-              responses=ERRORS,
-              summary="labels and class probabilities for one or more texts (dynamically batched)")
+    @app.post(
+        "/v1/classify",
+        response_model=P.ClassifyResponse,
+        response_model_exclude_none=True,
+        tags=["keel"],
+        responses=ERRORS,
+        summary="labels and class probabilities for one or more texts (dynamically batched)",
+    )
     async def classify(body: P.ClassifyRequest):
         texts = _texts(state, "classify", body.model, body.input)
         if body.explain and state.explain_error:
             raise ServeError(400, state.explain_error, "explain", "unsupported_value")
         if body.explain and len(texts) > config.max_explain_inputs:
-            raise ServeError(400, f"explain: true takes at most {config.max_explain_inputs} inputs per request "
-                                  f"(serve.max_explain_inputs); got {len(texts)}", "input", "too_many_inputs")
+            raise ServeError(
+                400,
+                f"explain: true takes at most {config.max_explain_inputs} inputs per request "
+                f"(serve.max_explain_inputs); got {len(texts)}",
+                "input",
+                "too_many_inputs",
+            )
         started = time.monotonic()
         rows = await state.batchers["classify"].submit(texts, config.timeout_s)
         explanations = [None] * len(rows)
         if body.explain:  # heavy (n_steps forward and backward passes): its own queue and thread
             left = config.timeout_s - (time.monotonic() - started)
             explanations = await state.explainer.submit(left, texts, [r["label"] for r in rows], body.explain_steps)
-        data = [P.Classification(index=i, label=r["label"], score=r["score"], scores=r["scores"],
-                                 explanation=P.Explanation(**e) if e else None, mitigation=r.get("mitigation"))
-                for i, (r, e) in enumerate(zip(rows, explanations))]
+        data = [
+            P.Classification(
+                index=i,
+                label=r["label"],
+                score=r["score"],
+                scores=r["scores"],
+                explanation=P.Explanation(**e) if e else None,
+                mitigation=r.get("mitigation"),
+            )
+            for i, (r, e) in enumerate(zip(rows, explanations))
+        ]
         n = sum(r["tokens"] for r in rows)
         return P.ClassifyResponse(data=data, model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n))
 
-    @app.post("/v1/embeddings", response_model=P.EmbeddingResponse, tags=["openai"], responses=ERRORS,
-              summary="mean-pooled encoder states (dynamically batched)")
+    @app.post(
+        "/v1/embeddings",
+        response_model=P.EmbeddingResponse,
+        tags=["openai"],
+        responses=ERRORS,
+        summary="mean-pooled encoder states (dynamically batched)",
+    )
     async def embeddings(body: P.EmbeddingRequest):
         texts = _texts(state, "embeddings", body.model, body.input)
         if body.dimensions is not None and body.dimensions != engine.embedding_size:
-            raise ServeError(400, f"dimensions must be {engine.embedding_size} for {engine.model_id} (it cannot "
-                                  f"shorten embeddings); got {body.dimensions}", "dimensions", "invalid_value")
+            raise ServeError(
+                400,
+                f"dimensions must be {engine.embedding_size} for {engine.model_id} (it cannot "
+                f"shorten embeddings); got {body.dimensions}",
+                "dimensions",
+                "invalid_value",
+            )
         rows = await state.batchers["embeddings"].submit(texts, config.timeout_s)
         n = sum(r["tokens"] for r in rows)
         vectors = [r["embedding"] for r in rows]
@@ -152,15 +204,26 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
             import numpy as np
 
             vectors = [base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors]
-        return P.EmbeddingResponse(data=[P.Embedding(index=i, embedding=v) for i, v in enumerate(vectors)],
-                                   model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n))
+        return P.EmbeddingResponse(
+            data=[P.Embedding(index=i, embedding=v) for i, v in enumerate(vectors)],
+            model=engine.model_id,
+            usage=P.Usage(prompt_tokens=n, total_tokens=n),
+        )
 
     from keel.serve.generate import add_generation_routes
 
     add_generation_routes(app, state, ERRORS)
     known = {r.path for r in app.routes if hasattr(r, "path")}
-    return Guard(app, key_digests, config.max_body_bytes, state, metrics, known, config.read_timeout_s,
-                 public_docs=config.public_docs)
+    return Guard(
+        app,
+        key_digests,
+        config.max_body_bytes,
+        state,
+        metrics,
+        known,
+        config.read_timeout_s,
+        public_docs=config.public_docs,
+    )
 
 
 def _texts(state: State, route: str, model: str | None, inputs) -> list[str]:
@@ -169,8 +232,13 @@ def _texts(state: State, route: str, model: str | None, inputs) -> list[str]:
     if not texts:
         raise ServeError(400, "input is empty; send a text or a non-empty list of texts", "input", "invalid_value")
     if len(texts) > state.config.max_inputs:
-        raise ServeError(400, f"{len(texts)} inputs is over the limit of {state.config.max_inputs} per request "
-                              "(serve.max_inputs); split the request", "input", "too_many_inputs")
+        raise ServeError(
+            400,
+            f"{len(texts)} inputs is over the limit of {state.config.max_inputs} per request "
+            "(serve.max_inputs); split the request",
+            "input",
+            "too_many_inputs",
+        )
     return texts
 
 
@@ -181,8 +249,17 @@ async def _warm_up(state: State) -> None:
     if engine.kind == "causal-lm":
         from keel.serve.generate import run_to_end
 
-        await run_to_end(state, [engine.prompt_ids("Hello")], max_new=2, temperature=0.0, top_p=1.0, seed=None,
-                         stops=[], n=1, timeout_s=max(state.config.timeout_s, 120.0))
+        await run_to_end(
+            state,
+            [engine.prompt_ids("Hello")],
+            max_new=2,
+            temperature=0.0,
+            top_p=1.0,
+            seed=None,
+            stops=[],
+            n=1,
+            timeout_s=max(state.config.timeout_s, 120.0),
+        )
         return
     if "classify" in engine.routes:
         await loop.run_in_executor(None, engine.classify, ["warm up"])

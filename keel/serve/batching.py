@@ -31,8 +31,12 @@ def queue_full(metrics, kind: str, max_queue: int) -> ServeError:
     """The 429 a full queue answers (counted in the rejection metric), for the caller to raise."""
     if metrics:
         metrics.rejected.labels("queue_full").inc()
-    return ServeError(429, f"the {kind} queue is full ({max_queue} requests); retry shortly", code="queue_full",
-                      headers={"Retry-After": "1"})
+    return ServeError(
+        429,
+        f"the {kind} queue is full ({max_queue} requests); retry shortly",
+        code="queue_full",
+        headers={"Retry-After": "1"},
+    )
 
 
 @dataclass
@@ -47,8 +51,16 @@ class _Job:
 class DynamicBatcher:
     """``await batcher.submit(texts)`` -> ``fn(texts)`` rows, computed in shared batches."""
 
-    def __init__(self, fn: Callable[[list[str]], list], kind: str, max_batch_size: int, max_wait_ms: float,
-                 max_queue: int, metrics=None, executor: ThreadPoolExecutor | None = None):
+    def __init__(
+        self,
+        fn: Callable[[list[str]], list],
+        kind: str,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics=None,
+        executor: ThreadPoolExecutor | None = None,
+    ):
         self.fn, self.kind = fn, kind
         self.max_batch, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.max_queue, self.metrics = max_queue, metrics
@@ -86,8 +98,9 @@ class DynamicBatcher:
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout_s)
         except TimeoutError:
-            raise ServeError(504, f"the request did not finish within {timeout_s:g} s (serve.timeout_s)",
-                             code="timeout") from None
+            raise ServeError(
+                504, f"the request did not finish within {timeout_s:g} s (serve.timeout_s)", code="timeout"
+            ) from None
         finally:
             job.cancelled = True  # finished, timed out or the client left: its texts are not computed again
             self._jobs -= 1
@@ -134,8 +147,12 @@ class DynamicBatcher:
         if len(by_job) == 1:
             self._fail(batch, error)
             return
-        logger.warning("a %s batch of %d requests failed (%s); running them one at a time",
-                       self.kind, len(by_job), type(error).__name__)
+        logger.warning(
+            "a %s batch of %d requests failed (%s); running them one at a time",
+            self.kind,
+            len(by_job),
+            type(error).__name__,
+        )
         loop = asyncio.get_running_loop()
         for items in by_job.values():
             if items[0][0].cancelled:
@@ -183,8 +200,14 @@ class ExplainQueue:
 
     kind = "explain"
 
-    def __init__(self, fn: Callable, max_queue: int, metrics=None, yield_to: Callable[[], bool] | None = None,
-                 max_pause_s: float = 0.1):
+    def __init__(
+        self,
+        fn: Callable,
+        max_queue: int,
+        metrics=None,
+        yield_to: Callable[[], bool] | None = None,
+        max_pause_s: float = 0.1,
+    ):
         self.fn, self.max_queue, self.metrics = fn, max_queue, metrics
         self.yield_to, self.max_pause = yield_to, max_pause_s
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="keel-explain", initializer=_background_priority)
@@ -204,8 +227,11 @@ class ExplainQueue:
             work = asyncio.get_running_loop().run_in_executor(self.executor, self._call, cancel, args)
             return await asyncio.wait_for(work, max(timeout_s, 0.001))
         except TimeoutError:
-            raise ServeError(504, "the explanation did not finish within serve.timeout_s; send fewer texts or "
-                                  "lower explain_steps", code="timeout") from None
+            raise ServeError(
+                504,
+                "the explanation did not finish within serve.timeout_s; send fewer texts or lower explain_steps",
+                code="timeout",
+            ) from None
         finally:
             cancel.set()  # finished, timed out or the client left: waiting work is skipped, running work stops
             self._cancels.discard(cancel)

@@ -25,11 +25,14 @@ REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"  # ReDoc's sidebar credi
 def assets_dir() -> Path:
     """The folder holding swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js and favicon.png."""
     spec = importlib.util.find_spec(ASSETS_PACKAGE)
-    folder = Path(list(spec.submodule_search_locations)[0]) / "static" if spec and spec.submodule_search_locations \
-        else None
+    folder = (
+        Path(list(spec.submodule_search_locations)[0]) / "static" if spec and spec.submodule_search_locations else None
+    )
     if folder is None or not (folder / "swagger-ui-bundle.js").is_file():
-        raise KeelError("the API docs' assets are missing (package fastapi-offline); run `make venv` "
-                        "(or pip install -r requirements.txt -c constraints.txt)")
+        raise KeelError(
+            "the API docs' assets are missing (package fastapi-offline); run `make venv` "
+            "(or pip install -r requirements.txt -c constraints.txt)"
+        )
     return folder
 
 
@@ -54,10 +57,14 @@ def add_docs_routes(app) -> None:
     async def swagger(request: Request):
         r = root(request)
         return get_swagger_ui_html(
-            openapi_url=r + app.openapi_url, title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{r}{DOCS_ASSETS}swagger-ui-bundle.js", swagger_css_url=f"{r}{DOCS_ASSETS}swagger-ui.css",
-            swagger_favicon_url=f"{r}{DOCS_ASSETS}favicon.png", oauth2_redirect_url=r + "/docs/oauth2-redirect",
-            swagger_ui_parameters={"validatorUrl": None})  # no spec sent to validator.swagger.io
+            openapi_url=r + app.openapi_url,
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{r}{DOCS_ASSETS}swagger-ui-bundle.js",
+            swagger_css_url=f"{r}{DOCS_ASSETS}swagger-ui.css",
+            swagger_favicon_url=f"{r}{DOCS_ASSETS}favicon.png",
+            oauth2_redirect_url=r + "/docs/oauth2-redirect",
+            swagger_ui_parameters={"validatorUrl": None},
+        )  # no spec sent to validator.swagger.io
 
     @app.get("/docs/oauth2-redirect", include_in_schema=False)
     async def swagger_redirect():
@@ -66,6 +73,10 @@ def add_docs_routes(app) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc(request: Request):
         r = root(request)
-        return get_redoc_html(openapi_url=r + app.openapi_url, title=f"{app.title} - ReDoc",
-                              redoc_js_url=f"{r}{DOCS_ASSETS}redoc.standalone.js",
-                              redoc_favicon_url=f"{r}{DOCS_ASSETS}favicon.png", with_google_fonts=False)
+        return get_redoc_html(
+            openapi_url=r + app.openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{r}{DOCS_ASSETS}redoc.standalone.js",
+            redoc_favicon_url=f"{r}{DOCS_ASSETS}favicon.png",
+            with_google_fonts=False,
+        )

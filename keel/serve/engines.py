@@ -15,8 +15,11 @@ from pathlib import Path
 
 from keel.errors import KeelError
 
-ROUTES_BY_KIND = {"classifier": ("classify", "embeddings"), "encoder": ("embeddings",),
-                  "causal-lm": ("completions", "chat")}
+ROUTES_BY_KIND = {
+    "classifier": ("classify", "embeddings"),
+    "encoder": ("embeddings",),
+    "causal-lm": ("completions", "chat"),
+}
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Engine:
         order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
         size = self.forward_batch_size or len(texts)
         for k in range(0, len(order), size):
-            idx = order[k:k + size]
+            idx = order[k : k + size]
             yield idx, self.tokenizer.pad({key: [enc[key][i] for i in idx] for key in enc}, return_tensors="pt")
 
     def classify(self, texts: list[str]) -> list[dict]:
@@ -68,7 +71,12 @@ class Engine:
                 probs = self.classifier(**enc).logits.float().softmax(-1)  # (b, C)
             for i, p, n in zip(idx, probs.tolist(), enc["attention_mask"].sum(-1).tolist()):
                 best = max(range(len(p)), key=p.__getitem__)
-                rows[i] = {"label": self.labels[best], "score": p[best], "scores": dict(zip(self.labels, p)), "tokens": n}
+                rows[i] = {
+                    "label": self.labels[best],
+                    "score": p[best],
+                    "scores": dict(zip(self.labels, p)),
+                    "tokens": n,
+                }
         if self.mitigator is not None:  # applied on the served scores, reported per text
             picked, info = self.mitigator.apply(texts, [list(r["scores"].values()) for r in rows], self.labels)
             for r, k, m in zip(rows, picked, info):
@@ -88,8 +96,9 @@ class Engine:
                 rows[i] = {"embedding": e, "tokens": n}
         return rows
 
-    def explain(self, texts: list[str], labels: list[str], n_steps: int,
-                checkpoint: Callable[[], None] | None = None) -> list[dict]:
+    def explain(
+        self, texts: list[str], labels: list[str], n_steps: int, checkpoint: Callable[[], None] | None = None
+    ) -> list[dict]:
         """Integrated gradients toward each text's served label, computed on the PyTorch model of the served
         variant (an ONNX variant's own torch weights: the same stage, before export).
 
@@ -158,7 +167,9 @@ def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engi
     if path.is_dir() and (path / "model" / "keel.json").is_file():
         return _load_run(path, backend, device)
     if path.is_dir() and (path / "recipe.yaml").is_file():
-        raise KeelError(f"{target} has no final model yet (model/ is missing); finish training with keel train --resume")
+        raise KeelError(
+            f"{target} has no final model yet (model/ is missing); finish training with keel train --resume"
+        )
     from keel.models.registry import model_dir, resolve_model
 
     name, spec = resolve_model(target)
@@ -167,8 +178,11 @@ def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engi
     model_type = json.loads((folder / "config.json").read_text()).get("architectures") or []
     keel_json = folder / "keel.json"  # a run's model folder says what it is
     task = json.loads(keel_json.read_text()).get("task") if keel_json.is_file() else None
-    is_lm = (spec.kind == "causal-lm") if spec else (
-        task == "causal-lm" or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_type))
+    is_lm = (
+        (spec.kind == "causal-lm")
+        if spec
+        else (task == "causal-lm" or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_type))
+    )
     model_id = spec.name if spec else (folder.name if path.expanduser().is_dir() else target)  # a hub name
     return _load_lm(folder, model_id, device) if is_lm else _load_encoder(folder, model_id)
 
@@ -201,9 +215,18 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
     encoder.eval()
     from keel.trust.mitigation import Mitigator
 
-    return Engine(model_id, "classifier", t.tokenizer, t.recipe.model.max_length, chosen, classifier=t.model,
-                  encoder=encoder, labels=list(info["labels"]), run_dir=run_dir,
-                  mitigator=Mitigator.for_run(run_dir, chosen))
+    return Engine(
+        model_id,
+        "classifier",
+        t.tokenizer,
+        t.recipe.model.max_length,
+        chosen,
+        classifier=t.model,
+        encoder=encoder,
+        labels=list(info["labels"]),
+        run_dir=run_dir,
+        mitigator=Mitigator.for_run(run_dir, chosen),
+    )
 
 
 def _load_encoder(folder: Path, model_id: str) -> Engine:
@@ -211,8 +234,13 @@ def _load_encoder(folder: Path, model_id: str) -> Engine:
 
     encoder = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    return Engine(model_id, "encoder", tok, min(512, int(getattr(encoder.config, "max_position_embeddings", 512))),
-                  encoder=encoder)
+    return Engine(
+        model_id,
+        "encoder",
+        tok,
+        min(512, int(getattr(encoder.config, "max_position_embeddings", 512))),
+        encoder=encoder,
+    )
 
 
 def _load_lm(folder: Path, model_id: str, device: str) -> Engine:

@@ -11,16 +11,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
-         415: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "server_error",
+    504: "timeout_error",
+}
 
 
 class ServeError(Exception):
     """An error with its HTTP status, for the envelope."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -29,8 +40,9 @@ def envelope(status: int, message: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": TYPES.get(status, "server_error"), "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(envelope(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -38,12 +50,20 @@ def check_model(state, route: str, model: str | None) -> None:
     """404 for another model's name; 400 when the loaded model (``state.engine``) cannot serve this route."""
     engine = state.engine
     if model is not None and model != engine.model_id:
-        raise ServeError(404, f"model '{model}' is not served here; this server serves '{engine.model_id}' "
-                              "(see /v1/models)", "model", "model_not_found")
+        raise ServeError(
+            404,
+            f"model '{model}' is not served here; this server serves '{engine.model_id}' (see /v1/models)",
+            "model",
+            "model_not_found",
+        )
     if route not in engine.routes:
         serves = ", ".join(f"/v1/{r}".replace("/v1/chat", "/v1/chat/completions") for r in engine.routes)
-        raise ServeError(400, f"'{engine.model_id}' is a {engine.kind} model and cannot serve /v1/{route}; "
-                              f"it serves {serves}", "model", "unsupported_route")
+        raise ServeError(
+            400,
+            f"'{engine.model_id}' is a {engine.kind} model and cannot serve /v1/{route}; it serves {serves}",
+            "model",
+            "unsupported_route",
+        )
 
 
 def _validation(exc: RequestValidationError) -> tuple[str, str | None, str]:

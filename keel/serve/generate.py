@@ -23,30 +23,57 @@ logger = logging.getLogger(__name__)
 
 
 def add_generation_routes(app: FastAPI, state, errors: dict) -> None:
-    @app.post("/v1/completions", response_model=P.CompletionResponse, tags=["openai"], responses=errors,
-              summary="text completion (continuous batching; stream=true for server-sent events)")
+    @app.post(
+        "/v1/completions",
+        response_model=P.CompletionResponse,
+        tags=["openai"],
+        responses=errors,
+        summary="text completion (continuous batching; stream=true for server-sent events)",
+    )
     async def completions(body: P.CompletionRequest, request: Request):
         check_model(state, "completions", body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
-            raise ServeError(400, "prompt is empty; send a text or a non-empty list of texts", "prompt", "invalid_value")
+            raise ServeError(
+                400, "prompt is empty; send a text or a non-empty list of texts", "prompt", "invalid_value"
+            )
         if len(prompts) > state.config.max_inputs:
-            raise ServeError(400, f"{len(prompts)} prompts is over serve.max_inputs={state.config.max_inputs}",
-                             "prompt", "too_many_inputs")
+            raise ServeError(
+                400,
+                f"{len(prompts)} prompts is over serve.max_inputs={state.config.max_inputs}",
+                "prompt",
+                "too_many_inputs",
+            )
         _check(state, body, len(prompts), "prompt")
         ids = await _off_loop(state, lambda: [state.engine.prompt_ids(p) for p in prompts])
-        return await _serve(state, request, body, ids, body.max_tokens, "max_tokens", chat=False,
-                            echo=[p if body.echo else "" for p in prompts])
+        return await _serve(
+            state,
+            request,
+            body,
+            ids,
+            body.max_tokens,
+            "max_tokens",
+            chat=False,
+            echo=[p if body.echo else "" for p in prompts],
+        )
 
-    @app.post("/v1/chat/completions", response_model=P.ChatResponse, tags=["openai"], responses=errors,
-              summary="chat completion with the model's chat template (continuous batching; stream=true for SSE)")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=P.ChatResponse,
+        tags=["openai"],
+        responses=errors,
+        summary="chat completion with the model's chat template (continuous batching; stream=true for SSE)",
+    )
     async def chat(body: P.ChatRequest, request: Request):
         check_model(state, "chat", body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages
+        ]
         _check(state, body, 1, "messages")
         ids = [await _off_loop(state, lambda: state.engine.chat_ids(messages))]
-        return await _serve(state, request, body, ids, body.max_completion_tokens or body.max_tokens,
-                            _tokens_param(body), chat=True)
+        return await _serve(
+            state, request, body, ids, body.max_completion_tokens or body.max_tokens, _tokens_param(body), chat=True
+        )
 
 
 def _tokens_param(body) -> str:
@@ -66,7 +93,9 @@ def _check(state, body, n_prompts: int, prompt_param: str) -> None:
         raise ServeError(400, f"n={body.n} is over serve.max_n={cfg.max_n}", "n", "invalid_value")
     stops = body.stops()
     if len(stops) > cfg.max_stop:
-        raise ServeError(400, f"{len(stops)} stop sequences is over serve.max_stop={cfg.max_stop}", "stop", "invalid_value")
+        raise ServeError(
+            400, f"{len(stops)} stop sequences is over serve.max_stop={cfg.max_stop}", "stop", "invalid_value"
+        )
     if any(not s for s in stops) or any(len(s) > 256 for s in stops):
         raise ServeError(400, "each stop sequence must be 1 to 256 characters", "stop", "invalid_value")
     if body.presence_penalty or body.frequency_penalty:
@@ -79,9 +108,14 @@ def _check(state, body, n_prompts: int, prompt_param: str) -> None:
     choices = body.n * n_prompts
     if choices > cfg.max_queue:  # never fits, however long the client waits: not a 429
         param = "n" if body.n > 1 else prompt_param
-        raise ServeError(400, f"this request asks for {choices} choices ({n_prompts} prompt(s) x n={body.n}); the "
-                              f"generation queue holds at most {cfg.max_queue} (serve.max_queue); send fewer prompts "
-                              "or a lower n", param, "too_many_inputs")
+        raise ServeError(
+            400,
+            f"this request asks for {choices} choices ({n_prompts} prompt(s) x n={body.n}); the "
+            f"generation queue holds at most {cfg.max_queue} (serve.max_queue); send fewer prompts "
+            "or a lower n",
+            param,
+            "too_many_inputs",
+        )
 
 
 def _max_new(state, prompt_ids: list[list[int]], max_tokens: int | None, tokens_param: str, chat: bool) -> int:
@@ -92,13 +126,21 @@ def _max_new(state, prompt_ids: list[list[int]], max_tokens: int | None, tokens_
     if longest == 0:
         raise ServeError(400, "the prompt has no tokens", prompt_param, "invalid_value")
     if longest >= context:  # no room for a single new token, whatever max_tokens says
-        raise ServeError(400, f"this model's context is {context} tokens and the prompt alone has {longest}; "
-                              "shorten the prompt", prompt_param, "context_length_exceeded")
+        raise ServeError(
+            400,
+            f"this model's context is {context} tokens and the prompt alone has {longest}; shorten the prompt",
+            prompt_param,
+            "context_length_exceeded",
+        )
     wanted = max_tokens if max_tokens is not None else min(cfg.default_max_tokens, context - longest)
     if longest + wanted > context:
-        raise ServeError(400, f"this model's context is {context} tokens; the prompt has {longest} and {tokens_param} "
-                              f"is {wanted}; lower {tokens_param} to at most {context - longest} or shorten the prompt",
-                         tokens_param, "context_length_exceeded")
+        raise ServeError(
+            400,
+            f"this model's context is {context} tokens; the prompt has {longest} and {tokens_param} "
+            f"is {wanted}; lower {tokens_param} to at most {context - longest} or shorten the prompt",
+            tokens_param,
+            "context_length_exceeded",
+        )
     return wanted
 
 
@@ -106,9 +148,20 @@ def _sequences(prompt_ids, n, max_new, body, emit, request_id="") -> list[Sequen
     seqs = []
     for p, ids in enumerate(prompt_ids):
         for k in range(n):
-            seed = None if body.seed is None else (body.seed + p * n + k) % (2 ** 63)
-            seqs.append(Sequence(ids, max_new, body.temperature, body.top_p, seed, body.stops(), p * n + k, emit,
-                                 request_id=request_id))
+            seed = None if body.seed is None else (body.seed + p * n + k) % (2**63)
+            seqs.append(
+                Sequence(
+                    ids,
+                    max_new,
+                    body.temperature,
+                    body.top_p,
+                    seed,
+                    body.stops(),
+                    p * n + k,
+                    emit,
+                    request_id=request_id,
+                )
+            )
     return seqs
 
 
@@ -123,8 +176,13 @@ def _submit(state, prompt_ids, n, max_new, body, request_id="") -> tuple[list[Se
     seqs = _sequences(prompt_ids, n, max_new, body, emit, request_id)
     if not state.scheduler.try_submit(seqs, state.config.max_queue):
         state.metrics.rejected.labels("queue_full").inc()
-        raise ServeError(429, f"the generation queue is full ({state.config.max_queue}); retry shortly", None,
-                         "queue_full", {"Retry-After": "1"})
+        raise ServeError(
+            429,
+            f"the generation queue is full ({state.config.max_queue}); retry shortly",
+            None,
+            "queue_full",
+            {"Retry-After": "1"},
+        )
     return seqs, events
 
 
@@ -159,8 +217,9 @@ async def _collect(seqs, events, timeout_s, request):
         while any(f is None for f in finish):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServeError(504, f"the request did not finish within {timeout_s:g} s (serve.timeout_s)",
-                                 None, "timeout")
+                raise ServeError(
+                    504, f"the request did not finish within {timeout_s:g} s (serve.timeout_s)", None, "timeout"
+                )
             try:
                 index, kind, payload = await asyncio.wait_for(events.get(), left)
             except TimeoutError:
@@ -190,8 +249,9 @@ async def _serve(state, request, body, prompt_ids, max_tokens, tokens_param: str
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         gen = _stream(state, seqs, events, rid, chat, body.n, n_prompt, include_usage, echo)
-        return StreamingResponse(gen, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
     result = await _collect(seqs, events, state.config.timeout_s, request)
     if result is None:  # the client left; nobody reads this answer
         raise ServeError(400, "client disconnected", None, "client_disconnected")
@@ -199,11 +259,15 @@ async def _serve(state, request, body, prompt_ids, max_tokens, tokens_param: str
     usage = P.Usage(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
     model = state.engine.model_id
     if chat:
-        choices = [P.ChatChoice(index=i, message=P.ChatChoiceMessage(content=t), finish_reason=f)
-                   for i, (t, f) in enumerate(zip(texts, finish))]
+        choices = [
+            P.ChatChoice(index=i, message=P.ChatChoiceMessage(content=t), finish_reason=f)
+            for i, (t, f) in enumerate(zip(texts, finish))
+        ]
         return P.ChatResponse(id=rid, created=P.now(), model=model, choices=choices, usage=usage)
-    choices = [P.CompletionChoice(index=i, text=(echo[i // body.n] if echo else "") + t, finish_reason=f)
-               for i, (t, f) in enumerate(zip(texts, finish))]
+    choices = [
+        P.CompletionChoice(index=i, text=(echo[i // body.n] if echo else "") + t, finish_reason=f)
+        for i, (t, f) in enumerate(zip(texts, finish))
+    ]
     return P.CompletionResponse(id=rid, created=P.now(), model=model, choices=choices, usage=usage)
 
 
@@ -235,8 +299,14 @@ async def _stream(state, seqs, events, rid, chat, n, n_prompt, include_usage, ec
         while finished < len(seqs):
             left = deadline - time.monotonic()
             if left <= 0:
-                yield _sse(envelope(504, f"the request did not finish within {state.config.timeout_s:g} s "
-                                         "(serve.timeout_s)", None, "timeout"))
+                yield _sse(
+                    envelope(
+                        504,
+                        f"the request did not finish within {state.config.timeout_s:g} s (serve.timeout_s)",
+                        None,
+                        "timeout",
+                    )
+                )
                 break
             try:
                 index, kind, payload = await asyncio.wait_for(events.get(), left)
@@ -252,9 +322,20 @@ async def _stream(state, seqs, events, rid, chat, n, n_prompt, include_usage, ec
                 yield _sse(envelope(503, payload, None, "generation_failed"))
                 break
         if include_usage:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                        "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
-                                  "total_tokens": n_prompt + n_completion}})
+            yield _sse(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": n_prompt,
+                        "completion_tokens": n_completion,
+                        "total_tokens": n_prompt + n_completion,
+                    },
+                }
+            )
         yield "data: [DONE]\n\n"
     finally:
         for s in seqs:  # a client that disconnects cancels its generation here

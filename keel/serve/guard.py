@@ -44,8 +44,10 @@ def load_key_digests(key_file: str | None = None) -> list[bytes]:
             raise KeelError(f"--api-key-file {key_file} holds no key; write one key per line")
     short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
     if short:
-        raise KeelError(f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters (the minimum); use long "
-                        "random keys (python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise KeelError(
+            f"{len(short)} API key(s) shorter than {MIN_KEY_LENGTH} characters (the minimum); use long "
+            "random keys (python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     return [digest(k) for k in keys]
 
 
@@ -63,8 +65,17 @@ class Guard:
     body that does not arrive within ``read_timeout_s``. With ``public_docs`` the docs pages, their assets and
     /openapi.json need no key (a browser cannot send a bearer token); every other route still does."""
 
-    def __init__(self, app, digests: list[bytes], max_body_bytes: int, state=None, metrics=None,
-                 known_paths: set | None = None, read_timeout_s: float = 10.0, public_docs: bool = False):
+    def __init__(
+        self,
+        app,
+        digests: list[bytes],
+        max_body_bytes: int,
+        state=None,
+        metrics=None,
+        known_paths: set | None = None,
+        read_timeout_s: float = 10.0,
+        public_docs: bool = False,
+    ):
         self.app, self.digests, self.max_body, self.state = app, digests, max_body_bytes, state
         self.metrics, self.known, self.read_timeout = metrics, known_paths or set(), read_timeout_s
         self.public_docs = public_docs
@@ -82,8 +93,13 @@ class Guard:
 
         draining = self.state is not None and self.state.draining
         if draining and scope.get("path") not in OPEN_PATHS:
-            await _reply(send_status, 503, "the server is shutting down; retry on another replica",
-                         code="draining", headers={"retry-after": "1", "connection": "close"})
+            await _reply(
+                send_status,
+                503,
+                "the server is shutting down; retry on another replica",
+                code="draining",
+                headers={"retry-after": "1", "connection": "close"},
+            )
         else:
             await self._guarded(scope, receive, send_status)
         if self.metrics is not None:
@@ -99,11 +115,18 @@ class Guard:
             auth = headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             if scheme.lower() != "bearer" or not token.strip() or not key_ok(token.strip(), self.digests):
-                hint = " (a browser cannot send one: serve.public_docs: true opens the docs without a key)" \
-                    if is_docs else ""
-                return await _reply(send, 401, "missing or invalid API key; send the header "
-                                               f"'Authorization: Bearer <key>'{hint}", code="invalid_api_key",
-                                    headers={"www-authenticate": "Bearer"})
+                hint = (
+                    " (a browser cannot send one: serve.public_docs: true opens the docs without a key)"
+                    if is_docs
+                    else ""
+                )
+                return await _reply(
+                    send,
+                    401,
+                    f"missing or invalid API key; send the header 'Authorization: Bearer <key>'{hint}",
+                    code="invalid_api_key",
+                    headers={"www-authenticate": "Bearer"},
+                )
         length = headers.get("content-length")
         if length is not None:
             try:
@@ -111,14 +134,22 @@ class Guard:
             except ValueError:
                 return await _reply(send, 400, "Content-Length is not a number", code="invalid_header")
             if too_big:
-                return await _reply(send, 413, f"request body of {length} bytes is over the limit of {self.max_body} "
-                                               "bytes (serve.max_body_bytes); send fewer or shorter inputs",
-                                    code="body_too_large")
+                return await _reply(
+                    send,
+                    413,
+                    f"request body of {length} bytes is over the limit of {self.max_body} "
+                    "bytes (serve.max_body_bytes); send fewer or shorter inputs",
+                    code="body_too_large",
+                )
         if scope.get("method") == "POST" and (length is None or length != "0"):
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
-                return await _reply(send, 415, f"Content-Type must be application/json; got '{ctype or 'none'}'",
-                                    code="unsupported_media_type")
+                return await _reply(
+                    send,
+                    415,
+                    f"Content-Type must be application/json; got '{ctype or 'none'}'",
+                    code="unsupported_media_type",
+                )
 
         if scope.get("method") in ("POST", "PUT", "PATCH") and length != "0":
             body = await self._read_body(receive, send)
@@ -151,23 +182,37 @@ class Guard:
         while more:
             left = end - time.monotonic()
             if left <= 0:
-                await _reply(send, 408, f"the request body did not arrive within {self.read_timeout:g} s "
-                                        "(serve.read_timeout_s)", code="body_timeout", headers={"connection": "close"})
+                await _reply(
+                    send,
+                    408,
+                    f"the request body did not arrive within {self.read_timeout:g} s (serve.read_timeout_s)",
+                    code="body_timeout",
+                    headers={"connection": "close"},
+                )
                 return None
             try:  # short waits, so that a drain is noticed; an unfinished receive loses nothing
                 message = await asyncio.wait_for(receive(), min(left, 0.25))
             except TimeoutError:
                 if self.state is not None and self.state.draining:  # a slow body is not an accepted request
-                    await _reply(send, 503, "the server is shutting down; retry on another replica",
-                                 code="draining", headers={"retry-after": "1", "connection": "close"})
+                    await _reply(
+                        send,
+                        503,
+                        "the server is shutting down; retry on another replica",
+                        code="draining",
+                        headers={"retry-after": "1", "connection": "close"},
+                    )
                     return None
                 continue
             if message["type"] != "http.request":
                 return None
             seen += len(message.get("body", b""))
             if seen > self.max_body:
-                await _reply(send, 413, f"request body is over the limit of {self.max_body} bytes "
-                                        "(serve.max_body_bytes)", code="body_too_large")
+                await _reply(
+                    send,
+                    413,
+                    f"request body is over the limit of {self.max_body} bytes (serve.max_body_bytes)",
+                    code="body_too_large",
+                )
                 return None
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)

@@ -19,16 +19,23 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("keel_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
-        self.latency = Histogram("keel_request_latency_seconds", "request latency by route", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("keel_batch_size", "inputs per forward pass (classify/embeddings) or running "
-                                    "sequences per decode step (generation)", ["kind"], buckets=BATCH_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "keel_request_latency_seconds", "request latency by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "keel_batch_size",
+            "inputs per forward pass (classify/embeddings) or running sequences per decode step (generation)",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("keel_queue_depth", "requests waiting for the model", ["kind"], registry=r)
         self.running = Gauge("keel_running_sequences", "sequences in the running decode batch", registry=r)
         self.tokens = Counter("keel_generated_tokens", "tokens generated", registry=r)
         self.prompt_tokens = Counter("keel_prompt_tokens", "prompt tokens processed", registry=r)
-        self.tokens_per_s = Gauge("keel_generation_tokens_per_second", "generated tokens/s over the last 10 s",
-                                  registry=r)
+        self.tokens_per_s = Gauge(
+            "keel_generation_tokens_per_second", "generated tokens/s over the last 10 s", registry=r
+        )
         self.rejected = Counter("keel_rejected", "requests refused before running", ["reason"], registry=r)
         self._recent: deque = deque()  # (time, tokens) for the 10 s window
 

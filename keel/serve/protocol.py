@@ -24,6 +24,7 @@ class Response(BaseModel):
 
 # -- errors ----------------------------------------------------------------------------------------
 
+
 class ErrorBody(Response):
     message: str
     type: str
@@ -37,6 +38,7 @@ class ErrorResponse(Response):
 
 # -- shared ----------------------------------------------------------------------------------------
 
+
 def encodable_texts(value: str | list[str]) -> str | list[str]:
     """Refuse a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer would raise on it."""
     for i, text in enumerate([value] if isinstance(value, str) else value):
@@ -44,8 +46,10 @@ def encodable_texts(value: str | list[str]) -> str | list[str]:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             where = "" if isinstance(value, str) else f"text {i} "
-            raise ValueError(f"{where}has a lone surrogate (\\ud800-\\udfff without its pair) at character {e.start}; "
-                             "send valid Unicode text") from None
+            raise ValueError(
+                f"{where}has a lone surrogate (\\ud800-\\udfff without its pair) at character {e.start}; "
+                "send valid Unicode text"
+            ) from None
     return value
 
 
@@ -68,11 +72,13 @@ class SamplingFields(Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = Field(None, description="up to serve.max_stop strings that end a choice")
-    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted for compatibility; only 0 is supported")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="accepted for compatibility; only 0 is supported")
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="accepted for compatibility; only 0 is supported"
+    )
     user: str | None = Field(None, max_length=256)
 
     @field_validator("stop")
@@ -87,6 +93,7 @@ class SamplingFields(Request):
 
 
 # -- completions -------------------------------------------------------------------------------------
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(..., description="a text, or a list of texts (one choice set each)")
@@ -117,6 +124,7 @@ class CompletionResponse(_Generated):
 
 
 # -- chat -------------------------------------------------------------------------------------------
+
 
 class ChatMessage(Request):
     role: Literal["system", "user", "assistant", "developer"]
@@ -151,6 +159,7 @@ class ChatResponse(_Generated):
 
 # -- embeddings and classification -------------------------------------------------------------------
 
+
 class TextInput(Request):
     input: str | list[str] = Field(..., description="a text or a list of texts")
 
@@ -179,15 +188,21 @@ class EmbeddingResponse(Response):
 
 class ClassifyRequest(TextInput):
     model: str | None = Field(None, max_length=512)
-    explain: bool = Field(False, description="also return integrated-gradients token attributions toward each "
-                                             "predicted label (serve.max_explain_inputs texts at most)")
+    explain: bool = Field(
+        False,
+        description="also return integrated-gradients token attributions toward each "
+        "predicted label (serve.max_explain_inputs texts at most)",
+    )
     explain_steps: int = Field(32, ge=4, le=256, description="integrated-gradients steps (more: a smaller delta)")
 
 
 class Explanation(Response):
     tokens: list[str]
-    attributions: list[float] = Field(..., description="one per token, toward the predicted label; they sum to "
-                                                       "p(label | text) - p(label | baseline) up to delta")
+    attributions: list[float] = Field(
+        ...,
+        description="one per token, toward the predicted label; they sum to "
+        "p(label | text) - p(label | baseline) up to delta",
+    )
     delta: float = Field(..., description="completeness gap of the integral approximation")
     model: str = Field(..., description="the PyTorch model the gradients come from (ONNX has none)")
 
@@ -217,6 +232,7 @@ class ClassifyResponse(Response):
 
 
 # -- models -----------------------------------------------------------------------------------------
+
 
 class ModelCard(Response):
     id: str

@@ -116,8 +116,13 @@ class GrowingLayer(DynamicLayer):
 
 def _is_head_of(view: torch.Tensor, buf: torch.Tensor) -> bool:
     """``view`` is ``buf[:, :, :L]`` (the same storage, rows and strides)."""
-    return (view.dim() == 4 and view.data_ptr() == buf.data_ptr() and view.shape[:2] == buf.shape[:2]
-            and view.shape[3] == buf.shape[3] and view.stride() == buf.stride())
+    return (
+        view.dim() == 4
+        and view.data_ptr() == buf.data_ptr()
+        and view.shape[:2] == buf.shape[:2]
+        and view.shape[3] == buf.shape[3]
+        and view.stride() == buf.stride()
+    )
 
 
 def _with_room(old: torch.Tensor, new: torch.Tensor, columns: int) -> torch.Tensor:
@@ -125,7 +130,7 @@ def _with_room(old: torch.Tensor, new: torch.Tensor, columns: int) -> torch.Tens
     B, H, _, D = new.shape
     buf = new.new_empty((B, H, columns, D))
     if old.dim() == 4 and old.shape[-2]:
-        buf[:, :, :old.shape[-2]] = old
+        buf[:, :, : old.shape[-2]] = old
     return buf
 
 
@@ -158,8 +163,9 @@ def merge(a: Batch | None, b: Batch) -> Batch:
         ya.keys = torch.cat([_pad_left(ya.keys, L - la, 2), _pad_left(yb.keys, L - lb, 2)])  # (Ba+Bb, H, L, D)
         ya.values = torch.cat([_pad_left(ya.values, L - la, 2), _pad_left(yb.values, L - lb, 2)])
     mask = torch.cat([_pad_left(a.mask, L - la, 1), _pad_left(b.mask, L - lb, 1)])  # (Ba+Bb, L)
-    return Batch(a.cache, mask, torch.cat([a.next_ids, b.next_ids]), torch.cat([a.positions, b.positions]),
-                 a.seqs + b.seqs)
+    return Batch(
+        a.cache, mask, torch.cat([a.next_ids, b.next_ids]), torch.cat([a.positions, b.positions]), a.seqs + b.seqs
+    )
 
 
 def keep_rows(batch: Batch, keep: list[int]) -> Batch:
@@ -171,8 +177,13 @@ def keep_rows(batch: Batch, keep: list[int]) -> Batch:
     for layer in _layers(batch.cache):
         layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
         layer.values = layer.values.index_select(0, idx)[:, :, start:]
-    return Batch(batch.cache, mask[:, start:], batch.next_ids.index_select(0, idx),
-                 batch.positions.index_select(0, idx), [batch.seqs[i] for i in keep])
+    return Batch(
+        batch.cache,
+        mask[:, start:],
+        batch.next_ids.index_select(0, idx),
+        batch.positions.index_select(0, idx),
+        [batch.seqs[i] for i in keep],
+    )
 
 
 def is_greedy(s: Sequence) -> bool:
@@ -218,8 +229,10 @@ class Scheduler:
         if any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=model.config).layers):
             from keel.errors import KeelError
 
-            raise KeelError(f"{type(model).__name__} uses sliding-window attention, which keel serve's scheduler "
-                            "does not support yet; serve a full-attention model (Llama, GPT-2, SmolLM2)")
+            raise KeelError(
+                f"{type(model).__name__} uses sliding-window attention, which keel serve's scheduler "
+                "does not support yet; serve a full-attention model (Llama, GPT-2, SmolLM2)"
+            )
         self.inbox: thread_queue.Queue = thread_queue.Queue()
         self.waiting = 0  # submitted, not yet running (the queue bound); changed under _lock only
         self._lock = threading.Lock()  # the server's thread adds to ``waiting``, the scheduler's subtracts
@@ -267,10 +280,12 @@ class Scheduler:
                     if batch is not None and len(batch):
                         batch = self._step(batch)
             except Exception as e:  # a failed step fails its sequences, not the server
-                failed = list({id(s): s for s in (batch.seqs if batch else []) + new
-                               if s.finish_reason is None}.values())
-                logger.exception("a decode step failed (%s); its %d sequences end with an error",
-                                 type(e).__name__, len(failed))
+                failed = list(
+                    {id(s): s for s in (batch.seqs if batch else []) + new if s.finish_reason is None}.values()
+                )
+                logger.exception(
+                    "a decode step failed (%s); its %d sequences end with an error", type(e).__name__, len(failed)
+                )
                 for s in failed:
                     self._fail(s, e)
                 batch = None
@@ -310,12 +325,17 @@ class Scheduler:
             batch, logits = self._prefill(seqs)
         except Exception as e:
             if len(seqs) == 1:
-                logger.exception("the prefill of sequence %d of %s failed (%s); it ends with an error",
-                                 seqs[0].index, seqs[0].request_id or "a request", type(e).__name__)
+                logger.exception(
+                    "the prefill of sequence %d of %s failed (%s); it ends with an error",
+                    seqs[0].index,
+                    seqs[0].request_id or "a request",
+                    type(e).__name__,
+                )
                 self._fail(seqs[0], e)
                 return None
-            logger.warning("a joint prefill of %d sequences failed (%s); prefilling them one by one",
-                           len(seqs), type(e).__name__)
+            logger.warning(
+                "a joint prefill of %d sequences failed (%s); prefilling them one by one", len(seqs), type(e).__name__
+            )
         else:
             return self._advance(batch, logits)
         joined = None
@@ -331,30 +351,39 @@ class Scheduler:
         ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)  # (b, T), left-padded
         mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (b, T)
         for row, s in enumerate(seqs):
-            ids[row, T - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[row, T - len(s.prompt_ids):] = 1
+            ids[row, T - len(s.prompt_ids) :] = torch.tensor(s.prompt_ids)
+            mask[row, T - len(s.prompt_ids) :] = 1
             if s.seed is not None:
                 s.generator = torch.Generator().manual_seed(s.seed)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T)
         cache = new_cache(self.model.config)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]  # (b, V)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]  # (b, V)
         keep = mask.bool()[:, None, :, None]  # (b, 1, T, 1)
         for layer in _layers(cache):  # padded rows may hold NaN (nothing to attend to): make them zeros
             layer.keys = torch.where(keep, layer.keys, 0.0)
             layer.values = torch.where(keep, layer.values, 0.0)
         if self.metrics:
             self.metrics.prompt_tokens.inc(int(mask.sum()))
-        batch = Batch(cache, mask, torch.zeros(len(seqs), dtype=torch.long, device=self.device),
-                      mask.sum(-1), seqs)
+        batch = Batch(cache, mask, torch.zeros(len(seqs), dtype=torch.long, device=self.device), mask.sum(-1), seqs)
         return batch, logits
 
     def _step(self, batch: Batch) -> Batch:
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)  # (B, L+1)
-        logits = self.model(input_ids=batch.next_ids[:, None], attention_mask=mask,
-                            position_ids=batch.positions[:, None], past_key_values=batch.cache,
-                            use_cache=True).logits[:, -1]  # (B, V)
+        logits = self.model(
+            input_ids=batch.next_ids[:, None],
+            attention_mask=mask,
+            position_ids=batch.positions[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+        ).logits[:, -1]  # (B, V)
         batch.mask, batch.positions = mask, batch.positions + 1
         if self.metrics:
             self.metrics.batch_size.labels("generate").observe(len(batch))
@@ -379,8 +408,13 @@ class Scheduler:
                     tokens[row] = sample_row(sampled[row], s)
                 self._append(s, tokens[row])
             except Exception as e:
-                logger.exception("sequence %d of %s failed (%s); the %d others in the batch go on", s.index,
-                                 s.request_id or "a request", type(e).__name__, len(batch) - 1)
+                logger.exception(
+                    "sequence %d of %s failed (%s); the %d others in the batch go on",
+                    s.index,
+                    s.request_id or "a request",
+                    type(e).__name__,
+                    len(batch) - 1,
+                )
                 self._fail(s, e)
             if s.finish_reason is not None:
                 continue
@@ -396,10 +430,10 @@ class Scheduler:
             return self._flush(s, final=True)
         s.out_ids.append(tok)
         # incremental detokenization (prefix/read offsets): a token may be half a character
-        prefix = self.tok.decode(s.out_ids[s.prefix_offset:s.read_offset], skip_special_tokens=True)
-        full = self.tok.decode(s.out_ids[s.prefix_offset:], skip_special_tokens=True)
+        prefix = self.tok.decode(s.out_ids[s.prefix_offset : s.read_offset], skip_special_tokens=True)
+        full = self.tok.decode(s.out_ids[s.prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            s.text += full[len(prefix):]
+            s.text += full[len(prefix) :]
             s.prefix_offset, s.read_offset = s.read_offset, len(s.out_ids)
         for stop in s.stops:
             at = s.text.find(stop, max(0, s.sent - len(stop)))
@@ -424,7 +458,7 @@ class Scheduler:
         hold = 0 if final else max((len(x) - 1 for x in s.stops), default=0)
         upto = max(s.sent, len(s.text) - hold)
         if upto > s.sent:
-            s.emit(s.index, "text", s.text[s.sent:upto])
+            s.emit(s.index, "text", s.text[s.sent : upto])
             s.sent = upto
         if final:
             s.emit(s.index, "done", {"finish_reason": s.finish_reason, "completion_tokens": len(s.out_ids)})

@@ -41,12 +41,15 @@ def serve_config(target: str, recipe: str | None = None, overrides: list[str] | 
 
 def check_bind(host: str, has_keys: bool, allow_no_auth: bool) -> None:
     if not has_keys and not is_loopback(host) and not allow_no_auth:
-        raise KeelError(f"refusing to serve on {host} without API keys; set KEEL_API_KEYS or --api-key-file, "
-                        "or pass --allow-no-auth if the network is trusted")
+        raise KeelError(
+            f"refusing to serve on {host} without API keys; set KEEL_API_KEYS or --api-key-file, "
+            "or pass --allow-no-auth if the network is trusted"
+        )
 
 
-def usage_lines(url: str, model_id: str, routes: tuple[str, ...], has_keys: bool,
-                key_file: str | None = None) -> list[str]:
+def usage_lines(
+    url: str, model_id: str, routes: tuple[str, ...], has_keys: bool, key_file: str | None = None
+) -> list[str]:
     """A ready-to-paste curl and openai example for the loaded model, reading the key from where the server did:
     the first key in $KEEL_API_KEYS, else the first key line of --api-key-file."""
     import os
@@ -61,27 +64,46 @@ def usage_lines(url: str, model_id: str, routes: tuple[str, ...], has_keys: bool
         auth_h = f" -H \"Authorization: Bearer $(grep -v -m1 -e '^ *#' -e '^ *$' {shlex.quote(key_file)})\""
         key = f"next(k.strip() for k in open({key_file!r}) if k.strip() and not k.lstrip().startswith('#'))"
     if "chat" in routes:
-        curl = (f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth_h} "
-                f"-d '{{\"model\": \"{model_id}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
-                f"\"max_tokens\": 32}}'")
-        call = (f"print(client.chat.completions.create(model=\"{model_id}\", max_tokens=32, "
-                f"messages=[{{\"role\": \"user\", \"content\": \"Hello!\"}}]).choices[0].message.content)")
+        curl = (
+            f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{auth_h} "
+            f'-d \'{{"model": "{model_id}", "messages": [{{"role": "user", "content": "Hello!"}}], '
+            f'"max_tokens": 32}}\''
+        )
+        call = (
+            f'print(client.chat.completions.create(model="{model_id}", max_tokens=32, '
+            f'messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+        )
     elif "classify" in routes:
-        curl = (f"curl -s {url}/v1/classify -H 'Content-Type: application/json'{auth_h} "
-                f"-d '{{\"input\": [\"I love my new self-driving car\", \"the ride was awful\"]}}'")
-        call = (f"print(client.post(\"/classify\", cast_to=dict, body={{\"input\": [\"I love my new self-driving car\"]}}))"
-                f"\nprint(len(client.embeddings.create(model=\"{model_id}\", input=\"hello\").data[0].embedding))")
+        curl = (
+            f"curl -s {url}/v1/classify -H 'Content-Type: application/json'{auth_h} "
+            f'-d \'{{"input": ["I love my new self-driving car", "the ride was awful"]}}\''
+        )
+        call = (
+            f'print(client.post("/classify", cast_to=dict, body={{"input": ["I love my new self-driving car"]}}))'
+            f'\nprint(len(client.embeddings.create(model="{model_id}", input="hello").data[0].embedding))'
+        )
     else:
-        curl = (f"curl -s {url}/v1/embeddings -H 'Content-Type: application/json'{auth_h} "
-                f"-d '{{\"input\": [\"hello world\"]}}'")
-        call = f"print(len(client.embeddings.create(model=\"{model_id}\", input=\"hello\").data[0].embedding))"
-    py = (f"python - <<'EOF'\nimport os\nfrom openai import OpenAI\n"
-          f"client = OpenAI(base_url=\"{url}/v1\", api_key={key})\n{call}\nEOF")
+        curl = (
+            f"curl -s {url}/v1/embeddings -H 'Content-Type: application/json'{auth_h} "
+            f'-d \'{{"input": ["hello world"]}}\''
+        )
+        call = f'print(len(client.embeddings.create(model="{model_id}", input="hello").data[0].embedding))'
+    py = (
+        f"python - <<'EOF'\nimport os\nfrom openai import OpenAI\n"
+        f'client = OpenAI(base_url="{url}/v1", api_key={key})\n{call}\nEOF'
+    )
     return [curl, py]
 
 
-def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool = False,
-          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, device: str | None = None) -> None:
+def serve(
+    target: str,
+    config,
+    key_file: str | None = None,
+    allow_no_auth: bool = False,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    device: str | None = None,
+) -> None:
     import uvicorn
 
     from keel.serve.app import build_app
@@ -107,8 +129,10 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
         from keel.secure.sign import SignatureError, verify_run
 
         if not (Path(target) / "model" / "keel.json").is_file():
-            raise SignatureError(f"serve.verify_key is set but {target} is not a run directory keel signs; serve a "
-                                 "signed run (keel sign RUN --key PRIVATE.pem)")
+            raise SignatureError(
+                f"serve.verify_key is set but {target} is not a run directory keel signs; serve a "
+                "signed run (keel sign RUN --key PRIVATE.pem)"
+            )
         verify_run(target, config.verify_key)
         console.print(f"[dim]signatures of {target} match {config.verify_key}[/]")
     console.print(f"[dim]loading {target}[/]")
@@ -121,12 +145,22 @@ def serve(target: str, config, key_file: str | None = None, allow_no_auth: bool 
     scheme = "https" if ssl_certfile else "http"
     shown = f"[{host}]" if ":" in host else host
     url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{port}"
-    uconfig = uvicorn.Config(asgi, log_level="info", access_log=config.log_text, ssl_certfile=ssl_certfile,
-                             ssl_keyfile=ssl_keyfile, timeout_graceful_shutdown=config.drain_timeout,
-                             lifespan="on", server_header=False, http=_protocol_class(config.read_timeout_s))
+    uconfig = uvicorn.Config(
+        asgi,
+        log_level="info",
+        access_log=config.log_text,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        timeout_graceful_shutdown=config.drain_timeout,
+        lifespan="on",
+        server_header=False,
+        http=_protocol_class(config.read_timeout_s),
+    )
     server = _DrainingServer(uconfig, fastapi_app.state.keel, config.drain_timeout)
-    out.print(f"serving [bold]{engine.model_id}[/] ({engine.kind}, {engine.backend}) at [bold]{url}[/]  "
-              f"docs: {url}/docs{docs_note(bool(digests), config.public_docs)}  keys: {keys_note(host, bool(digests))}")
+    out.print(
+        f"serving [bold]{engine.model_id}[/] ({engine.kind}, {engine.backend}) at [bold]{url}[/]  "
+        f"docs: {url}/docs{docs_note(bool(digests), config.public_docs)}  keys: {keys_note(host, bool(digests))}"
+    )
     for line in usage_lines(url, engine.model_id, engine.routes, bool(digests), key_file):
         out.print(line, markup=False, highlight=False)
     out.print("waiting for the model to warm up; /health/ready turns 200 when it has", markup=False)
@@ -195,20 +229,29 @@ def _protocol_class(read_timeout_s: float):
             if self.cycle is not None and not self.cycle.response_complete:  # a request is being answered
                 return self._keel_rearm()
             if self._keel_bytes:
-                self._keel_send(408, f"the request headers did not arrive within {read_timeout_s:g} s "
-                                     "(serve.read_timeout_s)", "header_timeout")
+                self._keel_send(
+                    408,
+                    f"the request headers did not arrive within {read_timeout_s:g} s (serve.read_timeout_s)",
+                    "header_timeout",
+                )
             else:
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            self._keel_send(400, "the HTTP request could not be parsed (request line, method, header or "
-                                 "Content-Length); send a valid HTTP/1.1 request", "invalid_http")
+            self._keel_send(
+                400,
+                "the HTTP request could not be parsed (request line, method, header or "
+                "Content-Length); send a valid HTTP/1.1 request",
+                "invalid_http",
+            )
 
         def _keel_send(self, status: int, message: str, code: str) -> None:
             body = json.dumps(envelope(status, message, None, code)).encode()
             reason = {400: b"Bad Request", 408: b"Request Timeout"}[status]
-            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                                 b"connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, reason, len(body), body)
+            )
             self.transport.close()
 
     return KeelHTTPProtocol

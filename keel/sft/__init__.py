@@ -63,13 +63,23 @@ def sft_run(recipe, run_dir: Path) -> dict:
     model = load_policy(base)
     logs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
-        args = SFTConfig(**common_args(steps, tr.lr, tr.batch_size, tr.seed, tr.mixed_precision, work),
-                         gradient_accumulation_steps=tr.grad_accum_steps, max_length=recipe.model.max_length,
-                         completion_only_loss=True, packing=False, per_device_eval_batch_size=tr.eval_batch_size)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds(train), eval_dataset=ds(test) if test else None,
-                             processing_class=tokenizer,
-                             peft_config=peft_config(cfg.lora, model) if cfg.method == "lora" else None,
-                             callbacks=[_progress_callback("SFT", steps, logs)])
+        args = SFTConfig(
+            **common_args(steps, tr.lr, tr.batch_size, tr.seed, tr.mixed_precision, work),
+            gradient_accumulation_steps=tr.grad_accum_steps,
+            max_length=recipe.model.max_length,
+            completion_only_loss=True,
+            packing=False,
+            per_device_eval_batch_size=tr.eval_batch_size,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=ds(train),
+            eval_dataset=ds(test) if test else None,
+            processing_class=tokenizer,
+            peft_config=peft_config(cfg.lora, model) if cfg.method == "lora" else None,
+            callbacks=[_progress_callback("SFT", steps, logs)],
+        )
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # else the evaluation before training prints TRL's raw metric dict
@@ -83,13 +93,26 @@ def sft_run(recipe, run_dir: Path) -> dict:
         if cfg.merge:
             trained = merge_lora(trained)
     write_logs(run_dir, logs)
-    summary = {"steps": steps, "best_step": steps, "selection_metric": "loss", "best_metric": after, "labels": [],
-               "data": {"source": recipe.data.path, "counts": {"train": len(train), "validation": n_val, "test": len(test)}}}
+    summary = {
+        "steps": steps,
+        "best_step": steps,
+        "selection_metric": "loss",
+        "best_metric": after,
+        "labels": [],
+        "data": {"source": recipe.data.path, "counts": {"train": len(train), "validation": n_val, "test": len(test)}},
+    }
     if cfg.method == "full" or cfg.merge:
         save_final_model(trained.eval(), tokenizer, run_dir / "model", recipe, summary)
     if test:
-        result = {"split": "test", "loss": after, "perplexity": math.exp(after), "loss_before": before,
-                  "perplexity_before": math.exp(before), "n": len(test), "loss_on": "completion tokens only"}
+        result = {
+            "split": "test",
+            "loss": after,
+            "perplexity": math.exp(after),
+            "loss_before": before,
+            "perplexity_before": math.exp(before),
+            "n": len(test),
+            "loss_on": "completion tokens only",
+        }
         atomic_write_json(run_dir / "eval" / "test.json", result)
         logger.info(f"sft: test loss on responses {before:.4f} -> {after:.4f}")
     atomic_write_json(run_dir / "train.json", summary)

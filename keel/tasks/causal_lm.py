@@ -32,7 +32,7 @@ def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullco
     model.eval()
     total, tokens = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = collate(dataset[start: start + batch_size], tokenizer)
+        batch = collate(dataset[start : start + batch_size], tokenizer)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss = model(**batch).loss.float().item()
@@ -69,7 +69,7 @@ def evaluate_replies(model, tokenizer, examples: list[dict], max_length: int, ba
     sums = {"all": 0.0, "reply": 0.0}
     counts = {"all": 0, "reply": 0}
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start: start + batch_size]
+        chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T), right-padded
         attn = torch.zeros_like(ids)
@@ -79,8 +79,9 @@ def evaluate_replies(model, tokenizer, examples: list[dict], max_length: int, ba
             attn[row, : len(tokens)] = 1
             reply[row, : len(mask)] = torch.tensor(mask)
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()  # (B, T, V)
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device),
-                                                reduction="none").cpu()  # (B, T-1): -log p(token t+1 | ..t)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none"
+        ).cpu()  # (B, T-1): -log p(token t+1 | ..t)
         predicted = attn[:, 1:].bool()
         for key, mask in (("all", predicted), ("reply", predicted & reply[:, 1:].bool())):
             sums[key] += float(nll[mask].sum())
@@ -89,7 +90,12 @@ def evaluate_replies(model, tokenizer, examples: list[dict], max_length: int, ba
     def mean(key):
         return sums[key] / counts[key] if counts[key] else float("nan")
 
-    return {"loss": mean("all"), "perplexity": math.exp(mean("all")) if counts["all"] else float("nan"),
-            "tokens": counts["all"], "reply_loss": mean("reply"),
-            "reply_perplexity": math.exp(mean("reply")) if counts["reply"] else float("nan"),
-            "reply_tokens": counts["reply"], "n": len(examples)}
+    return {
+        "loss": mean("all"),
+        "perplexity": math.exp(mean("all")) if counts["all"] else float("nan"),
+        "tokens": counts["all"],
+        "reply_loss": mean("reply"),
+        "reply_perplexity": math.exp(mean("reply")) if counts["reply"] else float("nan"),
+        "reply_tokens": counts["reply"],
+        "n": len(examples),
+    }

@@ -26,16 +26,24 @@ def build_model(path: Path, labels: list[str]):
     hf_logging.set_verbosity_error()  # "some weights newly initialized" is the point of fine-tuning
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, local_files_only=True, use_safetensors=True)
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            local_files_only=True,
+            use_safetensors=True,
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
 def collate(columns: dict, tokenizer, pad_to_multiple_of: int | None = None) -> dict:
     """Pad a batch (a dict of columns, as ``dataset[indices]`` returns) to its longest row. Shapes: (B, T)."""
-    batch = tokenizer.pad({k: columns[k] for k in MODEL_COLUMNS if k in columns}, return_tensors="pt",
-                          pad_to_multiple_of=pad_to_multiple_of)
+    batch = tokenizer.pad(
+        {k: columns[k] for k in MODEL_COLUMNS if k in columns},
+        return_tensors="pt",
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     if "label" in columns:
         batch["labels"] = torch.tensor(columns["label"], dtype=torch.long)
     return dict(batch)
@@ -45,7 +53,7 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Row indices in batches of similar length (shortest first), so little of each padded batch is padding;
     callers put each batch's results back at these indices."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -72,7 +80,11 @@ def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullco
 
     logits = predict_logits(model, dataset, tokenizer, batch_size, device, autocast)
     y_true = np.asarray(dataset["label"])
-    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)).item()) if len(y_true) else float("nan")
+    loss = (
+        float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_true)).item())
+        if len(y_true)
+        else float("nan")
+    )
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     metrics = classification_metrics(y_true, logits.argmax(-1), labels)
     return {"loss": loss, **metrics}

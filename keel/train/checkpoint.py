@@ -84,7 +84,10 @@ def capture_rng() -> tuple[dict, dict]:
     version, internal, gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors["numpy.keys"] = torch.from_numpy(np.asarray(np_keys, dtype=np.uint32).astype(np.int64))
-    meta = {"python": [version, list(internal), gauss], "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)]}
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)],
+    }
     return tensors, meta
 
 
@@ -118,8 +121,16 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, recipe_yaml: str,
-                    recipe_sha256: str, rank_rng: list[tuple[dict, dict]]) -> Path:
+def save_checkpoint(
+    root: Path,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    recipe_yaml: str,
+    recipe_sha256: str,
+    rank_rng: list[tuple[dict, dict]],
+) -> Path:
     """Write one complete checkpoint atomically. ``rank_rng`` holds every process's RNG state."""
     final = step_dir(root, state.step)
     with atomic_dir(final) as tmp:
@@ -130,9 +141,15 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, state: TrainState, 
         for rank, (tensors, meta) in enumerate(rank_rng):
             save_file(tensors, str(tmp / f"rng-rank{rank}.safetensors"))
             rng_meta.append(meta)
-        doc = {"format": "keel-checkpoint/1", "state": asdict(state), "optimizer": opt_meta,
-               "scheduler": scheduler.state_dict(), "rng": rng_meta, "recipe_sha256": recipe_sha256,
-               "world_size": len(rank_rng)}
+        doc = {
+            "format": "keel-checkpoint/1",
+            "state": asdict(state),
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_meta,
+            "recipe_sha256": recipe_sha256,
+            "world_size": len(rank_rng),
+        }
         (tmp / "state.json").write_text(json.dumps(doc))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
     return final
@@ -161,20 +178,33 @@ def load_checkpoint(path: Path, model, rank: int = 0, world_size: int = 1, verif
         verify_manifest(path)
     doc = json.loads((path / "state.json").read_text())
     if doc.get("world_size", 1) != world_size:
-        raise CheckpointError(f"{path} was written by {doc.get('world_size')} processes and this run has {world_size}; "
-                              "resume with the same number of processes")
+        raise CheckpointError(
+            f"{path} was written by {doc.get('world_size')} processes and this run has {world_size}; "
+            "resume with the same number of processes"
+        )
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "size mismatch" in ln or "Missing" in ln), first[-1] if first else "")
-        raise CheckpointError(f"{path}: the weights do not fit this model ({detail[:160]}); "
-                              "resume with the recipe's original model section") from None
+        detail = next(
+            (ln.strip() for ln in first if "size mismatch" in ln or "Missing" in ln), first[-1] if first else ""
+        )
+        raise CheckpointError(
+            f"{path}: the weights do not fit this model ({detail[:160]}); "
+            "resume with the recipe's original model section"
+        ) from None
     opt_meta = doc["optimizer"]
     optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), opt_meta)
     rng = (load_file(str(path / f"rng-rank{rank}.safetensors")), doc["rng"][rank])
-    return Loaded(TrainState(**doc["state"]), optimizer, doc["scheduler"], rng,
-                  (path / "recipe.yaml").read_text(), doc["recipe_sha256"], path)
+    return Loaded(
+        TrainState(**doc["state"]),
+        optimizer,
+        doc["scheduler"],
+        rng,
+        (path / "recipe.yaml").read_text(),
+        doc["recipe_sha256"],
+        path,
+    )
 
 
 def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, check=None) -> Loaded | None:
@@ -199,9 +229,13 @@ def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, 
         loaded = load_checkpoint(path, model, rank=rank, world_size=world_size, verify=False)
         loaded.changed = changed
         if skipped:
-            logger.info(f"resuming from {path.name}, the newest intact checkpoint ({len(skipped)} newer one(s) skipped)")
+            logger.info(
+                f"resuming from {path.name}, the newest intact checkpoint ({len(skipped)} newer one(s) skipped)"
+            )
         return loaded
     if skipped:
-        raise CheckpointError(f"no intact checkpoint in {root} to resume from: {'; '.join(skipped)}; restore one, or "
-                              f"remove {root} to start the run afresh with --resume")
+        raise CheckpointError(
+            f"no intact checkpoint in {root} to resume from: {'; '.join(skipped)}; restore one, or "
+            f"remove {root} to start the run afresh with --resume"
+        )
     return None

@@ -38,9 +38,20 @@ from keel.train.strategies import Run, Standard, Strategy, epoch_order, shard_ba
 logger = logging.getLogger(__name__)
 
 # Resuming may change only these fields; anything else would silently change the run.
-RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.early_stopping", "train.keep_last_k",
-                     "train.checkpoint_every", "train.num_threads", "output.dir", "compress", "serve", "audit.explain",
-                     "audit.gates", "train.privacy.max_physical_batch_size")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.max_steps",
+    "train.early_stopping",
+    "train.keep_last_k",
+    "train.checkpoint_every",
+    "train.num_threads",
+    "output.dir",
+    "compress",
+    "serve",
+    "audit.explain",
+    "audit.gates",
+    "train.privacy.max_physical_batch_size",
+)
 
 
 def set_threads(recipe: Recipe) -> None:
@@ -97,8 +108,10 @@ def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     for key in changed:
         if not key.startswith(RESUMABLE_CHANGES):
-            raise CheckpointError(f"cannot resume: {key} was {old.get(key)!r} in the checkpoint and is {new.get(key)!r} now; "
-                                  f"set {key}={old.get(key)} or start a new run")
+            raise CheckpointError(
+                f"cannot resume: {key} was {old.get(key)!r} in the checkpoint and is {new.get(key)!r} now; "
+                f"set {key}={old.get(key)} or start a new run"
+            )
     return changed
 
 
@@ -144,16 +157,26 @@ def default_strategy(recipe: Recipe, build_model=None, loss_fn=None) -> Strategy
     if recipe.train.privacy is None:
         return Standard(loss_fn)
     if build_model or loss_fn:
-        raise KeelError("training stages after a differentially private run would spend privacy outside its "
-                        "accountant; compress a DP model by quantization only (unset compress.distill/prune)")
+        raise KeelError(
+            "training stages after a differentially private run would spend privacy outside its "
+            "accountant; compress a DP model by quantization only (unset compress.distill/prune)"
+        )
     # keel.trust.privacy builds on keel.train.strategies only, never on the engine: no cycle
     from keel.trust.privacy import DPSGD
 
     return DPSGD()
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=None, loss_fn=None,
-          model_info: dict | None = None, strategy: Strategy | None = None) -> dict:
+def train(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool = False,
+    *,
+    build_model=None,
+    loss_fn=None,
+    model_info: dict | None = None,
+    strategy: Strategy | None = None,
+) -> dict:
     """Train per the recipe into ``run_dir``; returns a summary. The final model lands in run_dir/model.
 
     Later stages reuse the loop: ``build_model(path, labels)`` replaces the task's model builder (a student
@@ -189,9 +212,12 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = build_optimizer(run.model, recipe)  # unwrapped (prepare may wrap run.optimizer): checkpoints hold it
     run.optimizer = optimizer
-    scheduler = run.scheduler = get_scheduler("constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
-                                              optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-                                              num_training_steps=total_steps)
+    scheduler = run.scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+        optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
 
     # -- resume -----------------------------------------------------------------------------------
     restored_rng = None
@@ -214,9 +240,13 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         strategy.resumed(run, loaded)
     if resume and loaded is None:
         if (run_dir / "model").is_dir():
-            raise CheckpointError(f"nothing to resume: {run_dir} has a final model but no checkpoint; it is finished "
-                                  "(set output.dir to a new folder to train again)")
-        logger.info(f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh")
+            raise CheckpointError(
+                f"nothing to resume: {run_dir} has a final model but no checkpoint; it is finished "
+                "(set output.dir to a new folder to train again)"
+            )
+        logger.info(
+            f"nothing was checkpointed in {run_dir} yet (stopped before its first checkpoint): starting it afresh"
+        )
         resume = False
     stop = strategy.start(run, total_steps)  # DP-SGD: the last step within the privacy budget
     if loaded is not None and state.finished:
@@ -236,23 +266,39 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         state.extra.update(strategy.checkpoint_extra(run))
         rngs = gather_object([ckpt.capture_rng()])
         if main:
-            ckpt.save_checkpoint(ckpt_root, accelerator.unwrap_model(run.model), optimizer, scheduler, state,
-                                 recipe_yaml, recipe_sha, rngs)
+            ckpt.save_checkpoint(
+                ckpt_root,
+                accelerator.unwrap_model(run.model),
+                optimizer,
+                scheduler,
+                state,
+                recipe_yaml,
+                recipe_sha,
+                rngs,
+            )
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
         accelerator.wait_for_everyone()
 
     def evaluate_epoch(epoch: int) -> None:
         if len(val_ds) == 0:
             return
-        result = task.evaluate(accelerator.unwrap_model(run.model), val_ds, tokenizer, cfg.eval_batch_size, device,
-                               accelerator.autocast)
+        result = task.evaluate(
+            accelerator.unwrap_model(run.model), val_ds, tokenizer, cfg.eval_batch_size, device, accelerator.autocast
+        )
         run.model.train()
         value = result[metric_name]
-        record = {"split": "validation", "step": state.step, "epoch": epoch + 1,
-                  **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
+        record = {
+            "split": "validation",
+            "step": state.step,
+            "epoch": epoch + 1,
+            **{k: v for k, v in result.items() if isinstance(v, (int, float))},
+        }
         metrics.write(record)
         improved = state.best_metric is None or (
-            value > state.best_metric + _min_delta(cfg) if higher_is_better else value < state.best_metric - _min_delta(cfg))
+            value > state.best_metric + _min_delta(cfg)
+            if higher_is_better
+            else value < state.best_metric - _min_delta(cfg)
+        )
         if improved:
             state.best_metric, state.best_step, state.evals_without_improvement = float(value), state.step, 0
             if main:
@@ -282,8 +328,15 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
                 scheduler.step()
                 state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + result.batches
                 state.samples_seen += result.samples
-                record = {"step": state.step, "epoch": epoch + 1, "loss": result.loss, "lr": scheduler.get_last_lr()[0],
-                          "samples": state.samples_seen, "seconds": round(time.perf_counter() - t0, 4), **result.record}
+                record = {
+                    "step": state.step,
+                    "epoch": epoch + 1,
+                    "loss": result.loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples": state.samples_seen,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                    **result.record,
+                }
                 metrics.write(record)
                 bar.update(task_id, completed=state.step, info=f"epoch {epoch + 1}/{cfg.epochs} loss {result.loss:.4f}")
                 epoch_done = i == len(items) - 1 or state.step >= stop
@@ -294,7 +347,9 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
             state.epoch, state.batch_in_epoch = strategy.epoch_after(run, epoch), 0
             if cfg.early_stopping and state.evals_without_improvement >= cfg.early_stopping.patience:
                 state.stopped_early = True
-                logger.info(f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations")
+                logger.info(
+                    f"early stopping: no improvement in {metric_name} for {state.evals_without_improvement} evaluations"
+                )
             state.finished = state.stopped_early or state.step >= stop or state.epoch >= cfg.epochs
             save()
     elapsed = time.perf_counter() - t0
@@ -309,19 +364,27 @@ def train(recipe: Recipe, run_dir: Path, resume: bool = False, *, build_model=No
         load_model(final, str(best / "model.safetensors"))
     fingerprints = gather_object([param_fingerprint(final)])
     summary = {
-        "steps": state.step, "epochs_done": state.epoch, "stopped_early": state.stopped_early,
-        "best_step": state.best_step, "best_metric": state.best_metric, "selection_metric": metric_name,
+        "steps": state.step,
+        "epochs_done": state.epoch,
+        "stopped_early": state.stopped_early,
+        "best_step": state.best_step,
+        "best_metric": state.best_metric,
+        "selection_metric": metric_name,
         "train_seconds_this_session": round(elapsed, 2),
         "samples_per_second": round((state.samples_seen - samples_at_start) / elapsed, 2) if elapsed > 0 else None,
         "seconds_per_step": round(elapsed / max(1, state.step - step_at_start), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "world_size": world, "labels": data.labels, "data": data.meta,
+        "world_size": world,
+        "labels": data.labels,
+        "data": data.meta,
     }
     strategy.finish(run, summary)
     if main:
         if world > 1:
             same = len(set(fingerprints)) == 1
-            atomic_write_json(run_dir / "replicas.json", {"world_size": world, "sha256": fingerprints, "identical": same})
+            atomic_write_json(
+                run_dir / "replicas.json", {"world_size": world, "sha256": fingerprints, "identical": same}
+            )
             if not same:
                 raise KeelError(f"data-parallel replicas diverged ({world} processes); see {run_dir / 'replicas.json'}")
         save_final_model(final, tokenizer, run_dir / "model", recipe, summary, model_info)
@@ -348,9 +411,19 @@ def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: di
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "keel.json").write_text(json.dumps({
-            "task": recipe.task, "labels": summary["labels"], "recipe_sha256": recipe.sha256(),
-            "base_model": recipe.model.name, "best_step": summary["best_step"],
-            "selection_metric": summary["selection_metric"], "best_metric": summary["best_metric"], **(extra or {}),
-            "recipe": recipe.model_dump(mode="json"),  # sealed: it decides how the model is run (keel.evaluate)
-        }, indent=2))
+        (tmp / "keel.json").write_text(
+            json.dumps(
+                {
+                    "task": recipe.task,
+                    "labels": summary["labels"],
+                    "recipe_sha256": recipe.sha256(),
+                    "base_model": recipe.model.name,
+                    "best_step": summary["best_step"],
+                    "selection_metric": summary["selection_metric"],
+                    "best_metric": summary["best_metric"],
+                    **(extra or {}),
+                    "recipe": recipe.model_dump(mode="json"),  # sealed: it decides how the model is run (keel.evaluate)
+                },
+                indent=2,
+            )
+        )

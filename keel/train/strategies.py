@@ -114,7 +114,7 @@ def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> l
         pad = (-len(order)) % world
         order = order + order[:pad]
         order = order[rank::world]
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class Standard(Strategy):
@@ -133,7 +133,9 @@ class Standard(Strategy):
 
     def steps_per_epoch(self, run: Run) -> int:
         acc = run.accelerator
-        micro = len(shard_batches(list(range(len(run.train_ds))), run.cfg.batch_size, acc.process_index, acc.num_processes))
+        micro = len(
+            shard_batches(list(range(len(run.train_ds))), run.cfg.batch_size, acc.process_index, acc.num_processes)
+        )
         return math.ceil(micro / run.cfg.grad_accum_steps)
 
     def prepare(self, run: Run) -> None:
@@ -151,8 +153,10 @@ class Standard(Strategy):
         world = acc.num_processes
         order = epoch_order(len(run.train_ds), cfg.seed, epoch, self.lengths, cfg.batch_size * world)
         batches = shard_batches(order, cfg.batch_size, acc.process_index, world)
-        return [batches[b: b + cfg.grad_accum_steps] for b in range(run.state.batch_in_epoch, len(batches),
-                                                                     cfg.grad_accum_steps)]
+        return [
+            batches[b : b + cfg.grad_accum_steps]
+            for b in range(run.state.batch_in_epoch, len(batches), cfg.grad_accum_steps)
+        ]
 
     def step(self, run: Run, group: list[list[int]]) -> StepResult:
         import torch
@@ -162,8 +166,10 @@ class Standard(Strategy):
         for i, idx in enumerate(group):
             sync = i == len(group) - 1
             with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model):
-                batch = {k: v.to(device, non_blocking=True)
-                         for k, v in run.task.collate(run.train_ds[idx], run.tokenizer, self.pad_multiple).items()}
+                batch = {
+                    k: v.to(device, non_blocking=True)
+                    for k, v in run.task.collate(run.train_ds[idx], run.tokenizer, self.pad_multiple).items()
+                }
                 with acc.autocast():
                     loss = self.loss_fn(model, batch) if self.loss_fn else model(**batch).loss  # micro-batch mean
                 acc.backward(loss / len(group))
@@ -173,5 +179,6 @@ class Standard(Strategy):
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         record = {} if grad_norm is None else {"grad_norm": float(grad_norm)}
-        return StepResult(acc.reduce(running, "mean").item(), sum(len(x) for x in group) * acc.num_processes,
-                          len(group), record)
+        return StepResult(
+            acc.reduce(running, "mean").item(), sum(len(x) for x in group) * acc.num_processes, len(group), record
+        )

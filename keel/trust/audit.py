@@ -33,8 +33,10 @@ def _split(recipe, tokenizer, name: str, cap: int | None, need_group: bool, run_
     column = None
     if need_group:
         if "group" not in ds.column_names:
-            raise RecipeError("audit.fairness.groups is 'column' but the data has no group column; set "
-                              "data.columns.group to a column of the data, or use audit.fairness.groups=lexicon")
+            raise RecipeError(
+                "audit.fairness.groups is 'column' but the data has no group column; set "
+                "data.columns.group to a column of the data, or use audit.fairness.groups=lexicon"
+            )
         column = list(ds["group"])
     return texts, y, column
 
@@ -48,8 +50,10 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
 
     t = load_trained(run_dir)
     if t.info["task"] != "classification":
-        raise KeelError(f"keel audit works on classification runs; {run_dir} is a {t.info['task']} run "
-                        f"(causal LMs are audited with CrowS-Pairs/BBQ)")
+        raise KeelError(
+            f"keel audit works on classification runs; {run_dir} is a {t.info['task']} run "
+            f"(causal LMs are audited with CrowS-Pairs/BBQ)"
+        )
     cfg = audit_config(t.recipe)
     run_dir, model, tok, max_len = Path(run_dir), t.model, t.tokenizer, t.recipe.model.max_length
     labels = t.info["labels"]
@@ -62,23 +66,40 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
             raise KeelError("audit.explain needs test examples; set data.split.test above 0")
         with progress("text") as bar:
             task = bar.add_task("explaining", total=len(texts), info="")
-            exps = ex.explain(model, tok, texts, e, max_len, rollout=e.attention_rollout,
-                              on_batch=lambda n: bar.update(task, completed=n))
+            exps = ex.explain(
+                model,
+                tok,
+                texts,
+                e,
+                max_len,
+                rollout=e.attention_rollout,
+                on_batch=lambda n: bar.update(task, completed=n),
+            )
         gap = np.array([x.delta for x in exps])
         change = np.array([abs(sum(x.attributions) - x.delta) for x in exps])  # |p(x) - p(baseline)|
         faith = ex.faithfulness(model, tok, exps, e.top_k, e.seed, max_len)
-        doc = {"n": len(exps), "n_steps": e.n_steps, "method": "integrated gradients (Captum) on word embeddings",
-               "completeness": {"mean_abs_delta": float(np.abs(gap).mean()),
-                                "max_abs_delta": float(np.abs(gap).max()),
-                                "median_relative_delta": float(np.median(np.abs(gap) / np.maximum(change, 1e-12)))},
-               "faithfulness": faith, "global_importance": ex.global_importance(exps, e.top_tokens),
-               "examples": [x.to_json() for x in exps[: e.heatmaps]], "seconds": round(time.perf_counter() - t0, 1)}
+        doc = {
+            "n": len(exps),
+            "n_steps": e.n_steps,
+            "method": "integrated gradients (Captum) on word embeddings",
+            "completeness": {
+                "mean_abs_delta": float(np.abs(gap).mean()),
+                "max_abs_delta": float(np.abs(gap).max()),
+                "median_relative_delta": float(np.median(np.abs(gap) / np.maximum(change, 1e-12))),
+            },
+            "faithfulness": faith,
+            "global_importance": ex.global_importance(exps, e.top_tokens),
+            "examples": [x.to_json() for x in exps[: e.heatmaps]],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         atomic_write_json(run_dir / "audit" / "explain.json", doc)
         result["explain"] = doc
-        logger.info(f"explanations: {len(exps)} texts, completeness |delta| mean {doc['completeness']['mean_abs_delta']:.2e}; "
-                    f"comprehensiveness {faith.get('comprehensiveness', float('nan')):.3f} (random "
-                    f"{faith.get('comprehensiveness_random', float('nan')):.3f}), sufficiency "
-                    f"{faith.get('sufficiency', float('nan')):.3f} (random {faith.get('sufficiency_random', float('nan')):.3f})")
+        logger.info(
+            f"explanations: {len(exps)} texts, completeness |delta| mean {doc['completeness']['mean_abs_delta']:.2e}; "
+            f"comprehensiveness {faith.get('comprehensiveness', float('nan')):.3f} (random "
+            f"{faith.get('comprehensiveness_random', float('nan')):.3f}), sufficiency "
+            f"{faith.get('sufficiency', float('nan')):.3f} (random {faith.get('sufficiency_random', float('nan')):.3f})"
+        )
     if cfg.fairness:
         t0 = time.perf_counter()
         f = cfg.fairness
@@ -99,7 +120,9 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
         if f.baseline_run:
             base = Path(f.baseline_run) / "audit" / "fairness.json"
             if not base.is_file():
-                raise RecipeError(f"audit.fairness.baseline_run: {base} not found; run `keel audit {f.baseline_run}` first")
+                raise RecipeError(
+                    f"audit.fairness.baseline_run: {base} not found; run `keel audit {f.baseline_run}` first"
+                )
             doc["baseline"] = {"run": f.baseline_run, **json.loads(base.read_text())}
             doc["baseline"].pop("baseline", None)
         if f.mitigation == "threshold-optimizer":
@@ -111,8 +134,12 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
         _log_fairness(doc)
     failures = fair.check_gates(result.get("fairness"), cfg.gates)
     unmeasurable = fair.unmeasurable_gates(result.get("fairness"), cfg.gates)
-    gates = {"failures": failures, "unmeasurable": unmeasurable, "on_unmeasurable": cfg.gates.on_unmeasurable,
-             "checked": cfg.gates.thresholds()}
+    gates = {
+        "failures": failures,
+        "unmeasurable": unmeasurable,
+        "on_unmeasurable": cfg.gates.on_unmeasurable,
+        "checked": cfg.gates.thresholds(),
+    }
     atomic_write_json(run_dir / "audit" / "gates.json", gates)
     result["gates"] = gates
     for line in unmeasurable:
@@ -121,12 +148,16 @@ def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
 
     write_model_card(run_dir)
     if failures and check_gates:
-        raise GateError("fairness gate failed: " + "; ".join(failures) + f" (details: {run_dir / 'audit'}; "
-                        "mitigate with audit.fairness.mitigation, or change the threshold in audit.gates)")
+        raise GateError(
+            "fairness gate failed: " + "; ".join(failures) + f" (details: {run_dir / 'audit'}; "
+            "mitigate with audit.fairness.mitigation, or change the threshold in audit.gates)"
+        )
     if unmeasurable and cfg.gates.on_unmeasurable == "fail" and check_gates:
-        raise GateError("fairness gate cannot be evaluated: " + "; ".join(unmeasurable) + "; audit more examples "
-                        "(audit.fairness.max_examples, a larger split), lower audit.fairness.min_group_size, or set "
-                        "audit.gates.on_unmeasurable=warn to go on without it")
+        raise GateError(
+            "fairness gate cannot be evaluated: " + "; ".join(unmeasurable) + "; audit more examples "
+            "(audit.fairness.max_examples, a larger split), lower audit.fairness.min_group_size, or set "
+            "audit.gates.on_unmeasurable=warn to go on without it"
+        )
     return result
 
 
@@ -135,14 +166,20 @@ def _log_fairness(doc: dict) -> None:
     for attr, r in doc["attributes"].items():
         if r["ranked_groups"]:
             dp, eo = r["demographic_parity_difference"], r["equalized_odds_difference"]
-            logger.info(f"fairness ({attr}): groups {', '.join(r['ranked_groups'])}; demographic parity difference "
-                        f"{'n/a' if dp is None else f'{dp:.3f}'}, equalized odds difference {'n/a' if eo is None else f'{eo:.3f}'}")
+            logger.info(
+                f"fairness ({attr}): groups {', '.join(r['ranked_groups'])}; demographic parity difference "
+                f"{'n/a' if dp is None else f'{dp:.3f}'}, equalized odds difference {'n/a' if eo is None else f'{eo:.3f}'}"
+            )
         else:
             small = [f"{g['group']} ({g['n']})" for g in r["groups"] if g["group"] not in ("none", "several")]
-            logger.info(f"fairness ({attr}): no group with {doc['min_group_size']}+ examples to rank"
-                        + (f"; flagged: {', '.join(small)}" if small else ""))
+            logger.info(
+                f"fairness ({attr}): no group with {doc['min_group_size']}+ examples to rank"
+                + (f"; flagged: {', '.join(small)}" if small else "")
+            )
     cf = (doc.get("counterfactual") or {}).get("all")
     if cf and cf["n"]:
-        logger.info(f"counterfactual swaps: {cf['n']} texts, flip rate {cf['flip_rate']:.3f}, mean |score change| "
-                    f"{cf['mean_abs_score_change']:.4f}" + (f"; {cf['ambiguous']} texts left out (a pronoun of ambiguous role)"
-                                                    if cf.get("ambiguous") else ""))
+        logger.info(
+            f"counterfactual swaps: {cf['n']} texts, flip rate {cf['flip_rate']:.3f}, mean |score change| "
+            f"{cf['mean_abs_score_change']:.4f}"
+            + (f"; {cf['ambiguous']} texts left out (a pronoun of ambiguous role)" if cf.get("ambiguous") else "")
+        )

@@ -34,7 +34,9 @@ def augment(train_ds, tokenizer, recipe):
     cats = lexicon.categories(recipe.audit.fairness.categories)
     ambiguous = sum(1 for t in texts if lexicon.swap_terms(t, cats).ambiguous)
     if ambiguous:
-        logger.info(f"counterfactual augmentation: {ambiguous} texts skipped (a pronoun whose role, his or him, is ambiguous)")
+        logger.info(
+            f"counterfactual augmentation: {ambiguous} texts skipped (a pronoun whose role, his or him, is ambiguous)"
+        )
     if not sources:
         logger.info("counterfactual augmentation: no training text mentions a swappable identity term; nothing added")
         return train_ds

@@ -53,7 +53,9 @@ def _special_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def probabilities(model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 64) -> np.ndarray:
+def probabilities(
+    model, tokenizer, texts: list[str], max_length: int | None = None, batch_size: int = 64
+) -> np.ndarray:
     """Class probabilities (N, C) in the order of ``texts``, scored in batches of similar length."""
     model.eval()
     from keel.tasks.classification import length_batches
@@ -61,12 +63,21 @@ def probabilities(model, tokenizer, texts: list[str], max_length: int | None = N
     probs = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     for idx in length_batches([len(t) for t in texts], batch_size):
         enc = _encode(tokenizer, [texts[j] for j in idx], max_length)
-        probs[idx] = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1).numpy()
+        probs[idx] = (
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1).numpy()
+        )
     return probs
 
 
-def integrated_gradients(model, tokenizer, texts: list[str], targets: list[int] | None = None, n_steps: int = 32,
-                         internal_batch_size: int = 64, max_length: int | None = None) -> list[Explanation]:
+def integrated_gradients(
+    model,
+    tokenizer,
+    texts: list[str],
+    targets: list[int] | None = None,
+    n_steps: int = 32,
+    internal_batch_size: int = 64,
+    max_length: int | None = None,
+) -> list[Explanation]:
     """Attributions of p(target | text) to each token (default target: the predicted class)."""
     from captum.attr import LayerIntegratedGradients
 
@@ -80,16 +91,32 @@ def integrated_gradients(model, tokenizer, texts: list[str], targets: list[int] 
     if targets is None:
         targets = probs.argmax(-1).tolist()
     lig = LayerIntegratedGradients(_forward_prob(model), model.get_input_embeddings())
-    attr, delta = lig.attribute(inputs=ids, baselines=baseline, target=list(targets), additional_forward_args=(mask,),
-                                n_steps=n_steps, internal_batch_size=internal_batch_size, return_convergence_delta=True)
+    attr, delta = lig.attribute(
+        inputs=ids,
+        baselines=baseline,
+        target=list(targets),
+        additional_forward_args=(mask,),
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        return_convergence_delta=True,
+    )
     attr = attr.sum(-1).detach()  # (B, T): summed over the embedding dimension
     labels = model.config.id2label
     out = []
     for b in range(len(texts)):
         n = int(mask[b].sum())
         tokens = tokenizer.convert_ids_to_tokens(ids[b, :n].tolist())
-        out.append(Explanation(texts[b], tokens, [float(x) for x in attr[b, :n]], labels[int(targets[b])],
-                               float(probs[b, targets[b]]), float(delta[b]), content=[not s for s in special[b, :n].tolist()]))
+        out.append(
+            Explanation(
+                texts[b],
+                tokens,
+                [float(x) for x in attr[b, :n]],
+                labels[int(targets[b])],
+                float(probs[b, targets[b]]),
+                float(delta[b]),
+                content=[not s for s in special[b, :n].tolist()],
+            )
+        )
     return out
 
 
@@ -124,14 +151,23 @@ def _eager_attention(model) -> None:
             pass
 
 
-def explain_texts(model, tokenizer, texts: list[str], targets: list[int] | None = None, n_steps: int = 32,
-                  internal_batch_size: int = 64, max_length: int | None = None, batch_size: int = 16):
+def explain_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    targets: list[int] | None = None,
+    n_steps: int = 32,
+    internal_batch_size: int = 64,
+    max_length: int | None = None,
+    batch_size: int = 16,
+):
     """[(tokens, attributions)] per text: the entry point for callers outside keel.trust (e.g. the server)."""
     out = []
     for i in range(0, len(texts), batch_size):
-        chunk_targets = None if targets is None else targets[i: i + batch_size]
-        for e in integrated_gradients(model, tokenizer, texts[i: i + batch_size], chunk_targets, n_steps,
-                                      internal_batch_size, max_length):
+        chunk_targets = None if targets is None else targets[i : i + batch_size]
+        for e in integrated_gradients(
+            model, tokenizer, texts[i : i + batch_size], chunk_targets, n_steps, internal_batch_size, max_length
+        ):
             out.append((e.tokens, e.attributions))
     return out
 
@@ -149,20 +185,26 @@ def explain_trained(trained, texts: list[str], n_steps: int = 32, batch_size: in
 
     def batches() -> Iterator[Explanation]:
         for i in range(0, len(texts), batch_size):
-            yield from integrated_gradients(trained.model, trained.tokenizer, texts[i: i + batch_size], n_steps=n_steps,
-                                            max_length=trained.recipe.model.max_length)
+            yield from integrated_gradients(
+                trained.model,
+                trained.tokenizer,
+                texts[i : i + batch_size],
+                n_steps=n_steps,
+                max_length=trained.recipe.model.max_length,
+            )
 
     return batches()
 
 
-def explain(model, tokenizer, texts: list[str], cfg, max_length: int | None = None, rollout: bool = True,
-            on_batch=None) -> list[Explanation]:
+def explain(
+    model, tokenizer, texts: list[str], cfg, max_length: int | None = None, rollout: bool = True, on_batch=None
+) -> list[Explanation]:
     """Integrated gradients (and rollout) for many texts, in batches."""
     if rollout:
         _eager_attention(model)
     out: list[Explanation] = []
     for i in range(0, len(texts), 16):
-        chunk = texts[i: i + 16]
+        chunk = texts[i : i + 16]
         exps = integrated_gradients(model, tokenizer, chunk, None, cfg.n_steps, cfg.internal_batch_size, max_length)
         rolls = attention_rollout(model, tokenizer, chunk, max_length) if rollout else None
         for k, e in enumerate(exps):
@@ -182,14 +224,18 @@ def global_importance(exps: list[Explanation], top: int, min_count: int = 2) -> 
                 acc.setdefault(e.label, {}).setdefault(tok, []).append(a)
     out = {}
     for label, toks in sorted(acc.items()):
-        rows = [{"token": t, "total": float(np.sum(v)), "mean": float(np.mean(v)), "count": len(v)}
-                for t, v in toks.items() if len(v) >= min_count]
+        rows = [
+            {"token": t, "total": float(np.sum(v)), "mean": float(np.mean(v)), "count": len(v)}
+            for t, v in toks.items()
+            if len(v) >= min_count
+        ]
         out[label] = sorted(rows, key=lambda r: -r["total"])[:top]
     return out
 
 
-def faithfulness(model, tokenizer, exps: list[Explanation], k: int, seed: int = 0,
-                 max_length: int | None = None) -> dict:
+def faithfulness(
+    model, tokenizer, exps: list[Explanation], k: int, seed: int = 0, max_length: int | None = None
+) -> dict:
     """ERASER comprehensiveness and sufficiency of the top-k attributed tokens vs k random tokens."""
     rng = random.Random(seed)
     ids_full, drop_top, keep_top, drop_rand, keep_rand, label_ids, base = [], [], [], [], [], [], []
@@ -215,18 +261,27 @@ def faithfulness(model, tokenizer, exps: list[Explanation], k: int, seed: int = 
     def p(batch_ids: list[list[int]]) -> np.ndarray:
         out = []
         for i in range(0, len(batch_ids), 64):
-            enc = tokenizer.pad({"input_ids": batch_ids[i: i + 64]}, return_tensors="pt")
+            enc = tokenizer.pad({"input_ids": batch_ids[i : i + 64]}, return_tensors="pt")
             with torch.no_grad():
-                out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1))
+                out.append(
+                    model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float().softmax(-1)
+                )
         probs = torch.cat(out).numpy()
         return probs[np.arange(len(probs)), target[: len(probs)]]
 
     p0 = p(ids_full)
-    res = {"n": len(ids_full), "k": k,
-           "comprehensiveness": float(np.mean(p0 - p(drop_top))), "comprehensiveness_random": float(np.mean(p0 - p(drop_rand))),
-           "sufficiency": float(np.mean(p0 - p(keep_top))), "sufficiency_random": float(np.mean(p0 - p(keep_rand)))}
+    res = {
+        "n": len(ids_full),
+        "k": k,
+        "comprehensiveness": float(np.mean(p0 - p(drop_top))),
+        "comprehensiveness_random": float(np.mean(p0 - p(drop_rand))),
+        "sufficiency": float(np.mean(p0 - p(keep_top))),
+        "sufficiency_random": float(np.mean(p0 - p(keep_rand))),
+    }
     # higher comprehensiveness and lower sufficiency than random: the attributions point at what the model uses
-    res["faithful"] = res["comprehensiveness"] > res["comprehensiveness_random"] and res["sufficiency"] < res["sufficiency_random"]
+    res["faithful"] = (
+        res["comprehensiveness"] > res["comprehensiveness_random"] and res["sufficiency"] < res["sufficiency_random"]
+    )
     return res
 
 
@@ -240,7 +295,9 @@ def render_terminal(e: Explanation):
         if not c:
             continue
         w = min(1.0, abs(a) / scale)
-        r, g, b = (int(255 - 155 * w), 255, int(255 - 155 * w)) if a > 0 else (255, int(255 - 155 * w), int(255 - 155 * w))
+        r, g, b = (
+            (int(255 - 155 * w), 255, int(255 - 155 * w)) if a > 0 else (255, int(255 - 155 * w), int(255 - 155 * w))
+        )
         piece = tok[2:] if tok.startswith("##") else (" " + tok if len(text) else tok)
         text.append(piece, style=f"black on rgb({r},{g},{b})")
     return text
@@ -260,5 +317,7 @@ def render_html(e: Explanation, values: list[float] | None = None) -> str:
         color = f"rgba(30,150,60,{w:.2f})" if a > 0 else f"rgba(200,40,40,{w:.2f})"
         space = "" if tok.startswith("##") or not parts else " "
         shown = tok[2:] if tok.startswith("##") else tok
-        parts.append(f"{space}<span class='tok' style='background:{color}' title='{a:+.4f}'>{html.escape(shown)}</span>")
+        parts.append(
+            f"{space}<span class='tok' style='background:{color}' title='{a:+.4f}'>{html.escape(shown)}</span>"
+        )
     return "".join(parts)

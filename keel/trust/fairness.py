@@ -27,8 +27,10 @@ def positive_index(labels: list[str], positive_label: str | None) -> int:
     if positive_label is None:
         return labels.index("positive") if "positive" in labels else len(labels) - 1
     if positive_label not in labels:
-        raise RecipeError(f"audit.fairness.positive_label '{positive_label}' is not a label of this model "
-                          f"({', '.join(labels)}); pick one of them")
+        raise RecipeError(
+            f"audit.fairness.positive_label '{positive_label}' is not a label of this model "
+            f"({', '.join(labels)}); pick one of them"
+        )
     return labels.index(positive_label)
 
 
@@ -53,18 +55,37 @@ def group_table(y_true: np.ndarray, y_pred: np.ndarray, sensitive: np.ndarray, p
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # groups without positives give nan TPRs; shown as empty cells
         frame = MetricFrame(
-            metrics={"selection_rate": partial(selection_rate, pos_label=1), "tpr": partial(true_positive_rate, pos_label=1),
-                     "fpr": partial(false_positive_rate, pos_label=1), "count": count},
-            y_true=yb, y_pred=pb, sensitive_features=sensitive)
-        acc = MetricFrame(metrics=lambda t, p: float(np.mean(np.asarray(t) == np.asarray(p))), y_true=y_true,
-                          y_pred=y_pred, sensitive_features=sensitive)
+            metrics={
+                "selection_rate": partial(selection_rate, pos_label=1),
+                "tpr": partial(true_positive_rate, pos_label=1),
+                "fpr": partial(false_positive_rate, pos_label=1),
+                "count": count,
+            },
+            y_true=yb,
+            y_pred=pb,
+            sensitive_features=sensitive,
+        )
+        acc = MetricFrame(
+            metrics=lambda t, p: float(np.mean(np.asarray(t) == np.asarray(p))),
+            y_true=y_true,
+            y_pred=y_pred,
+            sensitive_features=sensitive,
+        )
         groups = []
         for g, row in frame.by_group.iterrows():
             n = int(row["count"])
-            groups.append({"group": str(g), "n": n, "accuracy": _num(acc.by_group[g]),
-                           "selection_rate": _num(row["selection_rate"]), "tpr": _num(row["tpr"]), "fpr": _num(row["fpr"]),
-                           "ranked": n >= min_group_size and str(g) not in BUCKETS,
-                           "flag": None if n >= min_group_size else f"fewer than {min_group_size} examples"})
+            groups.append(
+                {
+                    "group": str(g),
+                    "n": n,
+                    "accuracy": _num(acc.by_group[g]),
+                    "selection_rate": _num(row["selection_rate"]),
+                    "tpr": _num(row["tpr"]),
+                    "fpr": _num(row["fpr"]),
+                    "ranked": n >= min_group_size and str(g) not in BUCKETS,
+                    "flag": None if n >= min_group_size else f"fewer than {min_group_size} examples",
+                }
+            )
         ranked = [g["group"] for g in groups if g["ranked"]]
         keep = np.isin(sensitive, ranked)
         dp = eo = None
@@ -72,10 +93,16 @@ def group_table(y_true: np.ndarray, y_pred: np.ndarray, sensitive: np.ndarray, p
             dp = _num(demographic_parity_difference(yb[keep], pb[keep], sensitive_features=sensitive[keep]))
             eo = _num(equalized_odds_difference(yb[keep], pb[keep], sensitive_features=sensitive[keep]))
     groups.sort(key=lambda g: (not g["ranked"], -g["n"]))
-    return {"groups": groups, "ranked_groups": ranked, "demographic_parity_difference": dp,
-            "equalized_odds_difference": eo, "binary_accuracy": _num(np.mean(yb == pb)) if len(yb) else None,
-            "worst_group_accuracy": min((g["accuracy"] for g in groups if g["ranked"] and g["accuracy"] is not None),
-                                        default=None)}
+    return {
+        "groups": groups,
+        "ranked_groups": ranked,
+        "demographic_parity_difference": dp,
+        "equalized_odds_difference": eo,
+        "binary_accuracy": _num(np.mean(yb == pb)) if len(yb) else None,
+        "worst_group_accuracy": min(
+            (g["accuracy"] for g in groups if g["ranked"] and g["accuracy"] is not None), default=None
+        ),
+    }
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
@@ -89,8 +116,11 @@ def borkan_aucs(y_bin: np.ndarray, score: np.ndarray, member: np.ndarray) -> dic
     bg = ~member
     bpsn = (bg & (y_bin == 1)) | (member & (y_bin == 0))  # background positive, subgroup negative
     bnsp = (bg & (y_bin == 0)) | (member & (y_bin == 1))  # background negative, subgroup positive
-    return {"subgroup_auc": _auc(y_bin[member], score[member]), "bpsn_auc": _auc(y_bin[bpsn], score[bpsn]),
-            "bnsp_auc": _auc(y_bin[bnsp], score[bnsp])}
+    return {
+        "subgroup_auc": _auc(y_bin[member], score[member]),
+        "bpsn_auc": _auc(y_bin[bpsn], score[bpsn]),
+        "bnsp_auc": _auc(y_bin[bnsp], score[bnsp]),
+    }
 
 
 def counterfactual(texts: list[str], probs: np.ndarray, predict_proba, cats: list[str], pos: int) -> dict:
@@ -102,17 +132,32 @@ def counterfactual(texts: list[str], probs: np.ndarray, predict_proba, cats: lis
         swapped = [(i, sw.text) for i, sw in enumerate(swaps) if sw.n]
         ambiguous = sum(1 for sw in swaps if sw.ambiguous)  # left out: no grammatical counterfactual
         if not swapped:
-            out[cat] = {"n": 0, "ambiguous": ambiguous, "flip_rate": None, "mean_score_change": None,
-                        "mean_abs_score_change": None, "examples": []}
+            out[cat] = {
+                "n": 0,
+                "ambiguous": ambiguous,
+                "flip_rate": None,
+                "mean_score_change": None,
+                "mean_abs_score_change": None,
+                "examples": [],
+            }
             continue
         idx = np.array([i for i, _ in swapped])
         new = predict_proba([s for _, s in swapped])  # (n, C)
         flips = new.argmax(-1) != probs[idx].argmax(-1)
         delta = new[:, pos] - probs[idx, pos]
-        examples = [{"text": texts[i], "counterfactual": s, "before": float(probs[i, pos]), "after": float(new[k, pos])}
-                    for k, (i, s) in enumerate(swapped) if flips[k]][:5]
-        out[cat] = {"n": len(idx), "ambiguous": ambiguous, "flip_rate": _num(flips.mean()), "mean_score_change": _num(delta.mean()),
-                    "mean_abs_score_change": _num(np.abs(delta).mean()), "examples": examples}
+        examples = [
+            {"text": texts[i], "counterfactual": s, "before": float(probs[i, pos]), "after": float(new[k, pos])}
+            for k, (i, s) in enumerate(swapped)
+            if flips[k]
+        ][:5]
+        out[cat] = {
+            "n": len(idx),
+            "ambiguous": ambiguous,
+            "flip_rate": _num(flips.mean()),
+            "mean_score_change": _num(delta.mean()),
+            "mean_abs_score_change": _num(np.abs(delta).mean()),
+            "examples": examples,
+        }
     return out
 
 
@@ -145,13 +190,23 @@ def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: 
     from fairlearn.postprocessing import ThresholdOptimizer
 
     sizes = {g: int(np.sum(fit["group"] == g)) for g in np.unique(fit["group"])}
-    usable = [g for g, n in sizes.items() if n >= min_group_size and g not in BUCKETS
-              and len(np.unique(fit["y"][fit["group"] == g])) == 2]
+    usable = [
+        g
+        for g, n in sizes.items()
+        if n >= min_group_size and g not in BUCKETS and len(np.unique(fit["y"][fit["group"] == g])) == 2
+    ]
     if len(usable) < 2:
-        return {"applied": False, "reason": f"fewer than 2 groups with {min_group_size}+ examples of both outcomes "
-                                            f"in the fitting split"}
-    opt = ThresholdOptimizer(estimator=score_estimator(), constraints=constraint, objective="accuracy_score", prefit=True,
-                             predict_method="predict_proba")
+        return {
+            "applied": False,
+            "reason": f"fewer than 2 groups with {min_group_size}+ examples of both outcomes in the fitting split",
+        }
+    opt = ThresholdOptimizer(
+        estimator=score_estimator(),
+        constraints=constraint,
+        objective="accuracy_score",
+        prefit=True,
+        predict_method="predict_proba",
+    )
     m = np.isin(fit["group"], usable)
     opt.fit(fit["score"][m].reshape(-1, 1), fit["y"][m], sensitive_features=fit["group"][m])
     before = (test["score"] >= 0.5).astype(int) if "pred" not in test else test["pred"]
@@ -168,20 +223,38 @@ def threshold_optimizer(fit: dict, test: dict, constraint: str, min_group_size: 
     sens = test["group"]
     from keel.trust.mitigation import interpolation_json
 
-    return {"applied": True, "constraint": constraint, "groups": usable,
-            "before": group_table(y, before, sens, 1, min_group_size),
-            "after": group_table(y, after, sens, 1, min_group_size), "thresholds": interpolation_json(opt)}
+    return {
+        "applied": True,
+        "constraint": constraint,
+        "groups": usable,
+        "before": group_table(y, before, sens, 1, min_group_size),
+        "after": group_table(y, after, sens, 1, min_group_size),
+        "thresholds": interpolation_json(opt),
+    }
 
 
-def audit(texts: list[str], y_true: np.ndarray, probs: np.ndarray, labels: list[str], cfg, predict_proba,
-          column: list[str] | None = None, fit_split: dict | None = None) -> dict:
+def audit(
+    texts: list[str],
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    cfg,
+    predict_proba,
+    column: list[str] | None = None,
+    fit_split: dict | None = None,
+) -> dict:
     """Everything `audit.fairness` asks for, on one split. ``probs`` (N, C) are the model's probabilities."""
     pos = positive_index(labels, cfg.positive_label)
     cats = lexicon.categories(cfg.categories) if column is None else []
     y_pred = probs.argmax(-1)
     y_bin, score = (y_true == pos).astype(int), probs[:, pos]
-    result: dict = {"n": len(texts), "positive_label": labels[pos], "source": "column" if column is not None else "lexicon",
-                    "min_group_size": cfg.min_group_size, "attributes": {}}
+    result: dict = {
+        "n": len(texts),
+        "positive_label": labels[pos],
+        "source": "column" if column is not None else "lexicon",
+        "min_group_size": cfg.min_group_size,
+        "attributes": {},
+    }
     for attr, sens in sensitive_features(texts, column, cats).items():
         result["attributes"][attr] = group_table(y_true, y_pred, sens, pos, cfg.min_group_size)
     subgroups = []
@@ -189,8 +262,14 @@ def audit(texts: list[str], y_true: np.ndarray, probs: np.ndarray, labels: list[
         n = int(mask.sum())
         if n == 0:
             continue
-        subgroups.append({"subgroup": name, "n": n, **borkan_aucs(y_bin, score, mask),
-                          "flag": None if n >= cfg.min_group_size else f"fewer than {cfg.min_group_size} examples"})
+        subgroups.append(
+            {
+                "subgroup": name,
+                "n": n,
+                **borkan_aucs(y_bin, score, mask),
+                "flag": None if n >= cfg.min_group_size else f"fewer than {cfg.min_group_size} examples",
+            }
+        )
     result["subgroup_aucs"] = subgroups
     result["overall_auc"] = _auc(y_bin, score)
     if cfg.counterfactual:
@@ -202,29 +281,45 @@ def audit(texts: list[str], y_true: np.ndarray, probs: np.ndarray, labels: list[
 
 def _mitigate(result, y_bin, probs, pos, texts, column, cats, cfg, fit_split) -> dict:
     # the attribute with the largest equalized-odds gap is the one worth mitigating
-    attrs = [(a, r["equalized_odds_difference"]) for a, r in result["attributes"].items()
-             if r["equalized_odds_difference"] is not None]
+    attrs = [
+        (a, r["equalized_odds_difference"])
+        for a, r in result["attributes"].items()
+        if r["equalized_odds_difference"] is not None
+    ]
     if not attrs:
         reason = "no attribute has two groups large enough to compare"
-        return {"applied": False, "reason": reason, "served": {"applied": False, "reason": f"no thresholds were "
-                                                                                             f"fitted ({reason})"}}
+        return {
+            "applied": False,
+            "reason": reason,
+            "served": {"applied": False, "reason": f"no thresholds were fitted ({reason})"},
+        }
     attr = max(attrs, key=lambda x: x[1])[0]
-    test = {"y": y_bin, "score": probs[:, pos], "pred": (probs.argmax(-1) == pos).astype(int), "texts": list(texts),
-            "group": sensitive_features(texts, column, cats if column is None else [])[attr]}
+    test = {
+        "y": y_bin,
+        "score": probs[:, pos],
+        "pred": (probs.argmax(-1) == pos).astype(int),
+        "texts": list(texts),
+        "group": sensitive_features(texts, column, cats if column is None else [])[attr],
+    }
     if fit_split is None or not len(fit_split["texts"]):
         fit, note = test, "fitted on the audited split itself (no validation split): optimistic"
     else:
         fy = (fit_split["y"] == pos).astype(int)
         fcol = fit_split.get("column")
-        fit = {"y": fy, "score": fit_split["probs"][:, pos],
-               "group": sensitive_features(fit_split["texts"], fcol, cats if fcol is None else [])[attr]}
+        fit = {
+            "y": fy,
+            "score": fit_split["probs"][:, pos],
+            "group": sensitive_features(fit_split["texts"], fcol, cats if fcol is None else [])[attr],
+        }
         note = "fitted on the validation split, measured on the audited split"
     out = threshold_optimizer(fit, test, cfg.constraint, cfg.min_group_size)
     if not out["applied"]:
         served = {"applied": False, "reason": f"no thresholds were fitted ({out['reason']})"}
     elif column is not None:
-        served = {"applied": False, "reason": "the groups come from the data column data.columns.group, which a "
-                                              "served request does not carry"}
+        served = {
+            "applied": False,
+            "reason": "the groups come from the data column data.columns.group, which a served request does not carry",
+        }
     else:
         served = {"applied": True}
     return {"attribute": attr, "note": note, **out, "served": served}
@@ -253,11 +348,13 @@ def unmeasurable_gates(fair: dict | None, gates) -> list[str]:
     for key in ("demographic_parity_difference", "equalized_odds_difference"):
         if f"max_{key}" in set_gates and all(r.get(key) is None for r in fair["attributes"].values()):
             out.append(f"audit.gates.max_{key}: {no_pairs}")
-    if "min_group_accuracy" in set_gates and all(r.get("worst_group_accuracy") is None
-                                                 for r in fair["attributes"].values()):
+    if "min_group_accuracy" in set_gates and all(
+        r.get("worst_group_accuracy") is None for r in fair["attributes"].values()
+    ):
         out.append(f"audit.gates.min_group_accuracy: no group with {m}+ examples ({_named_groups(fair)})")
-    if "min_subgroup_auc" in set_gates and not any(s["flag"] is None and s["subgroup_auc"] is not None
-                                                   for s in fair.get("subgroup_aucs", [])):
+    if "min_subgroup_auc" in set_gates and not any(
+        s["flag"] is None and s["subgroup_auc"] is not None for s in fair.get("subgroup_aucs", [])
+    ):
         out.append(f"audit.gates.min_subgroup_auc: no subgroup with {m}+ examples of both outcomes")
     if "max_counterfactual_flip_rate" in set_gates:
         cf = fair.get("counterfactual")
@@ -281,25 +378,35 @@ def check_gates(fair: dict | None, gates) -> list[str]:
             return None
         return max(vals, key=lambda x: x[1]) if higher_is_worse else min(vals, key=lambda x: x[1])
 
-    for key, gate in (("demographic_parity_difference", gates.max_demographic_parity_difference),
-                      ("equalized_odds_difference", gates.max_equalized_odds_difference)):
+    for key, gate in (
+        ("demographic_parity_difference", gates.max_demographic_parity_difference),
+        ("equalized_odds_difference", gates.max_equalized_odds_difference),
+    ):
         w = worst(key)
         if gate is not None and w and w[1] > gate:
             failures.append(f"{key.replace('_', ' ')} {w[1]:.3f} for '{w[0]}' exceeds audit.gates.max_{key} = {gate}")
     w = worst("worst_group_accuracy", higher_is_worse=False)
     if gates.min_group_accuracy is not None and w and w[1] < gates.min_group_accuracy:
-        failures.append(f"group accuracy {w[1]:.3f} ('{w[0]}') is below audit.gates.min_group_accuracy = "
-                        f"{gates.min_group_accuracy}")
+        failures.append(
+            f"group accuracy {w[1]:.3f} ('{w[0]}') is below audit.gates.min_group_accuracy = {gates.min_group_accuracy}"
+        )
     if gates.min_subgroup_auc is not None:
         ranked = [s for s in fair["subgroup_aucs"] if s["flag"] is None and s["subgroup_auc"] is not None]
         if ranked:
             s = min(ranked, key=lambda s: s["subgroup_auc"])
             if s["subgroup_auc"] < gates.min_subgroup_auc:
-                failures.append(f"subgroup AUC {s['subgroup_auc']:.3f} ('{s['subgroup']}') is below "
-                                f"audit.gates.min_subgroup_auc = {gates.min_subgroup_auc}")
+                failures.append(
+                    f"subgroup AUC {s['subgroup_auc']:.3f} ('{s['subgroup']}') is below "
+                    f"audit.gates.min_subgroup_auc = {gates.min_subgroup_auc}"
+                )
     cf = (fair.get("counterfactual") or {}).get("all") or {}
-    if gates.max_counterfactual_flip_rate is not None and cf.get("flip_rate") is not None \
-            and cf["flip_rate"] > gates.max_counterfactual_flip_rate:
-        failures.append(f"counterfactual flip rate {cf['flip_rate']:.3f} exceeds "
-                        f"audit.gates.max_counterfactual_flip_rate = {gates.max_counterfactual_flip_rate}")
+    if (
+        gates.max_counterfactual_flip_rate is not None
+        and cf.get("flip_rate") is not None
+        and cf["flip_rate"] > gates.max_counterfactual_flip_rate
+    ):
+        failures.append(
+            f"counterfactual flip rate {cf['flip_rate']:.3f} exceeds "
+            f"audit.gates.max_counterfactual_flip_rate = {gates.max_counterfactual_flip_rate}"
+        )
     return failures

@@ -46,11 +46,15 @@ def check_audit_recipe(recipe) -> None:
         from keel.data.load import column_mapping
 
         if "group" not in column_mapping(recipe.data, recipe.task):
-            raise RecipeError("audit.fairness.groups is 'column' but the data has no group column; set "
-                              "data.columns.group to a column of the data, or use audit.fairness.groups=lexicon")
+            raise RecipeError(
+                "audit.fairness.groups is 'column' but the data has no group column; set "
+                "data.columns.group to a column of the data, or use audit.fairness.groups=lexicon"
+            )
     if f.baseline_run and not (Path(f.baseline_run) / "audit" / "fairness.json").is_file():
-        raise RecipeError(f"audit.fairness.baseline_run: {Path(f.baseline_run) / 'audit' / 'fairness.json'} not found; "
-                          f"run `keel audit {f.baseline_run}` first")
+        raise RecipeError(
+            f"audit.fairness.baseline_run: {Path(f.baseline_run) / 'audit' / 'fairness.json'} not found; "
+            f"run `keel audit {f.baseline_run}` first"
+        )
 
 
 def _words(terms) -> re.Pattern:
@@ -79,7 +83,8 @@ def group_label(text: str, category: str) -> str:
 # by their role, read off the next word; where the role cannot be told, the text is skipped and counted.
 PRONOUNS = ("her", "his", "him", "hers")
 # Words that cannot follow a determiner: after "her" they mean an object, after "his" a standalone pronoun.
-NOT_AFTER_DETERMINER = frozenset("""
+NOT_AFTER_DETERMINER = frozenset(
+    """
 a an the this that these those to in on at for from with without about into onto of by as like than over under
 after before through during since until around off up down out away back behind near and or but nor so because
 if when while where although though unless whether i you he she it we they me him her us them my your our their
@@ -87,16 +92,19 @@ its his hers some any all what who whom which how why something anything everyth
 been am will would can could should shall may might must do does did has have had not very too again now then
 here there today yesterday tonight tomorrow once twice anyway already yet still also just really always never
 ever alone enough please
-""".split())
+""".split()
+)
 # After these verbs "her <word>" may be an object followed by a second object or a complement ("gave her flowers",
 # "made her happy", "saw her leave") as well as a determiner ("gave her book away"): ambiguous.
-OBJECT_VERBS = frozenset("""
+OBJECT_VERBS = frozenset(
+    """
 give gives gave given giving tell tells told telling show shows showed shown send sends sent ask asks asked
 make makes made making let lets letting help helps helped see sees saw seen watch watched hear hears heard
 call calls called keep keeps kept want wants wanted get gets got find finds found leave leaves left teach taught
 bring brings brought buy buys bought offer offered pay paid owe owed wish wished lend lent promise promised
 remind reminded allow allowed force forced need needed expect expected wake woke drive drove
-""".split())
+""".split()
+)
 _NEXT_WORD = re.compile(r"\s*([A-Za-z0-9][\w'-]*)")
 _PREV_WORD = re.compile(r"([A-Za-z][\w'-]*)\s*$")
 

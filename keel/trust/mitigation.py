@@ -40,6 +40,7 @@ def _threshold(x) -> float:
 
 def interpolation_json(opt) -> dict:
     """A fitted ThresholdOptimizer's per-group interpolation as JSON (+-inf thresholds are written as strings)."""
+
     def op(o) -> dict:
         t = float(o.threshold)
         return {"operator": o.operator, "threshold": t if math.isfinite(t) else ("inf" if t > 0 else "-inf")}
@@ -61,10 +62,19 @@ def write_thresholds(run_dir: Path, mit: dict, positive_label: str) -> None:
     if not (mit.get("served") or {}).get("applied"):
         path.unlink(missing_ok=True)  # a stale file from an earlier audit must not be applied
         return
-    atomic_write_json(path, {"attribute": mit["attribute"], "source": "lexicon", "groups": mit["groups"],
-                             "positive_label": positive_label, "constraint": mit["constraint"],
-                             "thresholds": mit["thresholds"], "model_sha256": model_fingerprint(run_dir),
-                             "backends": list(SOUND_BACKENDS)})
+    atomic_write_json(
+        path,
+        {
+            "attribute": mit["attribute"],
+            "source": "lexicon",
+            "groups": mit["groups"],
+            "positive_label": positive_label,
+            "constraint": mit["constraint"],
+            "thresholds": mit["thresholds"],
+            "model_sha256": model_fingerprint(run_dir),
+            "backends": list(SOUND_BACKENDS),
+        },
+    )
 
 
 def score_estimator():
@@ -94,19 +104,23 @@ def thresholder(doc: dict):
 
     interpolation = {}
     for g, e in doc["thresholds"].items():
-        b = Bunch(p0=e["p0"], p1=e["p1"],
-                  operation0=ThresholdOperation(e["operation0"]["operator"], _threshold(e["operation0"]["threshold"])),
-                  operation1=ThresholdOperation(e["operation1"]["operator"], _threshold(e["operation1"]["threshold"])))
+        b = Bunch(
+            p0=e["p0"],
+            p1=e["p1"],
+            operation0=ThresholdOperation(e["operation0"]["operator"], _threshold(e["operation0"]["threshold"])),
+            operation1=ThresholdOperation(e["operation1"]["operator"], _threshold(e["operation1"]["threshold"])),
+        )
         if "p_ignore" in e:
             b.update(p_ignore=e["p_ignore"], prediction_constant=e["prediction_constant"])
         interpolation[g] = b
-    return InterpolatedThresholder(score_estimator(), interpolation, prefit=True,
-                                   predict_method="predict_proba").fit(None, None)
+    return InterpolatedThresholder(score_estimator(), interpolation, prefit=True, predict_method="predict_proba").fit(
+        None, None
+    )
 
 
 def text_draw(text: str) -> float:
     """A number in [0, 1) fixed by the text: the randomized decision is the same for the same text."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def decide(thr, groups: list[str], texts: list[str], score: np.ndarray, fitted: list[str]) -> np.ndarray:
@@ -114,8 +128,9 @@ def decide(thr, groups: list[str], texts: list[str], score: np.ndarray, fitted: 
     out = np.full(len(texts), -1, dtype=int)
     idx = [i for i, g in enumerate(groups) if g in fitted]
     if idx:
-        pmf = thr._pmf_predict(np.asarray(score)[idx].reshape(-1, 1),
-                               sensitive_features=np.asarray(groups, dtype=object)[idx])[:, 1]  # P(positive decision)
+        pmf = thr._pmf_predict(
+            np.asarray(score)[idx].reshape(-1, 1), sensitive_features=np.asarray(groups, dtype=object)[idx]
+        )[:, 1]  # P(positive decision)
         draws = np.array([text_draw(texts[i]) for i in idx])
         out[idx] = (pmf >= draws).astype(int)  # as Fairlearn's predict: positive when p >= the draw
     return out
@@ -136,19 +151,36 @@ class Mitigator:
         mit = (fair or {}).get("mitigation")
         if not mit:
             if _asks_for_thresholds(run_dir):
-                return cls(None, {"applied": False, "reason": "the run asks for audit.fairness.mitigation="
-                                  "threshold-optimizer but has not been audited yet; run `keel audit` on it"})
+                return cls(
+                    None,
+                    {
+                        "applied": False,
+                        "reason": "the run asks for audit.fairness.mitigation="
+                        "threshold-optimizer but has not been audited yet; run `keel audit` on it",
+                    },
+                )
             return None
         served = mit.get("served") or {}
         if not served.get("applied"):
-            return cls(None, {"applied": False, "reason": served.get("reason") or mit.get("reason")
-                              or "the audit fitted no thresholds"})
+            return cls(
+                None,
+                {
+                    "applied": False,
+                    "reason": served.get("reason") or mit.get("reason") or "the audit fitted no thresholds",
+                },
+            )
         doc = _read(run_dir.joinpath(*FILE))
         if not doc:
             return cls(None, {"applied": False, "reason": f"{run_dir.joinpath(*FILE)} is missing; run `keel audit`"})
         if backend not in doc["backends"]:
-            return cls(None, {"applied": False, "reason": f"the {backend} variant is not the audited model (thresholds "
-                              f"were fitted on {', '.join(doc['backends'])}); it is served unmitigated"})
+            return cls(
+                None,
+                {
+                    "applied": False,
+                    "reason": f"the {backend} variant is not the audited model (thresholds "
+                    f"were fitted on {', '.join(doc['backends'])}); it is served unmitigated",
+                },
+            )
         if doc["model_sha256"] != model_fingerprint(run_dir):
             return cls(None, {"applied": False, "reason": "the model changed since the audit; run `keel audit` again"})
         return cls(doc, {"applied": True, "attribute": doc["attribute"], "constraint": doc["constraint"]})
@@ -166,8 +198,14 @@ class Mitigator:
         for i, (g, d) in enumerate(zip(groups, decision)):
             if d < 0:
                 out.append(int(best[i]))
-                info.append({"applied": False, "attribute": attr, "group": g,
-                             "reason": "no threshold for this group (none, several, or too small when fitted)"})
+                info.append(
+                    {
+                        "applied": False,
+                        "attribute": attr,
+                        "group": g,
+                        "reason": "no threshold for this group (none, several, or too small when fitted)",
+                    }
+                )
                 continue
             if d == 1:
                 k = pos
@@ -203,15 +241,21 @@ def served_statement(run_dir: Path, mit: dict | None) -> str | None:
         return None
     served = mit.get("served") or {}
     if not served.get("applied"):
-        return (f"The served model is unmitigated: `keel predict` and `keel serve` give the model's own decisions "
-                f"({served.get('reason') or mit.get('reason') or 'no thresholds were fitted'}).")
+        return (
+            f"The served model is unmitigated: `keel predict` and `keel serve` give the model's own decisions "
+            f"({served.get('reason') or mit.get('reason') or 'no thresholds were fitted'})."
+        )
     backend = default_serve_backend(run_dir)
-    line = (f"`keel predict` and `keel serve` apply these per-group thresholds to this run's model (backends "
-            f"{' and '.join(SOUND_BACKENDS)}), for the {mit['attribute']} group the lexicon finds in each text, and "
-            "report it per text; compressed and int8 variants score differently and are served unmitigated.")
+    line = (
+        f"`keel predict` and `keel serve` apply these per-group thresholds to this run's model (backends "
+        f"{' and '.join(SOUND_BACKENDS)}), for the {mit['attribute']} group the lexicon finds in each text, and "
+        "report it per text; compressed and int8 variants score differently and are served unmitigated."
+    )
     if backend not in SOUND_BACKENDS:
-        line += (f" `keel serve` picks the {backend} variant by default, so the served model is unmitigated unless "
-                 "serve.backend=torch or onnx.")
+        line += (
+            f" `keel serve` picks the {backend} variant by default, so the served model is unmitigated unless "
+            "serve.backend=torch or onnx."
+        )
     return line
 
 

@@ -80,8 +80,10 @@ def check_model(model) -> None:
     model.train(was_training)
     if errors:
         first = str(errors[0]).splitlines()[0]
-        raise RecipeError(f"train.privacy: this model cannot be trained with DP-SGD ({first}); "
-                          "pick a model without BatchNorm (e.g. a transformer with LayerNorm)")
+        raise RecipeError(
+            f"train.privacy: this model cannot be trained with DP-SGD ({first}); "
+            "pick a model without BatchNorm (e.g. a transformer with LayerNorm)"
+        )
 
 
 def clipped_backward(dp_opt, idx: list[int], chunk_size: int, loss_of) -> float:
@@ -91,7 +93,7 @@ def clipped_backward(dp_opt, idx: list[int], chunk_size: int, loss_of) -> float:
     steps), so memory holds one chunk's per-example gradients; the caller's ``dp_opt.step()`` adds the noise once.
     """
     total = 0.0
-    chunks = [idx[i: i + chunk_size] for i in range(0, len(idx), chunk_size)]
+    chunks = [idx[i : i + chunk_size] for i in range(0, len(idx), chunk_size)]
     for c, chunk in enumerate(chunks):
         loss = loss_of(chunk)
         loss.backward()
@@ -105,10 +107,34 @@ def clipped_backward(dp_opt, idx: list[int], chunk_size: int, loss_of) -> float:
 
 # Model families whose layers are all per-example (LayerNorm / RMSNorm, no BatchNorm): `keel validate` passes them
 # without building the model; any other family is checked on the real model when training starts.
-PER_EXAMPLE_FAMILIES = frozenset({
-    "bert", "distilbert", "roberta", "xlm-roberta", "camembert", "albert", "electra", "deberta", "deberta-v2",
-    "mpnet", "ernie", "modernbert", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt2",
-    "gpt_neox", "opt", "smollm3"})
+PER_EXAMPLE_FAMILIES = frozenset(
+    {
+        "bert",
+        "distilbert",
+        "roberta",
+        "xlm-roberta",
+        "camembert",
+        "albert",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "mpnet",
+        "ernie",
+        "modernbert",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "phi",
+        "phi3",
+        "gpt2",
+        "gpt_neox",
+        "opt",
+        "smollm3",
+    }
+)
 
 
 def check_privacy_recipe(recipe, n_train: int | None = None) -> None:
@@ -133,11 +159,15 @@ def check_privacy_recipe(recipe, n_train: int | None = None) -> None:
     if n_train == 0:
         raise RecipeError("train.privacy: the training split is empty")
     if exact and p.delta >= 1.0 / n_train:
-        raise RecipeError(f"train.privacy.delta = {p.delta:g} is not below 1/N = {1.0 / n_train:.3g} (N = {n_train} "
-                          f"training examples): such a delta allows leaking whole examples; set train.privacy.delta="
-                          f"{10 ** math.floor(math.log10(0.1 / n_train)):g}")
+        raise RecipeError(
+            f"train.privacy.delta = {p.delta:g} is not below 1/N = {1.0 / n_train:.3g} (N = {n_train} "
+            f"training examples): such a delta allows leaking whole examples; set train.privacy.delta="
+            f"{10 ** math.floor(math.log10(0.1 / n_train)):g}"
+        )
     if exact and cfg.batch_size >= n_train:
-        raise RecipeError(f"train.privacy: train.batch_size {cfg.batch_size} must be below the {n_train} training examples")
+        raise RecipeError(
+            f"train.privacy: train.batch_size {cfg.batch_size} must be below the {n_train} training examples"
+        )
     check_architecture(recipe)
 
 
@@ -227,8 +257,10 @@ def person_rows(original, train_ds, recipe) -> list[list[int]]:
 
     sources = [i for i, _ in swap_sources(list(original["text"]), recipe)]
     if n + len(sources) != rows:
-        raise KeelError(f"train.privacy: {rows} training rows do not match {n} texts plus {len(sources)} "
-                              "counterfactual copies; privacy cannot be accounted per person")
+        raise KeelError(
+            f"train.privacy: {rows} training rows do not match {n} texts plus {len(sources)} "
+            "counterfactual copies; privacy cannot be accounted per person"
+        )
     for j, i in enumerate(sources):
         out[i].append(n + j)
     return out
@@ -279,29 +311,45 @@ class DPSGD(Strategy):
 
     def resumed(self, run: Run, loaded) -> None:
         if loaded is None:
-            raise CheckpointError(f"nothing to resume: {run.run_dir / 'checkpoints'} has no complete checkpoint; "
-                                  "run without --resume")
+            raise CheckpointError(
+                f"nothing to resume: {run.run_dir / 'checkpoints'} has no complete checkpoint; run without --resume"
+            )
         saved = loaded.state.extra.get("privacy")
         if not saved:
-            raise CheckpointError(f"{loaded.path} has no privacy accountant state: it was not trained with train.privacy")
+            raise CheckpointError(
+                f"{loaded.path} has no privacy accountant state: it was not trained with train.privacy"
+            )
         self.sigma, self.history = saved["noise_multiplier"], saved["history"]  # the budget was planned with this sigma
-        logger.info(f"resuming DP training from {loaded.path.name} (step {loaded.state.step}, epsilon so far {saved['epsilon']:.3f})")
+        logger.info(
+            f"resuming DP training from {loaded.path.name} (step {loaded.state.step}, epsilon so far {saved['epsilon']:.3f})"
+        )
 
     def start(self, run: Run, planned: int) -> int:
         p = run.recipe.train.privacy
         if self.sigma is None:
             from opacus.accountants.utils import get_noise_multiplier
 
-            self.sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta,
-                                                    sample_rate=self.q, steps=planned, accountant=p.accountant))
+            self.sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=p.target_epsilon,
+                    target_delta=p.delta,
+                    sample_rate=self.q,
+                    steps=planned,
+                    accountant=p.accountant,
+                )
+            )
         self.planned = planned
         self.allowed = steps_within_budget(p.accountant, self.sigma, self.q, p.delta, p.target_epsilon, planned)
         if self.allowed == 0:
-            raise RecipeError(f"train.privacy: one step at sigma {self.sigma:g} and q {self.q:.4g} already spends more "
-                              f"than epsilon {p.target_epsilon}; raise train.privacy.noise_multiplier or target_epsilon")
+            raise RecipeError(
+                f"train.privacy: one step at sigma {self.sigma:g} and q {self.q:.4g} already spends more "
+                f"than epsilon {p.target_epsilon}; raise train.privacy.noise_multiplier or target_epsilon"
+            )
         if self.allowed < planned:
-            logger.warning(f"privacy budget: epsilon {p.target_epsilon} allows {self.allowed} of the {planned} planned steps "
-                           f"at sigma {self.sigma:.4f}; training stops at step {self.allowed}")
+            logger.warning(
+                f"privacy budget: epsilon {p.target_epsilon} allows {self.allowed} of the {planned} planned steps "
+                f"at sigma {self.sigma:.4f}; training stops at step {self.allowed}"
+            )
         self.accountant = make_accountant(p.accountant, self.history)
         stop = min(planned, self.allowed)
         state = run.state
@@ -317,8 +365,11 @@ class DPSGD(Strategy):
         run.model.train()
         self.gs_model = GradSampleModule(run.model)  # hooks on run.model's layers; evaluation calls run.model itself
         # Each row is clipped at C/k, so a person's k rows move the sum by at most C; the noise std stays sigma * C.
-        self.dp_opt = DPOptimizer(run.optimizer, **dp_optimizer_args(self.sigma, p.max_grad_norm, self.per_person),
-                                  expected_batch_size=max(1, round(self.q * len(run.train_ds))))
+        self.dp_opt = DPOptimizer(
+            run.optimizer,
+            **dp_optimizer_args(self.sigma, p.max_grad_norm, self.per_person),
+            expected_batch_size=max(1, round(self.q * len(run.train_ds))),
+        )
 
     def epoch_items(self, run: Run, epoch: int) -> list:
         # a step's batch depends on (seed, step) alone: the position in the epoch is the step count
@@ -328,7 +379,9 @@ class DPSGD(Strategy):
         import torch
 
         device, task, train_ds, tokenizer = run.accelerator.device, run.task, run.train_ds, run.tokenizer
-        idx = [r for i in poisson_batch(self.n, self.q, run.cfg.seed, step) for r in self.rows_of[i]]  # persons, all rows
+        idx = [
+            r for i in poisson_batch(self.n, self.q, run.cfg.seed, step) for r in self.rows_of[i]
+        ]  # persons, all rows
         if idx:
             # A logical (Poisson) batch in physical chunks: each chunk's per-example gradients are clipped and
             # summed, then dropped (Opacus' skipped steps); noise is added once, after the last chunk.
@@ -352,16 +405,27 @@ class DPSGD(Strategy):
     def privacy_state(self, run: Run) -> dict:
         p, acc, step = run.recipe.train.privacy, self.accountant, run.state.step
         eps = float(acc.get_epsilon(delta=p.delta)) if acc.history else 0.0
-        return {"epsilon": eps, "delta": p.delta, "target_epsilon": p.target_epsilon, "noise_multiplier": self.sigma,
-                "sample_rate": self.q, "steps": step, "planned_steps": self.planned,
-                "steps_within_budget": self.allowed,
-                "budget_exhausted": self.allowed < self.planned and step >= self.allowed, "accountant": p.accountant,
-                "max_grad_norm": p.max_grad_norm, "poisson_sampling": p.poisson_sampling,
-                # a causal LM trains on blocks of max_length tokens cut from joined documents: the guarantee is per block
-                "unit": "person" if self.per_person > 1 else ("block" if run.recipe.task == "causal-lm" else "example"),
-                "persons": self.n, "rows": len(run.train_ds),
-                "rows_per_person": self.per_person, "row_clip": p.max_grad_norm / self.per_person,
-                "history": [list(h) for h in acc.history]}
+        return {
+            "epsilon": eps,
+            "delta": p.delta,
+            "target_epsilon": p.target_epsilon,
+            "noise_multiplier": self.sigma,
+            "sample_rate": self.q,
+            "steps": step,
+            "planned_steps": self.planned,
+            "steps_within_budget": self.allowed,
+            "budget_exhausted": self.allowed < self.planned and step >= self.allowed,
+            "accountant": p.accountant,
+            "max_grad_norm": p.max_grad_norm,
+            "poisson_sampling": p.poisson_sampling,
+            # a causal LM trains on blocks of max_length tokens cut from joined documents: the guarantee is per block
+            "unit": "person" if self.per_person > 1 else ("block" if run.recipe.task == "causal-lm" else "example"),
+            "persons": self.n,
+            "rows": len(run.train_ds),
+            "rows_per_person": self.per_person,
+            "row_clip": p.max_grad_norm / self.per_person,
+            "history": [list(h) for h in acc.history],
+        }
 
     def checkpoint_extra(self, run: Run) -> dict:
         return {"privacy": self.privacy_state(run)}
@@ -369,14 +433,20 @@ class DPSGD(Strategy):
     def finish(self, run: Run, summary: dict) -> None:
         p, priv = run.recipe.train.privacy, self.privacy_state(run)
         if priv["budget_exhausted"]:
-            logger.warning(f"privacy budget reached: stopped at step {run.state.step} of {self.planned}, epsilon "
-                           f"{priv['epsilon']:.3f} <= {p.target_epsilon}")
-        logger.info(f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {self.sigma:.4f}, q {self.q:.5f}, "
-                    f"{run.state.step} steps ({p.accountant} accountant)")
+            logger.warning(
+                f"privacy budget reached: stopped at step {run.state.step} of {self.planned}, epsilon "
+                f"{priv['epsilon']:.3f} <= {p.target_epsilon}"
+            )
+        logger.info(
+            f"privacy: (epsilon {priv['epsilon']:.3f}, delta {p.delta:g}) with sigma {self.sigma:.4f}, q {self.q:.5f}, "
+            f"{run.state.step} steps ({p.accountant} accountant)"
+        )
         if self.per_person > 1:
-            logger.info(f"privacy is per person: {self.n} persons, {len(run.train_ds)} rows with their counterfactual copies, "
-                        f"each row clipped at {p.max_grad_norm / self.per_person:g} so a person's {self.per_person} rows "
-                        f"together stay within {p.max_grad_norm:g}")
+            logger.info(
+                f"privacy is per person: {self.n} persons, {len(run.train_ds)} rows with their counterfactual copies, "
+                f"each row clipped at {p.max_grad_norm / self.per_person:g} so a person's {self.per_person} rows "
+                f"together stay within {p.max_grad_norm:g}"
+            )
         priv.pop("history")
         summary["privacy"] = priv
         self.gs_model.remove_hooks()  # the final model is saved without Opacus' hooks and per-example gradients
