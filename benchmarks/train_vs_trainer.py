@@ -169,7 +169,6 @@ def main() -> None:
 
     from keel.data.prepare import prepare_data
     from keel.models import model_dir
-    from keel.progress import log
     from keel.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides)
@@ -194,7 +193,11 @@ def main() -> None:
                         row = trainer_round(recipe, data.splits, path, data.labels, work)
                 row["round"] = r + 1
                 row["samples_per_second"] = round(row["samples"] / row["wall_seconds"], 2)
-                log(f"round {r + 1} {tool}: {row['wall_seconds']} s, {row['samples_per_second']} samples/s")
+                print(
+                    f"round {r + 1} {tool}: {row['wall_seconds']} s, {row['samples_per_second']} samples/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 rounds.append(row)
 
     best = {

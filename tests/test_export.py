@@ -160,7 +160,7 @@ def test_eval_on_a_file_prints_that_files_own_majority_baseline(exported, tmp_pa
         base = json.loads(proc.stdout)["baseline"]
         assert (base["label"], base["accuracy"]) == (major, 0.75)
     shown = keel("eval", str(run_dir), "--data", str(path), cwd=work, check=True).stdout  # the last file, as printed
-    assert f"majority-class baseline ('{major}') accuracy 0.7500" in shown
+    assert f"majority-class baseline (this file's most frequent label, '{major}'): accuracy 0.7500" in shown
 
 
 def test_bench_scores_every_variant_on_the_same_validation_batches(exported, monkeypatch):

@@ -58,9 +58,9 @@ def _clean(proc, code: int = 0):
 def test_run_and_eval_print_markup_labels_as_typed(marked_run):
     work, run_dir, proc = marked_run
     _clean(proc)
-    assert f"majority-class baseline ('{CLOSE}')" in proc.stdout
+    assert f"majority-class baseline (the training split's most frequent label, '{CLOSE}')" in proc.stdout
     _clean(proc := keel("eval", str(run_dir), cwd=work))
-    assert f"('{CLOSE}')" in proc.stdout
+    assert f"most frequent label, '{CLOSE}')" in proc.stdout
     _clean(proc := keel("validate", "r.yaml", cwd=work))
     assert "m[red]x.csv" in proc.stdout
 
