@@ -32,9 +32,14 @@ OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1
 def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")) -> None:
     _state["debug"] = debug
     offline_defaults()
+    import logging
+
     from keel.progress import setup_logging
 
     setup_logging(debug)
+    # one handler prints each line: a library's logging.basicConfig() during a verb (ONNX Runtime's quantizer calls
+    # it) must not print keel's lines a second time through the root logger
+    logging.getLogger("keel").propagate = False
 
 
 @app.command()

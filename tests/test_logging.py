@@ -92,3 +92,16 @@ def test_the_api_default_prints_plain_lines_and_other_ranks_only_warnings(unconf
     logging.getLogger("keel.io").warning("a rank-1 warning")
     err = capsys.readouterr().err
     assert TAKEN_OVER not in err and "warning: a rank-1 warning" in err
+
+
+def test_a_library_basicconfig_does_not_print_the_clis_lines_twice():
+    """Some library in a verb calls logging.basicConfig(); the CLI's handler stays the only one printing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from keel.cli import _root; _root(False); logging.basicConfig(); "
+        "logging.getLogger('keel.x').info('printed once')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert proc.stderr.count("printed once") == 1, proc.stderr
