@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # runs `keel validate` / `keel run` in subprocess
 BASE = "name: v\nmodel: {name: tiny-bert, max_length: 32}\ndata:\n  path: toy.csv\n"
 
 
-def _refused(proc, *needles):
+def _refused(proc, *needles) -> str:
+    """The one error line of a refused command (exit 2, no traceback), checked to name every needle."""
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text
     assert "Traceback" not in text
@@ -23,6 +24,7 @@ def _refused(proc, *needles):
     assert len(lines) == 1, text  # one line naming the problem and the fix
     for needle in needles:
         assert needle in text, text
+    return lines[0]
 
 
 @pytest.fixture
@@ -64,28 +66,28 @@ SCHEMA_CASES = [
 @pytest.mark.parametrize("extra, overrides, expected", SCHEMA_CASES)
 def test_validate_refuses_what_the_run_would(work, extra, overrides, expected):
     (work / "r.yaml").write_text(BASE + extra)
-    _refused(keel("validate", "r.yaml", *overrides, cwd=work), expected)
+    assert _refused(keel("validate", "r.yaml", *overrides, cwd=work), expected)
 
 
 def test_federated_section_on_a_causal_lm_is_refused(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "task: causal-lm\nmodel: {name: tiny-llama}\ndata: {name: shakespeare}\nfederated: {sites: 2}\n"
     )
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "keel federate trains classifiers")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "keel federate trains classifiers")
 
 
 def test_compress_section_on_a_causal_lm_is_refused(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "task: causal-lm\nmodel: {name: tiny-llama}\ndata: {name: shakespeare}\ncompress: {distill: {layers: 1}}\n"
     )
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "compresses classifiers only", "keel distill RUN_DIR")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "compresses classifiers only", "keel distill RUN_DIR")
 
 
 def test_serve_options_are_checked_by_the_serve_section_model(tmp_path):
     typo = keel("serve", "tiny-bert", "--set", "serve.max_batch_siz=4", cwd=tmp_path)
-    _refused(typo, "serve options", "did you mean 'serve.max_batch_size'?")
+    assert _refused(typo, "serve options", "did you mean 'serve.max_batch_size'?")
     low = keel("serve", "tiny-bert", "--set", "serve.max_batch_size=0", cwd=tmp_path)
-    _refused(low, "serve.max_batch_size")
+    assert _refused(low, "serve.max_batch_size")
     from keel.errors import RecipeError
     from keel.recipe import validate_serve
 
@@ -112,7 +114,7 @@ def test_relative_paths_are_relative_to_the_recipe_file(tmp_path):
     proc = keel("validate", str(project / "r.yaml"), "data.path=other.csv", cwd=elsewhere)
     assert proc.returncode == 0 and str(elsewhere / "other.csv") in proc.stdout, proc.stdout + proc.stderr
     missing = keel("validate", str(project / "r.yaml"), "data.path=toy.csv", cwd=elsewhere)
-    _refused(missing, str(elsewhere / "toy.csv"))
+    assert _refused(missing, str(elsewhere / "toy.csv"))
 
 
 def test_every_path_field_is_made_absolute(tmp_path, monkeypatch):
@@ -183,9 +185,9 @@ def _bad_data(path, kind):
 def test_bad_csv_fails_at_validate_and_before_a_run_directory(tmp_path, kind, expected):
     _bad_data(tmp_path / "bad.csv", kind)
     (tmp_path / "r.yaml").write_text(BASE.replace("toy.csv", "bad.csv"))
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), expected)
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), expected)
     if kind in ("empty", "not-utf8"):  # the run refuses it too, before it makes runs/<name>/
-        _refused(keel("run", "r.yaml", cwd=tmp_path), expected)
+        assert _refused(keel("run", "r.yaml", cwd=tmp_path), expected)
         assert not (tmp_path / "runs").exists()
 
 
@@ -201,23 +203,23 @@ def test_malformed_jsonl_line_is_named(tmp_path):
     rows[57] = '{"text": "unterminated'
     (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
     (tmp_path / "r.yaml").write_text(BASE.replace("toy.csv", "bad.jsonl"))
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "bad.jsonl line 58: not JSON")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "bad.jsonl line 58: not JSON")
     rows[57] = "[1, 2]"
     (tmp_path / "bad.jsonl").write_text("\n".join(rows) + "\n")
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "bad.jsonl line 58: a JSON list, not an object")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "bad.jsonl line 58: a JSON list, not an object")
 
 
 def test_label_outside_the_declared_set_is_named(work):
     (work / "r.yaml").write_text(BASE + "  labels: [pos]\n")
-    _refused(keel("validate", "r.yaml", cwd=work), "toy.csv line 3: label 'neg' is not in data.labels")
+    assert _refused(keel("validate", "r.yaml", cwd=work), "toy.csv line 3: label 'neg' is not in data.labels")
 
 
 def test_causal_lm_text_file_content_is_checked(tmp_path):
     (tmp_path / "lm.jsonl").write_bytes(b'{"text": "to be or not to be"}\n{"text": "   "}\n\xff\n')
     (tmp_path / "r.yaml").write_text("task: causal-lm\nmodel: {name: tiny-llama}\ndata: {path: lm.jsonl}\n")
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "lm.jsonl line 3: not valid UTF-8")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "lm.jsonl line 3: not valid UTF-8")
     (tmp_path / "lm.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "has no usable rows")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "has no usable rows")
 
 
 def test_empty_parquet_is_refused(tmp_path):
@@ -228,9 +230,9 @@ def test_empty_parquet_is_refused(tmp_path):
         pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.string())}), tmp_path / "d.parquet"
     )
     (tmp_path / "r.yaml").write_text(BASE.replace("toy.csv", "d.parquet"))
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "has no rows")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "has no rows")
     pq.write_table(pa.table({"text": ["a", "b"], "label": ["x", "x"]}), tmp_path / "d.parquet")
-    _refused(keel("validate", "r.yaml", cwd=tmp_path), "single label ('x')")
+    assert _refused(keel("validate", "r.yaml", cwd=tmp_path), "single label ('x')")
 
 
 SFT = "task: causal-lm\nmodel: {name: tiny-llama}\ndata: {path: chats.jsonl}\nsft: {method: full}\n"
@@ -243,15 +245,17 @@ def test_chat_and_preference_jsonl_are_read_at_validate(tmp_path):
     lines[3] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
     (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "sft.yaml").write_text(SFT)
-    _refused(keel("validate", "sft.yaml", cwd=tmp_path), "chats.jsonl line 4: messages must end with an assistant")
+    assert _refused(
+        keel("validate", "sft.yaml", cwd=tmp_path), "chats.jsonl line 4: messages must end with an assistant"
+    )
     pair = {"prompt": "p", "chosen": "c", "rejected": "r"}
     lines = [json.dumps(pair)] * 6
     lines[4] = "{not json"
     (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "align.yaml").write_text(ALIGN)
-    _refused(keel("validate", "align.yaml", cwd=tmp_path), "prefs.jsonl line 5: not JSON")
+    assert _refused(keel("validate", "align.yaml", cwd=tmp_path), "prefs.jsonl line 5: not JSON")
     (tmp_path / "prefs.jsonl").write_bytes(b'{"prompt": "p", "chosen": "\xe9", "rejected": "r"}\n')
-    _refused(keel("validate", "align.yaml", cwd=tmp_path), "prefs.jsonl line 1: not valid UTF-8")
+    assert _refused(keel("validate", "align.yaml", cwd=tmp_path), "prefs.jsonl line 1: not valid UTF-8")
 
 
 def test_validate_of_a_data_file_imports_no_torch(work):
