@@ -3,7 +3,7 @@
 The report reads only files in the run directory, so it can be rebuilt at any time
 (`keel report RUN_DIR`). Each section is a function ``(run_dir, ctx) -> html | None``, listed in SECTIONS in
 page order; sections of later stages live next to their stage (keel/report/trust.py, generative.py,
-keel/federated/report.py) and share the helpers of keel/report/parts.py.
+keel/report/federated.py) and share the helpers of keel/report/parts.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 
 from keel.compress.budget import versus_teacher
-from keel.federated.report import section_federated  # federated runs: rounds and privacy
 from keel.io import atomic_write_text, writes_run
 from keel.report import trust as _trust  # data, fairness, explanations, privacy, environment
+from keel.report.federated import section_federated  # federated runs: rounds and privacy
 from keel.report.generative import section_align, section_samples, section_sft
 from keel.report.parts import fmt as _fmt
 from keel.report.parts import num as _num

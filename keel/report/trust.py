@@ -325,7 +325,7 @@ def section_explain(run_dir: Path, ctx: dict) -> str | None:
 
 def section_privacy(run_dir: Path, ctx: dict) -> str | None:
     p = (ctx["run"].get("train") or {}).get("privacy") or (read_json(run_dir / "train.json") or {}).get("privacy")
-    if not p or "mode" in p:  # a federated run's client-level DP is in its own section (keel/federated/report.py)
+    if not p or "mode" in p:  # a federated run's client-level DP is in its own section (keel/report/federated.py)
         return None
     from keel.trust.card import privacy_lines
 
