@@ -40,6 +40,10 @@ def check_recipe(r: Recipe) -> None:
         from keel.data.load import check_data_config
 
         check_data_config(r.data, r.task, content=True)  # the rows too: empty, one label, bad bytes, bad lines
+    if r.data.augment is not None or r.data.weak is not None:  # classification only; the LF file compiles
+        from keel.data.weak import check_enrichment
+
+        check_enrichment(r)
     if r.audit is not None and r.task == "classification":  # lexicon categories, the group column, baseline_run
         from keel.trust.lexicon import check_audit_recipe
 

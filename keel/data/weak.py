@@ -263,3 +263,23 @@ def _log_summary(summary: dict) -> None:
     for name, s in (summary.get("versus_gold") or {}).items():
         if s["accuracy"] is not None:
             logger.info(f"data.weak: {name}: accuracy {s['accuracy']:.3f} on the {s['n']} gold-labelled texts it covers")
+
+
+def check_enrichment(recipe) -> None:
+    """`keel validate`'s checks of data.augment and data.weak: classification only; the labelling-function file
+    compiles (it is not run); the unlabelled file is there; a paraphrase model resolves."""
+    from keel.errors import RecipeError
+
+    d = recipe.data
+    if recipe.task != "classification":
+        which = "data.augment" if d.augment is not None else "data.weak"
+        raise RecipeError(f"{which} applies to classification recipes; remove it for task {recipe.task}")
+    if d.augment is not None and "paraphrase" in d.augment.ops:
+        from keel.models.registry import resolve_model
+
+        resolve_model(d.augment.paraphrase_model, field="data.augment.paraphrase_model")
+    if d.weak is None:
+        return
+    check_functions(d.weak.functions)
+    if d.weak.unlabeled is not None and not Path(d.weak.unlabeled).expanduser().is_file():
+        raise DataError(f"data.weak.unlabeled: file '{d.weak.unlabeled}' not found; check the path (relative to the recipe)")

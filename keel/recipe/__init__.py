@@ -178,6 +178,8 @@ def resolve_recipe_path(spec: str | Path) -> Path:
 # recipe.yaml stands alone.
 PATH_FIELDS = (
     "data.path",
+    "data.weak.unlabeled",
+    "data.weak.functions",
     "output.dir",
     "audit.fairness.baseline_run",
     "federated.server.root_certificate",
@@ -186,6 +188,7 @@ PATH_FIELDS = (
 )
 # A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
 MODEL_FIELDS = ("model.name", "compress.distill.student")
+NAME_OR_PY = ("data.weak.functions",)  # a built-in name, or a .py file (made absolute only then)
 
 
 def resolve_paths(raw: dict, base: Path) -> None:
@@ -197,6 +200,8 @@ def resolve_paths(raw: dict, base: Path) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         value = node.get(leaf) if isinstance(node, dict) else None
         if not isinstance(value, str) or not value.strip():
+            continue
+        if dotted in NAME_OR_PY and not value.endswith(".py"):
             continue
         path = Path(value).expanduser()
         if not path.is_absolute():

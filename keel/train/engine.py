@@ -142,6 +142,14 @@ def load_data_and_model(recipe: Recipe, build_model=None, run_dir: Path | None =
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare_data(recipe, tokenizer, run_dir, freeze=run_dir is not None)  # frozen in run_dir/splits
     train_ds = data.splits["train"]
+    if recipe.data.weak is not None:  # labels from labelling functions (keel/data/weak.py), before any copies
+        from keel.data.weak import weak_train
+
+        train_ds = weak_train(train_ds, tokenizer, recipe, data, run_dir)
+    if recipe.data.augment is not None:  # augmented copies of the training split only (keel/data/augment.py)
+        from keel.data.augment import augment_train
+
+        train_ds = augment_train(train_ds, tokenizer, recipe, run_dir)
     if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
         from keel.trust.cda import augment  # training-time fairness mitigation
 
