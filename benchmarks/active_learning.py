@@ -49,12 +49,17 @@ def main() -> None:
     curves = {}
     for strategy in STRATEGIES:
         runs = [
-            learning_curve(x_pool, y_pool, x_test, y_test, strategy, len(LABELS), args.start, args.batch, args.budget, s)
+            learning_curve(
+                x_pool, y_pool, x_test, y_test, strategy, len(LABELS), args.start, args.batch, args.budget, s
+            )
             for s in range(args.seeds)
         ]
         curves[strategy] = [
-            {"labels": pts[0]["labels"], "accuracy": round(float(np.mean([p["accuracy"] for p in pts])), 4),
-             "std": round(float(np.std([p["accuracy"] for p in pts])), 4)}
+            {
+                "labels": pts[0]["labels"],
+                "accuracy": round(float(np.mean([p["accuracy"] for p in pts])), 4),
+                "std": round(float(np.std([p["accuracy"] for p in pts])), 4),
+            }
             for pts in zip(*runs)
         ]
     target = curves["random"][-1]["accuracy"]
@@ -76,7 +81,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "active-learning-cpu.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"{'strategy':18} " + " ".join(f"{p['labels']:>6}" for p in curves["random"][::4]) + "   labels to match random")
+    print(
+        f"{'strategy':18} " + " ".join(f"{p['labels']:>6}" for p in curves["random"][::4]) + "   labels to match random"
+    )
     for s, c in curves.items():
         print(f"{s:18} " + " ".join(f"{p['accuracy']:6.3f}" for p in c[::4]) + f"   {to_match.get(s, '-')}")
     print(f"whole pool labelled ({args.pool}): {full:.3f}; wrote {out}")

@@ -64,25 +64,37 @@ def main() -> None:
             x = np.concatenate([x_train[pick], x_copy[mine]])
             yy = np.concatenate([y_train[pick], y_train[src[mine]]])
             aug.append(Probe(len(LABELS), seed).fit(x, yy).accuracy(x_test, y_test))
-        rows.append({
-            "fraction": frac, "train_texts": n,
-            "without": round(float(np.mean(base)), 4), "without_std": round(float(np.std(base)), 4),
-            "with": round(float(np.mean(aug)), 4), "with_std": round(float(np.std(aug)), 4),
-            "gain_points": round(100 * (float(np.mean(aug)) - float(np.mean(base))), 2),
-        })
+        rows.append(
+            {
+                "fraction": frac,
+                "train_texts": n,
+                "without": round(float(np.mean(base)), 4),
+                "without_std": round(float(np.std(base)), 4),
+                "with": round(float(np.mean(aug)), 4),
+                "with_std": round(float(np.std(aug)), 4),
+                "gain_points": round(100 * (float(np.mean(aug)) - float(np.mean(base))), 2),
+            }
+        )
     doc = {
         "data": "tweets-sentiment",
         "model": "logistic regression on frozen MiniLM embeddings",
         "test_texts": len(test),
-        "ops": args.ops, "copies": args.copies, "alpha": args.alpha, "copies_made": counts,
-        "seeds": args.seeds, "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
+        "ops": args.ops,
+        "copies": args.copies,
+        "alpha": args.alpha,
+        "copies_made": counts,
+        "seeds": args.seeds,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "augment-cpu.json"
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{'train share':>11} {'texts':>6} {'without':>8} {'with':>8} {'gain':>7}")
     for r in rows:
-        print(f"{r['fraction']:>11.0%} {r['train_texts']:>6} {r['without']:>8.4f} {r['with']:>8.4f} {r['gain_points']:>+6.2f}p")
+        print(
+            f"{r['fraction']:>11.0%} {r['train_texts']:>6} {r['without']:>8.4f} {r['with']:>8.4f} {r['gain_points']:>+6.2f}p"
+        )
     print(f"wrote {out} ({doc['seconds']} s)")
 
 

@@ -8,7 +8,7 @@ import pytest
 from keel.data import weak
 from keel.errors import DataError
 
-LFS = '''
+LFS = """
 def lf_good(text):
     return "pos" if "good" in text else None
 
@@ -17,7 +17,7 @@ def lf_bad(text):
 
 def helper(text):  # not an lf_: not a labelling function
     return "neg"
-'''
+"""
 
 
 def test_functions_are_the_lf_names_in_file_order_and_keel_says_it_imports_them(tmp_path, caplog):
@@ -95,8 +95,11 @@ def test_the_builtin_tweet_functions_beat_chance_against_the_real_labels():
     frame = spec.read(spec.paths()).dropna(subset=["text", "sentiment"]).sample(2000, random_state=0)
     labels = ["negative", "neutral", "positive"]
     gold = np.array([labels.index(v) for v in frame["sentiment"]])
-    cfg = type("Cfg", (), {"functions": "tweets-sentiment", "epochs": 200, "seed": 0, "label_model": "snorkel",
-                           "min_confidence": 0.0})
+    cfg = type(
+        "Cfg",
+        (),
+        {"functions": "tweets-sentiment", "epochs": 200, "seed": 0, "label_model": "snorkel", "min_confidence": 0.0},
+    )
     chosen, summary = weak.weak_labels(frame["text"].astype(str).tolist(), labels, cfg, gold)
     majority_class = np.bincount(gold).max() / len(gold)
     assert len(summary["functions"]) >= 5 and all(f["accuracy"] > 1 / 3 for f in summary["functions"])

@@ -1,12 +1,18 @@
-"""keel label: a session over a pool (strategies, append-only store, retraining), its terminal loop and web page."""
+"""keel label: a session over a pool (strategies, append-only store, retraining), its terminal loop and web page,
+the page also in headless Chromium driven over the DevTools protocol (a small websocket client; Playwright is not
+a keel dependency), skipped when Chromium is not installed."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import re
+import shutil
+import subprocess
 import threading
+import time
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -178,3 +184,99 @@ def test_a_label_needs_the_session_token_and_a_loopback_host(server):
     assert len(_lines(s.store)) == 1
     bad = urllib.parse.urlencode({"row": s.current(), "token": token, "label": "maybe"})
     assert _request(srv, "POST", "/label", bad)[0] == 400
+
+
+# -- in a real browser ---------------------------------------------------------------------------------------
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class DevTools:
+    """Just enough of the Chrome DevTools protocol: send a command, wait for its answer."""
+
+    def __init__(self, ws_url: str):
+        from websockets.sync.client import connect
+
+        self.ws, self.next_id = connect(ws_url, max_size=None, open_timeout=30), 0
+
+    def call(self, method: str, **params):
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise AssertionError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def js(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait(self, expression: str, timeout: float = 60):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_a_person_labels_in_headless_chromium(trained, pool, tmp_path):
+    from keel.label.web import make_server
+
+    _, run_dir = trained
+    s = _session(run_dir, pool, strategy="random", batch_size=2, rounds=1)
+    s.batch = [3, 0]  # the hostile text first
+    srv = make_server(s)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    profile = tmp_path / "profile"
+    browser = subprocess.Popen(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-sync",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        port_file = profile / "DevToolsActivePort"
+        end = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()) and time.monotonic() < end:
+            time.sleep(0.2)
+        devtools_port = int(port_file.read_text().split()[0])
+        pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/list", timeout=30))
+        tab = DevTools(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"])
+        tab.call("Page.navigate", url=f"http://127.0.0.1:{srv.server_address[1]}/")
+        shown = tab.wait("document.readyState === 'complete' && document.getElementById('text')?.textContent")
+        assert shown == EVIL  # the hostile text is shown as text ...
+        assert tab.js("document.querySelectorAll('script, img, iframe').length") == 0  # ... and made no element
+        assert tab.js("[...document.querySelectorAll('button.label')].map(b => b.value).join(',')") == ",".join(
+            s.labels
+        )
+        tab.js("document.querySelector(\"button[value='pos']\").click()")
+        tab.wait(
+            f"document.getElementById('text') && document.getElementById('text').textContent !== {json.dumps(EVIL)}"
+        )
+        assert [(e["row"], e["label"]) for e in _lines(s.store)] == [(3, "pos")]
+        tab.js("document.querySelector(\"button[value='neg']\").click()")
+        assert tab.wait("document.getElementById('done')?.textContent").startswith("Done")
+        assert [(e["row"], e["label"]) for e in _lines(s.store)] == [(3, "pos"), (0, "neg")]
+        assert srv.finished.is_set()
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+        srv.shutdown()
+        srv.server_close()

@@ -136,7 +136,9 @@ def identity_swap(text: str, categories: list[str]) -> str | None:
     return swap.text if swap.n else None
 
 
-def augment_texts(texts: list[str], cfg, categories: list[str] | None = None) -> tuple[list[tuple[int, str, str]], dict]:
+def augment_texts(
+    texts: list[str], cfg, categories: list[str] | None = None
+) -> tuple[list[tuple[int, str, str]], dict]:
     """The copies for ``cfg`` (a recipe's data.augment) as (source index, new text, operation), and counts per operation.
 
     Each copy takes one operation picked at random among ``cfg.ops`` (EDA's scheme); the identity swap is the

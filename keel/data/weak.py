@@ -118,7 +118,10 @@ def analyse(L, fns: list, gold=None) -> list[dict]:
     with warnings.catch_warnings():  # scipy's FutureWarning about its own diags() call inside Snorkel
         warnings.simplefilter("ignore", FutureWarning)
         stats = zip(fns, a.lf_coverages(), a.lf_overlaps(), a.lf_conflicts())
-        rows = [{"name": fn.__name__, "coverage": float(c), "overlaps": float(o), "conflicts": float(k)} for fn, c, o, k in stats]
+        rows = [
+            {"name": fn.__name__, "coverage": float(c), "overlaps": float(o), "conflicts": float(k)}
+            for fn, c, o, k in stats
+        ]
     if gold is not None:
         has = gold != ABSTAIN
         for j, row in enumerate(rows):
@@ -175,7 +178,10 @@ def weak_labels(texts: list[str], labels: list[str], cfg, gold=None) -> tuple[ob
         "labels": labels,
     }
     if gold is not None and (gold != ABSTAIN).any():
-        summary["versus_gold"] = {"majority vote": score(out["majority"], gold), "label model": score(out["label_model"], gold)}
+        summary["versus_gold"] = {
+            "majority vote": score(out["majority"], gold),
+            "label model": score(out["label_model"], gold),
+        }
     return chosen, summary
 
 
@@ -262,7 +268,9 @@ def _log_summary(summary: dict) -> None:
     )
     for name, s in (summary.get("versus_gold") or {}).items():
         if s["accuracy"] is not None:
-            logger.info(f"data.weak: {name}: accuracy {s['accuracy']:.3f} on the {s['n']} gold-labelled texts it covers")
+            logger.info(
+                f"data.weak: {name}: accuracy {s['accuracy']:.3f} on the {s['n']} gold-labelled texts it covers"
+            )
 
 
 def check_enrichment(recipe) -> None:
@@ -282,4 +290,6 @@ def check_enrichment(recipe) -> None:
         return
     check_functions(d.weak.functions)
     if d.weak.unlabeled is not None and not Path(d.weak.unlabeled).expanduser().is_file():
-        raise DataError(f"data.weak.unlabeled: file '{d.weak.unlabeled}' not found; check the path (relative to the recipe)")
+        raise DataError(
+            f"data.weak.unlabeled: file '{d.weak.unlabeled}' not found; check the path (relative to the recipe)"
+        )

@@ -118,8 +118,16 @@ class Session:
         if label is None:
             self.skipped.add(row)
         else:
-            self._append({"row": row, "text": self.texts[row], "label": label, "round": self.round + 1,
-                          "strategy": self.strategy, "time": time.time()})
+            self._append(
+                {
+                    "row": row,
+                    "text": self.texts[row],
+                    "label": label,
+                    "round": self.round + 1,
+                    "strategy": self.strategy,
+                    "time": time.time(),
+                }
+            )
             self.answers[row] = label
         if row in self.batch:
             self.batch.remove(row)
@@ -143,7 +151,11 @@ class Session:
 
     def _pick(self) -> list[int]:
         open_rows = np.array(
-            [i for i in range(len(self.texts)) if i not in self.answers and i not in self.skipped and self.texts[i].strip()]
+            [
+                i
+                for i in range(len(self.texts))
+                if i not in self.answers and i not in self.skipped and self.texts[i].strip()
+            ]
         )
         if not len(open_rows):
             return []
@@ -157,8 +169,13 @@ class Session:
         self.probe.fit(x, y)
         self.probs = self.probe.predict_proba(self.x_pool)  # (N, K)
         acc = self.probe.accuracy(self.x_val, self.y_val)
-        entry = {"session": self.started, "round": self.round, "labels": len(rows), "validation_accuracy": acc,
-                 "strategy": self.strategy}
+        entry = {
+            "session": self.started,
+            "round": self.round,
+            "labels": len(rows),
+            "validation_accuracy": acc,
+            "strategy": self.strategy,
+        }
         self._append(entry, self.rounds_file)
         if acc is not None:
             logger.info(f"label: round {self.round}: {len(rows)} labels; probe validation accuracy {acc:.3f}")

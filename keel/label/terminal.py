@@ -34,8 +34,10 @@ def run_terminal(session: Session, ask: Callable[[str], str] = input, write=None
     given = 0
     while (row := session.current()) is not None:
         left = len(session.batch)
-        write(f"\nround {session.round + 1}/{session.rounds} - {left} left in this batch - pool row {row} "
-              f"(model guesses {session.prediction(row)}, uncertainty {session.score(row):.3f})")
+        write(
+            f"\nround {session.round + 1}/{session.rounds} - {left} left in this batch - pool row {row} "
+            f"(model guesses {session.prediction(row)}, uncertainty {session.score(row):.3f})"
+        )
         write(session.texts[row].replace("\r", " "))
         write(_choices(session.labels))
         while True:

@@ -41,13 +41,16 @@ def page(session: Session, token: str) -> str:
         f"<p class=sub>{len(session.answers)} labels stored in {_esc(session.store.name)}</p>"
     )
     if row is None:
-        return head + "<p id=done>Done: every round is labelled (or the pool is empty). You can close this tab.</p></body></html>"
+        return (
+            head
+            + "<p id=done>Done: every round is labelled (or the pool is empty). You can close this tab.</p></body></html>"
+        )
     buttons = "".join(
-        f"<button class=label type=submit name=label value='{_esc(name)}'>{_esc(name)}</button>" for name in session.labels
+        f"<button class=label type=submit name=label value='{_esc(name)}'>{_esc(name)}</button>"
+        for name in session.labels
     )
     return (
-        head
-        + f"<p class=sub>round {session.round + 1} of {session.rounds}, {len(session.batch)} left in this batch; "
+        head + f"<p class=sub>round {session.round + 1} of {session.rounds}, {len(session.batch)} left in this batch; "
         f"pool row {row}; the model guesses {_esc(session.prediction(row))} (uncertainty {session.score(row):.3f})</p>"
         f"<p class=text id=text>{_esc(session.texts[row])}</p>"
         f"<form method=post action=/label><input type=hidden name=row value={row}>"
@@ -89,6 +92,8 @@ def make_server(session: Session, port: int = 0) -> ThreadingHTTPServer:
         def do_GET(self) -> None:
             if not self._local():
                 return self._send(403, "<p>forbidden: open the page at the 127.0.0.1 address keel printed</p>")
+            if self.path == "/favicon.ico":  # browsers ask; no icon, and no error in their console
+                return self._send(204)
             if self.path != "/":
                 return self._send(404, "<p>not found</p>")
             with lock:

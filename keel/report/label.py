@@ -113,8 +113,13 @@ def section_label(run_dir: Path, ctx: dict) -> str | None:
     if sim:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         for strategy, curve in sim["curves"].items():
-            ax.plot([p["labels"] for p in curve], [p["accuracy"] for p in curve], "o-" if strategy != "random" else "k--",
-                    ms=3, label=strategy)
+            ax.plot(
+                [p["labels"] for p in curve],
+                [p["accuracy"] for p in curve],
+                "o-" if strategy != "random" else "k--",
+                ms=3,
+                label=strategy,
+            )
         ax.set_xlabel("labels")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"simulated oracle on {sim.get('data', 'the pool')} (mean of {sim.get('seeds', 1)} seeds)")
@@ -125,6 +130,9 @@ def section_label(run_dir: Path, ctx: dict) -> str | None:
         )
         out.append(png(fig))
         if sim.get("labels_to_match_random"):
-            rows = [[html.escape(s), "not reached" if n is None else f"{n:,}"] for s, n in sim["labels_to_match_random"].items()]
+            rows = [
+                [html.escape(s), "not reached" if n is None else f"{n:,}"]
+                for s, n in sim["labels_to_match_random"].items()
+            ]
             out.append(_table(["strategy", "labels to reach random's final accuracy"], rows))
     return "".join(out)
