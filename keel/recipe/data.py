@@ -66,7 +66,7 @@ class DataConfig(Strict):
     max_train_samples: int | None = Field(None, ge=1, description="cap on the training split")
     max_eval_samples: int | None = Field(None, ge=1, description="cap on the validation and test splits each")
     dedup: bool = Field(True, description="drop repeated texts before splitting, so no text is in two splits")
-    augment: AugmentConfig | None = Field(None, description="augmented copies of the training split (keel/data/augment.py)")
+    augment: AugmentConfig | None = Field(None, description="copies of the training texts (keel/data/augment.py)")
     weak: WeakConfig | None = Field(None, description="labels from labelling functions (keel/data/weak.py)")
 
     @model_validator(mode="after")
