@@ -106,3 +106,16 @@ def test_the_builtin_tweet_functions_beat_chance_against_the_real_labels():
     for name in ("majority vote", "label model"):
         assert summary["versus_gold"][name]["accuracy"] > majority_class
     assert summary["kept"] == int((chosen != -1).sum()) > 0.4 * len(gold)
+
+
+def test_fewer_than_three_functions_need_majority_vote(tmp_path):
+    f = tmp_path / "lfs.py"
+    f.write_text(LFS)  # two functions
+    cfg = type(
+        "Cfg", (), {"functions": str(f), "epochs": 10, "seed": 0, "label_model": "snorkel", "min_confidence": 0.0}
+    )
+    with pytest.raises(DataError, match="needs at least 3 labelling functions; lfs.py has 2.*label_model=majority"):
+        weak.weak_labels(["good", "bad"], ["neg", "pos"], cfg)
+    cfg.label_model = "majority"
+    chosen, summary = weak.weak_labels(["good", "bad", "meh"], ["neg", "pos"], cfg, np.array([1, 0, 0]))
+    assert chosen.tolist() == [1, 0, -1] and list(summary["versus_gold"]) == ["majority vote"]

@@ -131,18 +131,20 @@ def analyse(L, fns: list, gold=None) -> list[dict]:
     return rows
 
 
-def combine(L, n_labels: int, epochs: int, seed: int) -> dict:
-    """Probabilities (N, K) from Snorkel's LabelModel and hard labels from it and from majority vote (-1: no vote)."""
+def combine(L, n_labels: int, epochs: int, seed: int, label_model: bool = True) -> dict:
+    """Hard labels (-1: none) by majority vote and, with ``label_model``, by Snorkel's LabelModel, whose
+    probabilities (N, K) come with them."""
     import numpy as np
     from snorkel.labeling.model import LabelModel, MajorityLabelVoter
 
+    majority = MajorityLabelVoter(cardinality=n_labels).predict(L, tie_break_policy="abstain")
+    if not label_model:
+        return {"probs": None, "label_model": None, "majority": majority}
     model = LabelModel(cardinality=n_labels, verbose=False)
     model.fit(L, n_epochs=epochs, seed=seed, log_freq=max(1, epochs), progress_bar=False)
     probs = model.predict_proba(L)  # (N, K)
     covered = (L != ABSTAIN).any(axis=1)
-    label_model = np.where(covered, probs.argmax(axis=1), ABSTAIN)
-    majority = MajorityLabelVoter(cardinality=n_labels).predict(L, tie_break_policy="abstain")
-    return {"probs": probs, "label_model": label_model, "majority": majority}
+    return {"probs": probs, "label_model": np.where(covered, probs.argmax(axis=1), ABSTAIN), "majority": majority}
 
 
 def score(pred, gold) -> dict:
@@ -161,8 +163,14 @@ def weak_labels(texts: list[str], labels: list[str], cfg, gold=None) -> tuple[ob
     import numpy as np
 
     fns = load_functions(cfg.functions)
+    fit = len(fns) >= 3  # Snorkel's LabelModel cannot be fitted on fewer functions
+    if not fit and cfg.label_model == "snorkel":
+        raise DataError(
+            f"data.weak: the label model needs at least 3 labelling functions; {functions_file(cfg.functions).name} "
+            f"has {len(fns)}: add more, or combine them by majority vote alone (data.weak.label_model=majority)"
+        )
     L = apply_functions(fns, texts, labels)
-    out = combine(L, len(labels), cfg.epochs, cfg.seed)
+    out = combine(L, len(labels), cfg.epochs, cfg.seed, label_model=fit)
     chosen = out["label_model"] if cfg.label_model == "snorkel" else out["majority"]
     if cfg.min_confidence > 0 and cfg.label_model == "snorkel":
         chosen = np.where(out["probs"].max(axis=1) >= cfg.min_confidence, chosen, ABSTAIN)
@@ -170,7 +178,7 @@ def weak_labels(texts: list[str], labels: list[str], cfg, gold=None) -> tuple[ob
 
     summary = {
         "functions_file": str(functions_file(cfg.functions)),
-        "label_model": f"snorkel LabelModel {snorkel.__version__}",
+        "label_model": f"snorkel LabelModel {snorkel.__version__}" if fit else "none (fewer than 3 functions)",
         "trained_on": "label model" if cfg.label_model == "snorkel" else "majority vote",
         "texts": len(texts),
         "kept": int((chosen != ABSTAIN).sum()),
@@ -178,10 +186,9 @@ def weak_labels(texts: list[str], labels: list[str], cfg, gold=None) -> tuple[ob
         "labels": labels,
     }
     if gold is not None and (gold != ABSTAIN).any():
-        summary["versus_gold"] = {
-            "majority vote": score(out["majority"], gold),
-            "label model": score(out["label_model"], gold),
-        }
+        summary["versus_gold"] = {"majority vote": score(out["majority"], gold)}
+        if out["label_model"] is not None:
+            summary["versus_gold"]["label model"] = score(out["label_model"], gold)
     return chosen, summary
 
 
