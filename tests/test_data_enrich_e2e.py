@@ -19,6 +19,9 @@ def lf_good(text):
 
 def lf_bad(text):
     return "neg" if any(w in text for w in ("awful", "terrible", "horrible", "sad", "broken")) else None
+
+def lf_sad(text):
+    return "neg" if "sad" in text else None
 """
 
 
@@ -93,3 +96,5 @@ def test_a_labelling_function_file_with_a_syntax_error_is_one_line_at_validate(t
     _one_line_error(keel("run", str(recipe), cwd=tmp_path), "lfs.py line 1: syntax error")
     assert not (tmp_path / "runs").exists()  # refused before a run directory exists
     _one_line_error(keel("validate", str(recipe), "data.augment.alpha=0.9", cwd=tmp_path), "alpha")
+    (tmp_path / "lfs.py").write_text(LFS.split("def lf_bad")[0])  # one function: no label model (and nothing ran)
+    _one_line_error(keel("validate", str(recipe), cwd=tmp_path), "needs at least 3 labelling functions; lfs.py has 1")

@@ -14,6 +14,7 @@ chosen model's probabilities) of the texts at least one function voted on, as in
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import logging
 import sys
@@ -41,25 +42,33 @@ def functions_file(ref: str) -> Path:
     return path
 
 
-def check_functions(ref: str) -> Path:
-    """Compile the file without running it: a syntax error is one line naming the file, line and problem."""
+def check_functions(ref: str) -> tuple[Path, int]:
+    """Parse the file without running it: (its path, how many lf_ functions it defines at top level); a syntax
+    error is one line naming the file, line and problem."""
     path = functions_file(ref)
     try:
         source = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"data.weak.functions: {path} is not UTF-8 text; re-save it as UTF-8") from None
     try:
-        compile(source, str(path), "exec")
+        tree = ast.parse(source, str(path))
     except SyntaxError as e:
         raise DataError(
             f"data.weak.functions: {path.name} line {e.lineno}: syntax error ({e.msg}); fix the labelling-function file"
         ) from None
-    return path
+    return path, sum(isinstance(n, ast.FunctionDef) and n.name.startswith("lf_") for n in tree.body)
+
+
+def _too_few(path: Path, n: int) -> str:
+    return (
+        f"data.weak: the label model needs at least 3 labelling functions; {path.name} has {n}: add more, or "
+        "combine them by majority vote alone (data.weak.label_model=majority)"
+    )
 
 
 def load_functions(ref: str) -> list:
     """Import the file (user code) and return its ``lf_*`` functions in the order they are defined."""
-    path = check_functions(ref)
+    path, _ = check_functions(ref)
     logger.info(f"data.weak: importing labelling functions from {path} (user code; it runs with your permissions)")
     name = f"keel_user_lfs_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -165,10 +174,7 @@ def weak_labels(texts: list[str], labels: list[str], cfg, gold=None) -> tuple[ob
     fns = load_functions(cfg.functions)
     fit = len(fns) >= 3  # Snorkel's LabelModel cannot be fitted on fewer functions
     if not fit and cfg.label_model == "snorkel":
-        raise DataError(
-            f"data.weak: the label model needs at least 3 labelling functions; {functions_file(cfg.functions).name} "
-            f"has {len(fns)}: add more, or combine them by majority vote alone (data.weak.label_model=majority)"
-        )
+        raise DataError(_too_few(functions_file(cfg.functions), len(fns)))
     L = apply_functions(fns, texts, labels)
     out = combine(L, len(labels), cfg.epochs, cfg.seed, label_model=fit)
     chosen = out["label_model"] if cfg.label_model == "snorkel" else out["majority"]
@@ -295,7 +301,9 @@ def check_enrichment(recipe) -> None:
         resolve_model(d.augment.paraphrase_model, field="data.augment.paraphrase_model")
     if d.weak is None:
         return
-    check_functions(d.weak.functions)
+    path, n = check_functions(d.weak.functions)
+    if n < 3 and d.weak.label_model == "snorkel":
+        raise DataError(_too_few(path, n))
     if d.weak.unlabeled is not None and not Path(d.weak.unlabeled).expanduser().is_file():
         raise DataError(
             f"data.weak.unlabeled: file '{d.weak.unlabeled}' not found; check the path (relative to the recipe)"
