@@ -119,3 +119,20 @@ def test_fewer_than_three_functions_need_majority_vote(tmp_path):
     cfg.label_model = "majority"
     chosen, summary = weak.weak_labels(["good", "bad", "meh"], ["neg", "pos"], cfg, np.array([1, 0, 0]))
     assert chosen.tolist() == [1, 0, -1] and list(summary["versus_gold"]) == ["majority vote"]
+
+
+def test_an_unlabelled_file_without_the_text_column_is_one_line_and_gold_is_read_where_present(tmp_path):
+    from types import SimpleNamespace
+
+    from keel.recipe import DataConfig
+
+    recipe = SimpleNamespace(data=DataConfig(path=str(tmp_path / "train.csv")), task="classification")
+    bad = tmp_path / "u.csv"
+    bad.write_text("body\nhello\n")
+    with pytest.raises(DataError) as e:
+        weak.read_unlabeled(str(bad), recipe, ["neg", "pos"])
+    assert "\n" not in str(e.value) and "has no column 'text' (columns: body)" in str(e.value)
+    good = tmp_path / "v.csv"
+    good.write_text("text,label\ngood day,pos\nbad day,\nmeh,maybe\n")
+    texts, gold = weak.read_unlabeled(str(good), recipe, ["neg", "pos"])
+    assert texts == ["good day", "bad day", "meh"] and gold.tolist() == [1, -1, -1]
