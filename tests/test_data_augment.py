@@ -89,3 +89,29 @@ def test_paraphrase_needs_asking_and_a_known_model():
         cfg(alpha=0.9)
     with pytest.raises(ValidationError, match="ops"):
         cfg(ops=["synonym", "shout"])
+
+
+def test_paraphrase_copies_come_from_the_causal_lm_only_when_listed(monkeypatch):
+    calls = []
+
+    def fake(texts, model, seed):  # the LM itself is exercised below on tiny-llama; here: what is asked of it
+        calls.append((list(texts), model))
+        return [t.upper() for t in texts]
+
+    import keel.data.paraphrase
+
+    monkeypatch.setattr(keel.data.paraphrase, "paraphrase", fake)
+    texts = ["a calm trip", "a long road", "the bus"]
+    copies, counts = aug.augment_texts(texts, cfg(ops=["synonym"], copies=1))
+    assert calls == [] and "paraphrase" not in counts
+    copies, counts = aug.augment_texts(texts, cfg(ops=["paraphrase"], max_paraphrases=2, paraphrase_model="tiny-llama"))
+    assert len(calls) == 1 and len(calls[0][0]) == 2 and calls[0][1] == "tiny-llama"
+    assert counts == {"paraphrase": 2} and all(t == texts[i].upper() for i, t, _ in copies)
+
+
+@pytest.mark.slow  # builds and runs a (tiny) causal LM
+def test_the_paraphraser_returns_one_line_per_text():
+    from keel.data.paraphrase import paraphrase
+
+    out = paraphrase(["the trip was great", "the bus was late"], "tiny-llama", seed=0, batch_size=2)
+    assert len(out) == 2 and all(isinstance(t, str) and "\n" not in t for t in out)
