@@ -115,3 +115,17 @@ def test_the_paraphraser_returns_one_line_per_text():
 
     out = paraphrase(["the trip was great", "the bus was late"], "tiny-llama", seed=0, batch_size=2)
     assert len(out) == 2 and all(isinstance(t, str) and "\n" not in t for t in out)
+
+
+def test_augment_and_weak_settings_reuse_the_tokenized_cache(tmp_path, tiny_recipe):
+    from transformers import AutoTokenizer
+
+    from keel.data.prepare import prepare_data
+    from keel.models.registry import model_dir
+    from keel.recipe import load_recipe
+
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    path = tiny_recipe()
+    first = prepare_data(load_recipe(path), tok)
+    again = prepare_data(load_recipe(path, ["data.augment.copies=2", "data.weak.functions=tweets-sentiment"]), tok)
+    assert again.cache_hit and again.meta["key"] == first.meta["key"]  # the copies are made after the cache
