@@ -46,7 +46,7 @@ class Coordinator:
     """The server's view of a run: the global model, evaluation, per-round records, checkpoints."""
 
     def __init__(self, s: Setup, run_dir: Path, resume: bool):
-        from keel.train.metrics import MetricLog
+        from keel.metrics import MetricLog
 
         self.s, self.run_dir, self.fed = s, run_dir, s.recipe.federated
         self.labels = s.data.labels

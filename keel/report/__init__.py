@@ -16,6 +16,7 @@ from pathlib import Path
 
 from keel.compress.budget import versus_teacher
 from keel.io import atomic_write_text, writes_run
+from keel.metrics import read_metrics
 from keel.report import trust as _trust  # data, fairness, explanations, privacy, environment
 from keel.report.federated import section_federated  # federated runs: rounds and privacy
 from keel.report.generative import section_align, section_samples, section_sft
@@ -24,7 +25,6 @@ from keel.report.parts import num as _num
 from keel.report.parts import png as _png
 from keel.report.parts import read_json as _json
 from keel.rundir import deployable_file
-from keel.train.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 
