@@ -125,8 +125,10 @@ def main(argv: list[str]) -> dict:
         r = result[who]
         print(f"{who:10} {r['flagged']:>8} {r['recall']:>8.3f} {r['precision']:>10.3f}")
     a = result["agreement"]
-    print(f"agreement: {a['both']} flagged by both, {a['only_keel']} only keel, {a['only_cleanlab']} only cleanlab "
-          f"(Jaccard {a['jaccard']:.3f}, same decision on {a['same_decision']:.2%} of rows)")
+    print(
+        f"agreement: {a['both']} flagged by both, {a['only_keel']} only keel, {a['only_cleanlab']} only cleanlab "
+        f"(Jaccard {a['jaccard']:.3f}, same decision on {a['same_decision']:.2%} of rows)"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "label-errors-vs-cleanlab.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

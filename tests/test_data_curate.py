@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from keel.data.curate import dedup as dd
-from keel.data.curate.config import CurateConfig, DedupConfig, LabelErrorsConfig, PiiConfig, QualityConfig
 from keel.data.curate.label_errors import confident_joint, find_label_issues, out_of_fold_probs
 from keel.data.curate.quality import failed_rules, quality_filter
 from keel.data.load import RawSplits
+from keel.recipe.curate import CurateConfig, DedupConfig, LabelErrorsConfig, PiiConfig, QualityConfig
 
 WORDS = [f"w{i}" for i in range(400)]
 
@@ -83,7 +83,15 @@ class _Q:
 
 
 def test_quality_rules_are_counted_per_rule():
-    texts = ["a fine sentence here", "", "one", "x" * 81 + " y", "$$$ %%% ### ok", "go go go go go go", "bad \ufffd\ufffd"]
+    texts = [
+        "a fine sentence here",
+        "",
+        "one",
+        "x" * 81 + " y",
+        "$$$ %%% ### ok",
+        "go go go go go go",
+        "bad \ufffd\ufffd",
+    ]
     drop, counts, why = quality_filter(texts, _Q)
     assert drop == [1, 2, 3, 4, 5, 6]
     assert counts == {"empty_or_garbled": 2, "too_short": 2, "too_long": 1, "symbols": 1, "repeated_ngrams": 1}
@@ -191,7 +199,9 @@ def test_label_errors_relabel_and_drop_on_tfidf():
     labels[0] = labels[1] = "b"  # planted flips
     raw = _raw(texts, labels, [])
     le = LabelErrorsConfig(features="tfidf", action="relabel", folds=3)
-    out, folder = curate_splits(raw, CurateConfig(pii=None, quality=None, dedup=None, label_errors=le), "classification")
+    out, folder = curate_splits(
+        raw, CurateConfig(pii=None, quality=None, dedup=None, label_errors=le), "classification"
+    )
     assert out.train["label"].tolist()[:2] == ["a", "a"] and out.train["label"].tolist()[2:] == labels[2:]
     le2 = LabelErrorsConfig(features="tfidf", action="drop", folds=3)
     out, _ = curate_splits(raw, CurateConfig(pii=None, quality=None, dedup=None, label_errors=le2), "classification")
@@ -206,3 +216,18 @@ def test_config_refuses_out_of_range_and_all_off():
     with pytest.raises(ValidationError, match="every step off"):
         CurateConfig(pii=None, quality=None, dedup=None)
     assert QualityConfig().min_words == 1
+
+
+def test_report_section_escapes_texts_from_the_data(tmp_path):
+    from keel.data.curate import curate_splits
+    from keel.data.splits import freeze
+    from keel.report.data import section_curation
+
+    evil = "<script>alert(1)</script> mail x@example.com"
+    raw = _raw(["hello there friend", "hello there friend", evil, "another good text"], ["a", "b", "a", "b"], [])
+    out, folder = curate_splits(raw, CurateConfig(), "classification")
+    freeze(tmp_path, out, folder)
+    page = section_curation(tmp_path, {})
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert "&lt;EMAIL&gt;" in page and "PERSON" in page and "exact duplicates" in page
+    assert section_curation(tmp_path / "nothing", {}) is None

@@ -28,7 +28,9 @@ def _e(v) -> str:
 
 def _table(head: list[str], rows: list[list]) -> str:
     return (
-        "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+        "<table><tr>"
+        + "".join(f"<th>{_e(h)}</th>" for h in head)
+        + "</tr>"
         + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in rows)
         + "</table>"
     )
@@ -42,14 +44,19 @@ def section_curation(run_dir: Path, ctx: dict) -> str | None:
     doc = read_json(Path(run_dir) / SPLITS / "curate.json")
     if not doc:
         return None
-    out = ["<h2>Data curation</h2>", "<p>Rows per split before and after each step of <code>data.curate</code> "
-           "(only the training split loses rows; validation and test are never cut).</p>"]
+    out = [
+        "<h2>Data curation</h2>",
+        "<p>Rows per split before and after each step of <code>data.curate</code> "
+        "(only the training split loses rows; validation and test are never cut).</p>",
+    ]
     rows = [["source split", *(_n(doc["before"][s]) for s in SPLIT_NAMES), ""]]
     for step in doc["steps"]:
         what = step.get("removed")
         detail = (
-            f"{_n(step['changed'])} rows changed" if "changed" in step
-            else f"{_n(step['found'])} found, {step['action']}" if "found" in step
+            f"{_n(step['changed'])} rows changed"
+            if "changed" in step
+            else f"{_n(step['found'])} found, {step['action']}"
+            if "found" in step
             else f"{_n(what)} removed"
         )
         rows.append([STEP_NAMES.get(step["step"], step["step"]), *(_n(step["after"][s]) for s in SPLIT_NAMES), detail])
@@ -65,7 +72,9 @@ def section_curation(run_dir: Path, ctx: dict) -> str | None:
             "does not have offline.</p>" + _table(["type", "replaced"], counts)
         )
         if pii["examples"]:
-            out.append("<p>Scrubbed examples:</p><ul>" + "".join(f"<li>{_e(t)}</li>" for t in pii["examples"]) + "</ul>")
+            out.append(
+                "<p>Scrubbed examples:</p><ul>" + "".join(f"<li>{_e(t)}</li>" for t in pii["examples"]) + "</ul>"
+            )
 
     quality = doc.get("quality")
     if quality:
@@ -74,33 +83,42 @@ def section_curation(run_dir: Path, ctx: dict) -> str | None:
             "text may fail several):</p>" + _table(["rule", "texts"], [[k, _n(v)] for k, v in quality["rules"].items()])
         )
         if quality["examples"]:
-            out.append(_table(["dropped text", "rules"], [[x["text"], ", ".join(x["rules"])] for x in quality["examples"]]))
+            out.append(
+                _table(["dropped text", "rules"], [[x["text"], ", ".join(x["rules"])] for x in quality["examples"]])
+            )
 
     dedup = doc.get("dedup")
     if dedup:
         found = ", ".join(f"{dedup[k]:,} {k}" for k in ("exact", "near", "contamination") if k in dedup)
         out.append(f"<h3>Duplicates</h3><p>Removed from training: {_e(found)}.</p>")
         if dedup["examples"]:
-            out.append(_table(
-                ["kind", "removed (training)", "duplicate of", "similarity"],
-                [[x["kind"], x["removed"], x["kept"], f"{x['similarity']:.3f}"] for x in dedup["examples"]],
-            ))
+            out.append(
+                _table(
+                    ["kind", "removed (training)", "duplicate of", "similarity"],
+                    [[x["kind"], x["removed"], x["kept"], f"{x['similarity']:.3f}"] for x in dedup["examples"]],
+                )
+            )
 
     errors = doc.get("label_errors")
     if errors:
         if "skipped" in errors:
             out.append(f"<h3>Label errors</h3><p>Not searched: {_e(errors['skipped'])}.</p>")
         else:
-            action = {"flag": "flagged only (training used the given labels)", "drop": "dropped from training",
-                      "relabel": "relabelled with the suggested label"}[errors["action"]]
+            action = {
+                "flag": "flagged only (training used the given labels)",
+                "drop": "dropped from training",
+                "relabel": "relabelled with the suggested label",
+            }[errors["action"]]
             out.append(
                 f"<h3>Label errors</h3><p>{_n(errors['found'])} suspected label errors, {_e(action)}: confident "
                 f"learning (Northcutt et al. 2021) on {errors['folds']}-fold out-of-fold probabilities of a logistic "
                 f"regression on {_e(errors['features'])} features.</p>"
             )
             if errors["examples"]:
-                out.append(_table(
-                    ["text", "given label", "suggested label", "probability of suggested"],
-                    [[x["text"], x["given"], x["suggested"], f"{x['confidence']:.3f}"] for x in errors["examples"]],
-                ))
+                out.append(
+                    _table(
+                        ["text", "given label", "suggested label", "probability of suggested"],
+                        [[x["text"], x["given"], x["suggested"], f"{x['confidence']:.3f}"] for x in errors["examples"]],
+                    )
+                )
     return "".join(out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 
-from keel.data.curate.config import PII_TYPES
+from keel.recipe.curate import PII_TYPES
 
 PLACEHOLDERS = {
     "EMAIL_ADDRESS": "<EMAIL>",

@@ -115,11 +115,16 @@ def _run(frames, labels: list[str], cfg, task: str):
                 totals[k] = totals.get(k, 0) + v
             changed_rows += len(changed)
             examples += [_shown(texts[i]) for i in changed[: EXAMPLES - len(examples)]]
-        report["pii"] = {"counts": totals, "rows_changed": changed_rows, "examples": examples,
-                         "not_scrubbed": list(NOT_SCRUBBED)}
+        report["pii"] = {
+            "counts": totals,
+            "rows_changed": changed_rows,
+            "examples": examples,
+            "not_scrubbed": list(NOT_SCRUBBED),
+        }
         step("pii", before, changed=changed_rows)
-        notes.append(f"data.curate.pii: {sum(totals.values())} PII values replaced by typed placeholders "
-                     f"in {changed_rows} rows")
+        notes.append(
+            f"data.curate.pii: {sum(totals.values())} PII values replaced by typed placeholders in {changed_rows} rows"
+        )
 
     if cfg.quality is not None:
         from keel.data.curate.quality import quality_filter
@@ -146,9 +151,20 @@ def _run(frames, labels: list[str], cfg, task: str):
         def apply(name: str, found: dd.Duplicates, against: list[str]) -> None:
             texts = frames["train"]["text"].tolist()
             before = _counts(frames)
-            for i in found.drop[: max(0, EXAMPLES - sum(1 for e in shown if e["kind"] == name))]:
-                shown.append({"kind": name, "removed": _shown(texts[i]), "kept": _shown(against[found.of[i]]),
-                              "similarity": round(found.similarity[i], 3)})
+            seen = set()
+            for i in found.drop:  # a few examples per kind, each text once
+                if len(seen) == EXAMPLES:
+                    break
+                if texts[i] not in seen:
+                    seen.add(texts[i])
+                    shown.append(
+                        {
+                            "kind": name,
+                            "removed": _shown(texts[i]),
+                            "kept": _shown(against[found.of[i]]),
+                            "similarity": round(found.similarity[i], 3),
+                        }
+                    )
             report["dedup"][name] = len(found.drop)
             _drop_train(frames, found.drop)
             step(name, before, removed=len(found.drop))
@@ -161,7 +177,9 @@ def _run(frames, labels: list[str], cfg, task: str):
             apply("near", dd.near_duplicates(texts, d.threshold, d.shingle, d.num_perm, d.seed), texts)
         if d.contamination:
             others = frames["validation"]["text"].tolist() + frames["test"]["text"].tolist()
-            found = dd.contaminated(frames["train"]["text"].tolist(), others, d.threshold, d.shingle, d.num_perm, d.seed)
+            found = dd.contaminated(
+                frames["train"]["text"].tolist(), others, d.threshold, d.shingle, d.num_perm, d.seed
+            )
             apply("contamination", found, others)
         removed = sum(report["dedup"].get(k, 0) for k in ("exact", "near", "contamination"))
         notes.append(f"data.curate.dedup: dropped {removed} duplicate or contaminating training rows")
@@ -169,8 +187,10 @@ def _run(frames, labels: list[str], cfg, task: str):
     probs = None
     if cfg.label_errors is not None and task == "classification":
         probs = _label_errors(frames, labels, cfg.label_errors, report, step)
-        notes.append(f"data.curate.label_errors: {report['label_errors']['found']} suspected label errors "
-                     f"({cfg.label_errors.action})")
+        notes.append(
+            f"data.curate.label_errors: {report['label_errors']['found']} suspected label errors "
+            f"({cfg.label_errors.action})"
+        )
 
     if len(frames["train"]) == 0:
         from keel.errors import DataError
@@ -203,8 +223,12 @@ def _label_errors(frames, labels: list[str], cfg, report: dict, step) -> dict:
         "features": cfg.features,
         "folds": cfg.folds,
         "examples": [
-            {"text": _shown(texts[i]), "given": labels[given[i]], "suggested": labels[suggested[i]],
-             "confidence": round(float(probs[i, suggested[i]]), 3)}
+            {
+                "text": _shown(texts[i]),
+                "given": labels[given[i]],
+                "suggested": labels[suggested[i]],
+                "confidence": round(float(probs[i, suggested[i]]), 3),
+            }
             for i in order[:EXAMPLES]
         ],
     }
@@ -215,5 +239,34 @@ def _label_errors(frames, labels: list[str], cfg, report: dict, step) -> dict:
         column[at] = [labels[j] for j in suggested[at]]
         frames["train"]["label"] = column
     step("label_errors", before, found=int(issues.sum()), action=cfg.action)
-    return {"probs": probs.astype(np.float32), "labels": given, "issues": issues.astype(np.int8),
-            "suggested": suggested}
+    return {
+        "probs": probs.astype(np.float32),
+        "labels": given,
+        "issues": issues.astype(np.int8),
+        "suggested": suggested,
+    }
+
+
+def check_curate_recipe(recipe) -> None:
+    """`keel validate`'s checks of data.curate that the schema cannot make: the task, the libraries, the model."""
+    import importlib.util
+
+    from keel.errors import RecipeError
+
+    cfg = recipe.data.curate
+    if recipe.sft is not None or recipe.align is not None:
+        raise RecipeError(
+            "data.curate: sft and align recipes read their chats and pairs as they are; remove data.curate"
+        )
+    if cfg.label_errors is not None and recipe.task != "classification":
+        raise RecipeError(
+            f"data.curate.label_errors needs labels; remove it from this {recipe.task} recipe (or set it to null)"
+        )
+    needs = {"pii": ("presidio_analyzer", "presidio-analyzer"), "dedup": ("datasketch", "datasketch")}
+    for step, (module, package) in needs.items():
+        if getattr(cfg, step) is not None and importlib.util.find_spec(module) is None:
+            raise RecipeError(f"data.curate.{step} needs {package}; install keel's requirements (make venv)")
+    if cfg.label_errors is not None and cfg.label_errors.features != "tfidf":
+        from keel.models.registry import resolve_model
+
+        resolve_model(cfg.label_errors.features, field="data.curate.label_errors.features")

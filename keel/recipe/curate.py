@@ -1,10 +1,12 @@
-"""The recipe's ``data.curate`` section: what keel does to the rows after splitting and before freezing them."""
+"""Recipe section data.curate: what keel does to the rows after splitting and before freezing them (keel/data/curate)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from keel.recipe.base import Strict
 
 PII_TYPES = (
     "EMAIL_ADDRESS",
@@ -19,16 +21,15 @@ PII_TYPES = (
 )
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DedupConfig(_Strict):
+class DedupConfig(Strict):
     """Exact and MinHash-LSH near-duplicate removal in the training split, and its contamination check."""
 
     exact: bool = Field(True, description="drop training texts equal to an earlier one after normalising")
-    near: bool = Field(True, description="drop training texts whose estimated Jaccard similarity to an earlier one "
-                       "is at least threshold (MinHash LSH, datasketch)")
+    near: bool = Field(
+        True,
+        description="drop training texts whose estimated Jaccard similarity to an earlier one "
+        "is at least threshold (MinHash LSH, datasketch)",
+    )
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of character shingles, in (0, 1]")
     shingle: int = Field(5, ge=1, le=64, description="characters per shingle of the normalised text")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: a finer estimate, slower)")
@@ -38,7 +39,7 @@ class DedupConfig(_Strict):
     seed: int = Field(1, description="MinHash seed")
 
 
-class QualityConfig(_Strict):
+class QualityConfig(Strict):
     """Heuristic filters of the training split; each rule's count is reported (a text may fail several)."""
 
     min_words: int = Field(1, ge=0, description="fewer words: dropped")
@@ -51,12 +52,15 @@ class QualityConfig(_Strict):
     )
     ngram: int = Field(3, ge=1, le=10, description="n of the repeated n-gram rule")
     max_garbled_ratio: float = Field(
-        0.1, ge=0.0, le=1.0, description="share of replacement (U+FFFD) or control characters; a text without "
-        "any letter or digit is garbled too"
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="share of replacement (U+FFFD) or control characters; a text without "
+        "any letter or digit is garbled too",
     )
 
 
-class PiiConfig(_Strict):
+class PiiConfig(Strict):
     """PII scrubbing with Presidio's pattern recognizers (no NER model: PERSON and LOCATION are not scrubbed)."""
 
     entities: list[Literal[PII_TYPES]] | None = Field(  # type: ignore[valid-type]
@@ -65,7 +69,7 @@ class PiiConfig(_Strict):
     min_score: float = Field(0.4, ge=0.0, le=1.0, description="lowest Presidio score that is replaced")
 
 
-class LabelErrorsConfig(_Strict):
+class LabelErrorsConfig(Strict):
     """Label errors by confident learning (Northcutt et al. 2021) on out-of-fold probabilities of a linear probe."""
 
     action: Literal["flag", "drop", "relabel"] = Field(
@@ -78,7 +82,7 @@ class LabelErrorsConfig(_Strict):
     seed: int = Field(0, description="fold assignment seed")
 
 
-class CurateConfig(_Strict):
+class CurateConfig(Strict):
     """Curation of the split rows before they are frozen: PII scrubbing (every split), then, in the training split
     only, quality filters, deduplication, contamination removal and label errors. null turns a step off."""
 
