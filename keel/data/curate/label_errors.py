@@ -49,8 +49,14 @@ def _round_keeping_row_totals(matrix: np.ndarray, totals: np.ndarray) -> np.ndar
     return floor
 
 
-def find_label_issues(labels: np.ndarray, probs: np.ndarray, min_per_class: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(mask of label errors (n,), suggested label per example (n,): the given one where no error was found)."""
+def find_label_issues(
+    labels: np.ndarray, probs: np.ndarray, min_per_class: int = 1, exclusive: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of label errors (n,), suggested label per example (n,): the given one where no error was found).
+
+    ``exclusive``: each cell (i, j) picks among the rows no other cell of class i took, so as many rows are flagged
+    as the joint estimates errors (the paper's "remove n * Q[i][j] examples"); False lets two cells pick the same
+    row (cleanlab 2.9 does this, and flags fewer rows)."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n, k = probs.shape
@@ -65,11 +71,11 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray, min_per_class: int 
         if prune.sum() > budget:  # shrink every cell in proportion, keeping the largest ones first
             prune = _round_keeping_row_totals(prune[None, :] * budget / prune.sum(), np.array([budget]))[0]
         for j in np.flatnonzero(prune):
-            candidates = members[~issues[members]]
+            candidates = members[~issues[members]] if exclusive else members
             margin = probs[candidates, j] - probs[candidates, i]  # (m,)
             picked = candidates[np.argsort(-margin, kind="stable")[: prune[j]]]
+            suggested[picked[~issues[picked]]] = j  # the first cell that picked a row names its label
             issues[picked] = True
-            suggested[picked] = j
     agrees = probs.argmax(axis=1) == labels
     issues &= ~agrees
     suggested[~issues] = labels[~issues]
