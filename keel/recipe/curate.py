@@ -27,12 +27,12 @@ class DedupConfig(Strict):
     exact: bool = Field(True, description="drop training texts equal to an earlier one after normalising")
     near: bool = Field(
         True,
-        description="drop training texts whose estimated Jaccard similarity to an earlier one "
-        "is at least threshold (MinHash LSH, datasketch)",
+        description="drop training texts whose Jaccard similarity to an earlier one "
+        "is at least threshold (candidates from MinHash LSH, datasketch)",
     )
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity of character shingles, in (0, 1]")
     shingle: int = Field(5, ge=1, le=64, description="characters per shingle of the normalised text")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: a finer estimate, slower)")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (more: fewer missed pairs, slower)")
     contamination: bool = Field(
         True, description="drop training texts that are near-duplicates of a validation or test text"
     )
