@@ -10,7 +10,7 @@ precision of both against the planted flips, and how far the two agree; writes
 benchmarks/results/label-errors-vs-cleanlab.json.
 
     .venv/bin/python benchmarks/label_errors_vs_cleanlab.py [--n 8000] [--flip 0.1] [--features tfidf]
-        [--venv /tmp/keel-cleanlab-venv]
+        [--venv $TMPDIR/keel-cleanlab-venv]
 
 The tweets carry label noise of their own, so "precision against planted flips" counts the tweets whose original
 label was already wrong as false positives for both tools alike.
@@ -74,7 +74,8 @@ def main(argv: list[str]) -> dict:
     from keel.recipe import DataConfig
 
     n, flip = _arg(argv, "--n", 8000), _arg(argv, "--flip", 0.1)
-    kind, venv = _arg(argv, "--features", "tfidf"), Path(_arg(argv, "--venv", "/tmp/keel-cleanlab-venv"))
+    default_venv = str(Path(tempfile.gettempdir()) / "keel-cleanlab-venv")
+    kind, venv = _arg(argv, "--features", "tfidf"), Path(_arg(argv, "--venv", default_venv))
     raw = load_splits(DataConfig(name="tweets-sentiment"), "classification")
     train = raw.train.iloc[:n]
     index = {name: i for i, name in enumerate(raw.labels)}
