@@ -43,7 +43,7 @@ class QualityConfig(Strict):
     """Heuristic filters of the training split; each rule's count is reported (a text may fail several)."""
 
     min_words: int = Field(1, ge=0, description="fewer words: dropped")
-    max_chars: int = Field(20000, ge=1, description="longer texts: dropped")
+    max_chars: int | None = Field(None, ge=1, description="longer texts: dropped; null = no bound")
     max_symbol_ratio: float = Field(
         0.5, ge=0.0, le=1.0, description="share of characters that are neither letters, digits nor spaces"
     )

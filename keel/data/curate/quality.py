@@ -22,7 +22,7 @@ def failed_rules(text: str, cfg) -> list[str]:
         failed.append("empty_or_garbled")
     if len(words) < cfg.min_words:
         failed.append("too_short")
-    if len(text) > cfg.max_chars:
+    if cfg.max_chars is not None and len(text) > cfg.max_chars:
         failed.append("too_long")
     visible = [c for c in stripped if not c.isspace()]
     if visible and sum(1 for c in visible if not c.isalnum()) / len(visible) > cfg.max_symbol_ratio:
