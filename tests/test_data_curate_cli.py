@@ -60,7 +60,7 @@ def test_keel_data_curate_then_run_uses_the_curated_rows(work):
     run = work / "runs" / "cur"
     doc = json.loads((run / "splits" / "curate.json").read_text())
     assert [s["step"] for s in doc["steps"]] == ["pii", "quality", "exact", "near", "contamination", "label_errors"]
-    assert doc["pii"]["counts"]["EMAIL_ADDRESS"] >= 0 and doc["after"]["test"] == doc["before"]["test"]
+    assert doc["pii"]["counts"]["EMAIL_ADDRESS"] == 1 and doc["after"]["test"] == doc["before"]["test"]
     import pandas as pd
 
     texts = pd.concat(pd.read_parquet(run / "splits" / f"{s}.parquet") for s in ("train", "validation", "test"))
