@@ -5,7 +5,7 @@ tweets (the issue's table).
     .venv/bin/python benchmarks/augment.py --ops synonym insert swap delete typo --copies 8
 
 The model is a logistic regression on frozen MiniLM embeddings (mean-pooled), so the table runs in minutes on a
-CPU; the copies are the ones keel's data stage makes (keel/data/augment.py, EDA's alpha 0.1). Each seed draws a
+CPU; the copies are the ones keel's data stage makes (keel/augment/text.py, EDA's alpha 0.1). Each seed draws a
 different subset of the training texts; the test set and every setting are fixed (nothing is chosen on test).
 Writes benchmarks/results/augment-cpu.json. Anchor: EDA (Wei & Zou 2019) matched full-data accuracy with half
 the data, averaged over five tasks, with models trained end to end.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _tweets_probe import LABELS, embed_all, encoder, tweets  # noqa: E402
 
-from keel.data.augment import augment_texts  # noqa: E402
+from keel.augment.text import augment_texts  # noqa: E402
 from keel.label.probe import Probe  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

@@ -1,5 +1,5 @@
 """Recipe sections for enriching the training data: data.augment (label-preserving copies) and data.weak
-(labelling functions and a label model). See keel/data/augment.py and keel/data/weak.py."""
+(labelling functions and a label model). See keel/augment/text.py and keel/data/weak.py."""
 
 from __future__ import annotations
 

@@ -27,13 +27,13 @@ import torch
 from keel.data.prepare import prepare_data
 from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
+from keel.metrics import MetricLog
 from keel.models import model_dir
 from keel.progress import progress
 from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
-from keel.train.metrics import MetricLog
-from keel.train.strategies import Run, Standard, Strategy, epoch_order, shard_batches  # noqa: F401  (re-exported)
+from keel.train.strategies import Run, Standard, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +146,8 @@ def load_data_and_model(recipe: Recipe, build_model=None, run_dir: Path | None =
         from keel.data.weak import weak_train
 
         train_ds = weak_train(train_ds, tokenizer, recipe, data, run_dir)
-    if recipe.data.augment is not None:  # augmented copies of the training split only (keel/data/augment.py)
-        from keel.data.augment import augment_train
+    if recipe.data.augment is not None:  # augmented copies of the training split only (keel/augment/text.py)
+        from keel.augment.text import augment_train
 
         train_ds = augment_train(train_ds, tokenizer, recipe, run_dir)
     if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
@@ -170,7 +170,7 @@ def default_strategy(recipe: Recipe, build_model=None, loss_fn=None) -> Strategy
             "accountant; compress a DP model by quantization only (unset compress.distill/prune)"
         )
     # keel.trust.privacy builds on keel.train.strategies only, never on the engine: no cycle
-    from keel.trust.privacy import DPSGD
+    from keel.train.dpsgd import DPSGD
 
     return DPSGD()
 

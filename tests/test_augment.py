@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from keel.data import augment as aug
+from keel.augment import text as aug
 
 TEXT = "The car was great and the trip was really fast, he said to his friend."
 
@@ -98,9 +98,9 @@ def test_paraphrase_copies_come_from_the_causal_lm_only_when_listed(monkeypatch)
         calls.append((list(texts), model))
         return [t.upper() for t in texts]
 
-    import keel.data.paraphrase
+    import keel.augment.paraphrase
 
-    monkeypatch.setattr(keel.data.paraphrase, "paraphrase", fake)
+    monkeypatch.setattr(keel.augment.paraphrase, "paraphrase", fake)
     texts = ["a calm trip", "a long road", "the bus"]
     copies, counts = aug.augment_texts(texts, cfg(ops=["synonym"], copies=1))
     assert calls == [] and "paraphrase" not in counts
@@ -111,7 +111,7 @@ def test_paraphrase_copies_come_from_the_causal_lm_only_when_listed(monkeypatch)
 
 @pytest.mark.slow  # builds and runs a (tiny) causal LM
 def test_the_paraphraser_returns_one_line_per_text():
-    from keel.data.paraphrase import paraphrase
+    from keel.augment.paraphrase import paraphrase
 
     out = paraphrase(["the trip was great", "the bus was late"], "tiny-llama", seed=0, batch_size=2)
     assert len(out) == 2 and all(isinstance(t, str) and "\n" not in t for t in out)

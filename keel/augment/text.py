@@ -5,7 +5,7 @@ deletion), typo noise, counterfactual identity-term swaps (the fairness audit's 
 and, only when asked, paraphrases by a built-in causal LM. Applied after the splits are frozen, to the training
 split only (validation and test stay as the person gave them), seeded: the same recipe gives the same copies.
 
-Synonyms come from keel/data/synonyms.json, a small table written for keel: no WordNet corpus ships inside an
+Synonyms come from keel/augment/synonyms.json, a small table written for keel: no WordNet corpus ships inside an
 offline Python package keel depends on (nltk downloads it at run time).
 """
 
@@ -172,7 +172,7 @@ def augment_texts(
             if new is not None and new not in seen:
                 copies.append((i, new, "identity"))
     if "paraphrase" in cfg.ops and texts:
-        from keel.data.paraphrase import paraphrase
+        from keel.augment.paraphrase import paraphrase
 
         picked = sorted(rng.sample(range(len(texts)), min(cfg.max_paraphrases, len(texts))))
         for i, new in zip(picked, paraphrase([texts[i] for i in picked], cfg.paraphrase_model, cfg.seed)):
