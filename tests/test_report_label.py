@@ -56,4 +56,17 @@ def test_sections_show_what_was_measured_and_escape_what_came_from_data(tmp_path
     assert "0.7000" in weak and "0.7500" in weak and "60 texts at least one function voted on" in weak
     label = section_label(tmp_path, {})
     assert "10 labels stored" in label and label.count("<img") == 1  # the latest session only, one plot
+    curve = [{"labels": 20, "accuracy": 0.5}, {"labels": 40, "accuracy": 0.6}]
+    (tmp_path / "labels" / "simulation.json").write_text(
+        json.dumps(
+            {
+                "curves": {"entropy": curve, "random": curve},
+                "seeds": 3,
+                "setup": "pool 100",
+                "labels_to_match_random": {"entropy": 40, "margin": None},
+            }
+        )
+    )
+    label = section_label(tmp_path, {})
+    assert label.count("<img") == 2 and "not reached" in label and "<td>40</td>" in label
     assert section_augment(tmp_path / "none", {}) is None and section_label(tmp_path / "none", {}) is None
