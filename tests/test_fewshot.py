@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, write_toy_csv
+from conftest import TINY_RECIPE, keel, write_toy_csv
 
 from keel.errors import DataError, KeelError
 from keel.fewshot.episodes import Episode, EpisodeSampler
@@ -96,7 +96,9 @@ def tiny():
     from keel.tasks.classification import build_model
 
     torch.manual_seed(0)
-    return build_model(model_dir("tiny-bert"), ["neg", "pos"]).eval(), AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    return build_model(model_dir("tiny-bert"), ["neg", "pos"]).eval(), AutoTokenizer.from_pretrained(
+        model_dir("tiny-bert")
+    )
 
 
 TEXTS = ["the bus was late", "a lovely ride", "my refund never came", "the taxi was awful", "ok", "where is my money"]
@@ -187,7 +189,11 @@ def test_support_file_is_read_with_labels_as_names(tmp_path):
 @pytest.mark.parametrize(
     "name, body, message",
     [
-        ("s.csv", "sentence,label\nhi,a\n", "has no text column 'text' (columns: sentence, label); set fewshot.text_column"),
+        (
+            "s.csv",
+            "sentence,label\nhi,a\n",
+            "has no text column 'text' (columns: sentence, label); set fewshot.text_column",
+        ),
         ("s.csv", "text,tag\nhi,a\n", "has no label column 'label' (columns: text, tag); set fewshot.label_column"),
         ("s.jsonl", '{"text": "hi", "label": 1.5}\n', "row 1: label 1.5 is not a label name"),
         ("s.jsonl", '{"text": "hi", "label": ["a"]}\n', "row 1: label ['a'] is not a label name"),
@@ -210,3 +216,178 @@ def test_bad_support_files_are_refused_in_one_line(tmp_path, name, body, message
 def test_missing_support_file_is_named(tmp_path):
     with pytest.raises(DataError, match="--support: file '.*nope.csv' not found"):
         read_support(tmp_path / "nope.csv", "text", "label")
+
+
+# -- keel fewshot on a run ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A finished tiny classification run (random tiny-bert, frozen splits), made without training it."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from keel.data.load import RawSplits
+    from keel.data.splits import freeze
+    from keel.models import model_dir
+    from keel.recipe import load_recipe
+    from keel.rundir import start
+    from keel.tasks.classification import build_model
+    from keel.train.engine import save_final_model
+
+    work = tmp_path_factory.mktemp("fewshot")
+    csv = write_toy_csv(work / "toy.csv", n=60)
+    (work / "tiny.yaml").write_text(TINY_RECIPE.format(data=csv, epochs=1, every=0))
+    recipe = load_recipe(work / "tiny.yaml")
+    run_dir = work / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    frame = pd.read_csv(csv, dtype=str)
+    raw = RawSplits(
+        frame[:36],
+        frame[36:48].reset_index(drop=True),
+        frame[48:].reset_index(drop=True),
+        ["neg", "pos"],
+        str(csv),
+        "0" * 64,
+    )
+    freeze(run_dir, raw)
+    start(recipe, run_dir, False)
+    torch.manual_seed(0)
+    model = build_model(model_dir("tiny-bert"), raw.labels)
+    summary = {"labels": raw.labels, "best_step": 0, "selection_metric": "accuracy", "best_metric": 0.0}
+    save_final_model(model, AutoTokenizer.from_pretrained(model_dir("tiny-bert")), run_dir / "model", recipe, summary)
+    support = work / "support.csv"
+    support.write_text(
+        "text,label\nthe train was late again,delay\nmy flight left two hours late,delay\n"
+        "where is my refund,refund\nI want my money back,refund\nthe ride was lovely indeed,pos\n"
+    )
+    return run_dir, support
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _config(**fields):
+    from keel.recipe.fewshot import FewshotConfig
+
+    return FewshotConfig(**fields)
+
+
+def test_fewshot_run_adds_labels_keeps_old_ones_and_loads_like_any_run(source_run):
+    from keel.evaluate import load_trained, predict
+    from keel.fewshot.adapt import add_labels
+    from keel.recipe import load_recipe
+    from keel.serve.engines import load_engine
+
+    run_dir, support = source_run
+    before = _snapshot(run_dir)
+    result = add_labels(run_dir, support, load_recipe(run_dir / "recipe.yaml"), _config(k_shot=1))
+    new = Path(result["run_dir"])
+    assert new == run_dir.with_name("tiny-fewshot")
+    assert _snapshot(run_dir) == before  # the source run is only read
+    assert result["labels"] == ["neg", "pos", "delay", "refund"]  # old labels keep their indices
+    assert result["new_labels"] == ["delay", "refund"] and result["shots"]["delay"] == 1
+    assert result["old_test"]["rows"] > 0 and result["old_test"]["accuracy_after"] is not None
+    t = load_trained(new)  # manifest, sealed recipe and all
+    assert t.info["labels"] == result["labels"] and t.model.config.num_labels == 4
+    # K = 1: the one support row of a new label is its prototype (distance 0), so it is predicted as that label
+    support_rows = dict(zip(*read_support(support, "text", "label", k_shot=1)))
+    shots = [text for text, label in support_rows.items() if label in ("delay", "refund")]
+    assert [p["label"] for p in predict(new, shots)] == [support_rows[x] for x in shots]
+    engine = load_engine(str(new))  # keel serve's loader
+    assert engine.labels == result["labels"]
+    assert [r["label"] for r in engine.classify(shots)] == [support_rows[x] for x in shots]
+    assert json.loads((new / "fewshot.json").read_text())["method"] == "prototype"
+    assert json.loads((new / "run.json").read_text())["status"] == "finished"
+    second = add_labels(run_dir, support, load_recipe(run_dir / "recipe.yaml"), _config(k_shot=1))
+    assert Path(second["run_dir"]).name == "tiny-fewshot-2"  # never over an earlier one
+
+
+def test_setfit_with_meta_training_writes_a_run_too(source_run):
+    from keel.evaluate import predict
+    from keel.fewshot.adapt import add_labels
+    from keel.recipe import load_recipe
+    from keel.recipe.fewshot import ContrastiveConfig, MetaConfig
+
+    run_dir, support = source_run
+    cfg = _config(
+        method="setfit",
+        old_examples=8,
+        contrastive=ContrastiveConfig(iterations=1, max_pairs=32),
+        meta=MetaConfig(episodes=2, k_shot=2, n_query=2),
+        output_dir=str(run_dir.parent / "setfit"),
+    )
+    result = add_labels(run_dir, support, load_recipe(run_dir / "recipe.yaml"), cfg)
+    assert result["trained"]["meta"]["episodes"] == 2 and result["trained"]["meta"]["n_way"] == 2
+    assert result["trained"]["contrastive"]["steps"] == 2
+    assert {p["label"] for p in predict(result["run_dir"], ["x"])} <= {"neg", "pos", "delay", "refund"}
+
+
+def test_fewshot_refusals_leave_nothing_on_disk(source_run, tmp_path):
+    from keel.fewshot.adapt import add_labels
+    from keel.recipe import load_recipe
+
+    run_dir, support = source_run
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    listing = sorted(p.name for p in run_dir.parent.iterdir())
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,tag\nhi,a\n")
+    with pytest.raises(DataError, match="no label column 'label'"):
+        add_labels(run_dir, bad, recipe, _config())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(KeelError, match="already holds files"):
+        add_labels(run_dir, support, recipe, _config(output_dir=str(tmp_path / "full")))
+    with pytest.raises(KeelError, match="not found"):
+        add_labels(run_dir.parent / "nope", support, recipe, _config())
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == listing  # no half-written run, no temp folder
+
+
+def test_k_shot_zero_is_a_recipe_error(source_run):
+    from keel.errors import RecipeError
+    from keel.recipe import load_recipe
+
+    run_dir, _ = source_run
+    with pytest.raises(RecipeError, match="fewshot.k_shot"):
+        load_recipe(run_dir / "recipe.yaml", ["fewshot.k_shot=0"])
+
+
+@pytest.mark.slow
+def test_cli_adds_a_label_that_predict_then_serves(source_run, tmp_path):
+    run_dir, support = source_run
+    new = tmp_path / "with-refunds"
+    proc = keel(
+        "fewshot",
+        str(run_dir),
+        "--support",
+        str(support),
+        "fewshot.k_shot=1",
+        f"fewshot.output_dir={new}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert "2 new" in proc.stdout and f"new run: {new}" in proc.stdout.replace("\n", "")
+    texts = [text for text, label in zip(*read_support(support, "text", "label", k_shot=1)) if label == "refund"]
+    pred = keel("predict", str(new), texts[0], "--json", cwd=tmp_path, check=True)
+    assert json.loads(pred.stdout.splitlines()[-1])["label"] == "refund"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--support", "missing.csv"], "--support: file 'missing.csv' not found"),
+        (["--support", "s.csv", "fewshot.k_shot=0"], "fewshot.k_shot"),
+        (["--support", "s.csv", "train.lr=1"], "keel fewshot takes fewshot.* overrides only"),
+        (["--support", "bad.csv"], "has no label column 'label' (columns: text, tag)"),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line(source_run, tmp_path, args, message):
+    run_dir, support = source_run
+    (tmp_path / "s.csv").write_text(support.read_text())
+    (tmp_path / "bad.csv").write_text("text,tag\nhi,a\n")
+    proc = keel("fewshot", str(run_dir), *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1

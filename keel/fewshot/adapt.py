@@ -22,6 +22,7 @@ from pathlib import Path
 
 from keel.errors import KeelError
 from keel.io import atomic_write_json, atomic_write_text, fsync_dir, write_manifest
+from keel.recipe.fewshot import FewshotConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def accuracy(model, tokenizer, texts: list[str], y: list[int], max_length: int) 
     return round(float((picked == torch.tensor(y)).float().mean()), 4)
 
 
-def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg) -> dict:
+def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotConfig) -> dict:
     """Fit the new run from ``run_dir`` and a support file; returns what fewshot.json records."""
     import torch
 
@@ -91,13 +92,16 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg) -> dict:
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
+    if not run_dir.is_dir():
+        raise KeelError(f"run directory '{run_dir}' not found; pass the folder `keel run` printed (see runs/)")
+    # bad input is refused before the model is loaded
+    final = output_folder(run_dir, cfg.output_dir)
+    texts, names = read_support(support, cfg.text_column, cfg.label_column, cfg.k_shot, cfg.seed)
     t = load_trained(run_dir, "torch")  # the run's own weights, checked against their manifest
     if t.info["task"] != "classification":
         raise KeelError(f"keel fewshot adds labels to classifiers; {run_dir} is a {t.info['task']} run")
-    if getattr(t.model, "hf_device_map", None) or t.info.get("resized"):
+    if t.info.get("resized"):
         raise KeelError(f"{run_dir}'s model is structurally pruned; run keel fewshot on the run it was pruned from")
-    final = output_folder(run_dir, cfg.output_dir)
-    texts, names = read_support(support, cfg.text_column, cfg.label_column, cfg.k_shot, cfg.seed)
     old = list(t.info["labels"])
     new = [name for name in dict.fromkeys(names) if name not in old]
     labels = old + new  # old labels keep their indices
@@ -127,7 +131,16 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg) -> dict:
     if cfg.method == "setfit":
         c = cfg.contrastive
         losses = contrastive_finetune(
-            model, tokenizer, all_texts, all_y, max_length, c.iterations, c.epochs, c.lr, c.batch_size, c.max_pairs,
+            model,
+            tokenizer,
+            all_texts,
+            all_y,
+            max_length,
+            c.iterations,
+            c.epochs,
+            c.lr,
+            c.batch_size,
+            c.max_pairs,
             cfg.seed,
         )
         trained["contrastive"] = {"steps": len(losses), "first_loss": losses[0], "last_loss": losses[-1]}
@@ -188,7 +201,9 @@ def _write_run(final: Path, source: Path, t, model, labels: list[str], recipe, r
         frozen = splits_dir(source)
         if frozen is not None:
             shutil.copytree(frozen, tmp / SPLITS)
-        atomic_write_text(tmp / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml())
+        atomic_write_text(
+            tmp / "recipe.yaml", f"# keel {__version__}, recipe sha256 {recipe.sha256()}\n" + recipe.to_yaml()
+        )
         atomic_write_json(tmp / "fewshot.json", result)
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         atomic_write_json(
@@ -210,3 +225,21 @@ def _write_run(final: Path, source: Path, t, model, labels: list[str], recipe, r
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fewshot_run(run_dir: str | Path, support: str | Path, overrides: list[str] | None = None) -> dict:
+    """`keel fewshot RUN_DIR --support FILE [fewshot.key=value ...]`: the run's recipe, its fewshot section (with
+    the overrides) and ``add_labels``."""
+    from keel.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise KeelError(f"'{run_dir}' is not a keel run directory (no recipe.yaml); pass the folder `keel run` printed")
+    for item in overrides or []:
+        if not item.startswith("fewshot."):
+            raise KeelError(
+                f"keel fewshot takes fewshot.* overrides only (the run's other sections are sealed with its model); "
+                f"got {item!r}"
+            )
+    recipe = load_recipe(run_dir / "recipe.yaml", overrides)
+    return add_labels(run_dir, support, recipe, recipe.fewshot or FewshotConfig())

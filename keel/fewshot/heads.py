@@ -60,7 +60,9 @@ def embed(model, tokenizer, texts: list[str], max_length: int, batch_size: int =
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
     out: list = [None] * len(texts)
     for idx in length_batches(lengths, batch_size):
-        enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc = tokenizer(
+            [texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
         for i, row in zip(idx, forward_features(model, dict(enc)).float()):
             out[i] = row
     model.train(was_training)

@@ -43,8 +43,17 @@ def _batch(tokenizer, texts: list[str], max_length: int) -> dict:
 
 
 def contrastive_finetune(
-    model, tokenizer, texts: list[str], y: list[int], max_length: int, iterations: int = 5, epochs: int = 1,
-    lr: float = 2e-5, batch_size: int = 16, max_pairs: int | None = None, seed: int = 0,
+    model,
+    tokenizer,
+    texts: list[str],
+    y: list[int],
+    max_length: int,
+    iterations: int = 5,
+    epochs: int = 1,
+    lr: float = 2e-5,
+    batch_size: int = 16,
+    max_pairs: int | None = None,
+    seed: int = 0,
 ) -> list[float]:
     """SetFit step 1: cosine similarity of each pair's features regressed on its target (1 same class, 0 not).
     Returns the loss per optimiser step."""
@@ -69,8 +78,17 @@ def contrastive_finetune(
 
 
 def episodic_train(
-    model, tokenizer, texts: list[str], y: list[int], max_length: int, episodes: int, n_way: int, k_shot: int,
-    n_query: int, lr: float = 2e-5, seed: int = 0,
+    model,
+    tokenizer,
+    texts: list[str],
+    y: list[int],
+    max_length: int,
+    episodes: int,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    lr: float = 2e-5,
+    seed: int = 0,
 ) -> list[float]:
     """Prototypical networks: per episode, class means of the support features; the query rows are classified
     by their negative squared distance to each mean (cross-entropy). Returns the loss per episode."""

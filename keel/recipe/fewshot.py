@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from keel.recipe import Strict
+from keel.recipe.base import Strict
 
 
 class ContrastiveConfig(Strict):
