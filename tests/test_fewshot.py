@@ -327,6 +327,7 @@ def test_setfit_with_meta_training_writes_a_run_too(source_run):
 def test_fewshot_refusals_leave_nothing_on_disk(source_run, tmp_path):
     from keel.fewshot.adapt import add_labels
     from keel.recipe import load_recipe
+    from keel.recipe.fewshot import MetaConfig
 
     run_dir, support = source_run
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -341,6 +342,10 @@ def test_fewshot_refusals_leave_nothing_on_disk(source_run, tmp_path):
         add_labels(run_dir, support, recipe, _config(output_dir=str(tmp_path / "full")))
     with pytest.raises(KeelError, match="not found"):
         add_labels(run_dir.parent / "nope", support, recipe, _config())
+    with pytest.raises(
+        KeelError, match="fewshot.meta: 2-way 4-shot episodes with 4 queries need 2 classes of at least 8"
+    ):
+        add_labels(run_dir, support, recipe, _config(old_examples=5, meta=MetaConfig(episodes=1)))
     assert sorted(p.name for p in run_dir.parent.iterdir()) == listing  # no half-written run, no temp folder
 
 

@@ -97,6 +97,10 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
     # bad input is refused before the model is loaded
     final = output_folder(run_dir, cfg.output_dir)
     texts, names = read_support(support, cfg.text_column, cfg.label_column, cfg.k_shot, cfg.seed)
+    from keel.secure.seal import is_sealed
+
+    if is_sealed(run_dir / "model"):  # the new run would hold its weights in the clear
+        raise KeelError(f"{run_dir}'s model is sealed; run `keel unseal {run_dir}` first, then seal the new run")
     t = load_trained(run_dir, "torch")  # the run's own weights, checked against their manifest
     if t.info["task"] != "classification":
         raise KeelError(f"keel fewshot adds labels to classifiers; {run_dir} is a {t.info['task']} run")
@@ -124,9 +128,22 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
         m = cfg.meta
         n_way = m.n_way or min(len(old), 5)
         y_old = [old.index(n) for n in o_names]
-        losses = episodic_train(
-            model, tokenizer, list(o_texts), y_old, max_length, m.episodes, n_way, m.k_shot, m.n_query, m.lr, cfg.seed
-        )
+        try:
+            losses = episodic_train(
+                model,
+                tokenizer,
+                list(o_texts),
+                y_old,
+                max_length,
+                m.episodes,
+                n_way,
+                m.k_shot,
+                m.n_query,
+                m.lr,
+                cfg.seed,
+            )
+        except KeelError as e:
+            raise KeelError(f"fewshot.meta: {e} (or raise fewshot.old_examples)") from None
         trained["meta"] = {"episodes": len(losses), "n_way": n_way, "first_loss": losses[0], "last_loss": losses[-1]}
     if cfg.method == "setfit":
         c = cfg.contrastive
