@@ -120,9 +120,15 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
     test = _old_test(run_dir, old, cfg.eval_examples, cfg.seed)
     before = accuracy(model, tokenizer, test[0], [old.index(n) for n in test[1]], max_length)
     o_texts, o_names = old_rows(run_dir, old, cfg.old_examples, cfg.seed)
-    seen = set(texts)
-    o_texts, o_names = zip(*[(x, n) for x, n in zip(o_texts, o_names) if x not in seen]) if o_texts else ((), ())
-    all_texts, all_y = list(texts) + list(o_texts), [labels.index(n) for n in list(names) + list(o_names)]
+    kept = [(x, n) for x, n in zip(o_texts, o_names) if x not in set(texts)]  # a support row counts once
+    o_texts, o_names = [x for x, _ in kept], [n for _, n in kept]
+    empty = [name for name in labels if name not in set(names) | set(o_names)]
+    if empty:
+        raise KeelError(
+            f"label {empty[0]!r} has no row in {run_dir}'s training split nor in the support file; add a few rows of "
+            "it to the support file"
+        )
+    all_texts, all_y = texts + o_texts, [labels.index(n) for n in names + o_names]
     trained = {}
     if cfg.meta is not None:
         m = cfg.meta
@@ -132,7 +138,7 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
             losses = episodic_train(
                 model,
                 tokenizer,
-                list(o_texts),
+                o_texts,
                 y_old,
                 max_length,
                 m.episodes,
