@@ -12,6 +12,8 @@ same episodes (N held-out classes, K support and Q query sentences each, disjoin
 
     .venv/bin/python benchmarks/fewshot.py                   # minilm-l6, K = 1, 8, 32, 5 episodes: minutes on 2 cores
     .venv/bin/python benchmarks/fewshot.py --episodes 10 --meta-episodes 300
+    .venv/bin/python benchmarks/fewshot.py --episodes 3 --queries 8 --meta-episodes 30 --finetune-steps 15 \
+        --max-pairs 96                                      # the README's figures: a busy machine, ~20 minutes
 Writes benchmarks/results/fewshot-<model>-cpu.json.
 """
 
