@@ -39,7 +39,7 @@ def _texts(n: int = 200, seed: int = 0) -> list[str]:
 GOOD, BAD = ("great", "lovely", "happy"), ("awful", "broken", "sad")
 
 
-def _tiny_classifier():
+def _tiny_classifier(steps: int = 60):
     """A 2-layer BERT (hidden 32) given a few dozen steps on texts whose label is a word in them: unlike a random
     one (whose logits barely change from text to text), its labels and probabilities differ by text."""
     import torch
@@ -64,7 +64,7 @@ def _tiny_classifier():
         model = BertForSequenceClassification(config)
         enc = tokenizer(texts, truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt")
         opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-        for step in range(60):
+        for step in range(steps):
             rows = torch.arange(step * 16, step * 16 + 16) % len(texts)
             loss = model(**{k: v[rows] for k, v in enc.items()}, labels=labels[rows]).loss
             opt.zero_grad()
@@ -107,9 +107,19 @@ def test_the_folder_is_transformers_js_layout_with_the_labels_and_the_inputs_it_
 
     folder, oracle = web
     verify_manifest(folder)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "onnx/model.onnx", "onnx/model_quantized.onnx",
-                 "index.html", "serve.py", "keel.json", "vendor/transformers.min.js",
-                 "vendor/ort-wasm-simd-threaded.asyncify.mjs", "vendor/ort-wasm-simd-threaded.asyncify.wasm"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "onnx/model.onnx",
+        "onnx/model_quantized.onnx",
+        "index.html",
+        "serve.py",
+        "keel.json",
+        "vendor/transformers.min.js",
+        "vendor/ort-wasm-simd-threaded.asyncify.mjs",
+        "vendor/ort-wasm-simd-threaded.asyncify.wasm",
+    ):
         assert (folder / name).is_file(), name
     assert not list(folder.rglob("*.data")), "Transformers.js loads one file per graph here: no external data"
     config = json.loads((folder / "config.json").read_text())
@@ -134,7 +144,7 @@ def _int8_tolerance(oracle: dict) -> float:
 
 def test_without_the_runtime_the_export_refuses_in_one_line_naming_make_web_runtime(tmp_path, monkeypatch):
     monkeypatch.setenv("KEEL_WEB_RUNTIME", str(tmp_path / "nothing-here"))
-    model, tokenizer = _tiny_classifier()
+    model, tokenizer = _tiny_classifier(steps=0)
     dest = tmp_path / "export" / "web"
     with pytest.raises(KeelError) as err:
         write_web_folder(model, tokenizer, LABELS, dest, ["a text"], max_len=MAX_LEN, title="t")
@@ -191,7 +201,9 @@ CLASSIFY_ONE_BY_ONE = """(async (texts) => {
 @pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install chromium)")
 @pytest.mark.skipif(RUNTIME is None, reason=NO_RUNTIME)
 @pytest.mark.parametrize("dtype,threads", [("q8", 2), ("fp32", 1)])
-def test_the_page_classifies_in_chromium_as_python_ort_does_with_no_request_leaving_its_origin(browser, web, dtype, threads):
+def test_the_page_classifies_in_chromium_as_python_ort_does_with_no_request_leaving_its_origin(
+    browser, web, dtype, threads
+):
     _, oracle = web
     server, page = browser
     page.requested.clear()
@@ -204,9 +216,13 @@ def test_the_page_classifies_in_chromium_as_python_ort_does_with_no_request_leav
     _parity(probs, oracle[dtype], SAME_GRAPH_TOL)
     _parity(probs, oracle["fp32"], _int8_tolerance(oracle), labels=False)
     # typed text through the page's own form
-    page.evaluate("document.getElementById('text').value = 'the trip was lovely'; document.getElementById('go').click()")
-    page.evaluate("new Promise((ok) => { const t = setInterval(() => { if (document.querySelectorAll('#out tr').length)"
-                  " { clearInterval(t); ok(); } }, 50); })")
+    page.evaluate(
+        "document.getElementById('text').value = 'the trip was lovely'; document.getElementById('go').click()"
+    )
+    page.evaluate(
+        "new Promise((ok) => { const t = setInterval(() => { if (document.querySelectorAll('#out tr').length)"
+        " { clearInterval(t); ok(); } }, 50); })"
+    )
     rows = page.evaluate("[...document.querySelectorAll('#out tr td:first-child')].map((td) => td.textContent)")
     assert sorted(rows) == sorted(LABELS)
     assert page.errors == []

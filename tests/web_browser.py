@@ -136,7 +136,10 @@ class StaticServer:
 
     def __init__(self, folder: Path):
         self.proc = subprocess.Popen(
-            [sys.executable, str(folder / "serve.py"), "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            [sys.executable, str(folder / "serve.py"), "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         line = self.proc.stdout.readline()
         m = re.search(r"http://127\.0\.0\.1:\d+/", line)

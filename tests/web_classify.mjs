@@ -15,10 +15,9 @@ const texts = JSON.parse(readFileSync(0, "utf8"));
 const classifier = await pipeline("text-classification", modelDir, { dtype, device: "cpu", local_files_only: true });
 const order = Object.values(classifier.model.config.id2label);
 const out = [];
-for (let i = 0; i < texts.length; i += 16) {
-  const batch = texts.slice(i, i + 16);
-  let result = await classifier(batch, { top_k: null });
-  if (batch.length === 1 && !Array.isArray(result[0])) result = [result];
-  for (const labels of result) out.push(order.map((name) => labels.find((l) => l.label === name).score));
+for (const text of texts) {  // one text per call: dynamic int8 quantizes a batch's activations with one scale
+  let labels = await classifier([text], { top_k: null });
+  if (Array.isArray(labels[0])) labels = labels[0];
+  out.push(order.map((name) => labels.find((l) => l.label === name).score));
 }
 process.stdout.write(JSON.stringify(out));

@@ -58,8 +58,16 @@ def convert_to_ort(onnx_folder: Path, out: Path) -> None:
 
 
 def write_mobile_folder(
-    model, tokenizer, labels: list[str], dest: Path, texts: list[str], *, max_len: int, info: dict | None = None,
-    atol: float = 1e-4, min_cosine: float = 0.99,
+    model,
+    tokenizer,
+    labels: list[str],
+    dest: Path,
+    texts: list[str],
+    *,
+    max_len: int,
+    info: dict | None = None,
+    atol: float = 1e-4,
+    min_cosine: float = 0.99,
 ) -> dict:
     """The mobile folder for ``model`` (a Hugging Face sequence classifier) at ``dest``, written atomically."""
     model = model.float().eval()
@@ -91,7 +99,9 @@ def write_mobile_folder(
         (tmp / "keel.json").write_text(json.dumps(meta, indent=2))
     figures["bytes"] = {f"{n}.ort": (dest / f"{n}.ort").stat().st_size for n in MODELS}
     figures["operators"] = sum(  # lines "domain;opset;Op1,Op2,..."
-        len(line.split(";")[2].split(",")) for line in (dest / OPERATORS).read_text().splitlines() if line and line[0] != "#"
+        len(line.split(";")[2].split(","))
+        for line in (dest / OPERATORS).read_text().splitlines()
+        if line and line[0] != "#"
     )
     return figures
 

@@ -116,7 +116,13 @@ def export_onnx(
 
 
 def write_graph(
-    graph, path: Path, checks: list[dict], eager: list[np.ndarray], names: list[str], max_len: int, atol: float,
+    graph,
+    path: Path,
+    checks: list[dict],
+    eager: list[np.ndarray],
+    names: list[str],
+    max_len: int,
+    atol: float,
     external_data: bool = True,
 ) -> float:
     """``graph`` to ONNX at ``path`` (dynamic batch and sequence axes, ``logits`` out); returns the max |diff| to

@@ -73,7 +73,9 @@ def runtime_versions(root: Path | None = None) -> dict[str, str]:
     return out
 
 
-def write_standard_graph(model, tokenizer, texts: list[str], folder: Path, max_len: int, atol: float, min_cosine: float):
+def write_standard_graph(
+    model, tokenizer, texts: list[str], folder: Path, max_len: int, atol: float, min_cosine: float
+):
     """``folder``/model.onnx (fp32, one file) and ``folder``/model_quantized.onnx (int8) of the padded graph.
 
     Returns (figures, the parity feeds). Raises KeelError when either drifts from eager PyTorch."""
@@ -166,4 +168,3 @@ def ort_probabilities(onnx_path: Path, tokenizer, texts: list[str], max_len: int
         z = np.exp(logits - logits.max(-1, keepdims=True))
         out.append(z / z.sum(-1, keepdims=True))
     return np.concatenate(out)
-
