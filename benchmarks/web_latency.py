@@ -156,7 +156,11 @@ def main() -> None:
             "rounds": args.rounds,
             "onnx_bytes": bytes_,
             "runtime": meta.get("runtime"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "load_average_at_end": os.getloadavg(),
+            },
             "chromium": chromium(),
             "configurations": rows,
         },
