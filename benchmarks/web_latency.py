@@ -87,6 +87,12 @@ def python_ort(folder: Path, dtype: str, threads: int, texts: list[str], max_len
     return ms
 
 
+def chromium_version() -> str:
+    import subprocess
+
+    return subprocess.run([chromium(), "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def p(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
@@ -161,7 +167,7 @@ def main() -> None:
                 "platform": platform.platform(),
                 "load_average_at_end": os.getloadavg(),
             },
-            "chromium": chromium(),
+            "chromium": chromium_version(),
             "configurations": rows,
         },
     )
