@@ -158,7 +158,7 @@ def export_web(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99
 
 def ort_probabilities(onnx_path: Path, tokenizer, texts: list[str], max_len: int, batch: int = 32) -> np.ndarray:
     """Class probabilities (N, C) from Python ONNX Runtime: the oracle the browser and Node are checked against."""
-    from keel.export.ort import session
+    from keel.runtime.ort import session
 
     sess = session(onnx_path)
     names = [i.name for i in sess.get_inputs()]
