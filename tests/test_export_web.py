@@ -102,8 +102,8 @@ def web(tmp_path_factory):
 
 
 def test_the_folder_is_transformers_js_layout_with_the_labels_and_the_inputs_it_feeds(web):
-    from keel.runtime.ort import session
     from keel.io import verify_manifest
+    from keel.runtime.ort import session
 
     folder, oracle = web
     verify_manifest(folder)

@@ -23,10 +23,10 @@ import numpy as np
 
 from keel.errors import KeelError
 from keel.export.onnx import _parity_texts, load_classifier
-from keel.runtime.ort import session
 from keel.export.web import write_model_files, write_standard_graph
 from keel.io import atomic_dir, writes_run
 from keel.rundir import export_dir
+from keel.runtime.ort import session
 
 MOBILE = "mobile"
 MODELS = ("model", "model_quantized")
