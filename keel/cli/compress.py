@@ -12,8 +12,15 @@ from keel.progress import esc, out
 def export(
     run_dir: str = typer.Argument(..., help="a run directory"),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="also write an int8 ONNX Runtime model"),
+    target: str = typer.Option(
+        "onnx", help="onnx (keel's runtime), web (a Transformers.js folder + demo page) or mobile (ORT format)"
+    ),
 ) -> None:
     """Export a classifier to ONNX (checked against PyTorch) and, by default, int8 for ONNX Runtime."""
+    if target != "onnx":
+        from keel.cli.edge import export_edge
+
+        return export_edge(run_dir, target)
     from keel.export.onnx import FP32, INT8, export_dir, export_onnx
 
     result = export_onnx(run_dir, int8=int8)
