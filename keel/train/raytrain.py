@@ -25,8 +25,15 @@ from keel.errors import KeelError
 logger = logging.getLogger(__name__)
 
 # What a worker needs from the driver's environment (offline hub, keel's cache, thread counts)
-PASSED_ENV = ("KEEL_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE",
-              "TOKENIZERS_PARALLELISM", "PYTHONPATH")
+PASSED_ENV = (
+    "KEEL_CACHE_DIR",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "PYTHONPATH",
+)
 
 
 def train_on_ray(recipe, address: str | None, resume: bool = False) -> Path:
@@ -69,8 +76,9 @@ def train_on_ray(recipe, address: str | None, resume: bool = False) -> Path:
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
-            "recipe": recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(run_dir)})})
-            .model_dump(mode="json"),
+            "recipe": recipe.model_copy(
+                update={"output": recipe.output.model_copy(update={"dir": str(run_dir)})}
+            ).model_dump(mode="json"),
             "cwd": os.getcwd(),
             "resume": resume,
         },

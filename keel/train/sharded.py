@@ -73,7 +73,9 @@ def shard(model, parallel, device):
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     if device.type != "cuda" and parallel.cpu_offload:
-        raise KeelError("train.parallel.cpu_offload moves GPU shards to the CPU; on CPU set train.parallel.cpu_offload=false")
+        raise KeelError(
+            "train.parallel.cpu_offload moves GPU shards to the CPU; on CPU set train.parallel.cpu_offload=false"
+        )
     if device.type != "cuda" and parallel.param_dtype == "float16":
         raise KeelError("train.parallel.param_dtype float16 needs a CUDA GPU; use bfloat16 or float32 on CPU")
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
