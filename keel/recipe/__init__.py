@@ -183,6 +183,7 @@ PATH_FIELDS = (
     "federated.server.root_certificate",
     "federated.server.certificate",
     "federated.server.private_key",
+    "train.parallel.ray.storage",
 )
 # A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
 MODEL_FIELDS = ("model.name", "compress.distill.student")
