@@ -169,5 +169,6 @@ def test_sharded_resume_on_one_process_continues_the_epoch(runs):
     # one process, batch 8: the 8 examples left end epoch 1 (as in the 2-process run), then 9 steps of epoch 2
     assert [(r["step"], r["epoch"], r["samples"]) for r in got[4:6]] == [(5, 1, 72), (6, 2, 80)]
     assert got[-1]["step"] == 14 and got[-1]["samples"] == 144
+    assert got[-1]["lr"] == 0.0  # the linear schedule was re-planned to end with the steps this size takes
     assert json.loads((work / "runs/one/checkpoints/step-00000014/state.json").read_text())["world_size"] == 1
     assert (work / "runs/one/model/model.safetensors").is_file()

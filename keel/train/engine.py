@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -219,12 +220,16 @@ def train(
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = build_optimizer(run.model, recipe)  # unwrapped (prepare may wrap run.optimizer): checkpoints hold it
     run.optimizer = optimizer
-    scheduler = run.scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
-        optimizer,
-        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+
+    def make_scheduler(total: int):
+        return get_scheduler(
+            "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+            optimizer,
+            num_warmup_steps=round(cfg.warmup_ratio * total),
+            num_training_steps=total,
+        )
+
+    scheduler = run.scheduler = make_scheduler(total_steps)
 
     # -- resume -----------------------------------------------------------------------------------
     restored_rng = None
@@ -246,8 +251,18 @@ def train(
             logger.warning(f"resuming with changed settings: {', '.join(loaded.changed)}")
         if loaded.optimizer is not None:  # a sharded checkpoint was loaded into the optimiser in place
             optimizer.load_state_dict(loaded.optimizer)
-        scheduler.load_state_dict(loaded.scheduler)
         state = run.state = loaded.state
+        if loaded.world_size not in (None, world):
+            # a sharded checkpoint of another number of processes: the plan is the steps done plus those the data
+            # left gives at this size, and the schedule ends with them (the optimiser's current lr is kept)
+            done_in_epoch = math.ceil(state.batch_in_epoch / cfg.grad_accum_steps)
+            left = max(0, steps_per_epoch - done_in_epoch) + max(0, cfg.epochs - state.epoch - 1) * steps_per_epoch
+            total_steps = min(state.step + left, cfg.max_steps or state.step + left)
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            scheduler = run.scheduler = make_scheduler(total_steps)
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+        scheduler.load_state_dict(loaded.scheduler)
         restored_rng = loaded.rng
         logger.info(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
     if resume:

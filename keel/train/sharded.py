@@ -219,7 +219,8 @@ def load_checkpoint(path: Path, model, optimizer, recipe, rank: int, world_size:
             f"resuming a checkpoint of {saved_world} processes on {world_size}: the epoch continues after the "
             "same examples (rounded up to a whole step); dropout RNG starts again from the seed"
         )
-    return Loaded(state, None, doc["scheduler"], rng, (path / "recipe.yaml").read_text(), doc["recipe_sha256"], path)
+    recipe_yaml = (path / "recipe.yaml").read_text()
+    return Loaded(state, None, doc["scheduler"], rng, recipe_yaml, doc["recipe_sha256"], path, world_size=saved_world)
 
 
 def rescale_position(batch_in_epoch: int, batch_size: int, saved_world: int, world_size: int) -> int:
