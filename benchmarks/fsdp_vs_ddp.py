@@ -156,8 +156,12 @@ def main() -> None:
         summary[strategy] = {
             "step_seconds_best": min(x["step_seconds"] for x in mine),
             "peak_rss_mb_max": max(max(x["peak_rss_mb_per_process"]) for x in mine),
-            "training_memory_mb_max": max(
-                max(p - s for p, s in zip(x["peak_rss_mb_per_process"], x["rss_at_start_mb_per_process"])) for x in mine
+            "training_memory_mb_max": round(
+                max(
+                    max(p - s for p, s in zip(x["peak_rss_mb_per_process"], x["rss_at_start_mb_per_process"]))
+                    for x in mine
+                ),
+                1,
             ),
         }
     result = {
