@@ -275,9 +275,10 @@ def _config(**fields):
 
 
 def test_fewshot_run_adds_labels_keeps_old_ones_and_loads_like_any_run(source_run):
-    from keel.evaluate import load_trained, predict
+    from keel.evaluate import predict
     from keel.fewshot.adapt import add_labels
     from keel.recipe import load_recipe
+    from keel.runtime.load import load_trained
     from keel.serve.engines import load_engine
 
     run_dir, support = source_run

@@ -86,9 +86,9 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
     """Fit the new run from ``run_dir`` and a support file; returns what fewshot.json records."""
     import torch
 
-    from keel.evaluate import load_trained
     from keel.fewshot.support import read_support
     from keel.fewshot.train import contrastive_finetune, episodic_train
+    from keel.runtime.load import load_trained
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()

@@ -67,7 +67,7 @@ class Session:
             raise DataError("--batch-size and --rounds must be at least 1")
         from keel.data.load import column_mapping
         from keel.data.splits import load_frozen
-        from keel.evaluate import load_trained
+        from keel.runtime.load import load_trained
 
         self.run_dir = Path(run_dir)
         trained = load_trained(self.run_dir)  # checked against its manifest first

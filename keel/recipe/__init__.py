@@ -188,6 +188,7 @@ PATH_FIELDS = (
     "federated.server.certificate",
     "federated.server.private_key",
     "fewshot.output_dir",
+    "train.parallel.ray.storage",
 )
 # A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
 MODEL_FIELDS = ("model.name", "compress.distill.student")
