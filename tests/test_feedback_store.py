@@ -123,7 +123,9 @@ def test_feedback_rows_name_what_does_not_fit():
 
 
 def test_label_feedback_keeps_the_latest_label_and_a_stable_holdout():
-    rows = [_row(i, id=i + 1, input_text=f"text {i % 40}", input_sha256=sha256_text(f"text {i % 40}")) for i in range(80)]
+    rows = [
+        _row(i, id=i + 1, input_text=f"text {i % 40}", input_sha256=sha256_text(f"text {i % 40}")) for i in range(80)
+    ]
     rows[-1]["label"] = "neg"  # text 39 corrected again: the later label wins
     fb = label_feedback(rows, LABELS, holdout=0.25)
     assert len(fb.train) + len(fb.heldout) == 40 and fb.last_id == 80

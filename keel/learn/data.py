@@ -63,7 +63,11 @@ def label_feedback(rows: list[dict], labels: list[str], holdout: float) -> Feedb
 def replay_sample(train: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """``n`` rows of the run's training split (all of it when it is smaller), drawn with ``seed``."""
     n = min(n, len(train))
-    return train.sample(n=n, random_state=seed)[["text", "label"]].reset_index(drop=True) if n else train[:0][["text", "label"]]
+    return (
+        train.sample(n=n, random_state=seed)[["text", "label"]].reset_index(drop=True)
+        if n
+        else train[:0][["text", "label"]]
+    )
 
 
 def mixed(feedback: pd.DataFrame, replay: pd.DataFrame, seed: int) -> pd.DataFrame:

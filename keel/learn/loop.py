@@ -51,6 +51,9 @@ def _check_run(run_dir: Path, recipe: Recipe) -> None:
         )
     if not (run_dir / "model" / "keel.json").is_file():
         raise KeelError(f"{run_dir} has no final model yet (model/ is missing); finish training first")
+    from keel.secure.seal import refuse_plain_outputs
+
+    refuse_plain_outputs(run_dir, "learn")  # a challenger's weights would be plaintext beside a sealed run
 
 
 def score(model_dir: Path, frame, batch_size: int = 64) -> dict:
@@ -103,6 +106,26 @@ def challenger_recipe(recipe: Recipe, champion_model: Path, data_file: Path, cfg
             "compress": None,
             "output": recipe.output.model_copy(update={"dir": None}),
         }
+    )
+
+
+def decide(figures: dict, margin: float, max_old_drop: float) -> tuple[bool, str]:
+    """Promote only when the challenger gains at least ``margin`` accuracy on the new data and loses at most
+    ``max_old_drop`` on the old (a run without a validation split is judged on the new data alone). Adds the
+    gain and the drop to ``figures``; returns (promote, why)."""
+    new, old = figures["new"], figures["old"]
+    gain = new["challenger"] - new["champion"]
+    drop = old["champion"] - old["challenger"] if old["n"] else 0.0
+    new["gain"], old["drop"] = round(gain, 6), round(drop, 6)
+    if gain < margin - 1e-9:  # float noise does not refuse a gain equal to the margin
+        return False, f"refused: gain {gain:+.4f} on the feedback's held-out part is below learn.margin={margin}"
+    if drop > max_old_drop + 1e-9:
+        return False, (
+            f"refused: accuracy on the old validation split drops {drop:.4f}, over learn.max_old_drop={max_old_drop}"
+        )
+    return True, (
+        f"promoted: {gain:+.4f} accuracy on the feedback's held-out part (learn.margin={margin}), "
+        f"{-drop:+.4f} on the old validation split (learn.max_old_drop={max_old_drop})"
     )
 
 
@@ -200,21 +223,7 @@ def learn(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     for key, data in (("old", raw.validation), ("new", fb.heldout)):
         a, b = score(champ_dir, data), score(final, data)
         figures[key].update(champion=a["accuracy"], challenger=b["accuracy"], n=a["n"])
-    gain = figures["new"]["challenger"] - figures["new"]["champion"]
-    old_drop = (
-        figures["old"]["champion"] - figures["old"]["challenger"] if figures["old"]["n"] else 0.0
-    )  # a run without a validation split is judged on the new data alone
-    figures["new"]["gain"], figures["old"]["drop"] = round(gain, 6), round(old_drop, 6)
-    promote = gain >= cfg.margin and old_drop <= cfg.max_old_drop
-    if promote:
-        why = (
-            f"promoted: +{gain:.4f} accuracy on the feedback's held-out part (margin {cfg.margin}), "
-            f"{old_drop:+.4f} drop on the old validation split (bound {cfg.max_old_drop})"
-        )
-    elif gain < cfg.margin:
-        why = f"refused: gain {gain:+.4f} on the feedback's held-out part is below learn.margin={cfg.margin}"
-    else:
-        why = f"refused: accuracy on the old validation split drops {old_drop:.4f}, over learn.max_old_drop={cfg.max_old_drop}"
+    promote, why = decide(figures, cfg.margin, cfg.max_old_drop)
     decision.update(
         action="promoted" if promote else "refused",
         why=why,
@@ -224,9 +233,7 @@ def learn(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     )
     decision["file"] = str(_write_decision(run_dir, decision))  # the decision first, then the state it leads to
     if promote:
-        state.update(
-            current=version, history=[*state["history"], version], learned_through=fb.last_id, round=n
-        )
+        state.update(current=version, history=[*state["history"], version], learned_through=fb.last_id, round=n)
         atomic_write_json(rundir.learn_state_file(run_dir), state)
         _prune(run_dir, state, cfg.keep)
     else:  # its figures are in the decision; its weights would only take space

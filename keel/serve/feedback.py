@@ -23,6 +23,9 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from keel.serve import protocol as P
+from keel.serve.errors import ServeError
+
 logger = logging.getLogger(__name__)
 
 SCHEMA = """
@@ -204,15 +207,13 @@ class ResponseLog:
 
 def feedback_row(body, entry: dict, labels: list[str]) -> dict:
     """The database row for a feedback request about ``entry``; ServeError naming the field when it does not fit."""
-    from keel.serve.errors import ServeError
 
     items, route = entry["items"], entry["route"]
     kinds = [k for k in ("label", "thumbs", "preference") if getattr(body, k) is not None]
     if len(kinds) != 1:
         raise ServeError(
             400,
-            "send exactly one of label, thumbs or preference"
-            + (f"; got {' and '.join(kinds)}" if kinds else ""),
+            "send exactly one of label, thumbs or preference" + (f"; got {' and '.join(kinds)}" if kinds else ""),
             kinds[1] if len(kinds) > 1 else "label",
             "invalid_value",
         )
@@ -235,7 +236,9 @@ def feedback_row(body, entry: dict, labels: list[str]) -> dict:
                     "invalid_value",
                 )
         if chosen == rejected:
-            raise ServeError(400, "preference.chosen and preference.rejected must differ", "preference", "invalid_value")
+            raise ServeError(
+                400, "preference.chosen and preference.rejected must differ", "preference", "invalid_value"
+            )
         a, b = items[chosen], items[rejected]
         row.update(model_version=a["version"], model_sha256=a["model_sha256"])
         if a["input_sha256"] != b["input_sha256"]:
@@ -246,7 +249,10 @@ def feedback_row(body, entry: dict, labels: list[str]) -> dict:
         return row
     if body.index >= len(items):
         raise ServeError(
-            400, f"index is {body.index}, but response {body.response_id} has {len(items)} item(s)", "index", "invalid_value"
+            400,
+            f"index is {body.index}, but response {body.response_id} has {len(items)} item(s)",
+            "index",
+            "invalid_value",
         )
     item = items[body.index]
     row.update(model_version=item["version"], model_sha256=item["model_sha256"])
@@ -257,7 +263,10 @@ def feedback_row(body, entry: dict, labels: list[str]) -> dict:
             raise ServeError(400, "label feedback is for /v1/classify responses; send thumbs or preference", "label")
         if body.label not in labels:
             raise ServeError(
-                400, f"label '{body.label}' is not one of the model's labels ({', '.join(labels)})", "label", "invalid_value"
+                400,
+                f"label '{body.label}' is not one of the model's labels ({', '.join(labels)})",
+                "label",
+                "invalid_value",
             )
         row["label"] = body.label
     else:
@@ -266,9 +275,6 @@ def feedback_row(body, entry: dict, labels: list[str]) -> dict:
 
 
 def add_feedback_routes(app, state, errors: dict) -> None:
-    from keel.serve import protocol as P
-    from keel.serve.errors import ServeError
-
     @app.post(
         "/v1/feedback",
         response_model=P.FeedbackResponse,
