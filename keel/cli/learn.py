@@ -33,7 +33,7 @@ def learn(
 
         decision = _learn(run_dir, overrides)
     out.print(f"[bold]{decision['action']}[/]: {esc(decision['why'])}")
-    for key, figures in (decision.get("figures") or {}).items():
+    for figures in (decision.get("figures") or {}).values():
         out.print(
             f"  {esc(figures['set'])} ({figures['n']} texts): champion {_pct(figures['champion'])}, "
             f"challenger {_pct(figures['challenger'])}"

@@ -118,13 +118,11 @@ def decide(figures: dict, margin: float, max_old_drop: float) -> tuple[bool, str
     drop = old["champion"] - old["challenger"] if old["n"] else 0.0
     new["gain"], old["drop"] = round(gain, 6), round(drop, 6)
     if gain < margin - 1e-9:  # float noise does not refuse a gain equal to the margin
-        return False, f"refused: gain {gain:+.4f} on the feedback's held-out part is below learn.margin={margin}"
+        return False, f"gain {gain:+.4f} on the feedback's held-out part is below learn.margin={margin}"
     if drop > max_old_drop + 1e-9:
-        return False, (
-            f"refused: accuracy on the old validation split drops {drop:.4f}, over learn.max_old_drop={max_old_drop}"
-        )
+        return False, (f"accuracy on the old validation split drops {drop:.4f}, over learn.max_old_drop={max_old_drop}")
     return True, (
-        f"promoted: {gain:+.4f} accuracy on the feedback's held-out part (learn.margin={margin}), "
+        f"{gain:+.4f} accuracy on the feedback's held-out part (learn.margin={margin}), "
         f"{-drop:+.4f} on the old validation split (learn.max_old_drop={max_old_drop})"
     )
 
@@ -238,7 +236,6 @@ def learn(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
         _prune(run_dir, state, cfg.keep)
     else:  # its figures are in the decision; its weights would only take space
         shutil.rmtree(final, ignore_errors=True)
-    logger.info(why)
     return decision
 
 
@@ -262,7 +259,7 @@ def rollback(run_dir: str | Path) -> dict:
         "round": n,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "action": "rollback",
-        "why": f"rolled back by command: {current} -> {previous}",
+        "why": f"by command: {current} -> {previous}",
         "champion": current,
         "now_serving": previous,
     }
