@@ -12,8 +12,12 @@ challenger serves and the arms show what replay does; the decision the default g
 After each round the served version is scored on the old test split (the run's frozen test split, no topic
 tweets) and on a fixed test set of the new topic (held-back tweets never fed back).
 
-    .venv/bin/python benchmarks/drift.py                       # ~ a few minutes on 2 CPU cores
+    .venv/bin/python benchmarks/drift.py                       # not yet run to the end on an idle machine
     .venv/bin/python benchmarks/drift.py --rounds 2 --per-round 80
+
+On a 2-core machine shared by many processes (load ~20) a MiniLM step took ~40 s, so a round took ~6 minutes; at
+--train 320 for one epoch the base run had learned nothing (a constant prediction), which makes the figure
+meaningless: give it an idle machine or a GPU.
 
 Writes benchmarks/results/drift-<device>.json and drift-<device>.svg (accuracy per round, both arms, both sets).
 """
@@ -40,9 +44,9 @@ data:
   split: {{validation: 0.1, test: 0.15, seed: 0}}
   max_train_samples: {train}
   max_eval_samples: 300
-train: {{epochs: 1, batch_size: 16, lr: 5.0e-5, num_threads: 2, seed: 0}}
+train: {{epochs: 2, batch_size: 16, lr: 1.0e-4, num_threads: 2, seed: 0}}
 serve: {{feedback: {{store_text: true}}}}
-learn: {{epochs: 2, lr: 5.0e-5, margin: -1.0, max_old_drop: 1.0, min_feedback: 8, holdout: 0.25}}
+learn: {{epochs: 2, lr: 1.0e-4, margin: -1.0, max_old_drop: 1.0, min_feedback: 8, holdout: 0.25}}
 """
 
 
