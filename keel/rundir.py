@@ -19,6 +19,10 @@ but errors, io, recipe and progress, so anything may import it.
       export/            onnx/, onnx-int8/, onnx-static-int8/ of the teacher; compressed stages have their own export/
       bench.json         every variant measured side by side
       report.html        one self-contained page
+      feedback/          feedback.sqlite (append-only, WAL): what `POST /v1/feedback` acknowledged (keel/serve/feedback.py)
+      learn/             `keel learn`: v0001/, v0002/, ... (each a small run dir: model/ recipe.yaml splits/ train.json),
+                         decisions/NNNN.json (every promotion, refusal and rollback: why, figures), state.json (the
+                         version served now, the promoted history, the feedback already learned from)
       .keel.lock         while a process writes to the run: its PID and command (keel.io.acquire_run_lock)
 
 A variant is ``<stage>-<backend>`` (``pruned-onnx-int8``); the legacy names ``torch``, ``onnx``, ``onnx-int8``,
@@ -46,6 +50,9 @@ logger = logging.getLogger(__name__)
 SPLITS = "splits"  # the frozen splits (keel/data/splits.py)
 ROUNDS = "federated"  # a federated run's round checkpoints
 STAGES = ("student", "pruned")  # the compression stages, in order; the teacher is the run itself
+FEEDBACK = "feedback"  # the server's feedback database
+LEARN = "learn"  # `keel learn`: model versions side by side, decisions, state.json
+BASE_VERSION = "base"  # the run's own model/, before any promotion
 
 
 # -- layout --------------------------------------------------------------------------------------------
@@ -123,6 +130,45 @@ def serve_variant(run_dir: str | Path, backend: str = "auto") -> str:
         if (export_dir(run_dir, name) / "manifest.json").is_file():
             return name
     return "torch"
+
+
+def feedback_db(run_dir: str | Path) -> Path:
+    return Path(run_dir) / FEEDBACK / "feedback.sqlite"
+
+
+def learn_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LEARN
+
+
+def learn_state_file(run_dir: str | Path) -> Path:
+    """What a server polls to notice a promotion or a rollback (written atomically by `keel learn`)."""
+    return learn_dir(run_dir) / "state.json"
+
+
+def learn_state(run_dir: str | Path) -> dict:
+    """``{"current": version, "history": [promoted versions, oldest first], "learned_through": feedback row id}``."""
+    state = read_json(learn_state_file(run_dir))
+    state.setdefault("current", BASE_VERSION)
+    state.setdefault("history", [BASE_VERSION])
+    state.setdefault("learned_through", 0)
+    return state
+
+
+def version_name(n: int) -> str:
+    return f"v{n:04d}"
+
+
+def version_dir(run_dir: str | Path, version: str) -> Path:
+    """The run folder of a model version: the run itself for ``base``, else learn/<version>/."""
+    return Path(run_dir) if version == BASE_VERSION else learn_dir(run_dir) / version
+
+
+def current_version(run_dir: str | Path) -> str:
+    return learn_state(run_dir)["current"]
+
+
+def decisions_dir(run_dir: str | Path) -> Path:
+    return learn_dir(run_dir) / "decisions"
 
 
 # -- lifecycle -----------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ ROUTES = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
     ("POST", "/v1/embeddings", {"input": "hi"}),
     ("POST", "/v1/classify", {"input": "hi"}),
+    ("POST", "/v1/feedback", {"response_id": "cmpl-x", "thumbs": "up"}),
     ("GET", "/metrics", None),
     ("GET", "/docs", None),
     ("GET", "/openapi.json", None),

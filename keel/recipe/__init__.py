@@ -28,6 +28,7 @@ from keel.recipe.data import Columns, DataConfig, ModelConfig, SplitConfig
 from keel.recipe.federated import FederatedConfig
 from keel.recipe.fewshot import FewshotConfig
 from keel.recipe.generative import AlignConfig, LoraConfig, PretrainConfig, SFTConfig
+from keel.recipe.learn import FeedbackConfig, LearnConfig
 from keel.recipe.serve import OutputConfig, ServeConfig
 from keel.recipe.train import EarlyStopping, PrivacyConfig, TrainConfig
 from keel.recipe.trust import AuditConfig, ExplainConfig, FairnessConfig, FairnessGates
@@ -47,6 +48,8 @@ __all__ = [
     "FairnessConfig",
     "FairnessGates",
     "FederatedConfig",
+    "FeedbackConfig",
+    "LearnConfig",
     "LoraConfig",
     "MODEL_FIELDS",
     "ModelConfig",
@@ -92,6 +95,7 @@ class Recipe(Strict):
     federated: FederatedConfig | None = Field(None, description="federated learning across sites (keel federate)")
     audit: AuditConfig | None = Field(None, description="explanations, fairness audit and gates")
     fewshot: FewshotConfig | None = Field(None, description="new labels from a few examples each (keel fewshot)")
+    learn: LearnConfig | None = Field(None, description="keel learn: learning from served feedback; null = defaults")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Recipe:

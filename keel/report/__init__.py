@@ -410,6 +410,9 @@ SECTIONS = [
 from keel.secure.sbom import section_provenance  # noqa: E402  (SBOM and the hashes of what went in)
 
 SECTIONS.insert(SECTIONS.index(section_recipe), section_provenance)
+from keel.report.learn import section_learn  # noqa: E402  (keel learn's decisions)
+
+SECTIONS.insert(SECTIONS.index(section_provenance), section_learn)
 
 
 def _build(section, run_dir: Path, ctx: dict) -> str | None:

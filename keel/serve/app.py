@@ -1,6 +1,11 @@
 """The FastAPI app: routes, lifespan (load, warm up, ready), metrics per request.
 
-``build_app(engine, config, key_digests)`` returns an ASGI app (the FastAPI app inside keel's guard).
+``build_app(engine, config, key_digests, run_dir)`` returns an ASGI app (the FastAPI app inside keel's guard).
+
+Serving a run directory, every classify/chat/completion response is remembered for `POST /v1/feedback`
+(keel/serve/feedback.py), and a classifier run's model version (keel/rundir.py's learn/state.json, which
+`keel learn` writes) is polled: a promoted or rolled-back version is loaded and warmed up beside the one serving,
+then swapped in between batches (a batch in flight finishes on the model it started on), so no request fails.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import Response as RawResponse
@@ -50,11 +56,37 @@ class State:
         self.scheduler = None
         self.pool = None  # the model's one worker thread (set at start-up)
         self.created = P.now()
+        self.run_dir: Path | None = None  # the served run directory (feedback, model versions), if one is served
+        self.feedback = None  # keel.serve.feedback.FeedbackStore, when feedback is on
+        self.feedback_off = "feedback is off"  # why, when it is
+        self.responses = None  # keel.serve.feedback.ResponseLog
+        self.swaps = 0  # model versions swapped in since start
+
+    def remember(self, response_id: str, route: str, version: str, sha: str, items: list[dict]) -> None:
+        if self.responses is not None:
+            self.responses.add(response_id, route, version, sha, items)
 
 
-def build_app(engine: Engine, config, key_digests: list[bytes]):
+def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | Path | None = None):
+    from keel.serve.feedback import ResponseLog
+
     metrics = Metrics()
     state = State(engine, config, metrics)
+    fb = config.feedback
+    state.run_dir = Path(run_dir) if run_dir is not None else None
+    if fb.enabled and state.run_dir is not None:
+        state.responses = ResponseLog(fb.remember, fb.store_text)
+    elif fb.enabled:
+        state.feedback_off = f"feedback needs a served run directory; {engine.model_id} is a model, not a run"
+    else:
+        state.feedback_off = "feedback is off (serve.feedback.enabled: false)"
+
+    def classify_rows(texts: list[str]) -> list[dict]:  # on the model thread; the engine may be swapped between
+        served = state.engine
+        rows = served.classify(texts)
+        for r in rows:
+            r["version"], r["model_sha256"] = served.version, served.model_sha256
+        return rows
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -64,17 +96,23 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
         state.pool = pool
         if "classify" in engine.routes:
             state.batchers["classify"] = DynamicBatcher(
-                engine.classify, "classify", config.max_batch_size, config.max_wait_ms, config.max_queue, metrics, pool
+                classify_rows, "classify", config.max_batch_size, config.max_wait_ms, config.max_queue, metrics, pool
             )
         if "embeddings" in engine.routes:
             state.batchers["embeddings"] = DynamicBatcher(
-                engine.embed, "embeddings", config.max_batch_size, config.max_wait_ms, config.max_queue, metrics, pool
+                lambda texts: state.engine.embed(texts),
+                "embeddings",
+                config.max_batch_size,
+                config.max_wait_ms,
+                config.max_queue,
+                metrics,
+                pool,
             )
         for b in state.batchers.values():
             b.start()
         if "classify" in engine.routes:
             state.explainer = ExplainQueue(
-                engine.explain,
+                lambda *args, **kwargs: state.engine.explain(*args, **kwargs),
                 config.max_queue,
                 metrics,
                 yield_to=lambda: any(b.depth for b in state.batchers.values()),
@@ -85,12 +123,26 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
             state.scheduler = Scheduler(engine.lm, engine.tokenizer, config.max_running, metrics, engine.device)
             state.scheduler.start()
         await _warm_up(state)
+        if state.responses is not None:
+            from keel.rundir import feedback_db
+            from keel.serve.feedback import FeedbackStore
+
+            state.feedback = FeedbackStore(feedback_db(state.run_dir))
+        watcher = None
+        if engine.kind == "classifier" and state.run_dir is not None and fb.poll_s > 0:
+            watcher = asyncio.create_task(_watch_versions(state, fb.poll_s))
         state.ready = True
-        logger.info("ready: %s (%s, %s backend)", engine.model_id, engine.kind, engine.backend)
+        logger.info(
+            "ready: %s (%s, %s backend, version %s)", engine.model_id, engine.kind, engine.backend, engine.version
+        )
         try:
             yield
         finally:
             state.ready = False
+            if watcher is not None:
+                watcher.cancel()
+            if state.feedback is not None:
+                state.feedback.close()
             for b in state.batchers.values():
                 await b.stop()
             if state.explainer:
@@ -176,7 +228,21 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
             for i, (r, e) in enumerate(zip(rows, explanations))
         ]
         n = sum(r["tokens"] for r in rows)
-        return P.ClassifyResponse(data=data, model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n))
+        rid = P.new_id("clf")
+        items = [
+            {
+                "input": t,
+                "output": r["label"],
+                "label": r["label"],
+                "version": r["version"],
+                "model_sha256": r["model_sha256"],
+            }
+            for t, r in zip(texts, rows)
+        ]
+        state.remember(rid, "classify", rows[0]["version"], rows[0]["model_sha256"], items)
+        return P.ClassifyResponse(
+            id=rid, data=data, model=engine.model_id, usage=P.Usage(prompt_tokens=n, total_tokens=n)
+        )
 
     @app.post(
         "/v1/embeddings",
@@ -213,6 +279,9 @@ def build_app(engine: Engine, config, key_digests: list[bytes]):
     from keel.serve.generate import add_generation_routes
 
     add_generation_routes(app, state, ERRORS)
+    from keel.serve.feedback import add_feedback_routes
+
+    add_feedback_routes(app, state, ERRORS)
     known = {r.path for r in app.routes if hasattr(r, "path")}
     return Guard(
         app,
@@ -240,6 +309,43 @@ def _texts(state: State, route: str, model: str | None, inputs) -> list[str]:
             "too_many_inputs",
         )
     return texts
+
+
+async def _watch_versions(state: State, poll_s: float) -> None:
+    """Poll the run's served version; load and warm up a new one off the model thread, then swap it in."""
+    from keel.rundir import current_version
+
+    loop = asyncio.get_running_loop()
+    failed: str | None = None  # a version that would not load is not retried every poll
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            version = current_version(state.run_dir)
+        except Exception:  # a state file being replaced: read it at the next poll
+            continue
+        if version == state.engine.version or version == failed:
+            continue
+        old = state.engine
+        try:
+            new = await loop.run_in_executor(None, _load_warm, state.run_dir, state.config.backend, old)
+        except Exception:
+            logger.exception("version %s did not load; still serving %s", version, old.version)
+            failed = version
+            continue
+        state.engine, failed = new, None  # one reference: the next batch runs on the new model
+        state.swaps += 1
+        logger.info("swapped model version %s -> %s (%s)", old.version, new.version, new.model_sha256[:12])
+
+
+def _load_warm(run_dir: Path, backend: str, old: Engine) -> Engine:
+    """The run's current version, loaded and run once (off the model thread: serving goes on meanwhile)."""
+    from keel.serve.engines import load_engine
+
+    new = load_engine(str(run_dir), backend, old.device)
+    new.forward_batch_size = old.forward_batch_size
+    new.classify(["warm up"])
+    new.embed(["warm up"])
+    return new
 
 
 async def _warm_up(state: State) -> None:

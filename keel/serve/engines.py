@@ -39,6 +39,8 @@ class Engine:
     forward_batch_size: int | None = None  # classify/embeddings: texts per forward pass (None: all at once)
     run_dir: Path | None = None  # a classification run: where explanations load their PyTorch model from
     mitigator: object = None  # the audit's per-group thresholds (keel/trust/mitigation.py), when the run has them
+    version: str = "base"  # the run's model version (`keel learn` promotes others: keel/rundir.py)
+    model_sha256: str = ""  # one hash over the served folder's manifest: which weights answered
     _explainer: object = None
     _explain_checkpoint: Callable[[], None] | None = None  # set while an explanation runs (explain thread)
 
@@ -197,8 +199,18 @@ def _verify_folder(folder: Path) -> None:
         verify_manifest(folder)
 
 
+def folder_digest(folder: Path) -> str:
+    """One SHA-256 over a sealed folder's manifest (the hashes of its files): names the weights that served."""
+    import hashlib
+
+    from keel.io import MANIFEST
+
+    path = Path(folder) / MANIFEST
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
 def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
-    from keel.rundir import serve_variant
+    from keel.rundir import BASE_VERSION, current_version, serve_variant
     from keel.runtime.load import load_trained, sealed_recipe, verified_model
 
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
@@ -207,7 +219,12 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
         if backend not in ("auto", "torch"):
             raise KeelError(f"serve.backend={backend} is for classifiers; {run_dir} is a causal-lm run (use torch)")
         sealed_recipe(run_dir, info)
-        return _load_lm(run_dir / "model", model_id, device)
+        engine = _load_lm(run_dir / "model", model_id, device)
+        engine.model_sha256 = folder_digest(run_dir / "model")
+        return engine
+    version = current_version(run_dir)
+    if version != BASE_VERSION:  # `keel learn` promoted a version: it serves, with PyTorch
+        return load_version(run_dir, version)
     chosen = serve_variant(run_dir, backend)
     t = load_trained(run_dir, chosen)  # checks every file against its manifest
     # /v1/embeddings: the teacher's encoder, loaded (and checked) like the classifier when another variant serves
@@ -226,6 +243,40 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
         labels=list(info["labels"]),
         run_dir=run_dir,
         mitigator=Mitigator.for_run(run_dir, chosen),
+        model_sha256=folder_digest(_variant_folder(run_dir, chosen)),
+    )
+
+
+def _variant_folder(run_dir: Path, variant: str) -> Path:
+    from keel.rundir import export_dir, variant_location
+
+    folder, backend = variant_location(run_dir, variant)
+    return folder / "model" if backend == "torch" or backend.startswith("torchao-") else export_dir(folder, backend)
+
+
+def load_version(run_dir: Path, version: str) -> Engine:
+    """A classifier run's model version (keel/rundir.py's learn/<version>/), served with PyTorch.
+
+    The audit's per-group thresholds were fit to the run's own model, so a learned version serves without them."""
+    from keel.rundir import version_dir
+    from keel.runtime.load import load_trained, verified_model
+
+    folder = version_dir(run_dir, version)
+    info = verified_model(folder)
+    t = load_trained(folder, "torch")
+    encoder = t.model.base_model
+    return Engine(
+        Path(run_dir).name,
+        "classifier",
+        t.tokenizer,
+        t.recipe.model.max_length,
+        "torch",
+        classifier=t.model,
+        encoder=encoder,
+        labels=list(info["labels"]),
+        run_dir=folder,
+        version=version,
+        model_sha256=folder_digest(folder / "model"),
     )
 
 

@@ -55,6 +55,7 @@ def add_generation_routes(app: FastAPI, state, errors: dict) -> None:
             "max_tokens",
             chat=False,
             echo=[p if body.echo else "" for p in prompts],
+            inputs=prompts,
         )
 
     @app.post(
@@ -72,7 +73,14 @@ def add_generation_routes(app: FastAPI, state, errors: dict) -> None:
         _check(state, body, 1, "messages")
         ids = [await _off_loop(state, lambda: state.engine.chat_ids(messages))]
         return await _serve(
-            state, request, body, ids, body.max_completion_tokens or body.max_tokens, _tokens_param(body), chat=True
+            state,
+            request,
+            body,
+            ids,
+            body.max_completion_tokens or body.max_tokens,
+            _tokens_param(body),
+            chat=True,
+            inputs=[json.dumps(messages, ensure_ascii=False)],  # what feedback on it refers to
         )
 
 
@@ -241,7 +249,7 @@ async def _collect(seqs, events, timeout_s, request):
             s.cancelled = True  # a timed-out or abandoned request frees its rows at the next step
 
 
-async def _serve(state, request, body, prompt_ids, max_tokens, tokens_param: str, chat: bool, echo=None):
+async def _serve(state, request, body, prompt_ids, max_tokens, tokens_param: str, chat: bool, echo=None, inputs=None):
     max_new = _max_new(state, prompt_ids, max_tokens, tokens_param, chat)
     n_prompt = sum(len(ids) for ids in prompt_ids)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
@@ -258,6 +266,9 @@ async def _serve(state, request, body, prompt_ids, max_tokens, tokens_param: str
     texts, finish, n_completion = result
     usage = P.Usage(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
     model = state.engine.model_id
+    if inputs is not None:  # for POST /v1/feedback: one item per choice (choice i answers prompt i // n)
+        items = [{"input": inputs[i // body.n], "output": t} for i, t in enumerate(texts)]
+        state.remember(rid, "chat" if chat else "completions", state.engine.version, state.engine.model_sha256, items)
     if chat:
         choices = [
             P.ChatChoice(index=i, message=P.ChatChoiceMessage(content=t), finish_reason=f)

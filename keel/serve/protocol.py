@@ -225,10 +225,35 @@ class Classification(Response):
 
 
 class ClassifyResponse(Response):
+    id: str = Field(..., description="name it in POST /v1/feedback to correct a label")
     object: Literal["list"] = "list"
     data: list[Classification]
     model: str
     usage: Usage
+
+
+# -- feedback -------------------------------------------------------------------------------------
+
+
+class Preference(Request):
+    chosen: int = Field(..., ge=0, description="the index of the better choice")
+    rejected: int = Field(..., ge=0, description="the index of the worse choice (same prompt)")
+
+
+class FeedbackRequest(Request):
+    response_id: str = Field(..., min_length=1, max_length=128, description="the id of an earlier response")
+    index: int = Field(0, ge=0, description="which input (classify) or choice (completions, chat)")
+    label: str | None = Field(None, max_length=512, description="the correct label (classify)")
+    thumbs: Literal["up", "down"] | None = None
+    preference: Preference | None = Field(None, description="between two choices of one response (n >= 2)")
+
+
+class FeedbackResponse(Response):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    response_id: str
+    kind: Literal["label", "thumbs", "preference"]
+    model_version: str = Field(..., description="the model version that served the response")
 
 
 # -- models -----------------------------------------------------------------------------------------

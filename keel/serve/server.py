@@ -111,6 +111,7 @@ def serve(
     from keel.serve.guard import load_key_digests
 
     check_target(target)
+    _check_feedback(target, config)
 
     digests = load_key_digests(key_file)
     check_bind(config.host, bool(digests), allow_no_auth)
@@ -139,7 +140,10 @@ def serve(
     _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
     engine = load_engine(target, config.backend, device)
     engine.forward_batch_size = config.forward_batch_size or (8 if engine.device == "cpu" else None)
-    asgi = build_app(engine, config, digests)
+    from pathlib import Path
+
+    is_run = (Path(target) / "model" / "keel.json").is_file()
+    asgi = build_app(engine, config, digests, run_dir=Path(target) if is_run else None)
     fastapi_app = asgi.app
     host, port = sock.getsockname()[:2]
     scheme = "https" if ssl_certfile else "http"
@@ -166,6 +170,20 @@ def serve(
     out.print("waiting for the model to warm up; /health/ready turns 200 when it has", markup=False)
     out.file.flush()
     server.run(sockets=[sock])
+
+
+def _check_feedback(target: str, config) -> None:
+    """Served texts kept as feedback would be plaintext beside a run sealed at rest: refused before loading."""
+    from pathlib import Path
+
+    from keel.secure.seal import is_sealed
+
+    fb = config.feedback
+    if fb.enabled and fb.store_text and is_sealed(Path(target) / "model"):
+        raise KeelError(
+            f"{target} is sealed, and serve.feedback.store_text would write served texts in plaintext beside it; "
+            "set serve.feedback.store_text=false (feedback keeps their SHA-256) or unseal the run"
+        )
 
 
 def docs_note(has_keys: bool, public_docs: bool) -> str:

@@ -50,6 +50,7 @@ RESUMABLE_CHANGES = (
     "output.dir",
     "compress",
     "serve",
+    "learn",
     "audit.explain",
     "audit.gates",
     "train.privacy.max_physical_batch_size",
