@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test test-fast venv lint format clean
+.PHONY: demo test test-fast venv lint format clean deploy-tools image
 
 venv: $(STAMP)
 
@@ -47,6 +47,16 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix keel tests benchmarks docs
 	$(PY) -m ruff format keel tests benchmarks docs
+
+# Deployment (issue 21): the Helm SDK and kubernetes-validate for tests/test_deploy_helm.py; the serving image,
+# built and checked for real (needs a docker daemon). Without a registry: BASE=local/python-base:3.11-bookworm
+# IMAGE_ARGS=--make-base builds that base with debootstrap first.
+deploy-tools: $(STAMP)
+	$(PIP) install -r requirements-deploy.txt -c constraints.txt
+
+BASE ?= python:3.11-slim-bookworm
+image: $(STAMP)
+	$(PY) benchmarks/container.py --base $(BASE) $(IMAGE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
