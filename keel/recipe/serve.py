@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from keel.recipe.base import Strict
+from keel.recipe.deploy import RayServeConfig
 
 
 class OutputConfig(Strict):
@@ -68,6 +69,7 @@ class ServeConfig(Strict):
         description="an EC public key (PEM file): serve only a run whose model "
         "folders match their `keel sign` signatures, checked before any weight is loaded",
     )
+    ray: RayServeConfig = RayServeConfig()
 
 
 # -- generative models (issue 6): pretraining from scratch, supervised fine-tuning, alignment ------------------

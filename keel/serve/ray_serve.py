@@ -63,6 +63,19 @@ class _Ingress:
         await self.guard(scope, receive, send)
 
 
+def replica_health(state) -> str | None:
+    """Why a replica should be replaced, or None: keel's readiness (what /health/ready answers from) and its
+    batchers' tasks. A draining replica is healthy: it is already on its way out."""
+    if state.draining:
+        return None
+    if not state.ready:
+        return "keel replica is not ready (the model is not loaded and warmed up)"
+    stopped = sorted(name for name, b in state.batchers.items() if b._task is None or b._task.done())
+    if stopped:
+        return f"keel replica's {', '.join(stopped)} batcher stopped; Ray replaces the replica"
+    return None
+
+
 def build_application(target: str, config, key_digests: list[bytes], device: str | None = None):
     """The Ray Serve application: one deployment whose replicas each serve keel's app for ``target``.
 
@@ -87,15 +100,10 @@ def build_application(target: str, config, key_digests: list[bytes], device: str
     @serve.ingress(build_asgi)
     class KeelReplica:
         def check_health(self):
-            """Ray restarts a replica whose check raises: keel's readiness, as /health/ready answers it."""
-            state = self.app.state  # keel's State: what /health/ready answers from
-            if state.draining:
-                return  # a replica shutting down drains; Ray is already replacing it
-            if not state.ready:
-                raise RuntimeError("keel replica is not ready (model not loaded, or its workers stopped)")
-            batchers_down = [name for name, b in state.batchers.items() if b._task is None or b._task.done()]
-            if batchers_down:
-                raise RuntimeError(f"keel replica's {', '.join(batchers_down)} batcher stopped")
+            """Ray replaces a replica whose check raises."""
+            problem = replica_health(self.app.state)
+            if problem:
+                raise RuntimeError(problem)
 
     return serve.deployment(KeelReplica, **deployment_options(config)).bind()
 
@@ -127,12 +135,15 @@ def serve_ray(
 ) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, deploy keel's app on it and block until SIGTERM/Ctrl-C."""
     import os
+    from pathlib import Path
 
     from keel.serve.engines import check_target
     from keel.serve.guard import load_key_digests
     from keel.serve.server import check_bind, docs_note, keys_note, usage_lines
 
     check_target(target)
+    if Path(target).exists():  # replicas do not start in this working directory
+        target = str(Path(target).resolve())
     digests = load_key_digests(key_file)
     check_bind(config.host, bool(digests), allow_no_auth)
     try:
@@ -144,7 +155,11 @@ def serve_ray(
     address = os.environ.get("RAY_ADDRESS")
     console.print(f"[dim]{'joining the Ray cluster at ' + address if address else 'starting a local Ray cluster'}[/]")
     # The replicas import keel from the same place as this process, on this node and on others.
-    ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, TimeoutError) as e:
+        where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray cluster"
+        raise KeelError(f"could not start or join {where} ({type(e).__name__}: {e}); check `ray status`") from None
     stop = threading.Event()
     try:
         serve.start(http_options={"host": config.host, "port": port})
