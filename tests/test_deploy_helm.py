@@ -104,7 +104,11 @@ def test_without_api_keys_the_chart_refuses_to_render_and_says_how():
 def _leaves(values: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in values.items():
-        if isinstance(value, dict) and value and key not in ("serve", "resources", "podSecurityContext", "securityContext"):
+        if (
+            isinstance(value, dict)
+            and value
+            and key not in ("serve", "resources", "podSecurityContext", "securityContext")
+        ):
             keys += _leaves(value, f"{prefix}{key}.")
         else:
             keys.append(prefix + key)

@@ -20,7 +20,9 @@ def test_equal_min_and_max_replicas_is_a_fixed_count_else_autoscaling_on_ongoing
 
     fixed = deployment_options(validate_serve({"ray": {"min_replicas": 2, "max_replicas": 2}}))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
-    config = validate_serve({"drain_timeout": 12, "ray": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}})
+    config = validate_serve(
+        {"drain_timeout": 12, "ray": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}}
+    )
     scaled = deployment_options(config)
     assert "num_replicas" not in scaled
     auto = scaled["autoscaling_config"]
