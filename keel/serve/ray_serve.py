@@ -15,7 +15,7 @@ import socket
 import threading
 
 from keel.errors import KeelError
-from keel.progress import console, out
+from keel.progress import console, esc, out
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ def serve_ray(
         raise KeelError("keel serve --ray needs Ray Serve; pip install 'ray[serve]' (see requirements.txt)") from None
     port = config.port or free_port(config.host)
     address = os.environ.get("RAY_ADDRESS")
-    console.print(f"[dim]{'joining the Ray cluster at ' + address if address else 'starting a local Ray cluster'}[/]")
+    console.print(
+        f"[dim]{'joining the Ray cluster at ' + esc(address) if address else 'starting a local Ray cluster'}[/]"
+    )
     # The replicas import keel from the same place as this process, on this node and on others.
     try:
         ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING)
@@ -164,8 +166,14 @@ def serve_ray(
     try:
         serve.start(http_options={"host": config.host, "port": port})
         replicas = config.ray.min_replicas
-        console.print(f"[dim]deploying {target} on {replicas} replica(s); each loads and warms up the model[/]")
-        serve.run(build_application(target, config, digests, device), name=APP_NAME, route_prefix="/")
+        console.print(f"[dim]deploying {esc(target)} on {replicas} replica(s); each loads and warms up the model[/]")
+        try:
+            serve.run(build_application(target, config, digests, device), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KeelError(
+                f"Ray Serve could not start the replicas ({first}); their traceback is in the log above"
+            ) from None
         shown = f"[{config.host}]" if ":" in config.host else config.host
         url = f"http://{'127.0.0.1' if config.host in ('0.0.0.0', '::') else shown}:{port}"
         ray_cfg = config.ray
@@ -176,7 +184,7 @@ def serve_ray(
             f"target {ray_cfg.target_ongoing_requests:g} ongoing requests each"
         )
         out.print(
-            f"serving [bold]{target}[/] on Ray Serve ({scaling}) at [bold]{url}[/]  "
+            f"serving [bold]{esc(target)}[/] on Ray Serve ({scaling}) at [bold]{url}[/]  "
             f"docs: {url}/docs{docs_note(bool(digests), config.public_docs)}  keys: {keys_note(config.host, bool(digests))}"
         )
         model_id, routes = _model_routes(target)
