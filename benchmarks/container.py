@@ -102,6 +102,18 @@ def tiny_run(workdir: Path) -> Path:
     return run
 
 
+def readable_copy(run: Path, workdir: Path) -> Path:
+    """The run directory (less its checkpoints) with every file readable by the image's user (uid 10001).
+
+    keel's run directories belong to whoever trained them, and the weights Transformers writes are 0600; a real
+    deployment hands them to the container's user the same way (Kubernetes: the pod's fsGroup)."""
+    copy = workdir / "model-mount"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    for path in [copy, *copy.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return copy
+
+
 def wait_ready(url: str, container: str, timeout_s: float = 240) -> float:
     t0, end = time.perf_counter(), time.time() + timeout_s
     while time.time() < end:
@@ -188,13 +200,14 @@ def main() -> None:
     why = docker_ok()
     if why:
         raise SystemExit(f"benchmarks/container.py: {why}")
-    report: dict = {"image": args.image, "base": args.base}
+    report: dict = {"image": args.image}
     if args.make_base:
         make_base(args.base)
     with tempfile.TemporaryDirectory(prefix="keel-image-") as tmp:
         if not args.skip_build:
             context = Path(tmp) / "context"
             context.mkdir()
+            report["base"] = args.base
             report["context"] = stage(context)
             env = dict(os.environ)
             if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode != 0:
@@ -209,7 +222,7 @@ def main() -> None:
         report["image_mb"] = round(int(size) / 2**20)
         run = args.run or tiny_run(Path(tmp))
         report["run"] = str(args.run) if args.run else "the built-in tiny recipe, trained here"
-        report.update(check(args.image, run, args.port))
+        report.update(check(args.image, readable_copy(run, Path(tmp)), args.port))
     for key, value in report.items():
         print(f"{key:>22}: {value}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
