@@ -106,7 +106,7 @@ def readable_copy(run: Path, workdir: Path) -> Path:
     """The run directory (less its checkpoints) with every file readable by the image's user (uid 10001).
 
     keel's run directories belong to whoever trained them, and the weights Transformers writes are 0600; a real
-    deployment hands them to the container's user the same way (Kubernetes: the pod's fsGroup)."""
+    deployment hands them to the container's user the same way (deploy/docker/README.md)."""
     copy = workdir / "model-mount"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
     for path in [copy, *copy.rglob("*")]:
