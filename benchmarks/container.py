@@ -221,7 +221,7 @@ def main() -> None:
         size = sh("docker", "image", "inspect", "-f", "{{.Size}}", args.image).stdout.strip()
         report["image_mb"] = round(int(size) / 2**20)
         run = args.run or tiny_run(Path(tmp))
-        report["run"] = str(args.run) if args.run else "the built-in tiny recipe, trained here"
+        report["run"] = f"{args.run.name} (given)" if args.run else "the built-in tiny recipe, trained here"
         report.update(check(args.image, readable_copy(run, Path(tmp)), args.port))
     for key, value in report.items():
         print(f"{key:>22}: {value}")
