@@ -6,8 +6,8 @@ replica kill costs.
 
 The three servers stay up side by side (each Ray one is its own local cluster) and are measured in alternating
 rounds with the same client (benchmarks/serve_classify.py's keep-alive HTTP/1.1 client, one text a request).
-Then, on the 2-replica deployment under the same load (an httpx client, so that a reset connection is counted and
-not fatal), one replica is SIGKILLed: the failed requests are counted against the requests in flight at the kill,
+Then, on the 2-replica deployment under the same load (the same client, reconnecting after a failed request), one
+replica is SIGKILLed: the failed requests are counted against the requests in flight at the kill,
 with requests/s before the kill, until Ray has replaced the replica, and after. Writes
 benchmarks/results/ray-serve-<device>.json.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import re
@@ -89,19 +90,39 @@ async def kill_under_load(server: RayServer, route: str, concurrency: int, befor
     log: list[tuple[float, float, object]] = []
     stop = asyncio.Event()
 
+    host, port = server.url.removeprefix("http://").split(":")
+
     async def client(i: int):
-        limits = httpx.Limits(max_connections=1)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http:
-            n = 0
-            while not stop.is_set():
-                start = time.monotonic()
-                try:
-                    r = await http.post(f"/v1/{route}", json={"input": text(i * 1000 + n)})
-                    outcome = r.status_code
-                except httpx.HTTPError as e:
-                    outcome = type(e).__name__
-                log.append((start, time.monotonic(), outcome))
-                n += 1
+        # the keep-alive client of the rounds (httpx set the pace there), reconnecting after a failed request
+        reader = writer = None
+        n = 0
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                body = json.dumps({"input": text(i * 1000 + n)}).encode()
+                writer.write(
+                    f"POST /v1/{route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                length = next(int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:"))
+                await reader.readexactly(length)
+                outcome = int(head[0].split()[1])
+                if any(h.lower().replace(" ", "") == "connection:close" for h in head):  # as an HTTP client does
+                    writer.close()
+                    reader = writer = None
+            except (OSError, asyncio.IncompleteReadError, StopIteration) as e:
+                outcome = type(e).__name__
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+            log.append((start, time.monotonic(), outcome))
+            n += 1
+        if writer is not None:
+            writer.close()
 
     replicas = server.replicas()
     tasks = asyncio.gather(*(client(i) for i in range(concurrency)))
@@ -179,7 +200,7 @@ def main() -> None:
                     f"p95 {row['p95_ms']:7.1f} ms  ok {row['ok']}/{row['requests']}",
                     flush=True,
                 )
-        kill = asyncio.run(kill_under_load(servers["ray serve x2"], args.route, args.concurrency, 8.0, 15.0))
+        kill = asyncio.run(kill_under_load(servers["ray serve x2"], args.route, args.concurrency, 15.0, 20.0))
         print("replica kill:", kill, flush=True)
     finally:
         for server in servers.values():
