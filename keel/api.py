@@ -30,8 +30,8 @@ from keel.errors import KeelError
 from keel.io import read_json
 
 if TYPE_CHECKING:
-    from keel.evaluate import Trained
     from keel.recipe import Recipe
+    from keel.runtime.load import Trained
     from keel.trust.explain import Explanation
 
 Overrides = Iterable[str] | Mapping[str, Any] | None
@@ -243,7 +243,7 @@ class Run:
 
     def _trained(self, backend: str) -> Trained:
         if backend not in self._loaded:
-            from keel.evaluate import load_trained
+            from keel.runtime.load import load_trained
 
             offline_defaults()
             _default_logging()

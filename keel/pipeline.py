@@ -48,6 +48,10 @@ def check_recipe(r: Recipe) -> None:
         from keel.compress.budget import check_compress_recipe
 
         check_compress_recipe(r)
+    if r.data.curate is not None:  # the task, the libraries and the probe's model (keel/data/curate)
+        from keel.data.curate.steps import check_curate_recipe
+
+        check_curate_recipe(r)
     if r.train.privacy is not None:  # delta below 1/N, no BatchNorm, one process (keel/trust/privacy.py)
         from keel.trust.privacy import check_privacy_recipe
 

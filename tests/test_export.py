@@ -35,7 +35,7 @@ def test_export_writes_both_variants(exported):
 def test_onnx_matches_pytorch_on_new_shapes(exported):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from keel.export.onnx import OnnxClassifier
+    from keel.runtime.ort import OnnxClassifier
 
     _, run_dir, _ = exported
     tok = AutoTokenizer.from_pretrained(run_dir / "model")

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.export.ort import OnnxClassifier  # noqa: F401  (OnnxClassifier: its old home)
-from keel.export.ort import session as _session
 from keel.io import atomic_dir, writes_run
 from keel.rundir import export_dir
+from keel.runtime.ort import session as _session
 
 FP32, INT8, STATIC_INT8 = "onnx", "onnx-int8", "onnx-static-int8"
 
@@ -78,8 +77,8 @@ def export_onnx(
     False exports the padded graph, as a benchmark's point of comparison)."""
     import torch
 
-    from keel.evaluate import load_trained
     from keel.export.packed import PackedBertClassifier, can_pack
+    from keel.runtime.load import load_trained
     from keel.secure.seal import refuse_plain_outputs
 
     refuse_plain_outputs(run_dir, "export")
@@ -158,7 +157,7 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
     import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     src = export_dir(run_dir, FP32)
     if not (src / "model.onnx").is_file():

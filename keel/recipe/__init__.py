@@ -26,6 +26,7 @@ from keel.recipe.base import Strict
 from keel.recipe.compress import BudgetConfig, CompressConfig, DistillConfig, PruneConfig, QuantizeConfig
 from keel.recipe.data import Columns, DataConfig, ModelConfig, SplitConfig
 from keel.recipe.federated import FederatedConfig
+from keel.recipe.fewshot import FewshotConfig
 from keel.recipe.generative import AlignConfig, LoraConfig, PretrainConfig, SFTConfig
 from keel.recipe.serve import OutputConfig, ServeConfig
 from keel.recipe.train import EarlyStopping, PrivacyConfig, TrainConfig
@@ -90,6 +91,7 @@ class Recipe(Strict):
     align: AlignConfig | None = Field(None, description="alignment from preferences (causal-lm)")
     federated: FederatedConfig | None = Field(None, description="federated learning across sites (keel federate)")
     audit: AuditConfig | None = Field(None, description="explanations, fairness audit and gates")
+    fewshot: FewshotConfig | None = Field(None, description="new labels from a few examples each (keel fewshot)")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Recipe:
@@ -183,6 +185,7 @@ PATH_FIELDS = (
     "federated.server.root_certificate",
     "federated.server.certificate",
     "federated.server.private_key",
+    "fewshot.output_dir",
 )
 # A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
 MODEL_FIELDS = ("model.name", "compress.distill.student")

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from keel.recipe.base import Strict
+from keel.recipe.curate import CurateConfig
 
 
 class ModelConfig(Strict):
@@ -64,6 +65,9 @@ class DataConfig(Strict):
     max_train_samples: int | None = Field(None, ge=1, description="cap on the training split")
     max_eval_samples: int | None = Field(None, ge=1, description="cap on the validation and test splits each")
     dedup: bool = Field(True, description="drop repeated texts before splitting, so no text is in two splits")
+    curate: CurateConfig | None = Field(
+        None, description="curation before the splits are frozen: PII, quality, dedup, label errors; null = none"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -27,13 +27,13 @@ import torch
 from keel.data.prepare import prepare_data
 from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
+from keel.metrics import MetricLog
 from keel.models import model_dir
 from keel.progress import progress
 from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
-from keel.train.metrics import MetricLog
-from keel.train.strategies import Run, Standard, Strategy, epoch_order, shard_batches  # noqa: F401  (re-exported)
+from keel.train.strategies import Run, Standard, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def default_strategy(recipe: Recipe, build_model=None, loss_fn=None) -> Strategy
             "accountant; compress a DP model by quantization only (unset compress.distill/prune)"
         )
     # keel.trust.privacy builds on keel.train.strategies only, never on the engine: no cycle
-    from keel.trust.privacy import DPSGD
+    from keel.train.dpsgd import DPSGD
 
     return DPSGD()
 
