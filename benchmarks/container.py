@@ -60,6 +60,28 @@ def pip_setting(name: str) -> str | None:
     return os.environ.get(f"PIP_{name.upper().replace('-', '_')}")
 
 
+def source_digest(root: Path = ROOT) -> str:
+    """SHA-256 over keel's source and lock files: the image's org.keel.source label, to tell a stale image."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [root / n for n in ("pyproject.toml", "requirements.txt", "constraints.txt")]
+    files += sorted(p for p in (root / "keel").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    for path in files:
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def image_source(image: str) -> str | None:
+    """The org.keel.source label of ``image``, or None when there is no such image."""
+    r = subprocess.run(
+        ["docker", "image", "inspect", "-f", '{{index .Config.Labels "org.keel.source"}}', image],
+        capture_output=True,
+        text=True,
+    )
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
 def stage(context: Path) -> dict:
     """keel's source and lock files, the local torch wheel and pip's CA bundle, as the Dockerfile expects them."""
     for name in ("pyproject.toml", "README.md", "requirements.txt", "constraints.txt"):
@@ -214,6 +236,7 @@ def main() -> None:
                 env["DOCKER_BUILDKIT"] = "0"  # no buildx plugin: the classic builder (the Dockerfile needs no BuildKit)
             t0 = time.perf_counter()
             build = ["docker", "build", "-t", args.image, "--build-arg", f"BASE={args.base}"]
+            build += ["--build-arg", f"KEEL_SOURCE={source_digest()}"]
             if report["context"]["torch_wheels"]:
                 build += ["--build-arg", "TORCH_INDEX="]  # the staged wheel only
             sh(*build, str(context), capture=False, env=env)
