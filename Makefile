@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test test-fast venv lint format clean web-runtime
+.PHONY: demo test test-fast venv lint format clean web-runtime deploy-tools image
 
 venv: $(STAMP)
 
@@ -59,6 +59,16 @@ web-runtime:
 	cp keel/export/web_assets/package.json keel/export/web_assets/package-lock.json "$(WEB_RUNTIME)/"
 	cd "$(WEB_RUNTIME)" && npm ci --no-audit --no-fund --ignore-scripts
 	@echo "web runtime in $(WEB_RUNTIME): keel export RUN_DIR --target web can now run offline"
+
+# Deployment (issue 21): the Helm SDK and kubernetes-validate for tests/test_deploy_helm.py; the serving image,
+# built and checked for real (needs a docker daemon). Without a registry: BASE=local/python-base:3.11-bookworm
+# IMAGE_ARGS=--make-base builds that base with debootstrap first.
+deploy-tools: $(STAMP)
+	$(PIP) install -r requirements-deploy.txt -c constraints.txt
+
+BASE ?= python:3.11-slim-bookworm
+image: $(STAMP)
+	$(PY) benchmarks/container.py --base $(BASE) $(IMAGE_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -122,8 +122,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def write_manifest(folder: Path, extra: dict | None = None) -> None:
     """SHA-256 and size of every file in ``folder``, fsynced, written last."""
     files = {}
+    mode = 0o666 & ~_umask()
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
+            os.chmod(p, mode)  # writers that go through mkstemp (transformers' save_pretrained) leave 0600
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
             files[p.relative_to(folder).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}

@@ -156,3 +156,21 @@ def test_a_changed_setting_is_not_a_reason_to_fall_back(tmp_path):
 
     with pytest.raises(CheckpointError, match="model.name changed"):
         ckpt.resume_point(tmp_path, m, recipe=None, check=check)
+
+
+def test_a_sealed_folder_has_the_usual_file_permissions(tmp_path):
+    """A file written 0600 (as transformers' save_pretrained does) is readable by others once sealed, per the umask:
+    a container's non-root user can then read a run directory mounted read-only."""
+    import os
+    import stat
+
+    from keel.io import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x")
+            os.chmod(tmp / "model.safetensors", 0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o644

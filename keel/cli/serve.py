@@ -26,10 +26,17 @@ def serve(
     ssl_certfile: str | None = typer.Option(None, help="TLS certificate (PEM)"),
     ssl_keyfile: str | None = typer.Option(None, help="TLS private key (PEM)"),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+    ray: bool = typer.Option(
+        False, "--ray", help="serve on Ray Serve: replicas and autoscaling from serve.ray (RAY_ADDRESS joins a cluster)"
+    ),
 ) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
     from keel.serve.server import serve as _serve
     from keel.serve.server import serve_config
 
     config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend)
+    if ray:
+        from keel.cli.deploy import serve_on_ray
+
+        return serve_on_ray(target, config, api_key_file, allow_no_auth, ssl_certfile, device)
     _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from keel.recipe.base import Strict
+from keel.recipe.deploy import RayServeConfig
 from keel.recipe.learn import FeedbackConfig
 
 
@@ -70,6 +71,7 @@ class ServeConfig(Strict):
         "folders match their `keel sign` signatures, checked before any weight is loaded",
     )
     feedback: FeedbackConfig = Field(FeedbackConfig(), description="POST /v1/feedback and model version swaps")
+    ray: RayServeConfig = RayServeConfig()
 
 
 # -- generative models (issue 6): pretraining from scratch, supervised fine-tuning, alignment ------------------

@@ -164,7 +164,9 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
     install_error_handlers(app)
     add_docs_routes(app)  # Swagger UI and ReDoc from keel's own assets: they work offline
 
+    # KServe's v2 paths answer the same probes, so its InferenceService (and other v2 clients) find them.
     @app.get("/health/live", tags=["health"], summary="the process is up")
+    @app.get("/v2/health/live", tags=["health"], summary="the process is up (KServe's path)")
     async def live():
         return {"status": "ok"}
 
@@ -172,6 +174,12 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
         "/health/ready",
         tags=["health"],
         summary="the model is loaded and warmed up (503 while draining)",
+        responses={503: {"model": P.ErrorResponse}},
+    )
+    @app.get(
+        "/v2/health/ready",
+        tags=["health"],
+        summary="the model is loaded and warmed up (503 while draining; KServe's path)",
         responses={503: {"model": P.ErrorResponse}},
     )
     async def ready():

@@ -20,7 +20,7 @@ from pathlib import Path
 from keel.errors import KeelError
 from keel.serve.errors import envelope
 
-OPEN_PATHS = ("/health/live", "/health/ready")
+OPEN_PATHS = ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready")  # keel's and KServe's
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # open to all with serve.public_docs
 DOCS_ASSETS = "/docs/assets/"  # Swagger UI and ReDoc's files (keel/serve/docs.py)
 KEYS_ENV = "KEEL_API_KEYS"
