@@ -39,6 +39,8 @@ class Engine:
     forward_batch_size: int | None = None  # classify/embeddings: texts per forward pass (None: all at once)
     run_dir: Path | None = None  # a classification run: where explanations load their PyTorch model from
     mitigator: object = None  # the audit's per-group thresholds (keel/trust/mitigation.py), when the run has them
+    # generation: makes the scheduler (tokenizer, max_running, metrics); None: keel's own (keel/serve/scheduler.py)
+    scheduler_factory: Callable | None = None
     _explainer: object = None
     _explain_checkpoint: Callable[[], None] | None = None  # set while an explanation runs (explain thread)
 
@@ -161,9 +163,20 @@ def check_target(target: str) -> None:
     resolve_model(target, field="keel serve", what="run directory or model")
 
 
-def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engine:
-    """A run directory, a registry model name or a local model folder -> a ready Engine."""
+def load_engine(
+    target: str, backend: str = "auto", device: str = "cpu", engine: str = "torch", threads: int | None = None
+) -> Engine:
+    """A run directory, a registry model name or a local model folder -> a ready Engine.
+
+    ``engine``: ``torch`` (keel's own) or ``llama.cpp`` (a causal-LM run's GGUF export, keel/serve/llama_engine.py).
+    """
     path = Path(target)
+    if engine == "llama.cpp":
+        if not (path.is_dir() and (path / "model" / "keel.json").is_file()):
+            raise KeelError(f"--engine llama.cpp serves a run directory with a GGUF export; {target} is not one")
+        from keel.serve.llama_engine import load_gguf_engine
+
+        return load_gguf_engine(path, backend, threads)
     if path.is_dir() and (path / "model" / "keel.json").is_file():
         return _load_run(path, backend, device)
     if path.is_dir() and (path / "recipe.yaml").is_file():
