@@ -1,4 +1,4 @@
-"""Every recipe field with its type, default and description, read from the pydantic models in keel/recipe.py
+"""Every recipe field with its type, default and description, read from the pydantic models in keel/recipe/
 (so `keel recipe fields` can never drift from the schema), and `keel init`'s commented copy of a built-in recipe."""
 
 from __future__ import annotations

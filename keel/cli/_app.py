@@ -1,0 +1,38 @@
+"""The shared `keel` Typer app, its root options and the argument types every verb module uses."""
+
+from __future__ import annotations
+
+import typer
+
+from keel.api import offline_defaults
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="keel: from a data set to a trained, evaluated transformer. Start with `keel quickstart`.",
+)
+state = {"debug": False}
+
+RECIPE = typer.Argument(..., help="a recipe .yaml file, or the name of a built-in recipe (see `keel ls`)")
+OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 data.max_train_samples=500")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show full tracebacks")) -> None:
+    state["debug"] = debug
+    offline_defaults()
+    import logging
+
+    from keel.progress import setup_logging
+
+    setup_logging(debug)
+    # one handler prints each line: a library's logging.basicConfig() during a verb (ONNX Runtime's quantizer calls
+    # it) must not print keel's lines a second time through the root logger
+    logging.getLogger("keel").propagate = False
+
+
+def load(recipe: str, overrides):
+    from keel.recipe import load_recipe
+
+    return load_recipe(recipe, overrides)

@@ -1,0 +1,35 @@
+"""`keel serve`: a model behind the OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import typer
+
+from keel.cli._app import app
+
+
+@app.command()
+def serve(
+    target: str = typer.Argument(..., help="a run directory, or a model name (keel ls) or local model folder"),
+    recipe: str | None = typer.Option(
+        None, "--recipe", help="take the serve: section from this recipe (default: the run directory's recipe.yaml)"
+    ),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", help="serve.key=value, e.g. --set serve.max_batch_size=64"
+    ),
+    host: str | None = typer.Option(None, help="bind address (serve.host; default 127.0.0.1)"),
+    port: int | None = typer.Option(None, help="port (serve.port; default 8000; 0 = any free port)"),
+    backend: str | None = typer.Option(
+        None, help="auto (the deployable variant, else onnx-int8, onnx, torch) or a variant name (serve.backend)"
+    ),
+    api_key_file: str | None = typer.Option(None, help="file with one API key per line (or set KEEL_API_KEYS)"),
+    allow_no_auth: bool = typer.Option(False, "--allow-no-auth", help="serve a non-loopback address without keys"),
+    ssl_certfile: str | None = typer.Option(None, help="TLS certificate (PEM)"),
+    ssl_keyfile: str | None = typer.Option(None, help="TLS private key (PEM)"),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
+) -> None:
+    """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
+    from keel.serve.server import serve as _serve
+    from keel.serve.server import serve_config
+
+    config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend)
+    _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
