@@ -197,7 +197,7 @@ def load_engine(
         else (task == "causal-lm" or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_type))
     )
     model_id = spec.name if spec else (folder.name if path.expanduser().is_dir() else target)  # a hub name
-    return _load_lm(folder, model_id, device) if is_lm else _load_encoder(folder, model_id)
+    return _load_lm(folder, model_id, device, backend) if is_lm else _load_encoder(folder, model_id)
 
 
 def _verify_folder(folder: Path) -> None:
@@ -217,10 +217,8 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name
     if info["task"] == "causal-lm":
-        if backend not in ("auto", "torch"):
-            raise KeelError(f"serve.backend={backend} is for classifiers; {run_dir} is a causal-lm run (use torch)")
         sealed_recipe(run_dir, info)
-        return _load_lm(run_dir / "model", model_id, device)
+        return _load_lm(run_dir / "model", model_id, device, backend)
     chosen = serve_variant(run_dir, backend)
     t = load_trained(run_dir, chosen)  # checks every file against its manifest
     # /v1/embeddings: the teacher's encoder, loaded (and checked) like the classifier when another variant serves
@@ -256,8 +254,19 @@ def _load_encoder(folder: Path, model_id: str) -> Engine:
     )
 
 
-def _load_lm(folder: Path, model_id: str, device: str) -> Engine:
+LM_BACKENDS = ("auto", "torch", "torchao-weight-only", "int8-dynamic")
+
+
+def _load_lm(folder: Path, model_id: str, device: str, backend: str = "auto") -> Engine:
+    """``backend``: torch (fp32 on a CPU), torchao-weight-only (torchao's int8 weight-only) or int8-dynamic
+    (PyTorch's fbgemm int8 kernels, activations quantized per step: keel/serve/lm_int8.py)."""
     import torch
+
+    if backend not in LM_BACKENDS:
+        raise KeelError(
+            f"serve.backend={backend} is not one a causal LM is served with; use one of {', '.join(LM_BACKENDS)} "
+            "(or --engine llama.cpp for a GGUF export)"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from keel.secure.seal import is_sealed
@@ -273,5 +282,9 @@ def _load_lm(folder: Path, model_id: str, device: str) -> Engine:
         lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(folder)
     lm = lm.to(device).eval()
+    if backend in ("torchao-weight-only", "int8-dynamic"):
+        from keel.serve.lm_int8 import quantize_lm
+
+        lm = quantize_lm(lm, backend, device)
     context = int(getattr(lm.config, "max_position_embeddings", 2048))
-    return Engine(model_id, "causal-lm", tok, context, "torch", lm=lm, device=device)
+    return Engine(model_id, "causal-lm", tok, context, "torch" if backend == "auto" else backend, lm=lm, device=device)
