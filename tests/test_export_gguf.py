@@ -15,7 +15,9 @@ from keel.export import llama_tools
 needs_converter = pytest.mark.skipif(
     not llama_tools.has_converter(), reason="llama.cpp's converter is not unpacked (make llama-src)"
 )
-needs_llama = pytest.mark.skipif(not llama_tools.has_llama_cpp(), reason="llama-cpp-python is not installed (make llama)")
+needs_llama = pytest.mark.skipif(
+    not llama_tools.has_llama_cpp(), reason="llama-cpp-python is not installed (make llama)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +29,10 @@ def scratch_lm(tmp_path_factory):
 
     from keel.pretrain import train_tokenizer
 
-    texts = [f"the {w} number {i} went to the market and came back with {i % 5} apples" for i, w in enumerate(
-        ["cat", "dog", "bird", "fish", "horse", "cow"] * 20
-    )]
+    texts = [
+        f"the {w} number {i} went to the market and came back with {i % 5} apples"
+        for i, w in enumerate(["cat", "dog", "bird", "fish", "horse", "cow"] * 20)
+    ]
     tok = train_tokenizer(texts, vocab_size=300, min_frequency=1)
     config = LlamaConfig(
         vocab_size=len(tok),

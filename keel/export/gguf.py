@@ -215,15 +215,35 @@ def export_gguf(run_dir: str | Path, quant: str = "f16", n_blocks: int = 16, n_p
     block = min(t.recipe.model.max_length, n_ctx)
     blocks, source = heldout(run_dir, t, n_blocks, block)
     prompts = [b[: max(2, min(16, len(b) // 2))] for b in blocks[:n_prompts]]
-    start = time.perf_counter()
     final = export_dir(run_dir, variant(quant))
-    with atomic_dir(final) as tmp, tempfile.TemporaryDirectory(dir=run_dir) as scratch:
+    return write_export(
+        final, run_dir / "model", model, t.tokenizer, quant, blocks, source, prompts, n_ctx, t.info, run_dir
+    )
+
+
+def write_export(
+    final: Path,
+    model_dir: Path,
+    model,
+    tokenizer,
+    quant: str,
+    blocks: list[list[int]],
+    source: str,
+    prompts: list[list[int]],
+    n_ctx: int,
+    info: dict,
+    scratch_parent: Path | None = None,
+) -> dict:
+    """Convert (and quantize) ``model_dir`` into the sealed folder ``final``: model.gguf, the tokenizer, keel.json
+    with the parity figures. Nothing is written when the check fails. Returns keel.json."""
+    start = time.perf_counter()
+    with atomic_dir(final) as tmp, tempfile.TemporaryDirectory(dir=scratch_parent) as scratch:
         out = tmp / "model.gguf"
         if quant == "f16":
-            convert(run_dir / "model", out, "f16")
+            convert(model_dir, out, "f16")
         else:
-            quantize(convert(run_dir / "model", Path(scratch) / "model-f32.gguf", "f32"), out, quant)
-        figures = parity(model, t.tokenizer, out, blocks, prompts, n_ctx)
+            quantize(convert(model_dir, Path(scratch) / "model-f32.gguf", "f32"), out, quant)
+        figures = parity(model, tokenizer, out, blocks, prompts, n_ctx)
         figures["heldout"] = source
         limit = MAX_PPL_RATIO[quant]
         if not figures["perplexity_ratio"] <= limit:
@@ -232,9 +252,9 @@ def export_gguf(run_dir: str | Path, quant: str = "f16", n_blocks: int = 16, n_p
                 f"{figures['perplexity_torch']:.3f} (ratio {figures['perplexity_ratio']:.3f} > {limit}); "
                 "nothing was written: try --quant f16 or q8_0"
             )
-        t.tokenizer.save_pretrained(tmp)  # keel serve --engine llama.cpp tokenizes as the PyTorch model does
+        tokenizer.save_pretrained(tmp)  # keel serve --engine llama.cpp tokenizes as the PyTorch model does
         meta = {
-            **t.info,
+            **info,
             "variant": variant(quant),
             "quant": quant,
             "format": "gguf",

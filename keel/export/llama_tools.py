@@ -33,7 +33,9 @@ def converter_dir() -> Path:
 
 def has_converter() -> bool:
     d = converter_dir()
-    return all((d / p).is_file() for p in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py"))
+    return all(
+        (d / p).is_file() for p in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py")
+    )
 
 
 def require_converter() -> Path:

@@ -158,6 +158,8 @@ def check_target(target: str) -> None:
     path = Path(target)
     if path.is_dir() and ((path / "model" / "keel.json").is_file() or (path / "recipe.yaml").is_file()):
         return
+    if path.is_dir() and (path / "model.gguf").is_file():  # a GGUF export folder (--engine llama.cpp)
+        return
     from keel.models.registry import resolve_model
 
     resolve_model(target, field="keel serve", what="run directory or model")
@@ -172,8 +174,6 @@ def load_engine(
     """
     path = Path(target)
     if engine == "llama.cpp":
-        if not (path.is_dir() and (path / "model" / "keel.json").is_file()):
-            raise KeelError(f"--engine llama.cpp serves a run directory with a GGUF export; {target} is not one")
         from keel.serve.llama_engine import load_gguf_engine
 
         return load_gguf_engine(path, backend, threads)

@@ -5,8 +5,9 @@ stop strings, seeds. Only the token loop changes: ``LlamaScheduler`` has the ``S
 try_submit, start, stop, running, waiting) and its row logic (incremental detokenization with the run's own
 tokenizer, stop strings, events), and gets each next token from ``llama_cpp.Llama.generate``.
 
-Which export: ``serve.backend`` names one (gguf-q8_0, ...); ``auto`` takes the first present of gguf-q4_k_m,
-gguf-q8_0, gguf-f16 (the fastest first). Each export folder is checked against its manifest before it is read.
+Which export: the target is a run directory, whose export ``serve.backend`` names (gguf-q8_0, ...; ``auto``: the
+first present of gguf-q4_k_m, gguf-q8_0, gguf-f16, the fastest first), or an export folder itself. The folder is
+checked against its manifest before anything in it is read.
 
 Honest limit: one llama.cpp context, so sequences run one after another (first come, first served); the others
 wait in keel's queue (``serve.max_queue``), and a cancelled or timed-out one leaves it at once. Concurrent
@@ -49,29 +50,39 @@ def pick_variant(run_dir: Path, backend: str) -> str:
     )
 
 
-def load_gguf_engine(run_dir: Path, backend: str = "auto", threads: int | None = None):
-    """A causal-LM run's GGUF export -> an ``Engine`` whose generation runs in llama.cpp."""
+def load_gguf_engine(target: Path, backend: str = "auto", threads: int | None = None):
+    """A causal-LM run directory (its GGUF export ``backend``) or a GGUF export folder itself -> an ``Engine`` whose
+    generation runs in llama.cpp."""
     import json
 
     from transformers import AutoTokenizer
 
-    from keel.evaluate import verified_model
     from keel.export import gguf
     from keel.io import verify_manifest
     from keel.rundir import export_dir
     from keel.serve.engines import Engine
 
-    info = verified_model(run_dir)
-    if info.get("task") != "causal-lm":
-        raise KeelError(f"--engine llama.cpp serves causal-lm runs; {run_dir} is a {info.get('task')} run")
-    name = pick_variant(run_dir, backend)
-    folder = export_dir(run_dir, name)
+    target = Path(target)
+    if (target / "model.gguf").is_file():  # runs/<name>/export/gguf-q8_0/, or one a benchmark wrote
+        folder, model_id = target, target.parent.parent.name if target.parent.name == "export" else target.name
+    elif (target / "model" / "keel.json").is_file():
+        from keel.evaluate import verified_model
+
+        info = verified_model(target)
+        if info.get("task") != "causal-lm":
+            raise KeelError(f"--engine llama.cpp serves causal-lm runs; {target} is a {info.get('task')} run")
+        folder, model_id = export_dir(target, pick_variant(target, backend)), target.name
+    else:
+        raise KeelError(
+            f"--engine llama.cpp serves a causal-lm run directory with a GGUF export, or the export folder itself; "
+            f"{target} is neither (export one with `keel export RUN_DIR --target gguf`)"
+        )
     verify_manifest(folder)
     meta = json.loads((folder / "keel.json").read_text())
     n_ctx = int(meta.get("n_ctx", 2048))
     tok = AutoTokenizer.from_pretrained(folder)
     llm = gguf.open_gguf(folder / "model.gguf", n_ctx, threads=threads)
-    engine = Engine(run_dir.name, "causal-lm", tok, n_ctx, name, lm=llm)
+    engine = Engine(model_id, "causal-lm", tok, n_ctx, meta.get("variant", "gguf"), lm=llm)
     engine.scheduler_factory = lambda tokenizer, max_running, metrics: LlamaScheduler(llm, tokenizer, metrics)
     return engine
 

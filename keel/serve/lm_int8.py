@@ -37,7 +37,9 @@ def quantize_lm(model, backend: str, device: str = "cpu"):
 
     torch.backends.quantized.engine = "fbgemm"
     _untie(model)
-    with warnings.catch_warnings():  # torch.ao's eager quantization says it is moving to torchao (which has no such CPU kernel)
+    with (
+        warnings.catch_warnings()
+    ):  # torch.ao's eager quantization says it is moving to torchao (which has no such CPU kernel)
         warnings.simplefilter("ignore")
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
