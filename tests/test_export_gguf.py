@@ -168,3 +168,55 @@ def test_quantized_exports_stay_close(scratch_lm, tmp_path):
     assert q8.stat().st_size < 0.6 * f32.stat().st_size
     figures = G.parity(model, tok, q8, blocks, [], n_ctx=128)
     assert abs(figures["perplexity_ratio"] - 1) < G.MAX_PPL_RATIO["q8_0"] - 1, figures
+
+
+LM_RECIPE = """
+name: lm
+task: causal-lm
+model: {name: tiny-llama, max_length: 32}
+data:
+  path: lines.jsonl
+  split: {validation: 0.2, test: 0.2, seed: 0}
+  max_train_samples: 32
+train: {epochs: 1, batch_size: 8, lr: 3.0e-3, warmup_ratio: 0.0}
+"""
+
+
+@pytest.mark.slow
+@needs_converter
+@needs_llama
+def test_export_and_serve_a_trained_run_through_llama_cpp(tmp_path):
+    import httpx
+    from conftest import keel
+    from serve_helpers import Server
+
+    lines = [{"text": f"To be or not to be, that is question number {i}. The answer is {i % 7}."} for i in range(120)]
+    (tmp_path / "lines.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    (tmp_path / "lm.yaml").write_text(LM_RECIPE)
+    keel("run", "lm.yaml", cwd=tmp_path, check=True)
+    proc = keel("export", "runs/lm", "--target", "gguf", "--quant", "q8_0", cwd=tmp_path, check=True)
+    assert "greedy continuations equal" in proc.stdout
+    folder = tmp_path / "runs" / "lm" / "export" / "gguf-q8_0"
+    meta = json.loads((folder / "keel.json").read_text())
+    assert meta["parity"]["heldout"] == "test" and meta["parity"]["perplexity_ratio"] < G.MAX_PPL_RATIO["q8_0"]
+    server = Server(str(tmp_path / "runs" / "lm"), "--engine", "llama.cpp", cwd=tmp_path)
+    try:
+        body = {"model": "lm", "prompt": "To be or not", "max_tokens": 5, "temperature": 0}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+        too_long = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 100000}, timeout=60)
+        assert too_long.status_code == 400  # keel's limits still in front
+        assert server.metric("keel_generated_tokens_total") >= 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_export_gguf_refuses_a_classifier_run_in_one_line(tmp_path, tiny_recipe):
+    from conftest import keel
+
+    keel("run", str(tiny_recipe()), cwd=tmp_path, check=True)
+    proc = keel("export", "runs/tiny", "--target", "gguf", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert "is for causal-lm runs" in proc.stdout + proc.stderr
