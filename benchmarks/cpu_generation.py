@@ -116,6 +116,11 @@ def main() -> dict:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument(
+        "--skip-serving",
+        default="torchao-weight-only",
+        help="keel backends measured for perplexity only (comma-separated; torchao's CPU path is the slowest)",
+    )
     args = ap.parse_args()
     os.environ.update(OFFLINE)
     torch.set_num_threads(args.threads)
@@ -139,7 +144,8 @@ def main() -> dict:
     servers = {}
     try:
         for name, backend in KEEL.items():
-            servers[name] = KeelServer(MODEL, *sets, f"serve.backend={backend}")
+            if backend not in args.skip_serving.split(","):
+                servers[name] = KeelServer(MODEL, *sets, f"serve.backend={backend}")
         for name, quant in GGUF.items():
             servers[name] = KeelServer(str(exports[quant]["folder"]), *sets, "serve.engine=llama.cpp")
         texts = prompts(args.streams)
@@ -164,6 +170,9 @@ def main() -> dict:
             s.stop()
 
     table = []
+    for name in KEEL:
+        if name not in servers:
+            table.append({"engine": name, "heldout_perplexity": ppl[name], "served": False})
     for name in servers:
         one = max(x["tokens_per_s"] for x in rows[name]["one"])
         many = max(x["tokens_per_s"] for x in rows[name]["many"])
@@ -187,13 +196,14 @@ def main() -> dict:
         )
     print(f"\n{'engine':<44} {'1 stream':>10} {f'{args.streams} streams':>11} {'perplexity':>11}")
     for row in table:
-        many = row.get(f"tokens_per_s_{args.streams}_streams")
+        many, one = row.get(f"tokens_per_s_{args.streams}_streams"), row.get("tokens_per_s_1_stream")
         print(
-            f"{row['engine']:<44} {row['tokens_per_s_1_stream']:>10.1f} "
+            f"{row['engine']:<44} {(f'{one:.1f}' if one else '-'):>10} "
             f"{(f'{many:.1f}' if many else '-'):>11} {row['heldout_perplexity']:>11.3f}"
         )
     result = {
-        "command": f"python benchmarks/cpu_generation.py --rounds {args.rounds} --threads {args.threads}",
+        "command": f"python benchmarks/cpu_generation.py --rounds {args.rounds} --threads {args.threads} "
+        f"--blocks {args.blocks}",
         "model": MODEL,
         "new_tokens": args.tokens,
         "streams": args.streams,
