@@ -16,6 +16,7 @@ off by more than ``max_ppl_ratio`` (llama.cpp reads the tensors wrongly, or the 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -75,10 +76,29 @@ def quantize(src: Path, dst: Path, quant: str) -> Path:
     params = llama.llama_model_quantize_default_params()
     params.ftype = getattr(llama, FTYPES[quant])
     params.nthread = os.cpu_count() or 1
-    rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with _quiet_fds():  # the C library narrates every tensor on stdout/stderr
+        rc = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0 or not dst.is_file():
         raise KeelError(f"llama.cpp's quantizer failed on {src} ({quant}, code {rc})")
     return dst
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """File descriptors 1 and 2 to /dev/null for a C call (unless keel logs at debug level)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1), os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
 def open_gguf(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False):
