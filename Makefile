@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test test-fast venv lint format clean llama llama-src
+.PHONY: demo test test-fast venv lint format clean web-runtime llama llama-src
 
 venv: $(STAMP)
 
@@ -47,6 +47,18 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff check --fix keel tests benchmarks docs
 	$(PY) -m ruff format keel tests benchmarks docs
+
+# The JavaScript runtime `keel export --target web` vendors into its folder (Transformers.js and ONNX Runtime Web,
+# versions locked in keel/export/web_assets/package-lock.json): fetched from the npm registry once, then reused
+# offline. --ignore-scripts: nothing runs at install time (onnxruntime-node's script would fetch GPU extras).
+WEB_RUNTIME ?= $(or $(KEEL_WEB_RUNTIME),$(or $(KEEL_CACHE_DIR),$(HOME)/.cache/keel)/web-runtime)
+
+web-runtime:
+	@command -v npm >/dev/null || { echo "web-runtime needs npm (Node.js 18 or newer)"; exit 1; }
+	mkdir -p "$(WEB_RUNTIME)"
+	cp keel/export/web_assets/package.json keel/export/web_assets/package-lock.json "$(WEB_RUNTIME)/"
+	cd "$(WEB_RUNTIME)" && npm ci --no-audit --no-fund --ignore-scripts
+	@echo "web runtime in $(WEB_RUNTIME): keel export RUN_DIR --target web can now run offline"
 
 # llama.cpp (`keel export --target gguf`, `keel serve --engine llama.cpp`): llama-cpp-python compiled once from its
 # sdist (native CPU flags; CMAKE_ARGS adds more), and llama.cpp's converter unpacked from the same sdist into the venv.

@@ -30,9 +30,9 @@ def export_graphs(stage_dir: Path, work: Path) -> dict[str, Path]:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from keel.evaluate import load_trained
     from keel.export.onnx import _quiet, input_names
     from keel.export.packed import PackedBertClassifier
+    from keel.runtime.load import load_trained
 
     t = load_trained(stage_dir)
     model, names = t.model.float().eval(), input_names(t.tokenizer)
@@ -75,8 +75,8 @@ def main() -> None:
 
     from keel.compress.stages import stage_dir
     from keel.data.prepare import prepare_data
-    from keel.evaluate import load_trained
     from keel.export.bench import hf_pipeline, scoring_batches
+    from keel.runtime.load import load_trained
 
     torch.set_grad_enabled(False)
     teacher = load_trained(args.run_dir)

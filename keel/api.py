@@ -30,8 +30,8 @@ from keel.errors import KeelError
 from keel.io import read_json
 
 if TYPE_CHECKING:
-    from keel.evaluate import Trained
     from keel.recipe import Recipe
+    from keel.runtime.load import Trained
     from keel.trust.explain import Explanation
 
 Overrides = Iterable[str] | Mapping[str, Any] | None
@@ -243,7 +243,7 @@ class Run:
 
     def _trained(self, backend: str) -> Trained:
         if backend not in self._loaded:
-            from keel.evaluate import load_trained
+            from keel.runtime.load import load_trained
 
             offline_defaults()
             _default_logging()
@@ -295,14 +295,26 @@ class Run:
 
         return list(explain_trained(self._trained("torch"), _texts(texts), n_steps=steps))
 
-    def export(self, *, int8: bool = True) -> dict:
+    def export(self, *, int8: bool = True, target: str = "onnx") -> dict:
         """ONNX export checked against PyTorch and, by default, int8 for ONNX Runtime, as `keel export`. Returns
         the figures by variant (``{"onnx": {"bytes", "max_abs_diff_vs_eager", ...}, "onnx-int8": {...}}``); the
-        models land in export/onnx/ and export/onnx-int8/, usable as ``backend=`` of ``predict`` and ``evaluate``."""
-        from keel.export.onnx import export_onnx
-
+        models land in export/onnx/ and export/onnx-int8/, usable as ``backend=`` of ``predict`` and ``evaluate``.
+        ``target="web"`` writes export/web/ (Transformers.js layout and a demo page), ``"mobile"`` export/mobile/
+        (ORT format); their figures come back with the folder under ``"folder"``."""
         offline_defaults()
         _default_logging()
+        if target == "web":
+            from keel.export.web import export_web
+
+            return export_web(self.dir)
+        if target == "mobile":
+            from keel.export.mobile import export_mobile
+
+            return export_mobile(self.dir)
+        if target != "onnx":
+            raise KeelError(f"target must be one of onnx, web, mobile; got {target!r}")
+        from keel.export.onnx import export_onnx
+
         return export_onnx(self.dir, int8=int8)
 
     def serve(

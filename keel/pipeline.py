@@ -40,6 +40,10 @@ def check_recipe(r: Recipe) -> None:
         from keel.data.load import check_data_config
 
         check_data_config(r.data, r.task, content=True)  # the rows too: empty, one label, bad bytes, bad lines
+    if r.data.augment is not None or r.data.weak is not None:  # classification only; the LF file compiles
+        from keel.data.weak import check_enrichment
+
+        check_enrichment(r)
     if r.audit is not None and r.task == "classification":  # lexicon categories, the group column, baseline_run
         from keel.trust.lexicon import check_audit_recipe
 
@@ -48,6 +52,10 @@ def check_recipe(r: Recipe) -> None:
         from keel.compress.budget import check_compress_recipe
 
         check_compress_recipe(r)
+    if r.data.curate is not None:  # the task, the libraries and the probe's model (keel/data/curate)
+        from keel.data.curate.steps import check_curate_recipe
+
+        check_curate_recipe(r)
     if r.train.privacy is not None:  # delta below 1/N, no BatchNorm, one process (keel/trust/privacy.py)
         from keel.trust.privacy import check_privacy_recipe
 

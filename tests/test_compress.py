@@ -13,6 +13,7 @@ from keel.compress.budget import pick_deployable, select
 from keel.compress.distill import kd_loss, pick_layers, student_from_teacher
 from keel.errors import GateError, KeelError
 from keel.models import model_dir
+from keel.models.resize import load_resized
 from keel.recipe import BudgetConfig
 from keel.tasks.classification import build_model
 
@@ -95,7 +96,7 @@ def test_structured_pruning_shrinks_matrices_and_matches_masking(tiny, tmp_path)
     (tmp_path / "keel.json").write_text(json.dumps({"resized": True}))
     from transformers import AutoModelForSequenceClassification
 
-    loaded = P.load_resized(AutoModelForSequenceClassification, tmp_path)
+    loaded = load_resized(AutoModelForSequenceClassification, tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, got)
 
 
@@ -123,7 +124,7 @@ def test_vocabulary_trimming_maps_unseen_tokens_to_unknown(tiny, tmp_path):
     (tmp_path / "keel.json").write_text(json.dumps({"resized": True}))
     from transformers import AutoModelForSequenceClassification
 
-    loaded = P.load_resized(AutoModelForSequenceClassification, tmp_path)
+    loaded = load_resized(AutoModelForSequenceClassification, tmp_path)
     torch.testing.assert_close(
         loaded(input_ids=ids, attention_mask=mask).logits, m(input_ids=ids, attention_mask=mask).logits
     )
@@ -132,7 +133,7 @@ def test_vocabulary_trimming_maps_unseen_tokens_to_unknown(tiny, tmp_path):
 def test_torchao_int8_keeps_logits(tiny):
     import copy
 
-    from keel.compress.quantize import torchao_int8
+    from keel.runtime.int8 import torchao_int8
 
     ids, mask = _ids(n=8)
     ref = tiny(input_ids=ids, attention_mask=mask).logits.flatten()
@@ -288,7 +289,7 @@ def test_unstructured_zeros_survive_finetuning_and_reload(compressed_run):
         "compress.prune.finetune_epochs=1",
         cwd=run.parent.parent,
     )
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     model = load_trained(run / "compress" / "pruned").model
     assert abs(P.measured_sparsity(model) - 0.5) <= 0.005

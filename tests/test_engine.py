@@ -79,7 +79,7 @@ def test_run_without_validation_or_test_split(tmp_path, tiny_recipe):
 def test_length_grouped_order_batches_similar_lengths():
     import random
 
-    from keel.train.engine import epoch_order, shard_batches
+    from keel.train.strategies import epoch_order, shard_batches
 
     rng = random.Random(0)
     lengths = [rng.randint(3, 64) for _ in range(1000)]

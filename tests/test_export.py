@@ -35,7 +35,7 @@ def test_export_writes_both_variants(exported):
 def test_onnx_matches_pytorch_on_new_shapes(exported):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from keel.export.onnx import OnnxClassifier
+    from keel.runtime.ort import OnnxClassifier
 
     _, run_dir, _ = exported
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
@@ -206,3 +206,47 @@ def test_bench_scores_every_variant_on_the_same_validation_batches(exported, mon
     for r in rows.values():
         assert r["n"] == len(val) and r["throughput_batch32"] > 0 and r["throughput_sorted_batch32"] > 0
     assert rows["hf-pipeline"]["accuracy"] == rows["teacher-onnx"]["accuracy"]
+
+
+def _web_runtime():
+    """The fetched web runtime (read before conftest points keel's cache at a tmp folder), or None."""
+    from keel.errors import KeelError
+    from keel.export.web import runtime_dir, runtime_files
+
+    try:
+        return runtime_dir() if runtime_files() else None
+    except KeelError:
+        return None
+
+
+WEB_RUNTIME = _web_runtime()
+
+
+def test_export_targets_web_and_mobile(exported, tmp_path):
+    work, run_dir, _ = exported
+    proc = keel("export", str(run_dir), "--target", "tflite", cwd=work)
+    assert proc.returncode == 2 and "--target must be one of onnx, web, mobile; got 'tflite'" in proc.stderr
+    proc = keel("export", str(run_dir), "--target", "web", cwd=work, env={"KEEL_WEB_RUNTIME": str(tmp_path / "none")})
+    assert proc.returncode == 2 and "make web-runtime" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (run_dir / "export" / "web").exists()
+
+    proc = keel("export", str(run_dir), "--target", "mobile", cwd=work, check=True)
+    mobile = run_dir / "export" / "mobile"
+    assert {"model.ort", "model_quantized.ort", "required_operators.config", "tokenizer.json"} <= {
+        p.name for p in mobile.iterdir()
+    }
+    assert (
+        "--include_ops_by_config" in proc.stdout
+        and str(run_dir) not in (mobile / "required_operators.config").read_text()
+    )
+    labels = json.loads((run_dir / "model" / "config.json").read_text())["id2label"]  # {"0": name, ...}
+    assert json.loads((mobile / "keel.json").read_text())["labels"] == [labels[str(i)] for i in range(len(labels))]
+    if WEB_RUNTIME is None:
+        pytest.skip("the web runtime is not fetched (run `make web-runtime` once, with network access)")
+    proc = keel(
+        "export", str(run_dir), "--target", "web", cwd=work, check=True, env={"KEEL_WEB_RUNTIME": str(WEB_RUNTIME)}
+    )
+    web = run_dir / "export" / "web"
+    assert (web / "onnx" / "model_quantized.onnx").is_file() and (web / "vendor" / "transformers.min.js").is_file()
+    assert "serve.py" in proc.stdout
+    assert json.loads((web / "config.json").read_text())["id2label"] == labels

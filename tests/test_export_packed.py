@@ -95,7 +95,7 @@ def exported(tmp_path_factory):
 def test_export_of_a_bert_classifier_is_packed_and_matches_eager(exported):
     from transformers import AutoModelForSequenceClassification
 
-    from keel.export.onnx import OnnxClassifier
+    from keel.runtime.ort import OnnxClassifier
 
     for variant in ("onnx", "onnx-int8"):
         assert json.loads((exported / "export" / variant / "keel.json").read_text())["packed"] is True

@@ -124,7 +124,7 @@ def test_round_survives_dropouts_above_the_minimum_completion(capsys):
 
 
 def _tiny_setup(tmp_path, toy_csv, sites=3):
-    from keel.federated.run import setup
+    from keel.federated.common import setup
 
     p = tmp_path / "fed.yaml"
     p.write_text(FED_RECIPE.format(data=toy_csv, sites=sites))
@@ -135,7 +135,7 @@ def _tiny_setup(tmp_path, toy_csv, sites=3):
 def test_one_local_step_with_full_participation_equals_centralized_sgd(tmp_path, toy_csv):
     import torch
 
-    from keel.federated.run import build_model, site_partitions
+    from keel.federated.common import build_model, site_partitions
     from keel.federated.site import get_weights, local_train
     from keel.tasks.classification import collate
 
@@ -486,7 +486,7 @@ def test_validate_of_a_federated_dp_recipe_imports_no_torch(tmp_path, toy_csv):
 
 def test_round_checkpoints_resume_and_refuse_another_model(tmp_path):
     from keel.errors import CheckpointError
-    from keel.federated.run import load_round, save_round
+    from keel.federated.rounds import load_round, save_round
 
     specs = [("a", (2,), "float32"), ("b", (1, 3), "float32")]
     assert load_round(tmp_path, specs) is None
@@ -559,6 +559,7 @@ def drive(c, clients, crash_after: int | None = None) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv, monkeypatch, strategy):
+    from keel.federated import common
     from keel.federated import run as fed_run
     from keel.federated.site import make_client
 
@@ -569,13 +570,13 @@ def test_server_restart_resumes_after_the_last_completed_round(tmp_path, toy_csv
 
     def body_for(crash_after):
         def body(s, c):
-            parts = fed_run.site_partitions(s)
+            parts = common.site_partitions(s)
             rows = [s.data.splits["train"].select(r) for r in parts]
             clients = [
                 make_client(
                     f"site-{i}",
-                    lambda labels, i=i: (fed_run.build_model(s, labels), s.tokenizer, rows[i]),
-                    fed_run.site_settings(recipe),
+                    lambda labels, i=i: (common.build_model(s, labels), s.tokenizer, rows[i]),
+                    common.site_settings(recipe),
                 )
                 for i in range(len(parts))
             ]

@@ -278,7 +278,7 @@ def test_align_recipe_end_to_end(tmp_path):
     assert r["alignment_tax_pct"] == pytest.approx(
         100 * (r["after"]["shakespeare_perplexity"] / r["before"]["shakespeare_perplexity"] - 1)
     )
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     trained = load_trained(run)  # checksums verified; the merged policy loads as a plain causal LM
     assert "lora" not in json.dumps(list(trained.model.state_dict()))

@@ -107,7 +107,7 @@ def test_an_edited_recipe_is_refused_not_used(base):
     refused(keel("predict", str(run), "hello", cwd=work), msg)
     refused(keel("serve", str(run), "--port", "0", cwd=work, timeout=120), msg)
     from keel.errors import CheckpointError
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     with pytest.raises(CheckpointError, match=msg):  # evaluate_run loads through the same function
         load_trained(run)
@@ -118,7 +118,7 @@ def test_an_edited_recipe_is_refused_not_used(base):
 
 def test_a_flipped_byte_in_any_model_file_is_refused(base):
     from keel.errors import CheckpointError
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     run = copy_run(base, "flip")
     names = sorted(p.name for p in (run / "model").iterdir() if p.name != "manifest.json")

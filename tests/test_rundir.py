@@ -23,7 +23,24 @@ def graph(*args: str) -> subprocess.CompletedProcess:
 def test_keel_has_no_import_cycle():
     proc = graph()
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 cycle(s)" in proc.stdout
+    assert "modules, " in proc.stdout and "packages, " in proc.stdout
+    assert proc.stdout.count("0 cycle(s)") == 2  # neither modules nor packages import each other in a circle
+
+
+def test_import_graph_finds_a_package_cycle_between_acyclic_modules(tmp_path):
+    pkg = tmp_path / "keel"
+    for sub in ("a", "b"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "low.py").write_text("")
+    (pkg / "a" / "high.py").write_text("from keel.b import mid\n")
+    (pkg / "b" / "mid.py").write_text("def f():\n    from keel.a import low\n")  # modules: high -> mid -> low, no cycle
+    proc = graph("--root", str(tmp_path))
+    assert proc.returncode == 1, proc.stdout
+    assert "0 cycle(s)" in proc.stdout.splitlines()[0]  # the module view is clean
+    assert "package cycle: keel.a <-> keel.b" in proc.stdout
+    assert "keel.a.high -> keel.b.mid" in proc.stdout and "keel.b.mid -> keel.a.low" in proc.stdout
 
 
 def test_import_graph_finds_a_cycle_hidden_in_a_function(tmp_path):

@@ -68,7 +68,7 @@ def test_classify_explains_the_served_label_on_request(clf, run_dir):
         f"{clf.url}/v1/classify", json={"input": TEXTS[:2], "explain": True, "explain_steps": 64}, timeout=60
     )
     assert r.status_code == 200, r.text
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
     from keel.trust.explain import integrated_gradients
 
     teacher = load_trained(run_dir, "torch")  # the served variant is ONNX int8: gradients come from its torch weights

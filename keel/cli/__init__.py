@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from keel.cli._app import _root, app
+from keel.cli._app import _root, app, optional_ray_address
 from keel.cli.results import example_text as _example_text
 from keel.errors import KeelError
 from keel.progress import console, esc, safe_print
@@ -20,7 +20,7 @@ from keel.progress import console, esc, safe_print
 __all__ = ["app", "main", "_root", "_example_text"]
 
 # the verb modules, in the order `keel --help` lists their commands; a new module of verbs is one more name here
-VERB_MODULES = ("core", "compress", "trust", "federate", "serve", "secure")
+VERB_MODULES = ("core", "data", "fewshot", "compress", "trust", "label", "federate", "serve", "secure")
 for _name in VERB_MODULES:
     importlib.import_module(f"keel.cli.{_name}")
 
@@ -30,6 +30,7 @@ def main() -> None:
     debug = "--debug" in args
     if debug:  # accepted anywhere on the line, not only before the verb
         args = ["--debug", *[a for a in args if a != "--debug"]]
+    args = optional_ray_address(args)
     try:
         if app(args=args, prog_name="keel", standalone_mode=False) == 130:
             raise KeyboardInterrupt  # typer returns Ctrl-C as exit code 130 when not standalone: not a success

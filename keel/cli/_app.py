@@ -16,6 +16,19 @@ state = {"debug": False}
 
 RECIPE = typer.Argument(..., help="a recipe .yaml file, or the name of a built-in recipe (see `keel ls`)")
 OVERRIDES = typer.Argument(None, help="key.path=value overrides, e.g. train.lr=1e-4 data.max_train_samples=500")
+LOCAL_RAY = "local"  # `keel train RECIPE --ray` with no address: a new local Ray cluster
+
+
+def optional_ray_address(args: list[str]) -> list[str]:
+    """`--ray` may stand without its ADDRESS (click options always take one): then it means a new local cluster.
+    What follows is an address unless it is an option, an override (key=value) or a recipe file."""
+    if "--ray" not in args:
+        return args
+    i = args.index("--ray")
+    nxt = args[i + 1] if i + 1 < len(args) else None
+    if nxt is None or nxt.startswith("-") or "=" in nxt or nxt.endswith((".yaml", ".yml")):
+        return [*args[: i + 1], LOCAL_RAY, *args[i + 1 :]]
+    return args
 
 
 @app.callback()

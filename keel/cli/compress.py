@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from keel.cli._app import app
-from keel.errors import KeelError
 from keel.progress import esc, out
 
 
@@ -13,14 +12,20 @@ from keel.progress import esc, out
 def export(
     run_dir: str = typer.Argument(..., help="a run directory"),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="also write an int8 ONNX Runtime model"),
-    target: str = typer.Option("onnx", help="onnx (classifiers) or gguf (causal LMs, for llama.cpp; `make llama`)"),
+    target: str = typer.Option(
+        "onnx",
+        help="onnx (keel's runtime), web (a Transformers.js folder + demo page), mobile (ORT format) or gguf "
+        "(a causal LM for llama.cpp; `make llama`)",
+    ),
     quant: str = typer.Option("f16", help="--target gguf: f16, q8_0 or q4_k_m"),
 ) -> None:
     """Export a classifier to ONNX (checked against PyTorch) and int8 for ONNX Runtime; or a causal LM to GGUF."""
     if target == "gguf":
         return _export_gguf(run_dir, quant)
     if target != "onnx":
-        raise KeelError(f"--target must be onnx or gguf; got {target!r}")
+        from keel.cli.edge import export_edge
+
+        return export_edge(run_dir, target)
     from keel.export.onnx import FP32, INT8, export_dir, export_onnx
 
     result = export_onnx(run_dir, int8=int8)

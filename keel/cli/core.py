@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from keel.cli._app import OVERRIDES, RECIPE, app, load
+from keel.cli._app import LOCAL_RAY, OVERRIDES, RECIPE, app, load
 from keel.cli.results import print_eval, print_results
 from keel.errors import KeelError
 from keel.progress import esc, out
@@ -46,12 +46,23 @@ def train(
     recipe: str = RECIPE,
     overrides: list[str] | None = OVERRIDES,
     resume: bool = typer.Option(False, "--resume", help="continue from the last complete checkpoint"),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        metavar="[ADDRESS]",
+        help="train in Ray Train workers (train.parallel.ray), on the cluster at ADDRESS or a new local one",
+    ),
 ) -> None:
     """Train only; the model lands in RUN_DIR/model."""
     from keel.pipeline import train_run
 
     r = load(recipe, overrides)
-    run_dir = train_run(r, resume=resume)
+    if ray is not None:
+        from keel.raytrain import train_on_ray
+
+        run_dir = train_on_ray(r, None if ray == LOCAL_RAY else ray, resume=resume)
+    else:
+        run_dir = train_run(r, resume=resume)
     from keel.progress import is_main_process
 
     if is_main_process():

@@ -41,12 +41,12 @@ def federate(
     if not rest:
         raise KeelError(f"keel federate {mode}: pass a recipe, e.g. keel federate {mode} federated")
     r = load(rest[0], rest[1:])
-    from keel.federated import run as fed_run
-
     if mode == "join":
         if not site_data or not server:
             raise KeelError("keel federate join needs --site-data FILE and --server HOST:PORT")
-        fed_run.join(
+        from keel.federated.remote import join
+
+        join(
             r,
             site_data,
             server,

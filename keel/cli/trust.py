@@ -20,7 +20,7 @@ def explain(
     as_json: bool = typer.Option(False, "--json", help="print JSON lines"),
 ) -> None:
     """Token attributions (integrated gradients): which words pushed the prediction, coloured in the terminal."""
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
     from keel.trust.explain import explain_trained, render_terminal
 
     if texts == ["-"]:

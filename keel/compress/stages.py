@@ -70,7 +70,7 @@ def _train_stage(
             summary = train(recipe, work, build_model=build_model, loss_fn=loss_fn, model_info={"stage": stage, **info})
             shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is complete; its model/ is what counts
         else:
-            from keel.evaluate import load_trained
+            from keel.runtime.load import load_trained
 
             teacher = load_trained(run_dir)
             labels = teacher.info.get("labels") or []
@@ -89,7 +89,7 @@ def _train_stage(
 
 
 def _teacher(run_dir: Path):
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     return load_trained(run_dir).model.float().eval()
 
@@ -159,8 +159,8 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 
     refuse_plain_outputs(run_dir, "prune")
     from keel.compress import prune as P
-    from keel.evaluate import load_trained
     from keel.recipe import PruneConfig
+    from keel.runtime.load import load_trained
 
     run_dir = Path(run_dir)
     recipe = recipe or run_recipe(run_dir)

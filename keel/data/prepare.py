@@ -62,7 +62,8 @@ def prepare_data(recipe: Recipe, tokenizer, run_dir: str | Path | None = None, f
     key_obj = {
         "v": PREP_VERSION,
         "content": content,
-        "data": recipe.data.model_dump(mode="json"),
+        # data.augment and data.weak act on the tokenized training split afterwards: not part of what is cached
+        "data": recipe.data.model_dump(mode="json", exclude={"augment", "weak"}),
         "task": recipe.task,
         "max_length": recipe.model.max_length,
         "tokenizer": tokenizer_fingerprint(tokenizer),

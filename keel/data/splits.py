@@ -3,7 +3,8 @@
     runs/<name>/splits/   train.parquet, validation.parquet, test.parquet (text, label, group), splits.json,
                           manifest.json (SHA-256 of each file, written last; the folder is renamed into place)
 
-Training writes the folder once, from ``data.path`` / ``data.name``; a resumed run, evaluation, the audit, the
+Training writes the folder once, from ``data.path`` / ``data.name`` (curated first when the recipe has
+``data.curate``: keel/data/curate, whose report curate.json is frozen beside the rows); a resumed run, evaluation, the audit, the
 bench, the ONNX parity check, vocabulary pruning and the report read it and never the source again, so an
 edited, moved or deleted source cannot give new splits that overlap the training data, and a run can be
 evaluated from any folder. The texts themselves are stored (not row ids): the rows need no source to be
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from keel.data.load import RawSplits, load_splits
@@ -33,10 +35,17 @@ FORMAT = "keel-splits/1"
 NAMES = ("train", "validation", "test")
 
 
-def freeze(run_dir: str | Path, raw: RawSplits) -> Path:
-    """Write ``raw`` as RUN_DIR/splits (atomic, sealed with a manifest)."""
+def freeze(run_dir: str | Path, raw: RawSplits, curated: Path | None = None) -> Path:
+    """Write ``raw`` as RUN_DIR/splits (atomic, sealed with a manifest); with ``curated`` (the cache folder of
+    keel/data/curate), also its report (curate.json, read by the report) and label probabilities."""
     final = Path(run_dir) / SPLITS
     with atomic_dir(final) as tmp:
+        if curated is not None:
+            from keel.data.curate import CURATE_JSON, PROBS_FILE
+
+            for name in (CURATE_JSON, PROBS_FILE):
+                if (curated / name).is_file():
+                    shutil.copyfile(curated / name, tmp / name)
         for name in NAMES:
             getattr(raw, name).to_parquet(tmp / f"{name}.parquet", index=False)
         doc = {
@@ -97,8 +106,13 @@ def run_splits(recipe: Recipe, run_dir: str | Path, freeze_missing: bool = False
         return raw
     if freeze_missing:
         raw = load_splits(recipe.data, recipe.task)
+        curated = None
+        if recipe.data.curate is not None:  # before freezing: every later stage reads the curated rows only
+            from keel.data.curate import curate_splits
+
+            raw, curated = curate_splits(raw, recipe.data.curate, recipe.task)
         if is_main_process():
-            freeze(run_dir, raw)
+            freeze(run_dir, raw, curated)
             raw = _read(Path(run_dir) / SPLITS)
         return raw
     return _legacy(recipe, Path(run_dir))

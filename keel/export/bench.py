@@ -68,8 +68,8 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
     import torch
 
     from keel.data.prepare import prepare_data
-    from keel.evaluate import load_trained, text_logits
-    from keel.train.metrics import classification_metrics
+    from keel.metrics import classification_metrics
+    from keel.runtime.load import load_trained, text_logits
 
     torch.set_grad_enabled(False)
     folder, backend = (run_dir, "torch") if variant == "hf-pipeline" else variant_location(run_dir, variant)
@@ -205,6 +205,7 @@ _PRELOAD = [
     "datasets",
     "sklearn.metrics",
     "onnxruntime",
+    "keel.runtime.load",
     "keel.evaluate",
     "keel.data.prepare",
     "keel.compress.stages",

@@ -215,7 +215,7 @@ def parity(model, tokenizer, gguf: Path, blocks, prompts, n_ctx: int, n_new: int
 @writes_run
 def export_gguf(run_dir: str | Path, quant: str = "f16", n_blocks: int = 16, n_prompts: int = 4) -> dict:
     """Export the run's final causal LM to ``export/gguf-<quant>/`` with the parity check; returns its keel.json."""
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
     from keel.secure.seal import is_sealed, refuse_plain_outputs
 
     check_quant(quant)

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.export.ort import OnnxClassifier  # noqa: F401  (OnnxClassifier: its old home)
-from keel.export.ort import session as _session
 from keel.io import atomic_dir, writes_run
 from keel.rundir import export_dir
+from keel.runtime.ort import session as _session
 
 FP32, INT8, STATIC_INT8 = "onnx", "onnx-int8", "onnx-static-int8"
 
@@ -68,6 +67,18 @@ def input_names(tokenizer) -> list[str]:
     return names
 
 
+def load_classifier(run_dir: str | Path):
+    """The run's final model for an export: refused for a sealed run (no plain copy is written) or another task."""
+    from keel.runtime.load import load_trained
+    from keel.secure.seal import refuse_plain_outputs
+
+    refuse_plain_outputs(run_dir, "export")
+    t = load_trained(run_dir)
+    if t.info["task"] != "classification":
+        raise KeelError(f"keel export handles classification runs for now; {run_dir} is a {t.info['task']} run")
+    return t
+
+
 @writes_run
 def export_onnx(
     run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True, pack: bool = True
@@ -78,14 +89,9 @@ def export_onnx(
     False exports the padded graph, as a benchmark's point of comparison)."""
     import torch
 
-    from keel.evaluate import load_trained
     from keel.export.packed import PackedBertClassifier, can_pack
-    from keel.secure.seal import refuse_plain_outputs
 
-    refuse_plain_outputs(run_dir, "export")
-    t = load_trained(run_dir)
-    if t.info["task"] != "classification":
-        raise KeelError(f"keel export handles classification runs for now; {run_dir} is a {t.info['task']} run")
+    t = load_classifier(run_dir)
     model, tok = t.model.float().eval(), t.tokenizer
     names = input_names(tok)
     texts = _parity_texts(t)
@@ -100,26 +106,7 @@ def export_onnx(
     result: dict = {"inputs": names, "parity_batches": [f["input_ids"].shape for f in checks], "packed": packed}
     fp32 = export_dir(run_dir, FP32)
     with atomic_dir(fp32) as tmp:
-        example = tuple(torch.from_numpy(checks[-1][n]) for n in names)
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(max_len, 8))
-        with _quiet():
-            torch.onnx.export(
-                graph,
-                example,
-                str(tmp / "model.onnx"),
-                input_names=names,
-                output_names=["logits"],
-                dynamic_shapes={n: {0: batch, 1: seq} for n in names},
-                dynamo=True,
-                external_data=True,
-                verbose=False,
-            )
-        diff = max(float(np.abs(_session(tmp / "model.onnx").run(None, f)[0] - e).max()) for f, e in zip(checks, eager))
-        if not diff <= atol:
-            raise KeelError(
-                f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
-                "report this model type, and serve it with the PyTorch backend meanwhile"
-            )
+        diff = write_graph(graph, tmp / "model.onnx", checks, eager, names, max_len, atol)
         _copy_metadata(t, tmp, {"variant": FP32, "max_abs_diff_vs_eager": diff, "inputs": names, "packed": packed})
     result[FP32] = {"max_abs_diff_vs_eager": diff, "bytes": weights_bytes(fp32)}
     if int8:
@@ -127,26 +114,68 @@ def export_onnx(
     return result
 
 
+def write_graph(
+    graph,
+    path: Path,
+    checks: list[dict],
+    eager: list[np.ndarray],
+    names: list[str],
+    max_len: int,
+    atol: float,
+    external_data: bool = True,
+) -> float:
+    """``graph`` to ONNX at ``path`` (dynamic batch and sequence axes, ``logits`` out); returns the max |diff| to
+    ``eager`` on the ``checks`` feeds. Raises KeelError (and the caller's atomic folder is dropped) above ``atol``."""
+    import torch
+
+    example = tuple(torch.from_numpy(checks[-1][n]) for n in names)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(max_len, 8))
+    with _quiet():
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+            dynamo=True,
+            external_data=external_data,
+            verbose=False,
+        )
+    diff = max(float(np.abs(_session(path).run(None, f)[0] - e).max()) for f, e in zip(checks, eager))
+    if not diff <= atol:
+        raise KeelError(
+            f"ONNX export does not match PyTorch: max |diff| {diff:.2e} > atol {atol:g}; "
+            "report this model type, and serve it with the PyTorch backend meanwhile"
+        )
+    return diff
+
+
 def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarray], min_cosine: float) -> dict:
     """Dynamic int8 (weights int8, activations quantized on the fly) with ONNX Runtime's quantizer."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     src = export_dir(run_dir, FP32)
     final = export_dir(run_dir, INT8)
     with atomic_dir(final) as tmp:
-        with _quiet():
-            quantize_dynamic(
-                str(src / "model.onnx"), str(tmp / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True
-            )
-        session = _session(tmp / "model.onnx")
-        cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(checks, eager))
-        if not cos >= min_cosine:
-            raise KeelError(
-                f"int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
-                "keep the fp32 export for this model"
-            )
+        cos = quantize_graph(src / "model.onnx", tmp / "model.onnx", checks, eager, min_cosine)
         _copy_beside(src, tmp, {"variant": INT8, "logit_cosine_vs_eager": cos})
     return {"logit_cosine_vs_eager": cos, "bytes": weights_bytes(final)}
+
+
+def quantize_graph(src: Path, dst: Path, checks: list[dict], eager: list[np.ndarray], min_cosine: float) -> float:
+    """Dynamic int8 of the graph ``src`` at ``dst``; returns the logits' cosine to ``eager`` on ``checks`` (the worst
+    batch). Raises KeelError below ``min_cosine``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    session = _session(dst)
+    cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(checks, eager))
+    if not cos >= min_cosine:
+        raise KeelError(
+            f"int8 ONNX logits drift too far from fp32 (cosine {cos:.4f} < {min_cosine}); "
+            "keep the fp32 export for this model"
+        )
+    return cos
 
 
 def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, min_cosine: float = 0.99) -> dict:
@@ -158,7 +187,7 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
     import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
 
     src = export_dir(run_dir, FP32)
     if not (src / "model.onnx").is_file():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from keel.train.engine import epoch_order
+from keel.train.strategies import epoch_order
 
 
 def get_weights(model) -> list[np.ndarray]:

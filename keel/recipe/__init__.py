@@ -26,6 +26,7 @@ from keel.recipe.base import Strict
 from keel.recipe.compress import BudgetConfig, CompressConfig, DistillConfig, PruneConfig, QuantizeConfig
 from keel.recipe.data import Columns, DataConfig, ModelConfig, SplitConfig
 from keel.recipe.federated import FederatedConfig
+from keel.recipe.fewshot import FewshotConfig
 from keel.recipe.generative import AlignConfig, LoraConfig, PretrainConfig, SFTConfig
 from keel.recipe.serve import OutputConfig, ServeConfig
 from keel.recipe.train import EarlyStopping, PrivacyConfig, TrainConfig
@@ -90,6 +91,7 @@ class Recipe(Strict):
     align: AlignConfig | None = Field(None, description="alignment from preferences (causal-lm)")
     federated: FederatedConfig | None = Field(None, description="federated learning across sites (keel federate)")
     audit: AuditConfig | None = Field(None, description="explanations, fairness audit and gates")
+    fewshot: FewshotConfig | None = Field(None, description="new labels from a few examples each (keel fewshot)")
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Recipe:
@@ -178,14 +180,19 @@ def resolve_recipe_path(spec: str | Path) -> Path:
 # recipe.yaml stands alone.
 PATH_FIELDS = (
     "data.path",
+    "data.weak.unlabeled",
+    "data.weak.functions",
     "output.dir",
     "audit.fairness.baseline_run",
     "federated.server.root_certificate",
     "federated.server.certificate",
     "federated.server.private_key",
+    "fewshot.output_dir",
+    "train.parallel.ray.storage",
 )
 # A registry name or a local model folder: taken as a folder when a Hugging Face folder (config.json) is there.
 MODEL_FIELDS = ("model.name", "compress.distill.student")
+NAME_OR_PY = ("data.weak.functions",)  # a built-in name, or a .py file (made absolute only then)
 
 
 def resolve_paths(raw: dict, base: Path) -> None:
@@ -197,6 +204,8 @@ def resolve_paths(raw: dict, base: Path) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         value = node.get(leaf) if isinstance(node, dict) else None
         if not isinstance(value, str) or not value.strip():
+            continue
+        if dotted in NAME_OR_PY and not value.endswith(".py"):
             continue
         path = Path(value).expanduser()
         if not path.is_absolute():

@@ -1,4 +1,5 @@
-"""Recipe sections for the model and the data: model.*, data.* (columns, splits)."""
+"""Recipe sections for the model and the data: model.*, data.* (columns, splits; data.augment and data.weak live
+in keel/recipe/label.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from keel.recipe.base import Strict
+from keel.recipe.curate import CurateConfig
+from keel.recipe.label import AugmentConfig, WeakConfig
 
 
 class ModelConfig(Strict):
@@ -64,6 +67,11 @@ class DataConfig(Strict):
     max_train_samples: int | None = Field(None, ge=1, description="cap on the training split")
     max_eval_samples: int | None = Field(None, ge=1, description="cap on the validation and test splits each")
     dedup: bool = Field(True, description="drop repeated texts before splitting, so no text is in two splits")
+    curate: CurateConfig | None = Field(
+        None, description="curation before the splits are frozen: PII, quality, dedup, label errors; null = none"
+    )
+    augment: AugmentConfig | None = Field(None, description="copies of the training texts (keel/augment/text.py)")
+    weak: WeakConfig | None = Field(None, description="labels from labelling functions (keel/data/weak.py)")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

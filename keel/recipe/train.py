@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from keel.recipe.base import Strict
+from keel.recipe.parallel import ParallelConfig
 
 
 class EarlyStopping(Strict):
@@ -89,6 +90,9 @@ class TrainConfig(Strict):
     keep_last_k: int = Field(2, ge=1, description="checkpoints kept on disk")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's choice")
     privacy: PrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
+    parallel: ParallelConfig = Field(
+        ParallelConfig(), description="several processes: ddp (whole replicas) or fsdp (shards); Ray Train workers"
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -105,6 +109,8 @@ class TrainConfig(Strict):
                 "group_by_length does not apply to DP-SGD (train.privacy), whose Poisson sampling picks batches; "
                 "set train.group_by_length=false"
             )
+        if self.parallel.strategy == "fsdp":
+            raise ValueError("train.privacy computes per-example gradients of whole weights; set train.parallel=ddp")
         if self.mixed_precision != "no":
             raise ValueError("train.privacy needs train.mixed_precision=no (per-example gradients in fp32)")
         if self.grad_accum_steps != 1:

@@ -16,15 +16,17 @@ from pathlib import Path
 
 from keel.compress.budget import versus_teacher
 from keel.io import atomic_write_text, writes_run
+from keel.metrics import read_metrics
 from keel.report import trust as _trust  # data, fairness, explanations, privacy, environment
+from keel.report.data import section_curation  # data.curate: counts per step, duplicates, PII, label issues
 from keel.report.federated import section_federated  # federated runs: rounds and privacy
 from keel.report.generative import section_align, section_samples, section_sft
+from keel.report.label import section_augment, section_label, section_weak  # data enrichment and labelling
 from keel.report.parts import fmt as _fmt
 from keel.report.parts import num as _num
 from keel.report.parts import png as _png
 from keel.report.parts import read_json as _json
 from keel.rundir import deployable_file
-from keel.train.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +389,9 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
 SECTIONS = [
     section_summary,
     _trust.section_data,
+    section_curation,
+    section_augment,
+    section_weak,
     section_test,
     section_curves,
     section_samples,
@@ -398,6 +403,7 @@ SECTIONS = [
     _trust.section_privacy,
     _trust.section_environment,
     section_federated,
+    section_label,
     section_recipe,
 ]
 

@@ -120,8 +120,8 @@ class Engine:
 
     def _explainer_model(self):
         if self._explainer is None:
-            from keel.evaluate import load_trained
             from keel.rundir import torch_twin
+            from keel.runtime.load import load_trained
 
             torch_variant = torch_twin(self.backend)
             # Its own copy even for a torch variant: attribution hooks the embedding layer, which must not
@@ -211,8 +211,8 @@ def _verify_folder(folder: Path) -> None:
 
 
 def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
-    from keel.evaluate import load_trained, sealed_recipe, verified_model
     from keel.rundir import serve_variant
+    from keel.runtime.load import load_trained, sealed_recipe, verified_model
 
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name

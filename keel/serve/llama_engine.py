@@ -66,7 +66,7 @@ def load_gguf_engine(target: Path, backend: str = "auto", threads: int | None = 
     if (target / "model.gguf").is_file():  # runs/<name>/export/gguf-q8_0/, or one a benchmark wrote
         folder, model_id = target, target.parent.parent.name if target.parent.name == "export" else target.name
     elif (target / "model" / "keel.json").is_file():
-        from keel.evaluate import verified_model
+        from keel.runtime.load import verified_model
 
         info = verified_model(target)
         if info.get("task") != "causal-lm":

@@ -22,7 +22,7 @@ def quantize_lm(model, backend: str, device: str = "cpu"):
     import torch
 
     if backend == "torchao-weight-only":
-        from keel.compress.quantize import torchao_int8
+        from keel.runtime.int8 import torchao_int8
 
         _untie(model)
         return torchao_int8(model, "weight-only")

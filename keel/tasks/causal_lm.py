@@ -15,7 +15,7 @@ def build_model(path: Path, labels: list[str]):
     hf_logging.disable_progress_bar()
     from transformers import AutoModelForCausalLM
 
-    from keel.compress.prune import is_resized, load_resized
+    from keel.models.resize import is_resized, load_resized
 
     if is_resized(path):  # a structurally pruned model: its matrices are smaller than its config says
         return load_resized(AutoModelForCausalLM, path)

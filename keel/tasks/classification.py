@@ -18,7 +18,7 @@ def build_model(path: Path, labels: list[str]):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from keel.compress.prune import is_resized, load_resized
+    from keel.models.resize import is_resized, load_resized
 
     if is_resized(path):  # a structurally pruned model: its matrices are smaller than its config says
         return load_resized(AutoModelForSequenceClassification, path)
@@ -76,7 +76,7 @@ def predict_logits(model, dataset, tokenizer, batch_size: int, device, autocast=
 
 
 def evaluate(model, dataset, tokenizer, batch_size: int, device, autocast=nullcontext) -> dict:
-    from keel.train.metrics import classification_metrics
+    from keel.metrics import classification_metrics
 
     logits = predict_logits(model, dataset, tokenizer, batch_size, device, autocast)
     y_true = np.asarray(dataset["label"])

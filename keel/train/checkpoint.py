@@ -170,6 +170,7 @@ class Loaded:
     recipe_sha256: str
     path: Path
     changed: list[str] | None = None  # settings that differ from the checkpoint's (resume_point's check)
+    world_size: int | None = None  # processes that wrote it, where it may differ from this run's (sharded)
 
 
 def load_checkpoint(path: Path, model, rank: int = 0, world_size: int = 1, verify: bool = True) -> Loaded:

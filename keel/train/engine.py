@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -27,13 +28,14 @@ import torch
 from keel.data.prepare import prepare_data
 from keel.errors import CheckpointError, KeelError
 from keel.io import atomic_dir, atomic_write_json, verify_manifest
+from keel.metrics import MetricLog
 from keel.models import model_dir
 from keel.progress import progress
 from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
-from keel.train.metrics import MetricLog
-from keel.train.strategies import Run, Standard, Strategy, epoch_order, shard_batches  # noqa: F401  (re-exported)
+from keel.train import sharded
+from keel.train.strategies import Run, Standard, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,13 @@ RESUMABLE_CHANGES = (
     "audit.explain",
     "audit.gates",
     "train.privacy.max_physical_batch_size",
+    "train.parallel.reshard_after_forward",
+    "train.parallel.cpu_offload",
+    "train.parallel.ray",
 )
+
+# Called on every process after each checkpoint with its folder (Ray Train reports it: keel/raytrain.py).
+CHECKPOINT_LISTENERS: list = []
 
 
 def set_threads(recipe: Recipe) -> None:
@@ -142,6 +150,14 @@ def load_data_and_model(recipe: Recipe, build_model=None, run_dir: Path | None =
         tokenizer.pad_token = tokenizer.eos_token
     data = prepare_data(recipe, tokenizer, run_dir, freeze=run_dir is not None)  # frozen in run_dir/splits
     train_ds = data.splits["train"]
+    if recipe.data.weak is not None:  # labels from labelling functions (keel/data/weak.py), before any copies
+        from keel.data.weak import weak_train
+
+        train_ds = weak_train(train_ds, tokenizer, recipe, data, run_dir)
+    if recipe.data.augment is not None:  # augmented copies of the training split only (keel/augment/text.py)
+        from keel.augment.text import augment_train
+
+        train_ds = augment_train(train_ds, tokenizer, recipe, run_dir)
     if recipe.audit and recipe.audit.fairness and recipe.audit.fairness.mitigation == "counterfactual-augmentation":
         from keel.trust.cda import augment  # training-time fairness mitigation
 
@@ -162,7 +178,7 @@ def default_strategy(recipe: Recipe, build_model=None, loss_fn=None) -> Strategy
             "accountant; compress a DP model by quantization only (unset compress.distill/prune)"
         )
     # keel.trust.privacy builds on keel.train.strategies only, never on the engine: no cycle
-    from keel.trust.privacy import DPSGD
+    from keel.train.dpsgd import DPSGD
 
     return DPSGD()
 
@@ -212,12 +228,16 @@ def train(
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = build_optimizer(run.model, recipe)  # unwrapped (prepare may wrap run.optimizer): checkpoints hold it
     run.optimizer = optimizer
-    scheduler = run.scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
-        optimizer,
-        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+
+    def make_scheduler(total: int):
+        return get_scheduler(
+            "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+            optimizer,
+            num_warmup_steps=round(cfg.warmup_ratio * total),
+            num_training_steps=total,
+        )
+
+    scheduler = run.scheduler = make_scheduler(total_steps)
 
     # -- resume -----------------------------------------------------------------------------------
     restored_rng = None
@@ -227,13 +247,30 @@ def train(
             logger.warning(f"removed {dropped} incomplete checkpoint folder(s) left by an interrupted run")
     accelerator.wait_for_everyone()
     # the newest intact checkpoint (a corrupt one is skipped and named); none at all: the run starts afresh
-    loaded = ckpt.resume_point(ckpt_root, run.model, recipe, rank, world, check_resume_compatible) if resume else None
+    # train.parallel=fsdp: sharded checkpoints, read by any number of processes (keel/train/sharded.py)
+    fsdp = sharded.uses_fsdp(recipe)
+    loaded = None
+    if resume and fsdp:
+        loaded = sharded.resume_point(ckpt_root, run.model, optimizer, recipe, rank, world, check_resume_compatible)
+    elif resume:
+        loaded = ckpt.resume_point(ckpt_root, run.model, recipe, rank, world, check_resume_compatible)
     if loaded is not None:
         if loaded.changed:
             logger.warning(f"resuming with changed settings: {', '.join(loaded.changed)}")
-        optimizer.load_state_dict(loaded.optimizer)
-        scheduler.load_state_dict(loaded.scheduler)
+        if loaded.optimizer is not None:  # a sharded checkpoint was loaded into the optimiser in place
+            optimizer.load_state_dict(loaded.optimizer)
         state = run.state = loaded.state
+        if loaded.world_size not in (None, world):
+            # a sharded checkpoint of another number of processes: the plan is the steps done plus those the data
+            # left gives at this size, and the schedule ends with them (the optimiser's current lr is kept)
+            done_in_epoch = math.ceil(state.batch_in_epoch / cfg.grad_accum_steps)
+            left = max(0, steps_per_epoch - done_in_epoch) + max(0, cfg.epochs - state.epoch - 1) * steps_per_epoch
+            total_steps = min(state.step + left, cfg.max_steps or state.step + left)
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            scheduler = run.scheduler = make_scheduler(total_steps)
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+        scheduler.load_state_dict(loaded.scheduler)
         restored_rng = loaded.rng
         logger.info(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
     if resume:
@@ -265,7 +302,11 @@ def train(
     def save() -> None:
         state.extra.update(strategy.checkpoint_extra(run))
         rngs = gather_object([ckpt.capture_rng()])
-        if main:
+        if fsdp:  # every process writes its own shards
+            sharded.save_checkpoint(
+                ckpt_root, run.model, optimizer, scheduler, state, recipe_yaml, recipe_sha, rngs, main
+            )
+        elif main:
             ckpt.save_checkpoint(
                 ckpt_root,
                 accelerator.unwrap_model(run.model),
@@ -276,8 +317,11 @@ def train(
                 recipe_sha,
                 rngs,
             )
+        if main:
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
         accelerator.wait_for_everyone()
+        for listener in CHECKPOINT_LISTENERS:
+            listener(ckpt.step_dir(ckpt_root, state.step))
 
     def evaluate_epoch(epoch: int) -> None:
         if len(val_ds) == 0:
@@ -301,11 +345,15 @@ def train(
         )
         if improved:
             state.best_metric, state.best_step, state.evals_without_improvement = float(value), state.step, 0
+            whole = sharded.full_state_dict(run.model) if sharded.is_sharded(run.model) else None  # every process
             if main:
                 with atomic_dir(ckpt_root / "best") as tmp:
-                    from safetensors.torch import save_model
+                    from safetensors.torch import save_file, save_model
 
-                    save_model(accelerator.unwrap_model(run.model), str(tmp / "model.safetensors"))
+                    if whole is not None:
+                        save_file(whole, str(tmp / "model.safetensors"))
+                    else:
+                        save_model(accelerator.unwrap_model(run.model), str(tmp / "model.safetensors"))
                     (tmp / "info.json").write_text(json.dumps({"step": state.step, metric_name: value}))
         else:
             state.evals_without_improvement += 1
@@ -358,11 +406,16 @@ def train(
     final = accelerator.unwrap_model(run.model)
     best = ckpt_root / "best"
     if (best / "manifest.json").is_file():
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
         verify_manifest(best)
-        load_model(final, str(best / "model.safetensors"))
-    fingerprints = gather_object([param_fingerprint(final)])
+        if sharded.is_sharded(final):
+            sharded.load_full_state_dict(final, load_file(str(best / "model.safetensors")))
+        else:
+            load_model(final, str(best / "model.safetensors"))
+    # FSDP: the whole weights, gathered on the main process (the shards differ by design: no replica check)
+    whole = sharded.full_state_dict(final) if sharded.is_sharded(final) else None
+    fingerprints = gather_object([param_fingerprint(final) if whole is None else None])
     summary = {
         "steps": state.step,
         "epochs_done": state.epoch,
@@ -380,14 +433,14 @@ def train(
     }
     strategy.finish(run, summary)
     if main:
-        if world > 1:
+        if world > 1 and whole is None:
             same = len(set(fingerprints)) == 1
             atomic_write_json(
                 run_dir / "replicas.json", {"world_size": world, "sha256": fingerprints, "identical": same}
             )
             if not same:
                 raise KeelError(f"data-parallel replicas diverged ({world} processes); see {run_dir / 'replicas.json'}")
-        save_final_model(final, tokenizer, run_dir / "model", recipe, summary, model_info)
+        save_final_model(final, tokenizer, run_dir / "model", recipe, summary, model_info, state_dict=whole)
         atomic_write_json(run_dir / "train.json", summary)
     metrics.close()
     accelerator.wait_for_everyone()
@@ -406,10 +459,13 @@ def _min_delta(cfg) -> float:
     return cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
 
 
-def save_final_model(model, tokenizer, folder: Path, recipe: Recipe, summary: dict, extra: dict | None = None) -> None:
-    """Hugging Face format (safetensors + tokenizer), plus keel.json; sealed with a manifest."""
+def save_final_model(
+    model, tokenizer, folder: Path, recipe: Recipe, summary: dict, extra: dict | None = None, state_dict=None
+) -> None:
+    """Hugging Face format (safetensors + tokenizer), plus keel.json; sealed with a manifest. ``state_dict``: the
+    whole weights when ``model`` holds only this process's shards (FSDP)."""
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "keel.json").write_text(
             json.dumps(

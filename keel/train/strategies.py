@@ -4,7 +4,8 @@ The engine (keel/train/engine.py) owns the run's lifecycle: set-up, resume, the 
 model, early stopping, checkpoints and the final model. A strategy owns what differs between kinds of training:
 
     Standard   seeded shuffled (or length-grouped) micro-batches sharded per process, gradient accumulation,
-               accelerate's backward and gradient clipping (here)
+               accelerate's backward and gradient clipping (here); the model replicated (DDP, through
+               accelerate) or, with train.parallel=fsdp on several processes, sharded (keel/train/sharded.py)
     DPSGD      Poisson batches of persons, per-example clipping in chunks, noise, the privacy accountant and its
                budget (keel/trust/privacy.py)
 
@@ -127,9 +128,16 @@ class Standard(Strategy):
         self.loss_fn = loss_fn
         self.lengths = None
         self.pad_multiple = None
+        self.sharded = False
 
     def setup(self, run: Run) -> None:
         self.lengths = [len(ids) for ids in run.train_ds["input_ids"]] if run.cfg.group_by_length else None
+        # FSDP shards before the optimiser is built (it replaces the parameters); one process trains unsharded
+        if run.cfg.parallel.strategy == "fsdp" and run.accelerator.num_processes > 1:
+            from keel.train.sharded import shard
+
+            run.model = shard(run.model, run.cfg.parallel, run.accelerator.device)
+            self.sharded = True
 
     def steps_per_epoch(self, run: Run) -> int:
         acc = run.accelerator
@@ -141,7 +149,8 @@ class Standard(Strategy):
     def prepare(self, run: Run) -> None:
         import torch
 
-        super().prepare(run)
+        if not self.sharded:  # a sharded model is on its device already, and accelerate would wrap it in DDP
+            super().prepare(run)
         device = run.accelerator.device
         if run.recipe.model.init == "scratch" and run.recipe.pretrain.compile and device.type == "cuda":
             run.model = torch.compile(run.model)  # pretraining on a GPU: fused kernels; unwrap_model() strips it
@@ -165,7 +174,9 @@ class Standard(Strategy):
         running = torch.zeros((), device=device)
         for i, idx in enumerate(group):
             sync = i == len(group) - 1
-            with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(model):
+            if self.sharded:  # FSDP reduce-scatters the gradients of the last micro-batch only
+                model.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or acc.num_processes == 1 or self.sharded else acc.no_sync(model):
                 batch = {
                     k: v.to(device, non_blocking=True)
                     for k, v in run.task.collate(run.train_ds[idx], run.tokenizer, self.pad_multiple).items()
@@ -176,6 +187,8 @@ class Standard(Strategy):
             running += loss.detach().float() / len(group)
         max_norm = run.cfg.max_grad_norm
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm) if max_norm else None
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         record = {} if grad_norm is None else {"grad_norm": float(grad_norm)}

@@ -44,7 +44,7 @@ def _split(recipe, tokenizer, name: str, cap: int | None, need_group: bool, run_
 @writes_run
 def run_audit(run_dir: str | Path, check_gates: bool = True) -> dict:
     """Run the recipe's audit on ``run_dir``; raises GateError (exit 3) after writing everything if a gate fails."""
-    from keel.evaluate import load_trained
+    from keel.runtime.load import load_trained
     from keel.trust import explain as ex
     from keel.trust import fairness as fair
 

@@ -173,7 +173,7 @@ def explain_texts(
 
 
 def explain_trained(trained, texts: list[str], n_steps: int = 32, batch_size: int = 16) -> Iterator[Explanation]:
-    """Integrated gradients for a run's classifier (``keel.evaluate.load_trained``): `keel explain` and
+    """Integrated gradients for a run's classifier (``keel.runtime.load.load_trained``): `keel explain` and
     ``Run.explain``. The checks run at the call; the explanations are computed ``batch_size`` texts at a time, as
     they are consumed."""
     from keel.errors import KeelError
