@@ -174,9 +174,9 @@ def load_engine(
     """
     path = Path(target)
     if engine == "llama.cpp":
-        from keel.serve.llama_engine import load_gguf_engine
+        from keel.serve.llama_engine import load_gguf
 
-        return load_gguf_engine(path, backend, threads)
+        return Engine(kind="causal-lm", **load_gguf(path, backend, threads))
     if path.is_dir() and (path / "model" / "keel.json").is_file():
         return _load_run(path, backend, device)
     if path.is_dir() and (path / "recipe.yaml").is_file():

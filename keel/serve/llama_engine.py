@@ -50,9 +50,9 @@ def pick_variant(run_dir: Path, backend: str) -> str:
     )
 
 
-def load_gguf_engine(target: Path, backend: str = "auto", threads: int | None = None):
-    """A causal-LM run directory (its GGUF export ``backend``) or a GGUF export folder itself -> an ``Engine`` whose
-    generation runs in llama.cpp."""
+def load_gguf(target: Path, backend: str = "auto", threads: int | None = None) -> dict:
+    """A causal-LM run directory (its GGUF export ``backend``) or a GGUF export folder itself -> what the ``Engine``
+    is made of (keel/serve/engines.py): model_id, tokenizer, context, variant, the ``Llama`` and its scheduler."""
     import json
 
     from transformers import AutoTokenizer
@@ -60,7 +60,6 @@ def load_gguf_engine(target: Path, backend: str = "auto", threads: int | None = 
     from keel.export import gguf
     from keel.io import verify_manifest
     from keel.rundir import export_dir
-    from keel.serve.engines import Engine
 
     target = Path(target)
     if (target / "model.gguf").is_file():  # runs/<name>/export/gguf-q8_0/, or one a benchmark wrote
@@ -82,9 +81,14 @@ def load_gguf_engine(target: Path, backend: str = "auto", threads: int | None = 
     n_ctx = int(meta.get("n_ctx", 2048))
     tok = AutoTokenizer.from_pretrained(folder)
     llm = gguf.open_gguf(folder / "model.gguf", n_ctx, threads=threads)
-    engine = Engine(model_id, "causal-lm", tok, n_ctx, meta.get("variant", "gguf"), lm=llm)
-    engine.scheduler_factory = lambda tokenizer, max_running, metrics: LlamaScheduler(llm, tokenizer, metrics)
-    return engine
+    return {
+        "model_id": model_id,
+        "tokenizer": tok,
+        "max_length": n_ctx,
+        "backend": meta.get("variant", "gguf"),
+        "lm": llm,
+        "scheduler_factory": lambda tokenizer, max_running, metrics: LlamaScheduler(llm, tokenizer, metrics),
+    }
 
 
 class LlamaScheduler(Scheduler):
@@ -100,6 +104,12 @@ class LlamaScheduler(Scheduler):
         self.running = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="keel-generate-llama.cpp", daemon=True)
+
+    def stop(self) -> None:
+        super().stop()
+        close = getattr(self.llm, "close", None)
+        if close is not None and not self._thread.is_alive():  # freed here, not by the interpreter's shutdown
+            close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
