@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test test-fast venv lint format clean web-runtime deploy-tools image
+.PHONY: demo test test-fast venv lint format clean web-runtime deploy-tools image llama llama-src
 
 venv: $(STAMP)
 
@@ -69,6 +69,22 @@ deploy-tools: $(STAMP)
 BASE ?= python:3.11-slim-bookworm
 image: $(STAMP)
 	$(PY) benchmarks/container.py --base $(BASE) $(IMAGE_ARGS)
+
+# llama.cpp (`keel export --target gguf`, `keel serve --engine llama.cpp`): llama-cpp-python compiled once from its
+# sdist (native CPU flags; CMAKE_ARGS adds more), and llama.cpp's converter unpacked from the same sdist into the venv.
+# `make llama-src` does the second part alone (no compiler): what the GGUF export test needs.
+LLAMA_SDIST_DIR := $(VENV)/share/keel-llama-sdist
+LLAMA_VERSION   := $(shell sed -n 's/^llama-cpp-python==//p' requirements-llama.txt)
+
+llama-src: $(STAMP)
+	$(PIP) install sentencepiece==$(shell sed -n 's/^sentencepiece==//p' requirements-llama.txt) -c constraints.txt
+	$(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d $(LLAMA_SDIST_DIR)
+	$(PY) -m keel.export.llama_tools unpack $(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_VERSION).tar.gz
+
+llama: llama-src
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install $(LLAMA_SDIST_DIR)/llama_cpp_python-$(LLAMA_VERSION).tar.gz -c constraints.txt
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'ready')"
 
 clean:
 	rm -rf runs .pytest_cache

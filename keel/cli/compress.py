@@ -13,10 +13,15 @@ def export(
     run_dir: str = typer.Argument(..., help="a run directory"),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="also write an int8 ONNX Runtime model"),
     target: str = typer.Option(
-        "onnx", help="onnx (keel's runtime), web (a Transformers.js folder + demo page) or mobile (ORT format)"
+        "onnx",
+        help="onnx (keel's runtime), web (a Transformers.js folder + demo page), mobile (ORT format) or gguf "
+        "(a causal LM for llama.cpp; `make llama`)",
     ),
+    quant: str = typer.Option("f16", help="--target gguf: f16, q8_0 or q4_k_m"),
 ) -> None:
-    """Export a classifier to ONNX (checked against PyTorch) and, by default, int8 for ONNX Runtime."""
+    """Export a classifier to ONNX (checked against PyTorch) and int8 for ONNX Runtime; or a causal LM to GGUF."""
+    if target == "gguf":
+        return _export_gguf(run_dir, quant)
     if target != "onnx":
         from keel.cli.edge import export_edge
 
@@ -34,6 +39,20 @@ def export(
             f"logit cosine vs PyTorch {result[INT8]['logit_cosine_vs_eager']:.4f}"
         )
     out.print(f"next: keel eval {esc(run_dir)} --backend onnx-int8")
+
+
+def _export_gguf(run_dir: str, quant: str) -> None:
+    from keel.export.gguf import check_quant, export_gguf, variant
+    from keel.rundir import export_dir
+
+    meta = export_gguf(run_dir, check_quant(quant))
+    p = meta["parity"]
+    out.print(
+        f"{esc(export_dir(run_dir, variant(quant)))}: {meta['bytes'] / 1e6:.1f} MB; held-out perplexity "
+        f"{p['perplexity_gguf']:.3f} in llama.cpp vs {p['perplexity_torch']:.3f} in PyTorch ({p['heldout']}, "
+        f"{p['heldout_tokens']} tokens); greedy continuations equal {p['greedy_exact']}/{p['greedy_prompts']}"
+    )
+    out.print(f"next: keel serve {esc(run_dir)} --engine llama.cpp")
 
 
 @app.command()

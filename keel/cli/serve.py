@@ -18,6 +18,9 @@ def serve(
     ),
     host: str | None = typer.Option(None, help="bind address (serve.host; default 127.0.0.1)"),
     port: int | None = typer.Option(None, help="port (serve.port; default 8000; 0 = any free port)"),
+    engine: str | None = typer.Option(
+        None, help="generation engine: torch (keel's own) or llama.cpp (the run's GGUF export) (serve.engine)"
+    ),
     backend: str | None = typer.Option(
         None, help="auto (the deployable variant, else onnx-int8, onnx, torch) or a variant name (serve.backend)"
     ),
@@ -34,7 +37,7 @@ def serve(
     from keel.serve.server import serve as _serve
     from keel.serve.server import serve_config
 
-    config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend)
+    config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend, engine=engine)
     if ray:
         from keel.cli.deploy import serve_on_ray
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from keel.recipe.base import Strict
@@ -20,6 +22,11 @@ class ServeConfig(Strict):
 
     host: str = Field("127.0.0.1", description="bind address; a non-loopback one needs API keys (or --allow-no-auth)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    engine: Literal["torch", "llama.cpp"] = Field(
+        "torch",
+        description="generation: torch (keel's own, continuous batching) or llama.cpp (a causal-LM run's GGUF "
+        "export, `keel export RUN --target gguf`; needs `make llama`)",
+    )
     backend: str = Field(
         "auto",
         description="classifiers: auto = the deployable variant picked by `keel compress`, else onnx-int8, "

@@ -120,7 +120,10 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
         if engine.kind == "causal-lm":
             from keel.serve.scheduler import Scheduler
 
-            state.scheduler = Scheduler(engine.lm, engine.tokenizer, config.max_running, metrics, engine.device)
+            if engine.scheduler_factory is not None:  # another engine's token loop (llama.cpp)
+                state.scheduler = engine.scheduler_factory(engine.tokenizer, config.max_running, metrics)
+            else:
+                state.scheduler = Scheduler(engine.lm, engine.tokenizer, config.max_running, metrics, engine.device)
             state.scheduler.start()
         await _warm_up(state)
         if state.responses is not None:

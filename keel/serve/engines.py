@@ -41,6 +41,8 @@ class Engine:
     mitigator: object = None  # the audit's per-group thresholds (keel/trust/mitigation.py), when the run has them
     version: str = "base"  # the run's model version (`keel learn` promotes others: keel/rundir.py)
     model_sha256: str = ""  # one hash over the served folder's manifest: which weights answered
+    # generation: makes the scheduler (tokenizer, max_running, metrics); None: keel's own (keel/serve/scheduler.py)
+    scheduler_factory: Callable | None = None
     _explainer: object = None
     _explain_checkpoint: Callable[[], None] | None = None  # set while an explanation runs (explain thread)
 
@@ -158,14 +160,25 @@ def check_target(target: str) -> None:
     path = Path(target)
     if path.is_dir() and ((path / "model" / "keel.json").is_file() or (path / "recipe.yaml").is_file()):
         return
+    if path.is_dir() and (path / "model.gguf").is_file():  # a GGUF export folder (--engine llama.cpp)
+        return
     from keel.models.registry import resolve_model
 
     resolve_model(target, field="keel serve", what="run directory or model")
 
 
-def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engine:
-    """A run directory, a registry model name or a local model folder -> a ready Engine."""
+def load_engine(
+    target: str, backend: str = "auto", device: str = "cpu", engine: str = "torch", threads: int | None = None
+) -> Engine:
+    """A run directory, a registry model name or a local model folder -> a ready Engine.
+
+    ``engine``: ``torch`` (keel's own) or ``llama.cpp`` (a causal-LM run's GGUF export, keel/serve/llama_engine.py).
+    """
     path = Path(target)
+    if engine == "llama.cpp":
+        from keel.serve.llama_engine import load_gguf
+
+        return Engine(kind="causal-lm", **load_gguf(path, backend, threads))
     if path.is_dir() and (path / "model" / "keel.json").is_file():
         return _load_run(path, backend, device)
     if path.is_dir() and (path / "recipe.yaml").is_file():
@@ -186,7 +199,7 @@ def load_engine(target: str, backend: str = "auto", device: str = "cpu") -> Engi
         else (task == "causal-lm" or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model_type))
     )
     model_id = spec.name if spec else (folder.name if path.expanduser().is_dir() else target)  # a hub name
-    return _load_lm(folder, model_id, device) if is_lm else _load_encoder(folder, model_id)
+    return _load_lm(folder, model_id, device, backend) if is_lm else _load_encoder(folder, model_id)
 
 
 def _verify_folder(folder: Path) -> None:
@@ -216,10 +229,8 @@ def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name
     if info["task"] == "causal-lm":
-        if backend not in ("auto", "torch"):
-            raise KeelError(f"serve.backend={backend} is for classifiers; {run_dir} is a causal-lm run (use torch)")
         sealed_recipe(run_dir, info)
-        engine = _load_lm(run_dir / "model", model_id, device)
+        engine = _load_lm(run_dir / "model", model_id, device, backend)
         engine.model_sha256 = folder_digest(run_dir / "model")
         return engine
     version = current_version(run_dir)
@@ -294,8 +305,19 @@ def _load_encoder(folder: Path, model_id: str) -> Engine:
     )
 
 
-def _load_lm(folder: Path, model_id: str, device: str) -> Engine:
+LM_BACKENDS = ("auto", "torch", "torchao-weight-only", "int8-dynamic")
+
+
+def _load_lm(folder: Path, model_id: str, device: str, backend: str = "auto") -> Engine:
+    """``backend``: torch (fp32 on a CPU), torchao-weight-only (torchao's int8 weight-only) or int8-dynamic
+    (PyTorch's fbgemm int8 kernels, activations quantized per step: keel/serve/lm_int8.py)."""
     import torch
+
+    if backend not in LM_BACKENDS:
+        raise KeelError(
+            f"serve.backend={backend} is not one a causal LM is served with; use one of {', '.join(LM_BACKENDS)} "
+            "(or --engine llama.cpp for a GGUF export)"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from keel.secure.seal import is_sealed
@@ -311,5 +333,9 @@ def _load_lm(folder: Path, model_id: str, device: str) -> Engine:
         lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(folder)
     lm = lm.to(device).eval()
+    if backend in ("torchao-weight-only", "int8-dynamic"):
+        from keel.serve.lm_int8 import quantize_lm
+
+        lm = quantize_lm(lm, backend, device)
     context = int(getattr(lm.config, "max_position_embeddings", 2048))
-    return Engine(model_id, "causal-lm", tok, context, "torch", lm=lm, device=device)
+    return Engine(model_id, "causal-lm", tok, context, "torch" if backend == "auto" else backend, lm=lm, device=device)

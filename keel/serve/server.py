@@ -138,7 +138,7 @@ def serve(
         console.print(f"[dim]signatures of {target} match {config.verify_key}[/]")
     console.print(f"[dim]loading {target}[/]")
     _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
-    engine = load_engine(target, config.backend, device)
+    engine = load_engine(target, config.backend, device, config.engine, config.num_threads)
     engine.forward_batch_size = config.forward_batch_size or (8 if engine.device == "cpu" else None)
     from pathlib import Path
 

@@ -1,0 +1,117 @@
+"""Generation engines other than keel's fp32 one: int8 decoder weights, and the llama.cpp token loop (driven here
+by a stand-in for ``llama_cpp.Llama``, so keel's part of it is tested without llama.cpp installed)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("backend", ["int8-dynamic", "torchao-weight-only"])
+def test_int8_decoder_keeps_the_logits(tiny_lm, one_thread, backend):
+    from keel.serve.lm_int8 import quantize_lm
+
+    model, tok = tiny_lm
+    ids = torch.tensor([tok("the quick brown fox jumps over the lazy dog")["input_ids"]])
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        q = quantize_lm(copy.deepcopy(model), backend)
+        got = q(input_ids=ids).logits
+    plain = [n for n, m in q.named_modules() if type(m) is torch.nn.Linear and type(m.weight.detach()) is torch.Tensor]
+    assert plain == []  # every Linear is quantized, the output head included
+    assert q.get_input_embeddings().weight.dtype == torch.float32
+    assert not torch.equal(got, ref)  # it did quantize
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_int8_backends_are_refused_by_name(tiny_lm):
+    from keel.errors import KeelError
+    from keel.serve.engines import _load_lm
+
+    with pytest.raises(KeelError, match="torchao-weight-only, int8-dynamic"):
+        _load_lm(None, "x", "cpu", "onnx-int8")
+
+
+class FakeLlama:
+    """``generate`` yields a fixed token stream; records what it was asked."""
+
+    def __init__(self, stream: list[int], eos: int):
+        self.stream, self.eos, self.calls, self.seeds = stream, eos, [], []
+
+    def token_eos(self):
+        return self.eos
+
+    def set_seed(self, seed):
+        self.seeds.append(seed)
+
+    def generate(self, tokens, **kw):
+        self.calls.append((list(tokens), kw))
+        yield from self.stream
+
+
+def _run(scheduler, seqs, timeout=30):
+    done = threading.Event()
+    events = []
+
+    def emit(index, kind, payload):
+        events.append((index, kind, payload))
+        if kind in ("done", "error") and sum(k in ("done", "error") for _, k, _ in events) == len(seqs):
+            done.set()
+
+    for s in seqs:
+        s.emit = emit
+    scheduler.start()
+    try:
+        scheduler.submit(seqs)
+        assert done.wait(timeout)
+    finally:
+        scheduler.stop()
+    return events
+
+
+def test_llama_scheduler_keeps_keels_row_logic(tiny_lm):
+    from keel.serve.llama_engine import LlamaScheduler
+    from keel.serve.scheduler import Sequence
+
+    _, tok = tiny_lm
+    words = tok(" one two three four five six", add_special_tokens=False)["input_ids"]
+    llm = FakeLlama(words + [tok.eos_token_id] + words, eos=tok.eos_token_id)
+    seqs = [
+        Sequence([1, 2, 3], max_new=3, temperature=0.0, index=0),  # stops at max_new
+        Sequence([4, 5], max_new=50, temperature=0.7, top_p=0.9, seed=7, index=1),  # runs to EOS
+        Sequence([6], max_new=50, temperature=0.0, stops=[" four"], index=2),  # a stop string
+    ]
+    events = _run(LlamaScheduler(llm, tok), seqs)
+    text = {i: "".join(p for j, k, p in events if j == i and k == "text") for i in range(3)}
+    done = {i: p for i, k, p in events if k == "done"}
+    assert text[0] == tok.decode(words[:3]) and done[0] == {"finish_reason": "length", "completion_tokens": 3}
+    assert text[1] == tok.decode(words) and done[1]["finish_reason"] == "stop"
+    assert text[2] == " one two three" and done[2]["finish_reason"] == "stop"
+    # prompts go in as keel tokenized them, one sequence at a time, with each one's sampling settings
+    assert [c[0] for c in llm.calls] == [[1, 2, 3], [4, 5], [6]]
+    assert llm.calls[0][1]["temp"] == 0.0 and llm.calls[1][1]["temp"] == 0.7 and llm.calls[1][1]["top_p"] == 0.9
+    assert llm.seeds[1] == 7
+
+
+def test_llama_scheduler_fails_one_sequence_alone(tiny_lm):
+    from keel.serve.llama_engine import LlamaScheduler
+    from keel.serve.scheduler import Sequence
+
+    _, tok = tiny_lm
+
+    class Broken(FakeLlama):
+        def generate(self, tokens, **kw):
+            if tokens[0] == 9:
+                raise RuntimeError("llama_decode returned -1")
+            yield from super().generate(tokens, **kw)
+
+    llm = Broken([5, 6, 7], eos=tok.eos_token_id)
+    seqs = [Sequence([9], max_new=2, temperature=0.0, index=0), Sequence([1], max_new=2, temperature=0.0, index=1)]
+    events = _run(LlamaScheduler(llm, tok), seqs)
+    assert (0, "error", "generation failed (RuntimeError)") in events
+    assert (1, "done", {"finish_reason": "length", "completion_tokens": 2}) in events
