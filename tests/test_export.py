@@ -166,7 +166,7 @@ def test_eval_on_a_file_prints_that_files_own_majority_baseline(exported, tmp_pa
 def test_bench_scores_every_variant_on_the_same_validation_batches(exported, monkeypatch):
     """The pipeline baseline and keel's variants score the very same batches (in the split's order, then the same
     length-sorted ones), drawn from the validation split: the pick never sees the test split."""
-    import keel.evaluate as E
+    import keel.runtime.load as E
     from keel.data.prepare import prepare_data
     from keel.export import bench as B
 
