@@ -208,14 +208,19 @@ def load_checkpoint(path: Path, model, rank: int = 0, world_size: int = 1, verif
     )
 
 
-def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, check=None) -> Loaded | None:
+def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, check=None, load=None) -> Loaded | None:
     """The newest checkpoint that is intact, loaded into ``model``; older ones are tried when a newer one is
     corrupt (each skipped one is named, with the reason). None when nothing was checkpointed.
 
     ``check(saved_recipe_yaml, recipe)`` runs on an intact checkpoint before its weights are loaded (a changed
     model is then named as the field that changed, not as a shape mismatch); its error is not a reason to fall
     back, nor is a checkpoint that does not fit the model: only a checkpoint whose files fail their manifest is.
+    ``load(path)`` reads a verified checkpoint (default: this module's format; keel/train/sharded.py passes its own).
     """
+    if load is None:
+
+        def load(path: Path) -> Loaded:
+            return load_checkpoint(path, model, rank=rank, world_size=world_size, verify=False)
 
     found = list_checkpoints(root)
     skipped = []
@@ -227,7 +232,7 @@ def resume_point(root: Path, model, recipe, rank: int = 0, world_size: int = 1, 
             logger.warning(f"skipping checkpoint {path.name}: {e}")
             continue
         changed = check((path / "recipe.yaml").read_text(), recipe) if check is not None else None
-        loaded = load_checkpoint(path, model, rank=rank, world_size=world_size, verify=False)
+        loaded = load(path)
         loaded.changed = changed
         if skipped:
             logger.info(

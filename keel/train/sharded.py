@@ -36,8 +36,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keel.errors import CheckpointError, KeelError
-from keel.io import IntegrityError, atomic_dir, verify_manifest
-from keel.train.checkpoint import Loaded, TrainState, list_checkpoints, step_dir
+from keel.io import atomic_dir
+from keel.train import checkpoint
+from keel.train.checkpoint import Loaded, TrainState, step_dir
 
 logger = logging.getLogger(__name__)
 
@@ -234,24 +235,14 @@ def rescale_position(batch_in_epoch: int, batch_size: int, saved_world: int, wor
 
 
 def resume_point(root: Path, model, optimizer, recipe, rank: int, world_size: int, check=None) -> Loaded | None:
-    """The newest intact sharded checkpoint, loaded; older ones are tried when a newer one is corrupt (as
-    keel.train.checkpoint.resume_point). Every process verifies the manifest it reads from."""
-    found = list_checkpoints(root)
-    skipped = []
-    for path in reversed(found):
-        try:
-            verify_manifest(path)
-        except IntegrityError as e:
-            skipped.append(f"{path.name} ({e})")
-            logger.warning(f"skipping checkpoint {path.name}: {e}")
-            continue
-        changed = check((path / "recipe.yaml").read_text(), recipe) if check is not None else None
-        loaded = load_checkpoint(path, model, optimizer, recipe, rank, world_size)
-        loaded.changed = changed
-        return loaded
-    if skipped:
-        raise CheckpointError(
-            f"no intact checkpoint in {root} to resume from: {'; '.join(skipped)}; restore one, or "
-            f"remove {root} to start the run afresh with --resume"
-        )
-    return None
+    """The newest intact sharded checkpoint, loaded; older ones are tried when a newer one is corrupt
+    (keel.train.checkpoint.resume_point with this format's loader). Every process verifies the manifest it reads."""
+    return checkpoint.resume_point(
+        root,
+        model,
+        recipe,
+        rank,
+        world_size,
+        check,
+        load=lambda path: load_checkpoint(path, model, optimizer, recipe, rank, world_size),
+    )
