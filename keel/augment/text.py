@@ -185,7 +185,6 @@ def augment_texts(
 def augment_train(train_ds, tokenizer, recipe, run_dir: Path | None = None):
     """The tokenized training split with the augmented copies appended (the splits on disk stay as they were);
     what was added is written to RUN/data/augment.json for the report."""
-    import datasets
 
     cfg = recipe.data.augment
     texts = list(train_ds["text"])
@@ -211,17 +210,18 @@ def augment_train(train_ds, tokenizer, recipe, run_dir: Path | None = None):
     logger.info(f"data.augment: {len(copies)} copies added to {len(texts)} training texts ({per_op})")
     if not copies:
         return train_ds
+    from keel.data.prepare import append_rows
+
     labels = list(train_ds["label"])
-    new = {"text": [t for _, t, _ in copies], "label": [labels[i] for i, _, _ in copies]}
-    if "group" in train_ds.column_names:
-        groups = list(train_ds["group"])
-        new["group"] = [groups[i] for i, _, _ in copies]
-    enc = tokenizer(new["text"], truncation=True, max_length=recipe.model.max_length)
-    for col in ("input_ids", "token_type_ids"):
-        if col in train_ds.column_names:
-            new[col] = enc[col]
-    extra = datasets.Dataset.from_dict(new).cast(train_ds.features)
-    return datasets.concatenate_datasets([train_ds, extra])
+    groups = list(train_ds["group"]) if "group" in train_ds.column_names else None
+    return append_rows(
+        train_ds,
+        [t for _, t, _ in copies],
+        [labels[i] for i, _, _ in copies],
+        [groups[i] for i, _, _ in copies] if groups is not None else None,
+        tokenizer,
+        recipe,
+    )
 
 
 def _spread(copies: list, per_op: int = 2) -> list:

@@ -176,3 +176,19 @@ def _causal_lm(frame, tokenizer, recipe: Recipe, labels: list[str]):
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
     blocks = [stream[i : i + block] for i in range(0, len(stream) - block + 1, block)]
     return datasets.Dataset.from_dict({"input_ids": blocks})
+
+
+def append_rows(train_ds, texts: list[str], labels: list[int], groups: list[str] | None, tokenizer, recipe: Recipe):
+    """The tokenized training split with rows appended in memory (the tokenized cache on disk is never written
+    to): ``texts`` tokenized as the split was, with their label ids and, where the split has one, their group."""
+    import datasets
+
+    new = {"text": list(texts), "label": list(labels)}
+    if "group" in train_ds.column_names:
+        new["group"] = list(groups) if groups is not None else [""] * len(new["text"])
+    enc = tokenizer(new["text"], truncation=True, max_length=recipe.model.max_length)
+    for col in ("input_ids", "token_type_ids"):
+        if col in train_ds.column_names:
+            new[col] = enc[col]
+    extra = datasets.Dataset.from_dict(new).cast(train_ds.features)
+    return datasets.concatenate_datasets([train_ds, extra])

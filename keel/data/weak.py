@@ -236,15 +236,9 @@ def weak_train(train_ds, tokenizer, recipe, prepared, run_dir: Path | None = Non
         rows = train_ds.select(kept).to_dict()  # in memory: the tokenized cache on disk is never written to
         rows["label"] = [int(chosen[i]) for i in kept]
         return datasets.Dataset.from_dict(rows).cast(train_ds.features)
-    new = {"text": [texts[i] for i in kept], "label": [int(chosen[i]) for i in kept]}
-    if "group" in train_ds.column_names:
-        new["group"] = [""] * len(kept)
-    enc = tokenizer(new["text"], truncation=True, max_length=recipe.model.max_length)
-    for col in ("input_ids", "token_type_ids"):
-        if col in train_ds.column_names:
-            new[col] = enc[col]
-    extra = datasets.Dataset.from_dict(new).cast(train_ds.features)
-    return datasets.concatenate_datasets([train_ds, extra])
+    from keel.data.prepare import append_rows
+
+    return append_rows(train_ds, [texts[i] for i in kept], [int(chosen[i]) for i in kept], None, tokenizer, recipe)
 
 
 def read_unlabeled(path: str, recipe, labels: list[str]):
