@@ -44,6 +44,9 @@ def test_parallel_settings_that_cannot_work_are_refused(train, needle):
         (["train", "--ray", "r.yaml"], ["train", "--ray", "local", "r.yaml"]),
         (["train", "r.yaml", "--ray", "head:6379"], ["train", "r.yaml", "--ray", "head:6379"]),
         (["train", "r.yaml"], ["train", "r.yaml"]),
+        (["--debug", "train", "r.yaml", "--ray"], ["--debug", "train", "r.yaml", "--ray", "local"]),
+        (["serve", "runs/x", "--ray"], ["serve", "runs/x", "--ray"]),  # a flag there: nothing is added
+        (["serve", "runs/x", "--ray", "--port", "0"], ["serve", "runs/x", "--ray", "--port", "0"]),
     ],
 )
 def test_ray_address_is_optional(args, expected):

@@ -22,7 +22,8 @@ LOCAL_RAY = "local"  # `keel train RECIPE --ray` with no address: a new local Ra
 def optional_ray_address(args: list[str]) -> list[str]:
     """`--ray` may stand without its ADDRESS (click options always take one): then it means a new local cluster.
     What follows is an address unless it is an option, an override (key=value) or a recipe file."""
-    if "--ray" not in args:
+    verb = next((a for a in args if not a.startswith("-")), None)
+    if verb != "train" or "--ray" not in args:  # `keel serve --ray` is a plain flag (RAY_ADDRESS names a cluster)
         return args
     i = args.index("--ray")
     nxt = args[i + 1] if i + 1 < len(args) else None
