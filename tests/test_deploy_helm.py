@@ -92,7 +92,8 @@ def test_the_serve_values_become_settings_keel_serve_accepts():
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     settings = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     raw = {s.split("=", 1)[0].removeprefix("serve."): s.split("=", 1)[1] for s in settings}
-    validate_serve(raw)  # raises KeelError on a key or value keel serve would refuse
+    config = validate_serve(raw)  # raises KeelError on a key or value keel serve would refuse
+    assert raw and all(str(getattr(config, k)) == v for k, v in raw.items() if "." not in k)
 
 
 def test_without_api_keys_the_chart_refuses_to_render_and_says_how():

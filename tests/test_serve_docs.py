@@ -189,12 +189,15 @@ def _run_examples(server: Server, env: dict) -> None:
     full_env = {**{k: v for k, v in os.environ.items() if k != "KEEL_API_KEYS"}, "PATH": path, **env}
     r = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, env=full_env, timeout=60)
     assert r.returncode == 0 and '"embedding"' in r.stdout, (curl, r.stdout[:300], r.stderr[-300:])
+    curl_out = r.stdout
     r = subprocess.run(["bash", "-c", py], capture_output=True, text=True, env=full_env, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "32", (py, r.stdout[-300:], r.stderr[-1000:])
+    return curl_out, r.stdout.strip()
 
 
 def test_the_printed_examples_work_with_the_keys_from_the_environment(docs_server):
-    _run_examples(docs_server, {"KEEL_API_KEYS": f"{KEY},{KEY2}"})
+    curl_out, dims = _run_examples(docs_server, {"KEEL_API_KEYS": f"{KEY},{KEY2}"})
+    assert '"embedding"' in curl_out and dims == "32"  # both printed examples answered with the server's keys
 
 
 def test_the_printed_examples_work_with_the_keys_from_a_file(tmp_path):
