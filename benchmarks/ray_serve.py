@@ -19,51 +19,19 @@ import asyncio
 import json
 import os
 import platform
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 
-import httpx
 from serve_classify import load, text
-from serve_common import OFFLINE, KeelServer, percentile, write_result
+from serve_common import KeelServer, percentile, write_result
 
 
-class RayServer:
-    """`keel serve TARGET --ray` on a free port, until it answers /health/ready."""
+class RayServer(KeelServer):
+    """`keel serve TARGET --ray` on a free port, until it answers /health/ready; its own local Ray cluster."""
 
-    def __init__(self, target: str, *sets: str):
-        env = {**os.environ, **OFFLINE}
-        env.pop("KEEL_API_KEYS", None)
-        env.pop("RAY_ADDRESS", None)
-        args = [a for s in sets for a in ("--set", s)]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keel", "serve", target, "--ray", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        self.url, lines = None, []
-        for line in self.proc.stdout:
-            lines.append(line)
-            m = re.search(r" at (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                self.url = m.group(1)
-                break
-        if not self.url:
-            raise SystemExit("keel serve --ray did not start:\n" + "".join(lines[-40:]))
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()  # keep the pipe open
-        end = time.time() + 600
-        while time.time() < end:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise SystemExit("keel serve --ray never became ready")
+    flags = ("--ray",)
+    unset_env = (*KeelServer.unset_env, "RAY_ADDRESS")
 
     def replicas(self) -> list[int]:
         import psutil
@@ -78,9 +46,8 @@ class RayServer:
         return found
 
     def stop(self) -> None:
-        self.proc.terminate()
         try:
-            self.proc.wait(timeout=120)
+            super().stop()
         except subprocess.TimeoutExpired:
             self.proc.kill()
 

@@ -23,12 +23,20 @@ OFFLINE = {
 
 
 class KeelServer:
+    """`keel serve TARGET` on a free loopback port, until it answers /health/ready; its output is read on until it
+    exits (a full pipe would block the server). A subclass adds its own flags and environment."""
+
+    flags: tuple[str, ...] = ()
+    unset_env: tuple[str, ...] = ("KEEL_API_KEYS",)
+
     def __init__(self, target: str, *sets: str):
         args = [a for s in sets for a in ("--set", s)]
         env = {**os.environ, **OFFLINE}
-        env.pop("KEEL_API_KEYS", None)
+        for name in self.unset_env:
+            env.pop(name, None)
+        self.name = " ".join(["keel serve", *self.flags])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "keel", "serve", target, "--port", "0", *args],
+            [sys.executable, "-m", "keel", "serve", target, *self.flags, "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -42,15 +50,20 @@ class KeelServer:
                 self.url = m.group(1)
                 break
         if not self.url:
-            raise SystemExit("keel serve did not start:\n" + "".join(lines))
-        end = time.time() + 600
-        while time.time() < end:
+            raise SystemExit(f"{self.name} did not start:\n" + "".join(lines[-40:]))
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        self.wait_ready(600)
+
+    def wait_ready(self, timeout: float) -> None:
+        end = time.time() + timeout
+        while time.time() < end and self.proc.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health/ready", timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
-                time.sleep(0.5)
-        raise SystemExit("keel serve never became ready")
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"{self.name} never became ready (exit code {self.proc.poll()})")
 
     def stop(self) -> None:
         self.proc.terminate()
