@@ -58,6 +58,64 @@ def test_tls_is_refused_with_ray_saying_where_tls_goes():
         serve_on_ray("tiny-bert", ServeConfig(), None, False, "cert.pem", None)
 
 
+def _serve_args(args: list[str]):
+    """`keel serve ARGS` parsed and run by its click command (not the root callback, which sets up logging)."""
+    import typer
+
+    from keel.cli import app
+
+    return typer.main.get_command(app).commands["serve"].main(args, prog_name="keel serve", standalone_mode=False)
+
+
+def test_ray_address_reaches_ray_as_given_else_from_ray_address_else_a_local_cluster(monkeypatch):
+    import keel.serve.ray_serve as ray_serve
+
+    seen = []
+    monkeypatch.setattr(ray_serve, "serve_ray", lambda *args: seen.append(args[-1]))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address in ("10.0.0.5:6379", "ray://head.example:10001", "[::1]:6379", "auto", "local"):
+        _serve_args(["tiny-bert", "--ray", "--ray-address", address])
+    _serve_args(["tiny-bert", "--ray"])
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    _serve_args(["tiny-bert", "--ray"])
+    _serve_args(["tiny-bert", "--ray", "--ray-address", "other:6380"])  # the option wins over the environment
+    assert seen == [
+        "10.0.0.5:6379",
+        "ray://head.example:10001",
+        "[::1]:6379",
+        "auto",
+        "local",
+        "local",
+        "head:6379",
+        "other:6380",
+    ]
+
+
+@pytest.mark.parametrize(
+    "address", ["head", "head:", "head:port", "head:0", "head:70000", "http://head:6379", "::1:6379", "a b:1"]
+)
+def test_a_malformed_ray_address_is_refused_in_one_line_naming_where_it_came_from(monkeypatch, address):
+    import keel.serve.ray_serve as ray_serve
+
+    monkeypatch.setattr(ray_serve, "serve_ray", lambda *args: pytest.fail("a malformed address reached Ray"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(KeelError) as e:
+        _serve_args(["tiny-bert", "--ray", "--ray-address", address])
+    assert str(e.value).startswith("--ray-address must be HOST:PORT") and repr(address) in str(e.value)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(KeelError, match="^RAY_ADDRESS must be HOST:PORT"):
+        _serve_args(["tiny-bert", "--ray"])
+
+
+def test_ray_address_without_ray_is_refused_saying_add_ray(monkeypatch):
+    import keel.serve.server as server
+
+    monkeypatch.setattr(server, "serve", lambda *args: pytest.fail("served without Ray"))
+    with pytest.raises(KeelError, match="--ray-address is for keel serve --ray; add --ray"):
+        _serve_args(["tiny-bert", "--ray-address", "head:6379"])
+
+
 # -- a real local Ray cluster ------------------------------------------------------------------------------------
 
 

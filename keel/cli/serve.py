@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from keel.cli._app import app
+from keel.errors import KeelError
 
 
 @app.command()
@@ -29,17 +30,24 @@ def serve(
     ssl_certfile: str | None = typer.Option(None, help="TLS certificate (PEM)"),
     ssl_keyfile: str | None = typer.Option(None, help="TLS private key (PEM)"),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when available)"),
-    ray: bool = typer.Option(
-        False, "--ray", help="serve on Ray Serve: replicas and autoscaling from serve.ray (RAY_ADDRESS joins a cluster)"
+    ray: bool = typer.Option(False, "--ray", help="serve on Ray Serve: replicas and autoscaling from serve.ray"),
+    ray_address: str | None = typer.Option(
+        None,
+        "--ray-address",
+        metavar="ADDRESS",
+        help="with --ray: the cluster to join, HOST:PORT, ray://HOST:PORT, auto or local "
+        "(default $RAY_ADDRESS, else a new local cluster)",
     ),
 ) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
     from keel.serve.server import serve as _serve
     from keel.serve.server import serve_config
 
+    if ray_address is not None and not ray:
+        raise KeelError("--ray-address is for keel serve --ray; add --ray, or drop --ray-address")
     config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend, engine=engine)
     if ray:
         from keel.cli.deploy import serve_on_ray
 
-        return serve_on_ray(target, config, api_key_file, allow_no_auth, ssl_certfile, device)
+        return serve_on_ray(target, config, api_key_file, allow_no_auth, ssl_certfile, device, ray_address)
     _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)

@@ -4,7 +4,8 @@ Each replica builds the app from TARGET itself (so TARGET must be at the same pa
 lifespan (load, warm up) and reports healthy only while keel's readiness says so; Ray's proxy spreads requests
 over the replicas and the autoscaler adds or removes replicas on ongoing requests (``serve.ray``). A replica that
 dies or fails its health check is replaced by Ray; the requests it was answering fail, the others do not.
-RAY_ADDRESS picks an existing cluster; without it a local one is started and stopped with the process.
+--ray-address (default $RAY_ADDRESS) picks an existing cluster; without it a local one is started and stopped
+with the process.
 """
 
 from __future__ import annotations
@@ -123,6 +124,28 @@ def _model_routes(target: str) -> tuple[str, tuple[str, ...]]:
     return (spec.name if spec else Path(target).name), ("chat",) if spec and spec.kind == "causal-lm" else ("classify",)
 
 
+ADDRESS_FORMS = "HOST:PORT (a Ray head, e.g. 10.0.0.5:6379), ray://HOST:PORT (Ray Client), auto or local"
+
+
+def ray_address(value: str | None) -> str:
+    """The Ray cluster `keel serve --ray` joins: ``value`` (--ray-address), else $RAY_ADDRESS, else "local" (a new
+    cluster on this machine, even when `ray start` left one running: "auto" joins that). Raises KeelError, naming
+    where the address came from, when it is malformed."""
+    import os
+
+    source = "--ray-address"
+    if value is None:
+        value, source = os.environ.get("RAY_ADDRESS") or "local", "RAY_ADDRESS"
+    if value in ("auto", "local"):
+        return value
+    host, _, port = value.removeprefix("ray://").rpartition(":")
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # an IPv6 host: [::1]:6379
+    odd = any(c.isspace() or c in "/?#@[]" or (c == ":" and name == host) for c in name)
+    if not name or odd or not (port.isdigit() and 0 < int(port) < 65536):
+        raise KeelError(f"{source} must be {ADDRESS_FORMS}; got {value!r}")
+    return value
+
+
 def free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -131,10 +154,15 @@ def free_port(host: str) -> int:
 
 
 def serve_ray(
-    target: str, config, key_file: str | None = None, allow_no_auth: bool = False, device: str | None = None
+    target: str,
+    config,
+    key_file: str | None = None,
+    allow_no_auth: bool = False,
+    device: str | None = None,
+    address: str = "local",
 ) -> None:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster, deploy keel's app on it and block until SIGTERM/Ctrl-C."""
-    import os
+    """Start a Ray cluster (``address`` "local") or join one (see `ray_address`), deploy keel's app on it and block
+    until SIGTERM/Ctrl-C."""
     from pathlib import Path
 
     from keel.serve.engines import check_target
@@ -152,15 +180,15 @@ def serve_ray(
     except ImportError:
         raise KeelError("keel serve --ray needs Ray Serve; pip install 'ray[serve]' (see requirements.txt)") from None
     port = config.port or free_port(config.host)
-    address = os.environ.get("RAY_ADDRESS")
+    joins = address != "local"
     console.print(
-        f"[dim]{'joining the Ray cluster at ' + esc(address) if address else 'starting a local Ray cluster'}[/]"
+        f"[dim]{'joining the Ray cluster at ' + esc(address) if joins else 'starting a local Ray cluster'}[/]"
     )
     # The replicas import keel from the same place as this process, on this node and on others.
     try:
-        ray.init(address=address or None, include_dashboard=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, TimeoutError) as e:
-        where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray cluster"
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, TimeoutError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if joins else "a local Ray cluster"
         raise KeelError(f"could not start or join {where} ({type(e).__name__}: {e}); check `ray status`") from None
     stop = threading.Event()
     try:
