@@ -250,3 +250,4 @@ def test_export_targets_web_and_mobile(exported, tmp_path):
     assert (web / "onnx" / "model_quantized.onnx").is_file() and (web / "vendor" / "transformers.min.js").is_file()
     assert "serve.py" in proc.stdout
     assert json.loads((web / "config.json").read_text())["id2label"] == labels
+    assert "<title>tiny · keel</title>" in (web / "index.html").read_text()  # the page is titled with the run's name

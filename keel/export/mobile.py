@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.export.onnx import _parity_texts, load_classifier
+from keel.export.onnx import export_classifier
 from keel.export.web import write_model_files, write_standard_graph
 from keel.io import atomic_dir, writes_run
-from keel.rundir import export_dir
 from keel.runtime.ort import session
 
 MOBILE = "mobile"
@@ -109,17 +108,4 @@ def write_mobile_folder(
 @writes_run
 def export_mobile(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99) -> dict:
     """runs/<name>/export/mobile/ from the run's final model; returns the parity figures and sizes."""
-    t = load_classifier(run_dir)
-    dest = export_dir(run_dir, MOBILE)
-    figures = write_mobile_folder(
-        t.model,
-        t.tokenizer,
-        list(t.info["labels"]),
-        dest,
-        _parity_texts(t),
-        max_len=t.recipe.model.max_length,
-        info=t.info,
-        atol=atol,
-        min_cosine=min_cosine,
-    )
-    return {**figures, "folder": str(dest)}
+    return export_classifier(run_dir, MOBILE, write_mobile_folder, atol=atol, min_cosine=min_cosine)

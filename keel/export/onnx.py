@@ -48,6 +48,19 @@ def _feeds(tokenizer, texts: list[str], names: list[str], max_length: int) -> di
     return {n: enc[n].astype(np.int64) for n in names}
 
 
+def parity_batches(
+    model, tokenizer, texts: list[str], names: list[str], max_len: int, spans=((0, 1), (1, 3), (0, None))
+) -> tuple[list[dict], list[np.ndarray]]:
+    """Feeds of ``texts[start : start + count]`` for each (start, count) of ``spans`` (None: to the end), so several
+    batch sizes and padded lengths exercise the dynamic axes, and eager PyTorch's logits on each."""
+    import torch
+
+    feeds = [_feeds(tokenizer, texts[at : None if n is None else at + n], names, max_len) for at, n in spans]
+    with torch.no_grad():
+        eager = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in feeds]
+    return feeds, eager
+
+
 @contextlib.contextmanager
 def _quiet():
     """The exporter and quantizer narrate to stdout, warnings and the root logger; keep the terminal readable."""
@@ -79,6 +92,20 @@ def load_classifier(run_dir: str | Path):
     return t
 
 
+def export_classifier(run_dir: str | Path, variant: str, write, from_run=None, **options) -> dict:
+    """RUN/export/<variant>/ from the run's final classifier, by a target's ``write(model, tokenizer, labels, dest,
+    texts, max_len=, info=, **options)``: it checks parity, writes a temporary folder and moves it into place.
+    ``from_run(trained)`` returns the options read from the loaded run. Returns the figures and the folder."""
+    t = load_classifier(run_dir)
+    dest = export_dir(run_dir, variant)
+    options |= from_run(t) if from_run else {}
+    labels, texts = list(t.info["labels"]), _parity_texts(t)
+    figures = write(
+        t.model, t.tokenizer, labels, dest, texts, max_len=t.recipe.model.max_length, info=t.info, **options
+    )
+    return {**figures, "folder": str(dest)}
+
+
 @writes_run
 def export_onnx(
     run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99, int8: bool = True, pack: bool = True
@@ -87,7 +114,6 @@ def export_onnx(
 
     ``pack``: export a BERT-style classifier as the padding-free graph of `keel.export.packed` (the same logits;
     False exports the padded graph, as a benchmark's point of comparison)."""
-    import torch
 
     from keel.export.packed import PackedBertClassifier, can_pack
 
@@ -96,10 +122,7 @@ def export_onnx(
     names = input_names(tok)
     texts = _parity_texts(t)
     max_len = t.recipe.model.max_length
-    # several batch sizes and padded lengths, so the dynamic axes are exercised
-    checks = [_feeds(tok, texts[i : i + k], names, max_len) for i, k in ((0, 1), (1, 3), (0, len(texts)))]
-    with torch.no_grad():
-        eager = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in checks]
+    checks, eager = parity_batches(model, tok, texts, names, max_len)
 
     packed = pack and can_pack(model) and tok.padding_side == "right"  # a packed row's first token is its [CLS]
     graph = PackedBertClassifier(model) if packed else model
@@ -184,7 +207,6 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
     Only MatMul/Gemm are quantized; softmax and layer norms stay fp32 (quantizing them costs a transformer its
     accuracy for little speed). Checked like the dynamic variant: logit cosine vs eager >= ``min_cosine``.
     """
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from keel.runtime.load import load_trained
@@ -220,9 +242,7 @@ def quantize_static_int8(run_dir: str | Path, calibration_samples: int = 128, mi
                 weight_type=QuantType.QInt8,
                 extra_options={"ActivationSymmetric": True},
             )
-        feeds = [_feeds(t.tokenizer, check[i : i + k], names, max_len) for i, k in ((0, 1), (0, len(check)))]
-        with torch.no_grad():
-            eager = [t.model.float()(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in feeds]
+        feeds, eager = parity_batches(t.model.float(), t.tokenizer, check, names, max_len, spans=((0, 1), (0, None)))
         session = _session(tmp / "model.onnx")
         cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(feeds, eager))
         if not cos >= min_cosine:

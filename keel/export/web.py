@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from keel.errors import KeelError
-from keel.export.onnx import _feeds, _parity_texts, input_names, load_classifier, quantize_graph, write_graph
+from keel.export.onnx import _feeds, export_classifier, input_names, parity_batches, quantize_graph, write_graph
 from keel.io import atomic_dir, cache_dir, writes_run
-from keel.rundir import export_dir
 
 WEB = "web"
 ASSETS = Path(__file__).with_name("web_assets")
@@ -79,13 +78,8 @@ def write_standard_graph(
     """``folder``/model.onnx (fp32, one file) and ``folder``/model_quantized.onnx (int8) of the padded graph.
 
     Returns (figures, the parity feeds). Raises KeelError when either drifts from eager PyTorch."""
-    import torch
-
     names = input_names(tokenizer)
-    # several batch sizes and padded lengths, so the dynamic axes are exercised
-    checks = [_feeds(tokenizer, texts[i : i + k], names, max_len) for i, k in ((0, 1), (1, 3), (0, len(texts)))]
-    with torch.no_grad():
-        eager = [model(**{k: torch.from_numpy(v) for k, v in f.items()}).logits.numpy() for f in checks]
+    checks, eager = parity_batches(model, tokenizer, texts, names, max_len)
     diff = write_graph(model, folder / "model.onnx", checks, eager, names, max_len, atol, external_data=False)
     cos = quantize_graph(folder / "model.onnx", folder / "model_quantized.onnx", checks, eager, min_cosine)
     return {"inputs": names, "max_abs_diff_vs_eager": diff, "int8_logit_cosine_vs_eager": cos}, checks
@@ -139,21 +133,9 @@ def write_web_folder(
 def export_web(run_dir: str | Path, atol: float = 1e-4, min_cosine: float = 0.99) -> dict:
     """runs/<name>/export/web/ from the run's final model; returns the parity figures and sizes."""
     runtime_files()  # refused before a model is loaded
-    t = load_classifier(run_dir)
-    dest = export_dir(run_dir, WEB)
-    figures = write_web_folder(
-        t.model,
-        t.tokenizer,
-        list(t.info["labels"]),
-        dest,
-        _parity_texts(t),
-        max_len=t.recipe.model.max_length,
-        title=str(t.recipe.name),
-        info=t.info,
-        atol=atol,
-        min_cosine=min_cosine,
+    return export_classifier(
+        run_dir, WEB, write_web_folder, lambda t: {"title": str(t.recipe.name)}, atol=atol, min_cosine=min_cosine
     )
-    return {**figures, "folder": str(dest)}
 
 
 def ort_probabilities(onnx_path: Path, tokenizer, texts: list[str], max_len: int, batch: int = 32) -> np.ndarray:
