@@ -126,19 +126,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tiny_lm():
-    """A random 2-layer Llama with large weights: unlike the registry's tiny-llama (whose greedy output
-    repeats one token whatever the context), every token here depends on the whole context, so a wrong
-    mask, position or cache row changes the output."""
+def tiny_llama(vocab_size: int, max_position_embeddings: int = 512, **config):
+    """A random 2-layer Llama (hidden 64) with large weights, seeded: the model of `tiny_lm`, for any tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from keel.models.registry import model_dir
-
-    tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
     config = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -146,9 +140,22 @@ def tiny_lm():
         num_key_value_heads=2,
         initializer_range=0.3,
         tie_word_embeddings=False,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
+        **config,
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
-    return model, tok
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    """A random 2-layer Llama with large weights: unlike the registry's tiny-llama (whose greedy output
+    repeats one token whatever the context), every token here depends on the whole context, so a wrong
+    mask, position or cache row changes the output."""
+    from transformers import AutoTokenizer
+
+    from keel.models.registry import model_dir
+
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama"))
+    return tiny_llama(len(tok)), tok

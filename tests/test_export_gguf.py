@@ -22,10 +22,9 @@ needs_llama = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def scratch_lm(tmp_path_factory):
-    """A tiny random Llama with a byte-level BPE tokenizer trained as keel's from-scratch runs train theirs (a
-    pre-tokenizer hash llama.cpp does not know), saved as a Hugging Face folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """conftest's tiny random Llama with a byte-level BPE tokenizer trained as keel's from-scratch runs train theirs
+    (a pre-tokenizer hash llama.cpp does not know), saved as a Hugging Face folder."""
+    from conftest import tiny_llama
 
     from keel.pretrain import train_tokenizer
 
@@ -34,23 +33,8 @@ def scratch_lm(tmp_path_factory):
         for i, w in enumerate(["cat", "dog", "bird", "fish", "horse", "cow"] * 20)
     ]
     tok = train_tokenizer(texts, vocab_size=300, min_frequency=1)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-        tie_word_embeddings=False,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    model = tiny_llama(len(tok), max_position_embeddings=128, **ids)
     folder = tmp_path_factory.mktemp("scratch-lm")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
