@@ -236,6 +236,8 @@ def test_with_keys_every_page_needs_a_key_or_the_session_cookie(root):
 
     web = TestClient(build_app(root, [digest("s3cret-key-1")], None), base_url="http://192.0.2.1:8100")
     assert web.get("/", follow_redirects=False).headers["location"] == "/login"
+    forged = {"keel_ui_session": "made-up-session-token"}
+    assert web.get("/", cookies=forged, follow_redirects=False).status_code == 303
     assert web.get("/run/alpha/report", follow_redirects=False).status_code == 303
     assert web.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
     assert web.get("/", headers={"authorization": "Bearer s3cret-key-1"}).status_code == 200
@@ -243,6 +245,40 @@ def test_with_keys_every_page_needs_a_key_or_the_session_cookie(root):
     r = web.post("/login", data={"key": "s3cret-key-1"}, follow_redirects=False)
     assert r.status_code == 303 and "httponly" in r.headers["set-cookie"].lower()
     assert web.get("/").status_code == 200  # the cookie from /login
+
+
+def test_the_chat_proxy_forwards_to_keel_serve_with_the_key_the_page_never_sees(root):
+    import httpx
+    from starlette.testclient import TestClient
+
+    from keel.ui.app import build_app
+
+    seen = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "tiny-llama"}]})
+        body = json.loads(request.content)
+        if body["max_tokens"] > 100:
+            return httpx.Response(400, json={"error": {"message": "max_tokens is over 100", "param": "max_tokens"}})
+        reply = EVIL_TEXT + body["messages"][-1]["content"]
+        return httpx.Response(200, json={"model": "tiny-llama", "choices": [{"message": {"content": reply}}]})
+
+    app = build_app(root, [], "http://127.0.0.1:9", "serve-key-123", transport=httpx.MockTransport(serve))
+    web = TestClient(app, base_url="http://127.0.0.1:8100")
+    page = web.get("/chat")
+    assert "tiny-llama" in page.text and "serve-key-123" not in page.text
+    r = web.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["reply"] == EVIL_TEXT + "hi"  # text in JSON; the page sets textContent
+    assert seen[-1].url.path == "/v1/chat/completions" and seen[-1].headers["authorization"] == "Bearer serve-key-123"
+    r = web.post("/api/chat", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200})
+    assert r.status_code == 400 and "max_tokens is over 100" in r.json()["error"]
+    for bad in ({"messages": []}, {"messages": [{"role": "root", "content": "x"}]}, {"messages": "hi"}):
+        assert web.post("/api/chat", json=bad).status_code == 400
+    assert (
+        web.post("/api/chat", content=b"x" * 300_000, headers={"content-type": "application/json"}).status_code == 413
+    )
 
 
 @pytest.mark.parametrize(

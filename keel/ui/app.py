@@ -71,9 +71,10 @@ def _error(status: int, message: str, request: Request) -> Response:
 class Console:
     """The app's state: the runs folder, the keys, the sessions signed in, where keel serve is."""
 
-    def __init__(self, root: Path, digests: list[bytes], serve_url: str | None, serve_key: str | None):
+    def __init__(self, root: Path, digests: list[bytes], serve_url: str | None, serve_key: str | None, transport=None):
         self.root, self.digests = Path(root), digests
         self.serve_url, self.serve_key = (serve_url or "").rstrip("/") or None, serve_key
+        self.transport = transport  # an httpx transport to keel serve (tests pass a mock one)
         self.sessions: list[bytes] = []  # SHA-256 digests of the cookies /login handed out
 
     # -- the gate every request passes ------------------------------------------------------------------
@@ -172,7 +173,7 @@ class Console:
         if not self.serve_url:
             return [], "no keel serve to talk to: start one (keel serve RUN_DIR), then keel ui --serve-url URL"
         try:
-            async with httpx.AsyncClient(timeout=3) as client:
+            async with httpx.AsyncClient(timeout=3, transport=self.transport) as client:
                 r = await client.get(f"{self.serve_url}/v1/models", headers=self._serve_headers())
         except httpx.HTTPError as err:
             return [], (
@@ -213,7 +214,7 @@ class Console:
         upstream = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
         upstream["max_tokens"] = max_tokens
         try:
-            async with httpx.AsyncClient(timeout=120) as client:
+            async with httpx.AsyncClient(timeout=120, transport=self.transport) as client:
                 r = await client.post(
                     f"{self.serve_url}/v1/chat/completions", json=upstream, headers=self._serve_headers()
                 )
@@ -266,9 +267,9 @@ async def _read(request: Request, limit: int) -> bytes | None:
 
 
 def build_app(
-    root: str | Path, digests: list[bytes], serve_url: str | None = None, serve_key: str | None = None
+    root: str | Path, digests: list[bytes], serve_url: str | None = None, serve_key: str | None = None, transport=None
 ) -> Starlette:
-    console = Console(Path(root), digests, serve_url, serve_key)
+    console = Console(Path(root), digests, serve_url, serve_key, transport)
 
     def gated(endpoint):
         import inspect
