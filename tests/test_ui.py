@@ -351,6 +351,7 @@ def test_every_page_loads_in_chromium_and_a_chat_round_trip_completes(root, tmp_
         page.load(f"{ui.url}/run/{quote(EVIL, safe='')}/labels")
         assert EVIL_TEXT in page.evaluate("document.body.innerText")
         page.load(ui.url + "/chat")
+        page.evaluate("document.getElementById('max_tokens').value = '8'")
         reply = page.evaluate("window.keel.send('Hello there')", timeout=120)
         assert isinstance(reply, str)
         shown = page.evaluate("[...document.querySelectorAll('#log .msg')].map(p => p.className)")

@@ -41,11 +41,14 @@ def list_runs(root: Path) -> list[dict]:
 
 
 def _writer(run_dir: Path) -> dict | None:
-    """The process writing to the run now (from its lock file), when it runs on this machine; else None."""
+    """The process writing to the run now (from its lock file), else None. A holder on another machine (a shared
+    file system) cannot be checked from here: it is taken at its word."""
     holder = read_json(run_dir / LOCK)
     pid = holder.get("pid")
-    if not isinstance(pid, int) or holder.get("host") not in (None, socket.gethostname()):
+    if not isinstance(pid, int):
         return None
+    if holder.get("host") not in (None, socket.gethostname()):
+        return holder
     try:
         os.kill(pid, 0)
     except PermissionError:
