@@ -116,7 +116,7 @@ def runs_page(runs: list[dict], root: str, nonce: str) -> str:
             f"<tr><td><input type=checkbox name=run value='{e(r['name'])}' aria-label='compare {e(r['name'])}'></td>"
             f"<td><a href='{e(run_href(r['name']))}'>{e(r['name'])}</a></td><td>{e(r['task'] or '–')}</td>"
             f"<td>{e(r['model'] or '–')}</td><td>{_badge(r['status'], r['status_detail'])}</td>"
-            f"<td>{e(r['started'] or '–')}</td><td>{_headline(r)}</td><td>{e(pick or '–')}</td>"
+            f"<td>{e(r['started'].replace('T', ' ')[:16] or '–')}</td><td>{_headline(r)}</td><td>{e(pick or '–')}</td>"
             + (
                 f"<td><a href='{e(run_href(r['name'], '/report'))}'>report</a></td>"
                 if r["has_report"]
@@ -208,6 +208,8 @@ def compare_page(runs: list[dict], data: dict, nonce: str) -> str:
         for what, key in (("demographic parity difference", "dp"), ("equalized odds difference", "eo"))
     ]
     rows = [(k, vs) for k, vs in rows if any(v is not None for v in vs)]  # measured in at least one run
+    if not rows and any(data["fairness"]):
+        body.append("<p>Differences not measured: no attribute has two groups large enough to rank.</p>")
     if rows:
         body.append(
             f"<table>{head}"

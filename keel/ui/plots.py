@@ -9,6 +9,7 @@ from keel.report.parts import SVG_RC, svg
 from keel.ui.compare import fairness_gaps, front, pareto_points
 
 LOCK = threading.Lock()
+MAX_POINTS = 2000  # training steps drawn in a curve
 
 
 def _plt():
@@ -112,6 +113,10 @@ def curves_svg(records: list[dict]) -> str | None:
 
     from keel.report import curves_figure
 
+    steps = [r for r in records if "split" not in r]
+    if len(steps) > MAX_POINTS:  # every k-th step: an SVG of 100,000 points is megabytes (the report's PNG is not)
+        keep = {id(r) for r in steps[:: -(-len(steps) // MAX_POINTS)]}
+        records = [r for r in records if "split" in r or id(r) in keep]
     with LOCK, matplotlib.rc_context(SVG_RC):
         fig = curves_figure(records)
         return None if fig is None else svg(fig, "training curves")
