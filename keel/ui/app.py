@@ -125,7 +125,7 @@ class Console:
     def run(self, request: Request) -> Response:
         run = runs.details(self.run_dir(request.path_params["name"]))
         curves = plots.curves_svg(run["metrics"])
-        return _html(lambda n: pages.run_page(run, curves, n))
+        return _html(lambda n: pages.run_page(run, str(self.root / run["name"]), curves, n))
 
     def report(self, request: Request) -> Response:
         folder = self.run_dir(request.path_params["name"])
@@ -139,7 +139,7 @@ class Console:
         folder = self.run_dir(request.path_params["name"])
         sessions = runs.label_sessions(folder)
         curve = plots.labels_svg(sessions)
-        return _html(lambda n: pages.labels_page(folder.name, sessions, curve, n))
+        return _html(lambda n: pages.labels_page(folder.name, str(self.root / folder.name), sessions, curve, n))
 
     def compare(self, request: Request) -> Response:
         names = [x for v in request.query_params.getlist("runs") for x in v.split(",") if x]

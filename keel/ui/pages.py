@@ -139,7 +139,7 @@ def _pairs_table(pairs: list[tuple[str, object]]) -> str:
     return "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{cell(v)}</td></tr>" for k, v in shown) + "</table>"
 
 
-def run_page(run: dict, curves: str | None, nonce: str) -> str:
+def run_page(run: dict, path: str, curves: str | None, nonce: str) -> str:
     train, test, pick = run.get("train") or {}, run.get("test") or {}, run.get("pick") or {}
     facts = [
         ("task", run["task"]),
@@ -177,7 +177,7 @@ def run_page(run: dict, curves: str | None, nonce: str) -> str:
             f"<iframe sandbox title='report of {e(name)}' src='{e(run_href(name, '/report'))}'></iframe>"
         )
     else:
-        parts.append(f"<h2>Report</h2><p>No report.html yet: <code>keel report {e(name)}</code> writes it.</p>")
+        parts.append(f"<h2>Report</h2><p>No report.html yet: <code>keel report {e(path)}</code> writes it.</p>")
     parts.append(f"<h2>Recipe</h2><pre id=recipe>{e(run['recipe_text'])}</pre>")
     return layout(name, "".join(parts), nonce)
 
@@ -264,7 +264,7 @@ def chat_page(serve_url: str, models: list[str] | None, problem: str | None, non
     return layout("chat", body, nonce, CHAT_JS)
 
 
-def labels_page(name: str, sessions: list[dict], curve: str | None, nonce: str) -> str:
+def labels_page(name: str, path: str, sessions: list[dict], curve: str | None, nonce: str) -> str:
     parts = [f"<h1>Labels of <a href='{e(run_href(name))}'>{e(name)}</a></h1>"]
     if not sessions:
         parts.append("<p>No labelling session yet.</p>")
@@ -280,7 +280,7 @@ def labels_page(name: str, sessions: list[dict], curve: str | None, nonce: str) 
     if curve:
         parts.append("<h2>Probe accuracy per round</h2>" + curve)
     parts.append(
-        f"<h2>Label more</h2><p>In a terminal: <code>keel label {e(name)} --pool POOL_FILE --web</code> opens the "
+        f"<h2>Label more</h2><p>In a terminal: <code>keel label {e(path)} --pool POOL_FILE --web</code> opens the "
         "labelling page (its own loopback page with a session token); the labels land beside these, append-only.</p>"
     )
     return layout(f"labels of {name}", "".join(parts), nonce)

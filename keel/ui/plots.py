@@ -135,6 +135,9 @@ def labels_svg(sessions: list[dict]) -> str | None:
         fig, ax = plt.subplots(figsize=(7, 3.2))
         for name, rounds in curves:
             ax.plot([r.get("labels") for r in rounds], [r["validation_accuracy"] for r in rounds], "o-", label=name)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("labels given")
         ax.set_ylabel("validation accuracy (probe)")
         ax.legend(fontsize=8)
