@@ -107,7 +107,13 @@ def root(tmp_path_factory) -> Path:
             ),
         },
     )
-    make_run(root, "live", status="running", info={}, **{".keel.lock": {"pid": os.getpid(), "host": None}})
+    make_run(
+        root,
+        "live",
+        status="running",
+        info={},
+        **{".keel.lock": {"pid": os.getpid(), "command": "keel label runs/live --pool p.csv --web"}},
+    )
     make_run(root, "killed", status="running", started="2026-11-30T09:00:00+0000")
     outside = tmp_path_factory.mktemp("outside")
     make_run(outside, "secret")
@@ -192,6 +198,11 @@ def test_strings_from_outside_show_as_text_on_every_page(client):
     page = client.get(f"/compare?runs=alpha,{evil}").text
     assert page.count("<svg") == 2  # fairness gaps and the Pareto fronts
     assert "b&lt;script&gt;alert(1)</text>" in page  # the legend of the plot: escaped text, not markup
+
+
+def test_the_labels_page_says_when_a_labelling_session_is_open(client):
+    assert "A labelling session is open now" in client.get("/run/live/labels").text
+    assert "A labelling session is open now" not in client.get("/run/alpha/labels").text
 
 
 def test_paths_from_requests_that_leave_the_runs_folder_are_404(client):

@@ -139,7 +139,10 @@ class Console:
         folder = self.run_dir(request.path_params["name"])
         sessions = runs.label_sessions(folder)
         curve = plots.labels_svg(sessions)
-        return _html(lambda n: pages.labels_page(folder.name, str(self.root / folder.name), sessions, curve, n))
+        writer = runs.writer(folder) or {}
+        live = writer.get("command") if " label " in f" {writer.get('command', '')} " else None
+        path = str(self.root / folder.name)
+        return _html(lambda n: pages.labels_page(folder.name, path, sessions, curve, n, live=live))
 
     def compare(self, request: Request) -> Response:
         names = [x for v in request.query_params.getlist("runs") for x in v.split(",") if x]

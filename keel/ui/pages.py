@@ -264,8 +264,15 @@ def chat_page(serve_url: str, models: list[str] | None, problem: str | None, non
     return layout("chat", body, nonce, CHAT_JS)
 
 
-def labels_page(name: str, path: str, sessions: list[dict], curve: str | None, nonce: str) -> str:
+def labels_page(
+    name: str, path: str, sessions: list[dict], curve: str | None, nonce: str, live: str | None = None
+) -> str:
     parts = [f"<h1>Labels of <a href='{e(run_href(name))}'>{e(name)}</a></h1>"]
+    if live:  # keel label --web serves its own page (a session token, no script) at the address it printed
+        parts.append(
+            f"<p class='msg user'>A labelling session is open now: <code>{e(live)}</code>; its page is at the "
+            "127.0.0.1 address that command printed. Reload this page to see the labels it stores.</p>"
+        )
     if not sessions:
         parts.append("<p>No labelling session yet.</p>")
     for s in sessions:

@@ -40,7 +40,7 @@ def list_runs(root: Path) -> list[dict]:
     return sorted(found, key=lambda r: r["started"], reverse=True)
 
 
-def _writer(run_dir: Path) -> dict | None:
+def writer(run_dir: Path) -> dict | None:
     """The process writing to the run now (from its lock file), else None. A holder on another machine (a shared
     file system) cannot be checked from here: it is taken at its word."""
     holder = read_json(run_dir / LOCK)
@@ -61,9 +61,9 @@ def _writer(run_dir: Path) -> dict | None:
 def status(run_dir: Path, info: dict) -> tuple[str, str]:
     """(running | done | failed | stopped, a line saying more)."""
     raw = str(info.get("status", "unknown"))
-    writer = _writer(run_dir)
-    if writer:
-        return "running", f"{raw}: {writer.get('command', 'keel')} (PID {writer['pid']})"
+    holder = writer(run_dir)
+    if holder:
+        return "running", f"{raw}: {holder.get('command', 'keel')} (PID {holder['pid']})"
     if raw == "running":  # run.json says running but no process holds the run: interrupted or killed
         return "stopped", "ended without finishing (interrupted?); continue it with keel run RECIPE --resume"
     word = STATUS.get(raw, raw)
