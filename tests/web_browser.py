@@ -109,6 +109,17 @@ class Chromium:
             time.sleep(0.1)
         self.evaluate(ready, timeout=timeout)
 
+    def load(self, url: str, timeout: float = 60) -> None:
+        """Navigate to ``url`` and wait for its load event (iframes included): for pages without a window.keel."""
+        self.evaluate("window.__left = true")  # the old document carries this; the new one does not
+        self.call("Page.navigate", url=url)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.evaluate("!window.__left && document.readyState === 'complete'"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{url} did not finish loading within {timeout:g} s")
+
     def close(self) -> None:
         if getattr(self, "ws", None) is not None:
             self.ws.close()

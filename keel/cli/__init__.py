@@ -20,7 +20,7 @@ from keel.progress import console, esc, safe_print
 __all__ = ["app", "main", "_root", "_example_text"]
 
 # the verb modules, in the order `keel --help` lists their commands; a new module of verbs is one more name here
-VERB_MODULES = ("core", "data", "fewshot", "compress", "trust", "label", "federate", "serve", "learn", "secure")
+VERB_MODULES = ("core", "data", "fewshot", "compress", "trust", "label", "federate", "serve", "ui", "learn", "secure")
 for _name in VERB_MODULES:
     importlib.import_module(f"keel.cli.{_name}")
 

@@ -164,14 +164,19 @@ def _confusion_plot(test: dict) -> str:
 
 
 def section_curves(run_dir: Path, ctx: dict) -> str | None:
+    fig = curves_figure(ctx["metrics"])
+    return None if fig is None else "<h2>Training curves</h2>" + _png(fig)
+
+
+def curves_figure(records: list[dict]):
+    """Loss per step (and its running mean) beside the validation metrics, from metrics.jsonl; None without steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    records = ctx["metrics"]
-    steps = [r for r in records if "split" not in r]
+    steps = [r for r in records if "split" not in r and "loss" in r]
     evals = [r for r in records if r.get("split") == "validation"]
     if not steps:
         return None
@@ -197,7 +202,7 @@ def section_curves(run_dir: Path, ctx: dict) -> str | None:
     axes[1].set_title("validation" if keys else "validation: no metric recorded")
     if keys:
         axes[1].legend()
-    return "<h2>Training curves</h2>" + _png(fig)
+    return fig
 
 
 def section_recipe(run_dir: Path, ctx: dict) -> str:
