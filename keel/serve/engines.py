@@ -148,11 +148,16 @@ class Engine:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.prompt_ids(text)
+        text, templated = chat_text(self.tokenizer, messages)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if templated else self.prompt_ids(text)
+
+
+def chat_text(tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """The prompt text of a chat (the chat template with the generation prompt, else ``role: content`` lines) and
+    whether a template made it (its text holds the special tokens; the plain lines get them when tokenized)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False
 
 
 def check_target(target: str) -> None:
