@@ -67,7 +67,9 @@ class State:
             self.responses.add(response_id, route, version, sha, items)
 
 
-def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | Path | None = None):
+def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | Path | None = None, background=()):
+    """``background``: coroutine functions run as tasks while the server is ready (`keel serve --learn`'s
+    schedule), cancelled when it stops; one that fails is logged, and serving goes on."""
     from keel.serve.feedback import ResponseLog
 
     metrics = Metrics()
@@ -138,12 +140,16 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
         logger.info(
             "ready: %s (%s, %s backend, version %s)", engine.model_id, engine.kind, engine.backend, engine.version
         )
+        tasks = [asyncio.create_task(_logged(fn)) for fn in background]
         try:
             yield
         finally:
             state.ready = False
             if watcher is not None:
                 watcher.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if state.feedback is not None:
                 state.feedback.close()
             for b in state.batchers.values():
@@ -320,6 +326,15 @@ def _texts(state: State, route: str, model: str | None, inputs) -> list[str]:
             "too_many_inputs",
         )
     return texts
+
+
+async def _logged(fn) -> None:
+    try:
+        await fn()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("a background task of the server stopped; serving goes on")
 
 
 async def _watch_versions(state: State, poll_s: float) -> None:
