@@ -113,6 +113,10 @@ def test_kto_then_dpo_rounds_record_decisions_with_figures(lm_run):
     assert _differs(_weights(version_dir(lm_run, v2) / "model"), _weights(version_dir(lm_run, v1) / "model"))
     assert json.loads((version_dir(lm_run, v2) / "model" / "keel.json").read_text())["learned_from"] == v1
     assert rollback(lm_run)["now_serving"] == v1 and current_version(lm_run) == v1
+    from keel.serve.engines import load_engine
+
+    served = load_engine(str(lm_run))  # what `keel serve` loads now: the version rolled back to
+    assert served.version == v1 and served.kind == "causal-lm" and len(served.model_sha256) == 64
 
 
 @pytest.mark.slow  # trains a tiny LM

@@ -228,17 +228,18 @@ def folder_digest(folder: Path) -> str:
 
 
 def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
-    from keel.rundir import BASE_VERSION, current_version, serve_variant
+    from keel.rundir import BASE_VERSION, current_version, serve_variant, version_dir
     from keel.runtime.load import load_trained, sealed_recipe, verified_model
 
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name
-    if info["task"] == "causal-lm":
-        sealed_recipe(run_dir, info)
-        engine = _load_lm(run_dir / "model", model_id, device, backend)
-        engine.model_sha256 = folder_digest(run_dir / "model")
-        return engine
     version = current_version(run_dir)
+    if info["task"] == "causal-lm":  # `keel learn` may have promoted a version: learn/<version>/model
+        folder = version_dir(run_dir, version)
+        sealed_recipe(folder, info if version == BASE_VERSION else verified_model(folder))
+        engine = _load_lm(folder / "model", model_id, device, backend)
+        engine.version, engine.model_sha256 = version, folder_digest(folder / "model")
+        return engine
     if version != BASE_VERSION:  # `keel learn` promoted a version: it serves, with PyTorch
         return load_version(run_dir, version)
     chosen = serve_variant(run_dir, backend)
