@@ -189,3 +189,6 @@ def test_generation_feedback_splits_by_prompt_and_turns_pairs_into_kto_examples(
     assert sum(ex["label"] for ex in train) == len(fb.pairs) + len([e for e in fb.examples if e["label"]])
     only_prefs = generation_feedback(rows[:40], Tok(), 0.25)
     assert pick_method(only_prefs, "auto") == "dpo"
+    chat = dict(row(103, "thumbs", json.dumps([{"role": "user", "content": "hi"}]), "hello", thumbs="up"), route="chat")
+    one = generation_feedback([chat], Tok(), 0.25)
+    assert [e["prompt"] for e in one.examples + one.examples_heldout] == ["<s>user: hi\nassistant:"]  # as served

@@ -11,7 +11,11 @@ It is judged beside the champion on two fixed sets:
   beta * mean[(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]; KTO: the mean per-token log-prob of desirable
   completions minus that of undesirable ones. The challenger must gain ``learn.margin`` on the first figure.
 
-Limits: full fine-tuning on the device training finds (no LoRA); a sealed run is refused by keel/learn/loop.py.
+There is no replay of old data as in the classifier round: the pull to the champion (``learn.beta``) keeps the
+challenger near it, and the perplexity bound checks that it did.
+
+Limits: full fine-tuning (no LoRA); an SFT run kept as an adapter (``sft.merge: false``) has no model/ to learn
+from; a sealed run is refused by keel/learn/loop.py.
 """
 
 from __future__ import annotations
