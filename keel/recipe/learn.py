@@ -13,17 +13,19 @@ from keel.recipe.base import Strict
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def duration_seconds(value, field: str = "learn.every") -> float:
-    """``30m``, ``90s``, ``2h``, ``1d`` or a number of seconds -> seconds; ValueError naming ``field`` otherwise."""
+def duration_seconds(value, field: str = "learn.every", echo: bool = True) -> float:
+    """``30m``, ``90s``, ``2h``, ``1d`` or a number of seconds -> seconds; ValueError naming ``field`` (and, with
+    ``echo``, the value: a recipe's errors add it themselves) otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
         if not m:
-            raise ValueError(f"{field} must be a duration such as 90s, 30m, 2h or 1d (or seconds); got {value!r}")
+            got = f"; got {value!r}" if echo else ""
+            raise ValueError(f"{field} must be a duration such as 90s, 30m, 2h or 1d (or seconds){got}")
         seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
     if seconds <= 0:
-        raise ValueError(f"{field} must be more than 0 seconds; got {value!r}")
+        raise ValueError(f"{field} must be more than 0 seconds" + (f"; got {value!r}" if echo else ""))
     return seconds
 
 
@@ -107,4 +109,4 @@ class LearnConfig(Strict):
     @field_validator("every", mode="before")
     @classmethod
     def _every(cls, value):
-        return None if value is None else duration_seconds(value)
+        return None if value is None else duration_seconds(value, echo=False)
