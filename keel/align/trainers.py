@@ -1,4 +1,4 @@
-"""TRL trainers behind keel's recipe: reward model, DPO, and RL (GRPO / RLOO) from the reward model.
+"""TRL trainers behind keel's recipe: reward model, DPO, KTO, and RL (GRPO / RLOO) from the reward model.
 
 Each function takes plain lists of preference dicts and returns the trained model plus its per-step
 logs; keel's own code decides what is saved where. TRL's CPU-unfriendly defaults are switched off
@@ -263,6 +263,46 @@ def train_dpo(
             processing_class=tokenizer,
             peft_config=peft_config(cfg.lora, model),
             callbacks=[_progress_callback("DPO", steps, logs)],
+        )
+        run_trainer(trainer)
+    return trainer.model, logs
+
+
+def train_kto(
+    base: Path,
+    tokenizer,
+    examples: list[dict],
+    cfg,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_length: int,
+    mixed_precision: str = "no",
+):
+    """KTO (TRL's KTOTrainer) on unpaired ``prompt``, ``completion``, ``label`` (True: desirable) examples, against
+    the frozen base model. KTO estimates its KL term from mismatched completions within a batch, so a batch holds at
+    least 2 examples, in the order given (TRL's sequential sampler). -> (policy, logs)."""
+    from trl import KTOConfig, KTOTrainer
+
+    torch.manual_seed(seed)
+    model = load_policy(base)
+    ref_model = load_policy(base) if cfg.lora is None else None
+    logs: list[dict] = []
+    with tempfile.TemporaryDirectory() as work:
+        args = KTOConfig(
+            **common_args(steps, lr, max(2, batch_size), seed, mixed_precision, work),
+            beta=cfg.beta,
+            max_length=max_length,
+        )
+        trainer = KTOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=_dataset(examples, ("prompt", "completion", "label")),
+            processing_class=tokenizer,
+            peft_config=peft_config(cfg.lora, model),
+            callbacks=[_progress_callback("KTO", steps, logs)],
         )
         run_trainer(trainer)
     return trainer.model, logs

@@ -10,12 +10,13 @@ from keel.progress import esc, out
 
 @app.command()
 def learn(
-    run_dir: str = typer.Argument(..., help="a served classification run directory"),
+    run_dir: str = typer.Argument(..., help="a served classification or causal-LM run directory"),
     overrides: list[str] | None = typer.Argument(None, help="learn.* (or train.*) overrides, e.g. learn.margin=0.02"),
     rollback: bool = typer.Option(False, "--rollback", help="serve the previously promoted version again"),
 ) -> None:
-    """Fine-tune a challenger on new label feedback plus replayed training rows; promote it only when it beats
-    the serving model by learn.margin without losing more than learn.max_old_drop on the old data."""
+    """Fine-tune a challenger on new feedback (classifiers: labels plus replayed training rows; causal LMs: DPO on
+    preferences, KTO on thumbs); promote it only when it beats the serving model by learn.margin on held-out
+    feedback without losing more than learn.max_old_drop (learn.max_perplexity_rise) on the old data."""
     from pathlib import Path
 
     from keel.errors import KeelError
@@ -34,12 +35,15 @@ def learn(
         decision = _learn(run_dir, overrides)
     out.print(f"[bold]{decision['action']}[/]: {esc(decision['why'])}")
     for figures in (decision.get("figures") or {}).values():
+        metric = figures.get("metric", "accuracy")
         out.print(
-            f"  {esc(figures['set'])} ({figures['n']} texts): champion {_pct(figures['champion'])}, "
-            f"challenger {_pct(figures['challenger'])}"
+            f"  {esc(figures['set'])} ({figures['n']} examples), {esc(metric)}: champion "
+            f"{_fmt(figures['champion'], metric)}, challenger {_fmt(figures['challenger'], metric)}"
         )
     out.print(f"[dim]decision: {esc(decision['file'])}[/]")
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def _fmt(value, metric: str) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if metric.endswith("accuracy") else f"{value:.4g}"

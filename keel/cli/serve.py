@@ -38,6 +38,15 @@ def serve(
         help="with --ray: the cluster to join, HOST:PORT, ray://HOST:PORT, auto or local "
         "(default $RAY_ADDRESS, else a new local cluster)",
     ),
+    learn: bool = typer.Option(
+        False,
+        "--learn",
+        help="run `keel learn` rounds in the background on the run's schedule (learn.every, learn.min_feedback) "
+        "and swap in what they promote",
+    ),
+    learn_every: str | None = typer.Option(
+        None, "--learn-every", help="with --learn: how often to check for new feedback (90s, 30m, 2h; learn.every)"
+    ),
 ) -> None:
     """Serve a model behind an OpenAI-compatible HTTP API (classify, embeddings, completions, chat)."""
     from keel.serve.server import serve as _serve
@@ -46,8 +55,19 @@ def serve(
     if ray_address is not None and not ray:
         raise KeelError("--ray-address is for keel serve --ray; add --ray, or drop --ray-address")
     config = serve_config(target, recipe, overrides, host=host, port=port, backend=backend, engine=engine)
+    if learn_every is not None and not learn:
+        raise KeelError("--learn-every sets the schedule of --learn; pass --learn too")
+    background = []
+    if learn:
+        if ray:
+            raise KeelError("--learn runs beside one server; serve without --ray (Ray replicas do not swap versions)")
+        from keel.learn.schedule import check_serving, run_schedule, schedule_for
+
+        check_serving(config)
+        schedule = schedule_for(target, learn_every)
+        background.append(lambda: run_schedule(schedule))
     if ray:
         from keel.cli.deploy import serve_on_ray
 
         return serve_on_ray(target, config, api_key_file, allow_no_auth, ssl_certfile, device, ray_address)
-    _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device)
+    _serve(target, config, api_key_file, allow_no_auth, ssl_certfile, ssl_keyfile, device, background=background)

@@ -7,8 +7,10 @@ held-out part (the new data). The challenger is promoted only when it beats the 
 ``learn.margin`` and loses at most ``learn.max_old_drop`` on the old. Every round writes its decision (why, figures)
 to RUN/learn/decisions/NNNN.json before learn/state.json changes; a server polling that file swaps models.
 
-Limits: classifiers and label feedback only (thumbs and preferences are stored, not learned from yet); promoted
-versions serve with PyTorch (`keel export` / `keel compress` are not re-run on them); a differentially private
+A causal-LM run (pretrained, SFT or aligned) learns from thumbs (KTO) and preferences (DPO) on its generations
+instead: keel/learn/lm.py.
+
+Limits: promoted classifier versions serve with PyTorch (`keel export` / `keel compress` are not re-run on them); a differentially private
 run is refused (feedback training would spend privacy outside its accountant).
 """
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from pathlib import Path
 
 from keel import rundir
 from keel.errors import KeelError
 from keel.io import atomic_dir, atomic_write_json, atomic_write_text, writes_run
+from keel.learn.record import conclude, next_round, now, write_decision
 from keel.recipe import Recipe, load_recipe
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,11 @@ def _learn_config(recipe: Recipe):
 
 
 def _check_run(run_dir: Path, recipe: Recipe) -> None:
-    if recipe.task != "classification":
-        raise KeelError(f"keel learn learns classifiers from label feedback; {run_dir} is a {recipe.task} run")
+    if recipe.task not in ("classification", "causal-lm"):
+        raise KeelError(
+            f"keel learn learns classifiers (label feedback) and causal LMs (thumbs, preferences); {run_dir} is a "
+            f"{recipe.task} run"
+        )
     if recipe.train.privacy is not None:
         raise KeelError(
             f"{run_dir} was trained with DP-SGD; learning from feedback would spend privacy outside its "
@@ -127,19 +132,6 @@ def decide(figures: dict, margin: float, max_old_drop: float) -> tuple[bool, str
     )
 
 
-def _next_round(run_dir: Path) -> int:
-    folder = rundir.decisions_dir(run_dir)
-    done = [int(p.stem) for p in folder.glob("*.json") if p.stem.isdigit()] if folder.is_dir() else []
-    return max(done, default=0) + 1
-
-
-def _write_decision(run_dir: Path, decision: dict) -> Path:
-    path = rundir.decisions_dir(run_dir) / f"{decision['round']:04d}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, decision)
-    return path
-
-
 def _train_challenger(run_dir: Path, version: str, recipe: Recipe, frame, labels: list[str], cfg, champion: str):
     """Train into learn/<version>/ (a small run dir: recipe.yaml, splits/, model/, train.json), atomically."""
     from keel.data.load import RawSplits, source_digest
@@ -174,15 +166,19 @@ def learn(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
     _check_run(run_dir, recipe)
     cfg = _learn_config(recipe)
     state = rundir.learn_state(run_dir)
+    if recipe.task == "causal-lm":
+        from keel.learn.lm import lm_round
+
+        return lm_round(run_dir, recipe, cfg, state, next_round(run_dir))
     champion = state["current"]
     info = json.loads((rundir.version_dir(run_dir, champion) / "model" / "keel.json").read_text())
     labels = list(info["labels"])
     rows = read_rows(rundir.feedback_db(run_dir), after=state["learned_through"], kind="label")
     fb = label_feedback(rows, labels, cfg.holdout)
-    n = _next_round(run_dir)
+    n = next_round(run_dir)
     decision = {
         "round": n,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": now(),
         "champion": champion,
         "rule": {"margin": cfg.margin, "max_old_drop": cfg.max_old_drop, "metric": "accuracy"},
         "data": {
@@ -202,7 +198,7 @@ def learn(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
             f"{len(fb.heldout)} held out); a round needs at least learn.min_feedback={cfg.min_feedback} and some of "
             "each",
         )
-        decision["file"] = str(_write_decision(run_dir, decision))
+        decision["file"] = str(write_decision(run_dir, decision))
         return decision
     raw = load_frozen(run_dir)
     replay = replay_sample(raw.train, round(cfg.replay * len(fb.train)), cfg.seed + n)
@@ -229,14 +225,7 @@ def learn(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
         figures=figures,
         train={k: summary.get(k) for k in ("steps", "train_seconds_this_session")},
     )
-    decision["file"] = str(_write_decision(run_dir, decision))  # the decision first, then the state it leads to
-    if promote:
-        state.update(current=version, history=[*state["history"], version], learned_through=fb.last_id, round=n)
-        atomic_write_json(rundir.learn_state_file(run_dir), state)
-        _prune(run_dir, state, cfg.keep)
-    else:  # its figures are in the decision; its weights would only take space
-        shutil.rmtree(final, ignore_errors=True)
-    return decision
+    return conclude(run_dir, decision, promote, state, final, fb.last_id, cfg.keep)
 
 
 @writes_run
@@ -254,25 +243,16 @@ def rollback(run_dir: str | Path) -> dict:
     current, previous = state["history"][-1], state["history"][-2]
     if not (rundir.version_dir(run_dir, previous) / "model" / "manifest.json").is_file():
         raise KeelError(f"version {previous} of {run_dir} is no longer on disk; nothing to roll back to")
-    n = _next_round(run_dir)
+    n = next_round(run_dir)
     decision = {
         "round": n,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "time": now(),
         "action": "rollback",
         "why": f"by command: {current} -> {previous}",
         "champion": current,
         "now_serving": previous,
     }
-    decision["file"] = str(_write_decision(run_dir, decision))
+    decision["file"] = str(write_decision(run_dir, decision))
     state.update(current=previous, history=state["history"][:-1], round=n)
     atomic_write_json(rundir.learn_state_file(run_dir), state)
     return decision
-
-
-def _prune(run_dir: Path, state: dict, keep: int) -> None:
-    """Delete learned versions outside the last ``keep`` of the promoted history (never the one served)."""
-    wanted = set(state["history"][-keep:]) | {state["current"]}
-    folder = rundir.learn_dir(run_dir)
-    for d in folder.glob("v[0-9][0-9][0-9][0-9]"):
-        if d.is_dir() and d.name not in wanted:
-            shutil.rmtree(d, ignore_errors=True)

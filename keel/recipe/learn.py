@@ -3,9 +3,30 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from keel.recipe.base import Strict
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(value, field: str = "learn.every", echo: bool = True) -> float:
+    """``30m``, ``90s``, ``2h``, ``1d`` or a number of seconds -> seconds; ValueError naming ``field`` (and, with
+    ``echo``, the value: a recipe's errors add it themselves) otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(value))
+        if not m:
+            got = f"; got {value!r}" if echo else ""
+            raise ValueError(f"{field} must be a duration such as 90s, 30m, 2h or 1d (or seconds){got}")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError(f"{field} must be more than 0 seconds" + (f"; got {value!r}" if echo else ""))
+    return seconds
 
 
 class FeedbackConfig(Strict):
@@ -29,16 +50,20 @@ class FeedbackConfig(Strict):
 
 
 class LearnConfig(Strict):
-    """`keel learn RUN_DIR`: fine-tune a challenger on new label feedback plus a replay sample of the run's training
-    split; promote it only when it beats the serving model on the feedback's held-out part by ``margin`` without
-    losing more than ``max_old_drop`` on the run's validation split."""
+    """`keel learn RUN_DIR`: fine-tune a challenger on new feedback (a classifier: label feedback plus a replay sample
+    of the run's training split; a causal LM: DPO on preferences, KTO on thumbs); promote it only when it beats the
+    serving model on the feedback's held-out part by ``margin`` without losing more than ``max_old_drop`` (accuracy)
+    or ``max_perplexity_rise`` (causal LMs) on the run's held-out split. `keel serve RUN --learn` runs rounds on the
+    schedule ``every`` / ``min_feedback``."""
 
     margin: float = Field(
         0.01,
-        ge=-1.0,
-        le=1.0,
-        description="accuracy the challenger must gain on the feedback's held-out part (-1: promote whatever it "
-        "scores there, as a benchmark does to see every round)",
+        ge=-100.0,
+        le=100.0,
+        description="accuracy the challenger must gain on the feedback's held-out part (causal LMs: preference "
+        "accuracy for DPO, the log-prob margin of desirable over undesirable completions in nats per token for KTO; "
+        "a large negative value such as -100: promote whatever it scores there, as a benchmark does to see every "
+        "round)",
     )
     max_old_drop: float = Field(
         0.01, ge=0.0, le=1.0, description="accuracy the challenger may lose on the run's frozen validation split"
@@ -52,9 +77,36 @@ class LearnConfig(Strict):
     holdout: float = Field(
         0.25, gt=0.0, lt=1.0, description="share of the feedback texts held out to judge the challenger (by text hash)"
     )
-    min_feedback: int = Field(8, ge=1, description="label feedback rows needed before a challenger is trained")
+    min_feedback: int = Field(
+        8,
+        ge=1,
+        description="usable feedback rows (label; causal LMs: thumbs and preferences) needed before a challenger is "
+        "trained; `keel serve --learn` also waits for this many new rows since the last round",
+    )
     epochs: int = Field(3, ge=1, le=100, description="epochs over the feedback + replay rows")
     lr: float | None = Field(None, gt=0.0, description="learning rate; default: train.lr")
     max_steps: int | None = Field(None, ge=1, description="cap on the challenger's optimiser steps")
     seed: int = Field(0, description="the replay sample and the challenger's data order")
     keep: int = Field(5, ge=2, description="promoted versions kept on disk (older ones are deleted, never the served)")
+    method: Literal["auto", "dpo", "kto"] = Field(
+        "auto",
+        description="causal LMs: dpo (preference feedback), kto (thumbs; a preference gives one desirable and one "
+        "undesirable completion), auto: dpo when the new feedback is preferences only, else kto",
+    )
+    beta: float = Field(0.1, gt=0.0, description="causal LMs: strength of the DPO/KTO pull to the serving model")
+    max_perplexity_rise: float = Field(
+        0.05,
+        ge=0.0,
+        description="causal LMs: relative rise of perplexity on the run's held-out split the challenger may have "
+        "(0.05: 5%)",
+    )
+    every: float | None = Field(
+        None,
+        description="`keel serve RUN --learn`: how often to check for new feedback (90s, 30m, 2h, 1d or seconds); "
+        "default 30m",
+    )
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value):
+        return None if value is None else duration_seconds(value, echo=False)

@@ -3,9 +3,10 @@
 ``build_app(engine, config, key_digests, run_dir)`` returns an ASGI app (the FastAPI app inside keel's guard).
 
 Serving a run directory, every classify/chat/completion response is remembered for `POST /v1/feedback`
-(keel/serve/feedback.py), and a classifier run's model version (keel/rundir.py's learn/state.json, which
-`keel learn` writes) is polled: a promoted or rolled-back version is loaded and warmed up beside the one serving,
-then swapped in between batches (a batch in flight finishes on the model it started on), so no request fails.
+(keel/serve/feedback.py), and the run's model version (keel/rundir.py's learn/state.json, which `keel learn`
+writes) is polled: a promoted or rolled-back version is loaded and warmed up beside the one serving, then swapped
+in between batches (a batch in flight finishes on the model it started on; a causal LM's running sequences finish
+on theirs, while new ones wait), so no request fails.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class State:
             self.responses.add(response_id, route, version, sha, items)
 
 
-def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | Path | None = None):
+def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | Path | None = None, background=()):
+    """``background``: coroutine functions run as tasks while the server is ready (`keel serve --learn`'s
+    schedule), cancelled when it stops; one that fails is logged, and serving goes on."""
     from keel.serve.feedback import ResponseLog
 
     metrics = Metrics()
@@ -124,6 +127,7 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
                 state.scheduler = engine.scheduler_factory(engine.tokenizer, config.max_running, metrics)
             else:
                 state.scheduler = Scheduler(engine.lm, engine.tokenizer, config.max_running, metrics, engine.device)
+                state.scheduler.version, state.scheduler.model_sha256 = engine.version, engine.model_sha256
             state.scheduler.start()
         await _warm_up(state)
         if state.responses is not None:
@@ -132,18 +136,23 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
 
             state.feedback = FeedbackStore(feedback_db(state.run_dir))
         watcher = None
-        if engine.kind == "classifier" and state.run_dir is not None and fb.poll_s > 0:
+        swappable = engine.kind == "classifier" or (engine.kind == "causal-lm" and engine.scheduler_factory is None)
+        if swappable and state.run_dir is not None and fb.poll_s > 0:
             watcher = asyncio.create_task(_watch_versions(state, fb.poll_s))
         state.ready = True
         logger.info(
             "ready: %s (%s, %s backend, version %s)", engine.model_id, engine.kind, engine.backend, engine.version
         )
+        tasks = [asyncio.create_task(_logged(fn)) for fn in background]
         try:
             yield
         finally:
             state.ready = False
             if watcher is not None:
                 watcher.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if state.feedback is not None:
                 state.feedback.close()
             for b in state.batchers.values():
@@ -322,6 +331,15 @@ def _texts(state: State, route: str, model: str | None, inputs) -> list[str]:
     return texts
 
 
+async def _logged(fn) -> None:
+    try:
+        await fn()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        logger.exception("a background task of the server stopped; serving goes on")
+
+
 async def _watch_versions(state: State, poll_s: float) -> None:
     """Poll the run's served version; load and warm up a new one off the model thread, then swap it in."""
     from keel.rundir import current_version
@@ -343,6 +361,8 @@ async def _watch_versions(state: State, poll_s: float) -> None:
             logger.exception("version %s did not load; still serving %s", version, old.version)
             failed = version
             continue
+        if new.kind == "causal-lm":  # the running sequences finish on the old weights, then the new ones start
+            await loop.run_in_executor(None, state.scheduler.swap, new.lm, new.version, new.model_sha256)
         state.engine, failed = new, None  # one reference: the next batch runs on the new model
         state.swaps += 1
         logger.info("swapped model version %s -> %s (%s)", old.version, new.version, new.model_sha256[:12])
@@ -353,6 +373,12 @@ def _load_warm(run_dir: Path, backend: str, old: Engine) -> Engine:
     from keel.serve.engines import load_engine
 
     new = load_engine(str(run_dir), backend, old.device)
+    if new.kind == "causal-lm":
+        import torch
+
+        with torch.inference_mode():
+            new.lm(input_ids=torch.tensor([new.prompt_ids("warm up")], device=new.device))
+        return new
     new.forward_batch_size = old.forward_batch_size
     new.classify(["warm up"])
     new.embed(["warm up"])

@@ -148,11 +148,16 @@ class Engine:
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.prompt_ids(text)
+        text, templated = chat_text(self.tokenizer, messages)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if templated else self.prompt_ids(text)
+
+
+def chat_text(tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """The prompt text of a chat (the chat template with the generation prompt, else ``role: content`` lines) and
+    whether a template made it (its text holds the special tokens; the plain lines get them when tokenized)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), True
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False
 
 
 def check_target(target: str) -> None:
@@ -223,17 +228,18 @@ def folder_digest(folder: Path) -> str:
 
 
 def _load_run(run_dir: Path, backend: str, device: str) -> Engine:
-    from keel.rundir import BASE_VERSION, current_version, serve_variant
+    from keel.rundir import BASE_VERSION, current_version, serve_variant, version_dir
     from keel.runtime.load import load_trained, sealed_recipe, verified_model
 
     info = verified_model(run_dir)  # every file the server loads is checked first, the recipe included
     model_id = run_dir.name
-    if info["task"] == "causal-lm":
-        sealed_recipe(run_dir, info)
-        engine = _load_lm(run_dir / "model", model_id, device, backend)
-        engine.model_sha256 = folder_digest(run_dir / "model")
-        return engine
     version = current_version(run_dir)
+    if info["task"] == "causal-lm":  # `keel learn` may have promoted a version: learn/<version>/model
+        folder = version_dir(run_dir, version)
+        sealed_recipe(folder, info if version == BASE_VERSION else verified_model(folder))
+        engine = _load_lm(folder / "model", model_id, device, backend)
+        engine.version, engine.model_sha256 = version, folder_digest(folder / "model")
+        return engine
     if version != BASE_VERSION:  # `keel learn` promoted a version: it serves, with PyTorch
         return load_version(run_dir, version)
     chosen = serve_variant(run_dir, backend)

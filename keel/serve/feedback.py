@@ -106,6 +106,22 @@ def read_rows(path: Path, after: int = 0, kind: str | None = None) -> list[dict]
         conn.close()
 
 
+def count_rows(path: Path, after: int, kinds: tuple[str, ...]) -> tuple[int, int]:
+    """(how many rows of ``kinds`` have id > ``after``, the newest such id or ``after``); (0, after) without a
+    database."""
+    if not Path(path).is_file():
+        return 0, after
+    conn = connect(Path(path), readonly=True)
+    try:
+        marks = ", ".join("?" * len(kinds))
+        n, last = conn.execute(
+            f"SELECT COUNT(*), MAX(id) FROM feedback WHERE id > ? AND kind IN ({marks})", [after, *kinds]
+        ).fetchone()
+        return int(n), int(last or after)
+    finally:
+        conn.close()
+
+
 class FeedbackStore:
     """``await store.append(row)`` -> the row's id, once committed and synced (a group commit on one thread)."""
 

@@ -268,7 +268,9 @@ async def _serve(state, request, body, prompt_ids, max_tokens, tokens_param: str
     model = state.engine.model_id
     if inputs is not None:  # for POST /v1/feedback: one item per choice (choice i answers prompt i // n)
         items = [{"input": inputs[i // body.n], "output": t} for i, t in enumerate(texts)]
-        state.remember(rid, "chat" if chat else "completions", state.engine.version, state.engine.model_sha256, items)
+        s = seqs[0]  # the scheduler's tag: a swap may fall after these ran (another engine's: none)
+        version, sha = (s.version, s.model_sha256) if s.version else (state.engine.version, state.engine.model_sha256)
+        state.remember(rid, "chat" if chat else "completions", version, sha, items)
     if chat:
         choices = [
             P.ChatChoice(index=i, message=P.ChatChoiceMessage(content=t), finish_reason=f)

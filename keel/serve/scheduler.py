@@ -75,6 +75,8 @@ class Sequence:
     read_offset: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    version: str | None = None  # the model version that generated it (set at prefill; see Scheduler.swap)
+    model_sha256: str = ""
 
 
 class Batch:
@@ -219,6 +221,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 class Scheduler:
     """A thread that runs prefill and decode steps for every submitted sequence."""
 
+    # class-level, so a subclass with its own token loop (keel/serve/llama_engine.py) has them too
+    version: str | None = None  # a label for ``model`` (keel's model versions), set by swap
+    model_sha256 = ""  # and its weights' hash
+    _swap: tuple | None = None  # (model, version, sha, done Event): applied once the running batch is empty
+
     def __init__(self, model, tokenizer, max_running: int = 16, metrics=None, device: str = "cpu"):
         self.model, self.tok, self.max_running, self.metrics = model, tokenizer, max_running, metrics
         self.device = torch.device(device)
@@ -249,6 +256,16 @@ class Scheduler:
         self.inbox.put(None)
         self._thread.join(timeout=30)
 
+    def swap(self, model, version: str, model_sha256: str = "", timeout: float | None = None) -> bool:
+        """Generate with ``model`` from now on: no new sequence starts until the running ones finish on the model
+        they started on (their caches belong to it), then the model changes and the waiting ones start on it.
+        Blocks until swapped (True) or ``timeout`` passes (False; the swap still happens). Any thread but the
+        scheduler's."""
+        done = threading.Event()
+        self._swap = (model, version, model_sha256, done)
+        self.inbox.put(None)  # wake an idle loop
+        return done.wait(timeout)
+
     def submit(self, seqs: list[Sequence]) -> None:
         with self._lock:
             self.waiting += len(seqs)
@@ -270,6 +287,9 @@ class Scheduler:
     def _loop(self) -> None:
         batch: Batch | None = None
         while not self._stop.is_set():
+            if self._swap is not None and (batch is None or len(batch) == 0):
+                (self.model, self.version, self.model_sha256, done), self._swap = self._swap, None
+                done.set()
             new = self._admit(block=batch is None or len(batch) == 0)
             try:
                 with torch.inference_mode():
@@ -312,7 +332,7 @@ class Scheduler:
                 break
         live = [s for s in self._pending if s is not None and not s.cancelled]  # None: stop()'s wake-up
         dropped = sum(s is not None for s in self._pending) - len(live)
-        room = max(0, self.max_running - self.running)
+        room = max(0, self.max_running - self.running) if self._swap is None else 0  # a swap waits for a drain
         new, self._pending = live[:room], deque(live[room:])
         if new or dropped:
             with self._lock:
@@ -355,6 +375,7 @@ class Scheduler:
             mask[row, T - len(s.prompt_ids) :] = 1
             if s.seed is not None:
                 s.generator = torch.Generator().manual_seed(s.seed)
+            s.version, s.model_sha256 = self.version, self.model_sha256
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, T)
         cache = new_cache(self.model.config)

@@ -103,7 +103,9 @@ def serve(
     ssl_certfile: str | None = None,
     ssl_keyfile: str | None = None,
     device: str | None = None,
+    background=(),
 ) -> None:
+    """``background``: coroutine functions the app runs while it is ready (keel/serve/app.py's build_app)."""
     import uvicorn
 
     from keel.serve.app import build_app
@@ -143,7 +145,7 @@ def serve(
     from pathlib import Path
 
     is_run = (Path(target) / "model" / "keel.json").is_file()
-    asgi = build_app(engine, config, digests, run_dir=Path(target) if is_run else None)
+    asgi = build_app(engine, config, digests, run_dir=Path(target) if is_run else None, background=background)
     fastapi_app = asgi.app
     host, port = sock.getsockname()[:2]
     scheme = "https" if ssl_certfile else "http"
