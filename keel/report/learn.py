@@ -54,18 +54,22 @@ def _simulation(run_dir: Path) -> str:
     sim = read_json(learn_dir(run_dir) / SIMULATION)
     if not sim or not isinstance(sim.get("arms"), dict):
         return ""
-    return (
-        "<h3>Simulated drift (benchmarks/drift.py)</h3><p>"
-        + html.escape(
-            f"Tweets that mention {sim.get('topic')!r} were held back from training, then fed back as label feedback "
-            f"in {sim.get('rounds')} rounds of {sim.get('per_round')}, each followed by one `keel learn` round; two "
-            f"arms from copies of the same base run ({sim.get('model')}), with and without replay. Accuracy of the "
-            f"served version on {sim.get('new_slice_test_rows')} topic tweets never fed back (new slice) and on the "
-            f"old test split ({sim.get('old_test_rows')} rows)."
-        )
-        + "</p>"
-        + simulation_plot(sim)
+    n_new, n_old = sim.get("new_slice_test_rows"), sim.get("old_test_rows")
+    new = f"{n_new:,} topic tweets never fed back (the new slice)" if n_new else "the new slice"
+    old = f"the old test split ({n_old:,} rows)" if n_old else "the old test split"
+    text = (
+        f"Tweets that mention {sim.get('topic')!r} were held back from training, then fed back as label feedback in "
+        f"{sim.get('rounds')} rounds of {sim.get('per_round')} texts, each followed by one `keel learn` round; two "
+        f"arms from copies of the same base run ({sim.get('model')}), with and without replay. Accuracy of the "
+        f"served version on {new} and on {old}."
     )
+    majority = sim.get("majority_class_accuracy") or {}
+    if majority.get("new_slice") is not None and majority.get("old_test") is not None:
+        text += (
+            f" Always answering the majority class would score {majority['new_slice']:.3f} on the new slice and "
+            f"{majority['old_test']:.3f} on the old test split."
+        )
+    return f"<h3>Simulated drift (benchmarks/drift.py)</h3><p>{html.escape(text)}</p>{simulation_plot(sim)}"
 
 
 def section_learn(run_dir: Path, ctx: dict) -> str | None:

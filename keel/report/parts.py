@@ -89,8 +89,10 @@ def svg_lines(
         for x, y, tip in pts:
             title_tag = f"<title>{esc(str(tip))}</title>" if tip else ""
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">{title_tag}</circle>')
+        ly = top + 8 + 16 * i
         out.append(
-            f'<text x="{w - right + 10}" y="{top + 8 + 16 * i}" fill="{color}">{esc(str(s["label"]))}</text></g>'
+            f'<line x1="{w - right + 8}" y1="{ly - 4}" x2="{w - right + 28}" y2="{ly - 4}" stroke="{color}" '
+            f'stroke-width="2"{dash}/><text x="{w - right + 34}" y="{ly}" fill="{color}">{esc(str(s["label"]))}</text></g>'
         )
     out.append("</svg>")
     return "\n".join(out)
