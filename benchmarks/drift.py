@@ -102,6 +102,7 @@ def scored(run: Path, round_no: int, decision: dict | None, old_test, new_test) 
     }
     if decision is not None:
         row["action"] = decision["action"]
+    if decision is not None and "figures" in decision:  # a skipped round (too little feedback) has none
         figures = json.loads(json.dumps(decision["figures"]))
         row["default_gate"] = "promote" if decide(figures, 0.01, 0.01)[0] else "refuse"
         row["decision_figures"] = decision["figures"]
