@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (inline CSS, plots as embedded PNG) built from a run directory.
+"""report.html: one self-contained page (inline CSS, plots as embedded PNG or inline SVG) built from a run directory.
 
 The report reads only files in the run directory, so it can be rebuilt at any time
 (`keel report RUN_DIR`). Each section is a function ``(run_dir, ctx) -> html | None``, listed in SECTIONS in
@@ -34,7 +34,7 @@ CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#1d2330}
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.2em;border-bottom:1px solid #dde;padding-bottom:.2em;margin-top:1.8em}
 .sub{color:#667} table{border-collapse:collapse;margin:.6em 0} td,th{padding:.3em .8em;border-bottom:1px solid #eef;text-align:left}
-th{background:#f5f6fa} .num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
+th{background:#f5f6fa} .num{text-align:right;font-variant-numeric:tabular-nums} img,svg.plot{max-width:100%;height:auto}
 .good{color:#137333;font-weight:600} .bad{color:#b3261e;font-weight:600}
 pre{background:#f5f6fa;padding:.8em;overflow:auto;font-size:13px}
 tr.pick td{background:#e6f4ea;font-weight:600} p.pick{background:#e6f4ea;padding:.5em .8em} p.fail{background:#fce8e6;padding:.5em .8em}
