@@ -159,7 +159,11 @@ class Session:
         )
         if not len(open_rows):
             return []
-        local = select(self.probs[open_rows], self.batch_size, self.strategy, self.rng, self.x_pool[open_rows])
+        rows = sorted(self.answers)
+        labelled = np.concatenate([self.x_seed, self.x_pool[rows]]) if rows else self.x_seed  # typiclust's
+        local = select(
+            self.probs[open_rows], self.batch_size, self.strategy, self.rng, self.x_pool[open_rows], labelled
+        )
         return [int(open_rows[i]) for i in local]
 
     def _retrain(self) -> None:
