@@ -54,17 +54,20 @@ def section_weak(run_dir: Path, ctx: dict) -> str | None:
         f"<p>{len(doc['functions'])} labelling functions from {html.escape(Path(doc['functions_file']).name)} on "
         f"{doc['texts']:,} texts ({html.escape(doc.get('source', ''))}); the model trained on the "
         f"{html.escape(doc['trained_on'])}'s labels of the {doc['kept']:,} texts at least one function voted on. "
-        f"Label model: {html.escape(doc['label_model'])}.</p>",
+        f"Label model: {html.escape(doc['label_model'])}"
+        + (f"; chosen: {html.escape(doc['chosen_by'])}" if doc.get("chosen_by") else "")
+        + ".</p>",
         _table(head, rows),
     ]
-    vs = doc.get("versus_gold")
-    if vs:
-        out.append(
-            _table(
-                ["combined by", "accuracy on the gold labels", "coverage"],
-                [[html.escape(k), fmt(v["accuracy"]), _pct(v["coverage"])] for k, v in vs.items()],
+    for key, what in (("versus_gold", "the gold labels"), ("on_validation", "the validation split's labels")):
+        vs = doc.get(key)
+        if vs:
+            out.append(
+                _table(
+                    ["combined by", f"accuracy on {what}", "coverage"],
+                    [[html.escape(k), fmt(v["accuracy"]), _pct(v["coverage"])] for k, v in vs.items()],
+                )
             )
-        )
     return "".join(out)
 
 
