@@ -68,9 +68,13 @@ def test_sections_show_what_was_measured_and_escape_what_came_from_data(tmp_path
                 "seeds": 3,
                 "setup": "pool 100",
                 "labels_to_match_random": {"entropy": 40, "margin": None},
+                "labels_to_match_random_validation": {"entropy": 20, "margin": None},
+                "chosen_on_validation": "entropy",
+                "probe_c": "3.0",
             }
         )
     )
     label = section_label(tmp_path, {})
     assert label.count("<img") == 2 and "not reached" in label and "<td>40</td>" in label
+    assert "chosen there: <b>entropy</b> (probe C 3.0)" in label and "<td>40</td><td>20</td>" in label
     assert section_augment(tmp_path / "none", {}) is None and section_label(tmp_path / "none", {}) is None

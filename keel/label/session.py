@@ -55,7 +55,7 @@ class Session:
         self,
         run_dir: str | Path,
         pool: str | Path,
-        strategy: str = "entropy",
+        strategy: str = "margin",
         batch_size: int = 10,
         rounds: int = 5,
         seed: int = 0,

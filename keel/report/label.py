@@ -132,10 +132,22 @@ def section_label(run_dir: Path, ctx: dict) -> str | None:
             "for each strategy and for random sampling.</p>"
         )
         out.append(png(fig))
+        if sim.get("chosen_on_validation"):
+            out.append(
+                f"<p>Every choice was made on a validation split; chosen there: "
+                f"<b>{html.escape(str(sim['chosen_on_validation']))}</b> (probe C {html.escape(str(sim.get('probe_c')))}"
+                "). The curves and the first column are on the test set.</p>"
+            )
         if sim.get("labels_to_match_random"):
+            on_val = sim.get("labels_to_match_random_validation") or {}
+
+            def _n(n):
+                return "not reached" if n is None else f"{n:,}"
+
             rows = [
-                [html.escape(s), "not reached" if n is None else f"{n:,}"]
+                [html.escape(s), _n(n)] + ([_n(on_val.get(s))] if on_val else [])
                 for s, n in sim["labels_to_match_random"].items()
             ]
-            out.append(_table(["strategy", "labels to reach random's final accuracy"], rows))
+            head = ["strategy", "labels to reach random's final accuracy"] + (["on validation"] if on_val else [])
+            out.append(_table(head, rows))
     return "".join(out)
