@@ -129,3 +129,27 @@ def test_cross_validated_c_follows_the_labelled_data():
     assert Probe(2, c="cv").fit(x, noise).c_ == min(C_GRID)
     assert Probe(2, c="cv").fit(x_sep, clean).c_ == max(C_GRID)
     assert Probe(2, c="cv").fit(x[:3], np.array([0, 1, 1])).c_ == 1.0  # a label with one example: no folds
+
+
+def test_balanced_shares_the_batch_between_predicted_labels_where_margin_spends_it_on_one():
+    rng = np.random.default_rng(7)
+    # label 0's texts are the most borderline; labels 1 and 2 are less so, label 2 least
+    probs = np.concatenate(
+        [
+            np.tile([0.45, 0.40, 0.15], (10, 1)),
+            np.tile([0.25, 0.55, 0.20], (10, 1)),
+            np.tile([0.10, 0.25, 0.65], (10, 1)),
+        ]
+    ) + 1e-4 * rng.random((30, 3))
+    probs /= probs.sum(1, keepdims=True)
+    by_margin = select(probs, 6, "margin", np.random.default_rng(0))
+    assert {i // 10 for i in by_margin} == {0}
+    picked = select(probs, 6, "balanced", np.random.default_rng(0))
+    assert sorted(i // 10 for i in picked) == [0, 0, 1, 1, 2, 2]
+    # within each label, the smallest margins first (as margin sampling would rank them)
+    gaps = -uncertainty(probs, "margin")
+    for label in range(3):
+        mine = [i for i in picked if i // 10 == label]
+        assert sorted(gaps[mine]) == sorted(np.sort(gaps[label * 10 : label * 10 + 10])[:2])
+    # a label with too few candidates leaves its share to the others
+    assert len(set(select(probs[:12], 6, "balanced", np.random.default_rng(0)))) == 6
