@@ -114,19 +114,25 @@ def section_label(run_dir: Path, ctx: dict) -> str | None:
         )
         out.append(png(fig))
     if sim:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        for strategy, curve in sim["curves"].items():
-            ax.plot(
-                [p["labels"] for p in curve],
-                [p["accuracy"] for p in curve],
-                "o-" if strategy != "random" else "k--",
-                ms=3,
-                label=strategy,
-            )
+        fig, ax = plt.subplots(figsize=(9, 4))
+        colours = plt.get_cmap("tab20").colors
+        chosen = sim.get("chosen_on_validation")
+        for n, (strategy, curve) in enumerate(sim["curves"].items()):
+            xs, ys = [p["labels"] for p in curve], [p["accuracy"] for p in curve]
+            if strategy == "random":
+                ax.plot(xs, ys, "k--", lw=1.5, label=strategy)
+                ax.axhline(ys[-1], color="k", lw=0.6, ls=":")  # the accuracy to reach
+            else:
+                style = {"color": "crimson", "lw": 2.6, "ms": 4, "zorder": 5} if strategy == chosen else {}
+                style = {"color": colours[n % len(colours)], "lw": 1.0, "ms": 2} | style
+                ax.plot(
+                    xs, ys, "o-", label=strategy + (" (chosen on validation)" if strategy == chosen else ""), **style
+                )
         ax.set_xlabel("labels")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"simulated oracle on {sim.get('data', 'the pool')} (mean of {sim.get('seeds', 1)} seeds)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
         out.append(
             f"<p>Simulated oracle ({html.escape(str(sim.get('setup', '')))}): accuracy against the number of labels "
             "for each strategy and for random sampling.</p>"
