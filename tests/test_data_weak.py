@@ -7,6 +7,7 @@ import pytest
 
 from keel.data import weak
 from keel.errors import DataError
+from keel.recipe.label import WeakConfig
 
 LFS = """
 def lf_good(text):
@@ -95,11 +96,7 @@ def test_the_builtin_tweet_functions_beat_chance_against_the_real_labels():
     frame = spec.read(spec.paths()).dropna(subset=["text", "sentiment"]).sample(2000, random_state=0)
     labels = ["negative", "neutral", "positive"]
     gold = np.array([labels.index(v) for v in frame["sentiment"]])
-    cfg = type(
-        "Cfg",
-        (),
-        {"functions": "tweets-sentiment", "epochs": 200, "seed": 0, "label_model": "snorkel", "min_confidence": 0.0},
-    )
+    cfg = WeakConfig(functions="tweets-sentiment", epochs=200, label_model="snorkel")
     chosen, summary = weak.weak_labels(frame["text"].astype(str).tolist(), labels, cfg, gold)
     majority_class = np.bincount(gold).max() / len(gold)
     assert len(summary["functions"]) >= 5 and all(f["accuracy"] > 1 / 3 for f in summary["functions"])
@@ -111,9 +108,7 @@ def test_the_builtin_tweet_functions_beat_chance_against_the_real_labels():
 def test_fewer_than_three_functions_need_majority_vote(tmp_path):
     f = tmp_path / "lfs.py"
     f.write_text(LFS)  # two functions
-    cfg = type(
-        "Cfg", (), {"functions": str(f), "epochs": 10, "seed": 0, "label_model": "snorkel", "min_confidence": 0.0}
-    )
+    cfg = WeakConfig(functions=str(f), epochs=10, label_model="snorkel")
     with pytest.raises(DataError, match="needs at least 3 labelling functions; lfs.py has 2.*label_model=majority"):
         weak.weak_labels(["good", "bad"], ["neg", "pos"], cfg)
     cfg.label_model = "majority"
@@ -136,3 +131,60 @@ def test_an_unlabelled_file_without_the_text_column_is_one_line_and_gold_is_read
     good.write_text("text,label\ngood day,pos\nbad day,\nmeh,maybe\n")
     texts, gold = weak.read_unlabeled(str(good), recipe, ["neg", "pos"])
     assert texts == ["good day", "bad day", "meh"] and gold.tolist() == [1, -1, -1]
+
+
+def _planted(rng, n, accs):
+    y = rng.integers(0, 2, n)
+    return y, np.stack([np.where(rng.random(n) < a, y, 1 - y) for a in accs], axis=1)
+
+
+def test_auto_trains_on_the_combiner_the_validation_labels_prefer(tmp_path, monkeypatch):
+    f = tmp_path / "lfs.py"
+    f.write_text(LFS + "\ndef lf_meh(text):\n    return None\n")
+    rng = np.random.default_rng(0)
+    y_val = rng.integers(0, 2, 50)
+    wrong = 1 - y_val
+
+    def fake(lm_val, mv_val):
+        def combine(L, *args):
+            n = len(L)
+            return {
+                "probs": np.full((n, 2), 0.5),
+                "label_model": np.zeros(n, dtype=np.int64),  # the training labels tell which was chosen
+                "majority": np.ones(n, dtype=np.int64),
+                "val_label_model": lm_val,
+                "val_majority": mv_val,
+            }
+
+        return combine
+
+    cfg = WeakConfig(functions=str(f))
+    assert cfg.label_model == "auto"
+    texts, val = ["good", "bad", "meh"], (["x"] * 50, y_val)
+    monkeypatch.setattr(weak, "combine", fake(y_val, wrong))
+    chosen, summary = weak.weak_labels(texts, ["neg", "pos"], cfg, val=val)
+    assert chosen.tolist() == [0, 0, 0] and summary["trained_on"] == "label model"
+    assert summary["on_validation"]["label model"]["accuracy"] == 1.0
+    monkeypatch.setattr(weak, "combine", fake(wrong, y_val))
+    chosen, summary = weak.weak_labels(texts, ["neg", "pos"], cfg, val=val)
+    assert chosen.tolist() == [1, 1, 1] and summary["trained_on"] == "majority vote"
+    monkeypatch.setattr(weak, "combine", fake(y_val, y_val))  # a tie: the simpler combiner
+    assert weak.weak_labels(texts, ["neg", "pos"], cfg, val=val)[1]["trained_on"] == "majority vote"
+    assert "auto: validation accuracy" in summary["chosen_by"]
+
+
+def test_the_validation_prior_decides_where_the_votes_are_split():
+    # two equally good functions that always disagree: the class prior alone settles each text
+    L = np.stack([np.zeros(400, dtype=np.int64), np.ones(400, dtype=np.int64), np.full(400, -1)], axis=1)
+    for prior, label in (([0.9, 0.1], 0), ([0.1, 0.9], 1)):
+        out = weak.combine(L, 2, epochs=50, seed=0, class_balance=prior)
+        assert set(out["label_model"].tolist()) == {label}
+
+
+def test_both_combiners_label_the_validation_texts_and_the_label_model_scores_higher_where_it_should():
+    rng = np.random.default_rng(0)
+    y, L = _planted(rng, 1200, [0.95, 0.6, 0.6, 0.6, 0.6])
+    out = weak.combine(L[:800], 2, epochs=200, seed=0, L_val=L[800:])
+    assert out["val_label_model"].shape == (400,) and out["val_majority"].shape == (400,)
+    lm, mv = weak.score(out["val_label_model"], y[800:]), weak.score(out["val_majority"], y[800:])
+    assert lm["accuracy"] > mv["accuracy"] + 0.05

@@ -93,6 +93,14 @@ def test_the_strategy_decides_what_is_asked(trained, pool):
     assert np.isclose(1 - s.probs[s.current()].max(), 1 - s.probs[want].max())
 
 
+@pytest.mark.parametrize("strategy", ["badge", "typiclust"])
+def test_the_embedding_strategies_ask_a_batch_of_distinct_open_rows(trained, pool, strategy):
+    _, run_dir = trained
+    s = _session(run_dir, pool, strategy=strategy)
+    assert s.current() is not None
+    assert len(set(s.batch)) == len(s.batch) == 3 and not set(s.batch) & set(s.answers)
+
+
 def test_a_pool_without_the_text_column_is_one_line(trained, tmp_path):
     _, run_dir = trained
     bad = tmp_path / "pool.csv"

@@ -30,6 +30,8 @@ def test_sections_show_what_was_measured_and_escape_what_came_from_data(tmp_path
                 "functions_file": "/x/lfs.py",
                 "label_model": "snorkel LabelModel 0.10.0",
                 "trained_on": "label model",
+                "chosen_by": "auto: validation accuracy 0.810 (label model) vs 0.790 (majority vote; wins a tie)",
+                "on_validation": {"majority vote": {"accuracy": 0.79, "coverage": 0.5, "n": 10}},
                 "texts": 100,
                 "kept": 60,
                 "functions": fns,
@@ -54,6 +56,8 @@ def test_sections_show_what_was_measured_and_escape_what_came_from_data(tmp_path
     weak = section_weak(tmp_path, {})
     assert "lf_&lt;x&gt;" in weak and "50.0%" in weak and "80.0%" in weak and "not measured" in weak
     assert "0.7000" in weak and "0.7500" in weak and "60 texts at least one function voted on" in weak
+    assert "chosen: auto: validation accuracy 0.810" in weak and "the validation split&#x27;s labels" in weak
+    assert "0.7900" in weak
     label = section_label(tmp_path, {})
     assert "10 labels stored" in label and label.count("<img") == 1  # the latest session only, one plot
     curve = [{"labels": 20, "accuracy": 0.5}, {"labels": 40, "accuracy": 0.6}]
@@ -64,9 +68,13 @@ def test_sections_show_what_was_measured_and_escape_what_came_from_data(tmp_path
                 "seeds": 3,
                 "setup": "pool 100",
                 "labels_to_match_random": {"entropy": 40, "margin": None},
+                "labels_to_match_random_validation": {"entropy": 20, "margin": None},
+                "chosen_on_validation": "entropy",
+                "probe_c": "3.0",
             }
         )
     )
     label = section_label(tmp_path, {})
     assert label.count("<img") == 2 and "not reached" in label and "<td>40</td>" in label
+    assert "chosen there: <b>entropy</b> (probe C 3.0)" in label and "<td>40</td><td>20</td>" in label
     assert section_augment(tmp_path / "none", {}) is None and section_label(tmp_path / "none", {}) is None

@@ -27,11 +27,17 @@ def embed(model, tokenizer, texts: list[str], max_length: int, batch_size: int =
     return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
 
 
-class Probe:
-    """Logistic regression on embeddings; having seen one label it answers that one, having seen none, uniform."""
+C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # c="cv": the inverse regularisation strengths tried
 
-    def __init__(self, n_labels: int, seed: int = 0):
-        self.n_labels, self.seed = n_labels, seed
+
+class Probe:
+    """Logistic regression on embeddings; having seen one label it answers that one, having seen none, uniform.
+
+    ``c`` is its inverse regularisation strength, or "cv": chosen from ``C_GRID`` by stratified cross-validation on
+    the labelled texts alone (log-loss; 1.0 while some label has fewer than two examples)."""
+
+    def __init__(self, n_labels: int, seed: int = 0, c: float | str = 1.0):
+        self.n_labels, self.seed, self.c = n_labels, seed, c
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> Probe:
         from sklearn.linear_model import LogisticRegression
@@ -39,7 +45,8 @@ class Probe:
         self.classes_ = np.unique(y)
         self.model_ = None
         if len(self.classes_) >= 2:
-            self.model_ = LogisticRegression(max_iter=2000, C=1.0, random_state=self.seed).fit(x, y)
+            self.c_ = _cross_validated_c(x, y, self.seed) if self.c == "cv" else float(self.c)
+            self.model_ = LogisticRegression(max_iter=2000, C=self.c_, random_state=self.seed).fit(x, y)
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -55,3 +62,18 @@ class Probe:
 
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float | None:
         return float((self.predict_proba(x).argmax(1) == y).mean()) if len(y) else None
+
+
+def _cross_validated_c(x: np.ndarray, y: np.ndarray, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    folds = min(5, int(np.bincount(y)[np.unique(y)].min()))
+    if folds < 2:
+        return 1.0
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    scores = [
+        cross_val_score(LogisticRegression(max_iter=2000, C=c), x, y, cv=cv, scoring="neg_log_loss").mean()
+        for c in C_GRID
+    ]
+    return float(C_GRID[int(np.argmax(scores))])

@@ -26,6 +26,7 @@ from keel.label.strategies import STRATEGIES, select, uncertainty
 logger = logging.getLogger(__name__)
 
 LABELS_DIR = "labels"
+PROBE_C = 3.0  # the probe's C: chosen on benchmarks/active_learning.py's validation split (over 1, 10, cross-validated)
 
 
 def read_pool(path: str | Path, text_column: str) -> tuple[list[str], list]:
@@ -55,7 +56,7 @@ class Session:
         self,
         run_dir: str | Path,
         pool: str | Path,
-        strategy: str = "entropy",
+        strategy: str = "balanced",
         batch_size: int = 10,
         rounds: int = 5,
         seed: int = 0,
@@ -92,7 +93,7 @@ class Session:
         self.x_val = embed(trained.model, trained.tokenizer, splits.validation["text"].tolist(), max_len)
         self.y_val = np.array([self.labels.index(v) for v in splits.validation["label"]], dtype=np.int64)
         self.round, self.batch, self.skipped = 0, [], set()
-        self.probe = Probe(len(self.labels), seed)
+        self.probe = Probe(len(self.labels), seed, c=PROBE_C)
         self.started = time.time()
         self._retrain()
 
@@ -141,7 +142,7 @@ class Session:
 
     def score(self, row: int) -> float:
         """How uncertain the probe is about ``row`` (the strategy's own score; entropy for random and diverse)."""
-        kind = self.strategy if self.strategy in ("least-confidence", "margin") else "entropy"
+        kind = self.strategy if self.strategy in ("least-confidence", "margin", "balanced") else "entropy"
         return float(uncertainty(self.probs[row : row + 1], kind)[0])
 
     def prediction(self, row: int) -> str:
@@ -159,7 +160,11 @@ class Session:
         )
         if not len(open_rows):
             return []
-        local = select(self.probs[open_rows], self.batch_size, self.strategy, self.rng, self.x_pool[open_rows])
+        rows = sorted(self.answers)
+        labelled = np.concatenate([self.x_seed, self.x_pool[rows]]) if rows else self.x_seed  # typiclust's
+        local = select(
+            self.probs[open_rows], self.batch_size, self.strategy, self.rng, self.x_pool[open_rows], labelled
+        )
         return [int(open_rows[i]) for i in local]
 
     def _retrain(self) -> None:

@@ -51,10 +51,19 @@ class WeakConfig(Strict):
         description="a file of unlabelled texts (the data.columns.text column) to label and add to the training "
         "split; default: relabel the training split itself (its own labels then only score the functions)",
     )
-    label_model: Literal["snorkel", "majority"] = Field(
-        "snorkel", description="what the model trains on: Snorkel's LabelModel or majority vote (both are reported)"
+    label_model: Literal["auto", "snorkel", "majority"] = Field(
+        "auto",
+        description="what the model trains on: Snorkel's LabelModel, majority vote, or auto: the one whose labels of "
+        "the validation split agree more with its real labels (majority vote on a tie); both are reported",
     )
-    epochs: int = Field(500, ge=1, le=100000, description="label model training epochs")
+    class_balance: Literal["validation", "learned"] = Field(
+        "validation",
+        description="the label model's class prior: the validation split's label shares, or learned from the votes",
+    )
+    # epochs, lr and the validation prior: the best of 48 settings on benchmarks/weak_tweets.py's validation split
+    epochs: int = Field(100, ge=1, le=100000, description="label model training epochs")
+    lr: float = Field(0.001, gt=0.0, le=1.0, description="label model learning rate")
+    l2: float = Field(0.0, ge=0.0, description="label model L2 regularisation (towards its initial accuracies)")
     seed: int = Field(0, description="seed of the label model")
     min_confidence: float = Field(
         0.0, ge=0.0, lt=1.0, description="drop texts whose label-model probability is below this (0: keep all voted)"

@@ -54,17 +54,20 @@ def section_weak(run_dir: Path, ctx: dict) -> str | None:
         f"<p>{len(doc['functions'])} labelling functions from {html.escape(Path(doc['functions_file']).name)} on "
         f"{doc['texts']:,} texts ({html.escape(doc.get('source', ''))}); the model trained on the "
         f"{html.escape(doc['trained_on'])}'s labels of the {doc['kept']:,} texts at least one function voted on. "
-        f"Label model: {html.escape(doc['label_model'])}.</p>",
+        f"Label model: {html.escape(doc['label_model'])}"
+        + (f"; chosen: {html.escape(doc['chosen_by'])}" if doc.get("chosen_by") else "")
+        + ".</p>",
         _table(head, rows),
     ]
-    vs = doc.get("versus_gold")
-    if vs:
-        out.append(
-            _table(
-                ["combined by", "accuracy on the gold labels", "coverage"],
-                [[html.escape(k), fmt(v["accuracy"]), _pct(v["coverage"])] for k, v in vs.items()],
+    for key, what in (("versus_gold", "the gold labels"), ("on_validation", "the validation split's labels")):
+        vs = doc.get(key)
+        if vs:
+            out.append(
+                _table(
+                    ["combined by", f"accuracy on {what}", "coverage"],
+                    [[html.escape(k), fmt(v["accuracy"]), _pct(v["coverage"])] for k, v in vs.items()],
+                )
             )
-        )
     return "".join(out)
 
 
@@ -111,28 +114,46 @@ def section_label(run_dir: Path, ctx: dict) -> str | None:
         )
         out.append(png(fig))
     if sim:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        for strategy, curve in sim["curves"].items():
-            ax.plot(
-                [p["labels"] for p in curve],
-                [p["accuracy"] for p in curve],
-                "o-" if strategy != "random" else "k--",
-                ms=3,
-                label=strategy,
-            )
+        fig, ax = plt.subplots(figsize=(9, 4))
+        colours = plt.get_cmap("tab20").colors
+        chosen = sim.get("chosen_on_validation")
+        for n, (strategy, curve) in enumerate(sim["curves"].items()):
+            xs, ys = [p["labels"] for p in curve], [p["accuracy"] for p in curve]
+            if strategy == "random":
+                ax.plot(xs, ys, "k--", lw=1.5, label=strategy)
+                ax.axhline(ys[-1], color="k", lw=0.6, ls=":")  # the accuracy to reach
+            else:
+                style = {"color": "crimson", "lw": 2.6, "ms": 4, "zorder": 5} if strategy == chosen else {}
+                style = {"color": colours[n % len(colours)], "lw": 1.0, "ms": 2} | style
+                ax.plot(
+                    xs, ys, "o-", label=strategy + (" (chosen on validation)" if strategy == chosen else ""), **style
+                )
         ax.set_xlabel("labels")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"simulated oracle on {sim.get('data', 'the pool')} (mean of {sim.get('seeds', 1)} seeds)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
         out.append(
             f"<p>Simulated oracle ({html.escape(str(sim.get('setup', '')))}): accuracy against the number of labels "
             "for each strategy and for random sampling.</p>"
         )
         out.append(png(fig))
+        if sim.get("chosen_on_validation"):
+            out.append(
+                f"<p>Every choice was made on a validation split; chosen there: "
+                f"<b>{html.escape(str(sim['chosen_on_validation']))}</b> (probe C {html.escape(str(sim.get('probe_c')))}"
+                "). The curves and the first column are on the test set.</p>"
+            )
         if sim.get("labels_to_match_random"):
+            on_val = sim.get("labels_to_match_random_validation") or {}
+
+            def _n(n):
+                return "not reached" if n is None else f"{n:,}"
+
             rows = [
-                [html.escape(s), "not reached" if n is None else f"{n:,}"]
+                [html.escape(s), _n(n)] + ([_n(on_val.get(s))] if on_val else [])
                 for s, n in sim["labels_to_match_random"].items()
             ]
-            out.append(_table(["strategy", "labels to reach random's final accuracy"], rows))
+            head = ["strategy", "labels to reach random's final accuracy"] + (["on validation"] if on_val else [])
+            out.append(_table(head, rows))
     return "".join(out)
