@@ -11,7 +11,10 @@ held-out Shakespeare perplexity on 4 blocks of 256 tokens; fp32: 74-87 / 170-180
 - ``int8-dynamic``: PyTorch's fbgemm kernels (``torch.ao.nn.quantized.dynamic.Linear``, per-channel int8 weights,
   activations quantized per call, per tensor, to 7 bits): the fastest, 32-35 / 49-54 ms, but perplexity 125.3 on 8
   blocks (fp32 45.7, +174%): SmolLM2's activation outliers (down_proj's input above all) do not survive one scale per
-  tensor. Kept for models that tolerate it, measured with benchmarks/cpu_generation.py first;
+  tensor. And that scale is one per forward pass, over every row of the batch: a sequence's tokens depend on what
+  else is being decoded with it (on a tiny random Llama, greedy output through the scheduler diverged from the
+  same model decoding alone).
+  Kept for models that tolerate it, measured with benchmarks/cpu_generation.py first;
 - ``torchao-weight-only``: torchao's ``Int8WeightOnlyConfig`` (per-row scales). Its CPU linear converts the int8
   weight back to float32 at every call (``qdata.to(dtype)``): on the 2-core CPU it was 7x slower than fp32 on a
   1536x576 layer (kept for devices where torchao has kernels).
