@@ -6,7 +6,7 @@ so fewer bytes is what pays. Three ways to int8 (smollm2-135m, one thread, CPU t
 held-out Shakespeare perplexity on 4 blocks of 256 tokens; fp32: 74-87 / 170-180 ms, perplexity 44.83):
 
 - ``int8-weight-only``: per-row int8 weights read directly by PyTorch's own CPU kernel
-  (``aten._weight_int8pack_mm``, activations in bfloat16): 39-41 / 131-142 ms, perplexity 45.23 (+0.9%, within
+  (``aten._weight_int8pack_mm``, activations in bfloat16): 39-41 / 131-142 ms, perplexity 45.10 (+0.6%, within
   the 2% target of benchmarks/lm_int8.py). The one to serve on a CPU;
 - ``int8-dynamic``: PyTorch's fbgemm kernels (``torch.ao.nn.quantized.dynamic.Linear``, per-channel int8 weights,
   activations quantized per call, per tensor, to 7 bits): the fastest, 32-35 / 49-54 ms, but perplexity 125.3 on 8
