@@ -82,7 +82,7 @@ def sequential_generate(
     }
 
 
-async def concurrent_streams(url: str, texts: list[str], tokens: int) -> dict:
+async def concurrent_streams(url: str, texts: list[str], tokens: int, timeout: float = 600) -> dict:
     ttft, totals = [], []
 
     async def one(http, text):
@@ -106,7 +106,9 @@ async def concurrent_streams(url: str, texts: list[str], tokens: int) -> dict:
                     totals.append(event["usage"]["completion_tokens"])
         ttft.append(first or float("nan"))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(texts))) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=len(texts))
+    ) as http:
         await one(http, "warm up")
         totals.clear(), ttft.clear()
         t0 = time.perf_counter()

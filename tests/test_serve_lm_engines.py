@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("backend", ["int8-dynamic", "torchao-weight-only"])
+@pytest.mark.parametrize("backend", ["int8-weight-only", "int8-dynamic", "torchao-weight-only"])
 def test_int8_decoder_keeps_the_logits(tiny_lm, one_thread, backend):
     from keel.serve.lm_int8 import quantize_lm
 
@@ -27,6 +27,55 @@ def test_int8_decoder_keeps_the_logits(tiny_lm, one_thread, backend):
     assert not torch.equal(got, ref)  # it did quantize
     cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
     assert cos > 0.99
+
+
+def test_int8_weight_only_linear_is_its_int8_weights_times_row_scales(one_thread):
+    from keel.serve.lm_int8 import Int8WeightOnlyLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 80)
+    q = Int8WeightOnlyLinear(linear)
+    assert q.qweight.dtype == torch.int8 and q.qweight.shape == (80, 48) and q.scales.shape == (80,)
+    assert int(q.qweight.abs().amax(1).min()) == 127  # each row's largest weight uses the whole int8 range
+    x = torch.randn(2, 3, 48)
+    dequantized = q.qweight.float() * q.scales.float()[:, None]  # (80, 48)
+    oracle = x.bfloat16().float() @ dequantized.T + linear.bias  # (2, 3, 80)
+    with torch.inference_mode():
+        got = q(x)
+    assert got.shape == (2, 3, 80) and got.dtype == torch.float32
+    torch.testing.assert_close(got, oracle, atol=0.02, rtol=0.02)  # the kernel's bfloat16 output
+    assert (dequantized - linear.weight).abs().max() <= q.scales.float().max() * 0.51  # rounding to the nearest
+
+
+def test_int8_weight_only_decodes_in_continuous_batches_as_alone(tiny_lm, one_thread):
+    """Served through keel's scheduler (left padding, joins), the int8 model decodes what it decodes alone."""
+    from keel.serve.lm_int8 import quantize_lm
+    from keel.serve.scheduler import Scheduler, Sequence
+
+    model, tok = tiny_lm
+    q = quantize_lm(copy.deepcopy(model), "int8-weight-only")
+    prompts, lengths = ["Hello there", "A longer prompt about the sea and the ships", "One"], [6, 4, 8]
+    seqs = [
+        Sequence(tok(p)["input_ids"], n, temperature=0.0, index=i) for i, (p, n) in enumerate(zip(prompts, lengths))
+    ]
+    sched = Scheduler(q, tok, max_running=4)
+    sched.eos = set()
+    events = _run(sched, seqs)
+    assert sum(k == "done" for _, k, _ in events) == len(seqs)
+    for s, n in zip(seqs, lengths):
+        alone = list(s.prompt_ids)
+        with torch.inference_mode():
+            for _ in range(n):  # no cache, no batch
+                alone.append(int(q(torch.tensor([alone])).logits[0, -1].argmax()))
+        assert s.out_ids == alone[len(s.prompt_ids) :], f"sequence {s.index} diverged"
+
+
+def test_quantize_lm_refuses_an_unknown_backend(tiny_lm):
+    from keel.errors import KeelError
+    from keel.serve.lm_int8 import quantize_lm
+
+    with pytest.raises(KeelError, match="int8-weight-only"):
+        quantize_lm(copy.deepcopy(tiny_lm[0]), "int8-static")
 
 
 def test_int8_backends_are_refused_by_name(tiny_lm):
