@@ -21,6 +21,7 @@ from keel.data.load import RawSplits, load_splits
 from keel.data.splits import load_frozen
 from keel.errors import DataError
 from keel.recipe import Recipe
+from keel.rundir import splits_dir
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ def transfer_splits(run_dir: Path, recipe: Recipe) -> RawSplits | None:
     """The splits a compression stage trains on when ``recipe`` (the stage's: ``data.max_train_samples`` is the
     transfer set's size) asks for more training rows than ``run_dir`` froze; None when the frozen rows serve."""
     want = recipe.data.max_train_samples
+    if recipe.task != "classification" or not want or splits_dir(run_dir) is None:
+        return None  # a run from before frozen splits re-splits its source with the stage's cap, as it always did
     frozen = load_frozen(run_dir)
-    if recipe.task != "classification" or not want or want <= len(frozen.train):
+    if want <= len(frozen.train):
         return None
 
     def frozen_only(why: str) -> None:
@@ -54,6 +57,8 @@ def transfer_splits(run_dir: Path, recipe: Recipe) -> RawSplits | None:
             return frozen_only(f"re-splitting {fresh.source} does not give the run's frozen {name} rows")
     held_out = set(frozen.validation["text"]) | set(frozen.test["text"])
     train = fresh.train[~fresh.train["text"].isin(held_out)].reset_index(drop=True)
+    if len(train) <= len(frozen.train):
+        return None  # the source holds no training row the run did not freeze
     logger.info(
         f"distill: {len(train):,} training-split texts for the teacher to label "
         f"(the teacher trained on {len(frozen.train):,} of them)"
