@@ -3,8 +3,8 @@
 One process, alternating rounds (every variant once per round), the same validation batches as `keel bench`
 (batches of 32 in the split's order, and the same length-sorted batches). The stage's model is exported twice
 into a scratch folder, the padded graph (keel's export before packing) and the packed one (`keel.export.packed`,
-keel's export now); each is quantized the ways INT8 lists (dynamic int8 per channel, keel's before; per tensor,
-keel's now; reduce_range; static QDQ calibrated on training texts) and run with the ORT session settings THREADS
+keel's export now); each is quantized the ways INT8 lists (dynamic int8 per channel, keel's; per tensor;
+reduce_range; static QDQ calibrated on training texts) and run with the ORT session settings THREADS
 lists (ORT's default pool, one thread, two threads that sleep instead of spinning: keel's now).
 
     .venv/bin/python benchmarks/deployable_steps.py runs/quickstart [--stage pruned] [--rounds 5] [--n 500]
@@ -65,8 +65,8 @@ def export_graphs(stage_dir: Path, work: Path) -> tuple[dict[str, Path], object]
 # at run time) with per-channel or per-tensor weight scales, with and without reduce_range (7-bit weights, for
 # CPUs without VNNI); static QDQ (activation ranges calibrated once on training texts), int8 or uint8 activations.
 INT8 = {
-    "int8": {"per_channel": True},  # keel's export before per-tensor scales
-    "int8 per-tensor": {"per_channel": False},  # keel's export now
+    "int8": {"per_channel": True},  # keel's export
+    "int8 per-tensor": {"per_channel": False},
     "int8 per-tensor reduce_range": {"per_channel": False, "reduce_range": True},
     "static int8 (QDQ, s8s8)": {"static": "QInt8"},
     "static int8 (QDQ, u8s8)": {"static": "QUInt8"},
@@ -127,6 +127,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="validation texts scored (the demo's bench scores 500)")
     ap.add_argument("--only", nargs="*", default=[], help="measure only the rows whose label contains one of these")
     ap.add_argument("--tag", default="", help="results/deployable-steps-TAG-cpu.json instead of the default name")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="one thread on both sides (torch and ORT) and the process's CPU time instead of the wall clock: an "
+        "estimate of the one-core ratios that other processes' load does not inflate",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import numpy as np
@@ -139,6 +145,9 @@ def main() -> None:
     from keel.runtime.load import load_trained
 
     torch.set_grad_enabled(False)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    if args.cpu_time:
+        torch.set_num_threads(1)
     teacher = load_trained(args.run_dir)
     split = prepare_data(teacher.recipe, teacher.tokenizer, teacher.run_dir).splits["validation"]
     split = split.select(range(min(args.n, len(split))))
@@ -162,6 +171,10 @@ def main() -> None:
     variants = {"hf-pipeline (teacher fp32)": pipeline_logits}
 
     def add(label: str, path: Path, threads: int = 0, spin: bool = True) -> None:
+        if args.cpu_time:  # every row on one thread, as the pipeline (spinning is moot then)
+            if threads > 1 or not spin or label.endswith("1 thread"):
+                return
+            threads = 1
         if args.only and not any(k in label for k in args.only):
             return
         opts = ort.SessionOptions()
@@ -198,10 +211,10 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             for label, fn in variants.items():
                 for key, batches in (("s_in_order", in_order), ("s_sorted", by_length)):
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     for idx in batches:
                         fn([texts[i] for i in idx])
-                    rows[label][key].append(time.perf_counter() - t0)
+                    rows[label][key].append(clock() - t0)
             base = rows["hf-pipeline (teacher fp32)"]
             print(
                 f"round {k + 1} (load {loads[-1]:.1f}): "
@@ -229,7 +242,8 @@ def main() -> None:
         "command": f"python benchmarks/deployable_steps.py {args.run_dir} --stage {args.stage} --rounds "
         f"{args.rounds} --n {args.n}"
         + (f" --only {' '.join(repr(o) for o in args.only)}" if args.only else "")
-        + (f" --tag {args.tag}" if args.tag else ""),
+        + (f" --tag {args.tag}" if args.tag else "")
+        + (" --cpu-time" if args.cpu_time else ""),
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "load_average": os.getloadavg(),

@@ -1,4 +1,4 @@
-"""keel's ONNX Runtime int8 graph and sessions: one weight scale per matrix, logits kept, no spinning thread pool."""
+"""keel's ONNX Runtime int8 graph and sessions: every Linear int8, logits kept, a thread pool that does not spin."""
 
 import numpy as np
 import onnx
@@ -39,20 +39,14 @@ def _exported(tmp_path):
     return path, checks, eager
 
 
-def test_dynamic_int8_keeps_one_scale_per_weight_matrix_and_the_logits(tmp_path):
+def test_dynamic_int8_of_the_packed_graph_quantizes_every_linear_and_keeps_the_logits(tmp_path):
     from keel.export.onnx import quantize_graph
 
     fp32, checks, eager = _exported(tmp_path)
     int8 = tmp_path / "int8.onnx"
-    cos = quantize_graph(fp32, int8, checks, eager, min_cosine=0.99)
-    assert cos >= 0.99
+    assert quantize_graph(fp32, int8, checks, eager, min_cosine=0.99) >= 0.99
     graph = onnx.load(str(int8)).graph
-    inits = {i.name: i for i in graph.initializer}
-    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
-    assert len(matmuls) >= 2 * 6  # every Linear of both layers is an int8 matmul
-    for node in matmuls:
-        weight_zero_point = inits[node.input[3]]
-        assert int(np.prod(weight_zero_point.dims)) == 1, node.name  # per tensor, not one per output channel
+    assert len([n for n in graph.node if n.op_type == "MatMulInteger"]) >= 2 * 6  # every Linear of both layers
 
 
 def test_keels_sessions_sleep_between_runs_instead_of_spinning(tmp_path):

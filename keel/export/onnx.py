@@ -165,13 +165,12 @@ def quantize_graph(src: Path, dst: Path, checks: list[dict], eager: list[np.ndar
     """Dynamic int8 of the graph ``src`` at ``dst``; returns the logits' cosine to ``eager`` on ``checks`` (the worst
     batch). Raises KeelError below ``min_cosine``.
 
-    One scale per weight matrix (per tensor): ORT's int8 matmuls then dequantize with a scalar instead of a row of
-    scales, 1.15x-1.2x faster on the demo's deployable model at batch 32, as accurate on its validation split
-    (benchmarks/deployable_steps.py); the cosine check below still guards each model."""
+    Weights get a scale per output channel: one scale per matrix (per tensor) was as accurate on the demo's
+    deployable model but no faster by CPU time (benchmarks/README.md), so the finer scales stay."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
     session = _session(dst)
     cos = min(_cosine(session.run(None, f)[0], e) for f, e in zip(checks, eager))
     if not cos >= min_cosine:
