@@ -58,14 +58,20 @@ def _alpha(recipe: Recipe, alpha: float) -> float:
 
 
 def _train_stage(
-    run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn, info: dict, train_it: bool = True
+    run_dir: Path, stage: str, recipe: Recipe, build_model, loss_fn, info: dict, train_it: bool = True, splits=None
 ) -> Path:
-    """Train into a scratch folder next to the stage's, then swap it in: a failed stage leaves the old one."""
+    """Train into a scratch folder next to the stage's, then swap it in: a failed stage leaves the old one.
+
+    ``splits`` (a transfer set, keel/compress/transfer.py) are frozen in the stage's folder and trained on."""
     from keel.train.engine import save_final_model, train
 
     final = stage_dir(run_dir, stage)
     with atomic_dir(final) as work:
         atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
+        if splits is not None and train_it:
+            from keel.data.splits import freeze
+
+            freeze(work, splits)
         if train_it:
             summary = train(recipe, work, build_model=build_model, loss_fn=loss_fn, model_info={"stage": stage, **info})
             shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the stage is complete; its model/ is what counts
@@ -111,6 +117,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 
     refuse_plain_outputs(run_dir, "distill")
     from keel.compress.distill import check_smaller, layer_list, pick_layers, student_from_teacher
+    from keel.compress.transfer import transfer_splits
     from keel.models import model_dir
     from keel.tasks import get_task
 
@@ -141,6 +148,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     check_smaller(student, teacher)
     loss = _distiller(run_dir, recipe, _alpha(recipe, cfg.alpha), cfg.temperature, cfg.hidden_weight, layer_map)
     stage_recipe = _stage_recipe(recipe, max(cfg.epochs, 1), cfg.lr, cfg.max_steps)
+    splits = transfer_splits(run_dir, stage_recipe) if cfg.epochs > 0 else None
     info = {
         "distilled_from": str(run_dir),
         "teacher_layers_kept": layers,
@@ -148,7 +156,7 @@ def distill(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         "distill": cfg.model_dump(mode="json"),
     }
     return _train_stage(
-        run_dir, "student", stage_recipe, lambda path, labels: student, loss, info, train_it=cfg.epochs > 0
+        run_dir, "student", stage_recipe, lambda path, labels: student, loss, info, cfg.epochs > 0, splits
     )
 
 
@@ -159,6 +167,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
 
     refuse_plain_outputs(run_dir, "prune")
     from keel.compress import prune as P
+    from keel.compress.transfer import transfer_splits
     from keel.recipe import PruneConfig
     from keel.runtime.load import load_trained
 
@@ -177,11 +186,17 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
         info["structured"] = P.structured_prune(model, cfg.heads, cfg.ffn)
         info["resized"] = True
     stage_recipe = _stage_recipe(recipe, max(cfg.finetune_epochs, 1), cfg.lr, cfg.max_steps)
+    splits = transfer_splits(run_dir, stage_recipe) if cfg.finetune_epochs > 0 else None
     if cfg.vocab:
         from keel.data.prepare import prepare_data
 
         tok = load_trained(run_dir).tokenizer
-        seen = {i for ids in prepare_data(stage_recipe, tok, run_dir).splits["train"]["input_ids"] for i in ids}
+        if splits is not None:  # the tokens of the texts the stage trains on
+            train_ids = tok(list(splits.train["text"]), truncation=True, max_length=recipe.model.max_length)
+            train_ids = train_ids["input_ids"]
+        else:
+            train_ids = prepare_data(stage_recipe, tok, run_dir).splits["train"]["input_ids"]
+        seen = {i for ids in train_ids for i in ids}
         info["vocab"] = P.trim_vocabulary(
             model,
             seen | set(tok.all_special_ids),
@@ -210,7 +225,7 @@ def prune(run_dir: str | Path, recipe: Recipe | None = None) -> Path:
     if (run_dir / "model").is_dir():  # recover with the teacher's help
         d = compress_config(recipe).distill
         loss = _distiller(run_dir, recipe, _alpha(recipe, d.alpha if d else 0.5), d.temperature if d else 2.0, 0.0)
-    final = _train_stage(run_dir, "pruned", stage_recipe, build, loss, info, train_it=cfg.finetune_epochs > 0)
+    final = _train_stage(run_dir, "pruned", stage_recipe, build, loss, info, cfg.finetune_epochs > 0, splits)
     if cfg.sparsity:
         got = P.measured_sparsity(load_trained(final).model)
         logger.info(f"prune: {got:.2%} of block weights are zero after fine-tuning and reloading")

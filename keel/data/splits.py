@@ -10,7 +10,7 @@ edited, moved or deleted source cannot give new splits that overlap the training
 evaluated from any folder. The texts themselves are stored (not row ids): the rows need no source to be
 read, and the file is the size of the (capped) data. A source that changed since the freeze is only a warning,
 and only when training continues (``--resume``); a compression stage (``compress/<stage>/``) reads the splits
-of the run it belongs to. Runs written before splits were frozen re-split their source, and refuse when its
+of the run it belongs to, or its own when it froze a larger transfer set (keel/compress/transfer.py). Runs written before splits were frozen re-split their source, and refuse when its
 content hash differs from the one recorded at training time.
 """
 

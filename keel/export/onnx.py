@@ -186,7 +186,10 @@ def quantize_int8(run_dir: str | Path, checks: list[dict], eager: list[np.ndarra
 
 def quantize_graph(src: Path, dst: Path, checks: list[dict], eager: list[np.ndarray], min_cosine: float) -> float:
     """Dynamic int8 of the graph ``src`` at ``dst``; returns the logits' cosine to ``eager`` on ``checks`` (the worst
-    batch). Raises KeelError below ``min_cosine``."""
+    batch). Raises KeelError below ``min_cosine``.
+
+    Weights get a scale per output channel: one scale per matrix (per tensor) was as accurate on the demo's
+    deployable model but no faster by CPU time (benchmarks/README.md), so the finer scales stay."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet():

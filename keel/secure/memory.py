@@ -43,16 +43,19 @@ def hf_model(files: dict[str, bytes], **config_overrides):
     return cls.from_pretrained(None, config=config, state_dict=state, use_safetensors=True)
 
 
-def onnx_session(files: dict[str, bytes], name: str = "model.onnx"):
-    """An ONNX Runtime session from bytes; external data (model.onnx.data) is put back inside the graph first."""
+def onnx_session(files: dict[str, bytes], name: str = "model.onnx", options=None):
+    """An ONNX Runtime session from bytes; external data (model.onnx.data) is put back inside the graph first.
+    ``options``: the caller's ``onnxruntime.SessionOptions`` (default: ORT's, quiet)."""
     import onnxruntime as ort
 
     data = _need(files, name, "ONNX export")
     inits = _external(files, data)
     if inits is not None:
         data = inits
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = options
+    if opts is None:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
     return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
