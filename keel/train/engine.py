@@ -27,7 +27,7 @@ import torch
 
 from keel.data.prepare import prepare_data
 from keel.errors import CheckpointError, KeelError
-from keel.io import atomic_dir, atomic_write_json, verify_manifest
+from keel.io import MANIFEST, atomic_dir, atomic_write_json, sha256_file, verify_manifest
 from keel.metrics import MetricLog
 from keel.models import model_dir
 from keel.progress import progress
@@ -122,6 +122,20 @@ def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
                 f"set {key}={old.get(key)} or start a new run"
             )
     return changed
+
+
+def check_resumable(run_dir: Path, recipe: Recipe) -> None:
+    """Before a resume writes anything into ``run_dir``: this recipe against the newest checkpoint's (one whose
+    recipe.yaml matches its manifest), so a refused resume leaves the run's recipe.yaml and run.json as they were.
+    The engine checks the checkpoint it loads again (``resume_point``)."""
+    for path in reversed(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")):
+        try:
+            listed = json.loads((path / MANIFEST).read_text())["files"]["recipe.yaml"]["sha256"]
+            if sha256_file(path / "recipe.yaml") == listed:
+                check_resume_compatible((path / "recipe.yaml").read_text(), recipe)
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged checkpoint: resume_point names it and falls back
 
 
 def param_fingerprint(model) -> str:
@@ -272,6 +286,12 @@ def train(
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr
         scheduler.load_state_dict(loaded.scheduler)
+        if loaded.world_size in (None, world) and {"train.epochs", "train.max_steps"} & set(loaded.changed or ()):
+            # a longer (or shorter) run: the rest of it follows the schedule planned for its new length, from this
+            # step on (a finished linear schedule ended at lr 0; its optimiser would take the next step at that lr)
+            lambdas = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)
+            for group, base, fn in lambdas:
+                group["lr"] = base * fn(scheduler.last_epoch)
         restored_rng = loaded.rng
         logger.info(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
     if resume:
@@ -287,8 +307,16 @@ def train(
         )
         resume = False
     stop = strategy.start(run, total_steps)  # DP-SGD: the last step within the privacy budget
-    if loaded is not None and state.finished:
-        logger.info("that run had already finished; writing its final model again")
+    if loaded is not None:  # finished or not by this recipe's length: a finished run given more epochs trains on
+        was_finished = state.finished
+        state.finished = state.stopped_early or state.step >= stop or state.epoch >= cfg.epochs
+        if was_finished and not state.finished:
+            logger.info(
+                f"that run had finished at epoch {state.epoch}, step {state.step}: training on to epoch {cfg.epochs}"
+            )
+        elif state.finished:
+            why = "it stopped early" if state.stopped_early else f"it is at step {state.step} of {stop}"
+            logger.info(f"that run had already finished ({why}); writing its final model again")
 
     strategy.prepare(run)
     device = accelerator.device
