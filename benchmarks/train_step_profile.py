@@ -229,9 +229,7 @@ def main() -> None:
         )
     same = len(seen["keel"]) == args.steps and seen["keel"] == seen["trainer"]
     print(f"identical batches: {'yes' if same else 'NO'} ({len(seen['keel'])} and {len(seen['trainer'])} compared)")
-    print(
-        f"ratio Trainer / keel step time (median of round medians): wall {ratios['wall']:.3f}x, cpu {ratios['cpu']:.3f}x"
-    )
+    print(f"ratio Trainer / keel step time (median over rounds): wall {ratios['wall']:.3f}x, cpu {ratios['cpu']:.3f}x")
     doc = {
         "benchmark": "train_step_profile",
         "command": " ".join(["benchmarks/train_step_profile.py", *sys.argv[1:]]),
