@@ -87,6 +87,10 @@ class EngineTrainer:
 
     def __init__(self, recipe: Recipe, resume: bool = False):
         self.recipe, self.resume = recipe, resume
+        if resume:  # a recipe the checkpoint cannot continue with is refused before run.json says "running"
+            from keel.train.engine import check_resumable
+
+            check_resumable(rundir.resolve(recipe, resume), recipe)
 
     def setup(self, run_dir: Path) -> None:
         self.run_dir = run_dir  # the engine builds data and model itself (shared with DP-SGD and compression)

@@ -182,3 +182,38 @@ def test_no_intact_checkpoint_left_is_refused_not_restarted(reference):
     (run / "model").mkdir()
     proc = keel("train", str(recipe), "output.dir=runs/allbad", "--resume", cwd=work)
     assert proc.returncode == 2 and "has a final model but no checkpoint" in proc.stderr
+
+
+def test_a_finished_run_given_more_epochs_trains_on(tmp_path, tiny_recipe):
+    """`keel run --resume` after raising train.epochs trains the extra epoch from the last checkpoint (it used to
+    write the 1-epoch model again), records it, and refuses a recipe the checkpoint cannot continue with."""
+    recipe, run = str(tiny_recipe(epochs=1, every=1)), tmp_path / "runs" / "grow"
+    common = ("output.dir=runs/grow", "train.metric=loss", "train.keep_last_k=100")
+    keel("run", recipe, *common, cwd=tmp_path, check=True)
+    first = json.loads((run / "train.json").read_text())
+    one = first["steps"]
+    before = load_file(str(run / "model" / "model.safetensors"))
+
+    proc = keel("run", recipe, *common, "train.epochs=2", "--resume", cwd=tmp_path, check=True)
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["steps"] == 2 * one and summary["epochs_done"] == 2, proc.stderr
+    assert "training on to epoch 2" in proc.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["train"]["epochs_done"] == 2
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "split" not in r] == list(range(1, 2 * one + 1))
+    assert [r["epoch"] for r in records if r.get("split") == "validation"] == [1, 2]
+    assert "(2 epochs)" in (run / "model" / "MODEL_CARD.md").read_text()
+    after = load_file(str(run / "model" / "model.safetensors"))
+    assert any(not (before[k] == after[k]).all() for k in before), "the final model did not change"
+    # the first extra step moved the weights: it took the new plan's learning rate, not the finished schedule's 0
+    ckpts = run / "checkpoints"
+    end, next_step = (load_file(str(ckpts / f"step-{s:08d}" / "model.safetensors")) for s in (one, one + 1))
+    assert any(not (end[k] == next_step[k]).all() for k in end), "step after the resume took lr 0"
+
+    # a change the checkpoint cannot continue with: one line naming the field, and the run's record untouched
+    kept = {name: (run / name).read_text() for name in ("run.json", "recipe.yaml", "train.json")}
+    proc = keel("train", recipe, *common, "train.epochs=3", "train.lr=0.01", "--resume", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot resume: train.lr was 0.003 in the checkpoint and is 0.01 now" in proc.stderr, proc.stderr
+    assert {name: (run / name).read_text() for name in kept} == kept

@@ -81,6 +81,7 @@ def section_summary(run_dir: Path, ctx: dict) -> str:
             else None,
         ),
         ("rounds" if federated else "optimiser steps", train.get("steps")),
+        (None if federated else "epochs", train.get("epochs_done")),
         (None if federated else "best step", train.get("best_step")),
         ("training throughput", _num(train.get("samples_per_second"), 1, " samples/s")),
         ("peak memory (RSS)", _num(train.get("peak_rss_mb"), 0, " MB")),

@@ -96,10 +96,7 @@ class DPSGD(Strategy):
                 f"at sigma {self.sigma:.4f}; training stops at step {self.allowed}"
             )
         self.accountant = make_accountant(p.accountant, self.history)
-        stop = min(planned, self.allowed)
-        state = run.state
-        state.finished = state.stopped_early or state.step >= stop  # a resume with more epochs continues, within budget
-        return stop
+        return min(planned, self.allowed)  # the engine decides whether a resumed run has finished by this stop
 
     def prepare(self, run: Run) -> None:
         from opacus import GradSampleModule

@@ -27,7 +27,7 @@ import torch
 
 from keel.data.prepare import prepare_data
 from keel.errors import CheckpointError, KeelError
-from keel.io import atomic_dir, atomic_write_json, verify_manifest
+from keel.io import MANIFEST, atomic_dir, atomic_write_json, sha256_file, verify_manifest
 from keel.metrics import MetricLog
 from keel.models import model_dir
 from keel.progress import progress
@@ -74,6 +74,10 @@ def configure_determinism(recipe: Recipe) -> None:
     if recipe.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every new tensor with NaN, to expose ops that read memory they never wrote;
+        # none of keel's do (the exact-resume tests compare curves bit for bit), and the fill cost about 3% of a
+        # MiniLM step on CPU. Results stay deterministic without it (PyTorch's note on this flag says so).
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
 
 
@@ -122,6 +126,20 @@ def check_resume_compatible(saved_yaml: str, recipe: Recipe) -> list[str]:
                 f"set {key}={old.get(key)} or start a new run"
             )
     return changed
+
+
+def check_resumable(run_dir: Path, recipe: Recipe) -> None:
+    """Before a resume writes anything into ``run_dir``: this recipe against the newest checkpoint's (one whose
+    recipe.yaml matches its manifest), so a refused resume leaves the run's recipe.yaml and run.json as they were.
+    The engine checks the checkpoint it loads again (``resume_point``)."""
+    for path in reversed(ckpt.list_checkpoints(Path(run_dir) / "checkpoints")):
+        try:
+            listed = json.loads((path / MANIFEST).read_text())["files"]["recipe.yaml"]["sha256"]
+            if sha256_file(path / "recipe.yaml") == listed:
+                check_resume_compatible((path / "recipe.yaml").read_text(), recipe)
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged checkpoint: resume_point names it and falls back
 
 
 def param_fingerprint(model) -> str:
@@ -272,6 +290,12 @@ def train(
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr
         scheduler.load_state_dict(loaded.scheduler)
+        if loaded.world_size in (None, world) and {"train.epochs", "train.max_steps"} & set(loaded.changed or ()):
+            # a longer (or shorter) run: the rest of it follows the schedule planned for its new length, from this
+            # step on (a finished linear schedule ended at lr 0; its optimiser would take the next step at that lr)
+            lambdas = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)
+            for group, base, fn in lambdas:
+                group["lr"] = base * fn(scheduler.last_epoch)
         restored_rng = loaded.rng
         logger.info(f"resuming from {loaded.path.name} (epoch {state.epoch + 1}, step {state.step})")
     if resume:
@@ -287,8 +311,16 @@ def train(
         )
         resume = False
     stop = strategy.start(run, total_steps)  # DP-SGD: the last step within the privacy budget
-    if loaded is not None and state.finished:
-        logger.info("that run had already finished; writing its final model again")
+    if loaded is not None:  # finished or not by this recipe's length: a finished run given more epochs trains on
+        was_finished = state.finished
+        state.finished = state.stopped_early or state.step >= stop or state.epoch >= cfg.epochs
+        if was_finished and not state.finished:
+            logger.info(
+                f"that run had finished at epoch {state.epoch}, step {state.step}: training on to epoch {cfg.epochs}"
+            )
+        elif state.finished:
+            why = "it stopped early" if state.stopped_early else f"it is at step {state.step} of {stop}"
+            logger.info(f"that run had already finished ({why}); writing its final model again")
 
     strategy.prepare(run)
     device = accelerator.device
@@ -406,7 +438,8 @@ def train(
     # -- the final model --------------------------------------------------------------------------
     final = accelerator.unwrap_model(run.model)
     best = ckpt_root / "best"
-    if (best / "manifest.json").is_file():
+    # the loop ends with an evaluation: when that was the best one, the weights in memory are best/'s already
+    if (best / "manifest.json").is_file() and state.best_step != state.step:
         from safetensors.torch import load_file, load_model
 
         verify_manifest(best)
@@ -416,7 +449,7 @@ def train(
             load_model(final, str(best / "model.safetensors"))
     # FSDP: the whole weights, gathered on the main process (the shards differ by design: no replica check)
     whole = sharded.full_state_dict(final) if sharded.is_sharded(final) else None
-    fingerprints = gather_object([param_fingerprint(final) if whole is None else None])
+    fingerprints = gather_object([param_fingerprint(final) if whole is None and world > 1 else None])
     summary = {
         "steps": state.step,
         "epochs_done": state.epoch,
@@ -449,8 +482,9 @@ def train(
     # then tear the group down together: a gloo group freed after a peer has exited can hang on exit.
     del model
     run.model = run.optimizer = optimizer = None
-    accelerator.free_memory()
-    gc.collect()
+    accelerator.free_memory()  # one full collection: what the first call's lazy imports left in cycles goes
+    if world > 1:
+        gc.collect()  # the DDP wrapper, out of accelerate's lists now, with its reducer
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

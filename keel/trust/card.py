@@ -71,6 +71,8 @@ def model_card(run_dir: Path) -> str:
     source = f"`{data['source']}`" if data.get("source") else "the training data"
     lm = keel_json.get("task") == "causal-lm"
     unit = "rounds" if train.get("federated") else "optimiser steps"
+    if train.get("epochs_done") is not None and not train.get("federated"):
+        unit += f" ({train['epochs_done']} epoch{'s' if train['epochs_done'] != 1 else ''})"
     best = (f", best checkpoint at step {train['best_step']}" if train.get("best_step") is not None else "") + (
         f" by {train.get('selection_metric')} = {_f(train['best_metric'])}"
         if train.get("best_metric") is not None
