@@ -42,12 +42,14 @@ def unconfigured():
     """The "keel" logger as a library user finds it after ``import keel``: its NullHandler, no level of its own
     (the session's CLI-like handler from conftest is put back afterwards)."""
     root = logging.getLogger("keel")
-    handlers, level = root.handlers[:], root.level
+    handlers, level, propagate = root.handlers[:], root.level, root.propagate
     root.handlers = [h for h in handlers if not getattr(h, "_keel", False)]
     root.setLevel(logging.NOTSET)
+    root.propagate = True  # as after ``import keel``, whatever an in-process CLI call in this worker left
     yield root
     root.handlers = handlers
     root.setLevel(level)
+    root.propagate = propagate
 
 
 def test_import_keel_adds_only_a_null_handler(unconfigured):

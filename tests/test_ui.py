@@ -4,6 +4,7 @@ requests, auth; end to end in headless Chromium against a real `keel serve` of a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -304,6 +305,7 @@ def test_bad_options_are_one_line_and_exit_2(root, monkeypatch, capsys, args, sa
     from keel.cli import main
 
     monkeypatch.delenv("KEEL_API_KEYS", raising=False)
+    monkeypatch.setattr(logging.getLogger("keel"), "propagate", True)  # the CLI's root callback turns it off
     monkeypatch.setattr(sys, "argv", ["keel", "ui", str(root), *args])
     with pytest.raises(SystemExit) as exit_:
         main()
