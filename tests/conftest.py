@@ -126,6 +126,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def tiny_bert_classifier():
+    """A random 2-layer BERT classifier (hidden 32, vocab 120, 3 labels), seeded: the packed-export tests' model."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_labels=3,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
 def tiny_llama(vocab_size: int, max_position_embeddings: int = 512, **config):
     """A random 2-layer Llama (hidden 64) with large weights, seeded: the model of `tiny_lm`, for any tokenizer."""
     import torch

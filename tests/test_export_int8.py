@@ -3,28 +3,17 @@
 import numpy as np
 import onnx
 import torch
+from conftest import tiny_bert_classifier
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 
 def _exported(tmp_path):
     """A tiny BERT classifier exported as keel exports it (the packed graph), and the parity feeds."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     from keel.export.onnx import write_graph
     from keel.export.packed import PackedBertClassifier
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config).eval()
+    model = tiny_bert_classifier()
     g = torch.Generator().manual_seed(1)
     checks = []
     for lengths in ([9], [3, 12, 6], [20, 4, 11, 7, 15]):

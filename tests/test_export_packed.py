@@ -5,25 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RECIPE, keel, write_toy_csv
+from conftest import TINY_RECIPE, keel, tiny_bert_classifier, write_toy_csv
 
 
 def _tiny_classifier(heads=0.0, ffn=0.0, vocab=False):
-    from transformers import BertConfig, BertForSequenceClassification
-
     from keel.compress.prune import structured_prune, trim_vocabulary
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=120,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-        num_labels=3,
-    )
-    model = BertForSequenceClassification(config).eval()
+    model = tiny_bert_classifier()
     if heads or ffn:
         structured_prune(model, heads, ffn)
     if vocab:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import OFFLINE
+from web_browser import AddressedProcess
 
 EVIL = "b<script>alert(1)"  # a run folder's name (a name cannot hold a slash, so no closing tag)
 EVIL_TEXT = "[/b]<script>alert(2)</script>"  # a model name, a label and a text from outside
@@ -317,26 +318,12 @@ def test_bad_options_are_one_line_and_exit_2(root, monkeypatch, capsys, args, sa
 # -- end to end: keel ui in headless Chromium, chat through a real keel serve ----------------------------------
 
 
-class UI:
+class UI(AddressedProcess):
     def __init__(self, root: Path, *args: str):
         env = {**os.environ, **OFFLINE}
         env.pop("KEEL_API_KEYS", None)
         cmd = [sys.executable, "-m", "keel", "ui", str(root), "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        line = self.proc.stdout.readline()
-        m = re.search(r" at (http://127\.0\.0\.1:\d+)", line)
-        if not m:
-            self.stop()
-            raise AssertionError(f"keel ui did not start: {line}{self.proc.stdout.read()}")
-        self.url = m.group(1)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(cmd, r" at (http://127\.0\.0\.1:\d+)", "keel ui", env=env, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.slow

@@ -142,27 +142,29 @@ def off_origin(urls: list[str], origin: str) -> list[str]:
     ]
 
 
-class StaticServer:
-    """The export's own serve.py on a free loopback port (cross-origin isolated: WASM threads work)."""
+class AddressedProcess:
+    """A server process that prints its loopback URL on its first line; ``url`` is what ``pattern`` matched there."""
 
-    def __init__(self, folder: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(folder / "serve.py"), "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+    def __init__(self, cmd: list[str], pattern: str, what: str, env: dict | None = None, stderr=subprocess.DEVNULL):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         line = self.proc.stdout.readline()
-        m = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        m = re.search(pattern, line)
         if not m:
             self.stop()
-            raise RuntimeError(f"serve.py did not print its address: {line!r}")
-        self.url = m.group(0)
+            raise RuntimeError(f"{what} did not print its address: {line!r}{self.proc.stdout.read()}")
+        self.url = m.group(m.lastindex or 0)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 20) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class StaticServer(AddressedProcess):
+    """The export's own serve.py on a free loopback port (cross-origin isolated: WASM threads work)."""
+
+    def __init__(self, folder: Path):
+        super().__init__([sys.executable, str(folder / "serve.py"), "0"], r"http://127\.0\.0\.1:\d+/", "serve.py")
