@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -248,9 +247,9 @@ def main() -> None:
         "goal": ">= 1.0",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    from keel.io import atomic_write_json
+
+    atomic_write_json(args.out, doc)
 
 
 if __name__ == "__main__":
