@@ -221,9 +221,8 @@ def test_missing_support_file_is_named(tmp_path):
 # -- keel fewshot on a run ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-    """A finished tiny classification run (random tiny-bert, frozen splits), made without training it."""
+def build_source_run(work: Path) -> tuple[Path, Path]:
+    """A finished tiny classification run (tiny-bert trained for a few steps, frozen splits) and a support file."""
     import pandas as pd
     from transformers import AutoTokenizer
 
@@ -235,7 +234,6 @@ def source_run(tmp_path_factory):
     from keel.tasks.classification import build_model
     from keel.train.engine import save_final_model
 
-    work = tmp_path_factory.mktemp("fewshot")
     csv = write_toy_csv(work / "toy.csv", n=60)
     (work / "tiny.yaml").write_text(TINY_RECIPE.format(data=csv, epochs=1, every=0))
     recipe = load_recipe(work / "tiny.yaml")
@@ -252,16 +250,41 @@ def source_run(tmp_path_factory):
     )
     freeze(run_dir, raw)
     start(recipe, run_dir, False)
+    # in place of pretraining and fine-tuning: a few full-batch steps on four labels, the two old ones and two
+    # more (texts unlike the support file's), then the head keeps the old labels' rows only: an encoder that
+    # knows more than its head, as a pretrained one does
+    extra = [(f"{f} was late by {i} minutes", "late") for i, f in enumerate(["the bus", "my train", "a taxi"] * 3)]
+    extra += [(f"a refund for {f} number {i}", "money") for i, f in enumerate(["the car", "my trip", "a ride"] * 3)]
+    names = [*raw.labels, "late", "money"]
+    texts = raw.train["text"].tolist() + [x for x, _ in extra]
+    y = torch.tensor([names.index(n) for n in raw.train["label"].tolist() + [n for _, n in extra]])
     torch.manual_seed(0)
-    model = build_model(model_dir("tiny-bert"), raw.labels)
+    model = build_model(model_dir("tiny-bert"), names)
+    tok = AutoTokenizer.from_pretrained(model_dir("tiny-bert"))
+    enc = dict(tok(texts, padding=True, return_tensors="pt"))
+    opt, threads = torch.optim.AdamW(model.parameters(), lr=1e-2), torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core machine: one thread is faster for a model this small
+    for _ in range(15):
+        loss = model(**enc, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    layer = head_linear(model.eval())[2]
+    set_head(model, layer.weight[:2].detach(), layer.bias[:2].detach(), raw.labels)
     summary = {"labels": raw.labels, "best_step": 0, "selection_metric": "accuracy", "best_metric": 0.0}
-    save_final_model(model, AutoTokenizer.from_pretrained(model_dir("tiny-bert")), run_dir / "model", recipe, summary)
+    save_final_model(model, tok, run_dir / "model", recipe, summary)
     support = work / "support.csv"
     support.write_text(
         "text,label\nthe train was late again,delay\nmy flight left two hours late,delay\n"
         "where is my refund,refund\nI want my money back,refund\nthe ride was lovely indeed,pos\n"
     )
     return run_dir, support
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    return build_source_run(tmp_path_factory.mktemp("fewshot"))
 
 
 def _snapshot(folder: Path) -> dict:

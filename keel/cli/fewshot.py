@@ -25,12 +25,21 @@ def fewshot(
     r = fewshot_run(run_dir, support, overrides)
     shots = ", ".join(f"{esc(name)} ({n})" for name, n in r["shots"].items())
     out.print(f"labels: {len(r['labels'])} ({len(r['new_labels'])} new); support rows per label: {shots}")
-    old = r["old_test"]
+    val, old = r["old_validation"], r["old_test"]
+    if val["rows"]:
+        out.print(
+            f"old labels, {val['rows']} validation rows: accuracy {val['accuracy_before']:.3f} before, "
+            f"{val['accuracy_after']:.3f} after (allowed drop {val['max_old_drop']}; head rows {esc(r['old_rows'])})"
+        )
     if old["rows"]:
         out.print(
             f"old labels, {old['rows']} test rows: accuracy {old['accuracy_before']:.3f} before, "
             f"{old['accuracy_after']:.3f} after ({r['method']} head)"
         )
+    for name, acc in r["new_held_out"].items():
+        n = r["shots"][name]
+        held = "n/a (one row)" if acc is None else f"{acc:.3f} ({round(acc * n)}/{n})"
+        out.print(f"new label {esc(name)}: accuracy on its support rows, each held out: {held}")
     out.print(
         f'new run: [bold]{esc(r["run_dir"])}[/]   next: keel predict {esc(r["run_dir"])} "..." or keel serve {esc(r["run_dir"])}'
     )

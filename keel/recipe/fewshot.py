@@ -40,8 +40,18 @@ class FewshotConfig(Strict):
     k_shot: int | None = Field(None, ge=1, description="use at most this many support rows per label; null = all")
     text_column: str = Field("text", min_length=1, description="text column of the support file")
     label_column: str = Field("label", min_length=1, description="label column of the support file")
-    old_examples: int = Field(64, ge=1, description="training rows per existing label that its head row is fitted on")
-    eval_examples: int = Field(500, ge=0, description="test rows of the existing labels scored before and after")
+    old_examples: int = Field(
+        64, ge=1, description="setfit/meta: training rows per existing label that its refitted head row is fitted on"
+    )
+    eval_examples: int = Field(
+        500, ge=0, description="validation and test rows of the existing labels scored before and after (each)"
+    )
+    max_old_drop: float = Field(
+        0.02,
+        ge=0.0,
+        le=1.0,
+        description="refuse to write the run if the existing labels' validation accuracy drops by more than this",
+    )
     contrastive: ContrastiveConfig = ContrastiveConfig()
     meta: MetaConfig | None = Field(None, description="episodic training before the head; null = none")
     seed: int = Field(0, description="sampling and training seed")
