@@ -149,6 +149,18 @@ def test_a_new_label_is_predicted_on_its_own_support_texts(source_run, added):
     )
 
 
+def test_keel_ui_shows_the_old_labels_accuracy_and_the_new_labels(added):
+    from keel.ui.runs import summary
+
+    new, _ = added
+    result = json.loads((new / "fewshot.json").read_text())
+    found = dict(summary(new)["headline"])
+    assert found["old-label test accuracy"] == result["old_test"]["accuracy_after"]
+    assert found["new labels (held-out accuracy)"] == ", ".join(
+        f"{n} ({result['new_held_out'][n]:.2f})" for n in ["delay", "refund"]
+    )
+
+
 def _copies_of_validation_rows(run_dir: Path, path: Path, flip: bool) -> Path:
     """A support file of validation texts the run classifies correctly: as a new label 'dup' (recognising any of them
     takes a validation row from the old labels), or (``flip``) under the other old label, plus one 'dup' row."""

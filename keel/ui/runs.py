@@ -86,12 +86,27 @@ def _recipe(run_dir: Path) -> tuple[str, dict]:
     return text, raw if isinstance(raw, dict) else {}
 
 
-def headline(test: dict, train: dict) -> list[tuple[str, float]]:
-    """The figures a person looks at first: test accuracy and macro-F1, or perplexity; else the best validation one."""
-    out = []
+def headline(test: dict, train: dict, fewshot: dict | None = None) -> list[tuple[str, float | str]]:
+    """The figures a person looks at first: test accuracy and macro-F1, or perplexity; else, for a `keel fewshot`
+    run, the old labels' test accuracy and the new labels (with their leave-one-out accuracy); else the best
+    validation one."""
+    out: list[tuple[str, float | str]] = []
     for key, name in (("accuracy", "test accuracy"), ("macro_f1", "test macro-F1"), ("perplexity", "test perplexity")):
         if isinstance(test.get(key), int | float):
             out.append((name, float(test[key])))
+    if not out and isinstance(fewshot, dict):
+        old = fewshot.get("old_test") if isinstance(fewshot.get("old_test"), dict) else {}
+        if isinstance(old.get("accuracy_after"), int | float):
+            out.append(("old-label test accuracy", float(old["accuracy_after"])))
+        held = fewshot.get("new_held_out") if isinstance(fewshot.get("new_held_out"), dict) else {}
+        new = [str(n) for n in fewshot.get("new_labels") or []]
+        if new:
+            out.append(
+                (
+                    "new labels (held-out accuracy)",
+                    ", ".join(f"{n} ({held[n]:.2f})" if isinstance(held.get(n), int | float) else n for n in new),
+                )
+            )
     if not out and isinstance(train.get("best_metric"), int | float):
         out.append((f"best validation {train.get('selection_metric', 'metric')}", float(train["best_metric"])))
     return out
@@ -121,7 +136,9 @@ def summary(run_dir: Path) -> dict:
         "status_detail": detail,
         "started": str(info.get("started", "")),
         "wall_seconds": info.get("wall_seconds"),
-        "headline": headline(test, info.get("train") or {}),
+        "headline": headline(
+            test, info.get("train") or {}, read_json(run_dir / "fewshot.json") if "fewshot_from" in info else None
+        ),
         "deployable": (pick or {}).get("deployable"),
         "deployable_test": (pick or {}).get("test") or (pick or {}).get("figures"),
         "has_report": (run_dir / "report.html").is_file(),
