@@ -345,6 +345,10 @@ def test_setfit_with_meta_training_writes_a_run_too(source_run):
     result = add_labels(run_dir, support, load_recipe(run_dir / "recipe.yaml"), cfg)
     assert result["trained"]["meta"]["episodes"] == 2 and result["trained"]["meta"]["n_way"] == 2
     assert result["trained"]["contrastive"]["steps"] == 2
+    assert result["old_rows"].startswith("refitted")  # the encoder changed: the trained rows no longer fit it
+    val = result["old_validation"]
+    assert val["accuracy_before"] - val["accuracy_after"] <= 0.02  # written only within the gate
+    assert set(result["new_held_out"]) == {"delay", "refund"}
     assert {p["label"] for p in predict(result["run_dir"], ["x"])} <= {"neg", "pos", "delay", "refund"}
 
 

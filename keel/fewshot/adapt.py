@@ -145,13 +145,13 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
     else:
         if floor is None:
             raise KeelError(
-                f"{run_dir} has no validation rows of its labels to choose the new rows on; run keel fewshot on a "
-                "run trained with a validation split (data.split.validation > 0)"
+                f"no validation rows of {run_dir}'s labels to choose the new rows on; keep fewshot.eval_examples "
+                "above 0, and run keel fewshot on a run trained with a validation split (data.split.validation > 0)"
             )
         trained, kept = {}, "kept"
         head, held = _append(model, tokenizer, texts, names, old, new, labels, val_feats, val_y, floor, max_length)
         for name in new:
-            if head[name]["recall"] == 0:
+            if head[name]["recall"] == 0 or held[name] == 0:  # held out: the whole choice redone without the row
                 raise KeelError(_unrecognised(name, shots[name], head[name], before_val, cfg.max_old_drop))
     after_val = _head_accuracy(model, val_feats, val_y)
     if before_val is not None and before_val - after_val > cfg.max_old_drop + 1e-9:
@@ -172,16 +172,20 @@ def add_labels(run_dir: str | Path, support: str | Path, recipe, cfg: FewshotCon
         "new_held_out": held,
         "old_validation": {
             "rows": len(val[0]),
-            "accuracy_before": before_val,
-            "accuracy_after": after_val,
+            "accuracy_before": _round(before_val),
+            "accuracy_after": _round(after_val),
             "max_old_drop": cfg.max_old_drop,
         },
-        "old_test": {"rows": len(test[0]), "accuracy_before": before, "accuracy_after": after},
+        "old_test": {"rows": len(test[0]), "accuracy_before": _round(before), "accuracy_after": _round(after)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     _write_run(final, run_dir, t, model, labels, recipe, result)
     result["run_dir"] = str(final)
     return result
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _head_accuracy(model, feats, y) -> float | None:
@@ -194,7 +198,7 @@ def _head_accuracy(model, feats, y) -> float | None:
         return None
     _, _, layer = head_linear(model)
     with torch.no_grad():
-        return round(float((layer(feats).argmax(-1) == y).float().mean()), 4)
+        return float((layer(feats).argmax(-1) == y).float().mean())
 
 
 def _append(model, tokenizer, texts, names, old, new, labels, val_feats, val_y, floor: float, max_length: int):
