@@ -74,3 +74,66 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def promote_under_load(
+    server: Server, run_dir: Path, request, *, clients: int, before: int, after: int, timeout: float, ignore=()
+) -> tuple[list, list[str]]:
+    """Promote a copy of ``run_dir``'s own weights as learn/v0001 while ``clients`` loop over ``request(k, n) ->
+    (path, body)`` and thumb each answer up; returns every status (a dropped connection as its error's name) and
+    the model version each feedback row named. The swap happens after ``before`` feedback rows; the load goes on
+    until ``after`` more rows follow the server's swap line (or ``timeout`` seconds)."""
+    import asyncio
+    import shutil
+
+    from keel.io import atomic_write_json
+    from keel.rundir import learn_state_file, version_dir
+
+    statuses: list = []
+    versions: list[str] = []
+    done = threading.Event()
+    swapped = "swapped model version base -> v0001"
+
+    async def client(k: int, c: httpx.AsyncClient):
+        while not done.is_set():
+            path, body = request(k, len(statuses))
+            try:
+                r = await c.post(path, json=body)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    fb = await c.post("/v1/feedback", json={"response_id": r.json()["id"], "thumbs": "up"})
+                    statuses.append(fb.status_code)
+                    versions.append(fb.json().get("model_version"))
+            except httpx.HTTPError as e:  # a connection the server dropped counts as a failed request
+                statuses.append(f"{type(e).__name__} at {time.monotonic():.1f}")
+
+    def promote():
+        try:
+            while len(versions) < before:
+                time.sleep(0.05)
+            staging = run_dir.parent / f"{run_dir.name}-staging"
+            shutil.copytree(run_dir, staging, ignore=shutil.ignore_patterns("learn", "feedback", *ignore))
+            staging.rename(version_dir(run_dir, "v0001"))
+            atomic_write_json(learn_state_file(run_dir), {"current": "v0001", "history": ["base", "v0001"]})
+            end = time.monotonic() + timeout
+            while time.monotonic() < end and swapped not in server.log:
+                time.sleep(0.1)
+            n = len(versions)
+            while len(versions) < n + after and time.monotonic() < end:
+                time.sleep(0.05)
+        finally:
+            done.set()
+
+    async def main():
+        worker = asyncio.get_running_loop().run_in_executor(None, promote)
+        # a fresh connection per request: a kept-alive one the server closes as idle (serve.read_timeout_s) while
+        # this process is starved on a busy machine would be the client's race, not a failure of the swap
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
+            await asyncio.gather(*(client(k, c) for k in range(clients)))
+        await worker
+
+    (run_dir / "learn").mkdir(exist_ok=True)
+    asyncio.run(main())
+    assert swapped in server.log, server.log[-3000:]
+    return statuses, versions

@@ -199,62 +199,20 @@ def test_a_served_lm_swaps_to_a_promoted_version_without_a_failed_request(tmp_pa
     """A version (the run's weights, copied as learn/v0001) is promoted while clients generate and send thumbs;
     every response is 200 and the feedback goes from naming base to naming v0001."""
     import shutil
-    import threading
-    import time
 
-    import httpx
-    from serve_helpers import Server
-
-    from keel.io import atomic_write_json
-    from keel.rundir import learn_state_file, version_dir
+    from serve_helpers import Server, promote_under_load
 
     run = shutil.copytree(lm_run, tmp_path / "lm", ignore=shutil.ignore_patterns("learn", "feedback"))
     server = Server(
         str(run), "--set", "serve.num_threads=1", "--set", "serve.feedback.poll_s=0.2", "--set", "serve.max_tokens=8"
     )
-    statuses, versions, done = [], [], threading.Event()
-    swapped = "swapped model version base -> v0001"
 
-    async def client(k: int, c: httpx.AsyncClient):
-        while not done.is_set():
-            try:
-                r = await c.post("/v1/completions", json={"prompt": f"The tram to stop {k}", "max_tokens": 6})
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    fb = await c.post("/v1/feedback", json={"response_id": r.json()["id"], "thumbs": "up"})
-                    statuses.append(fb.status_code)
-                    versions.append(fb.json().get("model_version"))
-            except httpx.HTTPError as e:
-                statuses.append(type(e).__name__)
-
-    def promote():
-        try:
-            while len(versions) < 6:
-                time.sleep(0.05)
-            staging = tmp_path / "staging"
-            shutil.copytree(run, staging, ignore=shutil.ignore_patterns("learn", "feedback"))
-            staging.rename(version_dir(run, "v0001"))
-            atomic_write_json(learn_state_file(run), {"current": "v0001", "history": ["base", "v0001"]})
-            end = time.monotonic() + 120
-            while time.monotonic() < end and swapped not in server.log:
-                time.sleep(0.1)
-            n = len(versions)
-            while len(versions) < n + 6 and time.monotonic() < end:
-                time.sleep(0.05)
-        finally:
-            done.set()
-
-    async def main():
-        worker = asyncio.get_running_loop().run_in_executor(None, promote)
-        limits = httpx.Limits(max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as c:
-            await asyncio.gather(*(client(k, c) for k in range(4)))
-        await worker
+    def request(k: int, n: int):
+        return "/v1/completions", {"prompt": f"The tram to stop {k}", "max_tokens": 6}
 
     try:
-        (run / "learn").mkdir()
-        asyncio.run(main())
+        statuses, versions = promote_under_load(server, run, request, clients=4, before=6, after=6, timeout=120)
     finally:
         server.stop()
-    assert swapped in server.log and set(statuses) == {200}, (statuses, server.log[-3000:])
+    assert set(statuses) == {200}, (statuses, server.log[-3000:])
     assert versions[0] == "base" and versions[-1] == "v0001"

@@ -246,26 +246,21 @@ def train_dpo(
     """DPO against a frozen reference: the base model itself (LoRA: adapter off) or ``ref_model``. -> (policy, logs)."""
     from trl import DPOConfig, DPOTrainer
 
-    torch.manual_seed(seed)
-    model = load_policy(base)
-    if cfg.lora is None and ref_model is None:
-        ref_model = load_policy(base)
-    logs: list[dict] = []
-    with tempfile.TemporaryDirectory() as work:
-        args = DPOConfig(
-            **common_args(steps, lr, batch_size, seed, mixed_precision, work), beta=cfg.beta, max_length=max_length
-        )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=_dataset(pairs),
-            processing_class=tokenizer,
-            peft_config=peft_config(cfg.lora, model),
-            callbacks=[_progress_callback("DPO", steps, logs)],
-        )
-        run_trainer(trainer)
-    return trainer.model, logs
+    return _train_preference(
+        DPOTrainer,
+        DPOConfig,
+        base,
+        tokenizer,
+        _dataset(pairs),
+        cfg,
+        steps,
+        lr,
+        batch_size,
+        seed,
+        max_length,
+        mixed_precision,
+        ref_model,
+    )
 
 
 def train_kto(
@@ -285,24 +280,57 @@ def train_kto(
     least 2 examples, in the order given (TRL's sequential sampler). -> (policy, logs)."""
     from trl import KTOConfig, KTOTrainer
 
+    dataset = _dataset(examples, ("prompt", "completion", "label"))
+    return _train_preference(
+        KTOTrainer,
+        KTOConfig,
+        base,
+        tokenizer,
+        dataset,
+        cfg,
+        steps,
+        lr,
+        max(2, batch_size),
+        seed,
+        max_length,
+        mixed_precision,
+    )
+
+
+def _train_preference(
+    trainer_cls,
+    config_cls,
+    base,
+    tokenizer,
+    dataset,
+    cfg,
+    steps,
+    lr,
+    batch_size,
+    seed,
+    max_length,
+    mixed_precision,
+    ref_model=None,
+):
+    """One TRL preference trainer (DPO, KTO) on ``dataset``, with a frozen reference model unless LoRA's adapter-off
+    base serves as one. -> (policy, logs)."""
     torch.manual_seed(seed)
     model = load_policy(base)
-    ref_model = load_policy(base) if cfg.lora is None else None
+    if cfg.lora is None and ref_model is None:
+        ref_model = load_policy(base)
     logs: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
-        args = KTOConfig(
-            **common_args(steps, lr, max(2, batch_size), seed, mixed_precision, work),
-            beta=cfg.beta,
-            max_length=max_length,
+        args = config_cls(
+            **common_args(steps, lr, batch_size, seed, mixed_precision, work), beta=cfg.beta, max_length=max_length
         )
-        trainer = KTOTrainer(
+        trainer = trainer_cls(
             model=model,
             ref_model=ref_model,
             args=args,
-            train_dataset=_dataset(examples, ("prompt", "completion", "label")),
+            train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config(cfg.lora, model),
-            callbacks=[_progress_callback("KTO", steps, logs)],
+            callbacks=[_progress_callback(trainer_cls.__name__.removesuffix("Trainer"), steps, logs)],
         )
         run_trainer(trainer)
     return trainer.model, logs

@@ -60,7 +60,7 @@ def ui(
     import uvicorn
 
     from keel.serve.guard import load_key_digests
-    from keel.serve.server import _bind, check_bind, keys_note
+    from keel.serve.server import bind_socket, check_bind, keys_note
     from keel.ui.app import build_app
     from keel.ui.runs import list_runs
 
@@ -75,7 +75,7 @@ def ui(
     digests = load_key_digests(api_key_file)
     check_bind(host, bool(digests), allow_no_auth)
     serve_key = _serve_key(serve_key_file)
-    sock = _bind(host, port)
+    sock = bind_socket(host, port)
     bound, bound_port = sock.getsockname()[:2]
     shown = f"[{bound}]" if ":" in bound else bound
     url = f"http://{'127.0.0.1' if bound in ('0.0.0.0', '::') else shown}:{bound_port}"

@@ -125,7 +125,7 @@ def serve(
         torch.set_num_threads(config.num_threads)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    sock = _bind(config.host, config.port)
+    sock = bind_socket(config.host, config.port)
     if config.verify_key:  # before any weight is read: an unsigned or changed model is refused here
         from pathlib import Path
 
@@ -277,7 +277,8 @@ def _protocol_class(read_timeout_s: float):
     return KeelHTTPProtocol
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (IPv6 when the host has a colon); a port in use is one clear error."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
