@@ -359,6 +359,29 @@ def test_bad_compression_input_gets_a_clear_error(compressed_run):
     assert unknown.returncode == 2 and "backend" in unknown.stderr + unknown.stdout
 
 
+def test_the_distiller_scores_each_text_with_a_classifier_teacher_once_across_epochs():
+    """The same texts again (another epoch: reordered, padded longer) reuse the teacher's logits: same loss, no
+    second teacher pass; texts it has not scored yet run it."""
+    from keel.compress.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher = build_model(model_dir("tiny-bert"), ["neg", "pos", "neu"]).eval()
+    torch.manual_seed(1)
+    student = build_model(model_dir("tiny-bert"), ["neg", "pos", "neu"]).eval()  # another head: a loss well above 0
+    passes = []
+    teacher.register_forward_hook(lambda module, args, out: passes.append(len(out.logits)))
+    ids, mask = _ids()
+    distiller = Distiller(teacher, alpha=0.0, temperature=2.0)
+    first = distiller(student, {"input_ids": ids, "attention_mask": mask})
+    order, pad = torch.tensor([2, 0, 3, 1]), torch.zeros(4, 3, dtype=ids.dtype)
+    again = distiller(
+        student, {"input_ids": torch.cat([ids[order], pad], 1), "attention_mask": torch.cat([mask[order], pad], 1)}
+    )
+    assert passes == [4] and first.item() > 0 and again.item() == pytest.approx(first.item(), rel=1e-4)
+    distiller(student, {"input_ids": ids[:2] + 1, "attention_mask": mask[:2]})  # two new texts
+    assert passes == [4, 2]
+
+
 def test_logit_distillation_works_for_causal_lms():
     from keel.compress.distill import Distiller
     from keel.tasks import causal_lm
