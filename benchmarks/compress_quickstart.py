@@ -9,7 +9,7 @@ prints the table and writes benchmarks/results/compress-quickstart-cpu.json.
     .venv/bin/python benchmarks/compress_quickstart.py runs/quickstart compress.prune.ffn=0.25 --tag ffn25
 
 Every variant is scored on the whole validation split (1,000 tweets; the pick is made there) and timed on 100 texts,
-in 3 rounds (each variant keeps its best timings), unless the overrides say otherwise; the deployable variant alone is
+in 3 rounds (each ratio the median of the rounds' ratios), unless the overrides say otherwise; the deployable variant alone is
 then scored on the test split, and its accuracy target is judged on that. Throughput is measured on the same batches
 of 32 (in the split's order) for every variant and the pipeline; the length-sorted ratio compares the same sorted
 batches. `--tag NAME` writes results/compress-quickstart-NAME-cpu.json.

@@ -191,8 +191,9 @@ def test_budget_picks_the_right_variant_on_fabricated_measurements(tmp_path, mon
     assert scored == ["pruned-onnx"]  # nothing chosen, nothing scored on the test split
 
 
-def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
-    """Measured twice, round after round: each variant keeps its lowest latencies and highest throughput."""
+def test_bench_ratios_are_medians_of_same_round_ratios_with_their_range(tmp_path, monkeypatch):
+    """Three rounds, the variants taking turns (order reversed every other round): each ratio is the median of the
+    rounds' ratios, each against the pipeline of the same round, and the lowest and highest are kept beside it."""
     from keel.export import bench as B
 
     (tmp_path / "model").mkdir()
@@ -217,14 +218,37 @@ def test_bench_rounds_keep_each_variants_best_timings(tmp_path, monkeypatch):
         }
 
     monkeypatch.setattr(B, "_measure", measure)
-    result = B.bench(tmp_path, variants=["pruned-onnx-int8"], rounds=2)
-    assert calls == ["hf-pipeline", "pruned-onnx-int8"] * 2  # interleaved, not one variant twice in a row
+    result = B.bench(tmp_path, variants=["pruned-onnx-int8"], rounds=3)
+    assert calls == ["hf-pipeline", "pruned-onnx-int8", "pruned-onnx-int8", "hf-pipeline", "hf-pipeline", calls[1]]
     base, pruned = result["variants"]
-    assert (base["p50_ms_batch1"], base["throughput_batch32"]) == (20.0, 80.0)  # round 1's slow spell is dropped
-    assert (pruned["p50_ms_batch1"], pruned["throughput_batch32"]) == (2.5, 640.0)
-    assert pruned["speedup_p50_vs_pipeline"] == 8.0 and pruned["throughput_vs_pipeline"] == 8.0
-    assert pruned["throughput_sorted_vs_pipeline"] == 8.0  # against the pipeline fed the same sorted batches
-    assert json.loads((tmp_path / "bench.json").read_text())["rounds"] == 2
+    # per round: 640 / 160 = 16x (the pipeline's slow spell), 213.3 / 80 = 2.67x (the variant's), 8x
+    assert pruned["throughput_vs_pipeline"] == 8.0 and pruned["throughput_sorted_vs_pipeline"] == 8.0
+    assert pruned["throughput_vs_pipeline_range"] == pytest.approx([640 / 3 / 80, 16.0])
+    assert pruned["speedup_p50_vs_pipeline"] == 8.0 and base["throughput_vs_pipeline"] == 1.0
+    assert (base["throughput_batch32"], pruned["throughput_batch32"]) == (80.0, 640.0)  # medians of the rounds
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rounds"] == 3 and len(saved["load_average"]) == 3 and saved["warmup_batches"] == B.WARMUP_BATCHES
+
+
+def test_bench_times_batches_only_after_the_same_warm_up_batches_for_every_variant():
+    """The warm-up batches are scored but not timed: a first batch that pays one-off costs counts in no figure."""
+    import numpy as np
+
+    from keel.export import bench as B
+
+    now, seen = [0.0], []
+
+    def logits_of(batch):  # a model whose first call costs 100 s and every later one 1 s
+        now[0] += 100.0 if not seen else 1.0
+        seen.append(len(batch))
+        return np.zeros((len(batch), 3))
+
+    texts = [f"text {i}" for i in range(96)]
+    in_order = [list(range(i, i + 32)) for i in range(0, 96, 32)]
+    timed = B.time_batches(logits_of, texts, in_order, in_order[::-1], clock=lambda: now[0])
+    assert seen[: B.WARMUP_BATCHES] == [32] * B.WARMUP_BATCHES and len(seen) == B.WARMUP_BATCHES + 6
+    assert timed["throughput_batch32"] == timed["throughput_sorted_batch32"] == 96 / 3.0
+    assert timed["logits"].shape == (96, 3)
 
 
 # -- end to end, through the CLI ---------------------------------------------------------------------------
@@ -333,6 +357,29 @@ def test_bad_compression_input_gets_a_clear_error(compressed_run):
     assert nothing.returncode == 2 and "removes nothing" in nothing.stderr + nothing.stdout
     unknown = keel("predict", str(run), "x", "--backend", "pruned-onnx-int4", cwd=cwd, check=False)
     assert unknown.returncode == 2 and "backend" in unknown.stderr + unknown.stdout
+
+
+def test_the_distiller_scores_each_text_with_a_classifier_teacher_once_across_epochs():
+    """The same texts again (another epoch: reordered, padded longer) reuse the teacher's logits: same loss, no
+    second teacher pass; texts it has not scored yet run it."""
+    from keel.compress.distill import Distiller
+
+    torch.manual_seed(0)
+    teacher = build_model(model_dir("tiny-bert"), ["neg", "pos", "neu"]).eval()
+    torch.manual_seed(1)
+    student = build_model(model_dir("tiny-bert"), ["neg", "pos", "neu"]).eval()  # another head: a loss well above 0
+    passes = []
+    teacher.register_forward_hook(lambda module, args, out: passes.append(len(out.logits)))
+    ids, mask = _ids()
+    distiller = Distiller(teacher, alpha=0.0, temperature=2.0)
+    first = distiller(student, {"input_ids": ids, "attention_mask": mask})
+    order, pad = torch.tensor([2, 0, 3, 1]), torch.zeros(4, 3, dtype=ids.dtype)
+    again = distiller(
+        student, {"input_ids": torch.cat([ids[order], pad], 1), "attention_mask": torch.cat([mask[order], pad], 1)}
+    )
+    assert passes == [4] and first.item() > 0 and again.item() == pytest.approx(first.item(), rel=1e-4)
+    distiller(student, {"input_ids": ids[:2] + 1, "attention_mask": mask[:2]})  # two new texts
+    assert passes == [4, 2]
 
 
 def test_logit_distillation_works_for_causal_lms():

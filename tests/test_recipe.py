@@ -69,6 +69,17 @@ def test_validate_loads_no_model_and_no_torch(tmp_path):
     assert "HEAVY []" in out
 
 
+def test_the_quickstart_compresses_to_a_two_layer_student_distilled_for_three_epochs():
+    """The demo's deployable path (benchmarks/README.md, issue 15): 2 of the teacher's 6 layers, FFN halved, the
+    vocabulary trimmed, distilled for 3 epochs on 6,000 teacher-labelled tweets, then ONNX int8."""
+    from keel.compress.distill import pick_layers
+
+    c = load_recipe("quickstart").compress
+    assert pick_layers(6, c.distill.layers) == [2, 5] and c.distill.epochs == 0  # cut; the pruning stage distils
+    assert (c.prune.ffn, c.prune.vocab, c.prune.finetune_epochs) == (0.5, True, 3)
+    assert c.distill.transfer_samples == 6000 and c.quantize.onnx_int8
+
+
 def test_builtin_recipes_validate():
     from keel.recipe import builtin_recipes
 

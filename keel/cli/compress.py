@@ -59,8 +59,10 @@ def _export_gguf(run_dir: str, quant: str) -> None:
 def bench(
     run_dir: str = typer.Argument(..., help="a run directory"),
     n_latency: int = typer.Option(100, help="texts timed one by one for the batch-1 latency"),
-    n_eval: int = typer.Option(1000, help="test examples scored (and timed at batch 32)"),
-    rounds: int = typer.Option(1, min=1, max=10, help="measure every variant this many times, keep its best timings"),
+    n_eval: int = typer.Option(1000, help="validation examples scored (and timed at batch 32)"),
+    rounds: int = typer.Option(
+        3, min=1, max=10, help="measure every variant this many times, taking turns; ratios: median of the rounds"
+    ),
 ) -> None:
     """Measure every variant of a run's model (HF pipeline baseline, PyTorch, ONNX, int8, compressed) side by side."""
     from keel.export.bench import bench as _bench
@@ -169,13 +171,25 @@ def _print_bench(result: dict) -> None:
             f"{r['p95_ms_batch1']:.2f}",
             f"{r['throughput_batch32']:.1f}",
             f"{r['peak_rss_mb']:.0f}",
-            f"{r['speedup_p50_vs_pipeline']:.2f}",
-            f"{r['throughput_vs_pipeline']:.2f}",
-            f"{r.get('throughput_sorted_vs_pipeline', float('nan')):.2f}",
+            _ratio(r, "speedup_p50_vs_pipeline"),
+            _ratio(r, "throughput_vs_pipeline"),
+            _ratio(r, "throughput_sorted_vs_pipeline"),
             f"{r['smaller_vs_pipeline']:.2f}",
         )
     out.print(table)
     out.print(
         "throughput: the same batches of 32 for every variant and the pipeline, in the split's order; "
         "length-sorted: the same batches of similar-length texts for all of them"
+        + (
+            f"; ratios: the median of {result['rounds']} rounds' (lowest-highest), each against that round's pipeline"
+            if result.get("rounds", 1) > 1
+            else ""
+        )
     )
+
+
+def _ratio(row: dict, name: str) -> str:
+    """``8.12`` or, measured in rounds, ``8.12 (7.60-8.55)``; nan for a bench.json written before the figure."""
+    text = f"{row.get(name, float('nan')):.2f}"
+    spread = row.get(f"{name}_range")
+    return text + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread and spread[0] != spread[1] else "")

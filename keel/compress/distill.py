@@ -136,6 +136,10 @@ class Distiller(torch.nn.Module):
 
     A trainable projection (student width -> teacher width) is only created for hidden-state matching between
     models of different widths; it is saved nowhere (it only shapes the student's training).
+
+    A classifier teacher's logits are kept per text (its unpadded inputs), so with several epochs the frozen teacher
+    scores each training text once: its forward pass was about half of a 2-layer student's step. Causal LMs
+    (logits per token over the vocabulary) and hidden-state matching run the teacher every step.
     """
 
     def __init__(
@@ -153,15 +157,21 @@ class Distiller(torch.nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.alpha, self.temperature, self.hidden_weight = alpha, temperature, hidden_weight
         self.layer_map, self.causal = layer_map, causal
+        self.cached: dict[bytes, torch.Tensor] = {}  # a text's unpadded inputs -> the teacher's logits (C,)
 
     def forward(self, student, batch: dict) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         want_hidden = self.hidden_weight > 0
-        with torch.no_grad():
-            t_out = self.teacher(**inputs, output_hidden_states=want_hidden)
+        t_out = None
+        if want_hidden or self.causal:
+            with torch.no_grad():
+                t_out = self.teacher(**inputs, output_hidden_states=want_hidden)
+            t_logits = t_out.logits
+        else:
+            t_logits = self._teacher_logits(inputs)
         s_out = student(**inputs, output_hidden_states=want_hidden)
         labels = batch.get("labels")
-        s_logits, t_logits = s_out.logits, t_out.logits
+        s_logits = s_out.logits
         if self.causal:  # position t predicts token t + 1
             s_logits, t_logits = s_logits[:, :-1], t_logits[:, :-1]
             labels = labels[:, 1:] if labels is not None else None
@@ -171,6 +181,22 @@ class Distiller(torch.nn.Module):
                 s_out.hidden_states, t_out.hidden_states, inputs.get("attention_mask")
             )
         return loss
+
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        """(B, C): from the cache for texts the teacher has scored, one teacher pass over the batch otherwise."""
+        mask = inputs.get("attention_mask")
+        keys = [
+            b"".join(
+                (v[i][mask[i].bool()] if mask is not None and v.shape == mask.shape else v[i]).cpu().numpy().tobytes()
+                for _, v in sorted(inputs.items())
+            )
+            for i in range(len(next(iter(inputs.values()))))
+        ]
+        if not all(k in self.cached for k in keys):
+            with torch.no_grad():
+                logits = self.teacher(**inputs).logits.detach()  # (B, C)
+            self.cached.update(zip(keys, logits))
+        return torch.stack([self.cached[k] for k in keys])
 
     def _hidden_loss(self, s_hidden, t_hidden, mask) -> torch.Tensor:
         # hidden_states[0] is the embedding output; student layer i matches teacher layer layer_map[i]

@@ -10,7 +10,9 @@ until the chosen variant is scored on it once (`keel.compress.budget`). Every va
 scores the same texts in the same batches, so a ratio compares models, not batching:
 ``throughput_batch32`` uses batches of 32 in the split's order (as a caller sends them);
 ``throughput_sorted_batch32`` uses batches of 32 texts of similar length (as `keel predict`, `keel eval` and the
-server group them), again the same batches for every variant and the pipeline.
+server group them), again the same batches for every variant and the pipeline. Each side first scores the same two
+batches of 32 untimed (a process's first full batches pay one-off allocations), and with several rounds each ratio
+is the median of per-round ratios, with its range and the machine's load average beside it (`bench`).
 Figures: accuracy and macro-F1, parameters, size on disk, p50/p95 latency at batch 1, both throughputs.
 """
 
@@ -95,7 +97,7 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
         def logits_of(batch: list[str]) -> np.ndarray:
             return text_logits(t, batch).numpy()
 
-    for text in texts[:5]:  # warm-up
+    for text in texts[:5]:  # warm-up at batch 1
         logits_of([text])
     lat = []
     for text in texts[:n_latency]:
@@ -103,13 +105,8 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
         logits_of([text])
         lat.append(time.perf_counter() - t0)
     in_order, by_length = scoring_batches(texts, t.tokenizer, max_len)
-    t0 = time.perf_counter()
-    pred = np.concatenate([logits_of([texts[i] for i in idx]) for idx in in_order]).argmax(-1)  # (N,)
-    elapsed = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for idx in by_length:
-        logits_of([texts[i] for i in idx])
-    elapsed_sorted = time.perf_counter() - t0
+    timed = time_batches(logits_of, texts, in_order, by_length)
+    pred = timed.pop("logits").argmax(-1)  # (N,)
     m = classification_metrics(np.asarray(split["label"]), pred, labels)
     params = _param_count(folder / "model")
     return {
@@ -121,9 +118,34 @@ def measure_variant(run_dir: Path, variant: str, n_latency: int, n_eval: int) ->
         "disk_mb": _weights_bytes(folder, backend) / 1e6,
         "p50_ms_batch1": float(np.percentile(lat, 50) * 1e3),
         "p95_ms_batch1": float(np.percentile(lat, 95) * 1e3),
+        **timed,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+WARMUP_BATCHES = 2  # batches of 32 every side scores untimed first: its first full batches pay one-off allocations
+
+
+def time_batches(logits_of, texts: list[str], in_order: list, by_length: list, clock=time.perf_counter) -> dict:
+    """Both batch-32 passes of one variant, after the same untimed warm-up batches every variant gets.
+
+    Returns the in-order pass's logits (N, C) and, for each pass, samples/s by wall clock and the seconds of CPU
+    this process used (every thread's; informational: a spinning thread pool burns CPU time without working)."""
+    for idx in in_order[:WARMUP_BATCHES]:
+        logits_of([texts[i] for i in idx])
+    t0, c0 = clock(), time.process_time()
+    logits = np.concatenate([logits_of([texts[i] for i in idx]) for idx in in_order])  # (N, C)
+    elapsed, cpu = clock() - t0, time.process_time() - c0
+    t0, c0 = clock(), time.process_time()
+    for idx in by_length:
+        logits_of([texts[i] for i in idx])
+    elapsed_sorted, cpu_sorted = clock() - t0, time.process_time() - c0
+    return {
+        "logits": logits,
         "throughput_batch32": len(texts) / elapsed,
         "throughput_sorted_batch32": len(texts) / elapsed_sorted,
-        "peak_rss_mb": _peak_rss_mb(),
+        "cpu_s_batch32": cpu,
+        "cpu_s_sorted_batch32": cpu_sorted,
     }
 
 
@@ -162,37 +184,74 @@ def bench(
     """Measure the HF-pipeline baseline and every variant (default: all on disk), each in its own process;
     write RUN_DIR/bench.json.
 
-    With ``rounds`` > 1 every variant is measured that many times, round after round, and keeps its best timings
-    (lowest latencies, highest throughput), as ``timeit`` does: on a shared machine a slow spell then costs the
-    baseline and the variants alike instead of skewing one ratio.
+    With ``rounds`` > 1 the variants take turns, round after round, the order reversed every other round (so no
+    variant always runs right after the pipeline). A ratio to the pipeline is taken within each round, against the
+    pipeline's measurement of that round, and the median of the rounds' ratios is reported, with the lowest and
+    highest in ``<ratio>_range``; timings are the medians of the rounds. ``load_average`` holds the machine's
+    1-minute load at each round's start and end: on a busy machine the pipeline's PyTorch threads lose more to the
+    other work than ONNX Runtime's do, which inflates the ratios, and bench says so.
     """
+    import os
+
     run_dir = Path(run_dir)
     if not (run_dir / "model").is_dir():
         raise KeelError(f"{run_dir} has no final model; train it first (`keel train RECIPE`)")
     names = ["hf-pipeline", *(variants or available_variants(run_dir))]
-    best: dict[str, dict] = {}
+    measured: list[dict[str, dict]] = []  # one {variant: row} per round
+    load = []
     for k in range(rounds):
-        for variant in names:
+        start = os.getloadavg()[0]
+        measured.append({})
+        for variant in names if k % 2 == 0 else names[::-1]:
             logger.info(f"bench: measuring {variant}" + (f" (round {k + 1} of {rounds})" if rounds > 1 else ""))
-            row = _measure(run_dir, variant, n_latency, n_eval)
-            best[variant] = _faster(best[variant], row) if variant in best else row
-    rows = [best[v] for v in names]
-    base = rows[0]
-    for r in rows:
-        r["speedup_p50_vs_pipeline"] = base["p50_ms_batch1"] / r["p50_ms_batch1"]
-        r["throughput_vs_pipeline"] = r["throughput_batch32"] / base["throughput_batch32"]
-        r["throughput_sorted_vs_pipeline"] = r["throughput_sorted_batch32"] / base["throughput_sorted_batch32"]
-        r["smaller_vs_pipeline"] = base["disk_mb"] / r["disk_mb"]
-        r["accuracy_drop_points"] = (base["accuracy"] - r["accuracy"]) * 100
+            measured[k][variant] = _measure(run_dir, variant, n_latency, n_eval)
+        load.append([round(start, 2), round(os.getloadavg()[0], 2)])
+    rows = [summarize([m[v] for m in measured], [m[names[0]] for m in measured]) for v in names]
+    cpus = os.cpu_count() or 1
+    if max(max(pair) for pair in load) > cpus + 1:  # the measured process itself keeps up to ~cpus busy
+        logger.warning(
+            f"bench: the machine was busy (1-minute load average up to {max(max(p) for p in load):.1f} on {cpus} "
+            "CPUs): the ratios to the pipeline are inflated under load; re-measure on idle cores"
+        )
     result = {
-        "baseline": base["variant"],
+        "baseline": names[0],
         "split": "validation",
         "variants": rows,
         "n_latency": n_latency,
         "rounds": rounds,
+        "warmup_batches": WARMUP_BATCHES,
+        "load_average": load,
+        "cpus": cpus,
     }
     atomic_write_json(run_dir / "bench.json", result)
     return result
+
+
+# ratio name -> (figure, True when higher is better): a variant's figure over the pipeline's, or the inverse
+RATIOS = {
+    "speedup_p50_vs_pipeline": ("p50_ms_batch1", False),
+    "throughput_vs_pipeline": ("throughput_batch32", True),
+    "throughput_sorted_vs_pipeline": ("throughput_sorted_batch32", True),
+}
+_TIMINGS = ("p50_ms_batch1", "p95_ms_batch1", "throughput_batch32", "throughput_sorted_batch32")
+
+
+def summarize(rounds: list[dict], base_rounds: list[dict]) -> dict:
+    """One variant's measurements (one row per round) -> its row: median timings, and each ratio to the pipeline
+    as the median of the rounds' ratios (each against the pipeline's row of the same round) with its range."""
+    row = dict(rounds[0])  # scores, size and parameters are the same every round: the model is
+    for key in _TIMINGS + ("cpu_s_batch32", "cpu_s_sorted_batch32"):
+        if all(key in r for r in rounds):
+            row[key] = float(np.median([r[key] for r in rounds]))
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    for name, (key, higher) in RATIOS.items():
+        ratios = [r[key] / b[key] if higher else b[key] / r[key] for r, b in zip(rounds, base_rounds)]
+        row[name] = float(np.median(ratios))
+        row[f"{name}_range"] = [min(ratios), max(ratios)]
+    base = base_rounds[0]
+    row["smaller_vs_pipeline"] = base["disk_mb"] / row["disk_mb"]
+    row["accuracy_drop_points"] = (base["accuracy"] - row["accuracy"]) * 100
+    return row
 
 
 # Each variant is measured in a fresh process, so its peak RSS and its warm caches are its own. Starting Python and
@@ -273,18 +332,6 @@ def _serve() -> None:
             answer = json.dumps(["error", f"its process ended with exit status {os.waitstatus_to_exitcode(status)}"])
         answers.write(answer + "\n")
         answers.flush()
-
-
-def _faster(a: dict, b: dict) -> dict:
-    """Two measurements of one variant -> its best timings (scores are the same: the model is)."""
-    return {
-        **a,
-        "p50_ms_batch1": min(a["p50_ms_batch1"], b["p50_ms_batch1"]),
-        "p95_ms_batch1": min(a["p95_ms_batch1"], b["p95_ms_batch1"]),
-        "throughput_batch32": max(a["throughput_batch32"], b["throughput_batch32"]),
-        "throughput_sorted_batch32": max(a["throughput_sorted_batch32"], b["throughput_sorted_batch32"]),
-        "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
-    }
 
 
 if __name__ == "__main__":

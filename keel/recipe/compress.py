@@ -115,6 +115,6 @@ class CompressConfig(Strict):
         1,
         ge=1,
         le=10,
-        description="times every variant is measured (round after round); "
-        "each keeps its best timings, so a shared machine's slow spells skew no ratio",
+        description="times every variant is measured (the variants taking turns); each ratio to the pipeline "
+        "is the median of the rounds' ratios, with its range",
     )

@@ -387,7 +387,11 @@ def section_bench(run_dir: Path, ctx: dict) -> str | None:
         f"<p>Ratios against the fp32 teacher run through transformers' <code>pipeline</code>, measured in the same "
         f"session, each variant in its own process, every one scoring the same batches of 32 (in the split's "
         f"order; and, for the length-sorted column, the same batches of similar-length texts)"
-        + (f", best timings of {bench['rounds']} rounds" if bench.get("rounds", 1) > 1 else "")
+        + (
+            f", each ratio the median of {bench['rounds']} rounds' ratios, each against that round's pipeline"
+            if bench.get("rounds", 1) > 1
+            else ""
+        )
         + f".</p>{table}{_png(fig)}"
     )
 
