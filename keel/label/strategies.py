@@ -22,7 +22,20 @@ from __future__ import annotations
 
 import numpy as np
 
-STRATEGIES = ("balanced", "margin", "least-confidence", "entropy", "diverse", "badge", "typiclust", "random")
+STRATEGIES = (
+    "balanced",
+    "margin",
+    "least-confidence",
+    "entropy",
+    "diverse",
+    "badge",
+    "typiclust",
+    "probcover",
+    "cluster-margin",
+    "density",
+    "random",
+)
+NEEDS_EMBEDDINGS = ("badge", "typiclust", "probcover", "cluster-margin", "density")
 DIVERSE_POOL = 10  # diverse: candidates per batch slot (Zhdanov's beta)
 TYPICAL_NEIGHBOURS = 20  # typiclust: neighbours in the typicality of a point (Hacohen et al.'s k)
 MAX_CLUSTERS = 500  # typiclust: beyond this many labels, clusters are shared (k-means cost grows with them)
@@ -32,10 +45,10 @@ def uncertainty(probs: np.ndarray, strategy: str) -> np.ndarray:
     """(N,) scores, higher = more uncertain, from probabilities (N, K)."""
     if strategy == "least-confidence":
         return 1.0 - probs.max(axis=1)
-    if strategy in ("margin", "balanced"):
+    if strategy in ("margin", "balanced", "cluster-margin", "density"):
         top2 = np.sort(probs, axis=1)[:, -2:]  # (N, 2)
         return -(top2[:, 1] - top2[:, 0]) if probs.shape[1] > 1 else np.zeros(len(probs))
-    if strategy in ("entropy", "diverse", "badge", "typiclust"):
+    if strategy in ("entropy", "diverse", "badge", "typiclust", "probcover"):
         p = np.clip(probs, 1e-12, 1.0)
         return -(p * np.log(p)).sum(axis=1)
     raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
@@ -50,21 +63,29 @@ def select(
     labelled: np.ndarray | None = None,
 ) -> list[int]:
     """Indices (into ``probs``) of the ``k`` texts to label next, the most useful first. ``embeddings`` (N, H) are
-    the candidates' (diverse, badge, typiclust need them), ``labelled`` (L, H) those of the texts already labelled
-    (typiclust)."""
+    the candidates' (diverse and NEEDS_EMBEDDINGS use them), ``labelled`` (L, H) those of the texts already labelled
+    (typiclust, probcover)."""
     n = len(probs)
     k = min(k, n)
     if k <= 0:
         return []
-    if strategy == "random" or (strategy in ("badge", "typiclust") and embeddings is None):
+    if strategy == "random" or (strategy in NEEDS_EMBEDDINGS and embeddings is None):
         return [int(i) for i in rng.choice(n, size=k, replace=False)]
     if strategy == "badge":
         return badge(probs, embeddings, k, rng)
     if strategy == "typiclust":
         return typiclust(embeddings, k, rng, labelled)
+    from keel.label import coverage
+
+    if strategy == "probcover":
+        return coverage.probcover(embeddings, k, rng, labelled, probs.shape[1])
     scores = uncertainty(probs, strategy)
     if strategy == "balanced":
         return balanced(probs, scores, k, rng)
+    if strategy == "cluster-margin":
+        return coverage.cluster_margin(scores, embeddings, k, rng)
+    if strategy == "density":
+        return coverage.density(scores, typicality(embeddings), k, rng)
     # ties (e.g. a probe that has seen one label only) are broken at random, not by file order
     order = np.lexsort((rng.random(n), -scores))
     if strategy != "diverse" or embeddings is None or k == 1:
