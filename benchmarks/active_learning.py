@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset (default: all)")
     ap.add_argument("--starts", default=",".join(COLD_STARTS), help="cold starts, comma-separated")
+    ap.add_argument("--probe-cs", default=",".join(PROBE_CS), help="the probe's C candidates (cv: cross-validated)")
     ap.add_argument("--semi", default=",".join(SEMI), help="the probe's semi-supervised fits to choose from")
     ap.add_argument("--workers", type=int, default=2, help="processes (one core each)")
     ap.add_argument("--run", help="a run directory: write the curves to RUN/labels/simulation.json, rebuild its report")
@@ -141,9 +142,10 @@ def main() -> None:
         return _summary([[q["val"] for q in cur] for _, cur in pts], [q["labels"] for q in pts[0][1]])
 
     # 1. the probe: C, then its semi-supervised fit, by random sampling's mean validation accuracy
-    run_arms([("random", "random", c, "none") for c in PROBE_CS])
-    probe_c = {c: round(_mean_upto(val_curve(("random", "random", c, "none")), top), 4) for c in PROBE_CS}
-    c = max(PROBE_CS, key=lambda k: probe_c[k])
+    cs = args.probe_cs.split(",")
+    run_arms([("random", "random", c, "none") for c in cs])
+    probe_c = {c: round(_mean_upto(val_curve(("random", "random", c, "none")), top), 4) for c in cs}
+    c = max(cs, key=lambda k: probe_c[k])
     semis = args.semi.split(",")
     run_arms([("random", "random", c, s) for s in semis])
     probe_semi = {s: round(_mean_upto(val_curve(("random", "random", c, s)), top), 4) for s in semis}

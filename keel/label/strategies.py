@@ -14,8 +14,11 @@ label yet; it ignores the probe, which is what helps while labels are few (a col
 
 ``balanced`` is margin sampling with a quota per predicted label (an equal share of the batch each, the rest by
 margin when a label has too few candidates), so a batch does not fill up with one label's borderline texts while a
-rare label (the tweets' positives: 17%) waits. It is keel label's default: on benchmarks/active_learning.py's
-validation split it needs the fewest labels to reach random sampling's final accuracy.
+rare label (the tweets' positives: 17%) waits. It was written after an earlier benchmark's test table had been
+seen, so it is one candidate among the others, no more: keel label's default is whichever strategy and start
+benchmarks/active_learning.py picks on its validation split alone.
+``probcover``, ``cluster-margin`` and ``density`` (ProbCover, Cluster-Margin, information density) live in
+keel/label/coverage.py.
 """
 
 from __future__ import annotations
