@@ -209,8 +209,11 @@ def main() -> None:
         "all_validation_curves": val,
         "random_accuracy_at_budget": {str(b): _at(test["random"], b)["accuracy"] for b in budgets},
         "random_validation_accuracy_at_budget": {str(b): _at(val["random"], b)["accuracy"] for b in budgets},
-        "labels_to_match_random": {str(b): reach_test[b] for b in budgets},
-        "labels_to_match_random_validation": {str(b): reach_val[b] for b in budgets},
+        # the first budget's, flat (the report's table), then every budget's
+        "labels_to_match_random": reach_test[budgets[0]],
+        "labels_to_match_random_validation": reach_val[budgets[0]],
+        "labels_to_match_random_per_budget": {str(b): reach_test[b] for b in budgets},
+        "labels_to_match_random_validation_per_budget": {str(b): reach_val[b] for b in budgets},
         "whole_pool_labelled_accuracy": round(full, 4),
     }
     RESULTS.mkdir(exist_ok=True)

@@ -57,7 +57,7 @@ class Session:
         self,
         run_dir: str | Path,
         pool: str | Path,
-        strategy: str = "balanced",
+        strategy: str = "diverse",
         batch_size: int = 10,
         rounds: int = 5,
         seed: int = 0,

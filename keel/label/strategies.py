@@ -3,7 +3,9 @@
 Scores follow Settles' survey (2009): least confidence (1 - max p), margin (smallest gap between the two most
 likely labels), entropy. ``diverse`` is Zhdanov's diverse mini-batch active learning (2019): weighted k-means
 over the most uncertain candidates (weights: entropy), then the candidate nearest each centre, so one batch does
-not spend itself on near-duplicates of the same confusing text.
+not spend itself on near-duplicates of the same confusing text. It is keel label's default: after a TypiClust
+start it reaches random sampling's 400-label validation accuracy with the fewest labels (140, tied with three
+others and ahead on mean accuracy) in benchmarks/active_learning.py.
 
 ``badge`` is Ash et al.'s BADGE (2020) for the linear probe: each text's gradient embedding (the loss gradient at
 the probe's own guess with respect to the last layer, (p - onehot(guess)) outer x: large when the probe is unsure,
