@@ -153,3 +153,99 @@ def test_balanced_shares_the_batch_between_predicted_labels_where_margin_spends_
         assert sorted(gaps[mine]) == sorted(np.sort(gaps[label * 10 : label * 10 + 10])[:2])
     # a label with too few candidates leaves its share to the others
     assert len(set(select(probs[:12], 6, "balanced", np.random.default_rng(0)))) == 6
+
+
+def test_probcover_covers_every_cluster_before_a_second_text_from_any():
+    rng = np.random.default_rng(8)
+    emb = _four_clusters(rng, sizes=(40, 30, 20, 10), spread=0.3)  # the balls: one cluster each
+    picked = select(np.full((100, 3), 1 / 3), 4, "probcover", np.random.default_rng(0), emb)
+    starts = np.cumsum([0, 40, 30, 20])
+    assert sorted(int(np.searchsorted(starts, i, side="right")) - 1 for i in picked) == [0, 1, 2, 3]
+    # the largest cluster's ball covers the most: it comes first
+    assert picked[0] < 40
+
+
+def test_probcover_counts_what_the_labels_already_cover():
+    rng = np.random.default_rng(9)
+    emb = _four_clusters(rng, sizes=(40, 30, 20, 10), spread=0.3)
+    labelled, pool = emb[[0, 40]], np.delete(emb, [0, 40], axis=0)  # the two largest clusters hold a label
+    picked = select(np.full((98, 3), 1 / 3), 2, "probcover", np.random.default_rng(0), pool, labelled)
+    assert all(i >= 68 for i in picked)  # rows 68.. are the two small clusters, the only ones left uncovered
+    unaware = select(np.full((98, 3), 1 / 3), 2, "probcover", np.random.default_rng(0), pool)
+    assert all(i < 68 for i in unaware)
+
+
+def test_cluster_margin_takes_one_uncertain_text_per_cluster_where_margin_takes_one_clusters():
+    rng = np.random.default_rng(10)
+    emb = _four_clusters(rng)  # (40, 8)
+    # cluster 0 the most borderline; 1 and 2 next; 3 sure (outside the 10 x 3 candidates kept)
+    rows = ([0.40, 0.38, 0.22], [0.45, 0.35, 0.20], [0.50, 0.32, 0.18], [0.9, 0.05, 0.05])
+    probs = np.concatenate([np.tile(p, (10, 1)) for p in rows]) + 1e-4 * rng.random((40, 3))
+    probs /= probs.sum(1, keepdims=True)
+    assert {i // 10 for i in select(probs, 3, "margin", np.random.default_rng(0), emb)} == {0}
+    for seed in range(3):
+        picked = select(probs, 3, "cluster-margin", np.random.default_rng(seed), emb)
+        assert sorted(i // 10 for i in picked) == [0, 1, 2]
+
+
+def test_density_prefers_an_unsure_typical_text_to_an_unsure_outlier():
+    rng = np.random.default_rng(11)
+    emb = _four_clusters(rng, sizes=(30, 10, 0, 0), spread=0.3)  # (40, 8)
+    emb[35] = np.eye(8)[7] * 10  # an outlier, as unsure as the most unsure
+    probs = np.tile([0.8, 0.1, 0.1], (40, 1))
+    probs[[5, 35]] = [0.5, 0.45, 0.05]  # the two most borderline: a typical text and the outlier
+    assert select(probs, 1, "density", np.random.default_rng(0), emb) == [5]
+    assert set(select(probs, 2, "margin", np.random.default_rng(0), emb)) == {5, 35}
+    assert 35 not in select(probs, 2, "density", np.random.default_rng(0), emb)
+
+
+def _two_chains(n=30):
+    """Two parallel chains of points (labels 0 and 1) on a large constant offset, as L2-normalised embeddings
+    roughly are: each chain's far end lies nearer the other chain's labelled end than its own."""
+    t = np.linspace(0, 10, n)
+    a = np.stack([np.zeros(n), t, np.full(n, 30.0)], 1)
+    b = np.stack([np.full(n, 6.0), t[::-1], np.full(n, 30.0)], 1)  # b's labelled end (t=10) sits opposite a's
+    return a, b
+
+
+def test_spread_carries_the_labels_along_the_pool_where_the_plain_probe_cuts_across():
+    a, b = _two_chains()
+    x_lab, y = np.stack([a[0], b[0]]), np.array([0, 1])  # one label at the start of each chain
+    x_unl = np.concatenate([a[1:], b[1:]])
+    far = np.stack([a[-1], b[-1]])  # each chain's far end: nearer the other chain's label
+    plain = Probe(2, c=10.0).fit(x_lab, y, x_unl)  # semi="none": the pool is ignored
+    assert plain.predict_proba(far).argmax(1).tolist() == [1, 0]
+    spread = Probe(2, c=10.0, semi="spread").fit(x_lab, y, x_unl)
+    assert spread.predict_proba(far).argmax(1).tolist() == [0, 1]
+
+
+def test_self_training_refits_on_the_most_confident_half_of_the_pool_with_its_own_guesses():
+    from sklearn.linear_model import LogisticRegression
+
+    from keel.label.semi import pseudo_labelled
+
+    rng = np.random.default_rng(12)
+    x_lab = np.array([[-1.0, 0.0], [1.0, 0.0]])
+    y = np.array([0, 1])
+    x_unl = rng.normal(size=(40, 2))
+    model = LogisticRegression().fit(x_lab, y)
+    xs, ys, ws = pseudo_labelled("self-train", model, x_lab, y, x_unl, 2)
+    conf = model.predict_proba(x_unl).max(1)
+    kept = conf >= np.median(conf)
+    assert len(xs) == 2 + kept.sum() and np.allclose(xs[2:], x_unl[kept])
+    assert ys[2:].tolist() == model.predict(x_unl[kept]).tolist() and np.allclose(ws[2:], conf[kept])
+    assert ws[:2].tolist() == [1.0, 1.0] and ys[:2].tolist() == [0, 1]
+
+
+def test_the_test_split_refit_reproduces_the_simulated_rounds():
+    from keel.label.simulate import score_rounds, simulate
+
+    rng = np.random.default_rng(13)
+    x = _four_clusters(rng, sizes=(15, 15, 15, 15), spread=2.0)
+    y = np.repeat([0, 1, 2, 0], 15)
+    evals = {"val": (x[::3], y[::3])}
+    for semi in ("none", "self-train"):
+        order, curve = simulate(x, y, evals, "margin", 3, 4, 4, 12, 0, "probcover", 1.0, semi)
+        assert len(order) == len(set(order)) == 12 and [p["labels"] for p in curve] == [4, 8, 12]
+        again = score_rounds(x, y, order, [4, 8, 12], *evals["val"], 3, 0, 1.0, semi)
+        assert again == [p["val"] for p in curve]

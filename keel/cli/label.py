@@ -14,10 +14,12 @@ def label(
     run_dir: str = typer.Argument(..., help="a classification run directory (its model embeds the pool)"),
     pool: str = typer.Option(..., "--pool", help="a .csv, .jsonl or .parquet file of texts to label"),
     strategy: str = typer.Option(
-        "balanced",
-        help="balanced (margin with an equal share of each batch per predicted label; the default: best on "
-        "benchmarks/active_learning.py's validation split), margin, least-confidence, entropy, diverse (entropy + k-means spread), badge (uncertain and spread: "
-        "k-means++ on gradient embeddings), typiclust (dense texts of clusters without labels) or random",
+        "diverse",
+        help="diverse (entropy + k-means spread; the default: chosen on benchmarks/active_learning.py's validation "
+        "split), balanced (margin with an equal share of each batch per predicted label), margin, least-confidence, "
+        "entropy, badge (k-means++ on gradient embeddings), typiclust (dense texts of clusters without labels), "
+        "probcover (the text whose ball covers the most unlabelled ones), cluster-margin (small margins, one per "
+        "cluster), density (margin times typicality) or random",
     ),
     batch_size: int = typer.Option(10, "--batch-size", help="texts per round; the probe is retrained after each"),
     rounds: int = typer.Option(5, help="rounds in this session"),

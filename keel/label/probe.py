@@ -34,12 +34,14 @@ class Probe:
     """Logistic regression on embeddings; having seen one label it answers that one, having seen none, uniform.
 
     ``c`` is its inverse regularisation strength, or "cv": chosen from ``C_GRID`` by stratified cross-validation on
-    the labelled texts alone (log-loss; 1.0 while some label has fewer than two examples)."""
+    the labelled texts alone (log-loss; 1.0 while some label has fewer than two examples). ``semi`` (keel/label/
+    semi.py): "none", or "spread" / "self-train" to refit on the unlabelled texts' pseudo-labels as well."""
 
-    def __init__(self, n_labels: int, seed: int = 0, c: float | str = 1.0):
-        self.n_labels, self.seed, self.c = n_labels, seed, c
+    def __init__(self, n_labels: int, seed: int = 0, c: float | str = 1.0, semi: str = "none"):
+        self.n_labels, self.seed, self.c, self.semi = n_labels, seed, c, semi
 
-    def fit(self, x: np.ndarray, y: np.ndarray) -> Probe:
+    def fit(self, x: np.ndarray, y: np.ndarray, unlabelled: np.ndarray | None = None) -> Probe:
+        """Fit on the labelled ``x`` (L, H), ``y`` (L,); with ``semi``, on ``unlabelled`` (U, H) too."""
         from sklearn.linear_model import LogisticRegression
 
         self.classes_ = np.unique(y)
@@ -47,6 +49,12 @@ class Probe:
         if len(self.classes_) >= 2:
             self.c_ = _cross_validated_c(x, y, self.seed) if self.c == "cv" else float(self.c)
             self.model_ = LogisticRegression(max_iter=2000, C=self.c_, random_state=self.seed).fit(x, y)
+            if self.semi != "none" and unlabelled is not None and len(unlabelled):
+                from keel.label.semi import pseudo_labelled
+
+                xs, ys, ws = pseudo_labelled(self.semi, self.model_, x, y, unlabelled, self.n_labels)
+                self.model_ = LogisticRegression(max_iter=2000, C=self.c_, random_state=self.seed)
+                self.model_.fit(xs, ys, sample_weight=ws)
         return self
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 LABELS_DIR = "labels"
 PROBE_C = 3.0  # the probe's C: chosen on benchmarks/active_learning.py's validation split (over 1, 10, cross-validated)
+PROBE_SEMI = "self-train"  # its semi-supervised fit (keel/label/semi.py), chosen there the same way (over none, spread)
 
 
 def read_pool(path: str | Path, text_column: str) -> tuple[list[str], list]:
@@ -56,7 +57,7 @@ class Session:
         self,
         run_dir: str | Path,
         pool: str | Path,
-        strategy: str = "balanced",
+        strategy: str = "diverse",
         batch_size: int = 10,
         rounds: int = 5,
         seed: int = 0,
@@ -93,7 +94,7 @@ class Session:
         self.x_val = embed(trained.model, trained.tokenizer, splits.validation["text"].tolist(), max_len)
         self.y_val = np.array([self.labels.index(v) for v in splits.validation["label"]], dtype=np.int64)
         self.round, self.batch, self.skipped = 0, [], set()
-        self.probe = Probe(len(self.labels), seed, c=PROBE_C)
+        self.probe = Probe(len(self.labels), seed, c=PROBE_C, semi=PROBE_SEMI)
         self.started = time.time()
         self._retrain()
 
@@ -141,8 +142,9 @@ class Session:
         return self.current() is None
 
     def score(self, row: int) -> float:
-        """How uncertain the probe is about ``row`` (the strategy's own score; entropy for random and diverse)."""
-        kind = self.strategy if self.strategy in ("least-confidence", "margin", "balanced") else "entropy"
+        """How uncertain the probe is about ``row`` (the strategy's own score; entropy for the others)."""
+        margins = ("least-confidence", "margin", "balanced", "cluster-margin", "density")
+        kind = self.strategy if self.strategy in margins else "entropy"
         return float(uncertainty(self.probs[row : row + 1], kind)[0])
 
     def prediction(self, row: int) -> str:
@@ -171,7 +173,8 @@ class Session:
         rows = sorted(self.answers)
         x = np.concatenate([self.x_seed, self.x_pool[rows]]) if rows else self.x_seed
         y = np.concatenate([self.y_seed, [self.labels.index(self.answers[r]) for r in rows]]).astype(np.int64)
-        self.probe.fit(x, y)
+        unlabelled = np.delete(self.x_pool, rows, axis=0)  # the pool's other texts (a semi-supervised fit's)
+        self.probe.fit(x, y, unlabelled)
         self.probs = self.probe.predict_proba(self.x_pool)  # (N, K)
         acc = self.probe.accuracy(self.x_val, self.y_val)
         entry = {
