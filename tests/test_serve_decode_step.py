@@ -95,18 +95,42 @@ def test_fused_weights_are_the_models_own_memory(tiny_lm):
     assert qkv.weight.shape == (attn.q_proj.out_features + 2 * attn.k_proj.out_features, model.config.hidden_size)
 
 
-def test_decode_step_with_int8_weights_keeps_the_int8_models_logits(tiny_lm):
+@pytest.mark.parametrize("backend", ["int8-weight-only", "int4-weight-only"])
+def test_decode_step_with_quantized_weights_keeps_the_quantized_models_logits(tiny_lm, backend):
+    """Fused int8 / int4 projections: the step gives the quantized model's own logits, and the model's forward
+    (whose weights are now views of the fused ones) gives what it gave before."""
     from keel.serve.decode_step import LlamaDecodeStep
     from keel.serve.lm_int8 import quantize_lm
 
-    model = quantize_lm(copy.deepcopy(tiny_lm[0]), "int8-weight-only")
+    model = quantize_lm(copy.deepcopy(tiny_lm[0]), backend)
     ref = _steps(_prefilled(model, PROMPTS), _transformers(model), 4)
     step = LlamaDecodeStep(model)
-    assert step.layers[0][1].int8
+    assert all(layer[4].parts is None for layer in step.layers)  # gate-up fused (QKV too for int8; see below)
+    again = _steps(_prefilled(model, PROMPTS), _transformers(model), 4)
     got = _steps(_prefilled(model, PROMPTS), step, 4)
-    for r, g in zip(ref, got):  # bfloat16 activations: a last-bit difference can move a rounding
+    for r, a, g in zip(ref, again, got):  # bfloat16 activations: a last-bit difference can move a rounding
+        assert torch.equal(a, r)
         cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0)
         assert cos > 0.9999
+
+
+@pytest.mark.parametrize("rows, fused", [([576, 192, 192], True), ([64, 32, 32], False)])
+def test_fused_int4_projections_give_each_layers_own_output(rows, fused):
+    """int4 weights are packed in blocks of rows: smollm2's QKV shapes fuse, a tiny model's do not (and runs its
+    layers one by one); either way the columns are the layers' own, bit for bit."""
+    from keel.serve.decode_step import _Fused
+    from keel.serve.lm_int8 import Int4WeightOnlyLinear
+
+    torch.manual_seed(0)
+    K = rows[0]
+    layers = [Int4WeightOnlyLinear(torch.nn.Linear(K, n, bias=False)) for n in rows]
+    x = torch.randn(3, K)
+    with torch.inference_mode():
+        alone = torch.cat([p(x) for p in layers], -1)  # (3, sum(rows))
+        f = _Fused(layers)
+        assert (f.parts is None) == fused
+        assert torch.equal(f(x), alone)
+        assert torch.equal(torch.cat([p(x) for p in layers], -1), alone)  # the layers still read their weights
 
 
 def test_serve_decode_chooses_the_step_and_refuses_a_model_it_cannot_run(tiny_lm):

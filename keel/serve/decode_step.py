@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from keel.errors import KeelError
-from keel.serve.lm_int8 import Int8WeightOnlyLinear
+from keel.serve.lm_int8 import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+
+PROJECTIONS = (torch.nn.Linear, Int8WeightOnlyLinear, Int4WeightOnlyLinear)
 
 # Rows: B sequences; L: cache length; E: hidden size; H / Hkv: query / KV heads; G = H // Hkv; D: head size.
 
@@ -37,8 +39,8 @@ def supports(model) -> str | None:
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if not all(type(p) in (torch.nn.Linear, Int8WeightOnlyLinear) for p in projections):
-            return "its projections are neither float nor int8-weight-only Linear layers"
+        if not all(type(p) in PROJECTIONS for p in projections):
+            return "its projections are not float, int8- or int4-weight-only Linear layers"
         if len({type(p) for p in projections}) != 1:
             return "its projections mix layer types"
     return None
@@ -68,31 +70,58 @@ def decode_step_for(model, decode: str = "auto"):
 class _Fused:
     """Several Linear layers (same input) as one matmul whose output columns are theirs, side by side.
 
-    The layers' own weights become row slices of the fused one (views), so memory is not doubled.
+    The layers' own weights become row slices of the fused one (views), so memory is not doubled. int4 weights are
+    packed in blocks of output rows (64 on an AVX-512 CPU): they fuse when a probe input gives the layers' own outputs
+    exactly (smollm2's 576 + 192 + 192 rows do; a tiny model's 64 + 32 + 32 do not), else the layers run one after the
+    other and their outputs are concatenated; their scales and zero points (an eighth of the int4 bytes) are copied.
     """
 
     def __init__(self, linears: list):
-        self.int8 = isinstance(linears[0], Int8WeightOnlyLinear)
-        if self.int8:
+        self.kind, self.parts = type(linears[0]), None
+        rows = [p.out_features for p in linears]
+        if self.kind is Int4WeightOnlyLinear:
+            self.parts = linears  # until the fused packing is seen to give the layers' own outputs
+            if len({p.group for p in linears}) > 1:
+                return
+            self.group = linears[0].group
+            self.qweight = torch.cat([p.qweight for p in linears])  # (N, K/2) packed
+            self.scales_zeros = torch.cat([p.scales_zeros for p in linears], 1)  # (K/g, N, 2)
+            probe = torch.randn(1, linears[0].in_features, generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                if not torch.equal(self._int4(probe), torch.cat([p(probe) for p in linears], -1)):
+                    return
+            self.parts = None
+            for p, start in zip(linears, _starts(rows)):  # (their scales stay theirs: a column slice is no view
+                p.qweight = self.qweight[start : start + p.out_features]  # the kernel can read)
+        elif self.kind is Int8WeightOnlyLinear:
             self.qweight = torch.cat([p.qweight for p in linears])  # (N, K) int8
             self.scales = torch.cat([p.scales for p in linears])  # (N,) bfloat16
-            start = 0
-            for p in linears:
-                n = p.out_features
-                p.qweight, p.scales = self.qweight[start : start + n], self.scales[start : start + n]
-                start += n
+            for p, start in zip(linears, _starts(rows)):
+                p.qweight, p.scales = (
+                    self.qweight[start : start + p.out_features],
+                    self.scales[start : start + p.out_features],
+                )
         else:
             self.weight = torch.cat([p.weight.detach() for p in linears])  # (N, K)
-            start = 0
-            for p in linears:
-                n = p.out_features
-                p.weight = torch.nn.Parameter(self.weight[start : start + n], requires_grad=False)
-                start += n
+            for p, start in zip(linears, _starts(rows)):
+                p.weight = torch.nn.Parameter(self.weight[start : start + p.out_features], requires_grad=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
-        if self.int8:
+        if self.parts is not None:
+            return torch.cat([p(x) for p in self.parts], -1)
+        if self.kind is Int4WeightOnlyLinear:
+            return self._int4(x)
+        if self.kind is Int8WeightOnlyLinear:
             return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales).to(x.dtype)
         return F.linear(x, self.weight)
+
+    def _int4(self, x: torch.Tensor) -> torch.Tensor:  # (B, K) -> (B, N)
+        xb = x.to(torch.bfloat16).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales_zeros).to(x.dtype)
+
+
+def _starts(rows: list[int]) -> list[int]:
+    return [sum(rows[:i]) for i in range(len(rows))]
 
 
 class LlamaDecodeStep:
