@@ -1,4 +1,4 @@
-"""CPU generation: keel's own engine (fp32, int8) against llama.cpp (Q8_0, Q4_K_M) for smollm2-135m, one table.
+"""CPU generation: keel's own engine (fp32, int8, int4) against llama.cpp (Q8_0, Q4_K_M) for smollm2-135m, one table.
 
 For each engine: new tokens/s at 1 stream and at 16 concurrent streams (64 new tokens each, greedy, streamed
 through `keel serve`'s API), and held-out perplexity (the same 256-token blocks of keel's Shakespeare test split).
@@ -31,11 +31,15 @@ from serve_common import OFFLINE, KeelServer, write_result
 from serve_generation import concurrent_streams, prompts
 
 MODEL = "smollm2-135m"
+# name -> (serve.backend, serve.decode): keel's own decode step (keel/serve/decode_step.py) wherever the model allows
+# it (int8-dynamic's fbgemm layers do not: transformers' forward), and once transformers' forward for comparison
 KEEL = {
-    "keel fp32": "torch",
-    "keel int8 weight-only (aten._weight_int8pack_mm)": "int8-weight-only",
-    "keel int8 dynamic (fbgemm)": "int8-dynamic",
-    "keel int8 (torchao weight-only)": "torchao-weight-only",
+    "keel fp32": ("torch", "auto"),
+    "keel int8 weight-only (aten._weight_int8pack_mm)": ("int8-weight-only", "auto"),
+    "keel int8 weight-only, transformers' forward": ("int8-weight-only", "transformers"),
+    "keel int4 weight-only (aten._weight_int4pack_mm_for_cpu, int8 head)": ("int4-weight-only", "auto"),
+    "keel int8 dynamic (fbgemm)": ("int8-dynamic", "auto"),
+    "keel int8 (torchao weight-only)": ("torchao-weight-only", "auto"),
 }
 GGUF = {"llama.cpp Q8_0": "q8_0", "llama.cpp Q4_K_M": "q4_k_m"}
 
@@ -148,9 +152,10 @@ def main() -> dict:
     exports = gguf_exports(blocks, tok, fp32)
     import copy
 
-    for name, backend in KEEL.items():
+    for name, (backend, _) in KEEL.items():  # transformers' forward (the decode step's weights are the same)
         if backend != "torch":
-            ppl[name] = torch_perplexity(quantize_lm(copy.deepcopy(fp32), backend), blocks)
+            same = [n for n, (b, _) in KEEL.items() if b == backend and n in ppl]
+            ppl[name] = ppl[same[0]] if same else torch_perplexity(quantize_lm(copy.deepcopy(fp32), backend), blocks)
     for name, quant in GGUF.items():
         ppl[name] = exports[quant]["meta"]["parity"]["perplexity_gguf"]
     del fp32
@@ -158,9 +163,9 @@ def main() -> dict:
     sets = [f"serve.num_threads={args.threads}", f"serve.max_tokens={args.tokens}", "serve.timeout_s=3600"]
     servers = {}
     try:
-        for name, backend in KEEL.items():
+        for name, (backend, decode) in KEEL.items():
             if backend not in args.skip_serving.split(","):
-                servers[name] = KeelServer(MODEL, *sets, f"serve.backend={backend}")
+                servers[name] = KeelServer(MODEL, *sets, f"serve.backend={backend}", f"serve.decode={decode}")
         for name, quant in GGUF.items():
             servers[name] = KeelServer(str(exports[quant]["folder"]), *sets, "serve.engine=llama.cpp")
         texts = prompts(args.streams)
@@ -209,11 +214,11 @@ def main() -> dict:
                 "rounds": bare[name],
             }
         )
-    print(f"\n{'engine':<44} {'1 stream':>10} {f'{args.streams} streams':>11} {'perplexity':>11}")
+    print(f"\n{'engine':<70} {'1 stream':>10} {f'{args.streams} streams':>11} {'perplexity':>11}")
     for row in table:
         many, one = row.get(f"tokens_per_s_{args.streams}_streams"), row.get("tokens_per_s_1_stream")
         print(
-            f"{row['engine']:<44} {(f'{one:.1f}' if one else '-'):>10} "
+            f"{row['engine']:<70} {(f'{one:.1f}' if one else '-'):>10} "
             f"{(f'{many:.1f}' if many else '-'):>11} {row['heldout_perplexity']:>11.3f}"
         )
     result = {

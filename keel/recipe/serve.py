@@ -39,7 +39,7 @@ class ServeConfig(Strict):
         "auto",
         description="generation with keel's own engine: the decode step. keel = keel's step for Llama-family models "
         "(the weights called directly, fused matmuls: about 1.35x faster with int8 weights on a CPU); "
-        "transformers = the model's own forward; auto = keel's where the model allows it",
+        "transformers = the model's own forward; auto = keel's where the model allows it, on a CPU",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="classify/embeddings: inputs gathered into one batch")
     forward_batch_size: int | None = Field(

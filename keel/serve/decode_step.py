@@ -50,11 +50,12 @@ DECODE_CHOICES = ("auto", "keel", "transformers")
 
 
 def decode_step_for(model, decode: str = "auto"):
-    """serve.decode: ``auto`` -> keel's step when ``model`` supports it, else None (transformers' forward);
-    ``keel`` -> keel's step, or a KeelError saying why the model cannot have it; ``transformers`` -> None."""
+    """serve.decode: ``auto`` -> keel's step when ``model`` supports it and is on a CPU (where it was measured), else
+    None (transformers' forward); ``keel`` -> keel's step, or a KeelError saying why the model cannot have it;
+    ``transformers`` -> None."""
     if decode not in DECODE_CHOICES:
         raise KeelError(f"serve.decode must be one of {', '.join(DECODE_CHOICES)}; got {decode!r}")
-    if decode == "transformers":
+    if decode == "transformers" or (decode == "auto" and model.device.type != "cpu"):
         return None
     why = supports(model)
     if why is None:
@@ -158,8 +159,9 @@ class LlamaDecodeStep:
         self.rotary = model.model.rotary_emb
         self.inter = config.intermediate_size
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (B, E)
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # (B, E), in float32 as LlamaRMSNorm
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         B, H, Hkv, D = ids.shape[0], self.H, self.Hkv, self.D
