@@ -65,6 +65,30 @@ def torch_perplexity(model, blocks) -> float:
     return torch_figures(model, blocks, [], 0)["perplexity"]
 
 
+def step_perplexity(model, blocks) -> float:
+    """Held-out perplexity with every token after the first fed through keel's decode step (keel/serve/decode_step.py)
+    and the scheduler's KV cache, as a served sequence is: the oracle for the step's own numerics (bfloat16
+    activations round differently than in one forward pass over the block)."""
+    import math
+
+    import torch
+
+    from keel.serve.decode_step import LlamaDecodeStep
+    from keel.serve.scheduler import new_cache
+
+    ids = torch.tensor(blocks)  # (B, T)
+    B, T = ids.shape
+    step, cache, nll = LlamaDecodeStep(model), new_cache(model.config), 0.0
+    with torch.inference_mode():
+        logits = model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+        mask = torch.ones(B, 1, dtype=torch.long)
+        for t in range(1, T):
+            nll += torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="sum").item()
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, t+1)
+            logits = step(ids[:, t], torch.full((B,), t), mask, cache)
+    return math.exp(nll / (B * (T - 1)))
+
+
 def gguf_exports(blocks, tok, model) -> dict[str, dict]:
     """quant -> (folder, keel.json) of the smollm2 GGUF exports in keel's cache, made (and checked) once."""
     from keel.export.gguf import variant, write_export
@@ -152,10 +176,15 @@ def main() -> dict:
     exports = gguf_exports(blocks, tok, fp32)
     import copy
 
-    for name, (backend, _) in KEEL.items():  # transformers' forward (the decode step's weights are the same)
-        if backend != "torch":
-            same = [n for n, (b, _) in KEEL.items() if b == backend and n in ppl]
-            ppl[name] = ppl[same[0]] if same else torch_perplexity(quantize_lm(copy.deepcopy(fp32), backend), blocks)
+    from keel.serve.decode_step import supports
+
+    step_ppl = {}  # backend -> perplexity through keel's decode step, where the model allows it
+    for name, (backend, decode) in KEEL.items():  # perplexity: transformers' forward over each block
+        same = [n for n, (b, _) in KEEL.items() if b == backend and n in ppl]
+        model = fp32 if backend == "torch" else quantize_lm(copy.deepcopy(fp32), backend)
+        ppl[name] = ppl[same[0]] if same else torch_perplexity(model, blocks)
+        if decode != "transformers" and backend not in step_ppl and supports(model) is None:
+            step_ppl[backend] = step_perplexity(model, blocks)
     for name, quant in GGUF.items():
         ppl[name] = exports[quant]["meta"]["parity"]["perplexity_gguf"]
     del fp32
@@ -202,6 +231,7 @@ def main() -> dict:
                 "tokens_per_s_1_stream": one,
                 f"tokens_per_s_{args.streams}_streams": many,
                 "heldout_perplexity": ppl[name],
+                "heldout_perplexity_through_decode_step": step_ppl.get(KEEL[name][0]) if name in KEEL else None,
                 "rounds": rows[name],
             }
         )

@@ -149,6 +149,10 @@ def test_serve_decode_chooses_the_step_and_refuses_a_model_it_cannot_run(tiny_lm
     assert decode_step_for(biased, "auto") is None  # served by transformers' forward
     with pytest.raises(KeelError, match=r"serve.decode=keel: .*biases\); use serve.decode=auto"):
         decode_step_for(biased, "keel")
+    from keel.serve.lm_int8 import quantize_lm
+
+    torchao = quantize_lm(copy.deepcopy(tiny_lm[0]), "torchao-weight-only")  # nn.Linear, quantized tensor weights
+    assert decode_step_for(torchao, "auto") is None
     engine = SimpleNamespace(kind="causal-lm", scheduler_factory=None, lm=biased)
     with pytest.raises(KeelError, match="biases"):
         check_decode(engine, SimpleNamespace(decode="keel"))

@@ -41,6 +41,8 @@ def supports(model) -> str | None:
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if not all(type(p) in PROJECTIONS for p in projections):
             return "its projections are not float, int8- or int4-weight-only Linear layers"
+        if any(type(p) is torch.nn.Linear and type(p.weight.detach()) is not torch.Tensor for p in projections):
+            return "its Linear weights are tensor subclasses (torchao's quantized weights, say)"
         if len({type(p) for p in projections}) != 1:
             return "its projections mix layer types"
     return None
