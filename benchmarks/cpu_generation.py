@@ -231,7 +231,9 @@ def main() -> dict:
                 "tokens_per_s_1_stream": one,
                 f"tokens_per_s_{args.streams}_streams": many,
                 "heldout_perplexity": ppl[name],
-                "heldout_perplexity_through_decode_step": step_ppl.get(KEEL[name][0]) if name in KEEL else None,
+                "heldout_perplexity_through_decode_step": step_ppl.get(KEEL[name][0])
+                if name in KEEL and KEEL[name][1] != "transformers"
+                else None,
                 "rounds": rows[name],
             }
         )
