@@ -1,4 +1,4 @@
-"""CPU generation: keel's own engine (fp32, int8) against llama.cpp (Q8_0, Q4_K_M) for smollm2-135m, one table.
+"""CPU generation: keel's own engine (fp32, int8, int4) against llama.cpp (Q8_0, Q4_K_M) for smollm2-135m, one table.
 
 For each engine: new tokens/s at 1 stream and at 16 concurrent streams (64 new tokens each, greedy, streamed
 through `keel serve`'s API), and held-out perplexity (the same 256-token blocks of keel's Shakespeare test split).
@@ -31,11 +31,15 @@ from serve_common import OFFLINE, KeelServer, write_result
 from serve_generation import concurrent_streams, prompts
 
 MODEL = "smollm2-135m"
+# name -> (serve.backend, serve.decode): keel's own decode step (keel/serve/decode_step.py) wherever the model allows
+# it (int8-dynamic's fbgemm layers do not: transformers' forward), and once transformers' forward for comparison
 KEEL = {
-    "keel fp32": "torch",
-    "keel int8 weight-only (aten._weight_int8pack_mm)": "int8-weight-only",
-    "keel int8 dynamic (fbgemm)": "int8-dynamic",
-    "keel int8 (torchao weight-only)": "torchao-weight-only",
+    "keel fp32": ("torch", "auto"),
+    "keel int8 weight-only (aten._weight_int8pack_mm)": ("int8-weight-only", "auto"),
+    "keel int8 weight-only, transformers' forward": ("int8-weight-only", "transformers"),
+    "keel int4 weight-only (aten._weight_int4pack_mm_for_cpu, int8 head)": ("int4-weight-only", "auto"),
+    "keel int8 dynamic (fbgemm)": ("int8-dynamic", "auto"),
+    "keel int8 (torchao weight-only)": ("torchao-weight-only", "auto"),
 }
 GGUF = {"llama.cpp Q8_0": "q8_0", "llama.cpp Q4_K_M": "q4_k_m"}
 
@@ -59,6 +63,30 @@ def torch_perplexity(model, blocks) -> float:
     from keel.export.gguf import torch_figures
 
     return torch_figures(model, blocks, [], 0)["perplexity"]
+
+
+def step_perplexity(model, blocks) -> float:
+    """Held-out perplexity with every token after the first fed through keel's decode step (keel/serve/decode_step.py)
+    and the scheduler's KV cache, as a served sequence is: the oracle for the step's own numerics (bfloat16
+    activations round differently than in one forward pass over the block)."""
+    import math
+
+    import torch
+
+    from keel.serve.decode_step import LlamaDecodeStep
+    from keel.serve.scheduler import new_cache
+
+    ids = torch.tensor(blocks)  # (B, T)
+    B, T = ids.shape
+    step, cache, nll = LlamaDecodeStep(model), new_cache(model.config), 0.0
+    with torch.inference_mode():
+        logits = model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+        mask = torch.ones(B, 1, dtype=torch.long)
+        for t in range(1, T):
+            nll += torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="sum").item()
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, t+1)
+            logits = step(ids[:, t], torch.full((B,), t), mask, cache)
+    return math.exp(nll / (B * (T - 1)))
 
 
 def gguf_exports(blocks, tok, model) -> dict[str, dict]:
@@ -148,9 +176,15 @@ def main() -> dict:
     exports = gguf_exports(blocks, tok, fp32)
     import copy
 
-    for name, backend in KEEL.items():
-        if backend != "torch":
-            ppl[name] = torch_perplexity(quantize_lm(copy.deepcopy(fp32), backend), blocks)
+    from keel.serve.decode_step import supports
+
+    step_ppl = {}  # backend -> perplexity through keel's decode step, where the model allows it
+    for name, (backend, decode) in KEEL.items():  # perplexity: transformers' forward over each block
+        same = [n for n, (b, _) in KEEL.items() if b == backend and n in ppl]
+        model = fp32 if backend == "torch" else quantize_lm(copy.deepcopy(fp32), backend)
+        ppl[name] = ppl[same[0]] if same else torch_perplexity(model, blocks)
+        if decode != "transformers" and backend not in step_ppl and supports(model) is None:
+            step_ppl[backend] = step_perplexity(model, blocks)
     for name, quant in GGUF.items():
         ppl[name] = exports[quant]["meta"]["parity"]["perplexity_gguf"]
     del fp32
@@ -158,9 +192,9 @@ def main() -> dict:
     sets = [f"serve.num_threads={args.threads}", f"serve.max_tokens={args.tokens}", "serve.timeout_s=3600"]
     servers = {}
     try:
-        for name, backend in KEEL.items():
+        for name, (backend, decode) in KEEL.items():
             if backend not in args.skip_serving.split(","):
-                servers[name] = KeelServer(MODEL, *sets, f"serve.backend={backend}")
+                servers[name] = KeelServer(MODEL, *sets, f"serve.backend={backend}", f"serve.decode={decode}")
         for name, quant in GGUF.items():
             servers[name] = KeelServer(str(exports[quant]["folder"]), *sets, "serve.engine=llama.cpp")
         texts = prompts(args.streams)
@@ -197,6 +231,9 @@ def main() -> dict:
                 "tokens_per_s_1_stream": one,
                 f"tokens_per_s_{args.streams}_streams": many,
                 "heldout_perplexity": ppl[name],
+                "heldout_perplexity_through_decode_step": step_ppl.get(KEEL[name][0])
+                if name in KEEL and KEEL[name][1] != "transformers"
+                else None,
                 "rounds": rows[name],
             }
         )
@@ -209,11 +246,11 @@ def main() -> dict:
                 "rounds": bare[name],
             }
         )
-    print(f"\n{'engine':<44} {'1 stream':>10} {f'{args.streams} streams':>11} {'perplexity':>11}")
+    print(f"\n{'engine':<70} {'1 stream':>10} {f'{args.streams} streams':>11} {'perplexity':>11}")
     for row in table:
         many, one = row.get(f"tokens_per_s_{args.streams}_streams"), row.get("tokens_per_s_1_stream")
         print(
-            f"{row['engine']:<44} {(f'{one:.1f}' if one else '-'):>10} "
+            f"{row['engine']:<70} {(f'{one:.1f}' if one else '-'):>10} "
             f"{(f'{many:.1f}' if many else '-'):>11} {row['heldout_perplexity']:>11.3f}"
         )
     result = {

@@ -35,15 +35,17 @@ def _collector():
     return got, done, emit
 
 
+@pytest.mark.parametrize("decode", ["keel", "transformers"])  # serve.decode: keel/serve/decode_step.py or HF's
 @pytest.mark.parametrize("min_room", [64, 1], ids=["room to spare", "buffers regrown"])
-def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm, min_room, monkeypatch):
+def test_continuous_batching_matches_generate_with_joins_and_leaves(tiny_lm, min_room, decode, monkeypatch):
     """Prompts of different lengths join a running batch at different steps and leave at different
     lengths; every one must decode exactly what HF generate gives it alone (greedy)."""
     from keel.serve.scheduler import GrowingLayer, Scheduler, Sequence
 
     monkeypatch.setattr(GrowingLayer, "min_room", min_room)
     model, tok = tiny_lm
-    sched = Scheduler(model, tok, max_running=4)
+    sched = Scheduler(model, tok, max_running=4, decode=decode)
+    assert (sched._decode is not None) == (decode == "keel")
     sched.eos = set()  # random weights: run every sequence to its full length
     prompts = [
         "Hello there",

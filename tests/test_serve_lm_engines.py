@@ -47,13 +47,46 @@ def test_int8_weight_only_linear_is_its_int8_weights_times_row_scales(one_thread
     assert (dequantized - linear.weight).abs().max() <= q.scales.float().max() * 0.51  # rounding to the nearest
 
 
-def test_int8_weight_only_decodes_in_continuous_batches_as_alone(tiny_lm, one_thread):
-    """Served through keel's scheduler (left padding, joins), the int8 model decodes what it decodes alone."""
+def test_int4_weight_only_linear_is_its_int4_groups_times_scales_plus_zeros(one_thread):
+    from keel.serve.lm_int8 import Int4WeightOnlyLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    q = Int4WeightOnlyLinear(linear)
+    # the oracle: each group of 32 input columns rounded to 16 levels between its bfloat16-rounded ends
+    w = linear.weight.detach().reshape(96, 2, 32)
+    scale = ((w.amax(-1) - w.amin(-1)) / 15).bfloat16().float()  # (96, 2)
+    zero = (w.amin(-1) + 8 * scale).bfloat16().float()
+    levels = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
+    dequantized = ((levels - 8) * scale[..., None] + zero[..., None]).reshape(96, 64)
+    assert (dequantized - linear.weight).abs().max() <= scale.max() * 0.6  # rounding to the nearest level
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        got = q(x)
+    assert got.shape == (2, 3, 96) and got.dtype == torch.float32
+    torch.testing.assert_close(got, x.bfloat16().float() @ dequantized.T + linear.bias, atol=0.03, rtol=0.02)
+
+
+def test_int4_backend_puts_the_decoder_in_int4_and_the_head_in_int8(tiny_lm):
+    """(Its quality is measured on SmolLM2 by benchmarks/cpu_generation.py: a random tiny model with large weights
+    amplifies int4's rounding into different logits.)"""
+    from keel.serve.lm_int8 import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_lm
+
+    q = quantize_lm(copy.deepcopy(tiny_lm[0]), "int4-weight-only")
+    kinds = {name: type(m) for name, m in q.named_modules() if name.endswith("_proj") or name == "lm_head"}
+    assert kinds.pop("lm_head") is Int8WeightOnlyLinear
+    assert set(kinds.values()) == {Int4WeightOnlyLinear} and len(kinds) == 7 * q.config.num_hidden_layers
+    assert q.get_input_embeddings().weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["int8-weight-only", "int4-weight-only"])
+def test_weight_only_backends_decode_in_continuous_batches_as_alone(tiny_lm, one_thread, backend):
+    """Served through keel's scheduler (left padding, joins), the quantized model decodes what it decodes alone."""
     from keel.serve.lm_int8 import quantize_lm
     from keel.serve.scheduler import Scheduler, Sequence
 
     model, tok = tiny_lm
-    q = quantize_lm(copy.deepcopy(model), "int8-weight-only")
+    q = quantize_lm(copy.deepcopy(model), backend)
     prompts, lengths = ["Hello there", "A longer prompt about the sea and the ships", "One"], [6, 4, 8]
     seqs = [
         Sequence(tok(p)["input_ids"], n, temperature=0.0, index=i) for i, (p, n) in enumerate(zip(prompts, lengths))

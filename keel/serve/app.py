@@ -126,7 +126,9 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
             if engine.scheduler_factory is not None:  # another engine's token loop (llama.cpp)
                 state.scheduler = engine.scheduler_factory(engine.tokenizer, config.max_running, metrics)
             else:
-                state.scheduler = Scheduler(engine.lm, engine.tokenizer, config.max_running, metrics, engine.device)
+                state.scheduler = Scheduler(
+                    engine.lm, engine.tokenizer, config.max_running, metrics, engine.device, config.decode
+                )
                 state.scheduler.version, state.scheduler.model_sha256 = engine.version, engine.model_sha256
             state.scheduler.start()
         await _warm_up(state)
@@ -140,8 +142,16 @@ def build_app(engine: Engine, config, key_digests: list[bytes], run_dir: str | P
         if swappable and state.run_dir is not None and fb.poll_s > 0:
             watcher = asyncio.create_task(_watch_versions(state, fb.poll_s))
         state.ready = True
+        decode = ""
+        if state.scheduler is not None and engine.scheduler_factory is None:
+            decode = ", keel's decode step" if state.scheduler._decode is not None else ", transformers' forward"
         logger.info(
-            "ready: %s (%s, %s backend, version %s)", engine.model_id, engine.kind, engine.backend, engine.version
+            "ready: %s (%s, %s backend, version %s%s)",
+            engine.model_id,
+            engine.kind,
+            engine.backend,
+            engine.version,
+            decode,
         )
         tasks = [asyncio.create_task(_logged(fn)) for fn in background]
         try:

