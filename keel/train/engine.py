@@ -34,7 +34,7 @@ from keel.progress import progress
 from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
-from keel.train import sharded
+from keel.train import schedules, sharded
 from keel.train.strategies import Run, Standard, Strategy
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,6 @@ def train(
     """
     strategy = strategy or default_strategy(recipe, build_model, loss_fn)
     from accelerate.utils import gather_object, set_seed
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -248,13 +247,8 @@ def train(
     optimizer = build_optimizer(run.model, recipe)  # unwrapped (prepare may wrap run.optimizer): checkpoints hold it
     run.optimizer = optimizer
 
-    def make_scheduler(total: int):
-        return get_scheduler(
-            "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
-            optimizer,
-            num_warmup_steps=round(cfg.warmup_ratio * total),
-            num_training_steps=total,
-        )
+    def make_scheduler(total: int):  # transformers' schedules (keel/train/schedules.py), without their imports
+        return schedules.make_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total), total)
 
     scheduler = run.scheduler = make_scheduler(total_steps)
 
