@@ -42,7 +42,7 @@ def test_unknown_schedule_is_named():
 
 
 @pytest.mark.slow  # trains the tiny model in a fresh process
-def test_training_does_not_import_transformers_trainer_utilities(tmp_path, tiny_recipe):
+def test_a_training_run_skips_trainer_imports_and_writes_the_best_weights_once(tmp_path, tiny_recipe):
     # transformers.optimization imports the trainer utilities and peft: seconds before the first step
     code = (
         "import json, sys\n"
@@ -57,3 +57,7 @@ def test_training_does_not_import_transformers_trainer_utilities(tmp_path, tiny_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    # the one epoch's evaluation was the best: its checkpoint links best/'s weights instead of writing them again
+    (step,) = (tmp_path / "run" / "checkpoints").glob("step-*")
+    best = tmp_path / "run" / "checkpoints" / "best" / "model.safetensors"
+    assert (step / "model.safetensors").stat().st_ino == best.stat().st_ino

@@ -326,6 +326,13 @@ def train(
     higher_is_better = metric_name != "loss"
     recipe_yaml, recipe_sha = recipe.to_yaml(), recipe.sha256()
 
+    best_saved_at: list[int] = []  # steps at which this session wrote best/ (a resumed run's may hold other weights)
+
+    def best_weights_of(step: int) -> Path | None:
+        """best/'s weights when this session saved them at this very step (an epoch end that improved): the
+        checkpoint of that step links them instead of writing the same 90 MB (for MiniLM) again."""
+        return ckpt_root / "best" / "model.safetensors" if best_saved_at[-1:] == [step] else None
+
     def save() -> None:
         state.extra.update(strategy.checkpoint_extra(run))
         rngs = gather_object([ckpt.capture_rng()])
@@ -343,6 +350,7 @@ def train(
                 recipe_yaml,
                 recipe_sha,
                 rngs,
+                weights_from=best_weights_of(state.step),
             )
         if main:
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
@@ -382,6 +390,7 @@ def train(
                     else:
                         save_model(accelerator.unwrap_model(run.model), str(tmp / "model.safetensors"))
                     (tmp / "info.json").write_text(json.dumps({"step": state.step, metric_name: value}))
+                best_saved_at.append(state.step)
         else:
             state.evals_without_improvement += 1
         accelerator.wait_for_everyone()
