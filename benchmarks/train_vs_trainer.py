@@ -15,7 +15,8 @@ costs (imports, CPU kernels planned per batch shape) and neither warms the other
     loop_seconds     each tool's own training timer, the same work on both sides: the steps, the evaluation and the
                      checkpoint of each epoch (optimiser and schedule built before it, the best model loaded after)
     data_seconds     keel: the engine's data preparation (splits frozen into the run, tokenized cache read);
-                     Trainer: reading the tokenized splits
+                     Trainer: reading the tokenized splits keel made (it neither splits nor tokenizes: the process
+                     figure flatters it by about keel's data seconds)
     process_seconds  the whole process: `keel train` as a user runs it (imports, run directory, data, model, loop,
                      final model, environment record) and the Trainer script (imports, data, model, train, save)
 
