@@ -174,3 +174,30 @@ def test_a_sealed_folder_has_the_usual_file_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_weights_already_sealed_are_linked_not_written_again(tmp_path):
+    m, opt, sched = tiny_model()
+    with atomic_dir(tmp_path / "best") as tmp:
+        from safetensors.torch import save_model
+
+        save_model(m, str(tmp / "model.safetensors"))
+    best = tmp_path / "best" / "model.safetensors"
+    state = ckpt.TrainState(step=7, epoch=1)
+    path = ckpt.save_checkpoint(
+        tmp_path / "ck", m, opt, sched, state, "name: x\n", "abc", [ckpt.capture_rng()], weights_from=best
+    )
+    assert (path / "model.safetensors").stat().st_ino == best.stat().st_ino  # one file, two names
+    import shutil
+
+    shutil.rmtree(tmp_path / "best")  # replaced or removed later: the checkpoint keeps its weights
+    verify_manifest(path)
+    m2 = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    ckpt.load_checkpoint(path, m2)
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    # where a link cannot be made (here: no such file), the weights are written
+    other = ckpt.save_checkpoint(
+        tmp_path / "ck2", m, opt, sched, state, "name: x\n", "abc", [ckpt.capture_rng()], weights_from=best
+    )
+    verify_manifest(other)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -130,11 +131,19 @@ def save_checkpoint(
     recipe_yaml: str,
     recipe_sha256: str,
     rank_rng: list[tuple[dict, dict]],
+    weights_from: Path | None = None,
 ) -> Path:
-    """Write one complete checkpoint atomically. ``rank_rng`` holds every process's RNG state."""
+    """Write one complete checkpoint atomically. ``rank_rng`` holds every process's RNG state. ``weights_from``: a
+    sealed model.safetensors of these very weights (the best model, saved at this step): hard-linked, not written
+    again (files are never changed in place, so the two folders cannot diverge); written where links fail."""
     final = step_dir(root, state.step)
     with atomic_dir(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        try:
+            if weights_from is None:
+                raise OSError
+            os.link(weights_from, tmp / "model.safetensors")
+        except OSError:
+            save_model(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng_meta = []

@@ -34,7 +34,7 @@ from keel.progress import progress
 from keel.recipe import Recipe, validate_recipe
 from keel.tasks import get_task
 from keel.train import checkpoint as ckpt
-from keel.train import sharded
+from keel.train import schedules, sharded
 from keel.train.strategies import Run, Standard, Strategy
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,6 @@ def train(
     """
     strategy = strategy or default_strategy(recipe, build_model, loss_fn)
     from accelerate.utils import gather_object, set_seed
-    from transformers import get_scheduler
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -248,13 +247,8 @@ def train(
     optimizer = build_optimizer(run.model, recipe)  # unwrapped (prepare may wrap run.optimizer): checkpoints hold it
     run.optimizer = optimizer
 
-    def make_scheduler(total: int):
-        return get_scheduler(
-            "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
-            optimizer,
-            num_warmup_steps=round(cfg.warmup_ratio * total),
-            num_training_steps=total,
-        )
+    def make_scheduler(total: int):  # transformers' schedules (keel/train/schedules.py), without their imports
+        return schedules.make_scheduler(optimizer, cfg.schedule, round(cfg.warmup_ratio * total), total)
 
     scheduler = run.scheduler = make_scheduler(total_steps)
 
@@ -332,6 +326,13 @@ def train(
     higher_is_better = metric_name != "loss"
     recipe_yaml, recipe_sha = recipe.to_yaml(), recipe.sha256()
 
+    best_saved_at: list[int] = []  # steps at which this session wrote best/ (a resumed run's may hold other weights)
+
+    def best_weights_of(step: int) -> Path | None:
+        """best/'s weights when this session saved them at this very step (an epoch end that improved): the
+        checkpoint of that step links them instead of writing the same 90 MB (for MiniLM) again."""
+        return ckpt_root / "best" / "model.safetensors" if best_saved_at[-1:] == [step] else None
+
     def save() -> None:
         state.extra.update(strategy.checkpoint_extra(run))
         rngs = gather_object([ckpt.capture_rng()])
@@ -349,6 +350,7 @@ def train(
                 recipe_yaml,
                 recipe_sha,
                 rngs,
+                weights_from=best_weights_of(state.step),
             )
         if main:
             ckpt.prune_checkpoints(ckpt_root, cfg.keep_last_k)
@@ -388,6 +390,7 @@ def train(
                     else:
                         save_model(accelerator.unwrap_model(run.model), str(tmp / "model.safetensors"))
                     (tmp / "info.json").write_text(json.dumps({"step": state.step, metric_name: value}))
+                best_saved_at.append(state.step)
         else:
             state.evals_without_improvement += 1
         accelerator.wait_for_everyone()
