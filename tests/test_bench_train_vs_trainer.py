@@ -35,4 +35,4 @@ def test_quick_mode_runs_both_loops_and_writes_the_table(tmp_path):
     # the same work on both sides: 64 training examples, one epoch of batch 8
     assert by_tool["keel"]["steps"] == by_tool["trainer"]["steps"] == 8
     assert by_tool["keel"]["samples"] == by_tool["trainer"]["samples"] == 64
-    assert doc["ratio"] > 0 and "ratio keel / Trainer" in proc.stdout
+    assert doc["ratio"] > 0 and "ratio Trainer / keel" in proc.stdout
