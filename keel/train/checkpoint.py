@@ -122,6 +122,15 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _linked(src: Path, dst: Path) -> bool:
+    """A hard link at ``dst`` to ``src``; False where the filesystem cannot link."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        return False
+    return True
+
+
 def save_checkpoint(
     root: Path,
     model,
@@ -138,11 +147,7 @@ def save_checkpoint(
     again (files are never changed in place, so the two folders cannot diverge); written where links fail."""
     final = step_dir(root, state.step)
     with atomic_dir(final) as tmp:
-        try:
-            if weights_from is None:
-                raise OSError
-            os.link(weights_from, tmp / "model.safetensors")
-        except OSError:
+        if weights_from is None or not _linked(weights_from, tmp / "model.safetensors"):
             save_model(model, str(tmp / "model.safetensors"))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
